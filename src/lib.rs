@@ -1,0 +1,2 @@
+//! prism-sync: drains a transactional outbox into the Micro Prism bulk-update API.
+pub mod sim;

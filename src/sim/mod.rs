@@ -1,0 +1,1 @@
+//! The Prism API simulator (built in the `sim` worktree).
