@@ -1,2 +1,22 @@
-//! prism-sync: drains a transactional outbox into the Micro Prism bulk-update API.
+//! prism-sync drains a transactional outbox of contact changes into the Micro Prism
+//! bulk-update API: batches of up to 100, each stored with its idempotency key and exact bytes
+//! before it is sent, every item's outcome recorded, per-record order kept.
+//!
+//! Module map, in pipeline order (see ARCHITECTURE.md):
+//! - [`settings`]: layered configuration.
+//! - [`store`]: the outbox on SQLite or Postgres: claim → store batch → lease → record outcomes.
+//! - [`batch`]: validation, coalescing and the request bytes (pure).
+//! - [`client`]: one HTTP send of a stored batch.
+//! - [`classify`]: what an answer means for the batch and each item (pure).
+//! - [`backoff`]: retry times as a function of the attempt count (pure).
+//! - [`engine`]: the daemon loop tying these together.
+//! - [`sim`]: the Micro API simulator used by tests, the demo and benchmarks.
+
+pub mod backoff;
+pub mod batch;
+pub mod classify;
+pub mod client;
+pub mod model;
+pub mod settings;
 pub mod sim;
+pub mod store;

@@ -1,0 +1,492 @@
+//! Building batches from claimed rows: validation, per-record coalescing, and the exact request
+//! bytes. Pure functions; the stores call [`plan_batches`] inside their claim transaction.
+//!
+//! **Architecture invariant:** a batch holds at most one item per record, so a result's `id`
+//! names exactly one item, and every row of a record in the batch shares that item's outcome.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::model::{ObjectType, codes};
+
+/// A row as read from the outbox, before anything is trusted about it.
+#[derive(Debug, Clone)]
+pub struct CandidateRow {
+    pub id: i64,
+    /// The record id exactly as stored (used to find the record's other rows).
+    pub record_id_raw: Vec<u8>,
+    /// `None` when the patch is larger than the configured limit (the store does not read it).
+    pub patch: Option<Vec<u8>>,
+    pub object_type: Vec<u8>,
+    pub attempts: i32,
+}
+
+/// A claimed record: its oldest active row and the pending rows after it, in `id` order.
+#[derive(Debug, Clone)]
+pub struct RecordChain {
+    pub head: CandidateRow,
+    pub followers: Vec<CandidateRow>,
+}
+
+/// A row that can never be sent; it goes `dead` in the claim transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadRow {
+    pub id: i64,
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// One item of a batch and the outbox rows it carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchItem {
+    #[serde(rename = "r")]
+    pub record_id: Uuid,
+    pub rows: Vec<i64>,
+    /// The highest attempt count among the rows when the batch was built.
+    #[serde(rename = "a")]
+    pub attempts: i32,
+}
+
+/// A batch ready to be stored: its identity, key, exact request bytes and rows.
+#[derive(Debug, Clone)]
+pub struct NewBatch {
+    pub id: Uuid,
+    pub idempotency_key: String,
+    pub object_type: ObjectType,
+    pub body: Vec<u8>,
+    pub items: Vec<BatchItem>,
+}
+
+impl NewBatch {
+    pub fn row_count(&self) -> usize {
+        self.items.iter().map(|i| i.rows.len()).sum()
+    }
+
+    /// `(row id, batch id)` for every row the batch carries.
+    pub fn row_assignments(&self) -> impl Iterator<Item = (i64, Uuid)> + '_ {
+        self.items.iter().flat_map(move |i| i.rows.iter().map(move |r| (*r, self.id)))
+    }
+
+    pub fn items_json(&self) -> String {
+        serde_json::to_string(&self.items).expect("items serialise")
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PlanLimits {
+    pub batch_size: usize,
+    pub coalesce: bool,
+    pub max_coalesce: usize,
+    pub max_patch_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub dead: Vec<DeadRow>,
+    pub batches: Vec<NewBatch>,
+}
+
+/// A row that passed validation.
+struct ValidRow {
+    record_id: Uuid,
+    object_type: ObjectType,
+    patch: Map<String, Value>,
+}
+
+fn validate(row: &CandidateRow, max_patch_bytes: usize) -> Result<ValidRow, DeadRow> {
+    let dead = |code, message: String| DeadRow { id: row.id, code, message };
+    let object_type = std::str::from_utf8(&row.object_type)
+        .ok()
+        .and_then(|s| s.parse::<ObjectType>().ok())
+        .ok_or_else(|| {
+            dead(
+                codes::INVALID_OBJECT_TYPE,
+                format!(
+                    "object_type {:?} is not one of contact, organization, deal, engagement, action, identity, document",
+                    truncate(&String::from_utf8_lossy(&row.object_type), 64)
+                ),
+            )
+        })?;
+    let record_id = std::str::from_utf8(&row.record_id_raw)
+        .ok()
+        .and_then(|s| Uuid::try_parse(s.trim()).ok())
+        .ok_or_else(|| {
+            dead(
+                codes::INVALID_RECORD_ID,
+                format!(
+                    "record_id {:?} is not a UUID",
+                    truncate(&String::from_utf8_lossy(&row.record_id_raw), 64)
+                ),
+            )
+        })?;
+    let Some(bytes) = row.patch.as_deref() else {
+        return Err(dead(
+            codes::PATCH_TOO_LARGE,
+            format!("patch is larger than batch.max_patch_bytes ({max_patch_bytes} bytes)"),
+        ));
+    };
+    if bytes.len() > max_patch_bytes {
+        return Err(dead(
+            codes::PATCH_TOO_LARGE,
+            format!("patch is {} bytes, over batch.max_patch_bytes ({max_patch_bytes})", bytes.len()),
+        ));
+    }
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| dead(codes::INVALID_PATCH, format!("patch is not valid UTF-8: {e}")))?;
+    // serde_json refuses nesting deeper than 128 levels, which bounds the work a hostile patch
+    // can cause here and in the server.
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| dead(codes::INVALID_PATCH, format!("patch is not JSON: {e}")))?;
+    let Value::Object(patch) = value else {
+        return Err(dead(codes::INVALID_PATCH, format!("patch must be a JSON object, not {}", kind(&value))));
+    };
+    if patch.contains_key("id") {
+        return Err(dead(
+            codes::INVALID_PATCH,
+            "patch must not carry \"id\": the record id comes from record_id".into(),
+        ));
+    }
+    Ok(ValidRow { record_id, object_type, patch })
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_owned(),
+    }
+}
+
+/// Only a patch of the form `{"default": {...}}` may be merged with its neighbours: merging
+/// `list` or other parts could change what the API does with them.
+fn default_only(patch: &Map<String, Value>) -> Option<&Map<String, Value>> {
+    match (patch.len(), patch.get("default")) {
+        (1, Some(Value::Object(default))) => Some(default),
+        _ => None,
+    }
+}
+
+#[derive(Serialize)]
+struct ItemBody<'a> {
+    id: Uuid,
+    #[serde(flatten)]
+    patch: &'a Map<String, Value>,
+}
+
+struct PlannedItem {
+    object_type: ObjectType,
+    item: BatchItem,
+    patch: Map<String, Value>,
+}
+
+/// Turns claimed record chains (in head `id` order) into dead rows and batches of at most
+/// `batch_size` items of one object type. Heads that are malformed go dead and their followers
+/// wait for the next claim; a follower joins its head only while both are `default`-only.
+pub fn plan_batches(chains: Vec<RecordChain>, limits: PlanLimits) -> Plan {
+    let mut plan = Plan::default();
+    let mut items: Vec<PlannedItem> = Vec::with_capacity(chains.len());
+    for chain in chains {
+        let head = match validate(&chain.head, limits.max_patch_bytes) {
+            Ok(head) => head,
+            Err(dead) => {
+                plan.dead.push(dead);
+                continue;
+            }
+        };
+        let mut rows = vec![chain.head.id];
+        let mut attempts = chain.head.attempts;
+        let mut patch = head.patch;
+        if limits.coalesce && default_only(&patch).is_some() {
+            for follower in &chain.followers {
+                if rows.len() >= limits.max_coalesce {
+                    break;
+                }
+                let Ok(next) = validate(follower, limits.max_patch_bytes) else { break };
+                if next.object_type != head.object_type || next.record_id != head.record_id {
+                    break;
+                }
+                let Some(later) = default_only(&next.patch) else { break };
+                if let Some(Value::Object(merged)) = patch.get_mut("default") {
+                    for (k, v) in later {
+                        merged.insert(k.clone(), v.clone());
+                    }
+                }
+                rows.push(follower.id);
+                attempts = attempts.max(follower.attempts);
+            }
+        }
+        items.push(PlannedItem {
+            object_type: head.object_type,
+            item: BatchItem { record_id: head.record_id, rows, attempts },
+            patch,
+        });
+    }
+    for object_type in ObjectType::ALL {
+        let of_type: Vec<&PlannedItem> = items.iter().filter(|i| i.object_type == object_type).collect();
+        for chunk in of_type.chunks(limits.batch_size.max(1)) {
+            plan.batches.push(build_batch(object_type, chunk));
+        }
+    }
+    plan
+}
+
+fn build_batch(object_type: ObjectType, items: &[&PlannedItem]) -> NewBatch {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        items: Vec<ItemBody<'a>>,
+    }
+    let body = Body {
+        items: items.iter().map(|i| ItemBody { id: i.item.record_id, patch: &i.patch }).collect(),
+    };
+    NewBatch {
+        id: Uuid::now_v7(),
+        idempotency_key: format!("prism-sync-{}", Uuid::new_v4()),
+        object_type,
+        body: serde_json::to_vec(&body).expect("a JSON map serialises"),
+        items: items.iter().map(|i| i.item.clone()).collect(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("stored batch body is not {{\"items\": [...]}}: {0}")]
+pub struct BodyError(String);
+
+/// Splits a stored batch in two halves under new ids and keys, keeping each item's exact bytes
+/// (used to bisect a batch the API rejected whole). `None` for a batch of one item.
+pub fn split_batch(
+    object_type: ObjectType,
+    body: &[u8],
+    items: &[BatchItem],
+) -> Result<Option<[NewBatch; 2]>, BodyError> {
+    #[derive(Deserialize)]
+    struct Stored<'a> {
+        #[serde(borrow)]
+        items: Vec<&'a RawValue>,
+    }
+    let stored: Stored<'_> = serde_json::from_slice(body).map_err(|e| BodyError(e.to_string()))?;
+    if stored.items.len() != items.len() {
+        return Err(BodyError(format!(
+            "{} items in the body but {} in the batch's row map",
+            stored.items.len(),
+            items.len()
+        )));
+    }
+    if items.len() < 2 {
+        return Ok(None);
+    }
+    let mid = items.len() / 2;
+    let half = |raw: &[&RawValue], its: &[BatchItem]| {
+        let mut body = Vec::with_capacity(raw.iter().map(|r| r.get().len() + 1).sum::<usize>() + 12);
+        body.extend_from_slice(b"{\"items\":[");
+        for (i, r) in raw.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(r.get().as_bytes());
+        }
+        body.extend_from_slice(b"]}");
+        NewBatch {
+            id: Uuid::now_v7(),
+            idempotency_key: format!("prism-sync-{}", Uuid::new_v4()),
+            object_type,
+            body,
+            items: its.to_vec(),
+        }
+    };
+    Ok(Some([
+        half(&stored.items[..mid], &items[..mid]),
+        half(&stored.items[mid..], &items[mid..]),
+    ]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    const LIMITS: PlanLimits =
+        PlanLimits { batch_size: 100, coalesce: true, max_coalesce: 100, max_patch_bytes: 1024 };
+
+    fn row(id: i64, record: &str, patch: &str) -> CandidateRow {
+        CandidateRow {
+            id,
+            record_id_raw: record.as_bytes().to_vec(),
+            patch: Some(patch.as_bytes().to_vec()),
+            object_type: b"contact".to_vec(),
+            attempts: 0,
+        }
+    }
+
+    fn chain(head: CandidateRow, followers: Vec<CandidateRow>) -> RecordChain {
+        RecordChain { head, followers }
+    }
+
+    const A: &str = "182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e";
+    const B: &str = "282bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e";
+
+    fn body(b: &NewBatch) -> Value {
+        serde_json::from_slice(&b.body).unwrap()
+    }
+
+    #[test]
+    fn default_only_changes_of_one_record_merge_and_later_keys_win() {
+        let plan = plan_batches(
+            vec![chain(
+                row(1, A, r#"{"default":{"email":"a@x","name":"A"}}"#),
+                vec![row(2, A, r#"{"default":{"email":"b@x"}}"#), row(3, A, r#"{"default":{"phone":"1"}}"#)],
+            )],
+            LIMITS,
+        );
+        assert!(plan.dead.is_empty());
+        let batch = &plan.batches[0];
+        assert_eq!(batch.items[0].rows, vec![1, 2, 3]);
+        assert_eq!(
+            body(batch),
+            json!({"items":[{"id": A, "default": {"email":"b@x","name":"A","phone":"1"}}]})
+        );
+    }
+
+    #[test]
+    fn a_change_with_list_is_never_merged_and_stops_the_chain() {
+        let plan = plan_batches(
+            vec![chain(
+                row(1, A, r#"{"default":{"email":"a@x"}}"#),
+                vec![
+                    row(2, A, r#"{"default":{"x":1},"list":{"tags":["v"]}}"#),
+                    row(3, A, r#"{"default":{"email":"c@x"}}"#),
+                ],
+            )],
+            LIMITS,
+        );
+        assert_eq!(plan.batches[0].items[0].rows, vec![1]);
+        assert_eq!(body(&plan.batches[0]), json!({"items":[{"id": A, "default": {"email":"a@x"}}]}));
+    }
+
+    #[test]
+    fn malformed_rows_go_dead_with_a_clear_code() {
+        let mut wrong_type = row(4, A, "{}");
+        wrong_type.object_type = b"contacts".to_vec();
+        let mut too_big = row(5, A, "{}");
+        too_big.patch = None;
+        let mut not_utf8 = row(6, A, "{}");
+        not_utf8.patch = Some(vec![b'{', 0xff, b'}']);
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        let cases = vec![
+            (row(1, "not-a-uuid", "{}"), codes::INVALID_RECORD_ID),
+            (row(2, A, "[1,2]"), codes::INVALID_PATCH),
+            (row(3, A, r#"{"id":"x","default":{}}"#), codes::INVALID_PATCH),
+            (wrong_type, codes::INVALID_OBJECT_TYPE),
+            (too_big, codes::PATCH_TOO_LARGE),
+            (not_utf8, codes::INVALID_PATCH),
+            (row(7, A, "{\"default\":"), codes::INVALID_PATCH),
+            (row(8, A, &deep), codes::PATCH_TOO_LARGE),
+        ];
+        for (candidate, code) in cases {
+            let id = candidate.id;
+            let limits = PlanLimits { max_patch_bytes: 100_000, ..LIMITS };
+            let limits = if id == 8 { PlanLimits { max_patch_bytes: 1000, ..limits } } else { limits };
+            let plan = plan_batches(vec![chain(candidate, vec![])], limits);
+            assert!(plan.batches.is_empty(), "row {id} was batched");
+            assert_eq!(plan.dead[0].code, code, "row {id}: {}", plan.dead[0].message);
+        }
+    }
+
+    #[test]
+    fn deep_nesting_within_the_size_limit_is_refused_not_recursed() {
+        let deep = format!("{{\"default\":{}{}}}", "[".repeat(5000), "]".repeat(5000));
+        let limits = PlanLimits { max_patch_bytes: 1 << 20, ..LIMITS };
+        let plan = plan_batches(vec![chain(row(1, A, &deep), vec![])], limits);
+        assert_eq!(plan.dead[0].code, codes::INVALID_PATCH);
+    }
+
+    #[test]
+    fn batches_never_mix_object_types_and_hold_at_most_batch_size_items() {
+        let mut chains = Vec::new();
+        for i in 0..7 {
+            let mut r = row(i, &Uuid::new_v4().to_string(), r#"{"default":{}}"#);
+            if i % 2 == 1 {
+                r.object_type = b"deal".to_vec();
+            }
+            chains.push(chain(r, vec![]));
+        }
+        let plan = plan_batches(chains, PlanLimits { batch_size: 2, ..LIMITS });
+        let sizes: Vec<(ObjectType, usize)> =
+            plan.batches.iter().map(|b| (b.object_type, b.items.len())).collect();
+        assert_eq!(
+            sizes,
+            [
+                (ObjectType::Contact, 2),
+                (ObjectType::Contact, 2),
+                (ObjectType::Deal, 2),
+                (ObjectType::Deal, 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn bisection_keeps_each_items_exact_bytes() {
+        let plan = plan_batches(
+            vec![
+                chain(row(1, A, r#"{"default":{"z":1,"a":2}}"#), vec![]),
+                chain(row(2, B, r#"{"list":{"t":[1]}}"#), vec![]),
+            ],
+            LIMITS,
+        );
+        let batch = &plan.batches[0];
+        let [left, right] = split_batch(batch.object_type, &batch.body, &batch.items).unwrap().unwrap();
+        assert_eq!(left.items, batch.items[..1]);
+        assert_eq!(right.items, batch.items[1..]);
+        let joined = format!(
+            "{{\"items\":[{},{}]}}",
+            &String::from_utf8(left.body.clone()).unwrap()[10..left.body.len() - 2],
+            &String::from_utf8(right.body.clone()).unwrap()[10..right.body.len() - 2]
+        );
+        assert_eq!(joined.as_bytes(), batch.body.as_slice());
+        assert_ne!(left.idempotency_key, batch.idempotency_key);
+        assert!(split_batch(left.object_type, &left.body, &left.items).unwrap().is_none());
+    }
+
+    proptest! {
+        /// Whatever the mix of patches, a record's rows are merged only as a prefix of its
+        /// chain, in order, and the merged body equals applying the rows one after another.
+        #[test]
+        fn coalescing_equals_applying_the_prefix_in_order(
+            patches in proptest::collection::vec((0u8..4, 0u8..3, any::<bool>()), 1..12)
+        ) {
+            let rows: Vec<CandidateRow> = patches.iter().enumerate().map(|(i, (k, v, with_list))| {
+                let p = if *with_list {
+                    json!({"default": {format!("k{k}"): v}, "list": {}})
+                } else {
+                    json!({"default": {format!("k{k}"): v}})
+                };
+                row(i as i64 + 1, A, &p.to_string())
+            }).collect();
+            let plan = plan_batches(vec![chain(rows[0].clone(), rows[1..].to_vec())], LIMITS);
+            let item = &plan.batches[0].items[0];
+            let n = item.rows.len();
+            prop_assert_eq!(&item.rows, &(1..=n as i64).collect::<Vec<_>>());
+            if patches[0].2 {
+                prop_assert_eq!(n, 1);
+            } else {
+                prop_assert!(patches[1..n].iter().all(|p| !p.2));
+                if n < patches.len() { prop_assert!(patches[n].2); }
+                let mut expected = Map::new();
+                for (k, v, _) in &patches[..n] { expected.insert(format!("k{k}"), json!(v)); }
+                prop_assert_eq!(body(&plan.batches[0]), json!({"items":[{"id": A, "default": expected}]}));
+            }
+        }
+    }
+}

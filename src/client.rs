@@ -1,0 +1,279 @@
+//! The HTTP side: sends a stored batch's exact bytes under its key and reads the answer through
+//! a size cap. Knows nothing of the database.
+//!
+//! Security: HTTPS only (plain HTTP is allowed to a loopback address, for the simulator), no
+//! redirects followed (reqwest would forward `x-api-key` to another host), the key marked
+//! sensitive on every request.
+
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use reqwest::header::{CONTENT_TYPE, HeaderValue};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::classify::{self, Answer, Exchange, TransportFailure};
+use crate::model::ObjectType;
+use crate::settings::HttpSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("micro.base_url {0:?} is not a URL")]
+    BadUrl(String),
+    #[error(
+        "micro.base_url {0:?} must be https:// (plain http:// is allowed only to a loopback address such as the simulator)"
+    )]
+    Insecure(String),
+    #[error("micro.team_id is not set (MICRO_TEAM_ID)")]
+    NoTeam,
+    #[error("the API key is not set (MICRO_API_KEY or micro.api_key_file)")]
+    NoKey,
+    #[error("the API key holds characters an HTTP header cannot carry")]
+    BadKey,
+    #[error("building the HTTP client: {0}")]
+    Build(#[from] reqwest::Error),
+}
+
+/// A client-wide gate: a server-requested pause (429) and the optional request-rate ceiling
+/// apply to every batch in flight, not only the one that was told to slow down.
+#[derive(Debug, Default)]
+struct Gate {
+    paused_until: Option<Instant>,
+    next_slot: Option<Instant>,
+}
+
+#[derive(Debug)]
+pub struct MicroClient {
+    http: reqwest::Client,
+    base_url: String,
+    team_id: String,
+    api_key: SecretString,
+    max_response_bytes: usize,
+    max_retry_after: Duration,
+    min_interval: Option<Duration>,
+    gate: Mutex<Gate>,
+}
+
+impl MicroClient {
+    pub fn new(
+        base_url: &str,
+        team_id: &str,
+        api_key: Option<SecretString>,
+        http: &HttpSettings,
+    ) -> Result<MicroClient, ClientError> {
+        let url = reqwest::Url::parse(base_url).map_err(|_| ClientError::BadUrl(base_url.into()))?;
+        let loopback = match url.host() {
+            Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+            Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+            Some(url::Host::Domain(d)) => d == "localhost",
+            None => false,
+        };
+        match url.scheme() {
+            "https" => {}
+            "http" if loopback => {}
+            _ => return Err(ClientError::Insecure(base_url.into())),
+        }
+        if team_id.trim().is_empty() {
+            return Err(ClientError::NoTeam);
+        }
+        let api_key = api_key.filter(|k| !k.expose_secret().is_empty()).ok_or(ClientError::NoKey)?;
+        HeaderValue::from_str(api_key.expose_secret()).map_err(|_| ClientError::BadKey)?;
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(http.timeout)
+            .connect_timeout(http.connect_timeout)
+            .user_agent(concat!("prism-sync/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let min_interval = (http.max_requests_per_second > 0.0)
+            .then(|| Duration::from_secs_f64(1.0 / http.max_requests_per_second));
+        Ok(MicroClient {
+            http: client,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            team_id: team_id.to_owned(),
+            api_key,
+            max_response_bytes: http.max_response_bytes,
+            max_retry_after: http.max_retry_after,
+            min_interval,
+            gate: Mutex::new(Gate::default()),
+        })
+    }
+
+    pub fn endpoint(&self, object_type: ObjectType) -> String {
+        format!("{}/v2/prism/{}/{}/batch/update", self.base_url, self.team_id, object_type)
+    }
+
+    /// Caps a server-requested delay.
+    pub fn cap_delay(&self, d: Duration) -> Duration {
+        d.min(self.max_retry_after)
+    }
+
+    /// Holds every send back until `until` (a 429 or a `retry-after` anywhere).
+    pub fn slow_down(&self, delay: Duration) {
+        let until = Instant::now() + self.cap_delay(delay);
+        let mut gate = self.gate.lock().expect("gate lock");
+        if gate.paused_until.is_none_or(|p| p < until) {
+            gate.paused_until = Some(until);
+        }
+    }
+
+    /// Waits for the shared pause and the rate ceiling, then reserves this request's slot.
+    async fn wait_turn(&self) {
+        loop {
+            let wait = {
+                let mut gate = self.gate.lock().expect("gate lock");
+                let now = Instant::now();
+                match gate.paused_until {
+                    Some(p) if p > now => Some(p - now),
+                    _ => {
+                        gate.paused_until = None;
+                        match self.min_interval {
+                            None => None,
+                            Some(step) => {
+                                let slot = gate.next_slot.map_or(now, |s| s.max(now));
+                                gate.next_slot = Some(slot + step);
+                                // The slot is ours; sleep to it outside the lock and send.
+                                if slot > now {
+                                    drop(gate);
+                                    tokio::time::sleep_until(slot.into()).await;
+                                }
+                                return;
+                            }
+                        }
+                    }
+                }
+            };
+            match wait {
+                Some(d) => tokio::time::sleep(d).await,
+                None => return,
+            }
+        }
+    }
+
+    /// Sends the stored bytes once. Never retries by itself: the caller records the outcome
+    /// durably first, then decides.
+    pub async fn send(&self, object_type: ObjectType, idempotency_key: &str, body: Bytes) -> Exchange {
+        self.wait_turn().await;
+        let mut key = match HeaderValue::from_str(self.api_key.expose_secret()) {
+            Ok(k) => k,
+            Err(_) => {
+                return Exchange::Failed { kind: TransportFailure::Connect, detail: "unusable API key".into() };
+            }
+        };
+        key.set_sensitive(true);
+        let started = Instant::now();
+        let request = self
+            .http
+            .post(self.endpoint(object_type))
+            .header("x-api-key", key)
+            .header("idempotency-key", idempotency_key)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body);
+        let result = match request.send().await {
+            Ok(response) => self.read(response).await,
+            Err(e) => Exchange::Failed { kind: failure_kind(&e), detail: error_chain(&e) },
+        };
+        let class = match &result {
+            Exchange::Answered(a) => match a.status {
+                200..=299 => "2xx",
+                300..=399 => "3xx",
+                400..=499 => "4xx",
+                _ => "5xx",
+            },
+            Exchange::Failed { .. } => "error",
+        };
+        metrics::counter!("prism_sync_http_requests_total", "status_class" => class).increment(1);
+        metrics::histogram!("prism_sync_http_request_duration_seconds").record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn read(&self, mut response: reqwest::Response) -> Exchange {
+        let status = response.status().as_u16();
+        let headers = response.headers();
+        let retry_after = classify::retry_after(headers, SystemTime::now());
+        let should_retry = classify::should_retry(headers);
+        let replay = headers
+            .get("idempotent-replay")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        if let Some(len) = response.content_length()
+            && len > self.max_response_bytes as u64
+        {
+            return Exchange::Failed {
+                kind: TransportFailure::ResponseTooLarge,
+                detail: format!("response announces {len} bytes, over http.max_response_bytes"),
+            };
+        }
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > self.max_response_bytes {
+                        return Exchange::Failed {
+                            kind: TransportFailure::ResponseTooLarge,
+                            detail: format!("response body over http.max_response_bytes ({})", self.max_response_bytes),
+                        };
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => return Exchange::Failed { kind: failure_kind(&e), detail: error_chain(&e) },
+            }
+        }
+        Exchange::Answered(Answer { status, retry_after, should_retry, replay, body })
+    }
+}
+
+fn failure_kind(e: &reqwest::Error) -> TransportFailure {
+    if e.is_timeout() {
+        TransportFailure::Timeout
+    } else if e.is_connect() {
+        TransportFailure::Connect
+    } else {
+        TransportFailure::Interrupted
+    }
+}
+
+/// reqwest's top-level message hides the cause ("error sending request"); operators need it.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(url: &str) -> Result<MicroClient, ClientError> {
+        MicroClient::new(url, "team", Some(SecretString::from("k")), &HttpSettings::default())
+    }
+
+    #[test]
+    fn plain_http_is_refused_except_to_loopback() {
+        assert!(matches!(client("http://api.example.com"), Err(ClientError::Insecure(_))));
+        assert!(client("http://127.0.0.1:8787").is_ok());
+        assert!(client("http://[::1]:8787").is_ok());
+        assert!(client("http://localhost:8787").is_ok());
+        assert!(client("https://developers.micro.so").is_ok());
+        assert!(matches!(client("ftp://x"), Err(ClientError::Insecure(_))));
+    }
+
+    #[test]
+    fn the_endpoint_names_team_and_object_type() {
+        let c = client("https://developers.micro.so/").unwrap();
+        assert_eq!(c.endpoint(ObjectType::Deal), "https://developers.micro.so/v2/prism/team/deal/batch/update");
+    }
+
+    #[test]
+    fn the_client_debug_output_hides_the_key() {
+        let c = MicroClient::new("https://x.io", "t", Some(SecretString::from("sekrit-123")), &HttpSettings::default())
+            .unwrap();
+        assert!(!format!("{c:?}").contains("sekrit-123"));
+    }
+}

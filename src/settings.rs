@@ -1,0 +1,491 @@
+//! Typed, layered settings: built-in defaults < `config/default.toml` or `--config FILE` <
+//! `PRISM_SYNC__SECTION__KEY` environment variables < the well-known `DATABASE_URL`,
+//! `MICRO_API_KEY`, `MICRO_TEAM_ID`, `MICRO_BASE_URL`.
+//!
+//! The API key lives in a [`SecretString`] from the moment it is read, so it cannot reach a log
+//! line or a `Debug` print by accident.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://prism-sync.db?mode=rwc";
+pub const DEFAULT_BASE_URL: &str = "https://developers.micro.so";
+pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
+/// The API takes at most this many items per request.
+pub const MAX_BATCH_SIZE: usize = 100;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("reading configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("reading the API key file {path}: {source}")]
+    KeyFile { path: PathBuf, source: std::io::Error },
+    #[error("invalid setting {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub micro: MicroSettings,
+    pub http: HttpSettings,
+    pub batch: BatchSettings,
+    pub sync: SyncSettings,
+    pub poll: PollSettings,
+    pub retry: RetrySettings,
+    pub auth: AuthSettings,
+    pub shutdown: ShutdownSettings,
+    pub telemetry: TelemetrySettings,
+    pub log: LogSettings,
+    pub retention: RetentionSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `sqlite://FILE?mode=rwc` or `postgres://…`; `DATABASE_URL` overrides it.
+    pub url: String,
+    pub max_connections: u32,
+    /// How long a statement may wait for SQLite's write lock (another process or connection).
+    #[serde(with = "humantime_serde")]
+    pub busy_timeout: Duration,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_DATABASE_URL.into(),
+            max_connections: 8,
+            busy_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MicroSettings {
+    pub base_url: String,
+    pub team_id: String,
+    /// Prefer `api_key_file` (a mounted secret) or `MICRO_API_KEY`; never logged.
+    pub api_key: Option<SecretString>,
+    pub api_key_file: Option<PathBuf>,
+}
+
+impl Default for MicroSettings {
+    fn default() -> Self {
+        Self { base_url: DEFAULT_BASE_URL.into(), team_id: String::new(), api_key: None, api_key_file: None }
+    }
+}
+
+impl std::fmt::Debug for MicroSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MicroSettings")
+            .field("base_url", &self.base_url)
+            .field("team_id", &self.team_id)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .field("api_key_file", &self.api_key_file)
+            .finish()
+    }
+}
+
+impl MicroSettings {
+    /// The key from `api_key`, else from `api_key_file` (trailing newline trimmed).
+    pub fn resolve_api_key(&self) -> Result<Option<SecretString>, SettingsError> {
+        if let Some(key) = &self.api_key
+            && !key.expose_secret().is_empty()
+        {
+            return Ok(Some(key.clone()));
+        }
+        match &self.api_key_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| SettingsError::KeyFile { path: path.clone(), source })?;
+                Ok(Some(SecretString::from(text.trim().to_owned())))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Whole-request timeout for one send; leases must outlive it.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Responses larger than this are cut off and treated as a failed send.
+    pub max_response_bytes: usize,
+    /// Cap on a server-requested delay (`retry-after`, `retry-after-ms`).
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
+    /// Client-side ceiling on requests per second (0: none).
+    pub max_requests_per_second: f64,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            max_response_bytes: 8 * 1024 * 1024,
+            max_retry_after: Duration::from_secs(120),
+            max_requests_per_second: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchSettings {
+    /// Items per request, 1..=100.
+    pub size: usize,
+    /// Merge consecutive `default`-only changes of one record into one item.
+    pub coalesce: bool,
+    /// At most this many rows are merged into one item.
+    pub max_coalesce: usize,
+    /// A patch larger than this (bytes of JSON) goes dead as `patch_too_large`.
+    pub max_patch_bytes: usize,
+    /// Same-key re-sends of one batch before its items are released to new batches.
+    pub max_attempts: u32,
+    /// Release an unanswered batch to new keys before the server forgets its key (24 h).
+    #[serde(with = "humantime_serde")]
+    pub max_key_age: Duration,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        Self {
+            size: MAX_BATCH_SIZE,
+            coalesce: true,
+            max_coalesce: 100,
+            max_patch_bytes: 256 * 1024,
+            max_attempts: 12,
+            max_key_age: Duration::from_secs(23 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncSettings {
+    /// Batches on the wire at once.
+    pub max_in_flight: usize,
+    /// How long a batch stays ours without a heartbeat; must exceed `http.timeout`.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        Self { max_in_flight: 8, lease: Duration::from_secs(45) }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PollSettings {
+    /// How often an idle daemon looks for new rows (Postgres also listens for NOTIFY).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for PollSettings {
+    fn default() -> Self {
+        Self { interval: Duration::from_millis(50) }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrySettings {
+    #[serde(with = "humantime_serde")]
+    pub base_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// Tries for a row whose error code is in neither list below, and for rows whose batch keeps
+    /// failing; then the row goes dead.
+    pub max_attempts: u32,
+    pub retryable_codes: Vec<String>,
+    pub permanent_codes: Vec<String>,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        let s = |v: &[&str]| v.iter().map(|c| (*c).to_owned()).collect();
+        Self {
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(300),
+            max_attempts: 10,
+            retryable_codes: s(&[
+                "rate_limited",
+                "internal_error",
+                "timeout",
+                "unavailable",
+                "conflict",
+                "locked",
+                "missing_result",
+            ]),
+            permanent_codes: s(&[
+                "not_found",
+                "validation_error",
+                "invalid_id",
+                "invalid_property",
+                "invalid_value",
+                "forbidden",
+            ]),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// While the API refuses the key, one stored batch is tried this often.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self { probe_interval: Duration::from_secs(15) }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownSettings {
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        Self { grace_period: Duration::from_secs(30) }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// Where `/metrics`, `/livez`, `/healthz` and `/readyz` are served; empty turns it off.
+    pub listen: String,
+    /// How often row counts and ages are sampled from the database.
+    #[serde(with = "humantime_serde")]
+    pub sample_interval: Duration,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:9464".into(), sample_interval: Duration::from_secs(5) }
+    }
+}
+
+impl TelemetrySettings {
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, SettingsError> {
+        if self.listen.trim().is_empty() {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|e| SettingsError::Invalid {
+            key: "telemetry.listen",
+            reason: format!("{:?} is not an address like 127.0.0.1:9464: {e}", self.listen),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable text, coloured on a terminal.
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `prism_sync=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Delete `succeeded` rows older than this (inside `run`); unset keeps them.
+    #[serde(with = "humantime_serde")]
+    pub succeeded: Option<Duration>,
+    /// Delete `dead` rows older than this; unset keeps them.
+    #[serde(with = "humantime_serde")]
+    pub dead: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self { succeeded: None, dead: None, interval: Duration::from_secs(600) }
+    }
+}
+
+impl Settings {
+    /// Loads the layers. `file` is `--config`; without it `config/default.toml` is read if present.
+    pub fn load(file: Option<&Path>) -> Result<Settings, SettingsError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// As [`Settings::load`], with the environment given (tests pass their own).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, SettingsError> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let mut builder = config::Config::builder();
+        builder = match file {
+            Some(path) => builder.add_source(config::File::from(path).required(true)),
+            None => builder.add_source(config::File::with_name(DEFAULT_CONFIG_FILE).required(false)),
+        };
+        let prefixed: config::Map<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("PRISM_SYNC__"))
+            .cloned()
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("PRISM_SYNC")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("retry.retryable_codes")
+                .with_list_parse_key("retry.permanent_codes")
+                .source(Some(prefixed)),
+        );
+        let lookup = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        if let Some(url) = lookup("DATABASE_URL") {
+            builder = builder.set_override("database.url", url)?;
+        }
+        if let Some(team) = lookup("MICRO_TEAM_ID") {
+            builder = builder.set_override("micro.team_id", team)?;
+        }
+        if let Some(base) = lookup("MICRO_BASE_URL") {
+            builder = builder.set_override("micro.base_url", base)?;
+        }
+        if let Some(key) = lookup("MICRO_API_KEY") {
+            builder = builder.set_override("micro.api_key", key)?;
+        }
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |key, reason: String| Err(SettingsError::Invalid { key, reason });
+        if self.batch.size == 0 || self.batch.size > MAX_BATCH_SIZE {
+            return invalid("batch.size", format!("{} is not within 1..=100", self.batch.size));
+        }
+        if self.batch.max_coalesce == 0 {
+            return invalid("batch.max_coalesce", "must be at least 1".into());
+        }
+        if self.sync.max_in_flight == 0 {
+            return invalid("sync.max_in_flight", "must be at least 1".into());
+        }
+        if self.sync.lease < self.http.timeout + Duration::from_secs(5) {
+            return invalid(
+                "sync.lease",
+                format!(
+                    "{} must exceed http.timeout ({}) by at least 5s, or a live batch could be taken over and sent twice at once",
+                    humantime::format_duration(self.sync.lease),
+                    humantime::format_duration(self.http.timeout)
+                ),
+            );
+        }
+        if self.retry.base_delay.is_zero() || self.retry.max_delay < self.retry.base_delay {
+            return invalid("retry.max_delay", "need 0 < retry.base_delay <= retry.max_delay".into());
+        }
+        if self.retry.max_attempts == 0 {
+            return invalid("retry.max_attempts", "must be at least 1".into());
+        }
+        if self.batch.max_key_age >= Duration::from_secs(24 * 3600) {
+            return invalid("batch.max_key_age", "must stay below the server's 24h key lifetime".into());
+        }
+        if self.poll.interval.is_zero() {
+            return invalid("poll.interval", "must be above zero".into());
+        }
+        self.telemetry.listen_addr()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()
+    }
+
+    #[test]
+    fn environment_keys_override_defaults_with_human_durations() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("PRISM_SYNC__RETRY__BASE_DELAY", "50ms"),
+                ("PRISM_SYNC__BATCH__SIZE", "25"),
+                ("PRISM_SYNC__RETRY__PERMANENT_CODES", "not_found,gone"),
+                ("DATABASE_URL", "postgres://x/y"),
+                ("MICRO_API_KEY", "k-123"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(s.retry.base_delay, Duration::from_millis(50));
+        assert_eq!(s.batch.size, 25);
+        assert_eq!(s.retry.permanent_codes, vec!["not_found", "gone"]);
+        assert_eq!(s.database.url, "postgres://x/y");
+        assert_eq!(s.micro.resolve_api_key().unwrap().unwrap().expose_secret(), "k-123");
+    }
+
+    #[test]
+    fn a_batch_size_over_one_hundred_is_refused() {
+        let err = Settings::load_from(None, env(&[("PRISM_SYNC__BATCH__SIZE", "101")])).unwrap_err();
+        assert!(err.to_string().contains("batch.size"), "{err}");
+    }
+
+    #[test]
+    fn a_misspelt_key_is_an_error_not_silently_ignored() {
+        let err = Settings::load_from(None, env(&[("PRISM_SYNC__RETRY__BASE_DELYA", "1s")])).unwrap_err();
+        assert!(err.to_string().contains("base_delya"), "{err}");
+    }
+
+    #[test]
+    fn the_api_key_never_shows_in_debug_output() {
+        let s = Settings::load_from(None, env(&[("MICRO_API_KEY", "super-secret-key")])).unwrap();
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("super-secret-key"), "{shown}");
+    }
+
+    #[test]
+    fn the_api_key_can_come_from_a_mounted_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, "from-file\n").unwrap();
+        let s = Settings::load_from(
+            None,
+            env(&[("PRISM_SYNC__MICRO__API_KEY_FILE", path.to_str().unwrap())]),
+        )
+        .unwrap();
+        assert_eq!(s.micro.resolve_api_key().unwrap().unwrap().expose_secret(), "from-file");
+    }
+}

@@ -1,0 +1,306 @@
+//! The outbox stores: one interface, two engines (SQLite, Postgres), each with SQL written for
+//! it. The engine talks only to [`Store`].
+//!
+//! **Architecture invariants**
+//! - A batch (key + exact bytes + its rows) is committed before its first send: claiming rows and
+//!   storing their batch happen in one transaction.
+//! - Every write about a batch's outcome is fenced on the batch still being `open` and leased to
+//!   the writer ("set state if running"), in the same transaction as the row updates.
+//! - Times (`now()`) come from the database's clock, never the host's.
+
+mod postgres;
+mod sqlite;
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::batch::{BatchItem, NewBatch, PlanLimits};
+use crate::model::{ObjectType, RowState};
+use crate::settings::DatabaseSettings;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migrating the database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported database URL {0:?}: use sqlite://FILE?mode=rwc or postgres://…")]
+    UnsupportedUrl(String),
+    #[error("stored batch {batch} is corrupt: {reason}")]
+    CorruptBatch { batch: Uuid, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    /// Whether the error says the database is unreachable (worth waiting for), rather than
+    /// that a statement is wrong.
+    pub fn is_connectivity(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Db(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_))
+        ) || matches!(self, StoreError::Db(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08") || c == "5" || c == "6" || c == "517" || c == "261"))
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// What a claim may take.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest<'a> {
+    pub owner: &'a str,
+    pub lease: Duration,
+    /// Rows to claim at most (heads; coalesced followers come on top).
+    pub max_records: usize,
+    pub limits: PlanLimits,
+}
+
+/// A batch stored and leased to us, ready to send.
+#[derive(Debug, Clone)]
+pub struct LeasedBatch {
+    pub id: Uuid,
+    pub idempotency_key: String,
+    pub object_type: ObjectType,
+    pub body: bytes::Bytes,
+    pub items: Vec<BatchItem>,
+    /// Same-key sends already recorded.
+    pub attempts: i32,
+    /// How long ago the key was first stored (the server forgets it after 24 h).
+    pub key_age: Duration,
+}
+
+impl LeasedBatch {
+    pub fn fresh(b: NewBatch) -> LeasedBatch {
+        LeasedBatch {
+            id: b.id,
+            idempotency_key: b.idempotency_key,
+            object_type: b.object_type,
+            body: b.body.into(),
+            items: b.items,
+            attempts: 0,
+            key_age: Duration::ZERO,
+        }
+    }
+
+    pub fn row_count(&self) -> usize {
+        self.items.iter().map(|i| i.rows.len()).sum()
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ClaimOutcome {
+    pub batches: Vec<LeasedBatch>,
+    /// Rows that went dead at once (malformed).
+    pub dead: Vec<crate::batch::DeadRow>,
+}
+
+/// A row's new state after its batch was answered or given up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowUpdate {
+    pub id: i64,
+    pub state: RowState,
+    pub code: Option<String>,
+    pub message: Option<String>,
+    /// For `Retrying`: seconds from the database's now until the next try.
+    pub retry_in: f64,
+}
+
+/// The final word on a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchEnd {
+    /// Answered; rows take their items' outcomes.
+    Done,
+    /// Given up under this key; rows go back to be re-batched under new keys.
+    Released,
+    /// Rejected whole and bisected into children that carry its rows.
+    Split,
+}
+
+impl BatchEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchEnd::Done => "done",
+            BatchEnd::Released => "released",
+            BatchEnd::Split => "split",
+        }
+    }
+}
+
+/// One HTTP try, kept for `inspect --batch`.
+#[derive(Debug, Clone, Default)]
+pub struct AttemptRecord {
+    pub http_status: Option<u16>,
+    pub outcome: String,
+    pub detail: Option<String>,
+    pub replay: bool,
+    pub duration: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct FinishBatch<'a> {
+    pub batch_id: Uuid,
+    pub owner: &'a str,
+    pub end: BatchEnd,
+    pub rows: Vec<RowUpdate>,
+    pub children: Vec<NewBatch>,
+    pub lease: Duration,
+    pub attempt: AttemptRecord,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeferBatch<'a> {
+    pub batch_id: Uuid,
+    pub owner: &'a str,
+    pub retry_in: Duration,
+    /// False for a refused key or a server-requested pause: those burn no attempt.
+    pub count_attempt: bool,
+    pub attempt: AttemptRecord,
+}
+
+/// Numbers sampled for metrics and `status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Gauges {
+    pub rows_by_state: Vec<(String, i64)>,
+    pub dead_by_code: Vec<(String, i64)>,
+    pub oldest_pending_age_seconds: f64,
+    pub oldest_batch_key_age_seconds: f64,
+    pub batches_in_flight: i64,
+    pub rows_held_back: i64,
+    pub watermark_lag_seconds: f64,
+    pub operator_replayed_rows: i64,
+}
+
+/// The outbox, on one of the two engines.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Sqlite($s) => $e,
+            Store::Postgres($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    pub async fn connect(settings: &DatabaseSettings) -> StoreResult<Store> {
+        let url = settings.url.as_str();
+        if url.starts_with("sqlite:") {
+            Ok(Store::Sqlite(SqliteStore::connect(settings).await?))
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Ok(Store::Postgres(PgStore::connect(settings).await?))
+        } else {
+            Err(StoreError::UnsupportedUrl(redact_url(url)))
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+
+    pub async fn migrate(&self) -> StoreResult<()> {
+        dispatch!(self, s => s.migrate().await)
+    }
+
+    /// Whether every migration this binary knows has been applied.
+    pub async fn migrations_current(&self) -> StoreResult<bool> {
+        dispatch!(self, s => s.migrations_current().await)
+    }
+
+    pub async fn ping(&self) -> StoreResult<()> {
+        dispatch!(self, s => s.ping().await)
+    }
+
+    /// Claims due rows in per-record order, stores their batches and leases them to `owner`,
+    /// all in one transaction; malformed rows go dead in the same transaction.
+    pub async fn claim(&self, req: &ClaimRequest<'_>) -> StoreResult<ClaimOutcome> {
+        dispatch!(self, s => s.claim(req).await)
+    }
+
+    /// Leases stored batches that are due for a (re)send: retries, and batches whose owner's
+    /// lease lapsed (it crashed or hung).
+    pub async fn lease_due_batches(&self, owner: &str, lease: Duration, limit: usize) -> StoreResult<Vec<LeasedBatch>> {
+        dispatch!(self, s => s.lease_due_batches(owner, lease, limit).await)
+    }
+
+    /// Heartbeat: extends every open batch leased to `owner`.
+    pub async fn extend_leases(&self, owner: &str, lease: Duration) -> StoreResult<u64> {
+        dispatch!(self, s => s.extend_leases(owner, lease).await)
+    }
+
+    /// Gives up `owner`'s leases at once (clean shutdown), so a restart need not wait.
+    pub async fn drop_leases(&self, owner: &str) -> StoreResult<u64> {
+        dispatch!(self, s => s.drop_leases(owner).await)
+    }
+
+    /// Ends a batch with its rows' new states (and any children), fenced on our lease.
+    /// `false` when the batch is no longer ours: nothing was written.
+    pub async fn finish_batch(&self, f: &FinishBatch<'_>) -> StoreResult<bool> {
+        dispatch!(self, s => s.finish_batch(f).await)
+    }
+
+    /// Puts a batch back to wait (same key, same bytes), fenced on our lease.
+    pub async fn defer_batch(&self, d: &DeferBatch<'_>) -> StoreResult<bool> {
+        dispatch!(self, s => s.defer_batch(d).await)
+    }
+
+    pub async fn gauges(&self) -> StoreResult<Gauges> {
+        dispatch!(self, s => s.gauges().await)
+    }
+
+    pub fn sqlx_kind(&self) -> StoreKind<'_> {
+        match self {
+            Store::Sqlite(s) => StoreKind::Sqlite(s.pool()),
+            Store::Postgres(s) => StoreKind::Postgres(s.pool()),
+        }
+    }
+}
+
+/// Direct pool access for the operator commands, which run their own SQL per engine.
+pub enum StoreKind<'a> {
+    Sqlite(&'a sqlx::SqlitePool),
+    Postgres(&'a sqlx::PgPool),
+}
+
+/// A database URL with any password replaced, for messages.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// `row updates` as parallel arrays, the shape both engines bind.
+pub(crate) struct RowColumns {
+    pub ids: Vec<i64>,
+    pub states: Vec<&'static str>,
+    pub codes: Vec<Option<String>>,
+    pub messages: Vec<Option<String>>,
+    pub retry_in: Vec<f64>,
+}
+
+impl RowColumns {
+    pub fn of(rows: &[RowUpdate]) -> RowColumns {
+        RowColumns {
+            ids: rows.iter().map(|r| r.id).collect(),
+            states: rows.iter().map(|r| r.state.as_str()).collect(),
+            codes: rows.iter().map(|r| r.code.clone()).collect(),
+            messages: rows.iter().map(|r| r.message.clone()).collect(),
+            retry_in: rows.iter().map(|r| r.retry_in).collect(),
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! The Postgres store: any number of replicas share one outbox. Claims use
+//! `FOR UPDATE SKIP LOCKED` below the visibility watermark; batch rows carry a lease that the
+//! owner extends and another replica takes over when it lapses.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::{
+    ClaimOutcome, ClaimRequest, DeferBatch, FinishBatch, Gauges, LeasedBatch, RowColumns, StoreError, StoreResult,
+};
+use crate::batch::{self, BatchItem, CandidateRow, NewBatch, RecordChain};
+use crate::settings::DatabaseSettings;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// The channel the outbox's insert trigger notifies.
+pub const NOTIFY_CHANNEL: &str = "prism_outbox";
+
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub async fn connect(settings: &DatabaseSettings) -> StoreResult<PgStore> {
+        let options: PgConnectOptions = settings.url.parse()?;
+        let options = options.application_name("prism-sync");
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections.max(2))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(PgStore { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn listener(&self) -> StoreResult<PgListener> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(NOTIFY_CHANNEL).await?;
+        Ok(listener)
+    }
+
+    pub async fn migrate(&self) -> StoreResult<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn migrations_current(&self) -> StoreResult<bool> {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await?;
+        if !exists {
+            return Ok(false);
+        }
+        let applied: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success").fetch_all(&self.pool).await?;
+        Ok(MIGRATOR.iter().all(|m| applied.contains(&m.version)))
+    }
+
+    pub async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn claim(&self, req: &ClaimRequest<'_>) -> StoreResult<ClaimOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let max_patch = i32::try_from(req.limits.max_patch_bytes).unwrap_or(i32::MAX);
+        let heads = sqlx::query(
+            "SELECT o.id, o.record_id::text AS record_id,
+                    CASE WHEN octet_length(o.patch::text) > $2 THEN NULL ELSE o.patch::text END AS patch,
+                    o.object_type, o.attempts
+             FROM prism_outbox o
+             WHERE o.state IN ('pending', 'retrying') AND o.next_attempt_at <= now()
+               AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
+               AND NOT EXISTS (
+                   SELECT 1 FROM prism_outbox p
+                   WHERE p.record_id = o.record_id AND p.id < o.id
+                     AND p.state IN ('pending', 'retrying', 'in_flight'))
+             ORDER BY o.id
+             LIMIT $1
+             FOR UPDATE OF o SKIP LOCKED",
+        )
+        .bind(i64::try_from(req.max_records).unwrap_or(i64::MAX))
+        .bind(max_patch)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(candidate)
+        .collect::<Result<Vec<_>, _>>()?;
+        if heads.is_empty() {
+            tx.rollback().await?;
+            return Ok(ClaimOutcome::default());
+        }
+        let mut followers: HashMap<Vec<u8>, Vec<CandidateRow>> = HashMap::new();
+        if req.limits.coalesce && req.limits.max_coalesce > 1 {
+            let (records, head_ids): (Vec<Uuid>, Vec<i64>) = heads
+                .iter()
+                .filter(|h| super::sqlite::coalescible(h))
+                .filter_map(|h| {
+                    std::str::from_utf8(&h.record_id_raw).ok().and_then(|r| Uuid::parse_str(r).ok()).map(|r| (r, h.id))
+                })
+                .unzip();
+            if !records.is_empty() {
+                let rows = sqlx::query(
+                    "SELECT f.id, f.record_id, f.patch, f.object_type, f.attempts
+                     FROM unnest($1::uuid[], $2::bigint[]) AS h(record_id, head_id)
+                     CROSS JOIN LATERAL (
+                         SELECT o.id, o.record_id::text AS record_id,
+                                CASE WHEN octet_length(o.patch::text) > $3 THEN NULL ELSE o.patch::text END AS patch,
+                                o.object_type, o.attempts
+                         FROM prism_outbox o
+                         WHERE o.record_id = h.record_id AND o.id > h.head_id
+                           AND o.state IN ('pending', 'retrying')
+                           AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
+                         ORDER BY o.id
+                         LIMIT $4
+                         FOR UPDATE OF o) f",
+                )
+                .bind(&records)
+                .bind(&head_ids)
+                .bind(max_patch)
+                .bind(i64::try_from(req.limits.max_coalesce - 1).unwrap_or(i64::MAX))
+                .fetch_all(&mut *tx)
+                .await?;
+                for row in &rows {
+                    let c = candidate(row)?;
+                    followers.entry(c.record_id_raw.clone()).or_default().push(c);
+                }
+            }
+        }
+        let chains = heads
+            .into_iter()
+            .map(|head| {
+                let mut followers = followers.remove(&head.record_id_raw).unwrap_or_default();
+                followers.sort_by_key(|f| f.id);
+                RecordChain { head, followers }
+            })
+            .collect();
+        let plan = batch::plan_batches(chains, req.limits);
+        insert_batches(&mut tx, &plan.batches, req.owner, req.lease, None).await?;
+        mark_in_flight(&mut tx, &plan.batches).await?;
+        if !plan.dead.is_empty() {
+            let ids: Vec<i64> = plan.dead.iter().map(|d| d.id).collect();
+            let codes: Vec<&str> = plan.dead.iter().map(|d| d.code).collect();
+            let messages: Vec<&str> = plan.dead.iter().map(|d| d.message.as_str()).collect();
+            sqlx::query(
+                "UPDATE prism_outbox o SET state = 'dead', completed_at = now(),
+                        last_error_code = u.code, last_error_message = u.message
+                 FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u(id, code, message)
+                 WHERE o.id = u.id",
+            )
+            .bind(&ids)
+            .bind(&codes)
+            .bind(&messages)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(ClaimOutcome { batches: plan.batches.into_iter().map(LeasedBatch::fresh).collect(), dead: plan.dead })
+    }
+
+    pub async fn lease_due_batches(&self, owner: &str, lease: Duration, limit: usize) -> StoreResult<Vec<LeasedBatch>> {
+        let rows = sqlx::query(
+            "WITH due AS (
+                 SELECT id FROM prism_batches
+                 WHERE state = 'open' AND next_attempt_at <= now()
+                   AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                 ORDER BY next_attempt_at
+                 LIMIT $3
+                 FOR UPDATE SKIP LOCKED)
+             UPDATE prism_batches b SET lease_owner = $1, lease_expires_at = now() + make_interval(secs => $2)
+             FROM due WHERE b.id = due.id
+             RETURNING b.id, b.idempotency_key, b.object_type, b.body, b.items, b.attempts,
+                       extract(epoch FROM now() - b.created_at)::float8 AS key_age",
+        )
+        .bind(owner)
+        .bind(lease.as_secs_f64())
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(leased).collect()
+    }
+
+    pub async fn extend_leases(&self, owner: &str, lease: Duration) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE prism_batches SET lease_expires_at = now() + make_interval(secs => $2)
+             WHERE lease_owner = $1 AND state = 'open'",
+        )
+        .bind(owner)
+        .bind(lease.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn drop_leases(&self, owner: &str) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE prism_batches SET lease_owner = NULL, lease_expires_at = NULL
+             WHERE lease_owner = $1 AND state = 'open'",
+        )
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn finish_batch(&self, f: &FinishBatch<'_>) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        let fenced = sqlx::query(
+            "UPDATE prism_batches SET state = $3, completed_at = now(), lease_owner = NULL, lease_expires_at = NULL,
+                    last_status = $4, last_error = $5
+             WHERE id = $1 AND lease_owner = $2 AND state = 'open'",
+        )
+        .bind(f.batch_id)
+        .bind(f.owner)
+        .bind(f.end.as_str())
+        .bind(f.attempt.http_status.map(i32::from))
+        .bind(f.attempt.detail.as_deref())
+        .execute(&mut *tx)
+        .await?;
+        if fenced.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        insert_attempt(&mut tx, f.batch_id, f.owner, &f.attempt).await?;
+        if !f.rows.is_empty() {
+            let c = RowColumns::of(&f.rows);
+            sqlx::query(
+                "UPDATE prism_outbox o SET
+                    state = u.state,
+                    attempts = o.attempts + 1,
+                    next_attempt_at = CASE WHEN u.state = 'retrying'
+                        THEN now() + make_interval(secs => u.retry_in) ELSE o.next_attempt_at END,
+                    completed_at = CASE WHEN u.state IN ('succeeded', 'dead') THEN now() ELSE NULL END,
+                    last_error_code = COALESCE(u.code, o.last_error_code),
+                    last_error_message = COALESCE(u.message, o.last_error_message)
+                 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::float8[])
+                      AS u(id, state, code, message, retry_in)
+                 WHERE o.id = u.id AND o.batch_id = $6 AND o.state = 'in_flight'",
+            )
+            .bind(&c.ids)
+            .bind(&c.states)
+            .bind(&c.codes)
+            .bind(&c.messages)
+            .bind(&c.retry_in)
+            .bind(f.batch_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !f.children.is_empty() {
+            insert_batches(&mut tx, &f.children, f.owner, f.lease, Some(f.batch_id)).await?;
+            mark_in_flight(&mut tx, &f.children).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn defer_batch(&self, d: &DeferBatch<'_>) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        let fenced = sqlx::query(
+            "UPDATE prism_batches SET attempts = attempts + $3,
+                    next_attempt_at = now() + make_interval(secs => $4),
+                    lease_owner = NULL, lease_expires_at = NULL, last_status = $5, last_error = $6
+             WHERE id = $1 AND lease_owner = $2 AND state = 'open'",
+        )
+        .bind(d.batch_id)
+        .bind(d.owner)
+        .bind(i32::from(d.count_attempt))
+        .bind(d.retry_in.as_secs_f64())
+        .bind(d.attempt.http_status.map(i32::from))
+        .bind(d.attempt.detail.as_deref())
+        .execute(&mut *tx)
+        .await?;
+        if fenced.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        insert_attempt(&mut tx, d.batch_id, d.owner, &d.attempt).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn gauges(&self) -> StoreResult<Gauges> {
+        let mut g = Gauges::default();
+        let rows = sqlx::query("SELECT state, count(*) FROM prism_outbox GROUP BY state").fetch_all(&self.pool).await?;
+        g.rows_by_state = rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<Result<_, sqlx::Error>>()?;
+        let rows = sqlx::query(
+            "SELECT COALESCE(last_error_code, 'unknown'), count(*) FROM prism_outbox
+             WHERE state = 'dead' GROUP BY 1 ORDER BY 2 DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        g.dead_by_code = rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<Result<_, sqlx::Error>>()?;
+        let row = sqlx::query(
+            "SELECT
+               (SELECT COALESCE(extract(epoch FROM now() - min(enqueued_at)), 0)::float8
+                  FROM prism_outbox WHERE state IN ('pending', 'retrying', 'in_flight')),
+               (SELECT COALESCE(extract(epoch FROM now() - min(created_at)), 0)::float8
+                  FROM prism_batches WHERE state = 'open'),
+               (SELECT count(*) FROM prism_batches WHERE state = 'open'),
+               (SELECT count(*) FROM prism_outbox o
+                  WHERE o.state IN ('pending', 'retrying') AND EXISTS (
+                    SELECT 1 FROM prism_outbox p WHERE p.record_id = o.record_id AND p.id < o.id
+                      AND p.state IN ('pending', 'retrying', 'in_flight'))),
+               (SELECT COALESCE(sum(rows), 0)::bigint FROM prism_audit WHERE action = 'replay'),
+               (SELECT COALESCE(extract(epoch FROM now() - min(xact_start)), 0)::float8
+                  FROM pg_stat_activity WHERE backend_xid IS NOT NULL)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        g.oldest_pending_age_seconds = row.try_get::<f64, _>(0)?.max(0.0);
+        g.oldest_batch_key_age_seconds = row.try_get::<f64, _>(1)?.max(0.0);
+        g.batches_in_flight = row.try_get(2)?;
+        g.rows_held_back = row.try_get(3)?;
+        g.operator_replayed_rows = row.try_get(4)?;
+        g.watermark_lag_seconds = row.try_get::<f64, _>(5)?.max(0.0);
+        Ok(g)
+    }
+}
+
+fn candidate(row: &sqlx::postgres::PgRow) -> Result<CandidateRow, sqlx::Error> {
+    Ok(CandidateRow {
+        id: row.try_get("id")?,
+        record_id_raw: row.try_get::<String, _>("record_id")?.into_bytes(),
+        patch: row.try_get::<Option<String>, _>("patch")?.map(String::into_bytes),
+        object_type: row.try_get::<String, _>("object_type")?.into_bytes(),
+        attempts: row.try_get("attempts")?,
+    })
+}
+
+fn leased(row: &sqlx::postgres::PgRow) -> StoreResult<LeasedBatch> {
+    let id: Uuid = row.try_get("id")?;
+    let corrupt = |reason: String| StoreError::CorruptBatch { batch: id, reason };
+    let object_type: String = row.try_get("object_type")?;
+    let items: String = row.try_get("items")?;
+    let body: Vec<u8> = row.try_get("body")?;
+    Ok(LeasedBatch {
+        id,
+        idempotency_key: row.try_get("idempotency_key")?,
+        object_type: object_type.parse().map_err(|e: crate::model::UnknownObjectType| corrupt(e.to_string()))?,
+        body: body.into(),
+        items: serde_json::from_str::<Vec<BatchItem>>(&items).map_err(|e| corrupt(e.to_string()))?,
+        attempts: row.try_get("attempts")?,
+        key_age: Duration::from_secs_f64(row.try_get::<f64, _>("key_age")?.clamp(0.0, 1e9)),
+    })
+}
+
+async fn insert_batches(
+    tx: &mut Transaction<'static, Postgres>,
+    batches: &[NewBatch],
+    owner: &str,
+    lease: Duration,
+    parent: Option<Uuid>,
+) -> StoreResult<()> {
+    if batches.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = batches.iter().map(|b| b.id).collect();
+    let keys: Vec<&str> = batches.iter().map(|b| b.idempotency_key.as_str()).collect();
+    let types: Vec<&str> = batches.iter().map(|b| b.object_type.as_str()).collect();
+    let bodies: Vec<&[u8]> = batches.iter().map(|b| b.body.as_slice()).collect();
+    let items: Vec<String> = batches.iter().map(NewBatch::items_json).collect();
+    let item_counts: Vec<i32> = batches.iter().map(|b| i32::try_from(b.items.len()).unwrap_or(i32::MAX)).collect();
+    let row_counts: Vec<i32> = batches.iter().map(|b| i32::try_from(b.row_count()).unwrap_or(i32::MAX)).collect();
+    sqlx::query(
+        "INSERT INTO prism_batches
+           (id, idempotency_key, object_type, body, items, item_count, row_count, lease_owner, lease_expires_at, parent_id)
+         SELECT b.id, b.key, b.object_type, b.body, b.items, b.item_count, b.row_count,
+                $8, now() + make_interval(secs => $9), $10
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::int[], $7::int[])
+              AS b(id, key, object_type, body, items, item_count, row_count)",
+    )
+    .bind(&ids)
+    .bind(&keys)
+    .bind(&types)
+    .bind(&bodies)
+    .bind(&items)
+    .bind(&item_counts)
+    .bind(&row_counts)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .bind(parent)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn mark_in_flight(tx: &mut Transaction<'static, Postgres>, batches: &[NewBatch]) -> StoreResult<()> {
+    let (rows, owners): (Vec<i64>, Vec<Uuid>) = batches.iter().flat_map(|b| b.row_assignments()).unzip();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE prism_outbox o SET state = 'in_flight', batch_id = u.batch_id
+         FROM unnest($1::bigint[], $2::uuid[]) AS u(id, batch_id) WHERE o.id = u.id",
+    )
+    .bind(&rows)
+    .bind(&owners)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn insert_attempt(
+    tx: &mut Transaction<'static, Postgres>,
+    batch: Uuid,
+    owner: &str,
+    a: &super::AttemptRecord,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO prism_batch_attempts (batch_id, attempt, owner, http_status, outcome, detail, replay, duration_ms)
+         VALUES ($1, (SELECT COALESCE(max(attempt), 0) + 1 FROM prism_batch_attempts WHERE batch_id = $1),
+                 $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(batch)
+    .bind(owner)
+    .bind(a.http_status.map(i32::from))
+    .bind(&a.outcome)
+    .bind(a.detail.as_deref())
+    .bind(a.replay)
+    .bind(i32::try_from(a.duration.as_millis()).unwrap_or(i32::MAX))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,442 @@
+//! The SQLite store: one host, WAL with `synchronous=FULL` (a stored batch survives power loss),
+//! every write transaction `BEGIN IMMEDIATE` so two processes on one file serialise their claims
+//! instead of failing on a lock upgrade.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, Sqlite, Transaction};
+use uuid::Uuid;
+
+use super::{
+    ClaimOutcome, ClaimRequest, DeferBatch, FinishBatch, Gauges, LeasedBatch, RowColumns, StoreError, StoreResult,
+};
+use crate::batch::{self, BatchItem, CandidateRow, NewBatch, RecordChain};
+use crate::settings::DatabaseSettings;
+
+/// The database's clock, in the text form every timestamp column uses.
+macro_rules! now {
+    () => {
+        "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+    };
+}
+/// The database's clock plus a bound number of seconds (a float).
+macro_rules! now_plus {
+    ($arg:literal) => {
+        concat!("strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('%+.3f seconds', ", $arg, "))")
+    };
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn connect(settings: &DatabaseSettings) -> StoreResult<SqliteStore> {
+        let options = SqliteConnectOptions::from_str(&settings.url)?
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(settings.busy_timeout)
+            .foreign_keys(false);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(settings.max_connections.max(2))
+            .acquire_timeout(settings.busy_timeout + Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        Ok(SqliteStore { pool })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> StoreResult<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn migrations_current(&self) -> StoreResult<bool> {
+        let applied: Vec<i64> =
+            match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success").fetch_all(&self.pool).await {
+                Ok(v) => v,
+                Err(sqlx::Error::Database(e)) if e.message().contains("no such table") => return Ok(false),
+                Err(e) => return Err(e.into()),
+            };
+        Ok(MIGRATOR.iter().all(|m| applied.contains(&m.version)))
+    }
+
+    pub async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn begin_write(&self) -> StoreResult<Transaction<'static, Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    pub async fn claim(&self, req: &ClaimRequest<'_>) -> StoreResult<ClaimOutcome> {
+        let mut tx = self.begin_write().await?;
+        let max_patch = i64::try_from(req.limits.max_patch_bytes).unwrap_or(i64::MAX);
+        let heads = sqlx::query(concat!(
+            "SELECT o.id, CAST(o.record_id AS BLOB) AS record_id,
+                    CASE WHEN length(CAST(o.patch AS BLOB)) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
+                    CAST(o.object_type AS BLOB) AS object_type, o.attempts
+             FROM prism_outbox AS o INDEXED BY prism_outbox_active
+             WHERE o.state IN ('pending', 'retrying') AND o.next_attempt_at <= ",
+            now!(),
+            " AND NOT EXISTS (
+                   SELECT 1 FROM prism_outbox AS p INDEXED BY prism_outbox_record
+                   WHERE p.record_id = o.record_id AND p.id < o.id
+                     AND p.state IN ('pending', 'retrying', 'in_flight'))
+             ORDER BY o.id LIMIT ?1"
+        ))
+        .bind(i64::try_from(req.max_records).unwrap_or(i64::MAX))
+        .bind(max_patch)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(candidate)
+        .collect::<Result<Vec<_>, _>>()?;
+        if heads.is_empty() {
+            tx.rollback().await?;
+            return Ok(ClaimOutcome::default());
+        }
+        let mut followers: HashMap<Vec<u8>, Vec<CandidateRow>> = HashMap::new();
+        if req.limits.coalesce && req.limits.max_coalesce > 1 {
+            let wanted: Vec<(String, i64)> = heads
+                .iter()
+                .filter(|h| coalescible(h))
+                .filter_map(|h| String::from_utf8(h.record_id_raw.clone()).ok().map(|r| (r, h.id)))
+                .collect();
+            if !wanted.is_empty() {
+                let rows = sqlx::query(
+                    "SELECT id, record_id, patch, object_type, attempts FROM (
+                       SELECT o.id, CAST(o.record_id AS BLOB) AS record_id,
+                              CASE WHEN length(CAST(o.patch AS BLOB)) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
+                              CAST(o.object_type AS BLOB) AS object_type, o.attempts,
+                              row_number() OVER (PARTITION BY o.record_id ORDER BY o.id) AS rn
+                       FROM json_each(?1) AS h
+                       JOIN prism_outbox AS o INDEXED BY prism_outbox_record
+                         ON o.record_id = json_extract(h.value, '$[0]') AND o.id > json_extract(h.value, '$[1]')
+                       WHERE o.state IN ('pending', 'retrying'))
+                     WHERE rn < ?3 ORDER BY record_id, id",
+                )
+                .bind(serde_json::to_string(&wanted).expect("serialises"))
+                .bind(max_patch)
+                .bind(i64::try_from(req.limits.max_coalesce).unwrap_or(i64::MAX))
+                .fetch_all(&mut *tx)
+                .await?;
+                for row in &rows {
+                    let c = candidate(row)?;
+                    followers.entry(c.record_id_raw.clone()).or_default().push(c);
+                }
+            }
+        }
+        let chains = heads
+            .into_iter()
+            .map(|head| {
+                let followers = followers.remove(&head.record_id_raw).unwrap_or_default();
+                RecordChain { head, followers }
+            })
+            .collect();
+        let plan = batch::plan_batches(chains, req.limits);
+        for b in &plan.batches {
+            insert_batch(&mut tx, b, req.owner, req.lease, None).await?;
+        }
+        let assignments: Vec<(i64, String)> = plan
+            .batches
+            .iter()
+            .flat_map(|b| b.row_assignments())
+            .map(|(row, batch)| (row, batch.to_string()))
+            .collect();
+        mark_in_flight(&mut tx, &assignments).await?;
+        if !plan.dead.is_empty() {
+            let dead: Vec<(i64, &str, &str)> =
+                plan.dead.iter().map(|d| (d.id, d.code, d.message.as_str())).collect();
+            sqlx::query(concat!(
+                "UPDATE prism_outbox SET state = 'dead', completed_at = ",
+                now!(),
+                ", last_error_code = json_extract(j.value, '$[1]'),
+                   last_error_message = json_extract(j.value, '$[2]')
+                 FROM json_each(?1) AS j
+                 WHERE prism_outbox.id = json_extract(j.value, '$[0]')"
+            ))
+            .bind(serde_json::to_string(&dead).expect("serialises"))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(ClaimOutcome { batches: plan.batches.into_iter().map(LeasedBatch::fresh).collect(), dead: plan.dead })
+    }
+
+    pub async fn lease_due_batches(&self, owner: &str, lease: Duration, limit: usize) -> StoreResult<Vec<LeasedBatch>> {
+        let rows = sqlx::query(concat!(
+            "UPDATE prism_batches SET lease_owner = ?1, lease_expires_at = ",
+            now_plus!("?2"),
+            " WHERE id IN (
+                 SELECT id FROM prism_batches INDEXED BY prism_batches_open
+                 WHERE state = 'open' AND next_attempt_at <= ",
+            now!(),
+            " AND (lease_expires_at IS NULL OR lease_expires_at <= ",
+            now!(),
+            ") ORDER BY next_attempt_at LIMIT ?3)
+             RETURNING id, idempotency_key, object_type, body, items, attempts,
+                       (julianday('now') - julianday(created_at)) * 86400.0 AS key_age"
+        ))
+        .bind(owner)
+        .bind(lease.as_secs_f64())
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(leased).collect()
+    }
+
+    pub async fn extend_leases(&self, owner: &str, lease: Duration) -> StoreResult<u64> {
+        let done = sqlx::query(concat!(
+            "UPDATE prism_batches SET lease_expires_at = ",
+            now_plus!("?2"),
+            " WHERE lease_owner = ?1 AND state = 'open'"
+        ))
+        .bind(owner)
+        .bind(lease.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn drop_leases(&self, owner: &str) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE prism_batches SET lease_owner = NULL, lease_expires_at = NULL
+             WHERE lease_owner = ?1 AND state = 'open'",
+        )
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn finish_batch(&self, f: &FinishBatch<'_>) -> StoreResult<bool> {
+        let mut tx = self.begin_write().await?;
+        let batch = f.batch_id.to_string();
+        let fenced = sqlx::query(concat!(
+            "UPDATE prism_batches SET state = ?3, completed_at = ",
+            now!(),
+            ", lease_owner = NULL, lease_expires_at = NULL, last_status = ?4, last_error = ?5
+             WHERE id = ?1 AND lease_owner = ?2 AND state = 'open'"
+        ))
+        .bind(&batch)
+        .bind(f.owner)
+        .bind(f.end.as_str())
+        .bind(f.attempt.http_status.map(i64::from))
+        .bind(f.attempt.detail.as_deref())
+        .execute(&mut *tx)
+        .await?;
+        if fenced.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        insert_attempt(&mut tx, &batch, f.owner, &f.attempt).await?;
+        if !f.rows.is_empty() {
+            let c = RowColumns::of(&f.rows);
+            let packed: Vec<_> = (0..c.ids.len())
+                .map(|i| (c.ids[i], c.states[i], &c.codes[i], &c.messages[i], c.retry_in[i]))
+                .collect();
+            sqlx::query(concat!(
+                "UPDATE prism_outbox SET
+                   state = json_extract(j.value, '$[1]'),
+                   attempts = attempts + 1,
+                   next_attempt_at = CASE WHEN json_extract(j.value, '$[1]') = 'retrying'
+                       THEN ",
+                now_plus!("json_extract(j.value, '$[4]')"),
+                " ELSE next_attempt_at END,
+                   completed_at = CASE WHEN json_extract(j.value, '$[1]') IN ('succeeded', 'dead')
+                       THEN ",
+                now!(),
+                " ELSE NULL END,
+                   last_error_code = COALESCE(json_extract(j.value, '$[2]'), last_error_code),
+                   last_error_message = COALESCE(json_extract(j.value, '$[3]'), last_error_message)
+                 FROM json_each(?1) AS j
+                 WHERE prism_outbox.id = json_extract(j.value, '$[0]')
+                   AND prism_outbox.batch_id = ?2 AND prism_outbox.state = 'in_flight'"
+            ))
+            .bind(serde_json::to_string(&packed).expect("serialises"))
+            .bind(&batch)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for child in &f.children {
+            insert_batch(&mut tx, child, f.owner, f.lease, Some(&batch)).await?;
+            let assignments: Vec<(i64, String)> =
+                child.row_assignments().map(|(row, b)| (row, b.to_string())).collect();
+            mark_in_flight(&mut tx, &assignments).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn defer_batch(&self, d: &DeferBatch<'_>) -> StoreResult<bool> {
+        let mut tx = self.begin_write().await?;
+        let batch = d.batch_id.to_string();
+        let fenced = sqlx::query(concat!(
+            "UPDATE prism_batches SET attempts = attempts + ?3, next_attempt_at = ",
+            now_plus!("?4"),
+            ", lease_owner = NULL, lease_expires_at = NULL, last_status = ?5, last_error = ?6
+             WHERE id = ?1 AND lease_owner = ?2 AND state = 'open'"
+        ))
+        .bind(&batch)
+        .bind(d.owner)
+        .bind(i64::from(d.count_attempt))
+        .bind(d.retry_in.as_secs_f64())
+        .bind(d.attempt.http_status.map(i64::from))
+        .bind(d.attempt.detail.as_deref())
+        .execute(&mut *tx)
+        .await?;
+        if fenced.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        insert_attempt(&mut tx, &batch, d.owner, &d.attempt).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn gauges(&self) -> StoreResult<Gauges> {
+        let mut g = Gauges::default();
+        let rows = sqlx::query("SELECT state, count(*) FROM prism_outbox GROUP BY state").fetch_all(&self.pool).await?;
+        g.rows_by_state = rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<Result<_, sqlx::Error>>()?;
+        let rows = sqlx::query(
+            "SELECT COALESCE(last_error_code, 'unknown'), count(*) FROM prism_outbox
+             WHERE state = 'dead' GROUP BY 1 ORDER BY 2 DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        g.dead_by_code = rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<Result<_, sqlx::Error>>()?;
+        let row = sqlx::query(
+            "SELECT
+               (SELECT COALESCE((julianday('now') - julianday(min(enqueued_at))) * 86400.0, 0.0)
+                  FROM prism_outbox WHERE state IN ('pending', 'retrying', 'in_flight')),
+               (SELECT COALESCE(max((julianday('now') - julianday(created_at)) * 86400.0), 0.0)
+                  FROM prism_batches WHERE state = 'open'),
+               (SELECT count(*) FROM prism_batches WHERE state = 'open'),
+               (SELECT count(*) FROM prism_outbox AS o INDEXED BY prism_outbox_active
+                  WHERE o.state IN ('pending', 'retrying') AND EXISTS (
+                    SELECT 1 FROM prism_outbox AS p INDEXED BY prism_outbox_record
+                    WHERE p.record_id = o.record_id AND p.id < o.id
+                      AND p.state IN ('pending', 'retrying', 'in_flight'))),
+               (SELECT COALESCE(sum(rows), 0) FROM prism_audit WHERE action = 'replay')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        g.oldest_pending_age_seconds = row.try_get::<f64, _>(0)?.max(0.0);
+        g.oldest_batch_key_age_seconds = row.try_get::<f64, _>(1)?.max(0.0);
+        g.batches_in_flight = row.try_get(2)?;
+        g.rows_held_back = row.try_get(3)?;
+        g.operator_replayed_rows = row.try_get(4)?;
+        Ok(g)
+    }
+}
+
+/// A cheap superset test for "the head's patch may be `default`-only", so followers are looked
+/// up only for records that could merge.
+pub(super) fn coalescible(head: &CandidateRow) -> bool {
+    head.patch.as_deref().is_some_and(|p| p.windows(9).any(|w| w == b"\"default\""))
+}
+
+fn candidate(row: &sqlx::sqlite::SqliteRow) -> Result<CandidateRow, sqlx::Error> {
+    Ok(CandidateRow {
+        id: row.try_get("id")?,
+        record_id_raw: row.try_get::<Option<Vec<u8>>, _>("record_id")?.unwrap_or_default(),
+        patch: row.try_get("patch")?,
+        object_type: row.try_get::<Option<Vec<u8>>, _>("object_type")?.unwrap_or_default(),
+        attempts: row.try_get("attempts")?,
+    })
+}
+
+fn leased(row: &sqlx::sqlite::SqliteRow) -> StoreResult<LeasedBatch> {
+    let id: String = row.try_get("id")?;
+    let id = Uuid::parse_str(&id).map_err(|e| StoreError::Invalid(format!("batch id {id:?}: {e}")))?;
+    let corrupt = |reason: String| StoreError::CorruptBatch { batch: id, reason };
+    let object_type: String = row.try_get("object_type")?;
+    let items: String = row.try_get("items")?;
+    let body: Vec<u8> = row.try_get("body")?;
+    Ok(LeasedBatch {
+        id,
+        idempotency_key: row.try_get("idempotency_key")?,
+        object_type: object_type.parse().map_err(|e: crate::model::UnknownObjectType| corrupt(e.to_string()))?,
+        body: body.into(),
+        items: serde_json::from_str::<Vec<BatchItem>>(&items).map_err(|e| corrupt(e.to_string()))?,
+        attempts: row.try_get("attempts")?,
+        key_age: Duration::from_secs_f64(row.try_get::<f64, _>("key_age")?.clamp(0.0, 1e9)),
+    })
+}
+
+async fn insert_batch(
+    tx: &mut Transaction<'static, Sqlite>,
+    b: &NewBatch,
+    owner: &str,
+    lease: Duration,
+    parent: Option<&str>,
+) -> StoreResult<()> {
+    sqlx::query(concat!(
+        "INSERT INTO prism_batches
+           (id, idempotency_key, object_type, body, items, item_count, row_count, lease_owner, lease_expires_at, parent_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ",
+        now_plus!("?9"),
+        ", ?10)"
+    ))
+    .bind(b.id.to_string())
+    .bind(&b.idempotency_key)
+    .bind(b.object_type.as_str())
+    .bind(&b.body)
+    .bind(b.items_json())
+    .bind(i64::try_from(b.items.len()).unwrap_or(i64::MAX))
+    .bind(i64::try_from(b.row_count()).unwrap_or(i64::MAX))
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .bind(parent)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn mark_in_flight(tx: &mut Transaction<'static, Sqlite>, assignments: &[(i64, String)]) -> StoreResult<()> {
+    if assignments.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE prism_outbox SET state = 'in_flight', batch_id = json_extract(j.value, '$[1]')
+         FROM json_each(?1) AS j WHERE prism_outbox.id = json_extract(j.value, '$[0]')",
+    )
+    .bind(serde_json::to_string(assignments).expect("serialises"))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn insert_attempt(
+    tx: &mut Transaction<'static, Sqlite>,
+    batch: &str,
+    owner: &str,
+    a: &super::AttemptRecord,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO prism_batch_attempts (batch_id, attempt, owner, http_status, outcome, detail, replay, duration_ms)
+         VALUES (?1, (SELECT COALESCE(max(attempt), 0) + 1 FROM prism_batch_attempts WHERE batch_id = ?1),
+                 ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .bind(batch)
+    .bind(owner)
+    .bind(a.http_status.map(i64::from))
+    .bind(&a.outcome)
+    .bind(a.detail.as_deref())
+    .bind(a.replay)
+    .bind(i64::try_from(a.duration.as_millis()).unwrap_or(i64::MAX))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
