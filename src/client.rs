@@ -119,33 +119,37 @@ impl MicroClient {
 
     /// Waits for the shared pause and the rate ceiling, then reserves this request's slot.
     async fn wait_turn(&self) {
+        enum Turn {
+            Paused(Duration),
+            At(Instant),
+        }
         loop {
-            let wait = {
+            let turn = {
                 let mut gate = self.gate.lock().expect("gate lock");
                 let now = Instant::now();
                 match gate.paused_until {
-                    Some(p) if p > now => Some(p - now),
+                    Some(p) if p > now => Turn::Paused(p - now),
                     _ => {
                         gate.paused_until = None;
-                        match self.min_interval {
-                            None => None,
+                        let slot = match self.min_interval {
+                            None => now,
                             Some(step) => {
                                 let slot = gate.next_slot.map_or(now, |s| s.max(now));
                                 gate.next_slot = Some(slot + step);
-                                // The slot is ours; sleep to it outside the lock and send.
-                                if slot > now {
-                                    drop(gate);
-                                    tokio::time::sleep_until(slot.into()).await;
-                                }
-                                return;
+                                slot
                             }
-                        }
+                        };
+                        Turn::At(slot)
                     }
                 }
             };
-            match wait {
-                Some(d) => tokio::time::sleep(d).await,
-                None => return,
+            match turn {
+                // Re-check after a pause: another 429 may have extended it meanwhile.
+                Turn::Paused(d) => tokio::time::sleep(d).await,
+                Turn::At(slot) => {
+                    tokio::time::sleep_until(slot.into()).await;
+                    return;
+                }
             }
         }
     }

@@ -1,0 +1,618 @@
+//! The daemon loop: lease due batches and claim new rows → send each batch's stored bytes →
+//! record every item's outcome → let the database schedule what retries.
+//!
+//! One task claims; each batch in flight is its own task, bounded by `sync.max_in_flight`.
+//! Nothing about a batch lives only in memory: a retry is a database row with a due time, so a
+//! crash, a restart or another replica continues exactly where this one stopped.
+//!
+//! **Architecture invariant:** a batch's rows change state only through
+//! [`Store::finish_batch`], fenced on this process still holding the batch's lease.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+use uuid::Uuid;
+
+use crate::backoff::RetryPolicy;
+use crate::batch::{self, PlanLimits};
+use crate::classify::{self, Anomalies, BatchVerdict, CodePolicy, Exchange};
+use crate::client::MicroClient;
+use crate::health::Health;
+use crate::model::{ItemOutcome, RowState, codes};
+use crate::settings::Settings;
+use crate::store::{
+    AttemptRecord, BatchEnd, ClaimRequest, DeferBatch, FinishBatch, LeasedBatch, RowUpdate, Store, StoreError,
+};
+
+/// Kills the process on the spot when the named failpoint is armed (fault-suite builds only):
+/// the closest thing to `kill -9` at an exact phase boundary.
+macro_rules! crash_point {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        {
+            if fail::eval($name, |_| ()).is_some() {
+                eprintln!(concat!("failpoint ", $name, ": aborting"));
+                std::process::abort();
+            }
+        }
+    };
+}
+
+/// Everything the loop needs from the settings, resolved once.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// This process's name on leases: host, pid and a random suffix.
+    pub owner: String,
+    pub lease: Duration,
+    pub max_in_flight: usize,
+    pub limits: PlanLimits,
+    pub poll_interval: Duration,
+    pub retry: RetryPolicy,
+    pub codes: CodePolicy,
+    pub batch_max_attempts: u32,
+    pub max_key_age: Duration,
+    pub auth_probe_interval: Duration,
+    pub grace_period: Duration,
+}
+
+impl EngineConfig {
+    pub fn from_settings(s: &Settings) -> EngineConfig {
+        EngineConfig {
+            owner: owner_name(),
+            lease: s.sync.lease,
+            max_in_flight: s.sync.max_in_flight,
+            limits: PlanLimits {
+                batch_size: s.batch.size,
+                coalesce: s.batch.coalesce,
+                max_coalesce: s.batch.max_coalesce,
+                max_patch_bytes: s.batch.max_patch_bytes,
+            },
+            poll_interval: s.poll.interval,
+            retry: RetryPolicy { base_delay: s.retry.base_delay, max_delay: s.retry.max_delay },
+            codes: CodePolicy {
+                retryable: s.retry.retryable_codes.iter().cloned().collect(),
+                permanent: s.retry.permanent_codes.iter().cloned().collect(),
+                max_attempts: s.retry.max_attempts,
+            },
+            batch_max_attempts: s.batch.max_attempts,
+            max_key_age: s.batch.max_key_age,
+            auth_probe_interval: s.auth.probe_interval,
+            grace_period: s.shutdown.grace_period,
+        }
+    }
+}
+
+fn owner_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    let suffix = Uuid::new_v4().simple().to_string();
+    format!("{host}:{}:{}", std::process::id(), &suffix[..8])
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+struct Shared {
+    store: Store,
+    client: MicroClient,
+    cfg: EngineConfig,
+    health: Arc<Health>,
+    /// Batches this process is working on; only these get their leases extended.
+    active: Mutex<HashSet<Uuid>>,
+    wake: Notify,
+}
+
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+/// Bounded metric label for an error code: the configured codes and prism-sync's own, else
+/// `other`, so a hostile server cannot blow up the series count.
+fn code_label(cfg: &EngineConfig, code: &str) -> String {
+    const OWN: [&str; 8] = [
+        codes::INVALID_RECORD_ID,
+        codes::INVALID_PATCH,
+        codes::PATCH_TOO_LARGE,
+        codes::INVALID_OBJECT_TYPE,
+        codes::MISSING_RESULT,
+        codes::BATCH_RELEASED,
+        "idempotency_key_mismatch",
+        "response_too_large",
+    ];
+    let known = OWN.contains(&code)
+        || cfg.codes.retryable.contains(code)
+        || cfg.codes.permanent.contains(code)
+        || (code.starts_with("http_") && code.len() == 8);
+    if known { code.to_owned() } else { "other".to_owned() }
+}
+
+impl Engine {
+    pub fn new(store: Store, client: MicroClient, cfg: EngineConfig, health: Arc<Health>) -> Engine {
+        Engine {
+            shared: Arc::new(Shared {
+                store,
+                client,
+                cfg,
+                health,
+                active: Mutex::new(HashSet::new()),
+                wake: Notify::new(),
+            }),
+        }
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.shared.cfg.owner
+    }
+
+    /// Runs until `shutdown` is cancelled, then drains: no new claims, batches in flight get
+    /// `shutdown.grace_period` to finish; whatever is still unanswered stays stored and is
+    /// re-sent with its own key by the next start.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), EngineError> {
+        let shared = self.shared;
+        let cfg = &shared.cfg;
+        info!(owner = %cfg.owner, database = shared.store.kind(), max_in_flight = cfg.max_in_flight, "sync engine started");
+        let background = shutdown.child_token();
+        let mut helpers = JoinSet::new();
+        helpers.spawn(heartbeat(shared.clone(), background.clone()));
+        if let Store::Postgres(pg) = &shared.store {
+            helpers.spawn(listen_for_changes(shared.clone(), pg.clone(), background.clone()));
+        }
+        let permits = Arc::new(Semaphore::new(cfg.max_in_flight));
+        let mut sends: JoinSet<()> = JoinSet::new();
+        let mut db_failures: u32 = 0;
+        loop {
+            shared.health.tick();
+            if shutdown.is_cancelled() {
+                break;
+            }
+            while let Some(done) = sends.try_join_next() {
+                if let Err(e) = done {
+                    error!(error = %e, "a batch task failed");
+                }
+            }
+            let free = permits.available_permits();
+            let mut found = 0;
+            if free > 0 {
+                match fill(&shared, free).await {
+                    Ok(batches) => {
+                        if db_failures > 0 {
+                            info!("database reachable again");
+                        }
+                        db_failures = 0;
+                        shared.health.set_db_ok(true);
+                        found = batches.len();
+                        for batch in batches {
+                            let permit = tokio::select! {
+                                p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+                                _ = shutdown.cancelled() => break,
+                            };
+                            shared.active.lock().expect("active lock").insert(batch.id);
+                            let span = info_span!("batch", batch_id = %batch.id, key = %batch.idempotency_key);
+                            let task_shared = shared.clone();
+                            sends.spawn(
+                                async move {
+                                    let id = batch.id;
+                                    process_batch(&task_shared, batch).await;
+                                    task_shared.active.lock().expect("active lock").remove(&id);
+                                    drop(permit);
+                                    task_shared.wake.notify_one();
+                                }
+                                .instrument(span),
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        db_failures += 1;
+                        shared.health.set_db_ok(false);
+                        let wait = RetryPolicy { base_delay: Duration::from_millis(200), max_delay: Duration::from_secs(10) }
+                            .ceiling(db_failures);
+                        warn!(error = %e, retry_in = ?wait, "cannot claim work: the database is unavailable; nothing new is sent until it is back");
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {},
+                            _ = shutdown.cancelled() => {},
+                        }
+                        continue;
+                    }
+                }
+            }
+            if found > 0 && permits.available_permits() > 0 {
+                continue;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {},
+                _ = shared.wake.notified() => {},
+                _ = tokio::time::sleep(cfg.poll_interval) => {},
+            }
+        }
+        info!(in_flight = sends.len(), grace = ?cfg.grace_period, "draining: no new claims");
+        let drained = tokio::time::timeout(cfg.grace_period, async {
+            while sends.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(left = sends.len(), "grace period over: unanswered batches stay stored and are re-sent with their keys on the next start");
+            sends.abort_all();
+            while sends.join_next().await.is_some() {}
+        }
+        background.cancel();
+        while helpers.join_next().await.is_some() {}
+        // Our batches are either finished or abandoned mid-send; either way another start may
+        // take them at once (a re-send under the same key is an idempotent replay).
+        if let Err(e) = shared.store.drop_leases(&cfg.owner).await {
+            warn!(error = %e, "could not release leases; they lapse on their own");
+        }
+        info!("sync engine stopped");
+        Ok(())
+    }
+}
+
+/// Takes due stored batches first (retries, lapsed leases), then claims new rows for what is
+/// left of the free slots.
+async fn fill(shared: &Shared, free: usize) -> Result<Vec<LeasedBatch>, StoreError> {
+    let cfg = &shared.cfg;
+    if shared.health.credentials_refused() {
+        // While the key is refused, one stored batch at a time probes it; nothing new is claimed.
+        if !shared.active.lock().expect("active lock").is_empty() {
+            return Ok(Vec::new());
+        }
+        return shared.store.lease_due_batches(&cfg.owner, cfg.lease, 1).await;
+    }
+    let mut batches = shared.store.lease_due_batches(&cfg.owner, cfg.lease, free).await?;
+    let left = free.saturating_sub(batches.len());
+    if left > 0 {
+        let claimed = shared
+            .store
+            .claim(&ClaimRequest {
+                owner: &cfg.owner,
+                lease: cfg.lease,
+                max_records: left * cfg.limits.batch_size,
+                limits: cfg.limits,
+            })
+            .await?;
+        crash_point!("after_claim");
+        for dead in &claimed.dead {
+            warn!(row = dead.id, code = dead.code, reason = %dead.message, "row cannot be sent: dead");
+            metrics::counter!("prism_sync_items_total", "outcome" => "dead").increment(1);
+            metrics::counter!("prism_sync_item_errors_total", "code" => dead.code).increment(1);
+        }
+        Health::count(&shared.health.rows_dead, claimed.dead.len() as u64);
+        batches.extend(claimed.batches);
+    }
+    Ok(batches)
+}
+
+/// Extends the leases of the batches this process is working on, every third of a lease.
+async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
+    let every = shared.cfg.lease / 3;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {},
+        }
+        if shared.active.lock().expect("active lock").is_empty() {
+            continue;
+        }
+        if let Err(e) = shared.store.extend_leases(&shared.cfg.owner, shared.cfg.lease).await {
+            warn!(error = %e, "could not extend batch leases");
+        }
+    }
+}
+
+/// Wakes the loop as soon as a change commits (Postgres `NOTIFY` from the outbox trigger).
+async fn listen_for_changes(shared: Arc<Shared>, pg: crate::store::PgStore, stop: CancellationToken) {
+    let mut failures = 0u32;
+    loop {
+        let mut listener = tokio::select! {
+            _ = stop.cancelled() => return,
+            l = pg.listener() => match l {
+                Ok(l) => { failures = 0; l }
+                Err(e) => {
+                    failures += 1;
+                    let wait = RetryPolicy { base_delay: Duration::from_millis(500), max_delay: Duration::from_secs(30) }.ceiling(failures);
+                    debug!(error = %e, "LISTEN failed; polling meanwhile");
+                    tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(wait) => {} }
+                    continue;
+                }
+            },
+        };
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                n = listener.recv() => match n {
+                    Ok(_) => shared.wake.notify_one(),
+                    Err(e) => { debug!(error = %e, "LISTEN connection lost"); break; }
+                },
+            }
+        }
+    }
+}
+
+/// A database write that must happen: retried with backoff (the database may be restarting),
+/// but not forever: an unrecorded batch keeps its stored key and is re-sent once its lease lapses.
+async fn must_write<F, Fut>(what: &str, write: F) -> Option<bool>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, StoreError>>,
+{
+    let policy = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_times(10)
+        .with_jitter();
+    match write
+        .retry(policy)
+        .notify(|e: &StoreError, after| warn!(error = %e, retry_in = ?after, "{what}: database write failed"))
+        .await
+    {
+        Ok(written) => Some(written),
+        Err(e) => {
+            error!(error = %e, "{what}: giving up; the batch stays stored and will be re-sent under its key");
+            None
+        }
+    }
+}
+
+/// Sends one batch (and, when it is rejected whole, its halves) until each has a final or a
+/// deferred state in the database.
+async fn process_batch(shared: &Shared, first: LeasedBatch) {
+    let cfg = &shared.cfg;
+    let mut queue = vec![first];
+    while let Some(batch) = queue.pop() {
+        if batch.attempts >= i32::try_from(cfg.batch_max_attempts).unwrap_or(i32::MAX) {
+            release(shared, &batch, "the batch failed batch.max_attempts times under its key").await;
+            continue;
+        }
+        if batch.key_age >= cfg.max_key_age {
+            release(shared, &batch, "the batch's key is near the server's 24h idempotency window").await;
+            continue;
+        }
+        crash_point!("before_send");
+        let started = Instant::now();
+        Health::count(&shared.health.sends, 1);
+        let exchange = shared.client.send(batch.object_type, &batch.idempotency_key, batch.body.clone()).await;
+        let took = started.elapsed();
+        crash_point!("after_response");
+        let (status, replay, detail) = match &exchange {
+            Exchange::Answered(a) => (Some(a.status), a.replay, None),
+            Exchange::Failed { kind, detail } => (None, false, Some(format!("{}: {detail}", kind.code()))),
+        };
+        if replay {
+            metrics::counter!("prism_sync_idempotent_replays_total").increment(1);
+        }
+        let verdict = classify::classify(&exchange, &batch.items, &cfg.codes);
+        if !matches!(verdict, BatchVerdict::AuthRefused { .. }) && status.is_some() {
+            if shared.health.credentials_refused() {
+                info!("the API accepts the key again: resuming");
+            }
+            shared.health.set_credentials_refused(false);
+        }
+        let attempt = |outcome: &str, detail: Option<String>| AttemptRecord {
+            http_status: status,
+            outcome: outcome.to_owned(),
+            detail,
+            replay,
+            duration: took,
+        };
+        match verdict {
+            BatchVerdict::Answered { outcomes, anomalies } => {
+                record_answer(shared, &batch, outcomes, &anomalies, attempt("answered", None)).await;
+            }
+            BatchVerdict::Retry { code, retry_after, slow_everyone } => {
+                Health::count(&shared.health.send_failures, 1);
+                let next = u32::try_from(batch.attempts).unwrap_or(0).saturating_add(1);
+                let delay = match retry_after {
+                    Some(d) => shared.client.cap_delay(d),
+                    None => cfg.retry.jittered(next),
+                };
+                if slow_everyone {
+                    shared.client.slow_down(delay);
+                }
+                let throttled = status == Some(429);
+                info!(code = %code, retry_in = ?delay, attempt = next, detail = detail.as_deref().unwrap_or(""), "batch not answered; it will be re-sent with the same key");
+                metrics::counter!("prism_sync_batches_total", "result" => "retry").increment(1);
+                let d = DeferBatch {
+                    batch_id: batch.id,
+                    owner: &cfg.owner,
+                    retry_in: delay,
+                    count_attempt: !throttled,
+                    attempt: attempt(&code, detail.clone()),
+                };
+                must_write("deferring a batch", || shared.store.defer_batch(&d)).await;
+            }
+            BatchVerdict::AuthRefused { status } => {
+                if !shared.health.credentials_refused() {
+                    error!(status, probe_every = ?cfg.auth_probe_interval, "the API refuses the key: pausing sends (no attempts are used) and probing");
+                }
+                shared.health.set_credentials_refused(true);
+                metrics::counter!("prism_sync_batches_total", "result" => "auth_refused").increment(1);
+                let d = DeferBatch {
+                    batch_id: batch.id,
+                    owner: &cfg.owner,
+                    retry_in: cfg.auth_probe_interval,
+                    count_attempt: false,
+                    attempt: attempt(&format!("http_{status}"), None),
+                };
+                must_write("deferring a refused batch", || shared.store.defer_batch(&d)).await;
+            }
+            BatchVerdict::Rejected { status, message } => {
+                let code = format!("http_{status}");
+                match batch::split_batch(batch.object_type, &batch.body, &batch.items) {
+                    Ok(Some(halves)) => {
+                        info!(status, items = batch.items.len(), "batch rejected whole: bisecting to find the item the API refuses");
+                        metrics::counter!("prism_sync_batches_total", "result" => "bisected").increment(1);
+                        let f = FinishBatch {
+                            batch_id: batch.id,
+                            owner: &cfg.owner,
+                            end: BatchEnd::Split,
+                            rows: Vec::new(),
+                            children: halves.to_vec(),
+                            lease: cfg.lease,
+                            attempt: attempt(&code, Some(message.clone())),
+                        };
+                        if must_write("splitting a batch", || shared.store.finish_batch(&f)).await == Some(true) {
+                            let mut active = shared.active.lock().expect("active lock");
+                            for child in halves {
+                                active.insert(child.id);
+                                queue.push(LeasedBatch::fresh(child));
+                            }
+                        }
+                    }
+                    Ok(None) => {
+                        let outcomes =
+                            vec![ItemOutcome::Dead { code: code.clone(), message: message.clone() }; batch.items.len()];
+                        record_answer(shared, &batch, outcomes, &Anomalies::default(), attempt(&code, Some(message)))
+                            .await;
+                    }
+                    Err(e) => {
+                        error!(error = %e, "stored batch body cannot be split; releasing its rows");
+                        release(shared, &batch, "the stored batch could not be bisected").await;
+                    }
+                }
+            }
+            BatchVerdict::KeyMismatch => {
+                error!("the API says this key was used with another body (idempotency_key_mismatch); releasing the rows to new batches");
+                metrics::counter!("prism_sync_key_mismatches_total").increment(1);
+                finish_released(shared, &batch, "idempotency_key_mismatch", "the API answered 409 idempotency_key_mismatch", attempt("idempotency_key_mismatch", None)).await;
+            }
+        }
+    }
+}
+
+/// Records an answered batch: every row takes its item's outcome.
+async fn record_answer(
+    shared: &Shared,
+    batch: &LeasedBatch,
+    outcomes: Vec<ItemOutcome>,
+    anomalies: &Anomalies,
+    attempt: AttemptRecord,
+) {
+    let cfg = &shared.cfg;
+    if anomalies.any() {
+        warn!(
+            missing = anomalies.missing,
+            duplicate = anomalies.duplicate,
+            unknown = anomalies.unknown,
+            summary_mismatch = anomalies.summary_mismatch,
+            "the API's answer does not match the batch; missing items are retried in new batches"
+        );
+    }
+    let mut rows = Vec::with_capacity(batch.row_count());
+    let (mut ok, mut retried, mut dead) = (0u64, 0u64, 0u64);
+    for (item, outcome) in batch.items.iter().zip(&outcomes) {
+        let n = item.rows.len() as u64;
+        let (state, code, message, retry_in) = match outcome {
+            ItemOutcome::Succeeded => {
+                ok += n;
+                (RowState::Succeeded, None, None, 0.0)
+            }
+            ItemOutcome::Retry { code, message } => {
+                retried += n;
+                let next = u32::try_from(item.attempts).unwrap_or(0).saturating_add(1);
+                (RowState::Retrying, Some(code.clone()), Some(message.clone()), cfg.retry.jittered(next).as_secs_f64())
+            }
+            ItemOutcome::Dead { code, message } => {
+                dead += n;
+                (RowState::Dead, Some(code.clone()), Some(message.clone()), 0.0)
+            }
+        };
+        for id in &item.rows {
+            rows.push(RowUpdate { id: *id, state, code: code.clone(), message: message.clone(), retry_in });
+        }
+    }
+    let f = FinishBatch {
+        batch_id: batch.id,
+        owner: &cfg.owner,
+        end: BatchEnd::Done,
+        rows,
+        children: Vec::new(),
+        lease: cfg.lease,
+        attempt,
+    };
+    crash_point!("before_outcomes");
+    match must_write("recording outcomes", || shared.store.finish_batch(&f)).await {
+        Some(true) => {
+            crash_point!("after_outcomes");
+            let result = if retried + dead == 0 { "ok" } else { "partial" };
+            metrics::counter!("prism_sync_batches_total", "result" => result).increment(1);
+            metrics::counter!("prism_sync_items_total", "outcome" => "succeeded").increment(ok);
+            metrics::counter!("prism_sync_items_total", "outcome" => "retried").increment(retried);
+            metrics::counter!("prism_sync_items_total", "outcome" => "dead").increment(dead);
+            for outcome in &outcomes {
+                if let ItemOutcome::Retry { code, .. } | ItemOutcome::Dead { code, .. } = outcome {
+                    metrics::counter!("prism_sync_item_errors_total", "code" => code_label(cfg, code)).increment(1);
+                }
+            }
+            metrics::gauge!("prism_sync_last_progress_timestamp_seconds").set(
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+            );
+            Health::count(&shared.health.rows_succeeded, ok);
+            Health::count(&shared.health.rows_retried, retried);
+            Health::count(&shared.health.rows_dead, dead);
+            Health::count(&shared.health.batches_answered, 1);
+            debug!(items = batch.items.len(), rows_succeeded = ok, rows_retried = retried, rows_dead = dead, "batch answered");
+        }
+        Some(false) => warn!("batch answered, but another process took it over meanwhile; its outcome is theirs to record"),
+        None => {}
+    }
+}
+
+/// Gives up a batch's key without sending it again: its rows go back to be re-batched under new
+/// keys (safe: per-record order still holds and PATCH values are absolute).
+async fn release(shared: &Shared, batch: &LeasedBatch, why: &str) {
+    warn!(attempts = batch.attempts, key_age = ?batch.key_age, "{why}: releasing its rows to new batches");
+    let attempt = AttemptRecord { outcome: "released".into(), detail: Some(why.into()), ..AttemptRecord::default() };
+    finish_released(shared, batch, codes::BATCH_RELEASED, why, attempt).await;
+}
+
+async fn finish_released(shared: &Shared, batch: &LeasedBatch, code: &str, why: &str, attempt: AttemptRecord) {
+    let cfg = &shared.cfg;
+    let mut rows = Vec::with_capacity(batch.row_count());
+    let mut dead = 0u64;
+    for item in &batch.items {
+        let tries = u32::try_from(item.attempts).unwrap_or(0).saturating_add(1);
+        // Each release counts as a try, so a batch that can never be answered ends its rows
+        // `dead` after retry.max_attempts instead of circling forever.
+        let state = if tries >= cfg.codes.max_attempts { RowState::Dead } else { RowState::Retrying };
+        for id in &item.rows {
+            if state == RowState::Dead {
+                dead += 1;
+            }
+            rows.push(RowUpdate {
+                id: *id,
+                state,
+                code: Some(code.to_owned()),
+                message: Some(why.to_owned()),
+                retry_in: cfg.retry.jittered(tries).as_secs_f64(),
+            });
+        }
+    }
+    let f = FinishBatch {
+        batch_id: batch.id,
+        owner: &cfg.owner,
+        end: BatchEnd::Released,
+        rows,
+        children: Vec::new(),
+        lease: cfg.lease,
+        attempt,
+    };
+    if must_write("releasing a batch", || shared.store.finish_batch(&f)).await == Some(true) {
+        metrics::counter!("prism_sync_batches_total", "result" => "released").increment(1);
+        metrics::counter!("prism_sync_items_total", "outcome" => "dead").increment(dead);
+        metrics::counter!("prism_sync_items_total", "outcome" => "retried").increment(batch.row_count() as u64 - dead);
+        Health::count(&shared.health.rows_dead, dead);
+        Health::count(&shared.health.rows_retried, batch.row_count() as u64 - dead);
+    }
+}
