@@ -23,6 +23,7 @@ CREATE TABLE prism_outbox (
 CREATE INDEX prism_outbox_active ON prism_outbox (id) WHERE state IN ('pending', 'retrying');
 CREATE INDEX prism_outbox_record ON prism_outbox (record_id, id)
     WHERE state IN ('pending', 'retrying', 'in_flight');
+CREATE INDEX prism_outbox_batch ON prism_outbox (batch_id);
 CREATE INDEX prism_outbox_completed ON prism_outbox (completed_at) WHERE completed_at IS NOT NULL;
 
 CREATE TABLE prism_batches (

@@ -22,6 +22,8 @@ CREATE TABLE prism_outbox (
 CREATE INDEX prism_outbox_active ON prism_outbox (id) WHERE state IN ('pending', 'retrying');
 -- Per-record order guard ("is there an older active row of this record?") and followers.
 CREATE INDEX prism_outbox_record ON prism_outbox (record_id, id);
+-- Inspect, purge ("batches no row refers to") and replay by batch.
+CREATE INDEX prism_outbox_batch ON prism_outbox (batch_id);
 -- Retention and status of finished rows.
 CREATE INDEX prism_outbox_completed ON prism_outbox (completed_at) WHERE completed_at IS NOT NULL;
 

@@ -1,0 +1,307 @@
+//! The command line: one binary, one verb per job. `main.rs` only parses and calls [`execute`].
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::model::{ObjectType, RowState};
+use crate::ops;
+use crate::settings::Settings;
+use crate::store::Store;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "prism-sync",
+    version,
+    about = "Drains a transactional outbox into the Micro Prism bulk-update API: never loses a change, never applies one twice, never out of order.",
+    after_help = "Configuration: built-in defaults < config/default.toml or --config < PRISM_SYNC__SECTION__KEY, DATABASE_URL, MICRO_API_KEY, MICRO_TEAM_ID, MICRO_BASE_URL."
+)]
+pub struct Cli {
+    /// A TOML configuration file (default: config/default.toml when present).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (migrates first unless --no-migrate); SIGTERM/SIGINT drain and exit 0.
+    Run(RunArgs),
+    /// Apply the migrations for the database in DATABASE_URL.
+    Migrate,
+    /// Read JSON lines {"record_id": ..., "patch": {...}} from a file or stdin into the outbox.
+    Enqueue(EnqueueArgs),
+    /// Counts by state, oldest pending age, batches in flight, dead rows by error code.
+    Status(StatusArgs),
+    /// One row, or one batch with its key, body, attempts and outcomes.
+    Inspect(InspectArgs),
+    /// Requeue dead (or, with --include-retrying, waiting) rows into new batches.
+    Replay(ReplayArgs),
+    /// Delete finished rows older than a cutoff, and the batches no row refers to.
+    Purge(PurgeArgs),
+    /// Serve the Micro API simulator.
+    Simulate(crate::sim::SimulateArgs),
+    /// The newcomer's first command: simulator + embedded SQLite + sample changes, synced live.
+    Demo(crate::demo::DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Do not apply migrations at start (a separate `prism-sync migrate` owns the schema).
+    #[arg(long)]
+    pub no_migrate: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// JSON-lines file; `-` or nothing reads stdin.
+    pub file: Option<PathBuf>,
+    /// Enqueue the valid lines and report the invalid ones, instead of refusing the whole input.
+    #[arg(long)]
+    pub skip_invalid: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// An unfinished change older than this counts as stuck (exit code 4).
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    pub stuck_after: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["row_id", "batch"])))]
+pub struct InspectArgs {
+    /// The outbox row id.
+    pub row_id: Option<i64>,
+    /// A batch id instead of a row.
+    #[arg(long, value_name = "BATCH_ID")]
+    pub batch: Option<Uuid>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// A row id (repeatable).
+    #[arg(long = "id", value_name = "ROW_ID")]
+    pub ids: Vec<i64>,
+    /// Rows last carried by this batch.
+    #[arg(long, value_name = "BATCH_ID")]
+    pub batch: Option<Uuid>,
+    /// Rows whose last error has this code (e.g. not_found, http_400).
+    #[arg(long)]
+    pub error_code: Option<String>,
+    #[arg(long)]
+    pub record_id: Option<Uuid>,
+    #[arg(long)]
+    pub object_type: Option<ObjectType>,
+    /// Enqueued at or after: an RFC 3339 time or a duration ago (2h).
+    #[arg(long, value_parser = ops::parse_time)]
+    pub since: Option<time::OffsetDateTime>,
+    /// Enqueued before: an RFC 3339 time or a duration ago.
+    #[arg(long, value_parser = ops::parse_time)]
+    pub until: Option<time::OffsetDateTime>,
+    /// Also requeue rows waiting to retry (their attempts are reset).
+    #[arg(long)]
+    pub include_retrying: bool,
+    /// Every dead row (needed when no other filter is given).
+    #[arg(long)]
+    pub all: bool,
+    /// Show what would change; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Who is replaying, for the audit log (default: PRISM_SYNC_ACTOR or the login name).
+    #[arg(long)]
+    pub actor: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PurgeState {
+    Succeeded,
+    Dead,
+}
+
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    /// Delete rows finished longer ago than this (e.g. 7d, 12h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub older_than: std::time::Duration,
+    /// Only this state (default: both succeeded and dead).
+    #[arg(long)]
+    pub state: Option<PurgeState>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn load_settings(cli: &Cli) -> anyhow::Result<Settings> {
+    Settings::load(cli.config.as_deref()).context("loading configuration")
+}
+
+async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+    Store::connect(&settings.database).await.with_context(|| {
+        format!("connecting to the database {}", crate::store::redact_url(&settings.database.url))
+    })
+}
+
+/// Runs a verb. Output goes to `out` (stdout in production); logs go to stderr.
+pub async fn execute(cli: Cli, out: &mut impl Write, input: &mut impl BufRead) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Simulate(args) => {
+            crate::telemetry::init_logging(&Default::default());
+            let token = CancellationToken::new();
+            crate::daemon::cancel_on_signals(token.clone());
+            crate::sim::run_simulate(args.clone(), token).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Demo(args) => {
+            return crate::demo::run(args.clone(), out).await;
+        }
+        _ => {}
+    }
+    let settings = load_settings(&cli)?;
+    crate::telemetry::init_logging(&settings.log);
+    match cli.command {
+        Command::Run(args) => {
+            let token = CancellationToken::new();
+            crate::daemon::cancel_on_signals(token.clone());
+            crate::daemon::run(settings, crate::daemon::RunOptions { no_migrate: args.no_migrate }, token).await?;
+        }
+        Command::Migrate => {
+            let store = open_store(&settings).await?;
+            store.migrate().await.context("applying migrations")?;
+            writeln!(out, "migrations applied ({})", store.kind())?;
+        }
+        Command::Enqueue(args) => {
+            let store = open_store(&settings).await?;
+            let report = match args.file.as_deref() {
+                None => ops::enqueue::enqueue(&store, input, settings.batch.max_patch_bytes, args.skip_invalid).await,
+                Some(p) if p.as_os_str() == "-" => {
+                    ops::enqueue::enqueue(&store, input, settings.batch.max_patch_bytes, args.skip_invalid).await
+                }
+                Some(p) => {
+                    let file = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+                    ops::enqueue::enqueue(&store, std::io::BufReader::new(file), settings.batch.max_patch_bytes, args.skip_invalid)
+                        .await
+                }
+            };
+            let report = match report {
+                Ok(r) => r,
+                Err(e @ ops::enqueue::EnqueueError::Invalid { .. }) => {
+                    bail!("{e}; nothing was enqueued (fix the line, or pass --skip-invalid)")
+                }
+                Err(e) => return Err(e.into()),
+            };
+            for (line, reason) in &report.skipped {
+                writeln!(out, "skipped line {line}: {reason}")?;
+            }
+            writeln!(out, "enqueued {} change(s)", report.enqueued)?;
+        }
+        Command::Status(args) => {
+            let store = open_store(&settings).await?;
+            let report = ops::status::status(&store).await?;
+            if args.json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+            } else {
+                ops::status::render(&report, out)?;
+            }
+            return Ok(ExitCode::from(report.exit_code(args.stuck_after.as_secs_f64())));
+        }
+        Command::Inspect(args) => {
+            let store = open_store(&settings).await?;
+            match (args.row_id, args.batch) {
+                (_, Some(batch)) => {
+                    let view = ops::inspect::batch(&store, batch).await?;
+                    if args.json {
+                        writeln!(out, "{}", serde_json::to_string_pretty(&view)?)?;
+                    } else {
+                        ops::inspect::render_batch(&view, out)?;
+                    }
+                }
+                (Some(id), None) => {
+                    let view = ops::inspect::row(&store, id).await?;
+                    if args.json {
+                        writeln!(out, "{}", serde_json::to_string_pretty(&view)?)?;
+                    } else {
+                        ops::inspect::render_row(&view, out)?;
+                    }
+                }
+                (None, None) => bail!("give a ROW_ID or --batch BATCH_ID"),
+            }
+        }
+        Command::Replay(args) => {
+            let store = open_store(&settings).await?;
+            let filter = ops::replay::ReplayFilter {
+                ids: args.ids.clone(),
+                batch: args.batch,
+                error_code: args.error_code.clone(),
+                record_id: args.record_id,
+                object_type: args.object_type,
+                since: args.since,
+                until: args.until,
+                include_retrying: args.include_retrying,
+                all: args.all,
+            };
+            let (count, sample) = ops::replay::preview(&store, &filter, 20).await?;
+            if args.json && args.dry_run {
+                writeln!(out, "{}", serde_json::json!({"would_replay": count, "sample": sample}))?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            ops::replay::render_preview(count, &sample, out)?;
+            if args.dry_run {
+                writeln!(out, "dry run: nothing changed")?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            if count == 0 {
+                writeln!(out, "nothing to replay")?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            if !args.yes {
+                write!(out, "Replay these {count} row(s)? [y/N] ")?;
+                out.flush()?;
+                let mut answer = String::new();
+                input.read_line(&mut answer)?;
+                if !matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
+                    writeln!(out, "not confirmed: nothing changed")?;
+                    return Ok(ExitCode::from(1));
+                }
+            }
+            let actor = ops::actor(args.actor.as_deref());
+            let changed = ops::replay::apply(&store, &filter, &actor).await?;
+            if args.json {
+                writeln!(out, "{}", serde_json::json!({"replayed": changed, "actor": actor}))?;
+            } else {
+                writeln!(out, "replayed {changed} row(s) as {actor}; they go out in new batches under new keys")?;
+            }
+        }
+        Command::Purge(args) => {
+            let store = open_store(&settings).await?;
+            let states = match args.state {
+                Some(PurgeState::Succeeded) => vec![RowState::Succeeded],
+                Some(PurgeState::Dead) => vec![RowState::Dead],
+                None => vec![RowState::Succeeded, RowState::Dead],
+            };
+            let report = ops::purge::purge(&store, &states, args.older_than).await?;
+            if args.json {
+                writeln!(out, "{}", serde_json::to_string(&report)?)?;
+            } else {
+                writeln!(out, "purged {} row(s) and {} batch(es)", report.rows, report.batches)?;
+            }
+        }
+        Command::Simulate(_) | Command::Demo(_) => unreachable!("handled above"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

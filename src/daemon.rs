@@ -1,0 +1,151 @@
+//! `prism-sync run`: connects (waiting for the database if it is not up yet), migrates, serves
+//! telemetry, tells systemd it is ready, and runs the engine until a signal asks it to drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::client::MicroClient;
+use crate::engine::{Engine, EngineConfig};
+use crate::health::Health;
+use crate::settings::Settings;
+use crate::store::{Store, redact_url};
+use crate::telemetry;
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Skip migrations (a separate `prism-sync migrate` job owns the schema).
+    pub no_migrate: bool,
+}
+
+/// Connects to the database, retrying with backoff until it answers or `shutdown` fires.
+pub async fn connect_with_retry(settings: &Settings, shutdown: &CancellationToken) -> anyhow::Result<Option<Store>> {
+    let mut failures = 0u32;
+    loop {
+        match Store::connect(&settings.database).await {
+            Ok(store) => return Ok(Some(store)),
+            Err(e @ crate::store::StoreError::UnsupportedUrl(_)) => return Err(e.into()),
+            Err(e) => {
+                failures += 1;
+                let wait = crate::backoff::RetryPolicy {
+                    base_delay: Duration::from_millis(250),
+                    max_delay: Duration::from_secs(15),
+                }
+                .ceiling(failures);
+                warn!(error = %e, database = %redact_url(&settings.database.url), retry_in = ?wait, "database not reachable yet");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(wait) => {},
+                }
+            }
+        }
+    }
+}
+
+pub async fn run(settings: Settings, options: RunOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let api_key = settings.micro.resolve_api_key()?;
+    let client = MicroClient::new(&settings.micro.base_url, &settings.micro.team_id, api_key, &settings.http)
+        .context("configuring the Micro API client")?;
+    let health = Arc::new(Health::default());
+    let watchdog = spawn_watchdog(health.clone(), settings.poll.interval, shutdown.clone());
+    let Some(store) = connect_with_retry(&settings, &shutdown).await? else {
+        return Ok(());
+    };
+    if !options.no_migrate {
+        store.migrate().await.context("applying migrations")?;
+    }
+    health.set_migrations_ok(store.migrations_current().await.unwrap_or(false));
+    telemetry::metrics_handle();
+    let background = shutdown.child_token();
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(addr) = settings.telemetry.listen_addr()? {
+        let listener = telemetry::bind(addr)
+            .await
+            .with_context(|| format!("binding telemetry.listen {addr} (set another address, or empty to turn it off)"))?;
+        info!(address = %listener.local_addr()?, "serving /metrics, /livez, /healthz, /readyz");
+        let stuck_after = (settings.poll.interval * 20).max(Duration::from_secs(30)) + settings.database.busy_timeout;
+        let (store, health, stop) = (store.clone(), health.clone(), background.clone());
+        tasks.spawn(async move {
+            if let Err(e) = telemetry::serve(listener, store, health, stuck_after, stop).await {
+                warn!(error = %e, "telemetry server stopped");
+            }
+        });
+    }
+    tasks.spawn(telemetry::sample_gauges(
+        store.clone(),
+        health.clone(),
+        settings.telemetry.sample_interval,
+        background.clone(),
+    ));
+    if settings.retention.succeeded.is_some() || settings.retention.dead.is_some() {
+        tasks.spawn(crate::ops::purge::retention_loop(store.clone(), settings.retention.clone(), background.clone()));
+    }
+    let engine = Engine::new(store, client, EngineConfig::from_settings(&settings), health);
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
+    let result = engine.run(shutdown.clone()).await;
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    background.cancel();
+    while tasks.join_next().await.is_some() {}
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    result?;
+    Ok(())
+}
+
+fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
+    // Outside systemd NOTIFY_SOCKET is unset and this does nothing.
+    let _ = sd_notify::notify(states);
+}
+
+/// Feeds systemd's watchdog at half its interval, but only while the main loop keeps turning:
+/// a wedged loop stops the pings and systemd restarts the service.
+fn spawn_watchdog(
+    health: Arc<Health>,
+    poll: Duration,
+    shutdown: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let interval = sd_notify::watchdog_enabled()?;
+    let every = interval / 2;
+    let stuck_after = interval.max(poll * 20);
+    Some(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {},
+            }
+            // Before the loop's first turn (migrating, waiting for the database) the process is
+            // alive and working; after it, the loop must keep turning.
+            if health.since_tick().is_none_or(|d| d < stuck_after) {
+                notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+            }
+        }
+    }))
+}
+
+/// Cancels `token` on SIGTERM or SIGINT; a second signal exits at once.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: draining"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: draining (press Ctrl-C again to stop at once)"),
+        }
+        token.cancel();
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        warn!("second signal: exiting without draining; unanswered batches are re-sent on the next start");
+        std::process::exit(130);
+    });
+}

@@ -1,0 +1,157 @@
+//! `prism-sync enqueue`: JSON lines `{"record_id": ..., "patch": {...}, "object_type"?: ...}`
+//! into the outbox, validated first, all or nothing per input unless `--skip-invalid`.
+
+use std::io::BufRead;
+
+use serde::Deserialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::model::ObjectType;
+use crate::store::{Store, StoreError, StoreKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    #[error("line {line}: {reason}")]
+    Invalid { line: usize, reason: String },
+    #[error("reading input: {0}")]
+    Read(#[from] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// One validated change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub record_id: Uuid,
+    pub patch: String,
+    pub object_type: ObjectType,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    record_id: String,
+    patch: Value,
+    #[serde(default)]
+    object_type: Option<String>,
+}
+
+/// Parses and validates one line (the same rules the daemon applies to rows).
+pub fn parse_line(text: &str, max_patch_bytes: usize) -> Result<Change, String> {
+    let line: Line = serde_json::from_str(text).map_err(|e| format!("not a change object: {e}"))?;
+    let record_id = Uuid::try_parse(line.record_id.trim())
+        .map_err(|_| format!("record_id {:?} is not a UUID", line.record_id))?;
+    let object_type = match line.object_type {
+        Some(t) => t.parse::<ObjectType>().map_err(|e| e.to_string())?,
+        None => ObjectType::Contact,
+    };
+    let Value::Object(map) = &line.patch else {
+        return Err("patch must be a JSON object".into());
+    };
+    if map.contains_key("id") {
+        return Err("patch must not carry \"id\": the record id comes from record_id".into());
+    }
+    let patch = serde_json::to_string(&line.patch).expect("a JSON value serialises");
+    if patch.len() > max_patch_bytes {
+        return Err(format!("patch is {} bytes, over batch.max_patch_bytes ({max_patch_bytes})", patch.len()));
+    }
+    Ok(Change { record_id, patch, object_type })
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct EnqueueReport {
+    pub enqueued: usize,
+    pub skipped: Vec<(usize, String)>,
+}
+
+/// Reads every line first; writes only when all are valid (or `skip_invalid`).
+pub async fn enqueue(
+    store: &Store,
+    input: impl BufRead,
+    max_patch_bytes: usize,
+    skip_invalid: bool,
+) -> Result<EnqueueReport, EnqueueError> {
+    let mut changes = Vec::new();
+    let mut report = EnqueueReport::default();
+    for (i, line) in input.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match parse_line(&line, max_patch_bytes) {
+            Ok(c) => changes.push(c),
+            Err(reason) if skip_invalid => report.skipped.push((i + 1, reason)),
+            Err(reason) => return Err(EnqueueError::Invalid { line: i + 1, reason }),
+        }
+    }
+    insert(store, &changes).await?;
+    report.enqueued = changes.len();
+    Ok(report)
+}
+
+/// Inserts changes in order, in one transaction.
+pub async fn insert(store: &Store, changes: &[Change]) -> Result<(), StoreError> {
+    const CHUNK: usize = 5000;
+    match store.sqlx_kind() {
+        StoreKind::Sqlite(pool) => {
+            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+            for chunk in changes.chunks(CHUNK) {
+                let packed: Vec<(String, &str, &str)> =
+                    chunk.iter().map(|c| (c.record_id.to_string(), c.patch.as_str(), c.object_type.as_str())).collect();
+                sqlx::query(
+                    "INSERT INTO prism_outbox (record_id, patch, object_type)
+                     SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]')
+                     FROM json_each(?1) ORDER BY key",
+                )
+                .bind(serde_json::to_string(&packed).expect("serialises"))
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        }
+        StoreKind::Postgres(pool) => {
+            let mut tx = pool.begin().await?;
+            for chunk in changes.chunks(CHUNK) {
+                let ids: Vec<Uuid> = chunk.iter().map(|c| c.record_id).collect();
+                let patches: Vec<&str> = chunk.iter().map(|c| c.patch.as_str()).collect();
+                let types: Vec<&str> = chunk.iter().map(|c| c.object_type.as_str()).collect();
+                sqlx::query(
+                    "INSERT INTO prism_outbox (record_id, patch, object_type)
+                     SELECT u.record_id, u.patch::jsonb, u.object_type
+                     FROM unnest($1::uuid[], $2::text[], $3::text[]) WITH ORDINALITY AS u(record_id, patch, object_type, n)
+                     ORDER BY u.n",
+                )
+                .bind(&ids)
+                .bind(&patches)
+                .bind(&types)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_validated_like_rows() {
+        let ok = parse_line(r#"{"record_id":"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e","patch":{"default":{"a":1}}}"#, 1000);
+        assert_eq!(ok.unwrap().object_type, ObjectType::Contact);
+        for (line, expect) in [
+            (r#"{"record_id":"x","patch":{}}"#, "not a UUID"),
+            (r#"{"record_id":"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e","patch":[1]}"#, "JSON object"),
+            (r#"{"record_id":"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e","patch":{"id":"y"}}"#, "must not carry"),
+            (r#"{"record_id":"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e","patch":{},"object_type":"car"}"#, "unknown object type"),
+            (r#"{"record_id":"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e","patch":{},"extra":1}"#, "unknown field"),
+            ("not json", "not a change object"),
+        ] {
+            let err = parse_line(line, 1000).unwrap_err();
+            assert!(err.contains(expect), "{line}: {err}");
+        }
+    }
+}
