@@ -119,7 +119,7 @@ pub(crate) async fn seed_records(State(sim): State<Arc<Shared>>, body: Bytes) ->
     let seeds = match parse::<SeedBody>(&body) {
         Ok(SeedBody::Many(seeds)) => seeds,
         Ok(SeedBody::One(seed)) => vec![seed],
-        Err(response) => return response,
+        Err(message) => return bad_request(&message),
     };
     let seeded: Vec<Value> = seeds
         .into_iter()
@@ -145,7 +145,7 @@ pub(crate) async fn get_faults(State(sim): State<Arc<Shared>>) -> Response {
 pub(crate) async fn put_faults(State(sim): State<Arc<Shared>>, body: Bytes) -> Response {
     let profile = match parse::<FaultProfile>(&body) {
         Ok(profile) => profile,
-        Err(response) => return response,
+        Err(message) => return bad_request(&message),
     };
     if let Err(err) = profile.validate() {
         return bad_request(&err.to_string());
@@ -166,7 +166,7 @@ pub(crate) async fn put_api_key(State(sim): State<Arc<Shared>>, body: Bytes) -> 
             sim.set_api_key(&api_key);
             StatusCode::NO_CONTENT.into_response()
         }
-        Err(response) => response,
+        Err(message) => bad_request(&message),
     }
 }
 
@@ -180,8 +180,8 @@ pub(crate) async fn not_found() -> Response {
     not_found_json("No such endpoint.")
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|err| bad_request(&err.to_string()))
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|err| err.to_string())
 }
 
 fn bad_request(message: &str) -> Response {

@@ -302,7 +302,11 @@ impl Drop for KeyClaim {
     }
 }
 
-async fn send_with_wire_faults(sim: &Shared, response: CachedResponse, wire: WireFaults) -> Response {
+async fn send_with_wire_faults(
+    sim: &Shared,
+    response: CachedResponse,
+    wire: WireFaults,
+) -> Response {
     if let Some(hold) = wire.slow {
         sim.pause(hold).await;
     }
@@ -434,7 +438,10 @@ fn fault_response(
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if let Some(ms) = p.retry_after_ms {
-            headers.insert(HeaderName::from_static("retry-after-ms"), HeaderValue::from(ms));
+            headers.insert(
+                HeaderName::from_static("retry-after-ms"),
+                HeaderValue::from(ms),
+            );
         }
     }
     if let Some(retry) = p.should_retry {
@@ -515,10 +522,15 @@ fn check_item(item: &Value) -> CheckedItem<'_> {
         return CheckedItem::Invalid {
             id: Some(id),
             code: "invalid_property",
-            message: format!("Unknown item property {unknown:?}; expected default, list or extended."),
+            message: format!(
+                "Unknown item property {unknown:?}; expected default, list or extended."
+            ),
         };
     }
-    if body.get("default").is_some_and(|default| !default.is_object()) {
+    if body
+        .get("default")
+        .is_some_and(|default| !default.is_object())
+    {
         return CheckedItem::Invalid {
             id: Some(id),
             code: "validation_error",
@@ -684,9 +696,7 @@ fn process_batch(
             to_apply.push(ApplyItem { id: *id, body });
         }
     }
-    let mut applied = sim
-        .apply(object_type, &to_apply, key)
-        .into_iter();
+    let mut applied = sim.apply(object_type, &to_apply, key).into_iter();
 
     let mut results = Vec::with_capacity(count + 2);
     let (mut succeeded, mut failures) = (0u64, 0u64);

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 
 /// Per-item error codes used by `item_error_rate` when the profile names none: one retryable and one
 /// permanent code, so that a default run exercises both paths of a client.
-pub const DEFAULT_ITEM_ERROR_CODES: [&str; 3] = ["rate_limited", "internal_error", "validation_error"];
+pub const DEFAULT_ITEM_ERROR_CODES: [&str; 3] =
+    ["rate_limited", "internal_error", "validation_error"];
 
 /// What the simulator does wrong. Every rate is a probability in `0.0..=1.0`, drawn once per request
 /// (or per item for `item_error_rate`); the default profile injects nothing.
@@ -147,7 +148,10 @@ impl FaultProfile {
         if !(400..=499).contains(&self.poison_status) {
             return Err(FaultProfileError::PoisonStatus(self.poison_status));
         }
-        let codes = self.item_error_codes.iter().chain(self.item_errors_for_ids.values());
+        let codes = self
+            .item_error_codes
+            .iter()
+            .chain(self.item_errors_for_ids.values());
         if codes.into_iter().any(|code| code.is_empty()) {
             return Err(FaultProfileError::EmptyCode);
         }
@@ -252,7 +256,11 @@ pub(crate) fn normalise_id(id: &str) -> String {
 
 impl ActiveFaults {
     pub fn new(profile: FaultProfile) -> Self {
-        let poison = profile.poison_ids.iter().map(|id| normalise_id(id)).collect();
+        let poison = profile
+            .poison_ids
+            .iter()
+            .map(|id| normalise_id(id))
+            .collect();
         let errors_for_ids = profile
             .item_errors_for_ids
             .iter()

@@ -139,11 +139,17 @@ impl Shared {
     }
 
     fn set_api_key(&self, key: &str) {
-        *self.api_key.write().expect("simulator api key lock poisoned") = key.to_owned();
+        *self
+            .api_key
+            .write()
+            .expect("simulator api key lock poisoned") = key.to_owned();
     }
 
     fn api_key_matches(&self, presented: Option<&[u8]>) -> bool {
-        let expected = self.api_key.read().expect("simulator api key lock poisoned");
+        let expected = self
+            .api_key
+            .read()
+            .expect("simulator api key lock poisoned");
         presented.is_some_and(|presented| presented == expected.as_bytes())
     }
 
@@ -249,7 +255,10 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/_sim/applied", get(admin::applied))
         .route("/_sim/records", post(admin::seed_records))
         .route("/_sim/records/{object_type}/{id}", get(admin::record))
-        .route("/_sim/faults", get(admin::get_faults).put(admin::put_faults))
+        .route(
+            "/_sim/faults",
+            get(admin::get_faults).put(admin::put_faults),
+        )
         .route("/_sim/api-key", put(admin::put_api_key))
         .route("/_sim/reset", post(admin::reset))
         .fallback(admin::not_found)

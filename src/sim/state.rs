@@ -171,7 +171,9 @@ impl Store {
             .map(|item| {
                 let record = match self.records.get_mut(&(object_type, item.id)) {
                     Some(record) => record,
-                    None if implicit_records => self.records.entry((object_type, item.id)).or_default(),
+                    None if implicit_records => {
+                        self.records.entry((object_type, item.id)).or_default()
+                    }
                     None => return ApplyOutcome::NotFound,
                 };
                 record.merge(item.body);
@@ -265,10 +267,13 @@ impl IdempotencyCache {
         self.expire(now);
         match self.slots.get(key) {
             None => {
-                self.slots.insert(key.clone(), Slot::InProgress { fingerprint });
+                self.slots
+                    .insert(key.clone(), Slot::InProgress { fingerprint });
                 Claim::Fresh
             }
-            Some(Slot::InProgress { fingerprint: first }) if *first != fingerprint => Claim::Mismatch,
+            Some(Slot::InProgress { fingerprint: first }) if *first != fingerprint => {
+                Claim::Mismatch
+            }
             Some(Slot::InProgress { .. }) => Claim::InProgress,
             Some(Slot::Done {
                 fingerprint: first, ..
@@ -321,7 +326,8 @@ impl IdempotencyCache {
 
     pub fn clear(&mut self) {
         // In-progress keys stay: their requests are still running and will complete or release them.
-        self.slots.retain(|_, slot| matches!(slot, Slot::InProgress { .. }));
+        self.slots
+            .retain(|_, slot| matches!(slot, Slot::InProgress { .. }));
         self.order.clear();
     }
 
@@ -339,7 +345,8 @@ impl IdempotencyCache {
         let Some((_, key, generation)) = self.order.pop_front() else {
             return;
         };
-        if matches!(self.slots.get(&key), Some(Slot::Done { generation: g, .. }) if *g == generation) {
+        if matches!(self.slots.get(&key), Some(Slot::Done { generation: g, .. }) if *g == generation)
+        {
             self.slots.remove(&key);
         }
     }
@@ -371,7 +378,10 @@ pub struct SimStats {
 
 impl SimStats {
     pub fn faults(&self, kind: FaultKind) -> u64 {
-        self.faults_injected.get(kind.as_str()).copied().unwrap_or(0)
+        self.faults_injected
+            .get(kind.as_str())
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn status_count(&self, status: u16) -> u64 {
@@ -425,13 +435,7 @@ impl Observations {
         }
     }
 
-    pub fn record(
-        &mut self,
-        method: &str,
-        path: &str,
-        key: Option<&str>,
-        outcome: RequestOutcome,
-    ) {
+    pub fn record(&mut self, method: &str, path: &str, key: Option<&str>, outcome: RequestOutcome) {
         let stats = &mut self.stats;
         stats.requests_total += 1;
         *stats.requests_by_status.entry(outcome.status).or_default() += 1;
@@ -509,7 +513,10 @@ mod tests {
         assert!(matches!(cache.claim(&key("a"), 1, now), Claim::Replay(_)));
         assert!(matches!(cache.claim(&key("a"), 2, now), Claim::Mismatch));
         let almost = now + Duration::from_millis(9_999);
-        assert!(matches!(cache.claim(&key("a"), 1, almost), Claim::Replay(_)));
+        assert!(matches!(
+            cache.claim(&key("a"), 1, almost),
+            Claim::Replay(_)
+        ));
         let later = now + Duration::from_secs(10);
         assert!(matches!(cache.claim(&key("a"), 2, later), Claim::Fresh));
     }
