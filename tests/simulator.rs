@@ -535,7 +535,12 @@ async fn a_retry_while_the_first_request_still_runs_gets_409_in_use() {
     .await;
     let items = fresh_items(3);
     let first = tokio::spawn(api.request("contact", Some("busy"), body(&items)).send());
+    let deadline = Instant::now() + Duration::from_secs(5);
     while api.sim.stats().idempotency_keys_in_progress == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first request never took its key"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let second = api.update(Some("busy"), &items).await;

@@ -38,8 +38,12 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "RATE")]
     pub error_rate: Option<f64>,
     /// Rate of whole requests answered 503.
-    #[arg(long, value_name = "RATE")]
-    pub unavailable_rate: Option<f64>,
+    #[arg(
+        long = "error-503-rate",
+        alias = "unavailable-rate",
+        value_name = "RATE"
+    )]
+    pub error_503_rate: Option<f64>,
     /// Rate of whole requests answered 429.
     #[arg(long, value_name = "RATE")]
     pub rate_limit_rate: Option<f64>,
@@ -117,7 +121,7 @@ impl SimulateArgs {
         };
         let rates = [
             (self.error_rate, &mut p.error_500_rate),
-            (self.unavailable_rate, &mut p.error_503_rate),
+            (self.error_503_rate, &mut p.error_503_rate),
             (self.rate_limit_rate, &mut p.rate_limit_rate),
             (self.slow_response_rate, &mut p.slow_response_rate),
             (self.drop_after_apply_rate, &mut p.drop_after_apply_rate),

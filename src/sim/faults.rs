@@ -20,7 +20,21 @@ pub const DEFAULT_ITEM_ERROR_CODES: [&str; 3] =
 /// What the simulator does wrong. Every rate is a probability in `0.0..=1.0`, drawn once per request
 /// (or per item for `item_error_rate`); the default profile injects nothing.
 ///
-/// Durations are human strings in files and JSON (`"250ms"`, `"2s"`).
+/// Durations are human strings in files and JSON (`"250ms"`, `"2s"`). A profile file
+/// (`prism-sync simulate --faults faults.toml`) names only what it changes:
+///
+/// ```toml
+/// rate_limit_rate = 0.05
+/// retry_after = 1
+/// latency = "5ms"
+/// latency_jitter = "20ms"
+/// item_error_rate = 0.02
+/// item_error_codes = ["rate_limited", "validation_error"]
+/// poison_ids = ["182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e"]
+///
+/// [item_errors_for_ids]
+/// "282bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e" = "not_found"
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FaultProfile {
