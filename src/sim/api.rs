@@ -1,0 +1,833 @@
+//! `POST /v2/prism/{teamId}/{objectType}/batch/update`: the endpoint prism-sync talks to.
+//!
+//! A request goes through these steps, in this order, and the order is what a client can observe:
+//! 1. authentication (`x-api-key`) → 401; team → 404; object type → 404;
+//! 2. body read under [`BODY_LIMIT`] → 413; `Idempotency-Key` header shape → 400;
+//! 3. injected request-level faults (500, 503, 429), after the drawn latency;
+//! 4. the idempotency claim: replay, `409 idempotency_key_mismatch`, `409 idempotency_key_in_use`, or
+//!    the request now owns the key;
+//! 5. the work, in a task of its own so that it finishes (and is cached) even if the client has gone:
+//!    latency, body validation, poison check, per-item validation and injected item errors, apply,
+//!    results (with injected omissions, duplicates, unknown ids, wrong summaries);
+//! 6. wire faults on the way out: a slow answer, a dropped connection, a truncated or non-JSON body.
+//!
+//! **What the idempotency cache holds.** Every response produced in step 5: the 200s (as damaged by
+//! step 5's faults) and the 400/413 of body validation and poison items, because those are the
+//! server's considered answer to those bytes. Nothing decided before the claim is cached (401, 404,
+//! 413 for an oversize body, 400 for a bad key header, injected 500/503/429): those left nothing
+//! applied, and a retry deserves a fresh answer. Wire faults (step 6) never reach the cache: a retry
+//! under the same key gets the whole, correct body.
+//!
+//! **Fingerprint.** A key matches a later request when the path and the exact body bytes hash equal
+//! (64-bit SipHash with fixed keys plus the length); a different body is a mismatch even if it means
+//! the same JSON, as with the real API.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use rand::Rng;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::Shared;
+use super::faults::{ActiveFaults, FaultKind, RequestFault, WireFaults};
+use super::state::{
+    ApplyItem, ApplyOutcome, CachedResponse, Claim, ObjectType, RequestOutcome, ScopedKey,
+};
+
+/// The most items one request may carry.
+pub const MAX_ITEMS: usize = 100;
+/// Larger bodies are refused with 413 before they are buffered whole.
+pub const BODY_LIMIT: usize = 16 * 1024 * 1024;
+/// `Idempotency-Key` length bounds, from the API reference.
+const MAX_KEY_LEN: usize = 255;
+
+const JSON: &str = "application/json";
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+const API_KEY: &str = "x-api-key";
+
+/// Top-level item keys the API knows; anything else is `invalid_property`.
+const ITEM_KEYS: [&str; 4] = ["id", "default", "list", "extended"];
+
+/// The body a proxy in front of an API typically sends where JSON was expected.
+const NON_JSON_BODY: &str =
+    "<html><head><title>200 OK</title></head><body><h1>Request accepted</h1></body></html>\n";
+
+pub(crate) async fn batch_update(
+    State(sim): State<Arc<Shared>>,
+    Path((team, object_type)): Path<(String, String)>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let path = uri.path().to_owned();
+    let shown_key = headers
+        .get(IDEMPOTENCY_KEY)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
+    let early = |status: StatusCode, code: &str, message: &str, outcome: RequestOutcome| {
+        sim.observe(&path, shown_key.as_deref(), outcome);
+        error_response(status, code, message)
+    };
+    let rejected = |status: StatusCode| RequestOutcome {
+        status: status.as_u16(),
+        ..RequestOutcome::default()
+    };
+
+    if !sim.api_key_matches(headers.get(API_KEY).map(HeaderValue::as_bytes)) {
+        let status = StatusCode::UNAUTHORIZED;
+        return early(
+            status,
+            "unauthorized",
+            "Missing or invalid API key (x-api-key header).",
+            rejected(status),
+        );
+    }
+    if !sim.team_matches(&team) {
+        let status = StatusCode::NOT_FOUND;
+        return early(
+            status,
+            "team_not_found",
+            &format!("Team {team} does not exist or is not accessible with this key."),
+            rejected(status),
+        );
+    }
+    let Ok(object_type) = object_type.parse::<ObjectType>() else {
+        let status = StatusCode::NOT_FOUND;
+        return early(
+            status,
+            "not_found",
+            &format!("Unknown object type {object_type:?}."),
+            rejected(status),
+        );
+    };
+    let bytes = match read_body(&headers, body).await {
+        Ok(bytes) => bytes,
+        Err(BodyError::TooLarge) => {
+            let status = StatusCode::PAYLOAD_TOO_LARGE;
+            return early(
+                status,
+                "payload_too_large",
+                &format!("Request body exceeds {BODY_LIMIT} bytes."),
+                rejected(status),
+            );
+        }
+        Err(BodyError::Unreadable) => {
+            let status = StatusCode::BAD_REQUEST;
+            return early(
+                status,
+                "invalid_request",
+                "The request body could not be read.",
+                rejected(status),
+            );
+        }
+    };
+    let key = match idempotency_key(&headers) {
+        Ok(key) => key,
+        Err(message) => {
+            let status = StatusCode::BAD_REQUEST;
+            return early(status, "invalid_idempotency_key", message, rejected(status));
+        }
+    };
+
+    let faults = sim.faults();
+    let (request_fault, latency) = {
+        let mut rng = sim.rng();
+        (
+            faults.draw_request_fault(&mut rng),
+            faults.draw_latency(&mut rng),
+        )
+    };
+    let mut fault_kinds = Vec::new();
+    if !latency.is_zero() {
+        fault_kinds.push((FaultKind::Latency, 1));
+    }
+
+    if let Some(fault) = request_fault {
+        sim.pause(latency).await;
+        let (status, kind, code, message) = match fault {
+            RequestFault::Error500 => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                FaultKind::Error500,
+                "internal_error",
+                "Simulated internal error.",
+            ),
+            RequestFault::Error503 => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                FaultKind::Error503,
+                "unavailable",
+                "Simulated service unavailable.",
+            ),
+            RequestFault::RateLimit => (
+                StatusCode::TOO_MANY_REQUESTS,
+                FaultKind::RateLimit,
+                "rate_limited",
+                "Simulated rate limit.",
+            ),
+        };
+        fault_kinds.push((kind, 1));
+        sim.observe(
+            &path,
+            shown_key.as_deref(),
+            RequestOutcome {
+                status: status.as_u16(),
+                faults: fault_kinds,
+                ..RequestOutcome::default()
+            },
+        );
+        return fault_response(&faults, fault, status, code, message);
+    }
+
+    let scoped_key = key.map(|key| (sim.team_id.clone(), key));
+    let claim = match &scoped_key {
+        None => None,
+        Some(scoped) => {
+            let fingerprint = fingerprint(&path, &bytes);
+            match sim.claim_key(scoped, fingerprint) {
+                Claim::Fresh => Some(KeyClaim {
+                    sim: Arc::clone(&sim),
+                    key: scoped.clone(),
+                    settled: false,
+                }),
+                Claim::Replay(cached) => {
+                    sim.pause(latency).await;
+                    sim.observe(
+                        &path,
+                        shown_key.as_deref(),
+                        RequestOutcome {
+                            status: cached.status,
+                            replay: true,
+                            faults: fault_kinds,
+                            ..RequestOutcome::default()
+                        },
+                    );
+                    let mut response = cached_response(&cached);
+                    response.headers_mut().insert(
+                        HeaderName::from_static("idempotent-replay"),
+                        HeaderValue::from_static("true"),
+                    );
+                    return response;
+                }
+                Claim::Mismatch => {
+                    sim.pause(latency).await;
+                    let status = StatusCode::CONFLICT;
+                    return early(
+                        status,
+                        "idempotency_key_mismatch",
+                        "This Idempotency-Key was already used with a different request body.",
+                        RequestOutcome {
+                            status: status.as_u16(),
+                            mismatch: true,
+                            faults: fault_kinds,
+                            ..RequestOutcome::default()
+                        },
+                    );
+                }
+                Claim::InProgress => {
+                    sim.pause(latency).await;
+                    let status = StatusCode::CONFLICT;
+                    return early(
+                        status,
+                        "idempotency_key_in_use",
+                        "A request with this Idempotency-Key is still being processed; retry later.",
+                        RequestOutcome {
+                            status: status.as_u16(),
+                            in_progress: true,
+                            faults: fault_kinds,
+                            ..RequestOutcome::default()
+                        },
+                    );
+                }
+            }
+        }
+    };
+
+    // The work runs in its own task: a client that times out or disconnects must not cancel a
+    // request the server has accepted, just as with a real server.
+    let worker_sim = Arc::clone(&sim);
+    let work = tokio::spawn(async move {
+        worker_sim.pause(latency).await;
+        let key = scoped_key.as_ref().map(|(_, key)| key.as_str());
+        let processed = process_batch(&worker_sim, &faults, object_type, &bytes, key);
+        if let Some(claim) = claim {
+            claim.settle(processed.response.clone());
+        }
+        let mut outcome = processed.outcome;
+        fault_kinds.append(&mut outcome.faults);
+        outcome.faults = fault_kinds;
+        worker_sim.observe(&path, shown_key.as_deref(), outcome);
+        (processed.response, processed.wire)
+    });
+    let (response, wire) = match work.await {
+        Ok(done) => done,
+        Err(_) => {
+            return error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "The simulator failed while processing this request.",
+            );
+        }
+    };
+    send_with_wire_faults(&sim, response, wire).await
+}
+
+/// Holds a fresh idempotency key for the request that claimed it; releases the key if the request
+/// ends without settling it (a panic, a shutdown), so the key does not stay "in use" forever.
+struct KeyClaim {
+    sim: Arc<Shared>,
+    key: ScopedKey,
+    settled: bool,
+}
+
+impl KeyClaim {
+    fn settle(mut self, response: CachedResponse) {
+        self.sim.complete_key(&self.key, response);
+        self.settled = true;
+    }
+}
+
+impl Drop for KeyClaim {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.sim.release_key(&self.key);
+        }
+    }
+}
+
+async fn send_with_wire_faults(
+    sim: &Shared,
+    response: CachedResponse,
+    wire: WireFaults,
+) -> Response {
+    if let Some(hold) = wire.slow {
+        sim.pause(hold).await;
+    }
+    if wire.drop_after_apply {
+        return dropped_connection();
+    }
+    if let Some(permille) = wire.truncate_permille {
+        let len = response.body.len();
+        let cut = (len * usize::from(permille) / 1000).clamp(1, len.saturating_sub(1).max(1));
+        let truncated = CachedResponse {
+            body: response.body.slice(..cut.min(len)),
+            ..response
+        };
+        return cached_response(&truncated);
+    }
+    if wire.non_json {
+        return (
+            StatusCode::from_u16(response.status).unwrap_or(StatusCode::OK),
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            NON_JSON_BODY,
+        )
+            .into_response();
+    }
+    cached_response(&response)
+}
+
+/// A response whose body fails before its first byte: hyper aborts the connection, so the client sees
+/// a transport error and never a complete response.
+fn dropped_connection() -> Response {
+    let failing = futures_util::stream::once(async {
+        Err::<Bytes, std::io::Error>(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "simulated connection drop after apply",
+        ))
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, JSON)],
+        Body::from_stream(failing),
+    )
+        .into_response()
+}
+
+enum BodyError {
+    TooLarge,
+    Unreadable,
+}
+
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, BodyError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > BODY_LIMIT) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut buffer = BytesMut::with_capacity(declared.unwrap_or(0));
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| BodyError::Unreadable)?;
+        if buffer.len() + chunk.len() > BODY_LIMIT {
+            return Err(BodyError::TooLarge);
+        }
+        buffer.extend_from_slice(&chunk);
+    }
+    Ok(buffer.freeze())
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, &'static str> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let Ok(key) = value.to_str() else {
+        return Err("Idempotency-Key must be visible ASCII.");
+    };
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        return Err("Idempotency-Key must be 1 to 255 characters long.");
+    }
+    Ok(Some(key.to_owned()))
+}
+
+fn fingerprint(path: &str, body: &[u8]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    path.hash(&mut hasher);
+    body.hash(&mut hasher);
+    hasher.finish()
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+pub(crate) fn error_bytes(code: &str, message: &str) -> Bytes {
+    let body = ErrorBody {
+        error: ErrorDetail { code, message },
+    };
+    // Serialising two strings cannot fail.
+    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+}
+
+pub(crate) fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, JSON)],
+        error_bytes(code, message),
+    )
+        .into_response()
+}
+
+fn fault_response(
+    faults: &ActiveFaults,
+    fault: RequestFault,
+    status: StatusCode,
+    code: &str,
+    message: &str,
+) -> Response {
+    let mut response = error_response(status, code, message);
+    let headers = response.headers_mut();
+    let p = &faults.profile;
+    if matches!(fault, RequestFault::RateLimit | RequestFault::Error503) {
+        if let Some(secs) = p.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(ms) = p.retry_after_ms {
+            headers.insert(
+                HeaderName::from_static("retry-after-ms"),
+                HeaderValue::from(ms),
+            );
+        }
+    }
+    if let Some(retry) = p.should_retry {
+        let value = if retry { "true" } else { "false" };
+        headers.insert(
+            HeaderName::from_static("x-should-retry"),
+            HeaderValue::from_static(value),
+        );
+    }
+    response
+}
+
+fn cached_response(cached: &CachedResponse) -> Response {
+    (
+        StatusCode::from_u16(cached.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        [(header::CONTENT_TYPE, cached.content_type)],
+        cached.body.clone(),
+    )
+        .into_response()
+}
+
+/// What step 5 produced: the response to cache and send, how to damage it on the wire, and the counts.
+struct Processed {
+    response: CachedResponse,
+    wire: WireFaults,
+    outcome: RequestOutcome,
+}
+
+fn refused(status: StatusCode, code: &str, message: &str, items: usize) -> Processed {
+    Processed {
+        response: CachedResponse {
+            status: status.as_u16(),
+            content_type: JSON,
+            body: error_bytes(code, message),
+        },
+        wire: WireFaults::default(),
+        outcome: RequestOutcome {
+            status: status.as_u16(),
+            items,
+            ..RequestOutcome::default()
+        },
+    }
+}
+
+/// An item after validation.
+enum CheckedItem<'a> {
+    Valid {
+        id: Uuid,
+        body: &'a Map<String, Value>,
+    },
+    Invalid {
+        id: Option<Uuid>,
+        code: &'static str,
+        message: String,
+    },
+}
+
+fn check_item(item: &Value) -> CheckedItem<'_> {
+    let Some(body) = item.as_object() else {
+        return CheckedItem::Invalid {
+            id: None,
+            code: "validation_error",
+            message: "Each item must be a JSON object.".into(),
+        };
+    };
+    let Some(id) = body
+        .get("id")
+        .and_then(Value::as_str)
+        .and_then(|id| Uuid::parse_str(id).ok())
+    else {
+        return CheckedItem::Invalid {
+            id: None,
+            code: "invalid_id",
+            message: "Item id is missing or is not a UUID.".into(),
+        };
+    };
+    if let Some(unknown) = body.keys().find(|key| !ITEM_KEYS.contains(&key.as_str())) {
+        return CheckedItem::Invalid {
+            id: Some(id),
+            code: "invalid_property",
+            message: format!(
+                "Unknown item property {unknown:?}; expected default, list or extended."
+            ),
+        };
+    }
+    if body
+        .get("default")
+        .is_some_and(|default| !default.is_object())
+    {
+        return CheckedItem::Invalid {
+            id: Some(id),
+            code: "validation_error",
+            message: "Item default must be an object of property values.".into(),
+        };
+    }
+    CheckedItem::Valid { id, body }
+}
+
+#[derive(Serialize, Clone)]
+struct ItemResult {
+    /// Always present: null where the input id was unparseable.
+    id: Option<String>,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ItemError>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    record: Option<Value>,
+}
+
+#[derive(Serialize, Clone)]
+struct ItemError {
+    code: String,
+    message: String,
+}
+
+#[derive(Serialize)]
+struct Summary {
+    total: u64,
+    succeeded: u64,
+    failed: u64,
+}
+
+#[derive(Serialize)]
+struct BulkResponse {
+    results: Vec<ItemResult>,
+    summary: Summary,
+}
+
+fn failed(id: Option<Uuid>, code: impl Into<String>, message: impl Into<String>) -> ItemResult {
+    ItemResult {
+        id: id.map(|id| id.to_string()),
+        status: "error",
+        error: Some(ItemError {
+            code: code.into(),
+            message: message.into(),
+        }),
+        record: None,
+    }
+}
+
+fn injected_message(code: &str) -> String {
+    match code {
+        "rate_limited" => "Too many updates to this record; retry later.".into(),
+        "internal_error" => "Internal error while updating this record.".into(),
+        "validation_error" => "A property value failed validation.".into(),
+        "not_found" => "Record not found.".into(),
+        other => format!("Simulated item error {other}."),
+    }
+}
+
+/// Step 5: validate, apply and answer. Synchronous: it holds locks only for in-memory work.
+fn process_batch(
+    sim: &Shared,
+    faults: &ActiveFaults,
+    object_type: ObjectType,
+    body: &[u8],
+    key: Option<&str>,
+) -> Processed {
+    let parsed: Value = match serde_json::from_slice(body) {
+        Ok(parsed) => parsed,
+        Err(_) => {
+            return refused(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                "The request body is not valid JSON.",
+                0,
+            );
+        }
+    };
+    let Some(items) = parsed
+        .as_object()
+        .and_then(|body| body.get("items"))
+        .and_then(Value::as_array)
+    else {
+        return refused(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "The request body must be an object with an \"items\" array.",
+            0,
+        );
+    };
+    let count = items.len();
+    if count == 0 || count > MAX_ITEMS {
+        return refused(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            &format!("items must hold 1 to {MAX_ITEMS} entries, got {count}."),
+            count,
+        );
+    }
+    if faults.has_poison() && items.iter().any(|item| is_poison(faults, item)) {
+        let status =
+            StatusCode::from_u16(faults.profile.poison_status).unwrap_or(StatusCode::BAD_REQUEST);
+        let code = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+            StatusCode::UNPROCESSABLE_ENTITY => "unprocessable_entity",
+            _ => "invalid_request",
+        };
+        let mut processed = refused(
+            status,
+            code,
+            "The request was refused because of one of its items.",
+            count,
+        );
+        processed.outcome.faults.push((FaultKind::Poison, 1));
+        return processed;
+    }
+
+    let checked: Vec<CheckedItem<'_>> = items.iter().map(check_item).collect();
+    let mut outcome = RequestOutcome {
+        status: 200,
+        items: count,
+        ..RequestOutcome::default()
+    };
+
+    // All random draws for this request, in one fixed order.
+    let (response_faults, injected, wire, unknown_id) = {
+        let mut rng = sim.rng();
+        let response_faults = faults.draw_response_faults(&mut rng, count);
+        let injected: Vec<Option<(String, FaultKind)>> = checked
+            .iter()
+            .enumerate()
+            .map(|(index, item)| match item {
+                CheckedItem::Valid { id, .. } if !response_faults.omitted.contains(&index) => {
+                    let for_id = faults
+                        .has_errors_for_ids()
+                        .then(|| faults.error_for_id(&id.to_string()))
+                        .flatten()
+                        .map(|code| (code.to_owned(), FaultKind::ItemErrorForId));
+                    for_id.or_else(|| {
+                        faults
+                            .draw_item_error(&mut rng)
+                            .map(|code| (code, FaultKind::ItemError))
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        let wire = faults.draw_wire_faults(&mut rng);
+        let unknown_id = response_faults
+            .unknown_id
+            .then(|| uuid::Builder::from_random_bytes(rng.random()).into_uuid());
+        (response_faults, injected, wire, unknown_id)
+    };
+
+    let mut to_apply = Vec::with_capacity(count);
+    for (index, item) in checked.iter().enumerate() {
+        if let CheckedItem::Valid { id, body } = item
+            && injected[index].is_none()
+            && !response_faults.omitted.contains(&index)
+        {
+            to_apply.push(ApplyItem { id: *id, body });
+        }
+    }
+    let mut applied = sim.apply(object_type, &to_apply, key).into_iter();
+
+    let mut results = Vec::with_capacity(count + 2);
+    let (mut succeeded, mut failures) = (0u64, 0u64);
+    let (mut item_errors, mut id_errors) = (0u64, 0u64);
+    for (index, item) in checked.iter().enumerate() {
+        if response_faults.omitted.contains(&index) {
+            continue;
+        }
+        let result = match (item, &injected[index]) {
+            (CheckedItem::Invalid { id, code, message }, _) => failed(*id, *code, message.as_str()),
+            (CheckedItem::Valid { id, .. }, Some((code, kind))) => {
+                match kind {
+                    FaultKind::ItemErrorForId => id_errors += 1,
+                    _ => item_errors += 1,
+                }
+                failed(Some(*id), code.as_str(), injected_message(code))
+            }
+            (CheckedItem::Valid { id, .. }, None) => match applied.next() {
+                Some(ApplyOutcome::Applied(record)) => ItemResult {
+                    id: Some(id.to_string()),
+                    status: "ok",
+                    error: None,
+                    record: Some(record),
+                },
+                Some(ApplyOutcome::NotFound) | None => {
+                    failed(Some(*id), "not_found", "Record not found.")
+                }
+            },
+        };
+        if result.status == "ok" {
+            succeeded += 1;
+        } else {
+            failures += 1;
+        }
+        results.push(result);
+    }
+    outcome.items_applied = succeeded;
+    outcome.items_failed = failures;
+    if item_errors > 0 {
+        outcome.faults.push((FaultKind::ItemError, item_errors));
+    }
+    if id_errors > 0 {
+        outcome.faults.push((FaultKind::ItemErrorForId, id_errors));
+    }
+    if !response_faults.omitted.is_empty() {
+        outcome.faults.push((FaultKind::MissingResults, 1));
+    }
+    if let Some(position) = response_faults.duplicate
+        && !results.is_empty()
+    {
+        let position = position % results.len();
+        let copy = results[position].clone();
+        results.insert(position + 1, copy);
+        outcome.faults.push((FaultKind::DuplicateResult, 1));
+    }
+    if let Some(stranger) = unknown_id {
+        results.push(ItemResult {
+            id: Some(stranger.to_string()),
+            status: "ok",
+            error: None,
+            record: Some(serde_json::json!({"id": stranger.to_string(), "default": {}})),
+        });
+        outcome.faults.push((FaultKind::UnknownResultId, 1));
+    }
+    let mut summary = Summary {
+        total: count as u64,
+        succeeded,
+        failed: failures,
+    };
+    if response_faults.wrong_summary {
+        std::mem::swap(&mut summary.succeeded, &mut summary.failed);
+        if summary.succeeded == summary.failed {
+            summary.succeeded += 1;
+        }
+        outcome.faults.push((FaultKind::WrongSummary, 1));
+    }
+    let wire_kinds = [
+        (wire.slow.is_some(), FaultKind::SlowResponse),
+        (wire.drop_after_apply, FaultKind::DropAfterApply),
+        (wire.truncate_permille.is_some(), FaultKind::TruncatedBody),
+        (wire.non_json, FaultKind::NonJsonBody),
+    ];
+    for (on, kind) in wire_kinds {
+        if on {
+            outcome.faults.push((kind, 1));
+        }
+    }
+
+    let body = serde_json::to_vec(&BulkResponse { results, summary }).unwrap_or_default();
+    Processed {
+        response: CachedResponse {
+            status: 200,
+            content_type: JSON,
+            body: Bytes::from(body),
+        },
+        wire,
+        outcome,
+    }
+}
+
+fn is_poison(faults: &ActiveFaults, item: &Value) -> bool {
+    item.get("id")
+        .and_then(Value::as_str)
+        .is_some_and(|id| faults.is_poison(&super::faults::normalise_id(id)))
+}
+
+impl Shared {
+    /// Sleeps for `delay`, cut short by shutdown so that a stopping simulator does not wait on
+    /// injected latency.
+    pub(crate) async fn pause(&self, delay: Duration) {
+        if delay.is_zero() {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = self.shutdown.cancelled() => {}
+        }
+    }
+
+    fn claim_key(&self, key: &ScopedKey, fingerprint: u64) -> Claim {
+        self.idempotency().claim(key, fingerprint, Instant::now())
+    }
+
+    fn complete_key(&self, key: &ScopedKey, response: CachedResponse) {
+        self.idempotency().complete(key, response, Instant::now());
+    }
+
+    fn release_key(&self, key: &ScopedKey) {
+        // Runs in Drop: a poisoned lock is left alone rather than panicking during unwinding.
+        if let Ok(mut cache) = self.idempotency.lock() {
+            cache.release(key);
+        }
+    }
+}

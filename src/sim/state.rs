@@ -1,0 +1,546 @@
+//! The simulator's memory: records and their apply log, the idempotency cache, and what it observed.
+//!
+//! Each part sits behind its own `std::sync::Mutex`, held only for in-memory work (never across an
+//! `.await`), so a request takes each lock once and briefly.
+//!
+//! **Invariant:** a record is changed only inside [`Store::apply`], which appends to the apply log under
+//! the same lock; so the log's `seq` order is the order in which each record's changes were applied.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::faults::FaultKind;
+
+/// The Prism object types that have a `batch/update` endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ObjectType {
+    Contact,
+    Organization,
+    Deal,
+    Engagement,
+    Action,
+    Identity,
+    Document,
+}
+
+impl ObjectType {
+    pub const ALL: [ObjectType; 7] = [
+        Self::Contact,
+        Self::Organization,
+        Self::Deal,
+        Self::Engagement,
+        Self::Action,
+        Self::Identity,
+        Self::Document,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Contact => "contact",
+            Self::Organization => "organization",
+            Self::Deal => "deal",
+            Self::Engagement => "engagement",
+            Self::Action => "action",
+            Self::Identity => "identity",
+            Self::Document => "document",
+        }
+    }
+}
+
+impl fmt::Display for ObjectType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown object type {0:?}")]
+pub struct UnknownObjectType(pub String);
+
+impl FromStr for ObjectType {
+    type Err = UnknownObjectType;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| UnknownObjectType(s.to_owned()))
+    }
+}
+
+/// One item the simulator applied, in the order it applied them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppliedChange {
+    /// Global, gap-free, starting at 1; per record it increases in apply order.
+    pub seq: u64,
+    pub object_type: ObjectType,
+    pub record_id: Uuid,
+    /// The item exactly as it arrived in the request (including its `id`).
+    pub item: Value,
+    /// The `Idempotency-Key` of the request that carried it, if it had one.
+    pub idempotency_key: Option<String>,
+}
+
+/// A stored record: what a read would return, minus the id (the map key).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Record {
+    pub default: Map<String, Value>,
+    pub list: Option<Value>,
+    pub extended: Option<Value>,
+}
+
+impl Record {
+    /// The record as the API returns it: `{"id", "default", "list"?, "extended"?}`.
+    pub fn to_json(&self, id: Uuid) -> Value {
+        let mut out = Map::new();
+        out.insert("id".into(), Value::String(id.to_string()));
+        out.insert("default".into(), Value::Object(self.default.clone()));
+        if let Some(list) = &self.list {
+            out.insert("list".into(), list.clone());
+        }
+        if let Some(extended) = &self.extended {
+            out.insert("extended".into(), extended.clone());
+        }
+        Value::Object(out)
+    }
+
+    /// `default` merges key by key (a PATCH); `list` and `extended` merge the same way when both sides
+    /// are objects and are replaced otherwise.
+    fn merge(&mut self, item: &Map<String, Value>) {
+        if let Some(Value::Object(default)) = item.get("default") {
+            for (key, value) in default {
+                self.default.insert(key.clone(), value.clone());
+            }
+        }
+        merge_optional(&mut self.list, item.get("list"));
+        merge_optional(&mut self.extended, item.get("extended"));
+    }
+}
+
+fn merge_optional(target: &mut Option<Value>, patch: Option<&Value>) {
+    let Some(patch) = patch else { return };
+    match (target.as_mut(), patch) {
+        (Some(Value::Object(existing)), Value::Object(patch)) => {
+            for (key, value) in patch {
+                existing.insert(key.clone(), value.clone());
+            }
+        }
+        _ => *target = Some(patch.clone()),
+    }
+}
+
+/// An item that passed validation and was chosen to be applied.
+pub(crate) struct ApplyItem<'a> {
+    pub id: Uuid,
+    pub body: &'a Map<String, Value>,
+}
+
+/// What applying one item did.
+pub(crate) enum ApplyOutcome {
+    /// The record as it stands after the change.
+    Applied(Value),
+    NotFound,
+}
+
+#[derive(Default)]
+pub(crate) struct Store {
+    records: HashMap<(ObjectType, Uuid), Record>,
+    log: Vec<AppliedChange>,
+}
+
+impl Store {
+    /// Applies the items in order; with `implicit_records` off, an unseeded id is `not_found`.
+    pub fn apply(
+        &mut self,
+        object_type: ObjectType,
+        items: &[ApplyItem<'_>],
+        idempotency_key: Option<&str>,
+        implicit_records: bool,
+    ) -> Vec<ApplyOutcome> {
+        items
+            .iter()
+            .map(|item| {
+                let record = match self.records.get_mut(&(object_type, item.id)) {
+                    Some(record) => record,
+                    None if implicit_records => {
+                        self.records.entry((object_type, item.id)).or_default()
+                    }
+                    None => return ApplyOutcome::NotFound,
+                };
+                record.merge(item.body);
+                let snapshot = record.to_json(item.id);
+                let seq = self.log.len() as u64 + 1;
+                self.log.push(AppliedChange {
+                    seq,
+                    object_type,
+                    record_id: item.id,
+                    item: Value::Object(item.body.clone()),
+                    idempotency_key: idempotency_key.map(str::to_owned),
+                });
+                ApplyOutcome::Applied(snapshot)
+            })
+            .collect()
+    }
+
+    /// Creates or merges a record without logging it as an applied change (test set-up).
+    pub fn seed(&mut self, object_type: ObjectType, id: Uuid, body: &Map<String, Value>) -> Value {
+        let record = self.records.entry((object_type, id)).or_default();
+        record.merge(body);
+        record.to_json(id)
+    }
+
+    pub fn record(&self, object_type: ObjectType, id: Uuid) -> Option<Value> {
+        self.records.get(&(object_type, id)).map(|r| r.to_json(id))
+    }
+
+    pub fn log(&self) -> &[AppliedChange] {
+        &self.log
+    }
+
+    pub fn record_count(&self) -> usize {
+        self.records.len()
+    }
+}
+
+/// A finished response as the idempotency cache keeps it: replayed byte for byte.
+#[derive(Debug, Clone)]
+pub(crate) struct CachedResponse {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Bytes,
+}
+
+/// The answer of the idempotency cache to a request that carries a key.
+pub(crate) enum Claim {
+    /// The key is new (or expired): the request is now the one running under it.
+    Fresh,
+    Replay(CachedResponse),
+    Mismatch,
+    InProgress,
+}
+
+enum Slot {
+    InProgress {
+        fingerprint: u64,
+    },
+    Done {
+        fingerprint: u64,
+        response: CachedResponse,
+        generation: u64,
+    },
+}
+
+/// Keys are scoped per team: `(team, key)`.
+pub(crate) type ScopedKey = (String, String);
+
+/// The first completed response per key, for `ttl`. Completed entries expire in insertion order (the
+/// TTL is the same for all), so one queue serves both expiry and the capacity bound.
+pub(crate) struct IdempotencyCache {
+    slots: HashMap<ScopedKey, Slot>,
+    order: VecDeque<(Instant, ScopedKey, u64)>,
+    ttl: Duration,
+    capacity: usize,
+    next_generation: u64,
+}
+
+impl IdempotencyCache {
+    pub fn new(ttl: Duration, capacity: usize) -> Self {
+        Self {
+            slots: HashMap::new(),
+            order: VecDeque::new(),
+            ttl,
+            capacity: capacity.max(1),
+            next_generation: 0,
+        }
+    }
+
+    pub fn claim(&mut self, key: &ScopedKey, fingerprint: u64, now: Instant) -> Claim {
+        self.expire(now);
+        match self.slots.get(key) {
+            None => {
+                self.slots
+                    .insert(key.clone(), Slot::InProgress { fingerprint });
+                Claim::Fresh
+            }
+            Some(Slot::InProgress { fingerprint: first }) if *first != fingerprint => {
+                Claim::Mismatch
+            }
+            Some(Slot::InProgress { .. }) => Claim::InProgress,
+            Some(Slot::Done {
+                fingerprint: first, ..
+            }) if *first != fingerprint => Claim::Mismatch,
+            Some(Slot::Done { response, .. }) => Claim::Replay(response.clone()),
+        }
+    }
+
+    /// The first request under `key` finished with a response worth replaying.
+    pub fn complete(&mut self, key: &ScopedKey, response: CachedResponse, now: Instant) {
+        let Some(Slot::InProgress { fingerprint }) = self.slots.get(key) else {
+            // A reset cleared the key while its request ran: nothing to complete.
+            return;
+        };
+        let fingerprint = *fingerprint;
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let expires_at = now + self.ttl;
+        self.slots.insert(
+            key.clone(),
+            Slot::Done {
+                fingerprint,
+                response,
+                generation,
+            },
+        );
+        self.order.push_back((expires_at, key.clone(), generation));
+        while self.order.len() > self.capacity {
+            self.evict_front();
+        }
+    }
+
+    /// The first request under `key` ended without a cacheable response: the key is free again.
+    pub fn release(&mut self, key: &ScopedKey) {
+        if matches!(self.slots.get(key), Some(Slot::InProgress { .. })) {
+            self.slots.remove(key);
+        }
+    }
+
+    pub fn in_progress(&self) -> usize {
+        self.slots
+            .values()
+            .filter(|slot| matches!(slot, Slot::InProgress { .. }))
+            .count()
+    }
+
+    pub fn cached(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn clear(&mut self) {
+        // In-progress keys stay: their requests are still running and will complete or release them.
+        self.slots
+            .retain(|_, slot| matches!(slot, Slot::InProgress { .. }));
+        self.order.clear();
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while self
+            .order
+            .front()
+            .is_some_and(|(expires_at, _, _)| *expires_at <= now)
+        {
+            self.evict_front();
+        }
+    }
+
+    fn evict_front(&mut self) {
+        let Some((_, key, generation)) = self.order.pop_front() else {
+            return;
+        };
+        if matches!(self.slots.get(&key), Some(Slot::Done { generation: g, .. }) if *g == generation)
+        {
+            self.slots.remove(&key);
+        }
+    }
+}
+
+/// Counters the simulator keeps; `GET /_sim/stats` returns them as JSON.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SimStats {
+    pub requests_total: u64,
+    /// By HTTP status as decided by the server (a dropped connection counts as the 200 it would have been).
+    pub requests_by_status: BTreeMap<u16, u64>,
+    /// Responses served from the idempotency cache.
+    pub replays: u64,
+    pub items_applied: u64,
+    /// Items answered `status: "error"` (validation, not found and injected errors alike).
+    pub items_failed: u64,
+    /// 409 `idempotency_key_mismatch` responses.
+    pub idempotency_mismatches: u64,
+    /// 409 `idempotency_key_in_use` responses.
+    pub idempotency_in_progress: u64,
+    /// Injected faults by kind (`error_500`, `rate_limit`, `drop_after_apply`, `item_error`, ...);
+    /// item-level kinds count items, the others count requests.
+    pub faults_injected: BTreeMap<String, u64>,
+    /// Gauges at the time of the call.
+    pub records: usize,
+    pub idempotency_keys_cached: usize,
+    pub idempotency_keys_in_progress: usize,
+}
+
+impl SimStats {
+    pub fn faults(&self, kind: FaultKind) -> u64 {
+        self.faults_injected
+            .get(kind.as_str())
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn status_count(&self, status: u16) -> u64 {
+        self.requests_by_status.get(&status).copied().unwrap_or(0)
+    }
+}
+
+/// One request as `GET /_sim/requests` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestLogEntry {
+    /// RFC 3339, UTC.
+    pub at: String,
+    pub method: String,
+    pub path: String,
+    pub idempotency_key: Option<String>,
+    pub status: u16,
+    /// Items in the request body (0 when it was not read or not parseable).
+    pub items: usize,
+    pub replay: bool,
+    /// Faults injected into this request, by kind.
+    pub faults: Vec<String>,
+}
+
+/// What one request contributes to the statistics.
+#[derive(Debug, Default)]
+pub(crate) struct RequestOutcome {
+    pub status: u16,
+    pub items: usize,
+    pub replay: bool,
+    pub items_applied: u64,
+    pub items_failed: u64,
+    pub mismatch: bool,
+    pub in_progress: bool,
+    /// Kind and how many (items for item-level kinds, 1 otherwise).
+    pub faults: Vec<(FaultKind, u64)>,
+}
+
+/// Statistics and the bounded ring of recent requests.
+pub(crate) struct Observations {
+    stats: SimStats,
+    recent: VecDeque<RequestLogEntry>,
+    capacity: usize,
+}
+
+impl Observations {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            stats: SimStats::default(),
+            recent: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub fn record(&mut self, method: &str, path: &str, key: Option<&str>, outcome: RequestOutcome) {
+        let stats = &mut self.stats;
+        stats.requests_total += 1;
+        *stats.requests_by_status.entry(outcome.status).or_default() += 1;
+        stats.replays += u64::from(outcome.replay);
+        stats.items_applied += outcome.items_applied;
+        stats.items_failed += outcome.items_failed;
+        stats.idempotency_mismatches += u64::from(outcome.mismatch);
+        stats.idempotency_in_progress += u64::from(outcome.in_progress);
+        for (kind, count) in &outcome.faults {
+            *stats
+                .faults_injected
+                .entry(kind.as_str().to_owned())
+                .or_default() += count;
+        }
+        if self.recent.len() == self.capacity {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(RequestLogEntry {
+            at: now_rfc3339(),
+            method: method.to_owned(),
+            path: path.to_owned(),
+            idempotency_key: key.map(str::to_owned),
+            status: outcome.status,
+            items: outcome.items,
+            replay: outcome.replay,
+            faults: outcome
+                .faults
+                .iter()
+                .map(|(kind, _)| kind.as_str().to_owned())
+                .collect(),
+        });
+    }
+
+    pub fn stats(&self) -> SimStats {
+        self.stats.clone()
+    }
+
+    /// The most recent `limit` requests, oldest first.
+    pub fn recent(&self, limit: usize) -> Vec<RequestLogEntry> {
+        let skip = self.recent.len().saturating_sub(limit);
+        self.recent.iter().skip(skip).cloned().collect()
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(k: &str) -> ScopedKey {
+        ("team".to_owned(), k.to_owned())
+    }
+
+    fn response(body: &'static str) -> CachedResponse {
+        CachedResponse {
+            status: 200,
+            content_type: "application/json",
+            body: Bytes::from_static(body.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn a_completed_key_replays_until_its_ttl_runs_out() {
+        let now = Instant::now();
+        let mut cache = IdempotencyCache::new(Duration::from_secs(10), 100);
+        assert!(matches!(cache.claim(&key("a"), 1, now), Claim::Fresh));
+        assert!(matches!(cache.claim(&key("a"), 1, now), Claim::InProgress));
+        assert!(matches!(cache.claim(&key("a"), 2, now), Claim::Mismatch));
+        cache.complete(&key("a"), response("{}"), now);
+        assert!(matches!(cache.claim(&key("a"), 1, now), Claim::Replay(_)));
+        assert!(matches!(cache.claim(&key("a"), 2, now), Claim::Mismatch));
+        let almost = now + Duration::from_millis(9_999);
+        assert!(matches!(
+            cache.claim(&key("a"), 1, almost),
+            Claim::Replay(_)
+        ));
+        let later = now + Duration::from_secs(10);
+        assert!(matches!(cache.claim(&key("a"), 2, later), Claim::Fresh));
+    }
+
+    #[test]
+    fn the_oldest_key_is_evicted_past_capacity() {
+        let now = Instant::now();
+        let mut cache = IdempotencyCache::new(Duration::from_secs(10), 2);
+        for k in ["a", "b", "c"] {
+            assert!(matches!(cache.claim(&key(k), 1, now), Claim::Fresh));
+            cache.complete(&key(k), response("{}"), now);
+        }
+        assert_eq!(cache.cached(), 2);
+        assert!(matches!(cache.claim(&key("a"), 1, now), Claim::Fresh));
+        assert!(matches!(cache.claim(&key("c"), 1, now), Claim::Replay(_)));
+    }
+
+    #[test]
+    fn a_released_key_can_be_used_again() {
+        let now = Instant::now();
+        let mut cache = IdempotencyCache::new(Duration::from_secs(10), 2);
+        assert!(matches!(cache.claim(&key("a"), 1, now), Claim::Fresh));
+        cache.release(&key("a"));
+        assert!(matches!(cache.claim(&key("a"), 2, now), Claim::Fresh));
+        assert_eq!(cache.in_progress(), 1);
+    }
+}
