@@ -126,6 +126,7 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<ExitCod
         let _ = std::fs::remove_file(p);
     }
     let db_url = format!("sqlite://{}?mode=rwc", args.db.display());
+    let shown_url = format!("sqlite://{}", args.db.display());
     let mut settings = Settings::default();
     settings.database.url = db_url.clone();
     settings.micro.base_url = sim.base_url();
@@ -200,7 +201,7 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<ExitCod
     let dead_row = dead_row_id(&store).await?;
     writeln!(out)?;
     writeln!(out, "Next, try (the demo's database stays in {}):", args.db.display())?;
-    let env = format!("DATABASE_URL={db_url}");
+    let env = format!("DATABASE_URL={shown_url}");
     writeln!(out, "  {env} cargo run --release -- status")?;
     if let Some(id) = dead_row {
         writeln!(out, "  {env} cargo run --release -- inspect {id}")?;
