@@ -1,0 +1,302 @@
+//! Shared test harness: a fresh database per test (a real SQLite file, or a fresh database on the
+//! Postgres named by `PRISM_SYNC_TEST_DATABASE_URL`), the project's simulator over real HTTP, and
+//! the engine run in-process or as a real `prism-sync` child process.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prism_sync::client::MicroClient;
+use prism_sync::engine::{Engine, EngineConfig};
+use prism_sync::health::Health;
+use prism_sync::settings::Settings;
+use prism_sync::sim::{FaultProfile, SimConfig, SimHandle, Simulator};
+use prism_sync::store::{Store, StoreKind};
+use sqlx::Row;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub const PG_ENV: &str = "PRISM_SYNC_TEST_DATABASE_URL";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A database made for one test and removed after it.
+pub struct TestDb {
+    pub url: String,
+    pub backend: Backend,
+    _dir: Option<tempfile::TempDir>,
+    pg_admin: Option<(String, String)>,
+}
+
+impl TestDb {
+    /// `None` when the backend is Postgres and `PRISM_SYNC_TEST_DATABASE_URL` is unset (the
+    /// test is skipped; CI always sets it, and there a Postgres that does not answer fails).
+    pub async fn new(backend: Backend) -> Option<TestDb> {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}?mode=rwc", dir.path().join("outbox.db").display());
+                Some(TestDb { url, backend, _dir: Some(dir), pg_admin: None })
+            }
+            Backend::Postgres => {
+                let Ok(server) = std::env::var(PG_ENV) else {
+                    eprintln!("skipping: {PG_ENV} is not set");
+                    return None;
+                };
+                let name = format!("prism_test_{}", Uuid::new_v4().simple());
+                let mut admin = sqlx::PgPool::connect(&server)
+                    .await
+                    .unwrap_or_else(|e| panic!("{PG_ENV}={server} does not answer: {e}"));
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&admin)
+                    .await
+                    .expect("create test database");
+                admin.close().await;
+                admin = sqlx::PgPool::connect(&server).await.expect("reconnect");
+                drop(admin);
+                let mut url = url::Url::parse(&server).expect("server URL");
+                url.set_path(&name);
+                Some(TestDb { url: url.to_string(), backend, _dir: None, pg_admin: Some((server, name)) })
+            }
+        }
+    }
+
+    pub async fn store(&self) -> Store {
+        let mut s = prism_sync::settings::DatabaseSettings::default();
+        s.url = self.url.clone();
+        let store = Store::connect(&s).await.expect("connect");
+        store.migrate().await.expect("migrate");
+        store
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((server, name)) = self.pg_admin.take() {
+            // Best effort, on a fresh thread (the test's runtime may be gone).
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+                rt.block_on(async {
+                    if let Ok(admin) = sqlx::PgPool::connect(&server).await {
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                            .execute(&admin)
+                            .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// Generates `mod sqlite { #[tokio::test] fn name }` and `mod postgres { ... }` from one body.
+#[macro_export]
+macro_rules! both_backends {
+    ($(async fn $name:ident($db:ident) $body:block)*) => {
+        mod sqlite {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some($db) = common::TestDb::new(common::Backend::Sqlite).await else { return };
+                    $body
+                }
+            )*
+        }
+        mod postgres {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some($db) = common::TestDb::new(common::Backend::Postgres).await else { return };
+                    $body
+                }
+            )*
+        }
+    };
+}
+
+pub async fn sim(faults: FaultProfile) -> SimHandle {
+    let config = SimConfig { faults, seed: 42, ..SimConfig::default() };
+    Simulator::start(config, "127.0.0.1:0".parse().unwrap()).await.expect("simulator")
+}
+
+/// Settings tuned for tests: fast retries, fast polls.
+pub fn settings(db: &TestDb, sim: &SimHandle) -> Settings {
+    let mut s = Settings::default();
+    s.database.url = db.url.clone();
+    s.micro.base_url = sim.base_url();
+    s.micro.team_id = sim.team_id().to_owned();
+    s.micro.api_key = Some(prism_sync::sim::DEFAULT_API_KEY.to_owned().into());
+    s.retry.base_delay = Duration::from_millis(20);
+    s.retry.max_delay = Duration::from_millis(200);
+    s.poll.interval = Duration::from_millis(20);
+    s.auth.probe_interval = Duration::from_millis(200);
+    s.http.timeout = Duration::from_secs(5);
+    s.sync.lease = Duration::from_secs(12);
+    s.shutdown.grace_period = Duration::from_secs(5);
+    s.validate().expect("valid test settings");
+    s
+}
+
+/// An engine running in-process until the returned token is cancelled.
+pub struct RunningEngine {
+    pub stop: CancellationToken,
+    pub health: Arc<Health>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningEngine {
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task).await.expect("engine stops").expect("engine task");
+    }
+}
+
+pub async fn start_engine(settings: &Settings) -> RunningEngine {
+    let mut store_settings = settings.database.clone();
+    store_settings.max_connections = 4;
+    let store = Store::connect(&store_settings).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    let client = MicroClient::new(
+        &settings.micro.base_url,
+        &settings.micro.team_id,
+        settings.micro.resolve_api_key().unwrap(),
+        &settings.http,
+    )
+    .expect("client");
+    let health = Arc::new(Health::default());
+    let engine = Engine::new(store, client, EngineConfig::from_settings(settings), health.clone());
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(async move {
+        engine.run(token).await.expect("engine run");
+    });
+    RunningEngine { stop, health, task }
+}
+
+/// Inserts rows with plain SQL, as an application would. Returns their ids.
+pub async fn insert_rows(store: &Store, rows: &[(String, String)]) -> Vec<i64> {
+    let mut ids = Vec::new();
+    for (record, patch) in rows {
+        let id: i64 = match store.sqlx_kind() {
+            StoreKind::Sqlite(p) => sqlx::query_scalar("INSERT INTO prism_outbox (record_id, patch) VALUES (?1, ?2) RETURNING id")
+                .bind(record)
+                .bind(patch)
+                .fetch_one(p)
+                .await
+                .expect("insert"),
+            StoreKind::Postgres(p) => {
+                sqlx::query_scalar("INSERT INTO prism_outbox (record_id, patch) VALUES ($1::uuid, $2::jsonb) RETURNING id")
+                    .bind(record)
+                    .bind(patch)
+                    .fetch_one(p)
+                    .await
+                    .expect("insert")
+            }
+        };
+        ids.push(id);
+    }
+    ids
+}
+
+/// Runs raw SQL on either engine (test set-up of odd rows).
+pub async fn exec(store: &Store, sql: &str) {
+    match store.sqlx_kind() {
+        StoreKind::Sqlite(p) => {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(p).await.expect("sql");
+        }
+        StoreKind::Postgres(p) => {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(p).await.expect("sql");
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowState {
+    pub id: i64,
+    pub state: String,
+    pub attempts: i64,
+    pub code: Option<String>,
+    pub batch_id: Option<String>,
+}
+
+pub async fn rows(store: &Store) -> Vec<RowState> {
+    match store.sqlx_kind() {
+        StoreKind::Sqlite(p) => sqlx::query("SELECT id, state, attempts, last_error_code, batch_id FROM prism_outbox ORDER BY id")
+            .fetch_all(p)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| RowState {
+                id: r.get(0),
+                state: r.get(1),
+                attempts: r.get(2),
+                code: r.get(3),
+                batch_id: r.get(4),
+            })
+            .collect(),
+        StoreKind::Postgres(p) => sqlx::query(
+            "SELECT id, state, attempts::bigint, last_error_code, batch_id::text FROM prism_outbox ORDER BY id",
+        )
+        .fetch_all(p)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| RowState { id: r.get(0), state: r.get(1), attempts: r.get(2), code: r.get(3), batch_id: r.get(4) })
+        .collect(),
+    }
+}
+
+/// Waits until every row is `succeeded` or `dead`.
+pub async fn wait_until_finished(store: &Store, within: Duration) -> Vec<RowState> {
+    let deadline = Instant::now() + within;
+    loop {
+        let all = rows(store).await;
+        if all.iter().all(|r| r.state == "succeeded" || r.state == "dead") {
+            return all;
+        }
+        if Instant::now() > deadline {
+            let open: Vec<_> = all.iter().filter(|r| r.state != "succeeded" && r.state != "dead").take(10).collect();
+            panic!("rows still unfinished after {within:?}: {open:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn wait_for<F: FnMut() -> bool>(what: &str, within: Duration, mut cond: F) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn uuid() -> String {
+    Uuid::new_v4().to_string()
+}
+
+pub fn patch(revision: usize) -> String {
+    format!(r#"{{"default": {{"revision": {revision}, "email": "r{revision}@example.com"}}}}"#)
+}
+
+/// The simulator's apply log, checked: per record, revisions strictly increase (in order, none
+/// twice). Returns the number of applied items.
+pub fn assert_applied_in_order_once(sim: &SimHandle) -> usize {
+    let mut last: std::collections::HashMap<Uuid, i64> = Default::default();
+    let log = sim.applied_log();
+    for change in &log {
+        let rev = change.item.pointer("/default/revision").and_then(|v| v.as_i64()).unwrap_or(-1);
+        if let Some(prev) = last.insert(change.record_id, rev) {
+            assert!(prev < rev, "record {} applied revision {rev} after {prev}", change.record_id);
+        }
+    }
+    log.len()
+}
