@@ -25,8 +25,15 @@ use crate::store::Store;
 /// `RUST_LOG`. Logs go to stderr so that stdout stays for command output.
 pub fn init_logging(settings: &LogSettings) {
     use tracing_subscriber::EnvFilter;
+    // A bare level applies to prism-sync; the libraries below it log every statement and frame
+    // at debug, which buries the daemon's own lines. A full directive (`sqlx=debug`) is taken as is.
+    let directives = if settings.level.contains('=') {
+        settings.level.clone()
+    } else {
+        format!("{},sqlx=warn,hyper=info,hyper_util=info,h2=info,reqwest=info,rustls=info", settings.level)
+    };
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&settings.level))
+        .or_else(|_| EnvFilter::try_new(&directives))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let result = match settings.format {

@@ -300,3 +300,112 @@ pub fn assert_applied_in_order_once(sim: &SimHandle) -> usize {
     }
     log.len()
 }
+
+/// A real `prism-sync` process.
+pub struct Daemon {
+    pub child: tokio::process::Child,
+    pub telemetry: std::net::SocketAddr,
+    pub log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub fn free_port() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// The environment a daemon or a verb needs to reach `db` and `sim`, with test-speed timings.
+pub fn child_env(db: &TestDb, sim: &SimHandle) -> Vec<(String, String)> {
+    [
+        ("DATABASE_URL", db.url.as_str()),
+        ("MICRO_API_KEY", prism_sync::sim::DEFAULT_API_KEY),
+        ("MICRO_TEAM_ID", sim.team_id()),
+        ("MICRO_BASE_URL", &sim.base_url()),
+        ("PRISM_SYNC__RETRY__BASE_DELAY", "20ms"),
+        ("PRISM_SYNC__RETRY__MAX_DELAY", "200ms"),
+        ("PRISM_SYNC__POLL__INTERVAL", "20ms"),
+        ("PRISM_SYNC__AUTH__PROBE_INTERVAL", "200ms"),
+        ("PRISM_SYNC__HTTP__TIMEOUT", "5s"),
+        ("PRISM_SYNC__SYNC__LEASE", "12s"),
+        ("PRISM_SYNC__TELEMETRY__SAMPLE_INTERVAL", "200ms"),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect()
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_prism-sync")
+}
+
+pub fn spawn_daemon(db: &TestDb, sim: &SimHandle, extra: &[(&str, &str)]) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let telemetry = free_port();
+    let log = dir.path().join("daemon.log");
+    let mut cmd = tokio::process::Command::new(bin());
+    cmd.arg("run")
+        .current_dir(dir.path())
+        .envs(child_env(db, sim))
+        .env("PRISM_SYNC__TELEMETRY__LISTEN", telemetry.to_string())
+        .env("PRISM_SYNC__LOG__FORMAT", "json")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true);
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn prism-sync run");
+    Daemon { child, telemetry, log, _dir: dir }
+}
+
+impl Daemon {
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    pub fn signal(&self, name: &str) {
+        let ok = std::process::Command::new("kill").arg(format!("-{name}")).arg(self.pid().to_string()).status().unwrap();
+        assert!(ok.success(), "kill -{name}");
+    }
+
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(within, self.child.wait()).await.expect("daemon exits in time").expect("wait")
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        match reqwest::get(format!("http://{}{path}", self.telemetry)).await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(_) => (0, String::new()),
+        }
+    }
+}
+
+/// Runs a verb to completion: (exit code, stdout, stderr).
+pub async fn verb(db: &TestDb, sim: &SimHandle, args: &[&str], stdin: &str) -> (i32, String, String) {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(bin())
+        .args(args)
+        .current_dir(dir.path())
+        .envs(child_env(db, sim))
+        .env("PRISM_SYNC__TELEMETRY__LISTEN", "")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn verb");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).await.unwrap();
+    drop(input);
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await.expect("verb ends").unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

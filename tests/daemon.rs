@@ -1,0 +1,122 @@
+//! The daemon as a real process: signals, crashes, telemetry, secrets in logs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use prism_sync::sim::FaultProfile;
+
+const FINISH: Duration = Duration::from_secs(60);
+
+fn distinct_records(n: usize) -> Vec<(String, String)> {
+    (0..n).map(|i| (uuid(), patch(i))).collect()
+}
+
+fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+both_backends! {
+    async fn sigterm_mid_batch_lets_the_batch_finish_and_exits_zero(db) {
+        let sim = sim(FaultProfile { latency: Duration::from_millis(800), ..FaultProfile::default() }).await;
+        let store = db.store().await;
+        insert_rows(&store, &distinct_records(120)).await;
+        let mut daemon = spawn_daemon(&db, &sim, &[]);
+        wait_for("a request on the wire", Duration::from_secs(20), || !sim.requests().is_empty() || sim.stats().idempotency_keys_in_progress > 0).await;
+        daemon.signal("TERM");
+        let status = daemon.wait_exit(Duration::from_secs(20)).await;
+        assert_eq!(status.code(), Some(0), "{}", daemon.logs());
+        let after = rows(&store).await;
+        assert!(after.iter().all(|r| r.state == "succeeded"), "the batches in flight finished before exit: {:?}", after.iter().find(|r| r.state != "succeeded"));
+    }
+
+    async fn kill_9_mid_request_loses_nothing_and_the_restart_resends_under_the_same_key(db) {
+        let sim = sim(FaultProfile { latency: Duration::from_millis(1500), ..FaultProfile::default() }).await;
+        let store = db.store().await;
+        insert_rows(&store, &distinct_records(150)).await;
+        let mut first = spawn_daemon(&db, &sim, &[("PRISM_SYNC__SYNC__LEASE", "6s"), ("PRISM_SYNC__HTTP__TIMEOUT", "1s")]);
+        wait_for("a request on the wire", Duration::from_secs(20), || sim.stats().idempotency_keys_in_progress > 0).await;
+        first.signal("KILL");
+        first.wait_exit(Duration::from_secs(5)).await;
+        sim.set_faults(FaultProfile::default());
+        let mut second = spawn_daemon(&db, &sim, &[("PRISM_SYNC__SYNC__LEASE", "6s"), ("PRISM_SYNC__HTTP__TIMEOUT", "1s")]);
+        let done = wait_until_finished(&store, FINISH).await;
+        second.signal("TERM");
+        assert_eq!(second.wait_exit(Duration::from_secs(20)).await.code(), Some(0));
+        assert!(done.iter().all(|r| r.state == "succeeded"));
+        assert_eq!(assert_applied_in_order_once(&sim), 150, "applied once: the re-send was an idempotent replay or a first send");
+        assert_eq!(sim.stats().idempotency_mismatches, 0);
+    }
+
+    async fn metrics_count_what_happened_and_readiness_follows_the_key(db) {
+        let refused = uuid();
+        let faults = FaultProfile {
+            item_errors_for_ids: std::collections::BTreeMap::from([(refused.clone(), "not_found".to_owned())]),
+            ..FaultProfile::default()
+        };
+        let sim = sim(faults).await;
+        let store = db.store().await;
+        let mut rows_in = distinct_records(149);
+        rows_in.push((refused, patch(999)));
+        insert_rows(&store, &rows_in).await;
+        let mut daemon = spawn_daemon(&db, &sim, &[("PRISM_SYNC__LOG__LEVEL", "debug")]);
+        wait_until_finished(&store, FINISH).await;
+        let mut text = String::new();
+        for _ in 0..50 {
+            text = daemon.get("/metrics").await.1;
+            if metric(&text, "prism_sync_rows{state=\"succeeded\"}") == 149.0 { break; }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(metric(&text, "prism_sync_items_total{outcome=\"succeeded\"}"), 149.0, "{text}");
+        assert_eq!(metric(&text, "prism_sync_items_total{outcome=\"dead\"}"), 1.0);
+        assert_eq!(metric(&text, "prism_sync_item_errors_total{code=\"not_found\"}"), 1.0);
+        assert_eq!(metric(&text, "prism_sync_http_requests_total{status_class=\"2xx\"}"), sim.requests().len() as f64);
+        assert_eq!(metric(&text, "prism_sync_rows{state=\"succeeded\"}"), 149.0);
+        assert_eq!(metric(&text, "prism_sync_rows{state=\"dead\"}"), 1.0);
+        assert_eq!(metric(&text, "prism_sync_dead_rows{code=\"not_found\"}"), 1.0);
+        assert!(text.contains("prism_sync_http_request_duration_seconds_bucket"), "latency is a histogram");
+        assert!(text.contains("prism_sync_build_info{version="));
+        assert_eq!(daemon.get("/livez").await.0, 200);
+        assert_eq!(daemon.get("/healthz").await.0, 200);
+        assert_eq!(daemon.get("/readyz").await.0, 200);
+
+        sim.set_api_key("revoked");
+        insert_rows(&store, &distinct_records(5)).await;
+        let mut ready = 200;
+        for _ in 0..100 {
+            ready = daemon.get("/readyz").await.0;
+            if ready == 503 { break; }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(ready, 503, "not ready while the key is refused");
+        assert_eq!(metric(&daemon.get("/metrics").await.1, "prism_sync_credentials_refused"), 1.0);
+        sim.set_api_key(prism_sync::sim::DEFAULT_API_KEY);
+        for _ in 0..100 {
+            ready = daemon.get("/readyz").await.0;
+            if ready == 200 { break; }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(ready, 200, "ready again once the key works");
+        wait_until_finished(&store, FINISH).await;
+        daemon.signal("TERM");
+        assert_eq!(daemon.wait_exit(Duration::from_secs(20)).await.code(), Some(0));
+        let logs = daemon.logs();
+        assert!(!logs.contains(prism_sync::sim::DEFAULT_API_KEY), "the API key appears in no log line");
+        let lines: Vec<serde_json::Value> = logs
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+            .collect();
+        let batch_lines: Vec<&serde_json::Value> = lines.iter().filter(|l| l["span"]["name"] == "batch").collect();
+        assert!(!batch_lines.is_empty(), "batch lines are logged");
+        for line in batch_lines {
+            assert!(line["span"]["batch_id"].is_string() && line["span"]["key"].is_string(), "batch lines carry id and key: {line}");
+        }
+        assert!(!logs.contains("r999@example.com"), "patch contents are not logged");
+    }
+}
