@@ -18,14 +18,20 @@ impl RetryPolicy {
     pub fn ceiling(&self, attempt: u32) -> Duration {
         let exponent = attempt.saturating_sub(1).min(31);
         let factor = 1u64 << exponent;
-        let ceiling = self.base_delay.saturating_mul(u32::try_from(factor).unwrap_or(u32::MAX));
+        let ceiling = self
+            .base_delay
+            .saturating_mul(u32::try_from(factor).unwrap_or(u32::MAX));
         ceiling.min(self.max_delay)
     }
 
     /// The wait itself: `ceiling(attempt) * unit`, where `unit` in `[0, 1)` is the jitter drawn by
     /// the caller (so tests pass a fixed one).
     pub fn delay(&self, attempt: u32, unit: f64) -> Duration {
-        let unit = if unit.is_finite() { unit.clamp(0.0, 1.0) } else { 0.0 };
+        let unit = if unit.is_finite() {
+            unit.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         self.ceiling(attempt).mul_f64(unit)
     }
 
@@ -40,13 +46,18 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const POLICY: RetryPolicy =
-        RetryPolicy { base_delay: Duration::from_millis(100), max_delay: Duration::from_secs(10) };
+    const POLICY: RetryPolicy = RetryPolicy {
+        base_delay: Duration::from_millis(100),
+        max_delay: Duration::from_secs(10),
+    };
 
     #[test]
     fn the_ceiling_doubles_from_the_base_and_stops_at_the_maximum() {
         let ceilings: Vec<_> = (1..=9).map(|a| POLICY.ceiling(a).as_millis()).collect();
-        assert_eq!(ceilings, [100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000]);
+        assert_eq!(
+            ceilings,
+            [100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000]
+        );
         assert_eq!(POLICY.ceiling(0), Duration::from_millis(100));
         assert_eq!(POLICY.ceiling(u32::MAX), Duration::from_secs(10));
     }

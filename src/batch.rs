@@ -66,7 +66,9 @@ impl NewBatch {
 
     /// `(row id, batch id)` for every row the batch carries.
     pub fn row_assignments(&self) -> impl Iterator<Item = (i64, Uuid)> + '_ {
-        self.items.iter().flat_map(move |i| i.rows.iter().map(move |r| (*r, self.id)))
+        self.items
+            .iter()
+            .flat_map(move |i| i.rows.iter().map(move |r| (*r, self.id)))
     }
 
     pub fn items_json(&self) -> String {
@@ -96,7 +98,11 @@ struct ValidRow {
 }
 
 fn validate(row: &CandidateRow, max_patch_bytes: usize) -> Result<ValidRow, DeadRow> {
-    let dead = |code, message: String| DeadRow { id: row.id, code, message };
+    let dead = |code, message: String| DeadRow {
+        id: row.id,
+        code,
+        message,
+    };
     let object_type = std::str::from_utf8(&row.object_type)
         .ok()
         .and_then(|s| s.parse::<ObjectType>().ok())
@@ -130,17 +136,27 @@ fn validate(row: &CandidateRow, max_patch_bytes: usize) -> Result<ValidRow, Dead
     if bytes.len() > max_patch_bytes {
         return Err(dead(
             codes::PATCH_TOO_LARGE,
-            format!("patch is {} bytes, over batch.max_patch_bytes ({max_patch_bytes})", bytes.len()),
+            format!(
+                "patch is {} bytes, over batch.max_patch_bytes ({max_patch_bytes})",
+                bytes.len()
+            ),
         ));
     }
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| dead(codes::INVALID_PATCH, format!("patch is not valid UTF-8: {e}")))?;
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        dead(
+            codes::INVALID_PATCH,
+            format!("patch is not valid UTF-8: {e}"),
+        )
+    })?;
     // serde_json refuses nesting deeper than 128 levels, which bounds the work a hostile patch
     // can cause here and in the server.
     let value: Value = serde_json::from_str(text)
         .map_err(|e| dead(codes::INVALID_PATCH, format!("patch is not JSON: {e}")))?;
     let Value::Object(patch) = value else {
-        return Err(dead(codes::INVALID_PATCH, format!("patch must be a JSON object, not {}", kind(&value))));
+        return Err(dead(
+            codes::INVALID_PATCH,
+            format!("patch must be a JSON object, not {}", kind(&value)),
+        ));
     };
     if patch.contains_key("id") {
         return Err(dead(
@@ -148,7 +164,11 @@ fn validate(row: &CandidateRow, max_patch_bytes: usize) -> Result<ValidRow, Dead
             "patch must not carry \"id\": the record id comes from record_id".into(),
         ));
     }
-    Ok(ValidRow { record_id, object_type, patch })
+    Ok(ValidRow {
+        record_id,
+        object_type,
+        patch,
+    })
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -213,11 +233,15 @@ pub fn plan_batches(chains: Vec<RecordChain>, limits: PlanLimits) -> Plan {
                 if rows.len() >= limits.max_coalesce {
                     break;
                 }
-                let Ok(next) = validate(follower, limits.max_patch_bytes) else { break };
+                let Ok(next) = validate(follower, limits.max_patch_bytes) else {
+                    break;
+                };
                 if next.object_type != head.object_type || next.record_id != head.record_id {
                     break;
                 }
-                let Some(later) = default_only(&next.patch) else { break };
+                let Some(later) = default_only(&next.patch) else {
+                    break;
+                };
                 if let Some(Value::Object(merged)) = patch.get_mut("default") {
                     for (k, v) in later {
                         merged.insert(k.clone(), v.clone());
@@ -229,12 +253,19 @@ pub fn plan_batches(chains: Vec<RecordChain>, limits: PlanLimits) -> Plan {
         }
         items.push(PlannedItem {
             object_type: head.object_type,
-            item: BatchItem { record_id: head.record_id, rows, attempts },
+            item: BatchItem {
+                record_id: head.record_id,
+                rows,
+                attempts,
+            },
             patch,
         });
     }
     for object_type in ObjectType::ALL {
-        let of_type: Vec<&PlannedItem> = items.iter().filter(|i| i.object_type == object_type).collect();
+        let of_type: Vec<&PlannedItem> = items
+            .iter()
+            .filter(|i| i.object_type == object_type)
+            .collect();
         for chunk in of_type.chunks(limits.batch_size.max(1)) {
             plan.batches.push(build_batch(object_type, chunk));
         }
@@ -248,7 +279,13 @@ fn build_batch(object_type: ObjectType, items: &[&PlannedItem]) -> NewBatch {
         items: Vec<ItemBody<'a>>,
     }
     let body = Body {
-        items: items.iter().map(|i| ItemBody { id: i.item.record_id, patch: &i.patch }).collect(),
+        items: items
+            .iter()
+            .map(|i| ItemBody {
+                id: i.item.record_id,
+                patch: &i.patch,
+            })
+            .collect(),
     };
     NewBatch {
         id: Uuid::now_v7(),
@@ -288,7 +325,8 @@ pub fn split_batch(
     }
     let mid = items.len() / 2;
     let half = |raw: &[&RawValue], its: &[BatchItem]| {
-        let mut body = Vec::with_capacity(raw.iter().map(|r| r.get().len() + 1).sum::<usize>() + 12);
+        let mut body =
+            Vec::with_capacity(raw.iter().map(|r| r.get().len() + 1).sum::<usize>() + 12);
         body.extend_from_slice(b"{\"items\":[");
         for (i, r) in raw.iter().enumerate() {
             if i > 0 {
@@ -317,8 +355,12 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::json;
 
-    const LIMITS: PlanLimits =
-        PlanLimits { batch_size: 100, coalesce: true, max_coalesce: 100, max_patch_bytes: 1024 };
+    const LIMITS: PlanLimits = PlanLimits {
+        batch_size: 100,
+        coalesce: true,
+        max_coalesce: 100,
+        max_patch_bytes: 1024,
+    };
 
     fn row(id: i64, record: &str, patch: &str) -> CandidateRow {
         CandidateRow {
@@ -346,7 +388,10 @@ mod tests {
         let plan = plan_batches(
             vec![chain(
                 row(1, A, r#"{"default":{"email":"a@x","name":"A"}}"#),
-                vec![row(2, A, r#"{"default":{"email":"b@x"}}"#), row(3, A, r#"{"default":{"phone":"1"}}"#)],
+                vec![
+                    row(2, A, r#"{"default":{"email":"b@x"}}"#),
+                    row(3, A, r#"{"default":{"phone":"1"}}"#),
+                ],
             )],
             LIMITS,
         );
@@ -372,7 +417,10 @@ mod tests {
             LIMITS,
         );
         assert_eq!(plan.batches[0].items[0].rows, vec![1]);
-        assert_eq!(body(&plan.batches[0]), json!({"items":[{"id": A, "default": {"email":"a@x"}}]}));
+        assert_eq!(
+            body(&plan.batches[0]),
+            json!({"items":[{"id": A, "default": {"email":"a@x"}}]})
+        );
     }
 
     #[test]
@@ -387,7 +435,10 @@ mod tests {
         let cases = vec![
             (row(1, "not-a-uuid", "{}"), codes::INVALID_RECORD_ID),
             (row(2, A, "[1,2]"), codes::INVALID_PATCH),
-            (row(3, A, r#"{"id":"x","default":{}}"#), codes::INVALID_PATCH),
+            (
+                row(3, A, r#"{"id":"x","default":{}}"#),
+                codes::INVALID_PATCH,
+            ),
             (wrong_type, codes::INVALID_OBJECT_TYPE),
             (too_big, codes::PATCH_TOO_LARGE),
             (not_utf8, codes::INVALID_PATCH),
@@ -396,18 +447,35 @@ mod tests {
         ];
         for (candidate, code) in cases {
             let id = candidate.id;
-            let limits = PlanLimits { max_patch_bytes: 100_000, ..LIMITS };
-            let limits = if id == 8 { PlanLimits { max_patch_bytes: 1000, ..limits } } else { limits };
+            let limits = PlanLimits {
+                max_patch_bytes: 100_000,
+                ..LIMITS
+            };
+            let limits = if id == 8 {
+                PlanLimits {
+                    max_patch_bytes: 1000,
+                    ..limits
+                }
+            } else {
+                limits
+            };
             let plan = plan_batches(vec![chain(candidate, vec![])], limits);
             assert!(plan.batches.is_empty(), "row {id} was batched");
-            assert_eq!(plan.dead[0].code, code, "row {id}: {}", plan.dead[0].message);
+            assert_eq!(
+                plan.dead[0].code, code,
+                "row {id}: {}",
+                plan.dead[0].message
+            );
         }
     }
 
     #[test]
     fn deep_nesting_within_the_size_limit_is_refused_not_recursed() {
         let deep = format!("{{\"default\":{}{}}}", "[".repeat(5000), "]".repeat(5000));
-        let limits = PlanLimits { max_patch_bytes: 1 << 20, ..LIMITS };
+        let limits = PlanLimits {
+            max_patch_bytes: 1 << 20,
+            ..LIMITS
+        };
         let plan = plan_batches(vec![chain(row(1, A, &deep), vec![])], limits);
         assert_eq!(plan.dead[0].code, codes::INVALID_PATCH);
     }
@@ -422,9 +490,18 @@ mod tests {
             }
             chains.push(chain(r, vec![]));
         }
-        let plan = plan_batches(chains, PlanLimits { batch_size: 2, ..LIMITS });
-        let sizes: Vec<(ObjectType, usize)> =
-            plan.batches.iter().map(|b| (b.object_type, b.items.len())).collect();
+        let plan = plan_batches(
+            chains,
+            PlanLimits {
+                batch_size: 2,
+                ..LIMITS
+            },
+        );
+        let sizes: Vec<(ObjectType, usize)> = plan
+            .batches
+            .iter()
+            .map(|b| (b.object_type, b.items.len()))
+            .collect();
         assert_eq!(
             sizes,
             [
@@ -446,7 +523,9 @@ mod tests {
             LIMITS,
         );
         let batch = &plan.batches[0];
-        let [left, right] = split_batch(batch.object_type, &batch.body, &batch.items).unwrap().unwrap();
+        let [left, right] = split_batch(batch.object_type, &batch.body, &batch.items)
+            .unwrap()
+            .unwrap();
         assert_eq!(left.items, batch.items[..1]);
         assert_eq!(right.items, batch.items[1..]);
         let joined = format!(
@@ -456,7 +535,11 @@ mod tests {
         );
         assert_eq!(joined.as_bytes(), batch.body.as_slice());
         assert_ne!(left.idempotency_key, batch.idempotency_key);
-        assert!(split_batch(left.object_type, &left.body, &left.items).unwrap().is_none());
+        assert!(
+            split_batch(left.object_type, &left.body, &left.items)
+                .unwrap()
+                .is_none()
+        );
     }
 
     proptest! {

@@ -15,7 +15,10 @@ use crate::model::{ItemOutcome, codes};
 #[derive(Debug, Clone)]
 pub enum Exchange {
     /// No complete response: connection refused or dropped, timeout, body cut off or too large.
-    Failed { kind: TransportFailure, detail: String },
+    Failed {
+        kind: TransportFailure,
+        detail: String,
+    },
     Answered(Answer),
 }
 
@@ -53,9 +56,16 @@ pub struct Answer {
 #[derive(Debug, Clone, PartialEq)]
 pub enum BatchVerdict {
     /// The server answered for good: one outcome per item, in batch order.
-    Answered { outcomes: Vec<ItemOutcome>, anomalies: Anomalies },
+    Answered {
+        outcomes: Vec<ItemOutcome>,
+        anomalies: Anomalies,
+    },
     /// Send the same bytes with the same key again later.
-    Retry { code: String, retry_after: Option<Duration>, slow_everyone: bool },
+    Retry {
+        code: String,
+        retry_after: Option<Duration>,
+        slow_everyone: bool,
+    },
     /// The key is refused (401/403): pause, burn no attempts, probe again later.
     AuthRefused { status: u16 },
     /// The API refused the batch as a whole (400/413/422): bisect to find the poison item.
@@ -91,7 +101,9 @@ pub struct CodePolicy {
 impl CodePolicy {
     /// An item that failed with `code` after `attempts_before` earlier tries.
     pub fn item_error(&self, code: &str, message: String, attempts_before: i32) -> ItemOutcome {
-        let tries = u32::try_from(attempts_before).unwrap_or(0).saturating_add(1);
+        let tries = u32::try_from(attempts_before)
+            .unwrap_or(0)
+            .saturating_add(1);
         let code = code.to_owned();
         if self.permanent.contains(&code) {
             ItemOutcome::Dead { code, message }
@@ -174,7 +186,11 @@ fn clip(mut s: String) -> String {
 pub fn classify(exchange: &Exchange, items: &[BatchItem], policy: &CodePolicy) -> BatchVerdict {
     let answer = match exchange {
         Exchange::Failed { kind, .. } => {
-            return BatchVerdict::Retry { code: kind.code().into(), retry_after: None, slow_everyone: false };
+            return BatchVerdict::Retry {
+                code: kind.code().into(),
+                retry_after: None,
+                slow_everyone: false,
+            };
         }
         Exchange::Answered(a) => a,
     };
@@ -199,15 +215,24 @@ pub fn classify(exchange: &Exchange, items: &[BatchItem], policy: &CodePolicy) -
             (Some(c), Some(m)) => format!("{c}: {m}"),
             (Some(c), None) => c,
             (None, Some(m)) => m,
-            (None, None) => String::from_utf8_lossy(&answer.body[..answer.body.len().min(200)]).into_owned(),
+            (None, None) => {
+                String::from_utf8_lossy(&answer.body[..answer.body.len().min(200)]).into_owned()
+            }
         };
-        BatchVerdict::Rejected { status, message: clip(message) }
+        BatchVerdict::Rejected {
+            status,
+            message: clip(message),
+        }
     };
     if (200..300).contains(&status) {
         // A 2xx carries per-item results; x-should-retry has nothing to override here.
         return match serde_json::from_slice::<BulkResponse>(&answer.body) {
             Ok(response) => answered(response, items, policy),
-            Err(_) => BatchVerdict::Retry { code: "invalid_response".into(), retry_after: None, slow_everyone: false },
+            Err(_) => BatchVerdict::Retry {
+                code: "invalid_response".into(),
+                retry_after: None,
+                slow_everyone: false,
+            },
         };
     }
     match answer.should_retry {
@@ -227,11 +252,19 @@ pub fn classify(exchange: &Exchange, items: &[BatchItem], policy: &CodePolicy) -
 
 fn answered(response: BulkResponse, items: &[BatchItem], policy: &CodePolicy) -> BatchVerdict {
     let mut anomalies = Anomalies::default();
-    let index: HashMap<Uuid, usize> = items.iter().enumerate().map(|(i, it)| (it.record_id, i)).collect();
+    let index: HashMap<Uuid, usize> = items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| (it.record_id, i))
+        .collect();
     let mut outcomes: Vec<Option<ItemOutcome>> = vec![None; items.len()];
     let (mut ok, mut failed) = (0i64, 0i64);
     for result in &response.results {
-        let Some(i) = result.id.as_deref().and_then(|id| Uuid::try_parse(id).ok()).and_then(|u| index.get(&u).copied())
+        let Some(i) = result
+            .id
+            .as_deref()
+            .and_then(|id| Uuid::try_parse(id).ok())
+            .and_then(|u| index.get(&u).copied())
         else {
             anomalies.unknown += 1;
             continue;
@@ -249,13 +282,16 @@ fn answered(response: BulkResponse, items: &[BatchItem], policy: &CodePolicy) ->
                 Some(e) => (e.code.clone(), e.message.clone()),
                 None => (None, None),
             };
-            let code = code.filter(|c| !c.is_empty()).unwrap_or_else(|| format!("status_{}", result.status));
+            let code = code
+                .filter(|c| !c.is_empty())
+                .unwrap_or_else(|| format!("status_{}", result.status));
             policy.item_error(&code, clip(message.unwrap_or_default()), items[i].attempts)
         };
         outcomes[i] = Some(outcome);
     }
     if let Some(s) = &response.summary {
-        let total = (ok + failed) + i64::try_from(anomalies.unknown + anomalies.duplicate).unwrap_or(0);
+        let total =
+            (ok + failed) + i64::try_from(anomalies.unknown + anomalies.duplicate).unwrap_or(0);
         anomalies.summary_mismatch = s.total.is_some_and(|t| t != total)
             || s.succeeded.is_some_and(|n| n != ok)
             || s.failed.is_some_and(|n| n != failed);
@@ -274,12 +310,23 @@ fn answered(response: BulkResponse, items: &[BatchItem], policy: &CodePolicy) ->
             })
         })
         .collect();
-    BatchVerdict::Answered { outcomes, anomalies }
+    BatchVerdict::Answered {
+        outcomes,
+        anomalies,
+    }
 }
 
 /// Reads `retry-after-ms`, then `retry-after` (delta-seconds or an HTTP date).
-pub fn retry_after(headers: &reqwest::header::HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+pub fn retry_after(
+    headers: &reqwest::header::HeaderMap,
+    now: std::time::SystemTime,
+) -> Option<Duration> {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
     if let Some(ms) = text("retry-after-ms").and_then(|v| v.parse::<f64>().ok())
         && ms.is_finite()
         && ms >= 0.0
@@ -323,8 +370,16 @@ mod tests {
 
     fn items(attempts: i32) -> Vec<BatchItem> {
         vec![
-            BatchItem { record_id: A.parse().unwrap(), rows: vec![1], attempts },
-            BatchItem { record_id: B.parse().unwrap(), rows: vec![2, 3], attempts },
+            BatchItem {
+                record_id: A.parse().unwrap(),
+                rows: vec![1],
+                attempts,
+            },
+            BatchItem {
+                record_id: B.parse().unwrap(),
+                rows: vec![2, 3],
+                attempts,
+            },
         ]
     }
 
@@ -339,59 +394,114 @@ mod tests {
     }
 
     fn with(ex: Exchange, f: impl FnOnce(&mut Answer)) -> Exchange {
-        let Exchange::Answered(mut a) = ex else { unreachable!() };
+        let Exchange::Answered(mut a) = ex else {
+            unreachable!()
+        };
         f(&mut a);
         Exchange::Answered(a)
     }
 
     #[test]
     fn statuses_map_to_the_failure_table() {
-        let retry = |code: &str, slow| BatchVerdict::Retry { code: code.into(), retry_after: None, slow_everyone: slow };
+        let retry = |code: &str, slow| BatchVerdict::Retry {
+            code: code.into(),
+            retry_after: None,
+            slow_everyone: slow,
+        };
         let table: Vec<(Exchange, BatchVerdict)> = vec![
             (answer(500, ""), retry("http_500", false)),
             (answer(503, ""), retry("http_503", false)),
             (answer(408, ""), retry("http_408", false)),
             (answer(429, ""), retry("http_429", true)),
-            (answer(409, r#"{"error":{"code":"idempotency_key_in_use"}}"#), retry("http_409", false)),
-            (answer(409, r#"{"error":{"code":"idempotency_key_mismatch"}}"#), BatchVerdict::KeyMismatch),
+            (
+                answer(409, r#"{"error":{"code":"idempotency_key_in_use"}}"#),
+                retry("http_409", false),
+            ),
+            (
+                answer(409, r#"{"error":{"code":"idempotency_key_mismatch"}}"#),
+                BatchVerdict::KeyMismatch,
+            ),
             (answer(401, ""), BatchVerdict::AuthRefused { status: 401 }),
             (answer(403, ""), BatchVerdict::AuthRefused { status: 403 }),
             (
-                answer(400, r#"{"error":{"code":"bad_request","message":"items[3] is bad"}}"#),
-                BatchVerdict::Rejected { status: 400, message: "bad_request: items[3] is bad".into() },
+                answer(
+                    400,
+                    r#"{"error":{"code":"bad_request","message":"items[3] is bad"}}"#,
+                ),
+                BatchVerdict::Rejected {
+                    status: 400,
+                    message: "bad_request: items[3] is bad".into(),
+                },
             ),
-            (answer(413, "too big"), BatchVerdict::Rejected { status: 413, message: "too big".into() }),
-            (answer(422, ""), BatchVerdict::Rejected { status: 422, message: String::new() }),
+            (
+                answer(413, "too big"),
+                BatchVerdict::Rejected {
+                    status: 413,
+                    message: "too big".into(),
+                },
+            ),
+            (
+                answer(422, ""),
+                BatchVerdict::Rejected {
+                    status: 422,
+                    message: String::new(),
+                },
+            ),
             (answer(404, ""), retry("http_404", false)),
             (answer(302, ""), retry("http_302", false)),
-            (answer(200, "{\"results\": [tru"), retry("invalid_response", false)),
+            (
+                answer(200, "{\"results\": [tru"),
+                retry("invalid_response", false),
+            ),
             (answer(200, "<html>"), retry("invalid_response", false)),
             (
-                Exchange::Failed { kind: TransportFailure::Timeout, detail: String::new() },
+                Exchange::Failed {
+                    kind: TransportFailure::Timeout,
+                    detail: String::new(),
+                },
                 retry("timeout", false),
             ),
         ];
         for (exchange, expected) in table {
-            assert_eq!(classify(&exchange, &items(0), &policy()), expected, "{exchange:?}");
+            assert_eq!(
+                classify(&exchange, &items(0), &policy()),
+                expected,
+                "{exchange:?}"
+            );
         }
     }
 
     #[test]
     fn x_should_retry_overrides_the_status() {
         let no = with(answer(503, ""), |a| a.should_retry = Some(false));
-        assert!(matches!(classify(&no, &items(0), &policy()), BatchVerdict::Rejected { status: 503, .. }));
+        assert!(matches!(
+            classify(&no, &items(0), &policy()),
+            BatchVerdict::Rejected { status: 503, .. }
+        ));
         let yes = with(answer(400, ""), |a| a.should_retry = Some(true));
-        assert!(matches!(classify(&yes, &items(0), &policy()), BatchVerdict::Retry { .. }));
+        assert!(matches!(
+            classify(&yes, &items(0), &policy()),
+            BatchVerdict::Retry { .. }
+        ));
         let auth = with(answer(401, ""), |a| a.should_retry = Some(true));
-        assert_eq!(classify(&auth, &items(0), &policy()), BatchVerdict::AuthRefused { status: 401 });
+        assert_eq!(
+            classify(&auth, &items(0), &policy()),
+            BatchVerdict::AuthRefused { status: 401 }
+        );
     }
 
     #[test]
     fn a_server_requested_delay_slows_every_batch() {
-        let ex = with(answer(503, ""), |a| a.retry_after = Some(Duration::from_secs(2)));
+        let ex = with(answer(503, ""), |a| {
+            a.retry_after = Some(Duration::from_secs(2))
+        });
         assert_eq!(
             classify(&ex, &items(0), &policy()),
-            BatchVerdict::Retry { code: "http_503".into(), retry_after: Some(Duration::from_secs(2)), slow_everyone: true }
+            BatchVerdict::Retry {
+                code: "http_503".into(),
+                retry_after: Some(Duration::from_secs(2)),
+                slow_everyone: true
+            }
         );
     }
 
@@ -401,7 +511,10 @@ mod tests {
             r#"{{"results":[{{"id":"{B}","status":"error","error":{{"code":"not_found","message":"no such record"}}}}],
                 "summary":{{"total":1,"succeeded":0,"failed":1}}}}"#
         );
-        let BatchVerdict::Answered { outcomes, anomalies } = classify(&answer(200, &body), &items(0), &policy())
+        let BatchVerdict::Answered {
+            outcomes,
+            anomalies,
+        } = classify(&answer(200, &body), &items(0), &policy())
         else {
             panic!()
         };
@@ -412,10 +525,19 @@ mod tests {
                     code: "missing_result".into(),
                     message: "the API's 200 carried no result for this item".into()
                 },
-                ItemOutcome::Dead { code: "not_found".into(), message: "no such record".into() },
+                ItemOutcome::Dead {
+                    code: "not_found".into(),
+                    message: "no such record".into()
+                },
             ]
         );
-        assert_eq!(anomalies, Anomalies { missing: 1, ..Anomalies::default() });
+        assert_eq!(
+            anomalies,
+            Anomalies {
+                missing: 1,
+                ..Anomalies::default()
+            }
+        );
     }
 
     #[test]
@@ -425,22 +547,51 @@ mod tests {
                {{"id":"99999999-6e1a-4fe4-a799-aa6d9a6ab26e","status":"ok"}},{{"id":null,"status":"error"}},
                {{"id":"{B}","status":"ok"}}],"summary":{{"total":2,"succeeded":2,"failed":0}}}}"#
         );
-        let BatchVerdict::Answered { outcomes, anomalies } = classify(&answer(200, &body), &items(0), &policy())
+        let BatchVerdict::Answered {
+            outcomes,
+            anomalies,
+        } = classify(&answer(200, &body), &items(0), &policy())
         else {
             panic!()
         };
-        assert_eq!(outcomes, vec![ItemOutcome::Succeeded, ItemOutcome::Succeeded]);
-        assert_eq!(anomalies, Anomalies { missing: 0, duplicate: 1, unknown: 2, summary_mismatch: true });
+        assert_eq!(
+            outcomes,
+            vec![ItemOutcome::Succeeded, ItemOutcome::Succeeded]
+        );
+        assert_eq!(
+            anomalies,
+            Anomalies {
+                missing: 0,
+                duplicate: 1,
+                unknown: 2,
+                summary_mismatch: true
+            }
+        );
     }
 
     #[test]
     fn unknown_codes_retry_until_max_attempts_and_known_ones_follow_their_list() {
         let p = policy();
-        assert!(matches!(p.item_error("weird", String::new(), 0), ItemOutcome::Retry { .. }));
-        assert!(matches!(p.item_error("weird", String::new(), 1), ItemOutcome::Retry { .. }));
-        assert!(matches!(p.item_error("weird", String::new(), 2), ItemOutcome::Dead { .. }));
-        assert!(matches!(p.item_error("rate_limited", String::new(), 50), ItemOutcome::Retry { .. }));
-        assert!(matches!(p.item_error("validation_error", String::new(), 0), ItemOutcome::Dead { .. }));
+        assert!(matches!(
+            p.item_error("weird", String::new(), 0),
+            ItemOutcome::Retry { .. }
+        ));
+        assert!(matches!(
+            p.item_error("weird", String::new(), 1),
+            ItemOutcome::Retry { .. }
+        ));
+        assert!(matches!(
+            p.item_error("weird", String::new(), 2),
+            ItemOutcome::Dead { .. }
+        ));
+        assert!(matches!(
+            p.item_error("rate_limited", String::new(), 50),
+            ItemOutcome::Retry { .. }
+        ));
+        assert!(matches!(
+            p.item_error("validation_error", String::new(), 0),
+            ItemOutcome::Dead { .. }
+        ));
     }
 
     #[test]

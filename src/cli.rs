@@ -46,7 +46,7 @@ pub enum Command {
     /// Delete finished rows older than a cutoff, and the batches no row refers to.
     Purge(PurgeArgs),
     /// Serve the Micro API simulator.
-    Simulate(crate::sim::SimulateArgs),
+    Simulate(Box<crate::sim::SimulateArgs>),
     /// The newcomer's first command: simulator + embedded SQLite + sample changes, synced live.
     Demo(crate::demo::DemoArgs),
 }
@@ -153,18 +153,25 @@ fn load_settings(cli: &Cli) -> anyhow::Result<Settings> {
 
 async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     Store::connect(&settings.database).await.with_context(|| {
-        format!("connecting to the database {}", crate::store::redact_url(&settings.database.url))
+        format!(
+            "connecting to the database {}",
+            crate::store::redact_url(&settings.database.url)
+        )
     })
 }
 
 /// Runs a verb. Output goes to `out` (stdout in production); logs go to stderr.
-pub async fn execute(cli: Cli, out: &mut impl Write, input: &mut impl BufRead) -> anyhow::Result<ExitCode> {
+pub async fn execute(
+    cli: Cli,
+    out: &mut impl Write,
+    input: &mut impl BufRead,
+) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Simulate(args) => {
             crate::telemetry::init_logging(&Default::default());
             let token = CancellationToken::new();
             crate::daemon::cancel_on_signals(token.clone());
-            crate::sim::run_simulate(args.clone(), token).await?;
+            crate::sim::run_simulate((**args).clone(), token).await?;
             return Ok(ExitCode::SUCCESS);
         }
         Command::Demo(args) => {
@@ -178,7 +185,14 @@ pub async fn execute(cli: Cli, out: &mut impl Write, input: &mut impl BufRead) -
         Command::Run(args) => {
             let token = CancellationToken::new();
             crate::daemon::cancel_on_signals(token.clone());
-            crate::daemon::run(settings, crate::daemon::RunOptions { no_migrate: args.no_migrate }, token).await?;
+            crate::daemon::run(
+                settings,
+                crate::daemon::RunOptions {
+                    no_migrate: args.no_migrate,
+                },
+                token,
+            )
+            .await?;
         }
         Command::Migrate => {
             let store = open_store(&settings).await?;
@@ -188,14 +202,34 @@ pub async fn execute(cli: Cli, out: &mut impl Write, input: &mut impl BufRead) -
         Command::Enqueue(args) => {
             let store = open_store(&settings).await?;
             let report = match args.file.as_deref() {
-                None => ops::enqueue::enqueue(&store, input, settings.batch.max_patch_bytes, args.skip_invalid).await,
+                None => {
+                    ops::enqueue::enqueue(
+                        &store,
+                        input,
+                        settings.batch.max_patch_bytes,
+                        args.skip_invalid,
+                    )
+                    .await
+                }
                 Some(p) if p.as_os_str() == "-" => {
-                    ops::enqueue::enqueue(&store, input, settings.batch.max_patch_bytes, args.skip_invalid).await
+                    ops::enqueue::enqueue(
+                        &store,
+                        input,
+                        settings.batch.max_patch_bytes,
+                        args.skip_invalid,
+                    )
+                    .await
                 }
                 Some(p) => {
-                    let file = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
-                    ops::enqueue::enqueue(&store, std::io::BufReader::new(file), settings.batch.max_patch_bytes, args.skip_invalid)
-                        .await
+                    let file = std::fs::File::open(p)
+                        .with_context(|| format!("opening {}", p.display()))?;
+                    ops::enqueue::enqueue(
+                        &store,
+                        std::io::BufReader::new(file),
+                        settings.batch.max_patch_bytes,
+                        args.skip_invalid,
+                    )
+                    .await
                 }
             };
             let report = match report {
@@ -218,7 +252,9 @@ pub async fn execute(cli: Cli, out: &mut impl Write, input: &mut impl BufRead) -
             } else {
                 ops::status::render(&report, out)?;
             }
-            return Ok(ExitCode::from(report.exit_code(args.stuck_after.as_secs_f64())));
+            return Ok(ExitCode::from(
+                report.exit_code(args.stuck_after.as_secs_f64()),
+            ));
         }
         Command::Inspect(args) => {
             let store = open_store(&settings).await?;
@@ -257,7 +293,11 @@ pub async fn execute(cli: Cli, out: &mut impl Write, input: &mut impl BufRead) -
             };
             let (count, sample) = ops::replay::preview(&store, &filter, 20).await?;
             if args.json && args.dry_run {
-                writeln!(out, "{}", serde_json::json!({"would_replay": count, "sample": sample}))?;
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"would_replay": count, "sample": sample})
+                )?;
                 return Ok(ExitCode::SUCCESS);
             }
             ops::replay::render_preview(count, &sample, out)?;
@@ -282,9 +322,16 @@ pub async fn execute(cli: Cli, out: &mut impl Write, input: &mut impl BufRead) -
             let actor = ops::actor(args.actor.as_deref());
             let changed = ops::replay::apply(&store, &filter, &actor).await?;
             if args.json {
-                writeln!(out, "{}", serde_json::json!({"replayed": changed, "actor": actor}))?;
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"replayed": changed, "actor": actor})
+                )?;
             } else {
-                writeln!(out, "replayed {changed} row(s) as {actor}; they go out in new batches under new keys")?;
+                writeln!(
+                    out,
+                    "replayed {changed} row(s) as {actor}; they go out in new batches under new keys"
+                )?;
             }
         }
         Command::Purge(args) => {
@@ -298,7 +345,11 @@ pub async fn execute(cli: Cli, out: &mut impl Write, input: &mut impl BufRead) -
             if args.json {
                 writeln!(out, "{}", serde_json::to_string(&report)?)?;
             } else {
-                writeln!(out, "purged {} row(s) and {} batch(es)", report.rows, report.batches)?;
+                writeln!(
+                    out,
+                    "purged {} row(s) and {} batch(es)",
+                    report.rows, report.batches
+                )?;
             }
         }
         Command::Simulate(_) | Command::Demo(_) => unreachable!("handled above"),

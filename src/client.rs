@@ -62,7 +62,8 @@ impl MicroClient {
         api_key: Option<SecretString>,
         http: &HttpSettings,
     ) -> Result<MicroClient, ClientError> {
-        let url = reqwest::Url::parse(base_url).map_err(|_| ClientError::BadUrl(base_url.into()))?;
+        let url =
+            reqwest::Url::parse(base_url).map_err(|_| ClientError::BadUrl(base_url.into()))?;
         let loopback = match url.host() {
             Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
             Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
@@ -77,7 +78,9 @@ impl MicroClient {
         if team_id.trim().is_empty() {
             return Err(ClientError::NoTeam);
         }
-        let api_key = api_key.filter(|k| !k.expose_secret().is_empty()).ok_or(ClientError::NoKey)?;
+        let api_key = api_key
+            .filter(|k| !k.expose_secret().is_empty())
+            .ok_or(ClientError::NoKey)?;
         HeaderValue::from_str(api_key.expose_secret()).map_err(|_| ClientError::BadKey)?;
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -100,7 +103,10 @@ impl MicroClient {
     }
 
     pub fn endpoint(&self, object_type: ObjectType) -> String {
-        format!("{}/v2/prism/{}/{}/batch/update", self.base_url, self.team_id, object_type)
+        format!(
+            "{}/v2/prism/{}/{}/batch/update",
+            self.base_url, self.team_id, object_type
+        )
     }
 
     /// Caps a server-requested delay.
@@ -156,12 +162,20 @@ impl MicroClient {
 
     /// Sends the stored bytes once. Never retries by itself: the caller records the outcome
     /// durably first, then decides.
-    pub async fn send(&self, object_type: ObjectType, idempotency_key: &str, body: Bytes) -> Exchange {
+    pub async fn send(
+        &self,
+        object_type: ObjectType,
+        idempotency_key: &str,
+        body: Bytes,
+    ) -> Exchange {
         self.wait_turn().await;
         let mut key = match HeaderValue::from_str(self.api_key.expose_secret()) {
             Ok(k) => k,
             Err(_) => {
-                return Exchange::Failed { kind: TransportFailure::Connect, detail: "unusable API key".into() };
+                return Exchange::Failed {
+                    kind: TransportFailure::Connect,
+                    detail: "unusable API key".into(),
+                };
             }
         };
         key.set_sensitive(true);
@@ -175,7 +189,10 @@ impl MicroClient {
             .body(body);
         let result = match request.send().await {
             Ok(response) => self.read(response).await,
-            Err(e) => Exchange::Failed { kind: failure_kind(&e), detail: error_chain(&e) },
+            Err(e) => Exchange::Failed {
+                kind: failure_kind(&e),
+                detail: error_chain(&e),
+            },
         };
         let class = match &result {
             Exchange::Answered(a) => match a.status {
@@ -187,7 +204,8 @@ impl MicroClient {
             Exchange::Failed { .. } => "error",
         };
         metrics::counter!("prism_sync_http_requests_total", "status_class" => class).increment(1);
-        metrics::histogram!("prism_sync_http_request_duration_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("prism_sync_http_request_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
         result
     }
 
@@ -215,16 +233,30 @@ impl MicroClient {
                     if body.len() + chunk.len() > self.max_response_bytes {
                         return Exchange::Failed {
                             kind: TransportFailure::ResponseTooLarge,
-                            detail: format!("response body over http.max_response_bytes ({})", self.max_response_bytes),
+                            detail: format!(
+                                "response body over http.max_response_bytes ({})",
+                                self.max_response_bytes
+                            ),
                         };
                     }
                     body.extend_from_slice(&chunk);
                 }
                 Ok(None) => break,
-                Err(e) => return Exchange::Failed { kind: failure_kind(&e), detail: error_chain(&e) },
+                Err(e) => {
+                    return Exchange::Failed {
+                        kind: failure_kind(&e),
+                        detail: error_chain(&e),
+                    };
+                }
             }
         }
-        Exchange::Answered(Answer { status, retry_after, should_retry, replay, body })
+        Exchange::Answered(Answer {
+            status,
+            retry_after,
+            should_retry,
+            replay,
+            body,
+        })
     }
 }
 
@@ -255,12 +287,20 @@ mod tests {
     use super::*;
 
     fn client(url: &str) -> Result<MicroClient, ClientError> {
-        MicroClient::new(url, "team", Some(SecretString::from("k")), &HttpSettings::default())
+        MicroClient::new(
+            url,
+            "team",
+            Some(SecretString::from("k")),
+            &HttpSettings::default(),
+        )
     }
 
     #[test]
     fn plain_http_is_refused_except_to_loopback() {
-        assert!(matches!(client("http://api.example.com"), Err(ClientError::Insecure(_))));
+        assert!(matches!(
+            client("http://api.example.com"),
+            Err(ClientError::Insecure(_))
+        ));
         assert!(client("http://127.0.0.1:8787").is_ok());
         assert!(client("http://[::1]:8787").is_ok());
         assert!(client("http://localhost:8787").is_ok());
@@ -271,13 +311,21 @@ mod tests {
     #[test]
     fn the_endpoint_names_team_and_object_type() {
         let c = client("https://developers.micro.so/").unwrap();
-        assert_eq!(c.endpoint(ObjectType::Deal), "https://developers.micro.so/v2/prism/team/deal/batch/update");
+        assert_eq!(
+            c.endpoint(ObjectType::Deal),
+            "https://developers.micro.so/v2/prism/team/deal/batch/update"
+        );
     }
 
     #[test]
     fn the_client_debug_output_hides_the_key() {
-        let c = MicroClient::new("https://x.io", "t", Some(SecretString::from("sekrit-123")), &HttpSettings::default())
-            .unwrap();
+        let c = MicroClient::new(
+            "https://x.io",
+            "t",
+            Some(SecretString::from("sekrit-123")),
+            &HttpSettings::default(),
+        )
+        .unwrap();
         assert!(!format!("{c:?}").contains("sekrit-123"));
     }
 }

@@ -22,7 +22,10 @@ pub struct RunOptions {
 }
 
 /// Connects to the database, retrying with backoff until it answers or `shutdown` fires.
-pub async fn connect_with_retry(settings: &Settings, shutdown: &CancellationToken) -> anyhow::Result<Option<Store>> {
+pub async fn connect_with_retry(
+    settings: &Settings,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Store>> {
     let mut failures = 0u32;
     loop {
         match Store::connect(&settings.database).await {
@@ -45,10 +48,19 @@ pub async fn connect_with_retry(settings: &Settings, shutdown: &CancellationToke
     }
 }
 
-pub async fn run(settings: Settings, options: RunOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    options: RunOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let api_key = settings.micro.resolve_api_key()?;
-    let client = MicroClient::new(&settings.micro.base_url, &settings.micro.team_id, api_key, &settings.http)
-        .context("configuring the Micro API client")?;
+    let client = MicroClient::new(
+        &settings.micro.base_url,
+        &settings.micro.team_id,
+        api_key,
+        &settings.http,
+    )
+    .context("configuring the Micro API client")?;
     let health = Arc::new(Health::default());
     let watchdog = spawn_watchdog(health.clone(), settings.poll.interval, shutdown.clone());
     let Some(store) = connect_with_retry(&settings, &shutdown).await? else {
@@ -62,11 +74,14 @@ pub async fn run(settings: Settings, options: RunOptions, shutdown: Cancellation
     let background = shutdown.child_token();
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = settings.telemetry.listen_addr()? {
-        let listener = telemetry::bind(addr)
-            .await
-            .with_context(|| format!("binding telemetry.listen {addr} (set another address, or empty to turn it off)"))?;
+        let listener = telemetry::bind(addr).await.with_context(|| {
+            format!(
+                "binding telemetry.listen {addr} (set another address, or empty to turn it off)"
+            )
+        })?;
         info!(address = %listener.local_addr()?, "serving /metrics, /livez, /healthz, /readyz");
-        let stuck_after = (settings.poll.interval * 20).max(Duration::from_secs(30)) + settings.database.busy_timeout;
+        let stuck_after = (settings.poll.interval * 20).max(Duration::from_secs(30))
+            + settings.database.busy_timeout;
         let (store, health, stop) = (store.clone(), health.clone(), background.clone());
         tasks.spawn(async move {
             if let Err(e) = telemetry::serve(listener, store, health, stuck_after, stop).await {
@@ -81,9 +96,18 @@ pub async fn run(settings: Settings, options: RunOptions, shutdown: Cancellation
         background.clone(),
     ));
     if settings.retention.succeeded.is_some() || settings.retention.dead.is_some() {
-        tasks.spawn(crate::ops::purge::retention_loop(store.clone(), settings.retention.clone(), background.clone()));
+        tasks.spawn(crate::ops::purge::retention_loop(
+            store.clone(),
+            settings.retention.clone(),
+            background.clone(),
+        ));
     }
-    let engine = Engine::new(store, client, EngineConfig::from_settings(&settings), health);
+    let engine = Engine::new(
+        store,
+        client,
+        EngineConfig::from_settings(&settings),
+        health,
+    );
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     let result = engine.run(shutdown.clone()).await;
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
@@ -129,13 +153,14 @@ fn spawn_watchdog(
 /// Cancels `token` on SIGTERM or SIGINT; a second signal exits at once.
 pub fn cancel_on_signals(token: CancellationToken) {
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "cannot listen for SIGTERM");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: draining"),
             _ = tokio::signal::ctrl_c() => info!("SIGINT: draining (press Ctrl-C again to stop at once)"),
@@ -145,7 +170,9 @@ pub fn cancel_on_signals(token: CancellationToken) {
             _ = term.recv() => {},
             _ = tokio::signal::ctrl_c() => {},
         }
-        warn!("second signal: exiting without draining; unanswered batches are re-sent on the next start");
+        warn!(
+            "second signal: exiting without draining; unanswered batches are re-sent on the next start"
+        );
         std::process::exit(130);
     });
 }

@@ -44,8 +44,12 @@ pub struct DemoArgs {
     pub no_faults: bool,
 }
 
-const FIRST: [&str; 8] = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Ken", "Margaret", "Linus"];
-const LAST: [&str; 8] = ["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Thompson", "Hamilton", "Torvalds"];
+const FIRST: [&str; 8] = [
+    "Ada", "Grace", "Alan", "Edsger", "Barbara", "Ken", "Margaret", "Linus",
+];
+const LAST: [&str; 8] = [
+    "Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Thompson", "Hamilton", "Torvalds",
+];
 const STAGES: [&str; 5] = ["lead", "qualified", "opportunity", "customer", "churned"];
 
 struct Sample {
@@ -58,7 +62,9 @@ struct Sample {
 
 fn sample(args: &DemoArgs) -> Sample {
     let mut rng = StdRng::seed_from_u64(args.seed);
-    let contacts: Vec<Uuid> = (0..args.contacts.max(4)).map(|_| Uuid::from_u128(rng.random())).collect();
+    let contacts: Vec<Uuid> = (0..args.contacts.max(4))
+        .map(|_| Uuid::from_u128(rng.random()))
+        .collect();
     let mut changes = Vec::with_capacity(args.changes);
     for revision in 0..args.changes {
         let contact = contacts[rng.random_range(0..contacts.len())];
@@ -67,14 +73,22 @@ fn sample(args: &DemoArgs) -> Sample {
         default.insert("revision".into(), json!(revision));
         match rng.random_range(0..4) {
             0 => {
-                default.insert("email".into(), json!(format!("{}.{}{}@example.com", first, last, revision % 97).to_lowercase()));
+                default.insert(
+                    "email".into(),
+                    json!(
+                        format!("{}.{}{}@example.com", first, last, revision % 97).to_lowercase()
+                    ),
+                );
             }
             1 => {
                 default.insert("first_name".into(), json!(first));
                 default.insert("last_name".into(), json!(last));
             }
             2 => {
-                default.insert("lifecycle_stage".into(), json!(STAGES[rng.random_range(0..STAGES.len())]));
+                default.insert(
+                    "lifecycle_stage".into(),
+                    json!(STAGES[rng.random_range(0..STAGES.len())]),
+                );
             }
             _ => {
                 default.insert("score".into(), json!(rng.random_range(0..100)));
@@ -90,8 +104,16 @@ fn sample(args: &DemoArgs) -> Sample {
             object_type: ObjectType::Contact,
         });
     }
-    let refused = BTreeMap::from([(contacts[0], "not_found"), (contacts[1], "validation_error")]);
-    Sample { changes, poison: contacts[2], contacts, refused }
+    let refused = BTreeMap::from([
+        (contacts[0], "not_found"),
+        (contacts[1], "validation_error"),
+    ]);
+    Sample {
+        changes,
+        poison: contacts[2],
+        contacts,
+        refused,
+    }
 }
 
 fn demo_faults(s: &Sample) -> FaultProfile {
@@ -105,7 +127,11 @@ fn demo_faults(s: &Sample) -> FaultProfile {
         missing_results_rate: 0.01,
         item_error_rate: 0.01,
         item_error_codes: vec!["rate_limited".into(), "internal_error".into()],
-        item_errors_for_ids: s.refused.iter().map(|(id, code)| (id.to_string(), (*code).to_owned())).collect(),
+        item_errors_for_ids: s
+            .refused
+            .iter()
+            .map(|(id, code)| (id.to_string(), (*code).to_owned()))
+            .collect(),
         poison_ids: vec![s.poison.to_string()],
         poison_status: 400,
         ..FaultProfile::default()
@@ -114,8 +140,16 @@ fn demo_faults(s: &Sample) -> FaultProfile {
 
 pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<ExitCode> {
     let sample = sample(&args);
-    let faults = if args.no_faults { FaultProfile::default() } else { demo_faults(&sample) };
-    let sim_config = SimConfig { faults, seed: args.seed, ..SimConfig::default() };
+    let faults = if args.no_faults {
+        FaultProfile::default()
+    } else {
+        demo_faults(&sample)
+    };
+    let sim_config = SimConfig {
+        faults,
+        seed: args.seed,
+        ..SimConfig::default()
+    };
     let (api_key, team) = (sim_config.api_key.clone(), sim_config.team_id.clone());
     let sim = Simulator::start(sim_config, "127.0.0.1:0".parse().expect("an address"))
         .await
@@ -140,17 +174,47 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<ExitCod
     settings.validate()?;
 
     writeln!(out, "prism-sync demo")?;
-    writeln!(out, "  simulator (Micro API stand-in) on {}, faults: {}", sim.base_url(), if args.no_faults { "off" } else { "503s, 429s, dropped connections, missing results, item errors, one poison item" })?;
-    writeln!(out, "  outbox: {} (SQLite, WAL, synchronous=FULL)", args.db.display())?;
-    let store = Store::connect(&settings.database).await.context("opening the demo database")?;
+    writeln!(
+        out,
+        "  simulator (Micro API stand-in) on {}, faults: {}",
+        sim.base_url(),
+        if args.no_faults {
+            "off"
+        } else {
+            "503s, 429s, dropped connections, missing results, item errors, one poison item"
+        }
+    )?;
+    writeln!(
+        out,
+        "  outbox: {} (SQLite, WAL, synchronous=FULL)",
+        args.db.display()
+    )?;
+    let store = Store::connect(&settings.database)
+        .await
+        .context("opening the demo database")?;
     store.migrate().await?;
     ops::enqueue::insert(&store, &sample.changes).await?;
-    writeln!(out, "  enqueued {} changes to {} contacts (as your application would, with INSERT INTO prism_outbox)", sample.changes.len(), sample.contacts.len())?;
+    writeln!(
+        out,
+        "  enqueued {} changes to {} contacts (as your application would, with INSERT INTO prism_outbox)",
+        sample.changes.len(),
+        sample.contacts.len()
+    )?;
     writeln!(out)?;
 
-    let client = MicroClient::new(&settings.micro.base_url, &settings.micro.team_id, Some(api_key.into()), &settings.http)?;
+    let client = MicroClient::new(
+        &settings.micro.base_url,
+        &settings.micro.team_id,
+        Some(api_key.into()),
+        &settings.http,
+    )?;
     let health = Arc::new(Health::default());
-    let engine = Engine::new(store.clone(), client, EngineConfig::from_settings(&settings), health.clone());
+    let engine = Engine::new(
+        store.clone(),
+        client,
+        EngineConfig::from_settings(&settings),
+        health.clone(),
+    );
     let stop = CancellationToken::new();
     let started = Instant::now();
     let running = tokio::spawn(engine.run(stop.clone()));
@@ -161,7 +225,10 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<ExitCod
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let report = ops::status::status(&store).await?;
-        let open = ["pending", "in_flight", "retrying"].iter().map(|s| report.rows.get(*s).copied().unwrap_or(0)).sum::<i64>();
+        let open = ["pending", "in_flight", "retrying"]
+            .iter()
+            .map(|s| report.rows.get(*s).copied().unwrap_or(0))
+            .sum::<i64>();
         let done = report.rows.get("succeeded").copied().unwrap_or(0);
         let dead = report.rows.get("dead").copied().unwrap_or(0);
         let rate = (done + dead) as f64 / started.elapsed().as_secs_f64().max(0.001);
@@ -193,35 +260,58 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<ExitCod
     let report = ops::status::status(&store).await?;
     let stats = sim.stats();
     writeln!(out)?;
-    writeln!(out, "done in {:.1}s: {} requests, {} idempotent replays, {} faults injected by the simulator", elapsed.as_secs_f64(), stats.requests_total, stats.replays, stats.faults_injected.values().sum::<u64>())?;
+    writeln!(
+        out,
+        "done in {:.1}s: {} requests, {} idempotent replays, {} faults injected by the simulator",
+        elapsed.as_secs_f64(),
+        stats.requests_total,
+        stats.replays,
+        stats.faults_injected.values().sum::<u64>()
+    )?;
     let verdict = verify(&sample, &sim, &report)?;
     writeln!(out, "{verdict}")?;
     writeln!(out)?;
     ops::status::render(&report, out)?;
     let dead_row = dead_row_id(&store).await?;
     writeln!(out)?;
-    writeln!(out, "Next, try (the demo's database stays in {}):", args.db.display())?;
+    writeln!(
+        out,
+        "Next, try (the demo's database stays in {}):",
+        args.db.display()
+    )?;
     let env = format!("DATABASE_URL={shown_url}");
     writeln!(out, "  {env} cargo run --release -- status")?;
     if let Some(id) = dead_row {
         writeln!(out, "  {env} cargo run --release -- inspect {id}")?;
     }
-    writeln!(out, "  {env} cargo run --release -- replay --error-code not_found --dry-run")?;
-    writeln!(out, "  cargo run --release -- simulate --help     # the simulator and its fault flags")?;
+    writeln!(
+        out,
+        "  {env} cargo run --release -- replay --error-code not_found --dry-run"
+    )?;
+    writeln!(
+        out,
+        "  cargo run --release -- simulate --help     # the simulator and its fault flags"
+    )?;
     sim.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
 
 fn bar(done: u64, total: u64) -> String {
     let width = 24;
-    let filled = if total == 0 { width } else { (done * width as u64 / total) as usize }.min(width);
+    let filled = (done * width as u64)
+        .checked_div(total)
+        .map_or(width, |f| f as usize)
+        .min(width);
     format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
 }
 
 async fn dead_row_id(store: &Store) -> anyhow::Result<Option<i64>> {
     let view = ops::replay::preview(
         store,
-        &ops::replay::ReplayFilter { all: true, ..Default::default() },
+        &ops::replay::ReplayFilter {
+            all: true,
+            ..Default::default()
+        },
         1,
     )
     .await?;
@@ -230,8 +320,15 @@ async fn dead_row_id(store: &Store) -> anyhow::Result<Option<i64>> {
 
 /// Checks the guarantees on what the simulator saw: every contact that was not refused ends at
 /// its last change, every contact's changes were applied in order, and none twice.
-fn verify(s: &Sample, sim: &crate::sim::SimHandle, report: &ops::status::StatusReport) -> anyhow::Result<String> {
-    let unfinished: i64 = ["pending", "in_flight", "retrying"].iter().map(|k| report.rows.get(*k).copied().unwrap_or(0)).sum();
+fn verify(
+    s: &Sample,
+    sim: &crate::sim::SimHandle,
+    report: &ops::status::StatusReport,
+) -> anyhow::Result<String> {
+    let unfinished: i64 = ["pending", "in_flight", "retrying"]
+        .iter()
+        .map(|k| report.rows.get(*k).copied().unwrap_or(0))
+        .sum();
     let mut expected: HashMap<Uuid, Map<String, Value>> = HashMap::new();
     for c in &s.changes {
         let patch: Value = serde_json::from_str(&c.patch)?;
@@ -250,7 +347,11 @@ fn verify(s: &Sample, sim: &crate::sim::SimHandle, report: &ops::status::StatusR
         }
         checked += 1;
         let got = sim.record(crate::sim::ObjectType::Contact, *id);
-        let got_default = got.as_ref().and_then(|r| r.get("default")).cloned().unwrap_or(Value::Null);
+        let got_default = got
+            .as_ref()
+            .and_then(|r| r.get("default"))
+            .cloned()
+            .unwrap_or(Value::Null);
         if got_default != Value::Object(want.clone()) {
             wrong += 1;
         }
@@ -258,7 +359,11 @@ fn verify(s: &Sample, sim: &crate::sim::SimHandle, report: &ops::status::StatusR
     let mut last_revision: HashMap<Uuid, i64> = HashMap::new();
     let (mut out_of_order, mut twice) = (0, 0);
     for change in sim.applied_log() {
-        let revision = change.item.pointer("/default/revision").and_then(Value::as_i64).unwrap_or(-1);
+        let revision = change
+            .item
+            .pointer("/default/revision")
+            .and_then(Value::as_i64)
+            .unwrap_or(-1);
         match last_revision.insert(change.record_id, revision) {
             Some(prev) if prev == revision => twice += 1,
             Some(prev) if prev > revision => out_of_order += 1,

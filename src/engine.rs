@@ -27,7 +27,8 @@ use crate::health::Health;
 use crate::model::{ItemOutcome, RowState, codes};
 use crate::settings::Settings;
 use crate::store::{
-    AttemptRecord, BatchEnd, ClaimRequest, DeferBatch, FinishBatch, LeasedBatch, RowUpdate, Store, StoreError,
+    AttemptRecord, BatchEnd, ClaimRequest, DeferBatch, FinishBatch, LeasedBatch, RowUpdate, Store,
+    StoreError,
 };
 
 /// Kills the process on the spot when the named failpoint is armed (fault-suite builds only):
@@ -74,7 +75,10 @@ impl EngineConfig {
                 max_patch_bytes: s.batch.max_patch_bytes,
             },
             poll_interval: s.poll.interval,
-            retry: RetryPolicy { base_delay: s.retry.base_delay, max_delay: s.retry.max_delay },
+            retry: RetryPolicy {
+                base_delay: s.retry.base_delay,
+                max_delay: s.retry.max_delay,
+            },
             codes: CodePolicy {
                 retryable: s.retry.retryable_codes.iter().cloned().collect(),
                 permanent: s.retry.permanent_codes.iter().cloned().collect(),
@@ -136,11 +140,20 @@ fn code_label(cfg: &EngineConfig, code: &str) -> String {
         || cfg.codes.retryable.contains(code)
         || cfg.codes.permanent.contains(code)
         || (code.starts_with("http_") && code.len() == 8);
-    if known { code.to_owned() } else { "other".to_owned() }
+    if known {
+        code.to_owned()
+    } else {
+        "other".to_owned()
+    }
 }
 
 impl Engine {
-    pub fn new(store: Store, client: MicroClient, cfg: EngineConfig, health: Arc<Health>) -> Engine {
+    pub fn new(
+        store: Store,
+        client: MicroClient,
+        cfg: EngineConfig,
+        health: Arc<Health>,
+    ) -> Engine {
         Engine {
             shared: Arc::new(Shared {
                 store,
@@ -168,7 +181,11 @@ impl Engine {
         let mut helpers = JoinSet::new();
         helpers.spawn(heartbeat(shared.clone(), background.clone()));
         if let Store::Postgres(pg) = &shared.store {
-            helpers.spawn(listen_for_changes(shared.clone(), pg.clone(), background.clone()));
+            helpers.spawn(listen_for_changes(
+                shared.clone(),
+                pg.clone(),
+                background.clone(),
+            ));
         }
         let permits = Arc::new(Semaphore::new(cfg.max_in_flight));
         let mut sends: JoinSet<()> = JoinSet::new();
@@ -217,8 +234,11 @@ impl Engine {
                     Err(e) => {
                         db_failures += 1;
                         shared.health.set_db_ok(false);
-                        let wait = RetryPolicy { base_delay: Duration::from_millis(200), max_delay: Duration::from_secs(10) }
-                            .ceiling(db_failures);
+                        let wait = RetryPolicy {
+                            base_delay: Duration::from_millis(200),
+                            max_delay: Duration::from_secs(10),
+                        }
+                        .ceiling(db_failures);
                         warn!(error = %e, retry_in = ?wait, "cannot claim work: the database is unavailable; nothing new is sent until it is back");
                         tokio::select! {
                             _ = tokio::time::sleep(wait) => {},
@@ -243,7 +263,10 @@ impl Engine {
         })
         .await;
         if drained.is_err() {
-            warn!(left = sends.len(), "grace period over: unanswered batches stay stored and are re-sent with their keys on the next start");
+            warn!(
+                left = sends.len(),
+                "grace period over: unanswered batches stay stored and are re-sent with their keys on the next start"
+            );
             sends.abort_all();
             while sends.join_next().await.is_some() {}
         }
@@ -268,9 +291,15 @@ async fn fill(shared: &Shared, free: usize) -> Result<Vec<LeasedBatch>, StoreErr
         if !shared.active.lock().expect("active lock").is_empty() {
             return Ok(Vec::new());
         }
-        return shared.store.lease_due_batches(&cfg.owner, cfg.lease, 1).await;
+        return shared
+            .store
+            .lease_due_batches(&cfg.owner, cfg.lease, 1)
+            .await;
     }
-    let mut batches = shared.store.lease_due_batches(&cfg.owner, cfg.lease, free).await?;
+    let mut batches = shared
+        .store
+        .lease_due_batches(&cfg.owner, cfg.lease, free)
+        .await?;
     let left = free.saturating_sub(batches.len());
     if left > 0 {
         let claimed = shared
@@ -305,14 +334,22 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
         if shared.active.lock().expect("active lock").is_empty() {
             continue;
         }
-        if let Err(e) = shared.store.extend_leases(&shared.cfg.owner, shared.cfg.lease).await {
+        if let Err(e) = shared
+            .store
+            .extend_leases(&shared.cfg.owner, shared.cfg.lease)
+            .await
+        {
             warn!(error = %e, "could not extend batch leases");
         }
     }
 }
 
 /// Wakes the loop as soon as a change commits (Postgres `NOTIFY` from the outbox trigger).
-async fn listen_for_changes(shared: Arc<Shared>, pg: crate::store::PgStore, stop: CancellationToken) {
+async fn listen_for_changes(
+    shared: Arc<Shared>,
+    pg: crate::store::PgStore,
+    stop: CancellationToken,
+) {
     let mut failures = 0u32;
     loop {
         let mut listener = tokio::select! {
@@ -372,22 +409,41 @@ async fn process_batch(shared: &Shared, first: LeasedBatch) {
     let mut queue = vec![first];
     while let Some(batch) = queue.pop() {
         if batch.attempts >= i32::try_from(cfg.batch_max_attempts).unwrap_or(i32::MAX) {
-            release(shared, &batch, "the batch failed batch.max_attempts times under its key").await;
+            release(
+                shared,
+                &batch,
+                "the batch failed batch.max_attempts times under its key",
+            )
+            .await;
             continue;
         }
         if batch.key_age >= cfg.max_key_age {
-            release(shared, &batch, "the batch's key is near the server's 24h idempotency window").await;
+            release(
+                shared,
+                &batch,
+                "the batch's key is near the server's 24h idempotency window",
+            )
+            .await;
             continue;
         }
         crash_point!("before_send");
         let started = Instant::now();
         Health::count(&shared.health.sends, 1);
-        let exchange = shared.client.send(batch.object_type, &batch.idempotency_key, batch.body.clone()).await;
+        let exchange = shared
+            .client
+            .send(
+                batch.object_type,
+                &batch.idempotency_key,
+                batch.body.clone(),
+            )
+            .await;
         let took = started.elapsed();
         crash_point!("after_response");
         let (status, replay, detail) = match &exchange {
             Exchange::Answered(a) => (Some(a.status), a.replay, None),
-            Exchange::Failed { kind, detail } => (None, false, Some(format!("{}: {detail}", kind.code()))),
+            Exchange::Failed { kind, detail } => {
+                (None, false, Some(format!("{}: {detail}", kind.code())))
+            }
         };
         if replay {
             metrics::counter!("prism_sync_idempotent_replays_total").increment(1);
@@ -407,10 +463,24 @@ async fn process_batch(shared: &Shared, first: LeasedBatch) {
             duration: took,
         };
         match verdict {
-            BatchVerdict::Answered { outcomes, anomalies } => {
-                record_answer(shared, &batch, outcomes, &anomalies, attempt("answered", None)).await;
+            BatchVerdict::Answered {
+                outcomes,
+                anomalies,
+            } => {
+                record_answer(
+                    shared,
+                    &batch,
+                    outcomes,
+                    &anomalies,
+                    attempt("answered", None),
+                )
+                .await;
             }
-            BatchVerdict::Retry { code, retry_after, slow_everyone } => {
+            BatchVerdict::Retry {
+                code,
+                retry_after,
+                slow_everyone,
+            } => {
                 Health::count(&shared.health.send_failures, 1);
                 let next = u32::try_from(batch.attempts).unwrap_or(0).saturating_add(1);
                 let delay = match retry_after {
@@ -437,7 +507,8 @@ async fn process_batch(shared: &Shared, first: LeasedBatch) {
                     error!(status, probe_every = ?cfg.auth_probe_interval, "the API refuses the key: pausing sends (no attempts are used) and probing");
                 }
                 shared.health.set_credentials_refused(true);
-                metrics::counter!("prism_sync_batches_total", "result" => "auth_refused").increment(1);
+                metrics::counter!("prism_sync_batches_total", "result" => "auth_refused")
+                    .increment(1);
                 let d = DeferBatch {
                     batch_id: batch.id,
                     owner: &cfg.owner,
@@ -451,8 +522,13 @@ async fn process_batch(shared: &Shared, first: LeasedBatch) {
                 let code = format!("http_{status}");
                 match batch::split_batch(batch.object_type, &batch.body, &batch.items) {
                     Ok(Some(halves)) => {
-                        info!(status, items = batch.items.len(), "batch rejected whole: bisecting to find the item the API refuses");
-                        metrics::counter!("prism_sync_batches_total", "result" => "bisected").increment(1);
+                        info!(
+                            status,
+                            items = batch.items.len(),
+                            "batch rejected whole: bisecting to find the item the API refuses"
+                        );
+                        metrics::counter!("prism_sync_batches_total", "result" => "bisected")
+                            .increment(1);
                         let f = FinishBatch {
                             batch_id: batch.id,
                             owner: &cfg.owner,
@@ -462,7 +538,9 @@ async fn process_batch(shared: &Shared, first: LeasedBatch) {
                             lease: cfg.lease,
                             attempt: attempt(&code, Some(message.clone())),
                         };
-                        if must_write("splitting a batch", || shared.store.finish_batch(&f)).await == Some(true) {
+                        if must_write("splitting a batch", || shared.store.finish_batch(&f)).await
+                            == Some(true)
+                        {
                             let mut active = shared.active.lock().expect("active lock");
                             for child in halves {
                                 active.insert(child.id);
@@ -471,10 +549,21 @@ async fn process_batch(shared: &Shared, first: LeasedBatch) {
                         }
                     }
                     Ok(None) => {
-                        let outcomes =
-                            vec![ItemOutcome::Dead { code: code.clone(), message: message.clone() }; batch.items.len()];
-                        record_answer(shared, &batch, outcomes, &Anomalies::default(), attempt(&code, Some(message)))
-                            .await;
+                        let outcomes = vec![
+                            ItemOutcome::Dead {
+                                code: code.clone(),
+                                message: message.clone()
+                            };
+                            batch.items.len()
+                        ];
+                        record_answer(
+                            shared,
+                            &batch,
+                            outcomes,
+                            &Anomalies::default(),
+                            attempt(&code, Some(message)),
+                        )
+                        .await;
                     }
                     Err(e) => {
                         error!(error = %e, "stored batch body cannot be split; releasing its rows");
@@ -483,9 +572,18 @@ async fn process_batch(shared: &Shared, first: LeasedBatch) {
                 }
             }
             BatchVerdict::KeyMismatch => {
-                error!("the API says this key was used with another body (idempotency_key_mismatch); releasing the rows to new batches");
+                error!(
+                    "the API says this key was used with another body (idempotency_key_mismatch); releasing the rows to new batches"
+                );
                 metrics::counter!("prism_sync_key_mismatches_total").increment(1);
-                finish_released(shared, &batch, "idempotency_key_mismatch", "the API answered 409 idempotency_key_mismatch", attempt("idempotency_key_mismatch", None)).await;
+                finish_released(
+                    shared,
+                    &batch,
+                    "idempotency_key_mismatch",
+                    "the API answered 409 idempotency_key_mismatch",
+                    attempt("idempotency_key_mismatch", None),
+                )
+                .await;
             }
         }
     }
@@ -521,15 +619,31 @@ async fn record_answer(
             ItemOutcome::Retry { code, message } => {
                 retried += n;
                 let next = u32::try_from(item.attempts).unwrap_or(0).saturating_add(1);
-                (RowState::Retrying, Some(code.clone()), Some(message.clone()), cfg.retry.jittered(next).as_secs_f64())
+                (
+                    RowState::Retrying,
+                    Some(code.clone()),
+                    Some(message.clone()),
+                    cfg.retry.jittered(next).as_secs_f64(),
+                )
             }
             ItemOutcome::Dead { code, message } => {
                 dead += n;
-                (RowState::Dead, Some(code.clone()), Some(message.clone()), 0.0)
+                (
+                    RowState::Dead,
+                    Some(code.clone()),
+                    Some(message.clone()),
+                    0.0,
+                )
             }
         };
         for id in &item.rows {
-            rows.push(RowUpdate { id: *id, state, code: code.clone(), message: message.clone(), retry_in });
+            rows.push(RowUpdate {
+                id: *id,
+                state,
+                code: code.clone(),
+                message: message.clone(),
+                retry_in,
+            });
         }
     }
     let f = FinishBatch {
@@ -556,15 +670,26 @@ async fn record_answer(
                 }
             }
             metrics::gauge!("prism_sync_last_progress_timestamp_seconds").set(
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0),
             );
             Health::count(&shared.health.rows_succeeded, ok);
             Health::count(&shared.health.rows_retried, retried);
             Health::count(&shared.health.rows_dead, dead);
             Health::count(&shared.health.batches_answered, 1);
-            debug!(items = batch.items.len(), rows_succeeded = ok, rows_retried = retried, rows_dead = dead, "batch answered");
+            debug!(
+                items = batch.items.len(),
+                rows_succeeded = ok,
+                rows_retried = retried,
+                rows_dead = dead,
+                "batch answered"
+            );
         }
-        Some(false) => warn!("batch answered, but another process took it over meanwhile; its outcome is theirs to record"),
+        Some(false) => warn!(
+            "batch answered, but another process took it over meanwhile; its outcome is theirs to record"
+        ),
         None => {}
     }
 }
@@ -573,11 +698,21 @@ async fn record_answer(
 /// keys (safe: per-record order still holds and PATCH values are absolute).
 async fn release(shared: &Shared, batch: &LeasedBatch, why: &str) {
     warn!(attempts = batch.attempts, key_age = ?batch.key_age, "{why}: releasing its rows to new batches");
-    let attempt = AttemptRecord { outcome: "released".into(), detail: Some(why.into()), ..AttemptRecord::default() };
+    let attempt = AttemptRecord {
+        outcome: "released".into(),
+        detail: Some(why.into()),
+        ..AttemptRecord::default()
+    };
     finish_released(shared, batch, codes::BATCH_RELEASED, why, attempt).await;
 }
 
-async fn finish_released(shared: &Shared, batch: &LeasedBatch, code: &str, why: &str, attempt: AttemptRecord) {
+async fn finish_released(
+    shared: &Shared,
+    batch: &LeasedBatch,
+    code: &str,
+    why: &str,
+    attempt: AttemptRecord,
+) {
     let cfg = &shared.cfg;
     let mut rows = Vec::with_capacity(batch.row_count());
     let mut dead = 0u64;
@@ -585,7 +720,11 @@ async fn finish_released(shared: &Shared, batch: &LeasedBatch, code: &str, why: 
         let tries = u32::try_from(item.attempts).unwrap_or(0).saturating_add(1);
         // Each release counts as a try, so a batch that can never be answered ends its rows
         // `dead` after retry.max_attempts instead of circling forever.
-        let state = if tries >= cfg.codes.max_attempts { RowState::Dead } else { RowState::Retrying };
+        let state = if tries >= cfg.codes.max_attempts {
+            RowState::Dead
+        } else {
+            RowState::Retrying
+        };
         for id in &item.rows {
             if state == RowState::Dead {
                 dead += 1;
@@ -611,7 +750,8 @@ async fn finish_released(shared: &Shared, batch: &LeasedBatch, code: &str, why: 
     if must_write("releasing a batch", || shared.store.finish_batch(&f)).await == Some(true) {
         metrics::counter!("prism_sync_batches_total", "result" => "released").increment(1);
         metrics::counter!("prism_sync_items_total", "outcome" => "dead").increment(dead);
-        metrics::counter!("prism_sync_items_total", "outcome" => "retried").increment(batch.row_count() as u64 - dead);
+        metrics::counter!("prism_sync_items_total", "outcome" => "retried")
+            .increment(batch.row_count() as u64 - dead);
         Health::count(&shared.health.rows_dead, dead);
         Health::count(&shared.health.rows_retried, batch.row_count() as u64 - dead);
     }

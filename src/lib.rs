@@ -15,12 +15,12 @@
 pub mod backoff;
 pub mod batch;
 pub mod classify;
-pub mod client;
-pub mod engine;
-pub mod health;
 pub mod cli;
+pub mod client;
 pub mod daemon;
 pub mod demo;
+pub mod engine;
+pub mod health;
 pub mod model;
 pub mod ops;
 pub mod settings;

@@ -7,7 +7,9 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The Prism object types that have a `batch/update` endpoint. Batches never mix them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ObjectType {
     Contact,
@@ -50,7 +52,9 @@ impl fmt::Display for ObjectType {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("unknown object type {0:?} (expected one of contact, organization, deal, engagement, action, identity, document)")]
+#[error(
+    "unknown object type {0:?} (expected one of contact, organization, deal, engagement, action, identity, document)"
+)]
 pub struct UnknownObjectType(pub String);
 
 impl FromStr for ObjectType {
@@ -110,8 +114,14 @@ impl fmt::Display for RowState {
 pub enum ItemOutcome {
     Succeeded,
     /// Retry the rows later in a new batch (new key): the server answered this batch for good.
-    Retry { code: String, message: String },
-    Dead { code: String, message: String },
+    Retry {
+        code: String,
+        message: String,
+    },
+    Dead {
+        code: String,
+        message: String,
+    },
 }
 
 impl ItemOutcome {

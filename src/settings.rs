@@ -23,7 +23,10 @@ pub enum SettingsError {
     #[error("reading configuration: {0}")]
     Load(#[from] config::ConfigError),
     #[error("reading the API key file {path}: {source}")]
-    KeyFile { path: PathBuf, source: std::io::Error },
+    KeyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid setting {key}: {reason}")]
     Invalid { key: &'static str, reason: String },
 }
@@ -78,7 +81,12 @@ pub struct MicroSettings {
 
 impl Default for MicroSettings {
     fn default() -> Self {
-        Self { base_url: DEFAULT_BASE_URL.into(), team_id: String::new(), api_key: None, api_key_file: None }
+        Self {
+            base_url: DEFAULT_BASE_URL.into(),
+            team_id: String::new(),
+            api_key: None,
+            api_key_file: None,
+        }
     }
 }
 
@@ -103,8 +111,11 @@ impl MicroSettings {
         }
         match &self.api_key_file {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| SettingsError::KeyFile { path: path.clone(), source })?;
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| SettingsError::KeyFile {
+                        path: path.clone(),
+                        source,
+                    })?;
                 Ok(Some(SecretString::from(text.trim().to_owned())))
             }
             None => Ok(None),
@@ -184,7 +195,10 @@ pub struct SyncSettings {
 
 impl Default for SyncSettings {
     fn default() -> Self {
-        Self { max_in_flight: 8, lease: Duration::from_secs(45) }
+        Self {
+            max_in_flight: 8,
+            lease: Duration::from_secs(45),
+        }
     }
 }
 
@@ -198,7 +212,9 @@ pub struct PollSettings {
 
 impl Default for PollSettings {
     fn default() -> Self {
-        Self { interval: Duration::from_millis(50) }
+        Self {
+            interval: Duration::from_millis(50),
+        }
     }
 }
 
@@ -254,7 +270,9 @@ pub struct AuthSettings {
 
 impl Default for AuthSettings {
     fn default() -> Self {
-        Self { probe_interval: Duration::from_secs(15) }
+        Self {
+            probe_interval: Duration::from_secs(15),
+        }
     }
 }
 
@@ -267,7 +285,9 @@ pub struct ShutdownSettings {
 
 impl Default for ShutdownSettings {
     fn default() -> Self {
-        Self { grace_period: Duration::from_secs(30) }
+        Self {
+            grace_period: Duration::from_secs(30),
+        }
     }
 }
 
@@ -283,7 +303,10 @@ pub struct TelemetrySettings {
 
 impl Default for TelemetrySettings {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:9464".into(), sample_interval: Duration::from_secs(5) }
+        Self {
+            listen: "127.0.0.1:9464".into(),
+            sample_interval: Duration::from_secs(5),
+        }
     }
 }
 
@@ -292,10 +315,16 @@ impl TelemetrySettings {
         if self.listen.trim().is_empty() {
             return Ok(None);
         }
-        self.listen.parse().map(Some).map_err(|e| SettingsError::Invalid {
-            key: "telemetry.listen",
-            reason: format!("{:?} is not an address like 127.0.0.1:9464: {e}", self.listen),
-        })
+        self.listen
+            .parse()
+            .map(Some)
+            .map_err(|e| SettingsError::Invalid {
+                key: "telemetry.listen",
+                reason: format!(
+                    "{:?} is not an address like 127.0.0.1:9464: {e}",
+                    self.listen
+                ),
+            })
     }
 }
 
@@ -318,7 +347,10 @@ pub struct LogSettings {
 
 impl Default for LogSettings {
     fn default() -> Self {
-        Self { format: LogFormat::Text, level: "info".into() }
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
     }
 }
 
@@ -337,7 +369,11 @@ pub struct RetentionSettings {
 
 impl Default for RetentionSettings {
     fn default() -> Self {
-        Self { succeeded: None, dead: None, interval: Duration::from_secs(600) }
+        Self {
+            succeeded: None,
+            dead: None,
+            interval: Duration::from_secs(600),
+        }
     }
 }
 
@@ -356,7 +392,9 @@ impl Settings {
         let mut builder = config::Config::builder();
         builder = match file {
             Some(path) => builder.add_source(config::File::from(path).required(true)),
-            None => builder.add_source(config::File::with_name(DEFAULT_CONFIG_FILE).required(false)),
+            None => {
+                builder.add_source(config::File::with_name(DEFAULT_CONFIG_FILE).required(false))
+            }
         };
         let prefixed: config::Map<String, String> = env
             .iter()
@@ -394,7 +432,10 @@ impl Settings {
     pub fn validate(&self) -> Result<(), SettingsError> {
         let invalid = |key, reason: String| Err(SettingsError::Invalid { key, reason });
         if self.batch.size == 0 || self.batch.size > MAX_BATCH_SIZE {
-            return invalid("batch.size", format!("{} is not within 1..=100", self.batch.size));
+            return invalid(
+                "batch.size",
+                format!("{} is not within 1..=100", self.batch.size),
+            );
         }
         if self.batch.max_coalesce == 0 {
             return invalid("batch.max_coalesce", "must be at least 1".into());
@@ -413,13 +454,19 @@ impl Settings {
             );
         }
         if self.retry.base_delay.is_zero() || self.retry.max_delay < self.retry.base_delay {
-            return invalid("retry.max_delay", "need 0 < retry.base_delay <= retry.max_delay".into());
+            return invalid(
+                "retry.max_delay",
+                "need 0 < retry.base_delay <= retry.max_delay".into(),
+            );
         }
         if self.retry.max_attempts == 0 {
             return invalid("retry.max_attempts", "must be at least 1".into());
         }
         if self.batch.max_key_age >= Duration::from_secs(24 * 3600) {
-            return invalid("batch.max_key_age", "must stay below the server's 24h key lifetime".into());
+            return invalid(
+                "batch.max_key_age",
+                "must stay below the server's 24h key lifetime".into(),
+            );
         }
         if self.poll.interval.is_zero() {
             return invalid("poll.interval", "must be above zero".into());
@@ -434,7 +481,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
     }
 
     #[test]
@@ -454,18 +504,23 @@ mod tests {
         assert_eq!(s.batch.size, 25);
         assert_eq!(s.retry.permanent_codes, vec!["not_found", "gone"]);
         assert_eq!(s.database.url, "postgres://x/y");
-        assert_eq!(s.micro.resolve_api_key().unwrap().unwrap().expose_secret(), "k-123");
+        assert_eq!(
+            s.micro.resolve_api_key().unwrap().unwrap().expose_secret(),
+            "k-123"
+        );
     }
 
     #[test]
     fn a_batch_size_over_one_hundred_is_refused() {
-        let err = Settings::load_from(None, env(&[("PRISM_SYNC__BATCH__SIZE", "101")])).unwrap_err();
+        let err =
+            Settings::load_from(None, env(&[("PRISM_SYNC__BATCH__SIZE", "101")])).unwrap_err();
         assert!(err.to_string().contains("batch.size"), "{err}");
     }
 
     #[test]
     fn a_misspelt_key_is_an_error_not_silently_ignored() {
-        let err = Settings::load_from(None, env(&[("PRISM_SYNC__RETRY__BASE_DELYA", "1s")])).unwrap_err();
+        let err =
+            Settings::load_from(None, env(&[("PRISM_SYNC__RETRY__BASE_DELYA", "1s")])).unwrap_err();
         assert!(err.to_string().contains("base_delya"), "{err}");
     }
 
@@ -486,6 +541,9 @@ mod tests {
             env(&[("PRISM_SYNC__MICRO__API_KEY_FILE", path.to_str().unwrap())]),
         )
         .unwrap();
-        assert_eq!(s.micro.resolve_api_key().unwrap().unwrap().expose_secret(), "from-file");
+        assert_eq!(
+            s.micro.resolve_api_key().unwrap().unwrap().expose_secret(),
+            "from-file"
+        );
     }
 }

@@ -30,17 +30,28 @@ pub fn init_logging(settings: &LogSettings) {
     let directives = if settings.level.contains('=') {
         settings.level.clone()
     } else {
-        format!("{},sqlx=warn,hyper=info,hyper_util=info,h2=info,reqwest=info,rustls=info", settings.level)
+        format!(
+            "{},sqlx=warn,hyper=info,hyper_util=info,h2=info,reqwest=info,rustls=info",
+            settings.level
+        )
     };
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&directives))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let result = match settings.format {
-        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
         LogFormat::Text => {
             use std::io::IsTerminal;
-            builder.with_ansi(std::io::stderr().is_terminal()).try_init()
+            builder
+                .with_ansi(std::io::stderr().is_terminal())
+                .try_init()
         }
     };
     // A second initialisation (tests, the demo) keeps the first subscriber.
@@ -56,13 +67,27 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Full("prism_sync_http_request_duration_seconds".into()),
-                    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                    &[
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    ],
                 )
                 .ok()?;
             let handle = builder.install_recorder().ok()?;
             describe();
-            metrics::gauge!("prism_sync_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            metrics::gauge!("prism_sync_build_info", "version" => env!("CARGO_PKG_VERSION"))
+                .set(1.0);
             metrics::gauge!("prism_sync_credentials_refused").set(0.0);
+            // Counters exist from the start at zero, so rate() and alerts see them before the
+            // first event rather than "no data".
+            for outcome in ["succeeded", "retried", "dead"] {
+                metrics::counter!("prism_sync_items_total", "outcome" => outcome).increment(0);
+            }
+            for result in ["ok", "partial", "retry", "auth_refused", "bisected", "released"] {
+                metrics::counter!("prism_sync_batches_total", "result" => result).increment(0);
+            }
+            metrics::counter!("prism_sync_idempotent_replays_total").increment(0);
+            metrics::counter!("prism_sync_key_mismatches_total").increment(0);
+            metrics::counter!("prism_sync_operator_replayed_rows_total").increment(0);
             Some(handle)
         })
         .clone()
@@ -70,35 +95,97 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_counter!("prism_sync_items_total", "Outbox rows by the outcome recorded for them (succeeded, retried, dead).");
-    describe_counter!("prism_sync_item_errors_total", "Per-item error codes from the API or prism-sync (unknown codes as other).");
-    describe_counter!("prism_sync_batches_total", "Batches by result (ok, partial, retry, auth_refused, bisected, released).");
-    describe_counter!("prism_sync_http_requests_total", "Requests to the Micro API by status class (error: no response).");
-    describe_histogram!("prism_sync_http_request_duration_seconds", Unit::Seconds, "Duration of requests to the Micro API.");
-    describe_counter!("prism_sync_idempotent_replays_total", "Answers the API replayed from its idempotency cache.");
-    describe_counter!("prism_sync_key_mismatches_total", "409 idempotency_key_mismatch answers (never expected).");
-    describe_gauge!("prism_sync_rows", "Outbox rows by state (sampled from the database).");
+    describe_counter!(
+        "prism_sync_items_total",
+        "Outbox rows by the outcome recorded for them (succeeded, retried, dead)."
+    );
+    describe_counter!(
+        "prism_sync_item_errors_total",
+        "Per-item error codes from the API or prism-sync (unknown codes as other)."
+    );
+    describe_counter!(
+        "prism_sync_batches_total",
+        "Batches by result (ok, partial, retry, auth_refused, bisected, released)."
+    );
+    describe_counter!(
+        "prism_sync_http_requests_total",
+        "Requests to the Micro API by status class (error: no response)."
+    );
+    describe_histogram!(
+        "prism_sync_http_request_duration_seconds",
+        Unit::Seconds,
+        "Duration of requests to the Micro API."
+    );
+    describe_counter!(
+        "prism_sync_idempotent_replays_total",
+        "Answers the API replayed from its idempotency cache."
+    );
+    describe_counter!(
+        "prism_sync_key_mismatches_total",
+        "409 idempotency_key_mismatch answers (never expected)."
+    );
+    describe_gauge!(
+        "prism_sync_rows",
+        "Outbox rows by state (sampled from the database)."
+    );
     describe_gauge!("prism_sync_dead_rows", "Dead rows by error code (sampled).");
-    describe_gauge!("prism_sync_oldest_pending_age_seconds", Unit::Seconds, "Age of the oldest row not yet succeeded or dead.");
-    describe_gauge!("prism_sync_oldest_batch_key_age_seconds", Unit::Seconds, "Age of the oldest unanswered batch's idempotency key.");
-    describe_gauge!("prism_sync_batches_in_flight", "Batches stored and not yet answered (all replicas).");
-    describe_gauge!("prism_sync_rows_held_back", "Rows waiting on an older row of their record.");
-    describe_gauge!("prism_sync_watermark_lag_seconds", Unit::Seconds, "Postgres: age of the oldest transaction holding the visibility watermark back.");
-    describe_gauge!("prism_sync_credentials_refused", "1 while the API refuses the key.");
-    describe_counter!("prism_sync_operator_replayed_rows_total", "Rows requeued by prism-sync replay.");
-    describe_gauge!("prism_sync_last_progress_timestamp_seconds", Unit::Seconds, "Unix time of the last recorded outcome.");
+    describe_gauge!(
+        "prism_sync_oldest_pending_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest row not yet succeeded or dead."
+    );
+    describe_gauge!(
+        "prism_sync_oldest_batch_key_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest unanswered batch's idempotency key."
+    );
+    describe_gauge!(
+        "prism_sync_batches_in_flight",
+        "Batches stored and not yet answered (all replicas)."
+    );
+    describe_gauge!(
+        "prism_sync_rows_held_back",
+        "Rows waiting on an older row of their record."
+    );
+    describe_gauge!(
+        "prism_sync_watermark_lag_seconds",
+        Unit::Seconds,
+        "Postgres: age of the oldest transaction holding the visibility watermark back."
+    );
+    describe_gauge!(
+        "prism_sync_credentials_refused",
+        "1 while the API refuses the key."
+    );
+    describe_counter!(
+        "prism_sync_operator_replayed_rows_total",
+        "Rows requeued by prism-sync replay."
+    );
+    describe_gauge!(
+        "prism_sync_last_progress_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time of the last recorded outcome."
+    );
     describe_gauge!("prism_sync_build_info", "Build information.");
 }
 
 /// Samples row counts and ages into gauges every `every`, until `stop`.
-pub async fn sample_gauges(store: Store, health: Arc<Health>, every: Duration, stop: CancellationToken) {
+pub async fn sample_gauges(
+    store: Store,
+    health: Arc<Health>,
+    every: Duration,
+    stop: CancellationToken,
+) {
     let mut known_codes: Vec<String> = Vec::new();
     loop {
         match store.gauges().await {
             Ok(g) => {
                 health.set_db_ok(true);
                 for state in RowState::ALL {
-                    let n = g.rows_by_state.iter().find(|(s, _)| s == state.as_str()).map_or(0, |(_, n)| *n);
+                    let n = g
+                        .rows_by_state
+                        .iter()
+                        .find(|(s, _)| s == state.as_str())
+                        .map_or(0, |(_, n)| *n);
                     metrics::gauge!("prism_sync_rows", "state" => state.as_str()).set(n as f64);
                 }
                 // Codes that disappeared (replayed, purged) drop to zero rather than linger.
@@ -113,8 +200,10 @@ pub async fn sample_gauges(store: Store, health: Arc<Health>, every: Duration, s
                         known_codes.push(code.clone());
                     }
                 }
-                metrics::gauge!("prism_sync_oldest_pending_age_seconds").set(g.oldest_pending_age_seconds);
-                metrics::gauge!("prism_sync_oldest_batch_key_age_seconds").set(g.oldest_batch_key_age_seconds);
+                metrics::gauge!("prism_sync_oldest_pending_age_seconds")
+                    .set(g.oldest_pending_age_seconds);
+                metrics::gauge!("prism_sync_oldest_batch_key_age_seconds")
+                    .set(g.oldest_batch_key_age_seconds);
                 metrics::gauge!("prism_sync_batches_in_flight").set(g.batches_in_flight as f64);
                 metrics::gauge!("prism_sync_rows_held_back").set(g.rows_held_back as f64);
                 metrics::gauge!("prism_sync_watermark_lag_seconds").set(g.watermark_lag_seconds);
@@ -150,14 +239,21 @@ pub async fn serve(
     stuck_after: Duration,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    let probe = Probe { store, health, handle: metrics_handle(), stuck_after };
+    let probe = Probe {
+        store,
+        health,
+        handle: metrics_handle(),
+        stuck_after,
+    };
     let app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/livez", get(livez))
         .route("/healthz", get(livez))
         .route("/readyz", get(readyz))
         .with_state(probe);
-    axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
 }
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
@@ -167,14 +263,22 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 async fn metrics_text(State(p): State<Probe>) -> Response {
     match &p.handle {
         Some(h) => ([("content-type", "text/plain; version=0.0.4")], h.render()).into_response(),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed\n").into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder not installed\n",
+        )
+            .into_response(),
     }
 }
 
 async fn livez(State(p): State<Probe>) -> Response {
     match p.health.since_tick() {
         Some(d) if d <= p.stuck_after => (StatusCode::OK, "alive\n").into_response(),
-        Some(d) => (StatusCode::SERVICE_UNAVAILABLE, format!("main loop has not turned for {d:?}\n")).into_response(),
+        Some(d) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("main loop has not turned for {d:?}\n"),
+        )
+            .into_response(),
         None => (StatusCode::OK, "starting\n").into_response(),
     }
 }
@@ -189,7 +293,9 @@ async fn readyz(State(p): State<Probe>) -> Response {
     if problems.is_empty() {
         match p.store.migrations_current().await {
             Ok(true) => {}
-            Ok(false) => problems.push("migrations not applied (run prism-sync migrate)".to_owned()),
+            Ok(false) => {
+                problems.push("migrations not applied (run prism-sync migrate)".to_owned())
+            }
             Err(e) => problems.push(format!("cannot read migrations: {e}")),
         }
     }
@@ -200,6 +306,10 @@ async fn readyz(State(p): State<Probe>) -> Response {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         warn!(problems = ?problems, "not ready");
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", problems.join("; "))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", problems.join("; ")),
+        )
+            .into_response()
     }
 }

@@ -54,9 +54,16 @@ pub fn parse_line(text: &str, max_patch_bytes: usize) -> Result<Change, String> 
     }
     let patch = serde_json::to_string(&line.patch).expect("a JSON value serialises");
     if patch.len() > max_patch_bytes {
-        return Err(format!("patch is {} bytes, over batch.max_patch_bytes ({max_patch_bytes})", patch.len()));
+        return Err(format!(
+            "patch is {} bytes, over batch.max_patch_bytes ({max_patch_bytes})",
+            patch.len()
+        ));
     }
-    Ok(Change { record_id, patch, object_type })
+    Ok(Change {
+        record_id,
+        patch,
+        object_type,
+    })
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -82,7 +89,12 @@ pub async fn enqueue(
         match parse_line(&line, max_patch_bytes) {
             Ok(c) => changes.push(c),
             Err(reason) if skip_invalid => report.skipped.push((i + 1, reason)),
-            Err(reason) => return Err(EnqueueError::Invalid { line: i + 1, reason }),
+            Err(reason) => {
+                return Err(EnqueueError::Invalid {
+                    line: i + 1,
+                    reason,
+                });
+            }
         }
     }
     insert(store, &changes).await?;
@@ -97,8 +109,16 @@ pub async fn insert(store: &Store, changes: &[Change]) -> Result<(), StoreError>
         StoreKind::Sqlite(pool) => {
             let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
             for chunk in changes.chunks(CHUNK) {
-                let packed: Vec<(String, &str, &str)> =
-                    chunk.iter().map(|c| (c.record_id.to_string(), c.patch.as_str(), c.object_type.as_str())).collect();
+                let packed: Vec<(String, &str, &str)> = chunk
+                    .iter()
+                    .map(|c| {
+                        (
+                            c.record_id.to_string(),
+                            c.patch.as_str(),
+                            c.object_type.as_str(),
+                        )
+                    })
+                    .collect();
                 sqlx::query(
                     "INSERT INTO prism_outbox (record_id, patch, object_type)
                      SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]')
@@ -140,14 +160,29 @@ mod tests {
 
     #[test]
     fn lines_are_validated_like_rows() {
-        let ok = parse_line(r#"{"record_id":"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e","patch":{"default":{"a":1}}}"#, 1000);
+        let ok = parse_line(
+            r#"{"record_id":"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e","patch":{"default":{"a":1}}}"#,
+            1000,
+        );
         assert_eq!(ok.unwrap().object_type, ObjectType::Contact);
         for (line, expect) in [
             (r#"{"record_id":"x","patch":{}}"#, "not a UUID"),
-            (r#"{"record_id":"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e","patch":[1]}"#, "JSON object"),
-            (r#"{"record_id":"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e","patch":{"id":"y"}}"#, "must not carry"),
-            (r#"{"record_id":"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e","patch":{},"object_type":"car"}"#, "unknown object type"),
-            (r#"{"record_id":"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e","patch":{},"extra":1}"#, "unknown field"),
+            (
+                r#"{"record_id":"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e","patch":[1]}"#,
+                "JSON object",
+            ),
+            (
+                r#"{"record_id":"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e","patch":{"id":"y"}}"#,
+                "must not carry",
+            ),
+            (
+                r#"{"record_id":"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e","patch":{},"object_type":"car"}"#,
+                "unknown object type",
+            ),
+            (
+                r#"{"record_id":"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e","patch":{},"extra":1}"#,
+                "unknown field",
+            ),
             ("not json", "not a change object"),
         ] {
             let err = parse_line(line, 1000).unwrap_err();

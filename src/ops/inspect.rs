@@ -75,7 +75,8 @@ impl From<sqlx::Error> for InspectError {
     }
 }
 
-const ROW_COLUMNS_SQLITE: &str = "SELECT id, CAST(record_id AS BLOB), CAST(object_type AS BLOB), state, attempts,
+const ROW_COLUMNS_SQLITE: &str =
+    "SELECT id, CAST(record_id AS BLOB), CAST(object_type AS BLOB), state, attempts,
     enqueued_at, next_attempt_at, completed_at, batch_id, last_error_code, last_error_message,
     CAST(substr(CAST(patch AS BLOB), 1, 65536) AS BLOB) FROM prism_outbox";
 const ROW_COLUMNS_PG: &str = "SELECT id, record_id::text, object_type, state, attempts::bigint,
@@ -101,16 +102,20 @@ fn row_view(r: &AnyRow) -> Result<RowView, sqlx::Error> {
 
 pub async fn row(store: &Store, id: i64) -> Result<RowView, InspectError> {
     let found = match store.sqlx_kind() {
-        StoreKind::Sqlite(pool) => sqlx::query(sqlx::AssertSqlSafe(format!("{ROW_COLUMNS_SQLITE} WHERE id = ?1")))
-            .bind(id)
-            .fetch_optional(pool)
-            .await?
-            .map(AnyRow::Sqlite),
-        StoreKind::Postgres(pool) => sqlx::query(sqlx::AssertSqlSafe(format!("{ROW_COLUMNS_PG} WHERE id = $1")))
-            .bind(id)
-            .fetch_optional(pool)
-            .await?
-            .map(AnyRow::Postgres),
+        StoreKind::Sqlite(pool) => sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{ROW_COLUMNS_SQLITE} WHERE id = ?1"
+        )))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+        .map(AnyRow::Sqlite),
+        StoreKind::Postgres(pool) => sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{ROW_COLUMNS_PG} WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+        .map(AnyRow::Postgres),
     };
     match found {
         Some(r) => Ok(row_view(&r)?),
@@ -190,9 +195,11 @@ pub async fn batch(store: &Store, id: Uuid) -> Result<BatchView, InspectError> {
         AnyRow::Sqlite(r) => sqlx::Row::try_get::<Vec<u8>, _>(r, 15)?,
         AnyRow::Postgres(r) => sqlx::Row::try_get::<Vec<u8>, _>(r, 15)?,
     };
-    let body = serde_json::from_slice(&body_bytes)
-        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body_bytes).into_owned()));
-    let items: Vec<crate::batch::BatchItem> = serde_json::from_str(&h.text(16)?.unwrap_or_default()).unwrap_or_default();
+    let body = serde_json::from_slice(&body_bytes).unwrap_or_else(|_| {
+        serde_json::Value::String(String::from_utf8_lossy(&body_bytes).into_owned())
+    });
+    let items: Vec<crate::batch::BatchItem> =
+        serde_json::from_str(&h.text(16)?.unwrap_or_default()).unwrap_or_default();
     let row_ids: Vec<i64> = items.iter().flat_map(|i| i.rows.iter().copied()).collect();
     let rows = match store.sqlx_kind() {
         StoreKind::Sqlite(pool) => sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -204,15 +211,15 @@ pub async fn batch(store: &Store, id: Uuid) -> Result<BatchView, InspectError> {
         .into_iter()
         .map(AnyRow::Sqlite)
         .collect::<Vec<_>>(),
-        StoreKind::Postgres(pool) => {
-            sqlx::query(sqlx::AssertSqlSafe(format!("{ROW_COLUMNS_PG} WHERE id = ANY($1) ORDER BY id")))
-                .bind(&row_ids)
-                .fetch_all(pool)
-                .await?
-                .into_iter()
-                .map(AnyRow::Postgres)
-                .collect::<Vec<_>>()
-        }
+        StoreKind::Postgres(pool) => sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{ROW_COLUMNS_PG} WHERE id = ANY($1) ORDER BY id"
+        )))
+        .bind(&row_ids)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(AnyRow::Postgres)
+        .collect::<Vec<_>>(),
     };
     Ok(BatchView {
         id: h.text(0)?.unwrap_or_default(),
@@ -228,7 +235,13 @@ pub async fn batch(store: &Store, id: Uuid) -> Result<BatchView, InspectError> {
         lease_owner: h.text(10)?,
         lease_expires_at: h.text(11)?,
         parent_id: h.text(12)?,
-        children: children.iter().map(|c| c.text(0)).collect::<Result<Vec<_>, _>>()?.into_iter().flatten().collect(),
+        children: children
+            .iter()
+            .map(|c| c.text(0))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .flatten()
+            .collect(),
         last_status: h.int(13)?,
         last_error: h.text(14)?,
         body,
@@ -255,18 +268,34 @@ pub fn render_row(r: &RowView, out: &mut impl std::io::Write) -> std::io::Result
     let o = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     writeln!(out, "outbox row {}", r.id)?;
     writeln!(out, "  record:        {} {}", r.object_type, r.record_id)?;
-    writeln!(out, "  state:         {} after {} attempt(s)", r.state, r.attempts)?;
+    writeln!(
+        out,
+        "  state:         {} after {} attempt(s)",
+        r.state, r.attempts
+    )?;
     writeln!(out, "  enqueued:      {}", o(&r.enqueued_at))?;
     writeln!(out, "  next attempt:  {}", o(&r.next_attempt_at))?;
     writeln!(out, "  completed:     {}", o(&r.completed_at))?;
     writeln!(out, "  last batch:    {}", o(&r.batch_id))?;
-    writeln!(out, "  last error:    {} {}", o(&r.last_error_code), r.last_error_message.clone().unwrap_or_default())?;
+    writeln!(
+        out,
+        "  last error:    {} {}",
+        o(&r.last_error_code),
+        r.last_error_message.clone().unwrap_or_default()
+    )?;
     writeln!(out, "  patch:         {}", o(&r.patch))?;
     if let Some(b) = &r.batch_id {
-        writeln!(out, "\n  the batch that last carried it: prism-sync inspect --batch {b}")?;
+        writeln!(
+            out,
+            "\n  the batch that last carried it: prism-sync inspect --batch {b}"
+        )?;
     }
     if r.state == "dead" {
-        writeln!(out, "  requeue it once the cause is fixed: prism-sync replay --id {} --dry-run", r.id)?;
+        writeln!(
+            out,
+            "  requeue it once the cause is fixed: prism-sync replay --id {} --dry-run",
+            r.id
+        )?;
     }
     Ok(())
 }
@@ -275,13 +304,22 @@ pub fn render_batch(b: &BatchView, out: &mut impl std::io::Write) -> std::io::Re
     let o = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     writeln!(out, "batch {} ({})", b.id, b.object_type)?;
     writeln!(out, "  idempotency key: {}", b.idempotency_key)?;
-    writeln!(out, "  state:           {} after {} counted attempt(s)", b.state, b.attempts)?;
+    writeln!(
+        out,
+        "  state:           {} after {} counted attempt(s)",
+        b.state, b.attempts
+    )?;
     writeln!(out, "  items / rows:    {} / {}", b.item_count, b.row_count)?;
     writeln!(out, "  created:         {}", b.created_at)?;
     writeln!(out, "  completed:       {}", o(&b.completed_at))?;
     if b.state == "open" {
         writeln!(out, "  next attempt:    {}", o(&b.next_attempt_at))?;
-        writeln!(out, "  lease:           {} until {}", o(&b.lease_owner), o(&b.lease_expires_at))?;
+        writeln!(
+            out,
+            "  lease:           {} until {}",
+            o(&b.lease_owner),
+            o(&b.lease_expires_at)
+        )?;
     }
     if let Some(p) = &b.parent_id {
         writeln!(out, "  split from:      {p}")?;
@@ -289,7 +327,12 @@ pub fn render_batch(b: &BatchView, out: &mut impl std::io::Write) -> std::io::Re
     if !b.children.is_empty() {
         writeln!(out, "  split into:      {}", b.children.join(", "))?;
     }
-    writeln!(out, "  last answer:     {} {}", b.last_status.map_or("-".into(), |s| s.to_string()), o(&b.last_error))?;
+    writeln!(
+        out,
+        "  last answer:     {} {}",
+        b.last_status.map_or("-".into(), |s| s.to_string()),
+        o(&b.last_error)
+    )?;
     writeln!(out, "\n  HTTP attempts:")?;
     let rows: Vec<Vec<String>> = b
         .http_attempts
@@ -300,13 +343,21 @@ pub fn render_batch(b: &BatchView, out: &mut impl std::io::Write) -> std::io::Re
                 a.finished_at.clone(),
                 a.http_status.map_or("-".into(), |s| s.to_string()),
                 a.outcome.clone(),
-                if a.replay { "replay".into() } else { String::new() },
+                if a.replay {
+                    "replay".into()
+                } else {
+                    String::new()
+                },
                 format!("{}ms", a.duration_ms),
                 a.detail.clone().unwrap_or_default(),
             ]
         })
         .collect();
-    super::table(out, &["#", "at", "status", "outcome", "", "took", "detail"], &rows)?;
+    super::table(
+        out,
+        &["#", "at", "status", "outcome", "", "took", "detail"],
+        &rows,
+    )?;
     writeln!(out, "\n  rows:")?;
     let rows: Vec<Vec<String>> = b
         .rows
@@ -317,12 +368,28 @@ pub fn render_batch(b: &BatchView, out: &mut impl std::io::Write) -> std::io::Re
                 r.record_id.clone(),
                 r.state.clone(),
                 r.attempts.to_string(),
-                format!("{} {}", o(&r.last_error_code), r.last_error_message.clone().unwrap_or_default()),
+                format!(
+                    "{} {}",
+                    o(&r.last_error_code),
+                    r.last_error_message.clone().unwrap_or_default()
+                ),
             ]
         })
         .collect();
-    super::table(out, &["row", "record", "state", "attempts", "last error"], &rows)?;
-    writeln!(out, "\n  request body ({} bytes, sent as stored on every attempt):", serde_json::to_string(&b.body).map_or(0, |s| s.len()))?;
-    writeln!(out, "{}", serde_json::to_string_pretty(&b.body).unwrap_or_default())?;
+    super::table(
+        out,
+        &["row", "record", "state", "attempts", "last error"],
+        &rows,
+    )?;
+    writeln!(
+        out,
+        "\n  request body ({} bytes, sent as stored on every attempt):",
+        serde_json::to_string(&b.body).map_or(0, |s| s.len())
+    )?;
+    writeln!(
+        out,
+        "{}",
+        serde_json::to_string_pretty(&b.body).unwrap_or_default()
+    )?;
     Ok(())
 }

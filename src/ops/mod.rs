@@ -18,7 +18,9 @@ pub fn parse_time(text: &str) -> Result<OffsetDateTime, String> {
     }
     match humantime::parse_duration(text) {
         Ok(d) => Ok(OffsetDateTime::now_utc() - d),
-        Err(_) => Err(format!("{text:?} is neither an RFC 3339 time (2026-11-28T10:00:00Z) nor a duration ago (2h, 30m)")),
+        Err(_) => Err(format!(
+            "{text:?} is neither an RFC 3339 time (2026-11-28T10:00:00Z) nor a duration ago (2h, 30m)"
+        )),
     }
 }
 
@@ -49,7 +51,11 @@ pub fn actor(explicit: Option<&str>) -> String {
 }
 
 /// A plain left-aligned text table.
-pub fn table(out: &mut impl std::io::Write, header: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
+pub fn table(
+    out: &mut impl std::io::Write,
+    header: &[&str],
+    rows: &[Vec<String>],
+) -> std::io::Result<()> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {

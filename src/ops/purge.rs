@@ -19,7 +19,11 @@ pub struct PurgeReport {
 }
 
 /// Deletes rows in `states` (terminal ones only) completed more than `older_than` ago.
-pub async fn purge(store: &Store, states: &[RowState], older_than: Duration) -> Result<PurgeReport, StoreError> {
+pub async fn purge(
+    store: &Store,
+    states: &[RowState],
+    older_than: Duration,
+) -> Result<PurgeReport, StoreError> {
     let states: Vec<&str> = states
         .iter()
         .filter(|s| matches!(s, RowState::Succeeded | RowState::Dead))
@@ -123,11 +127,19 @@ pub async fn purge(store: &Store, states: &[RowState], older_than: Duration) -> 
 /// Runs the configured retention every `retention.interval` until `stop`.
 pub async fn retention_loop(store: Store, retention: RetentionSettings, stop: CancellationToken) {
     loop {
-        for (state, age) in [(RowState::Succeeded, retention.succeeded), (RowState::Dead, retention.dead)] {
+        for (state, age) in [
+            (RowState::Succeeded, retention.succeeded),
+            (RowState::Dead, retention.dead),
+        ] {
             let Some(age) = age else { continue };
             match purge(&store, &[state], age).await {
                 Ok(r) if r.rows + r.batches > 0 => {
-                    info!(state = state.as_str(), rows = r.rows, batches = r.batches, "retention purged finished rows")
+                    info!(
+                        state = state.as_str(),
+                        rows = r.rows,
+                        batches = r.batches,
+                        "retention purged finished rows"
+                    )
                 }
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "retention purge failed; trying again next interval"),

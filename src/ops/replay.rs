@@ -108,16 +108,25 @@ macro_rules! bind_filter {
 }
 
 /// The rows the filter selects now (what a replay would change), at most `limit` shown.
-pub async fn preview(store: &Store, f: &ReplayFilter, limit: i64) -> Result<(i64, Vec<Candidate>), ReplayError> {
+pub async fn preview(
+    store: &Store,
+    f: &ReplayFilter,
+    limit: i64,
+) -> Result<(i64, Vec<Candidate>), ReplayError> {
     if f.is_empty() {
         return Err(ReplayError::NoFilter);
     }
     let (count, rows) = match store.sqlx_kind() {
         StoreKind::Sqlite(pool) => {
-            let count: i64 =
-                bind_filter!(sqlite, sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM prism_outbox{WHERE_SQLITE}"))), f)
-                    .fetch_one(pool)
-                    .await?;
+            let count: i64 = bind_filter!(
+                sqlite,
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT count(*) FROM prism_outbox{WHERE_SQLITE}"
+                ))),
+                f
+            )
+            .fetch_one(pool)
+            .await?;
             let rows = bind_filter!(
                 sqlite,
                 sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -134,10 +143,15 @@ pub async fn preview(store: &Store, f: &ReplayFilter, limit: i64) -> Result<(i64
             (count, rows)
         }
         StoreKind::Postgres(pool) => {
-            let count: i64 =
-                bind_filter!(pg, sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM prism_outbox{WHERE_PG}"))), f)
-                    .fetch_one(pool)
-                    .await?;
+            let count: i64 = bind_filter!(
+                pg,
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT count(*) FROM prism_outbox{WHERE_PG}"
+                ))),
+                f
+            )
+            .fetch_one(pool)
+            .await?;
             let rows = bind_filter!(
                 pg,
                 sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -225,8 +239,15 @@ pub async fn apply(store: &Store, f: &ReplayFilter, actor: &str) -> Result<u64, 
     Ok(changed)
 }
 
-pub fn render_preview(count: i64, rows: &[Candidate], out: &mut impl std::io::Write) -> std::io::Result<()> {
-    writeln!(out, "{count} row(s) would go back to pending (attempts reset, new batches, new keys):")?;
+pub fn render_preview(
+    count: i64,
+    rows: &[Candidate],
+    out: &mut impl std::io::Write,
+) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{count} row(s) would go back to pending (attempts reset, new batches, new keys):"
+    )?;
     let table: Vec<Vec<String>> = rows
         .iter()
         .map(|c| {
@@ -241,7 +262,19 @@ pub fn render_preview(count: i64, rows: &[Candidate], out: &mut impl std::io::Wr
             ]
         })
         .collect();
-    super::table(out, &["row", "type", "record", "state", "attempts", "last error", "enqueued"], &table)?;
+    super::table(
+        out,
+        &[
+            "row",
+            "type",
+            "record",
+            "state",
+            "attempts",
+            "last error",
+            "enqueued",
+        ],
+        &table,
+    )?;
     if count > rows.len() as i64 {
         writeln!(out, "  … and {} more", count - rows.len() as i64)?;
     }

@@ -118,7 +118,9 @@ impl AnyRow {
     /// Text that may not be valid UTF-8 (SQLite stores whatever an application wrote).
     pub fn lossy(&self, i: usize) -> Result<Option<String>, sqlx::Error> {
         match self {
-            AnyRow::Sqlite(r) => Ok(r.try_get::<Option<Vec<u8>>, _>(i)?.map(|b| String::from_utf8_lossy(&b).into_owned())),
+            AnyRow::Sqlite(r) => Ok(r
+                .try_get::<Option<Vec<u8>>, _>(i)?
+                .map(|b| String::from_utf8_lossy(&b).into_owned())),
             AnyRow::Postgres(r) => r.try_get(i),
         }
     }
@@ -131,7 +133,10 @@ impl AnyRow {
 }
 
 pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
-    let mut rows: BTreeMap<String, i64> = RowState::ALL.iter().map(|s| (s.as_str().to_owned(), 0)).collect();
+    let mut rows: BTreeMap<String, i64> = RowState::ALL
+        .iter()
+        .map(|s| (s.as_str().to_owned(), 0))
+        .collect();
     let mut by_type: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
     let counted = fetch_all!(
         store,
@@ -139,7 +144,11 @@ pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
         "SELECT object_type, state, count(*) FROM prism_outbox GROUP BY object_type, state"
     );
     for r in &counted {
-        let (t, s, n) = (r.text(0)?.unwrap_or_default(), r.text(1)?.unwrap_or_default(), r.int(2)?.unwrap_or(0));
+        let (t, s, n) = (
+            r.text(0)?.unwrap_or_default(),
+            r.text(1)?.unwrap_or_default(),
+            r.int(2)?.unwrap_or(0),
+        );
         *rows.entry(s.clone()).or_default() += n;
         *by_type.entry(t).or_default().entry(s).or_default() += n;
     }
@@ -154,7 +163,10 @@ pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
     for r in &dead {
         dead_codes.insert(
             r.text(0)?.unwrap_or_default(),
-            DeadCode { rows: r.int(1)?.unwrap_or(0), sample_message: r.text(2)? },
+            DeadCode {
+                rows: r.int(1)?.unwrap_or(0),
+                sample_message: r.text(2)?,
+            },
         );
     }
     let gauges = store.gauges().await?;
@@ -206,7 +218,10 @@ pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
         database: store.kind().to_owned(),
         rows,
         rows_by_object_type: by_type,
-        dead_by_error_code: dead_codes.iter().map(|(k, v)| (k.clone(), v.rows)).collect(),
+        dead_by_error_code: dead_codes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.rows))
+            .collect(),
         dead_codes,
         oldest_pending_age_seconds: gauges.oldest_pending_age_seconds,
         rows_held_back: gauges.rows_held_back,
@@ -221,7 +236,11 @@ pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
 pub fn render(report: &StatusReport, out: &mut impl std::io::Write) -> std::io::Result<()> {
     let n = |s: &str| report.rows.get(s).copied().unwrap_or(0);
     let total: i64 = report.rows.values().sum();
-    writeln!(out, "prism-sync status ({} outbox, {total} rows)", report.database)?;
+    writeln!(
+        out,
+        "prism-sync status ({} outbox, {total} rows)",
+        report.database
+    )?;
     writeln!(out)?;
     let mut rows = Vec::new();
     for (object_type, states) in &report.rows_by_object_type {
@@ -243,10 +262,29 @@ pub fn render(report: &StatusReport, out: &mut impl std::io::Write) -> std::io::
         n("succeeded").to_string(),
         n("dead").to_string(),
     ]);
-    table(out, &["object type", "pending", "in flight", "retrying", "succeeded", "dead"], &rows)?;
+    table(
+        out,
+        &[
+            "object type",
+            "pending",
+            "in flight",
+            "retrying",
+            "succeeded",
+            "dead",
+        ],
+        &rows,
+    )?;
     writeln!(out)?;
-    writeln!(out, "  oldest unfinished change: {}", human_age(report.oldest_pending_age_seconds))?;
-    writeln!(out, "  rows waiting on an older row of their record: {}", report.rows_held_back)?;
+    writeln!(
+        out,
+        "  oldest unfinished change: {}",
+        human_age(report.oldest_pending_age_seconds)
+    )?;
+    writeln!(
+        out,
+        "  rows waiting on an older row of their record: {}",
+        report.rows_held_back
+    )?;
     writeln!(out, "  batches in flight: {}", report.batches_in_flight)?;
     if !report.in_flight.is_empty() {
         writeln!(out)?;
@@ -260,12 +298,28 @@ pub fn render(report: &StatusReport, out: &mut impl std::io::Write) -> std::io::
                     format!("{}/{}", b.items, b.rows),
                     b.attempts.to_string(),
                     human_age(b.age_seconds),
-                    if b.lease_owner.is_some() { "sending".into() } else { format!("in {}", human_age(b.next_attempt_in_seconds)) },
+                    if b.lease_owner.is_some() {
+                        "sending".into()
+                    } else {
+                        format!("in {}", human_age(b.next_attempt_in_seconds))
+                    },
                     b.last_error.clone().unwrap_or_default(),
                 ]
             })
             .collect();
-        table(out, &["batch", "type", "items/rows", "attempts", "age", "next", "last error"], &rows)?;
+        table(
+            out,
+            &[
+                "batch",
+                "type",
+                "items/rows",
+                "attempts",
+                "age",
+                "next",
+                "last error",
+            ],
+            &rows,
+        )?;
     }
     if !report.dead_codes.is_empty() {
         writeln!(out)?;
@@ -273,11 +327,20 @@ pub fn render(report: &StatusReport, out: &mut impl std::io::Write) -> std::io::
         let rows: Vec<Vec<String>> = report
             .dead_codes
             .iter()
-            .map(|(code, d)| vec![code.clone(), d.rows.to_string(), d.sample_message.clone().unwrap_or_default()])
+            .map(|(code, d)| {
+                vec![
+                    code.clone(),
+                    d.rows.to_string(),
+                    d.sample_message.clone().unwrap_or_default(),
+                ]
+            })
             .collect();
         table(out, &["code", "rows", "sample message"], &rows)?;
         writeln!(out)?;
-        writeln!(out, "  see one: prism-sync inspect ROW_ID; requeue after fixing the cause: prism-sync replay --error-code CODE --dry-run")?;
+        writeln!(
+            out,
+            "  see one: prism-sync inspect ROW_ID; requeue after fixing the cause: prism-sync replay --error-code CODE --dry-run"
+        )?;
     }
     if !report.recent_audit.is_empty() {
         writeln!(out)?;
@@ -285,7 +348,15 @@ pub fn render(report: &StatusReport, out: &mut impl std::io::Write) -> std::io::
         let rows: Vec<Vec<String>> = report
             .recent_audit
             .iter()
-            .map(|a| vec![a.at.clone(), a.actor.clone(), a.action.clone(), a.rows.to_string(), a.filter.clone()])
+            .map(|a| {
+                vec![
+                    a.at.clone(),
+                    a.actor.clone(),
+                    a.action.clone(),
+                    a.rows.to_string(),
+                    a.filter.clone(),
+                ]
+            })
             .collect();
         table(out, &["at", "actor", "action", "rows", "filter"], &rows)?;
     }

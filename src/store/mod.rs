@@ -42,7 +42,12 @@ impl StoreError {
     pub fn is_connectivity(&self) -> bool {
         matches!(
             self,
-            StoreError::Db(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_))
+            StoreError::Db(
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Tls(_)
+            )
         ) || matches!(self, StoreError::Db(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08") || c == "5" || c == "6" || c == "517" || c == "261"))
     }
 }
@@ -230,7 +235,12 @@ impl Store {
 
     /// Leases stored batches that are due for a (re)send: retries, and batches whose owner's
     /// lease lapsed (it crashed or hung).
-    pub async fn lease_due_batches(&self, owner: &str, lease: Duration, limit: usize) -> StoreResult<Vec<LeasedBatch>> {
+    pub async fn lease_due_batches(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> StoreResult<Vec<LeasedBatch>> {
         dispatch!(self, s => s.lease_due_batches(owner, lease, limit).await)
     }
 

@@ -10,7 +10,8 @@ use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    ClaimOutcome, ClaimRequest, DeferBatch, FinishBatch, Gauges, LeasedBatch, RowColumns, StoreError, StoreResult,
+    ClaimOutcome, ClaimRequest, DeferBatch, FinishBatch, Gauges, LeasedBatch, RowColumns,
+    StoreError, StoreResult,
 };
 use crate::batch::{self, BatchItem, CandidateRow, NewBatch, RecordChain};
 use crate::settings::DatabaseSettings;
@@ -60,7 +61,9 @@ impl PgStore {
             return Ok(false);
         }
         let applied: Vec<i64> =
-            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success").fetch_all(&self.pool).await?;
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await?;
         Ok(MIGRATOR.iter().all(|m| applied.contains(&m.version)))
     }
 
@@ -104,7 +107,10 @@ impl PgStore {
                 .iter()
                 .filter(|h| super::sqlite::coalescible(h))
                 .filter_map(|h| {
-                    std::str::from_utf8(&h.record_id_raw).ok().and_then(|r| Uuid::parse_str(r).ok()).map(|r| (r, h.id))
+                    std::str::from_utf8(&h.record_id_raw)
+                        .ok()
+                        .and_then(|r| Uuid::parse_str(r).ok())
+                        .map(|r| (r, h.id))
                 })
                 .unzip();
             if !records.is_empty() {
@@ -131,7 +137,10 @@ impl PgStore {
                 .await?;
                 for row in &rows {
                     let c = candidate(row)?;
-                    followers.entry(c.record_id_raw.clone()).or_default().push(c);
+                    followers
+                        .entry(c.record_id_raw.clone())
+                        .or_default()
+                        .push(c);
                 }
             }
         }
@@ -163,10 +172,18 @@ impl PgStore {
             .await?;
         }
         tx.commit().await?;
-        Ok(ClaimOutcome { batches: plan.batches.into_iter().map(LeasedBatch::fresh).collect(), dead: plan.dead })
+        Ok(ClaimOutcome {
+            batches: plan.batches.into_iter().map(LeasedBatch::fresh).collect(),
+            dead: plan.dead,
+        })
     }
 
-    pub async fn lease_due_batches(&self, owner: &str, lease: Duration, limit: usize) -> StoreResult<Vec<LeasedBatch>> {
+    pub async fn lease_due_batches(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> StoreResult<Vec<LeasedBatch>> {
         let rows = sqlx::query(
             "WITH due AS (
                  SELECT id FROM prism_batches
@@ -289,15 +306,23 @@ impl PgStore {
 
     pub async fn gauges(&self) -> StoreResult<Gauges> {
         let mut g = Gauges::default();
-        let rows = sqlx::query("SELECT state, count(*) FROM prism_outbox GROUP BY state").fetch_all(&self.pool).await?;
-        g.rows_by_state = rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<Result<_, sqlx::Error>>()?;
+        let rows = sqlx::query("SELECT state, count(*) FROM prism_outbox GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        g.rows_by_state = rows
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, sqlx::Error>>()?;
         let rows = sqlx::query(
             "SELECT COALESCE(last_error_code, 'unknown'), count(*) FROM prism_outbox
              WHERE state = 'dead' GROUP BY 1 ORDER BY 2 DESC",
         )
         .fetch_all(&self.pool)
         .await?;
-        g.dead_by_code = rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<Result<_, sqlx::Error>>()?;
+        g.dead_by_code = rows
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, sqlx::Error>>()?;
         let row = sqlx::query(
             "SELECT
                (SELECT COALESCE(extract(epoch FROM now() - min(enqueued_at)), 0)::float8
@@ -329,7 +354,9 @@ fn candidate(row: &sqlx::postgres::PgRow) -> Result<CandidateRow, sqlx::Error> {
     Ok(CandidateRow {
         id: row.try_get("id")?,
         record_id_raw: row.try_get::<String, _>("record_id")?.into_bytes(),
-        patch: row.try_get::<Option<String>, _>("patch")?.map(String::into_bytes),
+        patch: row
+            .try_get::<Option<String>, _>("patch")?
+            .map(String::into_bytes),
         object_type: row.try_get::<String, _>("object_type")?.into_bytes(),
         attempts: row.try_get("attempts")?,
     })
@@ -344,9 +371,12 @@ fn leased(row: &sqlx::postgres::PgRow) -> StoreResult<LeasedBatch> {
     Ok(LeasedBatch {
         id,
         idempotency_key: row.try_get("idempotency_key")?,
-        object_type: object_type.parse().map_err(|e: crate::model::UnknownObjectType| corrupt(e.to_string()))?,
+        object_type: object_type
+            .parse()
+            .map_err(|e: crate::model::UnknownObjectType| corrupt(e.to_string()))?,
         body: body.into(),
-        items: serde_json::from_str::<Vec<BatchItem>>(&items).map_err(|e| corrupt(e.to_string()))?,
+        items: serde_json::from_str::<Vec<BatchItem>>(&items)
+            .map_err(|e| corrupt(e.to_string()))?,
         attempts: row.try_get("attempts")?,
         key_age: Duration::from_secs_f64(row.try_get::<f64, _>("key_age")?.clamp(0.0, 1e9)),
     })
@@ -367,8 +397,14 @@ async fn insert_batches(
     let types: Vec<&str> = batches.iter().map(|b| b.object_type.as_str()).collect();
     let bodies: Vec<&[u8]> = batches.iter().map(|b| b.body.as_slice()).collect();
     let items: Vec<String> = batches.iter().map(NewBatch::items_json).collect();
-    let item_counts: Vec<i32> = batches.iter().map(|b| i32::try_from(b.items.len()).unwrap_or(i32::MAX)).collect();
-    let row_counts: Vec<i32> = batches.iter().map(|b| i32::try_from(b.row_count()).unwrap_or(i32::MAX)).collect();
+    let item_counts: Vec<i32> = batches
+        .iter()
+        .map(|b| i32::try_from(b.items.len()).unwrap_or(i32::MAX))
+        .collect();
+    let row_counts: Vec<i32> = batches
+        .iter()
+        .map(|b| i32::try_from(b.row_count()).unwrap_or(i32::MAX))
+        .collect();
     sqlx::query(
         "INSERT INTO prism_batches
            (id, idempotency_key, object_type, body, items, item_count, row_count, lease_owner, lease_expires_at, parent_id)
@@ -392,8 +428,12 @@ async fn insert_batches(
     Ok(())
 }
 
-async fn mark_in_flight(tx: &mut Transaction<'static, Postgres>, batches: &[NewBatch]) -> StoreResult<()> {
-    let (rows, owners): (Vec<i64>, Vec<Uuid>) = batches.iter().flat_map(|b| b.row_assignments()).unzip();
+async fn mark_in_flight(
+    tx: &mut Transaction<'static, Postgres>,
+    batches: &[NewBatch],
+) -> StoreResult<()> {
+    let (rows, owners): (Vec<i64>, Vec<Uuid>) =
+        batches.iter().flat_map(|b| b.row_assignments()).unzip();
     if rows.is_empty() {
         return Ok(());
     }

@@ -6,12 +6,15 @@ use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::{
-    ClaimOutcome, ClaimRequest, DeferBatch, FinishBatch, Gauges, LeasedBatch, RowColumns, StoreError, StoreResult,
+    ClaimOutcome, ClaimRequest, DeferBatch, FinishBatch, Gauges, LeasedBatch, RowColumns,
+    StoreError, StoreResult,
 };
 use crate::batch::{self, BatchItem, CandidateRow, NewBatch, RecordChain};
 use crate::settings::DatabaseSettings;
@@ -25,7 +28,11 @@ macro_rules! now {
 /// The database's clock plus a bound number of seconds (a float).
 macro_rules! now_plus {
     ($arg:literal) => {
-        concat!("strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('%+.3f seconds', ", $arg, "))")
+        concat!(
+            "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('%+.3f seconds', ",
+            $arg,
+            "))"
+        )
     };
 }
 
@@ -62,9 +69,14 @@ impl SqliteStore {
 
     pub async fn migrations_current(&self) -> StoreResult<bool> {
         let applied: Vec<i64> =
-            match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success").fetch_all(&self.pool).await {
+            match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await
+            {
                 Ok(v) => v,
-                Err(sqlx::Error::Database(e)) if e.message().contains("no such table") => return Ok(false),
+                Err(sqlx::Error::Database(e)) if e.message().contains("no such table") => {
+                    return Ok(false);
+                }
                 Err(e) => return Err(e.into()),
             };
         Ok(MIGRATOR.iter().all(|m| applied.contains(&m.version)))
@@ -111,7 +123,11 @@ impl SqliteStore {
             let wanted: Vec<(String, i64)> = heads
                 .iter()
                 .filter(|h| coalescible(h))
-                .filter_map(|h| String::from_utf8(h.record_id_raw.clone()).ok().map(|r| (r, h.id)))
+                .filter_map(|h| {
+                    String::from_utf8(h.record_id_raw.clone())
+                        .ok()
+                        .map(|r| (r, h.id))
+                })
                 .collect();
             if !wanted.is_empty() {
                 let rows = sqlx::query(
@@ -133,7 +149,10 @@ impl SqliteStore {
                 .await?;
                 for row in &rows {
                     let c = candidate(row)?;
-                    followers.entry(c.record_id_raw.clone()).or_default().push(c);
+                    followers
+                        .entry(c.record_id_raw.clone())
+                        .or_default()
+                        .push(c);
                 }
             }
         }
@@ -156,8 +175,11 @@ impl SqliteStore {
             .collect();
         mark_in_flight(&mut tx, &assignments).await?;
         if !plan.dead.is_empty() {
-            let dead: Vec<(i64, &str, &str)> =
-                plan.dead.iter().map(|d| (d.id, d.code, d.message.as_str())).collect();
+            let dead: Vec<(i64, &str, &str)> = plan
+                .dead
+                .iter()
+                .map(|d| (d.id, d.code, d.message.as_str()))
+                .collect();
             sqlx::query(concat!(
                 "UPDATE prism_outbox SET state = 'dead', completed_at = ",
                 now!(),
@@ -171,10 +193,18 @@ impl SqliteStore {
             .await?;
         }
         tx.commit().await?;
-        Ok(ClaimOutcome { batches: plan.batches.into_iter().map(LeasedBatch::fresh).collect(), dead: plan.dead })
+        Ok(ClaimOutcome {
+            batches: plan.batches.into_iter().map(LeasedBatch::fresh).collect(),
+            dead: plan.dead,
+        })
     }
 
-    pub async fn lease_due_batches(&self, owner: &str, lease: Duration, limit: usize) -> StoreResult<Vec<LeasedBatch>> {
+    pub async fn lease_due_batches(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> StoreResult<Vec<LeasedBatch>> {
         let rows = sqlx::query(concat!(
             "UPDATE prism_batches SET lease_owner = ?1, lease_expires_at = ",
             now_plus!("?2"),
@@ -244,7 +274,15 @@ impl SqliteStore {
         if !f.rows.is_empty() {
             let c = RowColumns::of(&f.rows);
             let packed: Vec<_> = (0..c.ids.len())
-                .map(|i| (c.ids[i], c.states[i], &c.codes[i], &c.messages[i], c.retry_in[i]))
+                .map(|i| {
+                    (
+                        c.ids[i],
+                        c.states[i],
+                        &c.codes[i],
+                        &c.messages[i],
+                        c.retry_in[i],
+                    )
+                })
                 .collect();
             sqlx::query(concat!(
                 "UPDATE prism_outbox SET
@@ -271,8 +309,10 @@ impl SqliteStore {
         }
         for child in &f.children {
             insert_batch(&mut tx, child, f.owner, f.lease, Some(&batch)).await?;
-            let assignments: Vec<(i64, String)> =
-                child.row_assignments().map(|(row, b)| (row, b.to_string())).collect();
+            let assignments: Vec<(i64, String)> = child
+                .row_assignments()
+                .map(|(row, b)| (row, b.to_string()))
+                .collect();
             mark_in_flight(&mut tx, &assignments).await?;
         }
         tx.commit().await?;
@@ -307,15 +347,23 @@ impl SqliteStore {
 
     pub async fn gauges(&self) -> StoreResult<Gauges> {
         let mut g = Gauges::default();
-        let rows = sqlx::query("SELECT state, count(*) FROM prism_outbox GROUP BY state").fetch_all(&self.pool).await?;
-        g.rows_by_state = rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<Result<_, sqlx::Error>>()?;
+        let rows = sqlx::query("SELECT state, count(*) FROM prism_outbox GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        g.rows_by_state = rows
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, sqlx::Error>>()?;
         let rows = sqlx::query(
             "SELECT COALESCE(last_error_code, 'unknown'), count(*) FROM prism_outbox
              WHERE state = 'dead' GROUP BY 1 ORDER BY 2 DESC",
         )
         .fetch_all(&self.pool)
         .await?;
-        g.dead_by_code = rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<Result<_, sqlx::Error>>()?;
+        g.dead_by_code = rows
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, sqlx::Error>>()?;
         let row = sqlx::query(
             "SELECT
                (SELECT COALESCE((julianday('now') - julianday(min(enqueued_at))) * 86400.0, 0.0)
@@ -344,22 +392,29 @@ impl SqliteStore {
 /// A cheap superset test for "the head's patch may be `default`-only", so followers are looked
 /// up only for records that could merge.
 pub(super) fn coalescible(head: &CandidateRow) -> bool {
-    head.patch.as_deref().is_some_and(|p| p.windows(9).any(|w| w == b"\"default\""))
+    head.patch
+        .as_deref()
+        .is_some_and(|p| p.windows(9).any(|w| w == b"\"default\""))
 }
 
 fn candidate(row: &sqlx::sqlite::SqliteRow) -> Result<CandidateRow, sqlx::Error> {
     Ok(CandidateRow {
         id: row.try_get("id")?,
-        record_id_raw: row.try_get::<Option<Vec<u8>>, _>("record_id")?.unwrap_or_default(),
+        record_id_raw: row
+            .try_get::<Option<Vec<u8>>, _>("record_id")?
+            .unwrap_or_default(),
         patch: row.try_get("patch")?,
-        object_type: row.try_get::<Option<Vec<u8>>, _>("object_type")?.unwrap_or_default(),
+        object_type: row
+            .try_get::<Option<Vec<u8>>, _>("object_type")?
+            .unwrap_or_default(),
         attempts: row.try_get("attempts")?,
     })
 }
 
 fn leased(row: &sqlx::sqlite::SqliteRow) -> StoreResult<LeasedBatch> {
     let id: String = row.try_get("id")?;
-    let id = Uuid::parse_str(&id).map_err(|e| StoreError::Invalid(format!("batch id {id:?}: {e}")))?;
+    let id =
+        Uuid::parse_str(&id).map_err(|e| StoreError::Invalid(format!("batch id {id:?}: {e}")))?;
     let corrupt = |reason: String| StoreError::CorruptBatch { batch: id, reason };
     let object_type: String = row.try_get("object_type")?;
     let items: String = row.try_get("items")?;
@@ -367,9 +422,12 @@ fn leased(row: &sqlx::sqlite::SqliteRow) -> StoreResult<LeasedBatch> {
     Ok(LeasedBatch {
         id,
         idempotency_key: row.try_get("idempotency_key")?,
-        object_type: object_type.parse().map_err(|e: crate::model::UnknownObjectType| corrupt(e.to_string()))?,
+        object_type: object_type
+            .parse()
+            .map_err(|e: crate::model::UnknownObjectType| corrupt(e.to_string()))?,
         body: body.into(),
-        items: serde_json::from_str::<Vec<BatchItem>>(&items).map_err(|e| corrupt(e.to_string()))?,
+        items: serde_json::from_str::<Vec<BatchItem>>(&items)
+            .map_err(|e| corrupt(e.to_string()))?,
         attempts: row.try_get("attempts")?,
         key_age: Duration::from_secs_f64(row.try_get::<f64, _>("key_age")?.clamp(0.0, 1e9)),
     })
@@ -404,7 +462,10 @@ async fn insert_batch(
     Ok(())
 }
 
-async fn mark_in_flight(tx: &mut Transaction<'static, Sqlite>, assignments: &[(i64, String)]) -> StoreResult<()> {
+async fn mark_in_flight(
+    tx: &mut Transaction<'static, Sqlite>,
+    assignments: &[(i64, String)],
+) -> StoreResult<()> {
     if assignments.is_empty() {
         return Ok(());
     }

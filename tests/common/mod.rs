@@ -40,8 +40,16 @@ impl TestDb {
         match backend {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
-                let url = format!("sqlite://{}?mode=rwc", dir.path().join("outbox.db").display());
-                Some(TestDb { url, backend, _dir: Some(dir), pg_admin: None })
+                let url = format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.path().join("outbox.db").display()
+                );
+                Some(TestDb {
+                    url,
+                    backend,
+                    _dir: Some(dir),
+                    pg_admin: None,
+                })
             }
             Backend::Postgres => {
                 let Ok(server) = std::env::var(PG_ENV) else {
@@ -61,14 +69,21 @@ impl TestDb {
                 drop(admin);
                 let mut url = url::Url::parse(&server).expect("server URL");
                 url.set_path(&name);
-                Some(TestDb { url: url.to_string(), backend, _dir: None, pg_admin: Some((server, name)) })
+                Some(TestDb {
+                    url: url.to_string(),
+                    backend,
+                    _dir: None,
+                    pg_admin: Some((server, name)),
+                })
             }
         }
     }
 
     pub async fn store(&self) -> Store {
-        let mut s = prism_sync::settings::DatabaseSettings::default();
-        s.url = self.url.clone();
+        let s = prism_sync::settings::DatabaseSettings {
+            url: self.url.clone(),
+            ..Default::default()
+        };
         let store = Store::connect(&s).await.expect("connect");
         store.migrate().await.expect("migrate");
         store
@@ -80,12 +95,17 @@ impl Drop for TestDb {
         if let Some((server, name)) = self.pg_admin.take() {
             // Best effort, on a fresh thread (the test's runtime may be gone).
             let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("rt");
                 rt.block_on(async {
                     if let Ok(admin) = sqlx::PgPool::connect(&server).await {
-                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-                            .execute(&admin)
-                            .await;
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
+                        .execute(&admin)
+                        .await;
                     }
                 });
             })
@@ -124,8 +144,14 @@ macro_rules! both_backends {
 }
 
 pub async fn sim(faults: FaultProfile) -> SimHandle {
-    let config = SimConfig { faults, seed: 42, ..SimConfig::default() };
-    Simulator::start(config, "127.0.0.1:0".parse().unwrap()).await.expect("simulator")
+    let config = SimConfig {
+        faults,
+        seed: 42,
+        ..SimConfig::default()
+    };
+    Simulator::start(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("simulator")
 }
 
 /// Settings tuned for tests: fast retries, fast polls.
@@ -156,7 +182,10 @@ pub struct RunningEngine {
 impl RunningEngine {
     pub async fn stop(self) {
         self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task).await.expect("engine stops").expect("engine task");
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("engine stops")
+            .expect("engine task");
     }
 }
 
@@ -173,7 +202,12 @@ pub async fn start_engine(settings: &Settings) -> RunningEngine {
     )
     .expect("client");
     let health = Arc::new(Health::default());
-    let engine = Engine::new(store, client, EngineConfig::from_settings(settings), health.clone());
+    let engine = Engine::new(
+        store,
+        client,
+        EngineConfig::from_settings(settings),
+        health.clone(),
+    );
     let stop = CancellationToken::new();
     let token = stop.clone();
     let task = tokio::spawn(async move {
@@ -211,10 +245,16 @@ pub async fn insert_rows(store: &Store, rows: &[(String, String)]) -> Vec<i64> {
 pub async fn exec(store: &Store, sql: &str) {
     match store.sqlx_kind() {
         StoreKind::Sqlite(p) => {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(p).await.expect("sql");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .execute(p)
+                .await
+                .expect("sql");
         }
         StoreKind::Postgres(p) => {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(p).await.expect("sql");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .execute(p)
+                .await
+                .expect("sql");
         }
     }
 }
@@ -260,11 +300,18 @@ pub async fn wait_until_finished(store: &Store, within: Duration) -> Vec<RowStat
     let deadline = Instant::now() + within;
     loop {
         let all = rows(store).await;
-        if all.iter().all(|r| r.state == "succeeded" || r.state == "dead") {
+        if all
+            .iter()
+            .all(|r| r.state == "succeeded" || r.state == "dead")
+        {
             return all;
         }
         if Instant::now() > deadline {
-            let open: Vec<_> = all.iter().filter(|r| r.state != "succeeded" && r.state != "dead").take(10).collect();
+            let open: Vec<_> = all
+                .iter()
+                .filter(|r| r.state != "succeeded" && r.state != "dead")
+                .take(10)
+                .collect();
             panic!("rows still unfinished after {within:?}: {open:?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -293,9 +340,17 @@ pub fn assert_applied_in_order_once(sim: &SimHandle) -> usize {
     let mut last: std::collections::HashMap<Uuid, i64> = Default::default();
     let log = sim.applied_log();
     for change in &log {
-        let rev = change.item.pointer("/default/revision").and_then(|v| v.as_i64()).unwrap_or(-1);
+        let rev = change
+            .item
+            .pointer("/default/revision")
+            .and_then(|v| v.as_i64())
+            .unwrap_or(-1);
         if let Some(prev) = last.insert(change.record_id, rev) {
-            assert!(prev < rev, "record {} applied revision {rev} after {prev}", change.record_id);
+            assert!(
+                prev < rev,
+                "record {} applied revision {rev} after {prev}",
+                change.record_id
+            );
         }
     }
     log.len()
@@ -356,7 +411,12 @@ pub fn spawn_daemon(db: &TestDb, sim: &SimHandle, extra: &[(&str, &str)]) -> Dae
         cmd.env(k, v);
     }
     let child = cmd.spawn().expect("spawn prism-sync run");
-    Daemon { child, telemetry, log, _dir: dir }
+    Daemon {
+        child,
+        telemetry,
+        log,
+        _dir: dir,
+    }
 }
 
 impl Daemon {
@@ -365,12 +425,19 @@ impl Daemon {
     }
 
     pub fn signal(&self, name: &str) {
-        let ok = std::process::Command::new("kill").arg(format!("-{name}")).arg(self.pid().to_string()).status().unwrap();
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
         assert!(ok.success(), "kill -{name}");
     }
 
     pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        tokio::time::timeout(within, self.child.wait()).await.expect("daemon exits in time").expect("wait")
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("daemon exits in time")
+            .expect("wait")
     }
 
     pub fn logs(&self) -> String {
@@ -386,7 +453,12 @@ impl Daemon {
 }
 
 /// Runs a verb to completion: (exit code, stdout, stderr).
-pub async fn verb(db: &TestDb, sim: &SimHandle, args: &[&str], stdin: &str) -> (i32, String, String) {
+pub async fn verb(
+    db: &TestDb,
+    sim: &SimHandle,
+    args: &[&str],
+    stdin: &str,
+) -> (i32, String, String) {
     use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
     let mut child = tokio::process::Command::new(bin())
@@ -402,7 +474,10 @@ pub async fn verb(db: &TestDb, sim: &SimHandle, args: &[&str], stdin: &str) -> (
     let mut input = child.stdin.take().unwrap();
     input.write_all(stdin.as_bytes()).await.unwrap();
     drop(input);
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await.expect("verb ends").unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("verb ends")
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
