@@ -82,7 +82,14 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
             for outcome in ["succeeded", "retried", "dead"] {
                 metrics::counter!("prism_sync_items_total", "outcome" => outcome).increment(0);
             }
-            for result in ["ok", "partial", "retry", "auth_refused", "bisected", "released"] {
+            for result in [
+                "ok",
+                "partial",
+                "retry",
+                "auth_refused",
+                "bisected",
+                "released",
+            ] {
                 metrics::counter!("prism_sync_batches_total", "result" => result).increment(0);
             }
             metrics::counter!("prism_sync_idempotent_replays_total").increment(0);

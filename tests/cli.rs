@@ -1,0 +1,168 @@
+//! The operator's verbs as real processes, on both databases, including while a daemon runs.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use prism_sync::sim::FaultProfile;
+use serde_json::Value;
+
+const FINISH: Duration = Duration::from_secs(60);
+
+/// 20 changes, of which the 3 for `refused` die with `not_found`; returns (sim, refused record).
+async fn synced_with_dead_rows(db: &TestDb) -> (prism_sync::sim::SimHandle, String) {
+    let refused = uuid();
+    let faults = FaultProfile {
+        item_errors_for_ids: BTreeMap::from([(refused.clone(), "not_found".to_owned())]),
+        ..FaultProfile::default()
+    };
+    let sim = sim(faults).await;
+    let store = db.store().await;
+    let mut rows: Vec<(String, String)> = (0..17).map(|i| (uuid(), patch(i))).collect();
+    for rev in 17..20 {
+        rows.push((
+            refused.clone(),
+            format!(r#"{{"default": {{"revision": {rev}}}, "list": {{}}}}"#),
+        ));
+    }
+    insert_rows(&store, &rows).await;
+    let engine = start_engine(&settings(db, &sim)).await;
+    wait_until_finished(&store, FINISH).await;
+    engine.stop().await;
+    (sim, refused)
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+both_backends! {
+    async fn enqueue_validates_every_line_and_writes_all_or_nothing(db) {
+        let sim = sim(FaultProfile::default()).await;
+        let (code, out, _) = verb(&db, &sim, &["migrate"], "").await;
+        assert_eq!(code, 0, "{out}");
+        let good = format!(r#"{{"record_id": "{}", "patch": {{"default": {{"a": 1}}}}}}"#, uuid());
+        let bad = r#"{"record_id": "nope", "patch": {}}"#;
+        let input = format!("{good}\n\n{bad}\n{good}\n");
+        let (code, _, err) = verb(&db, &sim, &["enqueue"], &input).await;
+        assert_ne!(code, 0);
+        assert!(err.contains("line 3") && err.contains("not a UUID") && err.contains("nothing was enqueued"), "{err}");
+        let store = db.store().await;
+        assert!(rows(&store).await.is_empty(), "nothing half-written");
+        let (code, out, _) = verb(&db, &sim, &["enqueue", "--skip-invalid", "-"], &input).await;
+        assert_eq!(code, 0);
+        assert!(out.contains("skipped line 3") && out.contains("enqueued 2 change(s)"), "{out}");
+        assert_eq!(rows(&store).await.len(), 2);
+    }
+
+    async fn status_reports_states_dead_codes_and_says_so_in_its_exit_code(db) {
+        let (sim, _) = synced_with_dead_rows(&db).await;
+        let (code, out, _) = verb(&db, &sim, &["status", "--json"], "").await;
+        assert_eq!(code, 3, "dead rows exist: {out}");
+        let s = json(&out);
+        assert_eq!(s["rows"]["succeeded"], 17);
+        assert_eq!(s["rows"]["dead"], 3);
+        assert_eq!(s["rows"]["pending"], 0);
+        assert_eq!(s["dead_by_error_code"]["not_found"], 3);
+        assert!(s["oldest_pending_age_seconds"].is_number());
+        assert_eq!(s["batches_in_flight"], 0);
+        let (code, out, _) = verb(&db, &sim, &["status"], "").await;
+        assert_eq!(code, 3);
+        assert!(out.contains("not_found") && out.contains("succeeded"), "{out}");
+    }
+
+    async fn inspect_shows_a_row_and_its_batch_with_key_body_and_attempts(db) {
+        let (sim, refused) = synced_with_dead_rows(&db).await;
+        let store = db.store().await;
+        let dead = rows(&store).await.into_iter().find(|r| r.state == "dead").unwrap();
+        let (code, out, _) = verb(&db, &sim, &["inspect", &dead.id.to_string(), "--json"], "").await;
+        assert_eq!(code, 0);
+        let row = json(&out);
+        assert_eq!(row["record_id"], refused);
+        assert_eq!(row["last_error_code"], "not_found");
+        let batch_id = row["batch_id"].as_str().unwrap().to_owned();
+        let (code, out, _) = verb(&db, &sim, &["inspect", "--batch", &batch_id, "--json"], "").await;
+        assert_eq!(code, 0);
+        let batch = json(&out);
+        let key = batch["idempotency_key"].as_str().unwrap();
+        assert!(sim.requests().iter().any(|r| r.idempotency_key.as_deref() == Some(key)), "the key is the one sent");
+        assert!(batch["body"]["items"].is_array());
+        assert_eq!(batch["http_attempts"][0]["http_status"], 200);
+        assert!(batch["rows"].as_array().unwrap().iter().any(|r| r["id"] == dead.id));
+        let (code, out, _) = verb(&db, &sim, &["inspect", "--batch", &batch_id], "").await;
+        assert_eq!(code, 0);
+        assert!(out.contains(key) && out.contains("request body"), "{out}");
+        let (code, _, err) = verb(&db, &sim, &["inspect", "999999"], "").await;
+        assert_ne!(code, 0);
+        assert!(err.contains("no outbox row with id 999999"), "{err}");
+    }
+
+    async fn replay_dry_run_and_a_refused_confirmation_change_nothing(db) {
+        let (sim, _) = synced_with_dead_rows(&db).await;
+        let store = db.store().await;
+        let before = rows(&store).await;
+        let (code, out, _) = verb(&db, &sim, &["replay", "--error-code", "not_found", "--dry-run"], "").await;
+        assert_eq!(code, 0);
+        assert!(out.contains("3 row(s) would go back to pending") && out.contains("nothing changed"), "{out}");
+        let (code, out, _) = verb(&db, &sim, &["replay", "--error-code", "not_found"], "n\n").await;
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains("not confirmed"), "{out}");
+        assert_eq!(rows(&store).await, before);
+        let (code, _, err) = verb(&db, &sim, &["replay"], "").await;
+        assert_ne!(code, 0);
+        assert!(err.contains("choose the rows"), "{err}");
+        let (code, _, err) = verb(&db, &sim, &["replay", "--since", "yesterday-ish", "--dry-run"], "").await;
+        assert_eq!(code, 2, "a bad flag value is a usage error");
+        assert!(err.contains("yesterday-ish"), "{err}");
+        let (code, _, err) = verb(&db, &sim, &["replay", "--frobnicate"], "").await;
+        assert_eq!(code, 2);
+        assert!(err.contains("--frobnicate"), "{err}");
+    }
+
+    async fn replay_while_the_daemon_runs_requeues_in_order_and_is_audited(db) {
+        let (sim, refused) = synced_with_dead_rows(&db).await;
+        sim.set_faults(FaultProfile::default());
+        let store = db.store().await;
+        let mut daemon = spawn_daemon(&db, &sim, &[]);
+        let (code, out, _) = verb(&db, &sim, &["replay", "--record-id", &refused, "--actor", "oncall-ana"], "y\n").await;
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("replayed 3 row(s) as oncall-ana"), "{out}");
+        let done = wait_until_finished(&store, FINISH).await;
+        assert!(done.iter().all(|r| r.state == "succeeded"), "{done:?}");
+        let applied: Vec<i64> = sim
+            .applied_log()
+            .iter()
+            .filter(|c| c.record_id.to_string() == refused)
+            .filter_map(|c| c.item.pointer("/default/revision").and_then(Value::as_i64))
+            .collect();
+        assert_eq!(applied, vec![17, 18, 19], "replayed rows go out in their original order");
+        let (_, out, _) = verb(&db, &sim, &["status", "--json"], "").await;
+        let audit = &json(&out)["recent_audit"][0];
+        assert_eq!(audit["actor"], "oncall-ana");
+        assert_eq!(audit["action"], "replay");
+        assert_eq!(audit["rows"], 3);
+        daemon.signal("TERM");
+        assert_eq!(daemon.wait_exit(Duration::from_secs(20)).await.code(), Some(0));
+    }
+
+    async fn purge_deletes_old_finished_rows_and_their_batches(db) {
+        let (sim, _) = synced_with_dead_rows(&db).await;
+        let store = db.store().await;
+        let (code, out, _) = verb(&db, &sim, &["purge", "--older-than", "1h"], "").await;
+        assert_eq!(code, 0);
+        assert!(out.contains("purged 0 row(s)"), "nothing is that old yet: {out}");
+        let (code, out, _) = verb(&db, &sim, &["purge", "--older-than", "0s", "--state", "succeeded", "--json"], "").await;
+        assert_eq!(code, 0);
+        assert_eq!(json(&out)["rows"], 17);
+        let left = rows(&store).await;
+        assert_eq!(left.len(), 3);
+        assert!(left.iter().all(|r| r.state == "dead"));
+        let (code, out, _) = verb(&db, &sim, &["inspect", "--batch", left[0].batch_id.as_deref().unwrap()], "").await;
+        assert_eq!(code, 0, "a batch still referred to by a row is kept: {out}");
+        let (code, _, err) = verb(&db, &sim, &["purge", "--older-than", "0s", "--state", "pending"], "").await;
+        assert_eq!(code, 2, "only terminal states can be purged");
+        assert!(err.contains("pending"), "{err}");
+    }
+}
