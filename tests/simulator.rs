@@ -318,9 +318,10 @@ async fn a_batch_of_none_or_of_101_items_is_refused_with_400() {
 #[tokio::test]
 async fn a_body_that_is_not_an_items_object_is_refused_with_400() {
     let api = start_default().await;
-    let bodies: [&[u8]; 5] = [
+    let bodies: [&[u8]; 6] = [
         b"not json",
         b"[]",
+        b"[[{\"id\": \"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e\"}]]",
         b"{\"records\": []}",
         b"{\"items\": {\"id\": \"x\"}}",
         b"",
