@@ -760,6 +760,12 @@ async fn a_truncated_200_is_cut_mid_json_but_the_replay_is_whole() {
     assert!(serde_json::from_slice::<Value>(&cut.body).is_err());
     assert!(!cut.body.is_empty());
 
+    // The network can cut a replay too (at another point); the cache underneath is whole.
+    let cut_again = api.update(Some("cut"), &items).await;
+    assert!(cut_again.is_replay());
+    assert!(serde_json::from_slice::<Value>(&cut_again.body).is_err());
+
+    api.sim.set_faults(FaultProfile::default());
     let whole = api.update(Some("cut"), &items).await;
     assert!(whole.is_replay());
     // The replay is the same response with the wire fault undone: the cut body is its prefix.
@@ -767,6 +773,7 @@ async fn a_truncated_200_is_cut_mid_json_but_the_replay_is_whole() {
     assert!(whole.body.len() > cut.body.len());
     assert_eq!(whole.json()["summary"]["succeeded"], 10);
     assert_eq!(api.sim.applied_log().len(), 10);
+    assert_eq!(api.sim.stats().faults(FaultKind::TruncatedBody), 2);
 }
 
 #[tokio::test]
@@ -780,6 +787,7 @@ async fn a_non_json_200_is_on_the_wire_only() {
     let garbled = api.update(Some("html"), &items).await;
     assert_eq!(garbled.status, StatusCode::OK);
     assert!(serde_json::from_slice::<Value>(&garbled.body).is_err());
+    api.sim.set_faults(FaultProfile::default());
     let replay = api.update(Some("html"), &items).await;
     assert!(replay.is_replay());
     assert_eq!(replay.json()["summary"]["succeeded"], 2);

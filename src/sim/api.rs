@@ -3,12 +3,14 @@
 //! A request goes through these steps, in this order, and the order is what a client can observe:
 //! 1. authentication (`x-api-key`) → 401; team → 404; object type → 404;
 //! 2. body read under [`BODY_LIMIT`] → 413; `Idempotency-Key` header shape → 400;
-//! 3. injected request-level faults (500, 503, 429), after the drawn latency;
-//! 4. the idempotency claim: replay, `409 idempotency_key_mismatch`, `409 idempotency_key_in_use`, or
-//!    the request now owns the key;
+//! 3. the request-level fault and the latency are drawn; a faulted request waits out the latency and
+//!    gets its 500, 503 or 429;
+//! 4. the idempotency claim: a replay, `409 idempotency_key_mismatch` or `409 idempotency_key_in_use`
+//!    waits out the latency and is answered; otherwise the request now owns the key;
 //! 5. the work, in a task of its own so that it finishes (and is cached) even if the client has gone:
-//!    latency, body validation, poison check, per-item validation and injected item errors, apply,
-//!    results (with injected omissions, duplicates, unknown ids, wrong summaries);
+//!    the latency (while the key is held, so a concurrent retry sees `idempotency_key_in_use`), body
+//!    validation, poison check, per-item validation and injected item errors, apply, results (with
+//!    injected omissions, duplicates, unknown ids, wrong summaries), then the cache entry;
 //! 6. wire faults on the way out: a slow answer, a dropped connection, a truncated or non-JSON body.
 //!
 //! **What the idempotency cache holds.** Every response produced in step 5: the 200s (as damaged by
@@ -19,8 +21,8 @@
 //! under the same key gets the whole, correct body.
 //!
 //! **Fingerprint.** A key matches a later request when the path and the exact body bytes hash equal
-//! (64-bit SipHash with fixed keys plus the length); a different body is a mismatch even if it means
-//! the same JSON, as with the real API.
+//! (64-bit SipHash with fixed keys over the path, the body and its length): a different body is a
+//! mismatch even if it means the same JSON, and so is the same body sent to another object type.
 
 use std::borrow::Cow;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -201,6 +203,13 @@ pub(crate) async fn batch_update(
                     settled: false,
                 }),
                 Claim::Replay(cached) => {
+                    // The network treats a replay like any other answer: it can be slow, cut or lost.
+                    let wire = if cached.status == 200 {
+                        faults.draw_wire_faults(&mut sim.rng())
+                    } else {
+                        WireFaults::default()
+                    };
+                    fault_kinds.extend(wire.kinds().map(|kind| (kind, 1)));
                     sim.pause(latency).await;
                     sim.observe(
                         &path,
@@ -212,7 +221,7 @@ pub(crate) async fn batch_update(
                             ..RequestOutcome::default()
                         },
                     );
-                    let mut response = cached_response(&cached);
+                    let mut response = send_with_wire_faults(&sim, cached, wire).await;
                     response.headers_mut().insert(
                         HeaderName::from_static("idempotent-replay"),
                         HeaderValue::from_static("true"),
@@ -803,17 +812,7 @@ fn process_batch(
         }
         outcome.faults.push((FaultKind::WrongSummary, 1));
     }
-    let wire_kinds = [
-        (wire.slow.is_some(), FaultKind::SlowResponse),
-        (wire.drop_after_apply, FaultKind::DropAfterApply),
-        (wire.truncate_permille.is_some(), FaultKind::TruncatedBody),
-        (wire.non_json, FaultKind::NonJsonBody),
-    ];
-    for (on, kind) in wire_kinds {
-        if on {
-            outcome.faults.push((kind, 1));
-        }
-    }
+    outcome.faults.extend(wire.kinds().map(|kind| (kind, 1)));
 
     // A response is roughly twice its request (each item comes back with its record).
     let mut out = Vec::with_capacity(body.len() * 2 + 256);
