@@ -2,20 +2,20 @@
 //!
 //! Tests start it in-process on port 0 with [`Simulator::start`]; `prism-sync simulate` serves it with
 //! [`run_simulate`]. Module map:
-//! - [`api`]: `POST /v2/prism/{teamId}/{objectType}/batch/update`, idempotency and the fault pipeline;
-//! - [`admin`]: the inspection and control endpoints under `/_sim/` (no API key needed);
-//! - [`faults`]: the [`FaultProfile`] and the seeded draws;
-//! - [`state`]: records and their apply log, the idempotency cache, statistics;
-//! - [`cli`]: the `simulate` command-line arguments.
+//! - `api`: `POST /v2/prism/{teamId}/{objectType}/batch/update`, idempotency and the fault pipeline;
+//! - `admin`: the inspection and control endpoints under `/_sim/` (no API key needed);
+//! - `faults`: the [`FaultProfile`] and the seeded draws;
+//! - `state`: records and their apply log, the idempotency cache, statistics;
+//! - `cli`: the `simulate` command-line arguments.
 //!
 //! **Invariant:** every random decision comes from one `StdRng` seeded from [`SimConfig::seed`] (and
 //! re-seeded by a reset), so a sequential client sees the same faults on every run.
 
-pub mod admin;
-pub mod api;
-pub mod cli;
-pub mod faults;
-pub mod state;
+mod admin;
+mod api;
+mod cli;
+mod faults;
+mod state;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -31,8 +31,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+pub use api::{BODY_LIMIT, MAX_ITEMS};
 pub use cli::{SimulateArgs, run_simulate};
-pub use faults::{FaultKind, FaultProfile, FaultProfileError};
+pub use faults::{DEFAULT_ITEM_ERROR_CODES, FaultKind, FaultProfile, FaultProfileError};
 pub use state::{AppliedChange, ObjectType, RequestLogEntry, SimStats, UnknownObjectType};
 
 use faults::ActiveFaults;
