@@ -422,6 +422,10 @@ async fn an_item_default_is_merged_into_the_stored_record() {
         record
     );
     assert!(api.sim.record(ObjectType::Deal, id).is_none());
+    let history = api.sim.applied_to(ObjectType::Contact, id);
+    assert_eq!(history.len(), 2);
+    assert!(history[0].seq < history[1].seq);
+    assert_eq!(history[1].item["default"]["name"], "B");
 }
 
 #[tokio::test]
