@@ -2,18 +2,28 @@
 """Checks the prism-sync simulator against the official Micro Python SDK (micro-so).
 
 The SDK parses every response with strict validation on, so a field the simulator names or types
-differently from the real API fails here. Usage:
+differently from the real API fails here. Two ways to run it:
 
-    python ci/sdk_check.py [BASE_URL [API_KEY [TEAM_ID]]]
+    python ci/sdk_check.py BASE_URL API_KEY TEAM_ID     # a simulator that is already running
+    python ci/sdk_check.py --spawn CMD [ARG ...]        # start one, check it, stop it
 
-Missing arguments come from MICRO_BASE_URL, MICRO_API_KEY and MICRO_TEAM_ID. Exits non-zero, naming
-the failed check, if any check fails; the last line is "sdk_check: N passed, N failed".
+Missing BASE_URL/API_KEY/TEAM_ID come from MICRO_BASE_URL, MICRO_API_KEY and MICRO_TEAM_ID. With
+--spawn, the script appends `--listen 127.0.0.1:0 --api-key K --team T` to CMD (e.g.
+`target/debug/prism-sync simulate`), reads the address from the line the simulator prints, and stops
+it with SIGINT at the end. Exits non-zero, naming the failed check, if any check fails; the last line
+is "sdk_check: N passed, N failed".
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import re
+import signal
+import subprocess
 import sys
+import threading
+import time
 import traceback
 import uuid
 from typing import Callable
@@ -34,13 +44,64 @@ def expect(condition: bool, message: str) -> None:
         raise CheckFailed(message)
 
 
+SPAWN_KEY = os.environ.get("MICRO_API_KEY") or "sdk-check-key"
+SPAWN_TEAM = os.environ.get("MICRO_TEAM_ID") or "6f1c2d3e-4b5a-4c6d-8e7f-0a1b2c3d4e5f"
+SPAWNED: subprocess.Popen | None = None
+
+
+def spawn(command: list[str]) -> str:
+    """Starts the simulator and returns its base URL, from the line it prints when listening."""
+    global SPAWNED
+    if not command:
+        sys.exit("sdk_check: --spawn needs a command, e.g. --spawn target/debug/prism-sync simulate")
+    full = [*command, "--listen", "127.0.0.1:0", "--api-key", SPAWN_KEY, "--team", SPAWN_TEAM]
+    try:
+        SPAWNED = subprocess.Popen(full, stdout=subprocess.PIPE, text=True)
+    except OSError as err:
+        sys.exit(f"sdk_check: cannot start {full[0]}: {err}")
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump(stream) -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, args=(SPAWNED.stdout,), daemon=True).start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            sys.exit(f"sdk_check: the simulator exited ({SPAWNED.wait()}) before it was listening")
+        match = re.search(r"listening on (http://\S+)", line)
+        if match:
+            return match.group(1)
+    stop_spawned()
+    sys.exit("sdk_check: the simulator did not say where it listens within 60 s")
+
+
+def stop_spawned() -> None:
+    if SPAWNED is None or SPAWNED.poll() is not None:
+        return
+    SPAWNED.send_signal(signal.SIGINT)
+    try:
+        SPAWNED.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        SPAWNED.kill()
+        SPAWNED.wait()
+
+
 def settings() -> tuple[str, str, str]:
     args = sys.argv[1:]
+    if args[:1] == ["--spawn"]:
+        return spawn(args[1:]), SPAWN_KEY, SPAWN_TEAM
     names = ["MICRO_BASE_URL", "MICRO_API_KEY", "MICRO_TEAM_ID"]
     values = [args[i] if len(args) > i else os.environ.get(name, "") for i, name in enumerate(names)]
     missing = [name for name, value in zip(names, values) if not value]
     if missing:
-        sys.exit(f"sdk_check: missing {', '.join(missing)} (pass BASE_URL API_KEY TEAM_ID or set the variables)")
+        sys.exit(f"sdk_check: missing {', '.join(missing)} (pass BASE_URL API_KEY TEAM_ID, set them, or use --spawn)")
     return values[0], values[1], values[2]
 
 
@@ -183,4 +244,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+    finally:
+        stop_spawned()
+    sys.exit(status)

@@ -318,9 +318,10 @@ async fn a_batch_of_none_or_of_101_items_is_refused_with_400() {
 #[tokio::test]
 async fn a_body_that_is_not_an_items_object_is_refused_with_400() {
     let api = start_default().await;
-    let bodies: [&[u8]; 5] = [
+    let bodies: [&[u8]; 6] = [
         b"not json",
         b"[]",
+        b"[[{\"id\": \"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e\"}]]",
         b"{\"records\": []}",
         b"{\"items\": {\"id\": \"x\"}}",
         b"",
@@ -421,6 +422,10 @@ async fn an_item_default_is_merged_into_the_stored_record() {
         record
     );
     assert!(api.sim.record(ObjectType::Deal, id).is_none());
+    let history = api.sim.applied_to(ObjectType::Contact, id);
+    assert_eq!(history.len(), 2);
+    assert!(history[0].seq < history[1].seq);
+    assert_eq!(history[1].item["default"]["name"], "B");
 }
 
 #[tokio::test]
@@ -759,6 +764,12 @@ async fn a_truncated_200_is_cut_mid_json_but_the_replay_is_whole() {
     assert!(serde_json::from_slice::<Value>(&cut.body).is_err());
     assert!(!cut.body.is_empty());
 
+    // The network can cut a replay too (at another point); the cache underneath is whole.
+    let cut_again = api.update(Some("cut"), &items).await;
+    assert!(cut_again.is_replay());
+    assert!(serde_json::from_slice::<Value>(&cut_again.body).is_err());
+
+    api.sim.set_faults(FaultProfile::default());
     let whole = api.update(Some("cut"), &items).await;
     assert!(whole.is_replay());
     // The replay is the same response with the wire fault undone: the cut body is its prefix.
@@ -766,6 +777,7 @@ async fn a_truncated_200_is_cut_mid_json_but_the_replay_is_whole() {
     assert!(whole.body.len() > cut.body.len());
     assert_eq!(whole.json()["summary"]["succeeded"], 10);
     assert_eq!(api.sim.applied_log().len(), 10);
+    assert_eq!(api.sim.stats().faults(FaultKind::TruncatedBody), 2);
 }
 
 #[tokio::test]
@@ -779,6 +791,7 @@ async fn a_non_json_200_is_on_the_wire_only() {
     let garbled = api.update(Some("html"), &items).await;
     assert_eq!(garbled.status, StatusCode::OK);
     assert!(serde_json::from_slice::<Value>(&garbled.body).is_err());
+    api.sim.set_faults(FaultProfile::default());
     let replay = api.update(Some("html"), &items).await;
     assert!(replay.is_replay());
     assert_eq!(replay.json()["summary"]["succeeded"], 2);

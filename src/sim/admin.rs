@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::api::error_response;
-use super::state::{AppliedChange, ObjectType};
+use super::state::{LogFilter, ObjectType};
 use super::{FaultProfile, REQUEST_LOG_CAPACITY, Shared};
 
 pub(crate) async fn stats(State(sim): State<Arc<Shared>>) -> Response {
@@ -64,16 +64,12 @@ pub(crate) async fn applied(
         Some(Ok(object_type)) => Some(object_type),
         Some(Err(err)) => return bad_request(&err.to_string()),
     };
-    let after = query.after_seq.unwrap_or(0);
-    let store = sim.store();
-    let changes: Vec<&AppliedChange> = store
-        .log()
-        .iter()
-        .filter(|change| change.seq > after)
-        .filter(|change| record.is_none_or(|id| change.record_id == id))
-        .filter(|change| object_type.is_none_or(|t| change.object_type == t))
-        .collect();
-    Json(changes).into_response()
+    let filter = LogFilter {
+        record_id: record,
+        object_type,
+        after_seq: query.after_seq.unwrap_or(0),
+    };
+    Json(sim.applied_log(filter)).into_response()
 }
 
 pub(crate) async fn record(
@@ -132,7 +128,7 @@ pub(crate) async fn seed_records(State(sim): State<Arc<Shared>>, body: Bytes) ->
             if let Some(extended) = seed.extended {
                 body.insert("extended".into(), extended);
             }
-            sim.seed_record(seed.object_type, seed.id, &body)
+            sim.seed_record(seed.object_type, seed.id, body)
         })
         .collect();
     (StatusCode::CREATED, Json(seeded)).into_response()

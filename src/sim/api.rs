@@ -3,12 +3,14 @@
 //! A request goes through these steps, in this order, and the order is what a client can observe:
 //! 1. authentication (`x-api-key`) → 401; team → 404; object type → 404;
 //! 2. body read under [`BODY_LIMIT`] → 413; `Idempotency-Key` header shape → 400;
-//! 3. injected request-level faults (500, 503, 429), after the drawn latency;
-//! 4. the idempotency claim: replay, `409 idempotency_key_mismatch`, `409 idempotency_key_in_use`, or
-//!    the request now owns the key;
+//! 3. the request-level fault and the latency are drawn; a faulted request waits out the latency and
+//!    gets its 500, 503 or 429;
+//! 4. the idempotency claim: a replay, `409 idempotency_key_mismatch` or `409 idempotency_key_in_use`
+//!    waits out the latency and is answered; otherwise the request now owns the key;
 //! 5. the work, in a task of its own so that it finishes (and is cached) even if the client has gone:
-//!    latency, body validation, poison check, per-item validation and injected item errors, apply,
-//!    results (with injected omissions, duplicates, unknown ids, wrong summaries);
+//!    the latency (while the key is held, so a concurrent retry sees `idempotency_key_in_use`), body
+//!    validation, poison check, per-item validation and injected item errors, apply, results (with
+//!    injected omissions, duplicates, unknown ids, wrong summaries), then the cache entry;
 //! 6. wire faults on the way out: a slow answer, a dropped connection, a truncated or non-JSON body.
 //!
 //! **What the idempotency cache holds.** Every response produced in step 5: the 200s (as damaged by
@@ -19,9 +21,10 @@
 //! under the same key gets the whole, correct body.
 //!
 //! **Fingerprint.** A key matches a later request when the path and the exact body bytes hash equal
-//! (64-bit SipHash with fixed keys plus the length); a different body is a mismatch even if it means
-//! the same JSON, as with the real API.
+//! (64-bit SipHash with fixed keys over the path, the body and its length): a different body is a
+//! mismatch even if it means the same JSON, and so is the same body sent to another object type.
 
+use std::borrow::Cow;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +36,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use rand::Rng;
-use serde::Serialize;
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -198,6 +203,13 @@ pub(crate) async fn batch_update(
                     settled: false,
                 }),
                 Claim::Replay(cached) => {
+                    // The network treats a replay like any other answer: it can be slow, cut or lost.
+                    let wire = if cached.status == 200 {
+                        faults.draw_wire_faults(&mut sim.rng())
+                    } else {
+                        WireFaults::default()
+                    };
+                    fault_kinds.extend(wire.kinds().map(|kind| (kind, 1)));
                     sim.pause(latency).await;
                     sim.observe(
                         &path,
@@ -209,7 +221,7 @@ pub(crate) async fn batch_update(
                             ..RequestOutcome::default()
                         },
                     );
-                    let mut response = cached_response(&cached);
+                    let mut response = send_with_wire_faults(&sim, cached, wire).await;
                     response.headers_mut().insert(
                         HeaderName::from_static("idempotent-replay"),
                         HeaderValue::from_static("true"),
@@ -255,8 +267,8 @@ pub(crate) async fn batch_update(
     let worker_sim = Arc::clone(&sim);
     let work = tokio::spawn(async move {
         worker_sim.pause(latency).await;
-        let key = scoped_key.as_ref().map(|(_, key)| key.as_str());
-        let processed = process_batch(&worker_sim, &faults, object_type, &bytes, key);
+        let key: Option<Arc<str>> = scoped_key.as_ref().map(|(_, key)| Arc::from(key.as_str()));
+        let processed = process_batch(&worker_sim, &faults, object_type, &bytes, key.as_ref());
         if let Some(claim) = claim {
             claim.settle(processed.response.clone());
         }
@@ -486,21 +498,23 @@ fn refused(status: StatusCode, code: &str, message: &str, items: usize) -> Proce
     }
 }
 
-/// An item after validation.
-enum CheckedItem<'a> {
+/// An item after validation. A valid item owns its parsed body (which moves into the record) and a
+/// zero-copy slice of its exact bytes (which goes into the apply log).
+enum CheckedItem {
     Valid {
         id: Uuid,
-        body: &'a Map<String, Value>,
+        body: Map<String, Value>,
+        raw: Bytes,
     },
     Invalid {
         id: Option<Uuid>,
         code: &'static str,
-        message: String,
+        message: Cow<'static, str>,
     },
 }
 
-fn check_item(item: &Value) -> CheckedItem<'_> {
-    let Some(body) = item.as_object() else {
+fn check_item(item: Value, raw: Bytes) -> CheckedItem {
+    let Value::Object(body) = item else {
         return CheckedItem::Invalid {
             id: None,
             code: "validation_error",
@@ -524,7 +538,8 @@ fn check_item(item: &Value) -> CheckedItem<'_> {
             code: "invalid_property",
             message: format!(
                 "Unknown item property {unknown:?}; expected default, list or extended."
-            ),
+            )
+            .into(),
         };
     }
     if body
@@ -537,24 +552,24 @@ fn check_item(item: &Value) -> CheckedItem<'_> {
             message: "Item default must be an object of property values.".into(),
         };
     }
-    CheckedItem::Valid { id, body }
+    CheckedItem::Valid { id, body, raw }
 }
 
 #[derive(Serialize, Clone)]
 struct ItemResult {
     /// Always present: null where the input id was unparseable.
-    id: Option<String>,
+    id: Option<Uuid>,
     status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<ItemError>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    record: Option<Value>,
+    record: Option<Box<RawValue>>,
 }
 
 #[derive(Serialize, Clone)]
 struct ItemError {
-    code: String,
-    message: String,
+    code: Cow<'static, str>,
+    message: Cow<'static, str>,
 }
 
 #[derive(Serialize)]
@@ -570,9 +585,21 @@ struct BulkResponse {
     summary: Summary,
 }
 
-fn failed(id: Option<Uuid>, code: impl Into<String>, message: impl Into<String>) -> ItemResult {
+/// The request body as far as the simulator reads it before looking at items: `items` stays raw so
+/// that each item's exact bytes can be kept.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    items: Option<&'a RawValue>,
+}
+
+fn failed(
+    id: Option<Uuid>,
+    code: impl Into<Cow<'static, str>>,
+    message: impl Into<Cow<'static, str>>,
+) -> ItemResult {
     ItemResult {
-        id: id.map(|id| id.to_string()),
+        id,
         status: "error",
         error: Some(ItemError {
             code: code.into(),
@@ -582,14 +609,34 @@ fn failed(id: Option<Uuid>, code: impl Into<String>, message: impl Into<String>)
     }
 }
 
-fn injected_message(code: &str) -> String {
+fn injected_message(code: &str) -> Cow<'static, str> {
     match code {
         "rate_limited" => "Too many updates to this record; retry later.".into(),
         "internal_error" => "Internal error while updating this record.".into(),
         "validation_error" => "A property value failed validation.".into(),
         "not_found" => "Record not found.".into(),
-        other => format!("Simulated item error {other}."),
+        other => format!("Simulated item error {other}.").into(),
     }
+}
+
+/// Why a body has no items to look at: the error code and message of its 400.
+type BodyRefusal = (&'static str, &'static str);
+
+/// Splits a body into its items (each as a raw slice of `body`), or says why it cannot.
+fn split_items(body: &Bytes) -> Result<Vec<&RawValue>, BodyRefusal> {
+    const SHAPE: BodyRefusal = (
+        "invalid_request",
+        "The request body must be an object with an \"items\" array.",
+    );
+    let envelope = match serde_json::from_slice::<Envelope<'_>>(body) {
+        Ok(envelope) => envelope,
+        Err(_) if serde_json::from_slice::<IgnoredAny>(body).is_ok() => return Err(SHAPE),
+        Err(_) => return Err(("invalid_json", "The request body is not valid JSON.")),
+    };
+    // serde also reads a struct from a JSON array; the API wants an object.
+    let is_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    let items = envelope.items.filter(|_| is_object).ok_or(SHAPE)?;
+    serde_json::from_str::<Vec<&RawValue>>(items.get()).map_err(|_| SHAPE)
 }
 
 /// Step 5: validate, apply and answer. Synchronous: it holds locks only for in-memory work.
@@ -597,33 +644,14 @@ fn process_batch(
     sim: &Shared,
     faults: &ActiveFaults,
     object_type: ObjectType,
-    body: &[u8],
-    key: Option<&str>,
+    body: &Bytes,
+    key: Option<&Arc<str>>,
 ) -> Processed {
-    let parsed: Value = match serde_json::from_slice(body) {
-        Ok(parsed) => parsed,
-        Err(_) => {
-            return refused(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                "The request body is not valid JSON.",
-                0,
-            );
-        }
+    let raw_items = match split_items(body) {
+        Ok(items) => items,
+        Err((code, message)) => return refused(StatusCode::BAD_REQUEST, code, message, 0),
     };
-    let Some(items) = parsed
-        .as_object()
-        .and_then(|body| body.get("items"))
-        .and_then(Value::as_array)
-    else {
-        return refused(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "The request body must be an object with an \"items\" array.",
-            0,
-        );
-    };
-    let count = items.len();
+    let count = raw_items.len();
     if count == 0 || count > MAX_ITEMS {
         return refused(
             StatusCode::BAD_REQUEST,
@@ -632,7 +660,12 @@ fn process_batch(
             count,
         );
     }
-    if faults.has_poison() && items.iter().any(|item| is_poison(faults, item)) {
+    // Each raw item is valid JSON already, so parsing it again cannot fail.
+    let values: Vec<Value> = raw_items
+        .iter()
+        .map(|raw| serde_json::from_str(raw.get()).unwrap_or(Value::Null))
+        .collect();
+    if faults.has_poison() && values.iter().any(|item| is_poison(faults, item)) {
         let status =
             StatusCode::from_u16(faults.profile.poison_status).unwrap_or(StatusCode::BAD_REQUEST);
         let code = match status {
@@ -650,7 +683,11 @@ fn process_batch(
         return processed;
     }
 
-    let checked: Vec<CheckedItem<'_>> = items.iter().map(check_item).collect();
+    let checked: Vec<CheckedItem> = values
+        .into_iter()
+        .zip(&raw_items)
+        .map(|(value, raw)| check_item(value, body.slice_ref(raw.get().as_bytes())))
+        .collect();
     let mut outcome = RequestOutcome {
         status: 200,
         items: count,
@@ -687,52 +724,50 @@ fn process_batch(
         (response_faults, injected, wire, unknown_id)
     };
 
+    // Results in request order; the applied ones are filled in after the store has answered.
+    let mut results: Vec<Option<ItemResult>> = Vec::with_capacity(count);
     let mut to_apply = Vec::with_capacity(count);
-    for (index, item) in checked.iter().enumerate() {
-        if let CheckedItem::Valid { id, body } = item
-            && injected[index].is_none()
-            && !response_faults.omitted.contains(&index)
-        {
-            to_apply.push(ApplyItem { id: *id, body });
-        }
-    }
-    let mut applied = sim.apply(object_type, &to_apply, key).into_iter();
-
-    let mut results = Vec::with_capacity(count + 2);
-    let (mut succeeded, mut failures) = (0u64, 0u64);
+    let mut applied_at = Vec::with_capacity(count);
     let (mut item_errors, mut id_errors) = (0u64, 0u64);
-    for (index, item) in checked.iter().enumerate() {
+    for (index, (item, injected)) in checked.into_iter().zip(injected).enumerate() {
         if response_faults.omitted.contains(&index) {
             continue;
         }
-        let result = match (item, &injected[index]) {
-            (CheckedItem::Invalid { id, code, message }, _) => failed(*id, *code, message.as_str()),
+        let result = match (item, injected) {
+            (CheckedItem::Invalid { id, code, message }, _) => Some(failed(id, code, message)),
             (CheckedItem::Valid { id, .. }, Some((code, kind))) => {
                 match kind {
                     FaultKind::ItemErrorForId => id_errors += 1,
                     _ => item_errors += 1,
                 }
-                failed(Some(*id), code.as_str(), injected_message(code))
+                let message = injected_message(&code);
+                Some(failed(Some(id), code, message))
             }
-            (CheckedItem::Valid { id, .. }, None) => match applied.next() {
-                Some(ApplyOutcome::Applied(record)) => ItemResult {
-                    id: Some(id.to_string()),
-                    status: "ok",
-                    error: None,
-                    record: Some(record),
-                },
-                Some(ApplyOutcome::NotFound) | None => {
-                    failed(Some(*id), "not_found", "Record not found.")
-                }
-            },
+            (CheckedItem::Valid { id, body, raw }, None) => {
+                to_apply.push(ApplyItem { id, body, raw });
+                applied_at.push(results.len());
+                None
+            }
         };
-        if result.status == "ok" {
-            succeeded += 1;
-        } else {
-            failures += 1;
-        }
         results.push(result);
     }
+    let applied_ids: Vec<Uuid> = to_apply.iter().map(|item| item.id).collect();
+    let applied = sim.apply(object_type, to_apply, key);
+    for ((slot, id), applied) in applied_at.into_iter().zip(applied_ids).zip(applied) {
+        results[slot] = Some(match applied {
+            ApplyOutcome::Applied(record) => ItemResult {
+                id: Some(id),
+                status: "ok",
+                error: None,
+                record: Some(record),
+            },
+            ApplyOutcome::NotFound => failed(Some(id), "not_found", "Record not found."),
+        });
+    }
+    let mut results: Vec<ItemResult> = results.into_iter().flatten().collect();
+    let succeeded = results.iter().filter(|r| r.status == "ok").count() as u64;
+    let failures = results.len() as u64 - succeeded;
+
     outcome.items_applied = succeeded;
     outcome.items_failed = failures;
     if item_errors > 0 {
@@ -753,11 +788,15 @@ fn process_batch(
         outcome.faults.push((FaultKind::DuplicateResult, 1));
     }
     if let Some(stranger) = unknown_id {
+        let record = serde_json::value::to_raw_value(&serde_json::json!({
+            "id": stranger, "default": {}
+        }))
+        .ok();
         results.push(ItemResult {
-            id: Some(stranger.to_string()),
+            id: Some(stranger),
             status: "ok",
             error: None,
-            record: Some(serde_json::json!({"id": stranger.to_string(), "default": {}})),
+            record,
         });
         outcome.faults.push((FaultKind::UnknownResultId, 1));
     }
@@ -773,24 +812,17 @@ fn process_batch(
         }
         outcome.faults.push((FaultKind::WrongSummary, 1));
     }
-    let wire_kinds = [
-        (wire.slow.is_some(), FaultKind::SlowResponse),
-        (wire.drop_after_apply, FaultKind::DropAfterApply),
-        (wire.truncate_permille.is_some(), FaultKind::TruncatedBody),
-        (wire.non_json, FaultKind::NonJsonBody),
-    ];
-    for (on, kind) in wire_kinds {
-        if on {
-            outcome.faults.push((kind, 1));
-        }
-    }
+    outcome.faults.extend(wire.kinds().map(|kind| (kind, 1)));
 
-    let body = serde_json::to_vec(&BulkResponse { results, summary }).unwrap_or_default();
+    // A response is roughly twice its request (each item comes back with its record).
+    let mut out = Vec::with_capacity(body.len() * 2 + 256);
+    // Serialising owned strings, numbers and already-valid raw JSON into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, &BulkResponse { results, summary });
     Processed {
         response: CachedResponse {
             status: 200,
             content_type: JSON,
-            body: Bytes::from(body),
+            body: Bytes::from(out),
         },
         wire,
         outcome,

@@ -68,6 +68,9 @@ pub struct FaultProfile {
     /// A 200 whose body is cut mid-JSON on the wire; the cache keeps the whole body.
     pub truncated_body_rate: f64,
     /// A 200 whose body is not JSON at all on the wire; the cache keeps the real body.
+    ///
+    /// These wire faults (slow, dropped, truncated, non-JSON) strike replays of a 200 too, drawn
+    /// afresh: a retry can be unlucky again, but the cached body underneath stays whole.
     pub non_json_body_rate: f64,
     /// A 200 that omits some results. The omitted items are *not* applied, and the omission is what
     /// the cache replays under the key (as the real API would).
@@ -377,6 +380,20 @@ pub(crate) struct WireFaults {
     /// Cut the body to this fraction (in thousandths) of its length.
     pub truncate_permille: Option<u16>,
     pub non_json: bool,
+}
+
+impl WireFaults {
+    /// The kinds that will show, for the statistics.
+    pub fn kinds(&self) -> impl Iterator<Item = FaultKind> + use<> {
+        [
+            (self.slow.is_some(), FaultKind::SlowResponse),
+            (self.drop_after_apply, FaultKind::DropAfterApply),
+            (self.truncate_permille.is_some(), FaultKind::TruncatedBody),
+            (self.non_json, FaultKind::NonJsonBody),
+        ]
+        .into_iter()
+        .filter_map(|(on, kind)| on.then_some(kind))
+    }
 }
 
 impl ActiveFaults {

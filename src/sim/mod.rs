@@ -2,20 +2,20 @@
 //!
 //! Tests start it in-process on port 0 with [`Simulator::start`]; `prism-sync simulate` serves it with
 //! [`run_simulate`]. Module map:
-//! - [`api`]: `POST /v2/prism/{teamId}/{objectType}/batch/update`, idempotency and the fault pipeline;
-//! - [`admin`]: the inspection and control endpoints under `/_sim/` (no API key needed);
-//! - [`faults`]: the [`FaultProfile`] and the seeded draws;
-//! - [`state`]: records and their apply log, the idempotency cache, statistics;
-//! - [`cli`]: the `simulate` command-line arguments.
+//! - `api`: `POST /v2/prism/{teamId}/{objectType}/batch/update`, idempotency and the fault pipeline;
+//! - `admin`: the inspection and control endpoints under `/_sim/` (no API key needed);
+//! - `faults`: the [`FaultProfile`] and the seeded draws;
+//! - `state`: records and their apply log, the idempotency cache, statistics;
+//! - `cli`: the `simulate` command-line arguments.
 //!
 //! **Invariant:** every random decision comes from one `StdRng` seeded from [`SimConfig::seed`] (and
 //! re-seeded by a reset), so a sequential client sees the same faults on every run.
 
-pub mod admin;
-pub mod api;
-pub mod cli;
-pub mod faults;
-pub mod state;
+mod admin;
+mod api;
+mod cli;
+mod faults;
+mod state;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -31,12 +31,15 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+pub use api::{BODY_LIMIT, MAX_ITEMS};
 pub use cli::{SimulateArgs, run_simulate};
-pub use faults::{FaultKind, FaultProfile, FaultProfileError};
+pub use faults::{DEFAULT_ITEM_ERROR_CODES, FaultKind, FaultProfile, FaultProfileError};
 pub use state::{AppliedChange, ObjectType, RequestLogEntry, SimStats, UnknownObjectType};
 
 use faults::ActiveFaults;
-use state::{ApplyItem, ApplyOutcome, IdempotencyCache, Observations, RequestOutcome, Store};
+use state::{
+    ApplyItem, ApplyOutcome, IdempotencyCache, LogFilter, Observations, RequestOutcome, Store,
+};
 
 /// The team id of [`SimConfig::default`].
 pub const DEFAULT_TEAM_ID: &str = "00000000-0000-4000-8000-000000000001";
@@ -164,8 +167,8 @@ impl Shared {
     fn apply(
         &self,
         object_type: ObjectType,
-        items: &[ApplyItem<'_>],
-        key: Option<&str>,
+        items: Vec<ApplyItem>,
+        key: Option<&Arc<str>>,
     ) -> Vec<ApplyOutcome> {
         self.store()
             .apply(object_type, items, key, self.implicit_records)
@@ -184,15 +187,15 @@ impl Shared {
         stats
     }
 
-    fn applied_log(&self) -> Vec<AppliedChange> {
-        self.store().log().to_vec()
+    fn applied_log(&self, filter: LogFilter) -> Vec<AppliedChange> {
+        self.store().changes(filter)
     }
 
     fn record(&self, object_type: ObjectType, id: Uuid) -> Option<Value> {
         self.store().record(object_type, id)
     }
 
-    fn seed_record(&self, object_type: ObjectType, id: Uuid, body: &Map<String, Value>) -> Value {
+    fn seed_record(&self, object_type: ObjectType, id: Uuid, body: Map<String, Value>) -> Value {
         self.store().seed(object_type, id, body)
     }
 
@@ -304,7 +307,16 @@ impl SimHandle {
 
     /// Every item applied, in apply order (`seq` ascending).
     pub fn applied_log(&self) -> Vec<AppliedChange> {
-        self.shared.applied_log()
+        self.shared.applied_log(LogFilter::default())
+    }
+
+    /// The applied changes of one record, in apply order.
+    pub fn applied_to(&self, object_type: ObjectType, id: Uuid) -> Vec<AppliedChange> {
+        self.shared.applied_log(LogFilter {
+            record_id: Some(id),
+            object_type: Some(object_type),
+            after_seq: 0,
+        })
     }
 
     /// The record as the API would return it, if it exists.
@@ -317,7 +329,7 @@ impl SimHandle {
     pub fn seed_record(&self, object_type: ObjectType, id: Uuid, default: Map<String, Value>) {
         let mut body = Map::new();
         body.insert("default".into(), Value::Object(default));
-        self.shared.seed_record(object_type, id, &body);
+        self.shared.seed_record(object_type, id, body);
     }
 
     pub fn stats(&self) -> SimStats {

@@ -9,10 +9,12 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -98,63 +100,107 @@ pub(crate) struct Record {
     pub extended: Option<Value>,
 }
 
+/// The record as the API returns it: `{"id", "default", "list"?, "extended"?}`, borrowed so that a
+/// response can carry a snapshot without cloning the record.
+#[derive(Serialize)]
+struct RecordView<'a> {
+    id: Uuid,
+    default: &'a Map<String, Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    list: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    extended: Option<&'a Value>,
+}
+
 impl Record {
-    /// The record as the API returns it: `{"id", "default", "list"?, "extended"?}`.
+    fn view(&self, id: Uuid) -> RecordView<'_> {
+        RecordView {
+            id,
+            default: &self.default,
+            list: self.list.as_ref(),
+            extended: self.extended.as_ref(),
+        }
+    }
+
     pub fn to_json(&self, id: Uuid) -> Value {
-        let mut out = Map::new();
-        out.insert("id".into(), Value::String(id.to_string()));
-        out.insert("default".into(), Value::Object(self.default.clone()));
-        if let Some(list) = &self.list {
-            out.insert("list".into(), list.clone());
-        }
-        if let Some(extended) = &self.extended {
-            out.insert("extended".into(), extended.clone());
-        }
-        Value::Object(out)
+        serde_json::to_value(self.view(id)).unwrap_or(Value::Null)
+    }
+
+    /// The snapshot a result carries, serialised once while the record is at hand.
+    fn to_raw(&self, id: Uuid) -> Box<RawValue> {
+        serde_json::value::to_raw_value(&self.view(id))
+            .expect("a record of JSON values always serialises")
     }
 
     /// `default` merges key by key (a PATCH); `list` and `extended` merge the same way when both sides
-    /// are objects and are replaced otherwise.
-    fn merge(&mut self, item: &Map<String, Value>) {
-        if let Some(Value::Object(default)) = item.get("default") {
-            for (key, value) in default {
-                self.default.insert(key.clone(), value.clone());
-            }
+    /// are objects and are replaced otherwise. Takes the item by value: its values move in.
+    fn merge(&mut self, mut item: Map<String, Value>) {
+        if let Some(Value::Object(default)) = item.remove("default") {
+            self.default.extend(default);
         }
-        merge_optional(&mut self.list, item.get("list"));
-        merge_optional(&mut self.extended, item.get("extended"));
+        merge_optional(&mut self.list, item.remove("list"));
+        merge_optional(&mut self.extended, item.remove("extended"));
     }
 }
 
-fn merge_optional(target: &mut Option<Value>, patch: Option<&Value>) {
+fn merge_optional(target: &mut Option<Value>, patch: Option<Value>) {
     let Some(patch) = patch else { return };
     match (target.as_mut(), patch) {
-        (Some(Value::Object(existing)), Value::Object(patch)) => {
-            for (key, value) in patch {
-                existing.insert(key.clone(), value.clone());
-            }
-        }
-        _ => *target = Some(patch.clone()),
+        (Some(Value::Object(existing)), Value::Object(patch)) => existing.extend(patch),
+        (_, patch) => *target = Some(patch),
     }
 }
 
 /// An item that passed validation and was chosen to be applied.
-pub(crate) struct ApplyItem<'a> {
+pub(crate) struct ApplyItem {
     pub id: Uuid,
-    pub body: &'a Map<String, Value>,
+    pub body: Map<String, Value>,
+    /// The item's exact bytes, a zero-copy slice of the request body, for the apply log.
+    pub raw: Bytes,
 }
 
 /// What applying one item did.
 pub(crate) enum ApplyOutcome {
     /// The record as it stands after the change.
-    Applied(Value),
+    Applied(Box<RawValue>),
     NotFound,
+}
+
+/// An apply-log entry as stored: the item's bytes rather than a parsed copy, which keeps applying
+/// cheap (no deep clone per item) and the log compact.
+struct LoggedChange {
+    object_type: ObjectType,
+    record_id: Uuid,
+    raw: Bytes,
+    idempotency_key: Option<Arc<str>>,
+}
+
+impl LoggedChange {
+    fn to_public(&self, seq: u64) -> AppliedChange {
+        AppliedChange {
+            seq,
+            object_type: self.object_type,
+            record_id: self.record_id,
+            // The bytes were parsed as JSON before they were logged.
+            item: serde_json::from_slice(&self.raw).unwrap_or(Value::Null),
+            idempotency_key: self.idempotency_key.as_deref().map(str::to_owned),
+        }
+    }
+}
+
+/// Which changes to list from the apply log.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct LogFilter {
+    pub record_id: Option<Uuid>,
+    pub object_type: Option<ObjectType>,
+    pub after_seq: u64,
 }
 
 #[derive(Default)]
 pub(crate) struct Store {
     records: HashMap<(ObjectType, Uuid), Record>,
-    log: Vec<AppliedChange>,
+    /// Entry `i` has `seq` `i + 1`.
+    log: Vec<LoggedChange>,
 }
 
 impl Store {
@@ -162,12 +208,12 @@ impl Store {
     pub fn apply(
         &mut self,
         object_type: ObjectType,
-        items: &[ApplyItem<'_>],
-        idempotency_key: Option<&str>,
+        items: Vec<ApplyItem>,
+        idempotency_key: Option<&Arc<str>>,
         implicit_records: bool,
     ) -> Vec<ApplyOutcome> {
         items
-            .iter()
+            .into_iter()
             .map(|item| {
                 let record = match self.records.get_mut(&(object_type, item.id)) {
                     Some(record) => record,
@@ -177,14 +223,12 @@ impl Store {
                     None => return ApplyOutcome::NotFound,
                 };
                 record.merge(item.body);
-                let snapshot = record.to_json(item.id);
-                let seq = self.log.len() as u64 + 1;
-                self.log.push(AppliedChange {
-                    seq,
+                let snapshot = record.to_raw(item.id);
+                self.log.push(LoggedChange {
                     object_type,
                     record_id: item.id,
-                    item: Value::Object(item.body.clone()),
-                    idempotency_key: idempotency_key.map(str::to_owned),
+                    raw: item.raw,
+                    idempotency_key: idempotency_key.cloned(),
                 });
                 ApplyOutcome::Applied(snapshot)
             })
@@ -192,7 +236,7 @@ impl Store {
     }
 
     /// Creates or merges a record without logging it as an applied change (test set-up).
-    pub fn seed(&mut self, object_type: ObjectType, id: Uuid, body: &Map<String, Value>) -> Value {
+    pub fn seed(&mut self, object_type: ObjectType, id: Uuid, body: Map<String, Value>) -> Value {
         let record = self.records.entry((object_type, id)).or_default();
         record.merge(body);
         record.to_json(id)
@@ -202,8 +246,16 @@ impl Store {
         self.records.get(&(object_type, id)).map(|r| r.to_json(id))
     }
 
-    pub fn log(&self) -> &[AppliedChange] {
-        &self.log
+    pub fn changes(&self, filter: LogFilter) -> Vec<AppliedChange> {
+        let skip = usize::try_from(filter.after_seq).unwrap_or(usize::MAX);
+        self.log
+            .iter()
+            .enumerate()
+            .skip(skip)
+            .filter(|(_, change)| filter.record_id.is_none_or(|id| change.record_id == id))
+            .filter(|(_, change)| filter.object_type.is_none_or(|t| change.object_type == t))
+            .map(|(index, change)| change.to_public(index as u64 + 1))
+            .collect()
     }
 
     pub fn record_count(&self) -> usize {
