@@ -302,6 +302,7 @@ async fn fill(shared: &Shared, free: usize) -> Result<Vec<LeasedBatch>, StoreErr
         .await?;
     let left = free.saturating_sub(batches.len());
     if left > 0 {
+        let started = Instant::now();
         let claimed = shared
             .store
             .claim(&ClaimRequest {
@@ -311,6 +312,10 @@ async fn fill(shared: &Shared, free: usize) -> Result<Vec<LeasedBatch>, StoreErr
                 limits: cfg.limits,
             })
             .await?;
+        metrics::histogram!("prism_sync_db_duration_seconds", "op" => "claim")
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("prism_sync_batches_claimed_total")
+            .increment(claimed.batches.len() as u64);
         crash_point!("after_claim");
         for dead in &claimed.dead {
             warn!(row = dead.id, code = dead.code, reason = %dead.message, "row cannot be sent: dead");
@@ -656,7 +661,11 @@ async fn record_answer(
         attempt,
     };
     crash_point!("before_outcomes");
-    match must_write("recording outcomes", || shared.store.finish_batch(&f)).await {
+    let started = Instant::now();
+    let written = must_write("recording outcomes", || shared.store.finish_batch(&f)).await;
+    metrics::histogram!("prism_sync_db_duration_seconds", "op" => "record")
+        .record(started.elapsed().as_secs_f64());
+    match written {
         Some(true) => {
             crash_point!("after_outcomes");
             let result = if retried + dead == 0 { "ok" } else { "partial" };

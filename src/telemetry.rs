@@ -71,6 +71,13 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
                         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     ],
                 )
+                .ok()?
+                .set_buckets_for_metric(
+                    Matcher::Full("prism_sync_db_duration_seconds".into()),
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                    ],
+                )
                 .ok()?;
             let handle = builder.install_recorder().ok()?;
             describe();

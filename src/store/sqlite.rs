@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{
@@ -41,6 +42,39 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// One writer at a time inside this process. SQLite allows one writer anyway; without this
+    /// gate, concurrent `BEGIN IMMEDIATE`s fall into SQLite's busy handler, which sleeps in
+    /// growing steps instead of queueing, and throughput collapses. Other processes on the same
+    /// file still wait through `busy_timeout`.
+    write_gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A write transaction and the in-process gate it holds.
+struct WriteTx {
+    tx: Transaction<'static, Sqlite>,
+    _gate: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = Transaction<'static, Sqlite>;
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tx
+    }
+}
+
+impl WriteTx {
+    async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+    async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
 }
 
 impl SqliteStore {
@@ -55,7 +89,10 @@ impl SqliteStore {
             .acquire_timeout(settings.busy_timeout + Duration::from_secs(5))
             .connect_with(options)
             .await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            pool,
+            write_gate: Arc::new(tokio::sync::Mutex::new(())),
+        })
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -87,8 +124,21 @@ impl SqliteStore {
         Ok(())
     }
 
-    async fn begin_write(&self) -> StoreResult<Transaction<'static, Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    async fn begin_write(&self) -> StoreResult<WriteTx> {
+        let gate = self.write_gate.clone().lock_owned().await;
+        Ok(WriteTx {
+            tx: self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            _gate: gate,
+        })
+    }
+
+    /// Runs one statement under the write gate (autocommit).
+    async fn write_one<'q>(
+        &self,
+        query: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>,
+    ) -> StoreResult<sqlx::sqlite::SqliteQueryResult> {
+        let _gate = self.write_gate.lock().await;
+        Ok(query.execute(&self.pool).await?)
     }
 
     pub async fn claim(&self, req: &ClaimRequest<'_>) -> StoreResult<ClaimOutcome> {
@@ -109,7 +159,7 @@ impl SqliteStore {
         ))
         .bind(i64::try_from(req.max_records).unwrap_or(i64::MAX))
         .bind(max_patch)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut **tx)
         .await?
         .iter()
         .map(candidate)
@@ -145,7 +195,7 @@ impl SqliteStore {
                 .bind(serde_json::to_string(&wanted).expect("serialises"))
                 .bind(max_patch)
                 .bind(i64::try_from(req.limits.max_coalesce).unwrap_or(i64::MAX))
-                .fetch_all(&mut *tx)
+                .fetch_all(&mut **tx)
                 .await?;
                 for row in &rows {
                     let c = candidate(row)?;
@@ -189,7 +239,7 @@ impl SqliteStore {
                  WHERE prism_outbox.id = json_extract(j.value, '$[0]')"
             ))
             .bind(serde_json::to_string(&dead).expect("serialises"))
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         }
         tx.commit().await?;
@@ -220,33 +270,39 @@ impl SqliteStore {
         ))
         .bind(owner)
         .bind(lease.as_secs_f64())
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        let rows = {
+            let _gate = self.write_gate.lock().await;
+            rows.fetch_all(&self.pool).await?
+        };
         rows.iter().map(leased).collect()
     }
 
     pub async fn extend_leases(&self, owner: &str, lease: Duration) -> StoreResult<u64> {
-        let done = sqlx::query(concat!(
-            "UPDATE prism_batches SET lease_expires_at = ",
-            now_plus!("?2"),
-            " WHERE lease_owner = ?1 AND state = 'open'"
-        ))
-        .bind(owner)
-        .bind(lease.as_secs_f64())
-        .execute(&self.pool)
-        .await?;
+        let done = self
+            .write_one(
+                sqlx::query(concat!(
+                    "UPDATE prism_batches SET lease_expires_at = ",
+                    now_plus!("?2"),
+                    " WHERE lease_owner = ?1 AND state = 'open'"
+                ))
+                .bind(owner)
+                .bind(lease.as_secs_f64()),
+            )
+            .await?;
         Ok(done.rows_affected())
     }
 
     pub async fn drop_leases(&self, owner: &str) -> StoreResult<u64> {
-        let done = sqlx::query(
-            "UPDATE prism_batches SET lease_owner = NULL, lease_expires_at = NULL
-             WHERE lease_owner = ?1 AND state = 'open'",
-        )
-        .bind(owner)
-        .execute(&self.pool)
-        .await?;
+        let done = self
+            .write_one(
+                sqlx::query(
+                    "UPDATE prism_batches SET lease_owner = NULL, lease_expires_at = NULL
+                     WHERE lease_owner = ?1 AND state = 'open'",
+                )
+                .bind(owner),
+            )
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -264,7 +320,7 @@ impl SqliteStore {
         .bind(f.end.as_str())
         .bind(f.attempt.http_status.map(i64::from))
         .bind(f.attempt.detail.as_deref())
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         if fenced.rows_affected() == 0 {
             tx.rollback().await?;
@@ -284,27 +340,31 @@ impl SqliteStore {
                     )
                 })
                 .collect();
+            // `u` is read once (a subquery over json_each) and each row found by its rowid; the
+            // unary `+` keeps the planner from driving the join from the batch_id index, which
+            // would re-parse the JSON once per row.
             sqlx::query(concat!(
                 "UPDATE prism_outbox SET
-                   state = json_extract(j.value, '$[1]'),
+                   state = u.state,
                    attempts = attempts + 1,
-                   next_attempt_at = CASE WHEN json_extract(j.value, '$[1]') = 'retrying'
-                       THEN ",
-                now_plus!("json_extract(j.value, '$[4]')"),
+                   next_attempt_at = CASE WHEN u.state = 'retrying' THEN ",
+                now_plus!("u.retry_in"),
                 " ELSE next_attempt_at END,
-                   completed_at = CASE WHEN json_extract(j.value, '$[1]') IN ('succeeded', 'dead')
-                       THEN ",
+                   completed_at = CASE WHEN u.state IN ('succeeded', 'dead') THEN ",
                 now!(),
                 " ELSE NULL END,
-                   last_error_code = COALESCE(json_extract(j.value, '$[2]'), last_error_code),
-                   last_error_message = COALESCE(json_extract(j.value, '$[3]'), last_error_message)
-                 FROM json_each(?1) AS j
-                 WHERE prism_outbox.id = json_extract(j.value, '$[0]')
-                   AND prism_outbox.batch_id = ?2 AND prism_outbox.state = 'in_flight'"
+                   last_error_code = COALESCE(u.code, last_error_code),
+                   last_error_message = COALESCE(u.message, last_error_message)
+                 FROM (SELECT json_extract(value, '$[0]') AS row_id, json_extract(value, '$[1]') AS state,
+                              json_extract(value, '$[2]') AS code, json_extract(value, '$[3]') AS message,
+                              json_extract(value, '$[4]') AS retry_in
+                       FROM json_each(?1)) AS u
+                 WHERE prism_outbox.id = u.row_id
+                   AND +prism_outbox.batch_id = ?2 AND prism_outbox.state = 'in_flight'"
             ))
             .bind(serde_json::to_string(&packed).expect("serialises"))
             .bind(&batch)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         }
         for child in &f.children {
@@ -334,7 +394,7 @@ impl SqliteStore {
         .bind(d.retry_in.as_secs_f64())
         .bind(d.attempt.http_status.map(i64::from))
         .bind(d.attempt.detail.as_deref())
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         if fenced.rows_affected() == 0 {
             tx.rollback().await?;
@@ -434,7 +494,7 @@ fn leased(row: &sqlx::sqlite::SqliteRow) -> StoreResult<LeasedBatch> {
 }
 
 async fn insert_batch(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut WriteTx,
     b: &NewBatch,
     owner: &str,
     lease: Duration,
@@ -457,15 +517,12 @@ async fn insert_batch(
     .bind(owner)
     .bind(lease.as_secs_f64())
     .bind(parent)
-    .execute(&mut **tx)
+    .execute(&mut ***tx)
     .await?;
     Ok(())
 }
 
-async fn mark_in_flight(
-    tx: &mut Transaction<'static, Sqlite>,
-    assignments: &[(i64, String)],
-) -> StoreResult<()> {
+async fn mark_in_flight(tx: &mut WriteTx, assignments: &[(i64, String)]) -> StoreResult<()> {
     if assignments.is_empty() {
         return Ok(());
     }
@@ -474,13 +531,13 @@ async fn mark_in_flight(
          FROM json_each(?1) AS j WHERE prism_outbox.id = json_extract(j.value, '$[0]')",
     )
     .bind(serde_json::to_string(assignments).expect("serialises"))
-    .execute(&mut **tx)
+    .execute(&mut ***tx)
     .await?;
     Ok(())
 }
 
 async fn insert_attempt(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut WriteTx,
     batch: &str,
     owner: &str,
     a: &super::AttemptRecord,
@@ -497,7 +554,7 @@ async fn insert_attempt(
     .bind(a.detail.as_deref())
     .bind(a.replay)
     .bind(i64::try_from(a.duration.as_millis()).unwrap_or(i64::MAX))
-    .execute(&mut **tx)
+    .execute(&mut ***tx)
     .await?;
     Ok(())
 }

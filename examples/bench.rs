@@ -1,0 +1,658 @@
+//! prism-sync's benchmark: the real daemon (a `prism-sync run` child process per replica)
+//! against the in-process simulator, on a fresh SQLite file or Postgres database, and, in the
+//! same run, the database's bookkeeping limit (the same claim/store/outcome statements with no
+//! HTTP at all), so that `daemon ÷ limit` is one number that does not depend on how busy the
+//! machine is.
+//!
+//!   cargo build --release && cargo run --release --example bench -- --db sqlite --rows 200000
+//!   cargo run --release --example bench -- --db postgres --rows 200000     (PRISM_SYNC_TEST_DATABASE_URL)
+//!   ... --latency 50ms --max-in-flight 8 | --replicas 3 --max-in-flight 2 | --faults mild
+//!   ... --mode latency      (enqueue-to-outcome at a steady moderate rate, and lone changes)
+//!   ... --mode claim-cost   (claim cost with 10k and with 5M finished rows in the table)
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use prism_sync::batch::PlanLimits;
+use prism_sync::model::RowState;
+use prism_sync::ops::enqueue::{Change, insert};
+use prism_sync::sim::{FaultProfile, SimConfig, SimHandle, Simulator};
+use prism_sync::store::{
+    AttemptRecord, BatchEnd, ClaimRequest, FinishBatch, RowUpdate, Store, StoreKind,
+};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq)]
+enum Db {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq)]
+enum Mode {
+    Throughput,
+    Latency,
+    ClaimCost,
+}
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[arg(long, value_enum, default_value = "sqlite")]
+    db: Db,
+    #[arg(long, value_enum, default_value = "throughput")]
+    mode: Mode,
+    /// Changes to enqueue.
+    #[arg(long, default_value_t = 200_000)]
+    rows: usize,
+    /// Over this many records (default: one change per record).
+    #[arg(long)]
+    records: Option<usize>,
+    /// Simulated API latency per request.
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    latency: Duration,
+    #[arg(long, value_enum, default_value = "off")]
+    faults: Faults,
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    #[arg(long, default_value_t = 8)]
+    max_in_flight: usize,
+    /// Skip the bookkeeping-limit run.
+    #[arg(long)]
+    no_limit: bool,
+    /// The prism-sync binary (default: target/release/prism-sync).
+    #[arg(long, default_value = "target/release/prism-sync")]
+    bin: String,
+    /// Finished rows for the large side of --mode claim-cost.
+    #[arg(long, default_value_t = 5_000_000)]
+    finished_rows: usize,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq)]
+enum Faults {
+    Off,
+    Mild,
+}
+
+struct Database {
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    pg: Option<(String, String)>,
+}
+
+impl Database {
+    async fn fresh(db: Db) -> anyhow::Result<Database> {
+        match db {
+            Db::Sqlite => {
+                let dir = tempfile::tempdir_in(".")?;
+                let url = format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.path().join("bench.db").display()
+                );
+                Ok(Database {
+                    url,
+                    _dir: Some(dir),
+                    pg: None,
+                })
+            }
+            Db::Postgres => {
+                let server = std::env::var("PRISM_SYNC_TEST_DATABASE_URL")
+                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+                let name = format!("prism_bench_{}", Uuid::new_v4().simple());
+                let admin = sqlx::PgPool::connect(&server).await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&admin)
+                    .await?;
+                admin.close().await;
+                let mut url = url::Url::parse(&server)?;
+                url.set_path(&name);
+                Ok(Database {
+                    url: url.to_string(),
+                    _dir: None,
+                    pg: Some((server, name)),
+                })
+            }
+        }
+    }
+
+    async fn store(&self) -> anyhow::Result<Store> {
+        let settings = prism_sync::settings::DatabaseSettings {
+            url: self.url.clone(),
+            ..Default::default()
+        };
+        let store = Store::connect(&settings).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn drop_pg(&mut self) {
+        if let Some((server, name)) = self.pg.take()
+            && let Ok(admin) = sqlx::PgPool::connect(&server).await
+        {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&admin)
+            .await;
+        }
+    }
+}
+
+fn changes(rows: usize, records: usize) -> Vec<Change> {
+    let ids: Vec<Uuid> = (0..records).map(|_| Uuid::new_v4()).collect();
+    (0..rows)
+        .map(|i| Change {
+            record_id: ids[i % records],
+            patch: format!(r#"{{"default": {{"revision": {i}, "email": "r{i}@example.com"}}}}"#),
+            object_type: prism_sync::model::ObjectType::Contact,
+        })
+        .collect()
+}
+
+fn mild() -> FaultProfile {
+    FaultProfile {
+        error_503_rate: 0.01,
+        rate_limit_rate: 0.01,
+        retry_after_ms: Some(100),
+        item_error_rate: 0.005,
+        item_error_codes: vec!["rate_limited".into(), "internal_error".into()],
+        latency_jitter: Duration::from_millis(5),
+        ..FaultProfile::default()
+    }
+}
+
+async fn unfinished(store: &Store) -> anyhow::Result<i64> {
+    Ok(match store.sqlx_kind() {
+        StoreKind::Sqlite(p) => {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM prism_outbox INDEXED BY prism_outbox_active WHERE state IN ('pending', 'retrying')",
+            )
+            .fetch_one(p)
+            .await?;
+            let open: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM prism_batches WHERE state = 'open'").fetch_one(p).await?;
+            waiting + open
+        }
+        StoreKind::Postgres(p) => {
+            sqlx::query_scalar(
+                "SELECT (SELECT count(*) FROM prism_outbox WHERE state IN ('pending', 'retrying', 'in_flight'))",
+            )
+            .fetch_one(p)
+            .await?
+        }
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Daemon {
+    child: tokio::process::Child,
+    metrics_port: u16,
+}
+
+fn spawn_daemons(args: &Args, db: &Database, sim: &SimHandle) -> Vec<Daemon> {
+    (0..args.replicas)
+        .map(|_| {
+            let metrics_port = free_port();
+            let child = tokio::process::Command::new(&args.bin)
+                .arg("run")
+                .env("DATABASE_URL", &db.url)
+                .env("MICRO_API_KEY", prism_sync::sim::DEFAULT_API_KEY)
+                .env("MICRO_TEAM_ID", sim.team_id())
+                .env("MICRO_BASE_URL", sim.base_url())
+                .env(
+                    "PRISM_SYNC__SYNC__MAX_IN_FLIGHT",
+                    args.max_in_flight.to_string(),
+                )
+                .env(
+                    "PRISM_SYNC__TELEMETRY__LISTEN",
+                    format!("127.0.0.1:{metrics_port}"),
+                )
+                .env("PRISM_SYNC__RETRY__BASE_DELAY", "50ms")
+                .env("PRISM_SYNC__RETRY__MAX_DELAY", "1s")
+                .env("PRISM_SYNC__LOG__LEVEL", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("spawn prism-sync run");
+            Daemon {
+                child,
+                metrics_port,
+            }
+        })
+        .collect()
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(str::to_owned)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// (sum, count) of a histogram in a Prometheus scrape.
+fn histogram(text: &str, name: &str, label: &str) -> (f64, f64) {
+    let find = |suffix: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}_{suffix}")) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum::<f64>()
+    };
+    (find("sum"), find("count"))
+}
+
+async fn stop(daemons: &mut [Daemon]) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let (mut claim_sum, mut claim_n, mut rec_sum, mut rec_n) = (0.0, 0.0, 0.0, 0.0);
+    for d in daemons.iter() {
+        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{}/metrics", d.metrics_port)).await {
+            let text = r.text().await.unwrap_or_default();
+            let (s, n) = histogram(&text, "prism_sync_db_duration_seconds", "op=\"claim\"");
+            claim_sum += s;
+            claim_n += n;
+            let (s, n) = histogram(&text, "prism_sync_db_duration_seconds", "op=\"record\"");
+            rec_sum += s;
+            rec_n += n;
+        }
+    }
+    for d in daemons.iter_mut() {
+        let pid = d.child.id().unwrap_or(0);
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+    }
+    for d in daemons.iter_mut() {
+        let _ = tokio::time::timeout(Duration::from_secs(30), d.child.wait()).await;
+    }
+    Ok((claim_sum, claim_n, rec_sum, rec_n))
+}
+
+/// The same claim → store → record statements as the daemon, with no HTTP: every item answered
+/// `ok` at once. Eight batches per claim, recorded concurrently, as the daemon does.
+async fn bookkeeping_limit(
+    store: &Store,
+    max_in_flight: usize,
+) -> anyhow::Result<(usize, Duration)> {
+    let limits = PlanLimits {
+        batch_size: 100,
+        coalesce: true,
+        max_coalesce: 100,
+        max_patch_bytes: 256 * 1024,
+    };
+    let started = Instant::now();
+    let mut rows = 0;
+    loop {
+        let claimed = store
+            .claim(&ClaimRequest {
+                owner: "bench",
+                lease: Duration::from_secs(60),
+                max_records: 100 * max_in_flight,
+                limits,
+            })
+            .await?;
+        if claimed.batches.is_empty() {
+            break;
+        }
+        let writes = claimed.batches.iter().map(|b| {
+            let updates: Vec<RowUpdate> = b
+                .items
+                .iter()
+                .flat_map(|i| i.rows.iter())
+                .map(|id| RowUpdate {
+                    id: *id,
+                    state: RowState::Succeeded,
+                    code: None,
+                    message: None,
+                    retry_in: 0.0,
+                })
+                .collect();
+            rows += updates.len();
+            let f = FinishBatch {
+                batch_id: b.id,
+                owner: "bench",
+                end: BatchEnd::Done,
+                rows: updates,
+                children: Vec::new(),
+                lease: Duration::from_secs(60),
+                attempt: AttemptRecord {
+                    http_status: Some(200),
+                    outcome: "answered".into(),
+                    ..Default::default()
+                },
+            };
+            async move { store.finish_batch(&f).await }
+        });
+        for r in futures_util::future::join_all(writes).await {
+            r?;
+        }
+    }
+    Ok((rows, started.elapsed()))
+}
+
+async fn throughput(args: &Args) -> anyhow::Result<()> {
+    let records = args.records.unwrap_or(args.rows);
+    let faults = FaultProfile {
+        latency: args.latency,
+        ..if args.faults == Faults::Mild {
+            mild()
+        } else {
+            FaultProfile::default()
+        }
+    };
+    let sim = Simulator::start(
+        SimConfig {
+            faults,
+            ..SimConfig::default()
+        },
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+    let mut db = Database::fresh(args.db).await?;
+    let store = db.store().await?;
+    let data = changes(args.rows, records);
+    insert(&store, &data).await?;
+    println!(
+        "prism-sync bench: {:?}, {} changes over {} records, API latency {:?}, faults {:?}, {} replica(s) × max_in_flight {}",
+        args.db, args.rows, records, args.latency, args.faults, args.replicas, args.max_in_flight
+    );
+    let started = Instant::now();
+    let mut daemons = spawn_daemons(args, &db, &sim);
+    let pids: Vec<u32> = daemons.iter().filter_map(|d| d.child.id()).collect();
+    let mut peak = 0.0f64;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for pid in &pids {
+            peak = peak.max(peak_rss_mib(*pid));
+        }
+        if unfinished(&store).await? == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(1800),
+            "did not finish in 30 minutes"
+        );
+    }
+    let took = started.elapsed();
+    let (claim_sum, claim_n, rec_sum, rec_n) = stop(&mut daemons).await?;
+    let stats = sim.stats();
+    let requests = stats.requests_total as f64;
+    let rate = args.rows as f64 / took.as_secs_f64();
+    println!(
+        "  daemon:  {:.0} rows/s end to end ({:.2}s), {:.0} requests/s, mean batch fill {:.1} items",
+        rate,
+        took.as_secs_f64(),
+        requests / took.as_secs_f64(),
+        stats.items_applied as f64 / requests.max(1.0)
+    );
+    println!(
+        "           peak RSS {:.1} MiB (per daemon, max), {} idempotent replays, {} faults injected",
+        peak,
+        stats.replays,
+        stats.faults_injected.values().sum::<u64>()
+    );
+    if claim_n > 0.0 && rec_n > 0.0 {
+        println!(
+            "           database time: claim+store {:.2} ms per claim ({:.0} claims), outcome {:.2} ms per batch",
+            claim_sum / claim_n * 1000.0,
+            claim_n,
+            rec_sum / rec_n * 1000.0
+        );
+    }
+    if !args.no_limit && args.faults == Faults::Off {
+        let mut limit_db = Database::fresh(args.db).await?;
+        let limit_store = limit_db.store().await?;
+        insert(&limit_store, &data).await?;
+        let (rows, took) = bookkeeping_limit(&limit_store, args.max_in_flight).await?;
+        let limit = rows as f64 / took.as_secs_f64();
+        println!(
+            "  limit:   {:.0} rows/s (same statements, no HTTP, {:.2}s)",
+            limit,
+            took.as_secs_f64()
+        );
+        println!("  ratio:   daemon ÷ limit = {:.2}", rate / limit);
+        limit_store_close(limit_store).await;
+        limit_db.drop_pg().await;
+    }
+    store_close(store).await;
+    db.drop_pg().await;
+    Ok(())
+}
+
+async fn store_close(store: Store) {
+    match store.sqlx_kind() {
+        StoreKind::Sqlite(p) => p.close().await,
+        StoreKind::Postgres(p) => p.close().await,
+    }
+}
+
+async fn limit_store_close(store: Store) {
+    store_close(store).await
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Enqueue-to-outcome latency (completed_at − enqueued_at, both from the database clock).
+async fn latencies(store: &Store) -> anyhow::Result<Vec<f64>> {
+    let mut v: Vec<f64> = match store.sqlx_kind() {
+        StoreKind::Sqlite(p) => sqlx::query_scalar(
+            "SELECT (julianday(completed_at) - julianday(enqueued_at)) * 86400000.0 FROM prism_outbox WHERE state = 'succeeded'",
+        )
+        .fetch_all(p)
+        .await?,
+        StoreKind::Postgres(p) => sqlx::query_scalar(
+            "SELECT extract(epoch FROM completed_at - enqueued_at)::float8 * 1000.0 FROM prism_outbox WHERE state = 'succeeded'",
+        )
+        .fetch_all(p)
+        .await?,
+    };
+    v.sort_by(f64::total_cmp);
+    Ok(v)
+}
+
+async fn latency(args: &Args) -> anyhow::Result<()> {
+    let sim = Simulator::start(
+        SimConfig {
+            faults: FaultProfile {
+                latency: args.latency,
+                ..FaultProfile::default()
+            },
+            ..SimConfig::default()
+        },
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+    // Lone changes on an idle daemon.
+    let mut db = Database::fresh(args.db).await?;
+    let store = db.store().await?;
+    let mut daemons = spawn_daemons(args, &db, &sim);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for _ in 0..200 {
+        insert(&store, &changes(1, 1)).await?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while unfinished(&store).await? > 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lone = latencies(&store).await?;
+    println!(
+        "prism-sync bench: latency, {:?}, API latency {:?}",
+        args.db, args.latency
+    );
+    println!(
+        "  lone changes on an idle daemon ({}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (commit to recorded outcome)",
+        lone.len(),
+        percentile(&lone, 0.5),
+        percentile(&lone, 0.99),
+        lone.last().copied().unwrap_or(0.0)
+    );
+    stop(&mut daemons).await?;
+    store_close(store).await;
+    db.drop_pg().await;
+
+    // A steady moderate rate: 2,000 changes/s in transactions of 10 for 10 s.
+    let mut db = Database::fresh(args.db).await?;
+    let store = db.store().await?;
+    let mut daemons = spawn_daemons(args, &db, &sim);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(10) {
+        insert(&store, &changes(10, 10)).await?;
+        sent += 10;
+        let due = Duration::from_secs_f64(sent as f64 / 2000.0);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    while unfinished(&store).await? > 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let steady = latencies(&store).await?;
+    println!(
+        "  steady {:.0} changes/s ({} changes): p50 {:.1} ms, p99 {:.1} ms",
+        sent as f64 / 10.0,
+        steady.len(),
+        percentile(&steady, 0.5),
+        percentile(&steady, 0.99)
+    );
+    stop(&mut daemons).await?;
+    store_close(store).await;
+    db.drop_pg().await;
+    Ok(())
+}
+
+async fn fill_finished(store: &Store, n: usize) -> anyhow::Result<()> {
+    match store.sqlx_kind() {
+        StoreKind::Sqlite(p) => {
+            sqlx::query(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
+                 INSERT INTO prism_outbox (record_id, patch, state, attempts, completed_at)
+                 SELECT lower(hex(randomblob(4)) || '-' || hex(randomblob(2)) || '-4' || substr(hex(randomblob(2)), 2) || '-8' || substr(hex(randomblob(2)), 2) || '-' || hex(randomblob(6))),
+                        '{\"default\": {\"old\": true}}', 'succeeded', 1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+                 FROM n",
+            )
+            .bind(n as i64)
+            .execute(p)
+            .await?;
+        }
+        StoreKind::Postgres(p) => {
+            sqlx::query(
+                "INSERT INTO prism_outbox (record_id, patch, state, attempts, completed_at)
+                 SELECT gen_random_uuid(), '{\"default\": {\"old\": true}}', 'succeeded', 1, now()
+                 FROM generate_series(1, $1)",
+            )
+            .bind(n as i64)
+            .execute(p)
+            .await?;
+            sqlx::query("VACUUM ANALYZE prism_outbox")
+                .execute(p)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Median time of one claim of 100 rows (claim + store, one transaction), with `finished` rows
+/// of history in the table.
+async fn claim_cost(db: Db, finished: usize) -> anyhow::Result<f64> {
+    let mut database = Database::fresh(db).await?;
+    let store = database.store().await?;
+    fill_finished(&store, finished).await?;
+    insert(&store, &changes(20_000, 20_000)).await?;
+    let limits = PlanLimits {
+        batch_size: 100,
+        coalesce: true,
+        max_coalesce: 100,
+        max_patch_bytes: 256 * 1024,
+    };
+    let mut times = Vec::new();
+    for _ in 0..150 {
+        let started = Instant::now();
+        let claimed = store
+            .claim(&ClaimRequest {
+                owner: "bench",
+                lease: Duration::from_secs(60),
+                max_records: 100,
+                limits,
+            })
+            .await?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        for b in claimed.batches {
+            let rows = b
+                .items
+                .iter()
+                .flat_map(|i| i.rows.iter())
+                .map(|id| RowUpdate {
+                    id: *id,
+                    state: RowState::Succeeded,
+                    code: None,
+                    message: None,
+                    retry_in: 0.0,
+                })
+                .collect();
+            store
+                .finish_batch(&FinishBatch {
+                    batch_id: b.id,
+                    owner: "bench",
+                    end: BatchEnd::Done,
+                    rows,
+                    children: vec![],
+                    lease: Duration::from_secs(60),
+                    attempt: AttemptRecord::default(),
+                })
+                .await?;
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    store_close(store).await;
+    database.drop_pg().await;
+    Ok(percentile(&times, 0.5))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(
+        std::path::Path::new(&args.bin).exists(),
+        "{} not found: cargo build --release first",
+        args.bin
+    );
+    match args.mode {
+        Mode::Throughput => throughput(&args).await,
+        Mode::Latency => latency(&args).await,
+        Mode::ClaimCost => {
+            let small = claim_cost(args.db, 10_000).await?;
+            let large = claim_cost(args.db, args.finished_rows).await?;
+            println!(
+                "prism-sync bench: claim cost, {:?}: median {:.2} ms with 10k finished rows, {:.2} ms with {} ({:.2}×)",
+                args.db,
+                small,
+                large,
+                args.finished_rows,
+                large / small
+            );
+            Ok(())
+        }
+    }
+}
