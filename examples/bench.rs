@@ -284,7 +284,8 @@ async fn stop(daemons: &mut [Daemon]) -> anyhow::Result<(f64, f64, f64, f64)> {
 }
 
 /// The same claim → store → record statements as the daemon, with no HTTP: every item answered
-/// `ok` at once. Eight batches per claim, recorded concurrently, as the daemon does.
+/// `ok` at once. Like the daemon, it claims `max_in_flight` batches at a time, records a claim's
+/// batches in one transaction, and overlaps the next claim with the previous outcome write.
 async fn bookkeeping_limit(
     store: &Store,
     max_in_flight: usize,
@@ -295,39 +296,36 @@ async fn bookkeeping_limit(
         max_coalesce: 100,
         max_patch_bytes: 256 * 1024,
     };
-    let started = Instant::now();
-    let mut rows = 0;
-    loop {
-        let claimed = store
+    let claim = || async {
+        store
             .claim(&ClaimRequest {
                 owner: "bench",
                 lease: Duration::from_secs(60),
                 max_records: 100 * max_in_flight,
                 limits,
             })
-            .await?;
-        if claimed.batches.is_empty() {
-            break;
-        }
-        let writes = claimed.batches.iter().map(|b| {
-            let updates: Vec<RowUpdate> = b
-                .items
-                .iter()
-                .flat_map(|i| i.rows.iter())
-                .map(|id| RowUpdate {
-                    id: *id,
-                    state: RowState::Succeeded,
-                    code: None,
-                    message: None,
-                    retry_in: 0.0,
-                })
-                .collect();
-            rows += updates.len();
-            let f = FinishBatch {
+            .await
+    };
+    let ends = |claimed: &prism_sync::store::ClaimOutcome| -> Vec<FinishBatch> {
+        claimed
+            .batches
+            .iter()
+            .map(|b| FinishBatch {
                 batch_id: b.id,
-                owner: "bench",
+                owner: "bench".into(),
                 end: BatchEnd::Done,
-                rows: updates,
+                rows: b
+                    .items
+                    .iter()
+                    .flat_map(|i| i.rows.iter())
+                    .map(|id| RowUpdate {
+                        id: *id,
+                        state: RowState::Succeeded,
+                        code: None,
+                        message: None,
+                        retry_in: 0.0,
+                    })
+                    .collect(),
                 children: Vec::new(),
                 lease: Duration::from_secs(60),
                 attempt: AttemptRecord {
@@ -335,12 +333,18 @@ async fn bookkeeping_limit(
                     outcome: "answered".into(),
                     ..Default::default()
                 },
-            };
-            async move { store.finish_batch(&f).await }
-        });
-        for r in futures_util::future::join_all(writes).await {
-            r?;
-        }
+            })
+            .collect()
+    };
+    let started = Instant::now();
+    let mut rows = 0;
+    let mut pending = claim().await?;
+    while !pending.batches.is_empty() {
+        let finishing = ends(&pending);
+        rows += finishing.iter().map(|f| f.rows.len()).sum::<usize>();
+        let (next, written) = tokio::join!(claim(), store.finish_batches(&finishing));
+        written?;
+        pending = next?;
     }
     Ok((rows, started.elapsed()))
 }
@@ -591,7 +595,7 @@ async fn claim_cost(db: Db, finished: usize) -> anyhow::Result<f64> {
         let started = Instant::now();
         let claimed = store
             .claim(&ClaimRequest {
-                owner: "bench",
+                owner: "bench".into(),
                 lease: Duration::from_secs(60),
                 max_records: 100,
                 limits,
@@ -614,7 +618,7 @@ async fn claim_cost(db: Db, finished: usize) -> anyhow::Result<f64> {
             store
                 .finish_batch(&FinishBatch {
                     batch_id: b.id,
-                    owner: "bench",
+                    owner: "bench".into(),
                     end: BatchEnd::Done,
                     rows,
                     children: vec![],

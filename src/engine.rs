@@ -8,12 +8,12 @@
 //! **Architecture invariant:** a batch's rows change state only through
 //! [`Store::finish_batch`], fenced on this process still holding the batch's lease.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -117,10 +117,60 @@ struct Shared {
     /// Batches this process is working on; only these get their leases extended.
     active: Mutex<HashSet<Uuid>>,
     wake: Notify,
+    /// Batch ends go through one recorder task, which commits whatever has queued up meanwhile
+    /// in one transaction (group commit: one fsync for many batches).
+    recorder: mpsc::UnboundedSender<Recording>,
+}
+
+type Recording = (FinishBatch, oneshot::Sender<Option<bool>>);
+
+impl Shared {
+    /// Records a batch's end durably; `Some(false)` when the batch is no longer ours, `None`
+    /// when the database could not be written (the batch stays stored and is re-sent later).
+    async fn record(&self, f: FinishBatch) -> Option<bool> {
+        let (reply, answer) = oneshot::channel();
+        self.recorder.send((f, reply)).ok()?;
+        answer.await.ok().flatten()
+    }
 }
 
 pub struct Engine {
     shared: Arc<Shared>,
+    recordings: mpsc::UnboundedReceiver<Recording>,
+}
+
+/// At most this many batch ends share one transaction.
+const MAX_GROUP: usize = 64;
+
+/// Commits batch ends in groups: whatever queued while the previous commit ran goes into the
+/// next transaction. Stops when `stop` fires and the queue is empty.
+async fn run_recorder(
+    store: Store,
+    mut queue: mpsc::UnboundedReceiver<Recording>,
+    stop: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            biased;
+            r = queue.recv() => match r { Some(r) => r, None => return },
+            _ = stop.cancelled() => match queue.try_recv() { Ok(r) => r, Err(_) => return },
+        };
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(r) => group.push(r),
+                Err(_) => break,
+            }
+        }
+        let (batches, replies): (Vec<FinishBatch>, Vec<_>) = group.into_iter().unzip();
+        let written = must_write("recording batch outcomes", || {
+            store.finish_batches(&batches)
+        })
+        .await;
+        for (i, reply) in replies.into_iter().enumerate() {
+            let _ = reply.send(written.as_ref().map(|w| w.get(i).copied().unwrap_or(false)));
+        }
+    }
 }
 
 /// Bounded metric label for an error code: the configured codes and prism-sync's own, else
@@ -154,6 +204,7 @@ impl Engine {
         cfg: EngineConfig,
         health: Arc<Health>,
     ) -> Engine {
+        let (recorder, recordings) = mpsc::unbounded_channel();
         Engine {
             shared: Arc::new(Shared {
                 store,
@@ -162,7 +213,9 @@ impl Engine {
                 health,
                 active: Mutex::new(HashSet::new()),
                 wake: Notify::new(),
+                recorder,
             }),
+            recordings,
         }
     }
 
@@ -176,6 +229,12 @@ impl Engine {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), EngineError> {
         let shared = self.shared;
         let cfg = &shared.cfg;
+        let recorder_stop = CancellationToken::new();
+        let recorder = tokio::spawn(run_recorder(
+            shared.store.clone(),
+            self.recordings,
+            recorder_stop.clone(),
+        ));
         info!(owner = %cfg.owner, database = shared.store.kind(), max_in_flight = cfg.max_in_flight, "sync engine started");
         let background = shutdown.child_token();
         let mut helpers = JoinSet::new();
@@ -189,6 +248,11 @@ impl Engine {
         }
         let permits = Arc::new(Semaphore::new(cfg.max_in_flight));
         let mut sends: JoinSet<()> = JoinSet::new();
+        // Batches claimed ahead, waiting for a free slot: claiming a slot's worth at a time
+        // would make many small claim transactions; keeping up to `max_in_flight` batches ready
+        // makes claims large and keeps the wire busy while the next claim runs. They are leased
+        // (and kept alive by the heartbeat) like batches on the wire.
+        let mut ready: VecDeque<LeasedBatch> = VecDeque::new();
         let mut db_failures: u32 = 0;
         loop {
             shared.health.tick();
@@ -200,10 +264,11 @@ impl Engine {
                     error!(error = %e, "a batch task failed");
                 }
             }
-            let free = permits.available_permits();
+            let in_flight = cfg.max_in_flight - permits.available_permits();
             let mut found = 0;
-            if free > 0 {
-                match fill(&shared, free).await {
+            if ready.len() <= cfg.max_in_flight / 2 {
+                let want = (2 * cfg.max_in_flight).saturating_sub(in_flight + ready.len());
+                match fill(&shared, want).await {
                     Ok(batches) => {
                         if db_failures > 0 {
                             info!("database reachable again");
@@ -211,24 +276,10 @@ impl Engine {
                         db_failures = 0;
                         shared.health.set_db_ok(true);
                         found = batches.len();
+                        let mut active = shared.active.lock().expect("active lock");
                         for batch in batches {
-                            let permit = tokio::select! {
-                                p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-                                _ = shutdown.cancelled() => break,
-                            };
-                            shared.active.lock().expect("active lock").insert(batch.id);
-                            let span = info_span!("batch", batch_id = %batch.id, key = %batch.idempotency_key);
-                            let task_shared = shared.clone();
-                            sends.spawn(
-                                async move {
-                                    let id = batch.id;
-                                    process_batch(&task_shared, batch).await;
-                                    task_shared.active.lock().expect("active lock").remove(&id);
-                                    drop(permit);
-                                    task_shared.wake.notify_one();
-                                }
-                                .instrument(span),
-                            );
+                            active.insert(batch.id);
+                            ready.push_back(batch);
                         }
                     }
                     Err(e) => {
@@ -244,17 +295,42 @@ impl Engine {
                             _ = tokio::time::sleep(wait) => {},
                             _ = shutdown.cancelled() => {},
                         }
-                        continue;
                     }
                 }
             }
-            if found > 0 && permits.available_permits() > 0 {
+            while !ready.is_empty() {
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    break;
+                };
+                let batch = ready.pop_front().expect("not empty");
+                let span = info_span!("batch", batch_id = %batch.id, key = %batch.idempotency_key);
+                let task_shared = shared.clone();
+                sends.spawn(
+                    async move {
+                        let id = batch.id;
+                        process_batch(&task_shared, batch).await;
+                        task_shared.active.lock().expect("active lock").remove(&id);
+                        drop(permit);
+                        task_shared.wake.notify_one();
+                    }
+                    .instrument(span),
+                );
+            }
+            if found > 0 && ready.len() <= cfg.max_in_flight / 2 {
                 continue;
             }
             tokio::select! {
                 _ = shutdown.cancelled() => {},
                 _ = shared.wake.notified() => {},
                 _ = tokio::time::sleep(cfg.poll_interval) => {},
+            }
+        }
+        // Claimed-ahead batches were never sent: forget them here; their leases are dropped
+        // below so that the next start (or another replica) sends them at once.
+        {
+            let mut active = shared.active.lock().expect("active lock");
+            for batch in ready.drain(..) {
+                active.remove(&batch.id);
             }
         }
         info!(in_flight = sends.len(), grace = ?cfg.grace_period, "draining: no new claims");
@@ -270,6 +346,8 @@ impl Engine {
             sends.abort_all();
             while sends.join_next().await.is_some() {}
         }
+        recorder_stop.cancel();
+        let _ = recorder.await;
         background.cancel();
         while helpers.join_next().await.is_some() {}
         // Our batches are either finished or abandoned mid-send; either way another start may
@@ -384,10 +462,10 @@ async fn listen_for_changes(
 
 /// A database write that must happen: retried with backoff (the database may be restarting),
 /// but not forever: an unrecorded batch keeps its stored key and is re-sent once its lease lapses.
-async fn must_write<F, Fut>(what: &str, write: F) -> Option<bool>
+async fn must_write<T, F, Fut>(what: &str, write: F) -> Option<T>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool, StoreError>>,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
     let policy = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
@@ -536,16 +614,14 @@ async fn process_batch(shared: &Shared, first: LeasedBatch) {
                             .increment(1);
                         let f = FinishBatch {
                             batch_id: batch.id,
-                            owner: &cfg.owner,
+                            owner: cfg.owner.clone(),
                             end: BatchEnd::Split,
                             rows: Vec::new(),
                             children: halves.to_vec(),
                             lease: cfg.lease,
                             attempt: attempt(&code, Some(message.clone())),
                         };
-                        if must_write("splitting a batch", || shared.store.finish_batch(&f)).await
-                            == Some(true)
-                        {
+                        if shared.record(f).await == Some(true) {
                             let mut active = shared.active.lock().expect("active lock");
                             for child in halves {
                                 active.insert(child.id);
@@ -653,7 +729,7 @@ async fn record_answer(
     }
     let f = FinishBatch {
         batch_id: batch.id,
-        owner: &cfg.owner,
+        owner: cfg.owner.clone(),
         end: BatchEnd::Done,
         rows,
         children: Vec::new(),
@@ -662,7 +738,7 @@ async fn record_answer(
     };
     crash_point!("before_outcomes");
     let started = Instant::now();
-    let written = must_write("recording outcomes", || shared.store.finish_batch(&f)).await;
+    let written = shared.record(f).await;
     metrics::histogram!("prism_sync_db_duration_seconds", "op" => "record")
         .record(started.elapsed().as_secs_f64());
     match written {
@@ -749,14 +825,14 @@ async fn finish_released(
     }
     let f = FinishBatch {
         batch_id: batch.id,
-        owner: &cfg.owner,
+        owner: cfg.owner.clone(),
         end: BatchEnd::Released,
         rows,
         children: Vec::new(),
         lease: cfg.lease,
         attempt,
     };
-    if must_write("releasing a batch", || shared.store.finish_batch(&f)).await == Some(true) {
+    if shared.record(f).await == Some(true) {
         metrics::counter!("prism_sync_batches_total", "result" => "released").increment(1);
         metrics::counter!("prism_sync_items_total", "outcome" => "dead").increment(dead);
         metrics::counter!("prism_sync_items_total", "outcome" => "retried")

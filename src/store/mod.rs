@@ -146,9 +146,9 @@ pub struct AttemptRecord {
 }
 
 #[derive(Debug, Clone)]
-pub struct FinishBatch<'a> {
+pub struct FinishBatch {
     pub batch_id: Uuid,
-    pub owner: &'a str,
+    pub owner: String,
     pub end: BatchEnd,
     pub rows: Vec<RowUpdate>,
     pub children: Vec<NewBatch>,
@@ -256,8 +256,19 @@ impl Store {
 
     /// Ends a batch with its rows' new states (and any children), fenced on our lease.
     /// `false` when the batch is no longer ours: nothing was written.
-    pub async fn finish_batch(&self, f: &FinishBatch<'_>) -> StoreResult<bool> {
-        dispatch!(self, s => s.finish_batch(f).await)
+    pub async fn finish_batch(&self, f: &FinishBatch) -> StoreResult<bool> {
+        Ok(self
+            .finish_batches(std::slice::from_ref(f))
+            .await?
+            .first()
+            .copied()
+            .unwrap_or(false))
+    }
+
+    /// [`Store::finish_batch`] for several batches in one transaction (one commit, one fsync):
+    /// each batch is fenced on its own; the result says, per batch, whether it was written.
+    pub async fn finish_batches(&self, batches: &[FinishBatch]) -> StoreResult<Vec<bool>> {
+        dispatch!(self, s => s.finish_batches(batches).await)
     }
 
     /// Puts a batch back to wait (same key, same bytes), fenced on our lease.

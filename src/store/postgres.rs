@@ -16,7 +16,91 @@ use super::{
 use crate::batch::{self, BatchItem, CandidateRow, NewBatch, RecordChain};
 use crate::settings::DatabaseSettings;
 
+mod nodelay {
+    //! sqlx 0.9.0 stopped setting `TCP_NODELAY` on its sockets (launchbadge/sqlx#4335; fixed
+    //! upstream, not yet released). With Nagle's algorithm on, a statement whose message leaves
+    //! in two writes waits for the server's delayed ACK: 40 ms per claim or outcome write, a
+    //! 5× loss of throughput here. Until a release carries the fix, every new database
+    //! connection sets it on the process's TCP sockets (sqlx gives no access to its socket;
+    //! hyper and axum set it on theirs already, so setting it again changes nothing there).
+
+    /// Sets `TCP_NODELAY` on every TCP socket this process holds.
+    pub fn set_on_every_tcp_socket() {
+        let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Some(fd) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<libc::c_int>().ok())
+            else {
+                continue;
+            };
+            if is_tcp(fd) {
+                let on: libc::c_int = 1;
+                // SAFETY: setsockopt on a descriptor number with a valid pointer and length; on
+                // a descriptor that is not (or no longer) a TCP socket it fails harmlessly.
+                unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::IPPROTO_TCP,
+                        libc::TCP_NODELAY,
+                        (&on as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    );
+                }
+            }
+        }
+    }
+
+    fn is_tcp(fd: libc::c_int) -> bool {
+        let mut kind: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt/getsockname write at most `len` bytes into the buffers given.
+        let stream = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_TYPE,
+                (&mut kind as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        } == 0
+            && kind == libc::SOCK_STREAM;
+        if !stream {
+            return false;
+        }
+        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut alen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let named = unsafe {
+            libc::getsockname(
+                fd,
+                (&mut addr as *mut libc::sockaddr_storage).cast(),
+                &mut alen,
+            )
+        } == 0;
+        named
+            && (i32::from(addr.ss_family) == libc::AF_INET
+                || i32::from(addr.ss_family) == libc::AF_INET6)
+    }
+}
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Every statement of a claim or an outcome write is an index walk in `id` order or a primary-key
+/// lookup. A queue table changes faster than its statistics (a bulk load of a million rows is
+/// planned as if the table were empty until autovacuum analyses it), and the planner then picks
+/// bitmap scans, sorts of the whole backlog and hash joins that cost 50-100× more. These
+/// settings hold for the one transaction only.
+const INDEX_WALKS_ONLY: &str = "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
+    SET LOCAL enable_sort = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
+
+async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::raw_sql(INDEX_WALKS_ONLY).execute(&mut *tx).await?;
+    Ok(tx)
+}
 
 /// The channel the outbox's insert trigger notifies.
 pub const NOTIFY_CHANNEL: &str = "prism_outbox";
@@ -29,8 +113,18 @@ pub struct PgStore {
 impl PgStore {
     pub async fn connect(settings: &DatabaseSettings) -> StoreResult<PgStore> {
         let options: PgConnectOptions = settings.url.parse()?;
-        let options = options.application_name("prism-sync");
+        // JIT compilation costs tens to hundreds of milliseconds and pays off only for long
+        // analytical queries; every statement here is a short index walk.
+        let options = options
+            .application_name("prism-sync")
+            .options([("jit", "off")]);
         let pool = PgPoolOptions::new()
+            .after_connect(|_, _| {
+                Box::pin(async {
+                    nodelay::set_on_every_tcp_socket();
+                    Ok(())
+                })
+            })
             .max_connections(settings.max_connections.max(2))
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
@@ -73,7 +167,7 @@ impl PgStore {
     }
 
     pub async fn claim(&self, req: &ClaimRequest<'_>) -> StoreResult<ClaimOutcome> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = begin(&self.pool).await?;
         let max_patch = i32::try_from(req.limits.max_patch_bytes).unwrap_or(i32::MAX);
         let heads = sqlx::query(
             "SELECT o.id, o.record_id::text AS record_id,
@@ -228,25 +322,37 @@ impl PgStore {
         Ok(done.rows_affected())
     }
 
-    pub async fn finish_batch(&self, f: &FinishBatch<'_>) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
+    pub async fn finish_batches(&self, batches: &[FinishBatch]) -> StoreResult<Vec<bool>> {
+        let mut tx = begin(&self.pool).await?;
+        let mut written = Vec::with_capacity(batches.len());
+        for f in batches {
+            written.push(finish_one(&mut tx, f).await?);
+        }
+        tx.commit().await?;
+        Ok(written)
+    }
+}
+
+/// One batch's end inside a transaction; `false` (and nothing written) when the fence says the
+/// batch is no longer ours.
+async fn finish_one(tx: &mut Transaction<'static, Postgres>, f: &FinishBatch) -> StoreResult<bool> {
+    {
         let fenced = sqlx::query(
             "UPDATE prism_batches SET state = $3, completed_at = now(), lease_owner = NULL, lease_expires_at = NULL,
                     last_status = $4, last_error = $5
              WHERE id = $1 AND lease_owner = $2 AND state = 'open'",
         )
         .bind(f.batch_id)
-        .bind(f.owner)
+        .bind(&f.owner)
         .bind(f.end.as_str())
         .bind(f.attempt.http_status.map(i32::from))
         .bind(f.attempt.detail.as_deref())
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         if fenced.rows_affected() == 0 {
-            tx.rollback().await?;
             return Ok(false);
         }
-        insert_attempt(&mut tx, f.batch_id, f.owner, &f.attempt).await?;
+        insert_attempt(tx, f.batch_id, &f.owner, &f.attempt).await?;
         if !f.rows.is_empty() {
             let c = RowColumns::of(&f.rows);
             sqlx::query(
@@ -268,17 +374,18 @@ impl PgStore {
             .bind(&c.messages)
             .bind(&c.retry_in)
             .bind(f.batch_id)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         }
         if !f.children.is_empty() {
-            insert_batches(&mut tx, &f.children, f.owner, f.lease, Some(f.batch_id)).await?;
-            mark_in_flight(&mut tx, &f.children).await?;
+            insert_batches(tx, &f.children, &f.owner, f.lease, Some(f.batch_id)).await?;
+            mark_in_flight(tx, &f.children).await?;
         }
-        tx.commit().await?;
         Ok(true)
     }
+}
 
+impl PgStore {
     pub async fn defer_batch(&self, d: &DeferBatch<'_>) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await?;
         let fenced = sqlx::query(

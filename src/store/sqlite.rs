@@ -306,8 +306,21 @@ impl SqliteStore {
         Ok(done.rows_affected())
     }
 
-    pub async fn finish_batch(&self, f: &FinishBatch<'_>) -> StoreResult<bool> {
+    pub async fn finish_batches(&self, batches: &[FinishBatch]) -> StoreResult<Vec<bool>> {
         let mut tx = self.begin_write().await?;
+        let mut written = Vec::with_capacity(batches.len());
+        for f in batches {
+            written.push(finish_one(&mut tx, f).await?);
+        }
+        tx.commit().await?;
+        Ok(written)
+    }
+}
+
+/// One batch's end inside a write transaction; `false` (and nothing written) when the fence
+/// says the batch is no longer ours.
+async fn finish_one(tx: &mut WriteTx, f: &FinishBatch) -> StoreResult<bool> {
+    {
         let batch = f.batch_id.to_string();
         let fenced = sqlx::query(concat!(
             "UPDATE prism_batches SET state = ?3, completed_at = ",
@@ -316,17 +329,16 @@ impl SqliteStore {
              WHERE id = ?1 AND lease_owner = ?2 AND state = 'open'"
         ))
         .bind(&batch)
-        .bind(f.owner)
+        .bind(&f.owner)
         .bind(f.end.as_str())
         .bind(f.attempt.http_status.map(i64::from))
         .bind(f.attempt.detail.as_deref())
-        .execute(&mut **tx)
+        .execute(&mut ***tx)
         .await?;
         if fenced.rows_affected() == 0 {
-            tx.rollback().await?;
             return Ok(false);
         }
-        insert_attempt(&mut tx, &batch, f.owner, &f.attempt).await?;
+        insert_attempt(tx, &batch, &f.owner, &f.attempt).await?;
         if !f.rows.is_empty() {
             let c = RowColumns::of(&f.rows);
             let packed: Vec<_> = (0..c.ids.len())
@@ -364,21 +376,22 @@ impl SqliteStore {
             ))
             .bind(serde_json::to_string(&packed).expect("serialises"))
             .bind(&batch)
-            .execute(&mut **tx)
+            .execute(&mut ***tx)
             .await?;
         }
         for child in &f.children {
-            insert_batch(&mut tx, child, f.owner, f.lease, Some(&batch)).await?;
+            insert_batch(tx, child, &f.owner, f.lease, Some(&batch)).await?;
             let assignments: Vec<(i64, String)> = child
                 .row_assignments()
                 .map(|(row, b)| (row, b.to_string()))
                 .collect();
-            mark_in_flight(&mut tx, &assignments).await?;
+            mark_in_flight(tx, &assignments).await?;
         }
-        tx.commit().await?;
         Ok(true)
     }
+}
 
+impl SqliteStore {
     pub async fn defer_batch(&self, d: &DeferBatch<'_>) -> StoreResult<bool> {
         let mut tx = self.begin_write().await?;
         let batch = d.batch_id.to_string();
