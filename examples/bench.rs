@@ -595,7 +595,7 @@ async fn claim_cost(db: Db, finished: usize) -> anyhow::Result<f64> {
         let started = Instant::now();
         let claimed = store
             .claim(&ClaimRequest {
-                owner: "bench".into(),
+                owner: "bench",
                 lease: Duration::from_secs(60),
                 max_records: 100,
                 limits,
