@@ -8,7 +8,7 @@
 //! **Architecture invariant:** a batch's rows change state only through
 //! [`Store::finish_batch`], fenced on this process still holding the batch's lease.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -120,6 +120,9 @@ struct Shared {
     /// Batch ends go through one recorder task, which commits whatever has queued up meanwhile
     /// in one transaction (group commit: one fsync for many batches).
     recorder: mpsc::UnboundedSender<Recording>,
+    /// Answered batches whose outcome write is still queued: a worker hands the write to the
+    /// recorder and goes on to its next batch, but no more than this many wait at once.
+    record_slots: Arc<Semaphore>,
 }
 
 type Recording = (FinishBatch, oneshot::Sender<Option<bool>>);
@@ -205,6 +208,7 @@ impl Engine {
         health: Arc<Health>,
     ) -> Engine {
         let (recorder, recordings) = mpsc::unbounded_channel();
+        let cfg_in_flight = cfg.max_in_flight;
         Engine {
             shared: Arc::new(Shared {
                 store,
@@ -213,6 +217,7 @@ impl Engine {
                 health,
                 active: Mutex::new(HashSet::new()),
                 wake: Notify::new(),
+                record_slots: Arc::new(Semaphore::new(2 * cfg_in_flight)),
                 recorder,
             }),
             recordings,
@@ -246,29 +251,27 @@ impl Engine {
                 background.clone(),
             ));
         }
-        let permits = Arc::new(Semaphore::new(cfg.max_in_flight));
-        let mut sends: JoinSet<()> = JoinSet::new();
-        // Batches claimed ahead, waiting for a free slot: claiming a slot's worth at a time
-        // would make many small claim transactions; keeping up to `max_in_flight` batches ready
-        // makes claims large and keeps the wire busy while the next claim runs. They are leased
-        // (and kept alive by the heartbeat) like batches on the wire.
-        let mut ready: VecDeque<LeasedBatch> = VecDeque::new();
+        // `max_in_flight` workers take batches from a buffer the claimer keeps topped up. A
+        // worker that finishes a batch starts the next one at once, without waiting for a claim
+        // in progress; claims are large (up to `max_in_flight` batches) because the claimer
+        // refills only once the buffer is half empty. Buffered batches are leased and kept alive
+        // by the heartbeat like those on the wire.
+        let (work, queue) = mpsc::channel::<LeasedBatch>(cfg.max_in_flight);
+        let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        let mut workers: JoinSet<()> = JoinSet::new();
+        for _ in 0..cfg.max_in_flight {
+            workers.spawn(run_worker(shared.clone(), queue.clone(), shutdown.clone()));
+        }
         let mut db_failures: u32 = 0;
         loop {
             shared.health.tick();
             if shutdown.is_cancelled() {
                 break;
             }
-            while let Some(done) = sends.try_join_next() {
-                if let Err(e) = done {
-                    error!(error = %e, "a batch task failed");
-                }
-            }
-            let in_flight = cfg.max_in_flight - permits.available_permits();
+            let room = work.capacity();
             let mut found = 0;
-            if ready.len() <= cfg.max_in_flight / 2 {
-                let want = (2 * cfg.max_in_flight).saturating_sub(in_flight + ready.len());
-                match fill(&shared, want).await {
+            if room >= cfg.max_in_flight.div_ceil(2) {
+                match fill(&shared, room).await {
                     Ok(batches) => {
                         if db_failures > 0 {
                             info!("database reachable again");
@@ -276,10 +279,13 @@ impl Engine {
                         db_failures = 0;
                         shared.health.set_db_ok(true);
                         found = batches.len();
-                        let mut active = shared.active.lock().expect("active lock");
                         for batch in batches {
-                            active.insert(batch.id);
-                            ready.push_back(batch);
+                            shared.active.lock().expect("active lock").insert(batch.id);
+                            // A claim may return a few more batches than there is room for
+                            // (one per object type): wait for a worker rather than drop them.
+                            if work.send(batch).await.is_err() {
+                                break;
+                            }
                         }
                     }
                     Err(e) => {
@@ -295,28 +301,11 @@ impl Engine {
                             _ = tokio::time::sleep(wait) => {},
                             _ = shutdown.cancelled() => {},
                         }
+                        continue;
                     }
                 }
             }
-            while !ready.is_empty() {
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    break;
-                };
-                let batch = ready.pop_front().expect("not empty");
-                let span = info_span!("batch", batch_id = %batch.id, key = %batch.idempotency_key);
-                let task_shared = shared.clone();
-                sends.spawn(
-                    async move {
-                        let id = batch.id;
-                        process_batch(&task_shared, batch).await;
-                        task_shared.active.lock().expect("active lock").remove(&id);
-                        drop(permit);
-                        task_shared.wake.notify_one();
-                    }
-                    .instrument(span),
-                );
-            }
-            if found > 0 && ready.len() <= cfg.max_in_flight / 2 {
+            if found > 0 && work.capacity() >= cfg.max_in_flight.div_ceil(2) {
                 continue;
             }
             tokio::select! {
@@ -325,26 +314,19 @@ impl Engine {
                 _ = tokio::time::sleep(cfg.poll_interval) => {},
             }
         }
-        // Claimed-ahead batches were never sent: forget them here; their leases are dropped
-        // below so that the next start (or another replica) sends them at once.
-        {
-            let mut active = shared.active.lock().expect("active lock");
-            for batch in ready.drain(..) {
-                active.remove(&batch.id);
-            }
-        }
-        info!(in_flight = sends.len(), grace = ?cfg.grace_period, "draining: no new claims");
+        drop(work);
+        let in_flight = shared.active.lock().expect("active lock").len();
+        info!(in_flight, grace = ?cfg.grace_period, "draining: no new claims");
         let drained = tokio::time::timeout(cfg.grace_period, async {
-            while sends.join_next().await.is_some() {}
+            while workers.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
             warn!(
-                left = sends.len(),
                 "grace period over: unanswered batches stay stored and are re-sent with their keys on the next start"
             );
-            sends.abort_all();
-            while sends.join_next().await.is_some() {}
+            workers.abort_all();
+            while workers.join_next().await.is_some() {}
         }
         recorder_stop.cancel();
         let _ = recorder.await;
@@ -357,6 +339,25 @@ impl Engine {
         }
         info!("sync engine stopped");
         Ok(())
+    }
+}
+
+/// Sends batches from the buffer until it closes. After shutdown it takes no new batch: those
+/// left in the buffer stay stored and are sent by the next start.
+async fn run_worker(
+    shared: Arc<Shared>,
+    queue: Arc<tokio::sync::Mutex<mpsc::Receiver<LeasedBatch>>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let next = { queue.lock().await.recv().await };
+        let Some(batch) = next else { return };
+        if shutdown.is_cancelled() {
+            shared.active.lock().expect("active lock").remove(&batch.id);
+            continue;
+        }
+        let span = info_span!("batch", batch_id = %batch.id, key = %batch.idempotency_key);
+        process_batch(&shared, batch).instrument(span).await;
     }
 }
 
@@ -414,12 +415,19 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {},
         }
-        if shared.active.lock().expect("active lock").is_empty() {
+        let ours: Vec<Uuid> = shared
+            .active
+            .lock()
+            .expect("active lock")
+            .iter()
+            .copied()
+            .collect();
+        if ours.is_empty() {
             continue;
         }
         if let Err(e) = shared
             .store
-            .extend_leases(&shared.cfg.owner, shared.cfg.lease)
+            .extend_leases(&shared.cfg.owner, shared.cfg.lease, &ours)
             .await
         {
             warn!(error = %e, "could not extend batch leases");
@@ -487,10 +495,27 @@ where
 
 /// Sends one batch (and, when it is rejected whole, its halves) until each has a final or a
 /// deferred state in the database.
-async fn process_batch(shared: &Shared, first: LeasedBatch) {
-    let cfg = &shared.cfg;
+async fn process_batch(shared: &Arc<Shared>, first: LeasedBatch) {
     let mut queue = vec![first];
     while let Some(batch) = queue.pop() {
+        let id = batch.id;
+        // An answered batch is handed to the recorder, which lets go of it once written.
+        if !send_and_settle(shared, batch, &mut queue).await {
+            shared.active.lock().expect("active lock").remove(&id);
+            shared.wake.notify_one();
+        }
+    }
+}
+
+/// Sends one batch and settles what its answer asks for; `true` when the batch was handed to
+/// the recorder (which releases it), `false` when it is settled here.
+async fn send_and_settle(
+    shared: &Arc<Shared>,
+    batch: LeasedBatch,
+    queue: &mut Vec<LeasedBatch>,
+) -> bool {
+    let cfg = &shared.cfg;
+    {
         if batch.attempts >= i32::try_from(cfg.batch_max_attempts).unwrap_or(i32::MAX) {
             release(
                 shared,
@@ -498,7 +523,7 @@ async fn process_batch(shared: &Shared, first: LeasedBatch) {
                 "the batch failed batch.max_attempts times under its key",
             )
             .await;
-            continue;
+            return false;
         }
         if batch.key_age >= cfg.max_key_age {
             release(
@@ -507,7 +532,7 @@ async fn process_batch(shared: &Shared, first: LeasedBatch) {
                 "the batch's key is near the server's 24h idempotency window",
             )
             .await;
-            continue;
+            return false;
         }
         crash_point!("before_send");
         let started = Instant::now();
@@ -558,6 +583,7 @@ async fn process_batch(shared: &Shared, first: LeasedBatch) {
                     attempt("answered", None),
                 )
                 .await;
+                return true;
             }
             BatchVerdict::Retry {
                 code,
@@ -645,6 +671,7 @@ async fn process_batch(shared: &Shared, first: LeasedBatch) {
                             attempt(&code, Some(message)),
                         )
                         .await;
+                        return true;
                     }
                     Err(e) => {
                         error!(error = %e, "stored batch body cannot be split; releasing its rows");
@@ -668,11 +695,12 @@ async fn process_batch(shared: &Shared, first: LeasedBatch) {
             }
         }
     }
+    false
 }
 
 /// Records an answered batch: every row takes its item's outcome.
 async fn record_answer(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     batch: &LeasedBatch,
     outcomes: Vec<ItemOutcome>,
     anomalies: &Anomalies,
@@ -737,10 +765,47 @@ async fn record_answer(
         attempt,
     };
     crash_point!("before_outcomes");
-    let started = Instant::now();
-    let written = shared.record(f).await;
-    metrics::histogram!("prism_sync_db_duration_seconds", "op" => "record")
-        .record(started.elapsed().as_secs_f64());
+    // The write is queued for the recorder and this worker moves on; the batch stays leased
+    // (and counted as ours) until the write lands.
+    let slot = shared
+        .record_slots
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("never closed");
+    let shared = shared.clone();
+    let batch_id = batch.id;
+    let items = batch.items.len();
+    let codes: Vec<String> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            ItemOutcome::Retry { code, .. } | ItemOutcome::Dead { code, .. } => {
+                Some(code_label(&shared.cfg, code))
+            }
+            ItemOutcome::Succeeded => None,
+        })
+        .collect();
+    let settle = async move {
+        let started = Instant::now();
+        let written = shared.record(f).await;
+        metrics::histogram!("prism_sync_db_duration_seconds", "op" => "record")
+            .record(started.elapsed().as_secs_f64());
+        settle_answer(&shared, written, items, (ok, retried, dead), codes);
+        shared.active.lock().expect("active lock").remove(&batch_id);
+        shared.wake.notify_one();
+        drop(slot);
+    };
+    tokio::spawn(settle.instrument(tracing::Span::current()));
+}
+
+/// Counts an answered batch once its outcome is written.
+fn settle_answer(
+    shared: &Shared,
+    written: Option<bool>,
+    items: usize,
+    (ok, retried, dead): (u64, u64, u64),
+    codes: Vec<String>,
+) {
     match written {
         Some(true) => {
             crash_point!("after_outcomes");
@@ -749,10 +814,8 @@ async fn record_answer(
             metrics::counter!("prism_sync_items_total", "outcome" => "succeeded").increment(ok);
             metrics::counter!("prism_sync_items_total", "outcome" => "retried").increment(retried);
             metrics::counter!("prism_sync_items_total", "outcome" => "dead").increment(dead);
-            for outcome in &outcomes {
-                if let ItemOutcome::Retry { code, .. } | ItemOutcome::Dead { code, .. } = outcome {
-                    metrics::counter!("prism_sync_item_errors_total", "code" => code_label(cfg, code)).increment(1);
-                }
+            for code in codes {
+                metrics::counter!("prism_sync_item_errors_total", "code" => code).increment(1);
             }
             metrics::gauge!("prism_sync_last_progress_timestamp_seconds").set(
                 std::time::SystemTime::now()
@@ -765,7 +828,7 @@ async fn record_answer(
             Health::count(&shared.health.rows_dead, dead);
             Health::count(&shared.health.batches_answered, 1);
             debug!(
-                items = batch.items.len(),
+                items,
                 rows_succeeded = ok,
                 rows_retried = retried,
                 rows_dead = dead,

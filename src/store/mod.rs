@@ -244,9 +244,15 @@ impl Store {
         dispatch!(self, s => s.lease_due_batches(owner, lease, limit).await)
     }
 
-    /// Heartbeat: extends every open batch leased to `owner`.
-    pub async fn extend_leases(&self, owner: &str, lease: Duration) -> StoreResult<u64> {
-        dispatch!(self, s => s.extend_leases(owner, lease).await)
+    /// Heartbeat: extends the leases of `batches`, those `owner` is still working on. A batch
+    /// it gave up on (its outcome could not be written) is left to lapse, so that it is re-sent.
+    pub async fn extend_leases(
+        &self,
+        owner: &str,
+        lease: Duration,
+        batches: &[Uuid],
+    ) -> StoreResult<u64> {
+        dispatch!(self, s => s.extend_leases(owner, lease, batches).await)
     }
 
     /// Gives up `owner`'s leases at once (clean shutdown), so a restart need not wait.

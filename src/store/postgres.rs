@@ -299,13 +299,19 @@ impl PgStore {
         rows.iter().map(leased).collect()
     }
 
-    pub async fn extend_leases(&self, owner: &str, lease: Duration) -> StoreResult<u64> {
+    pub async fn extend_leases(
+        &self,
+        owner: &str,
+        lease: Duration,
+        batches: &[Uuid],
+    ) -> StoreResult<u64> {
         let done = sqlx::query(
             "UPDATE prism_batches SET lease_expires_at = now() + make_interval(secs => $2)
-             WHERE lease_owner = $1 AND state = 'open'",
+             WHERE lease_owner = $1 AND state = 'open' AND id = ANY($3)",
         )
         .bind(owner)
         .bind(lease.as_secs_f64())
+        .bind(batches)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())

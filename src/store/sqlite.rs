@@ -278,16 +278,23 @@ impl SqliteStore {
         rows.iter().map(leased).collect()
     }
 
-    pub async fn extend_leases(&self, owner: &str, lease: Duration) -> StoreResult<u64> {
+    pub async fn extend_leases(
+        &self,
+        owner: &str,
+        lease: Duration,
+        batches: &[Uuid],
+    ) -> StoreResult<u64> {
+        let ids: Vec<String> = batches.iter().map(Uuid::to_string).collect();
         let done = self
             .write_one(
                 sqlx::query(concat!(
                     "UPDATE prism_batches SET lease_expires_at = ",
                     now_plus!("?2"),
-                    " WHERE lease_owner = ?1 AND state = 'open'"
+                    " WHERE lease_owner = ?1 AND state = 'open' AND id IN (SELECT value FROM json_each(?3))"
                 ))
                 .bind(owner)
-                .bind(lease.as_secs_f64()),
+                .bind(lease.as_secs_f64())
+                .bind(serde_json::to_string(&ids).expect("serialises")),
             )
             .await?;
         Ok(done.rows_affected())
