@@ -23,6 +23,7 @@ use crate::backoff::RetryPolicy;
 use crate::batch::{self, PlanLimits};
 use crate::classify::{self, Anomalies, BatchVerdict, CodePolicy, Exchange};
 use crate::client::MicroClient;
+use crate::concurrency::{AdaptiveLimit, Signal};
 use crate::health::Health;
 use crate::model::{ItemOutcome, RowState, codes};
 use crate::settings::Settings;
@@ -123,6 +124,8 @@ struct Shared {
     /// Answered batches whose outcome write is still queued: a worker hands the write to the
     /// recorder and goes on to its next batch, but no more than this many wait at once.
     record_slots: Arc<Semaphore>,
+    /// How many requests may be on the wire now (AIMD on the API's pushback).
+    concurrency: AdaptiveLimit,
 }
 
 type Recording = (FinishBatch, oneshot::Sender<Option<bool>>);
@@ -218,6 +221,7 @@ impl Engine {
                 active: Mutex::new(HashSet::new()),
                 wake: Notify::new(),
                 record_slots: Arc::new(Semaphore::new(2 * cfg_in_flight)),
+                concurrency: AdaptiveLimit::new(cfg_in_flight),
                 recorder,
             }),
             recordings,
@@ -537,14 +541,27 @@ async fn send_and_settle(
         crash_point!("before_send");
         let started = Instant::now();
         Health::count(&shared.health.sends, 1);
-        let exchange = shared
-            .client
-            .send(
-                batch.object_type,
-                &batch.idempotency_key,
-                batch.body.clone(),
-            )
-            .await;
+        let exchange = {
+            let _slot = shared.concurrency.acquire().await;
+            let exchange = shared
+                .client
+                .send(
+                    batch.object_type,
+                    &batch.idempotency_key,
+                    batch.body.clone(),
+                )
+                .await;
+            shared.concurrency.observe(match &exchange {
+                Exchange::Answered(a) if a.status == 429 || a.status == 503 => Signal::Pushback,
+                Exchange::Answered(a) if a.status < 500 => Signal::Fine,
+                Exchange::Failed {
+                    kind: classify::TransportFailure::Timeout,
+                    ..
+                } => Signal::Pushback,
+                _ => Signal::Neutral,
+            });
+            exchange
+        };
         let took = started.elapsed();
         crash_point!("after_response");
         let (status, replay, detail) = match &exchange {

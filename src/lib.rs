@@ -17,6 +17,7 @@ pub mod batch;
 pub mod classify;
 pub mod cli;
 pub mod client;
+pub mod concurrency;
 pub mod daemon;
 pub mod demo;
 pub mod engine;

@@ -185,7 +185,9 @@ both_backends! {
                  INSERT INTO prism_outbox (record_id, patch) VALUES ('{good}', '{{\"default\": ');
                  INSERT INTO prism_outbox (record_id, patch, object_type) VALUES ('{good}', '{{}}', 'spaceship');
                  INSERT INTO prism_outbox (record_id, patch) VALUES ('{good}', CAST(X'7B22FF227D' AS TEXT));
-                 INSERT INTO prism_outbox (record_id, patch) VALUES ('{good}', '{{\"default\": {{\"a\": \"' || hex(zeroblob(400000)) || '\"}}}}');
+                 INSERT INTO prism_outbox (record_id, patch) VALUES ('{good}', '{{\"default\": {{\"a\": \"' || hex(zeroblob(5000000)) || '\"}}}}');
+                 INSERT INTO prism_outbox (record_id, patch) VALUES ('{good}', '{{\"default\": ' || replace(hex(zeroblob(10000)), '00', '[') || replace(hex(zeroblob(10000)), '00', ']') || '}}');
+                 INSERT INTO prism_outbox (record_id, patch) VALUES ('{good}', 'a' || char(0) || 'b');
                  INSERT INTO prism_outbox (record_id, patch) VALUES ('{good}', '{{\"default\": {{\"revision\": 1}}}}');"
             ),
             Backend::Postgres => format!(
@@ -193,7 +195,8 @@ both_backends! {
                  INSERT INTO prism_outbox (record_id, patch) VALUES ('{good}', '{{\"id\": \"x\"}}');
                  INSERT INTO prism_outbox (record_id, patch) VALUES ('{good}', '\"a string\"');
                  INSERT INTO prism_outbox (record_id, patch, object_type) VALUES ('{good}', '{{}}', 'spaceship');
-                 INSERT INTO prism_outbox (record_id, patch) VALUES ('{good}', jsonb_build_object('default', jsonb_build_object('a', repeat('x', 400000))));
+                 INSERT INTO prism_outbox (record_id, patch) VALUES ('{good}', jsonb_build_object('default', jsonb_build_object('a', repeat('x', 10000000))));
+                 INSERT INTO prism_outbox (record_id, patch) VALUES ('{good}', jsonb_build_object('default', (repeat('[', 10000) || repeat(']', 10000))::jsonb));
                  INSERT INTO prism_outbox (record_id, patch) VALUES ('{good}', '{{\"default\": {{\"revision\": 1}}}}');"
             ),
         };
