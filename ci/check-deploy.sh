@@ -244,6 +244,7 @@ check_scrape_lint() {
 # only a warning; any output therefore counts as a failure.
 check_systemd_verify() {
   local bin=${PRISM_SYNC_BIN:-}
+  [[ -z $bin ]] || bin=$(realpath "$bin")
   if [[ -z $bin ]]; then
     for candidate in target/release/prism-sync target/debug/prism-sync; do
       if [[ -x $candidate ]]; then bin=$ROOT/$candidate; break; fi

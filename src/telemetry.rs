@@ -109,6 +109,19 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_histogram!(
+        "prism_sync_db_duration_seconds",
+        Unit::Seconds,
+        "Database time per claim (claim and store batches, one transaction; op=claim) and per outcome write (op=record)."
+    );
+    describe_counter!(
+        "prism_sync_batches_claimed_total",
+        "Batches built and stored by claims."
+    );
+    describe_gauge!(
+        "prism_sync_concurrency_limit",
+        "Requests allowed on the wire now (adaptive, at most sync.max_in_flight)."
+    );
     describe_counter!(
         "prism_sync_items_total",
         "Outbox rows by the outcome recorded for them (succeeded, retried, dead)."
