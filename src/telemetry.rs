@@ -172,7 +172,7 @@ fn describe() {
     );
     describe_gauge!(
         "prism_sync_rows_held_back",
-        "Rows waiting on an older row of their record."
+        "Rows waiting on an older row of their record, counted among the first 10,000 waiting rows."
     );
     describe_gauge!(
         "prism_sync_watermark_lag_seconds",

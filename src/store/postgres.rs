@@ -176,10 +176,14 @@ impl PgStore {
              FROM prism_outbox o
              WHERE o.state IN ('pending', 'retrying') AND o.next_attempt_at <= now()
                AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
-               AND NOT EXISTS (
-                   SELECT 1 FROM prism_outbox p
-                   WHERE p.record_id = o.record_id AND p.id < o.id
-                     AND p.state IN ('pending', 'retrying', 'in_flight'))
+               -- The per-record guard as a scalar subquery, not NOT EXISTS: the planner cannot
+               -- turn it into an anti-join, so it stays one index probe per candidate however
+               -- stale the statistics are (as an anti-join it degraded to a full index scan per
+               -- candidate on a freshly loaded table: 1.2 s instead of 1 ms per claim).
+               AND (SELECT 1 FROM prism_outbox p
+                    WHERE p.record_id = o.record_id AND p.id < o.id
+                      AND p.state IN ('pending', 'retrying', 'in_flight')
+                    LIMIT 1) IS NULL
              ORDER BY o.id
              LIMIT $1
              FOR UPDATE OF o SKIP LOCKED",
@@ -219,7 +223,10 @@ impl PgStore {
                          WHERE o.record_id = h.record_id AND o.id > h.head_id
                            AND o.state IN ('pending', 'retrying')
                            AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
-                         ORDER BY o.id
+                         -- (record_id, id): the order of the record index, so the walk stays
+                         -- inside this record (ordering by id alone let a generic plan walk the
+                         -- whole backlog from the head on, 100 ms per claim).
+                         ORDER BY o.record_id, o.id
                          LIMIT $4
                          FOR UPDATE OF o) f",
                 )
@@ -438,14 +445,20 @@ impl PgStore {
             .collect::<Result<_, sqlx::Error>>()?;
         let row = sqlx::query(
             "SELECT
-               (SELECT COALESCE(extract(epoch FROM now() - min(enqueued_at)), 0)::float8
-                  FROM prism_outbox WHERE state IN ('pending', 'retrying', 'in_flight')),
+               (SELECT COALESCE(extract(epoch FROM now() - min(t)), 0)::float8 FROM (
+                  SELECT (SELECT enqueued_at FROM prism_outbox WHERE state IN ('pending', 'retrying')
+                          ORDER BY id LIMIT 1) AS t
+                  UNION ALL
+                  SELECT min(o.enqueued_at) FROM prism_batches b JOIN prism_outbox o ON o.batch_id = b.id
+                  WHERE b.state = 'open' AND o.state = 'in_flight') AS ages),
                (SELECT COALESCE(extract(epoch FROM now() - min(created_at)), 0)::float8
                   FROM prism_batches WHERE state = 'open'),
                (SELECT count(*) FROM prism_batches WHERE state = 'open'),
-               (SELECT count(*) FROM prism_outbox o
-                  WHERE o.state IN ('pending', 'retrying') AND EXISTS (
-                    SELECT 1 FROM prism_outbox p WHERE p.record_id = o.record_id AND p.id < o.id
+               (SELECT count(*) FROM (
+                  SELECT o.id, o.record_id FROM prism_outbox o WHERE o.state IN ('pending', 'retrying')
+                  ORDER BY o.id LIMIT 10000) w
+                WHERE EXISTS (
+                    SELECT 1 FROM prism_outbox p WHERE p.record_id = w.record_id AND p.id < w.id
                       AND p.state IN ('pending', 'retrying', 'in_flight'))),
                (SELECT COALESCE(sum(rows), 0)::bigint FROM prism_audit WHERE action = 'replay'),
                (SELECT COALESCE(extract(epoch FROM now() - min(xact_start)), 0)::float8

@@ -445,16 +445,27 @@ impl SqliteStore {
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
             .collect::<Result<_, sqlx::Error>>()?;
         let row = sqlx::query(
+            // Index walks only, so sampling stays cheap with a million-row backlog: the oldest
+            // waiting row is the first in the active index, the oldest in-flight one is among the
+            // open batches' rows, and held-back rows are counted among the first 10,000 waiting.
             "SELECT
-               (SELECT COALESCE((julianday('now') - julianday(min(enqueued_at))) * 86400.0, 0.0)
-                  FROM prism_outbox WHERE state IN ('pending', 'retrying', 'in_flight')),
+               (SELECT COALESCE((julianday('now') - julianday(min(t))) * 86400.0, 0.0) FROM (
+                  SELECT (SELECT enqueued_at FROM prism_outbox WHERE id = (
+                            SELECT min(id) FROM prism_outbox INDEXED BY prism_outbox_active
+                            WHERE state IN ('pending', 'retrying'))) AS t
+                  UNION ALL
+                  SELECT min(o.enqueued_at) FROM prism_batches AS b INDEXED BY prism_batches_open
+                  JOIN prism_outbox AS o INDEXED BY prism_outbox_batch ON o.batch_id = b.id
+                  WHERE b.state = 'open' AND o.state = 'in_flight')),
                (SELECT COALESCE(max((julianday('now') - julianday(created_at)) * 86400.0), 0.0)
                   FROM prism_batches WHERE state = 'open'),
                (SELECT count(*) FROM prism_batches WHERE state = 'open'),
-               (SELECT count(*) FROM prism_outbox AS o INDEXED BY prism_outbox_active
-                  WHERE o.state IN ('pending', 'retrying') AND EXISTS (
+               (SELECT count(*) FROM (
+                  SELECT o.id, o.record_id FROM prism_outbox AS o INDEXED BY prism_outbox_active
+                  WHERE o.state IN ('pending', 'retrying') ORDER BY o.id LIMIT 10000) AS w
+                WHERE EXISTS (
                     SELECT 1 FROM prism_outbox AS p INDEXED BY prism_outbox_record
-                    WHERE p.record_id = o.record_id AND p.id < o.id
+                    WHERE p.record_id = w.record_id AND p.id < w.id
                       AND p.state IN ('pending', 'retrying', 'in_flight'))),
                (SELECT COALESCE(sum(rows), 0) FROM prism_audit WHERE action = 'replay')",
         )
