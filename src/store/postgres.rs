@@ -220,12 +220,12 @@ impl PgStore {
                                 CASE WHEN octet_length(o.patch::text) > $3 THEN NULL ELSE o.patch::text END AS patch,
                                 o.object_type, o.attempts
                          FROM prism_outbox o
+                         -- The state test is spelt so that it implies the record index's predicate
+                         -- but not the id-only active index's: with stale statistics the planner
+                         -- otherwise walked every waiting row for every head (1 ms a head).
                          WHERE o.record_id = h.record_id AND o.id > h.head_id
-                           AND o.state IN ('pending', 'retrying')
+                           AND o.state IN ('pending', 'retrying', 'in_flight') AND (o.state || '') <> 'in_flight'
                            AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
-                         -- (record_id, id): the order of the record index, so the walk stays
-                         -- inside this record (ordering by id alone let a generic plan walk the
-                         -- whole backlog from the head on, 100 ms per claim).
                          ORDER BY o.record_id, o.id
                          LIMIT $4
                          FOR UPDATE OF o) f",
