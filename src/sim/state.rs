@@ -7,8 +7,6 @@
 //! the same lock; so the log's `seq` order is the order in which each record's changes were applied.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,63 +19,8 @@ use uuid::Uuid;
 
 use super::faults::FaultKind;
 
-/// The Prism object types that have a `batch/update` endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ObjectType {
-    Contact,
-    Organization,
-    Deal,
-    Engagement,
-    Action,
-    Identity,
-    Document,
-}
-
-impl ObjectType {
-    pub const ALL: [ObjectType; 7] = [
-        Self::Contact,
-        Self::Organization,
-        Self::Deal,
-        Self::Engagement,
-        Self::Action,
-        Self::Identity,
-        Self::Document,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Contact => "contact",
-            Self::Organization => "organization",
-            Self::Deal => "deal",
-            Self::Engagement => "engagement",
-            Self::Action => "action",
-            Self::Identity => "identity",
-            Self::Document => "document",
-        }
-    }
-}
-
-impl fmt::Display for ObjectType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown object type {0:?}")]
-pub struct UnknownObjectType(pub String);
-
-impl FromStr for ObjectType {
-    type Err = UnknownObjectType;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|t| t.as_str() == s)
-            .ok_or_else(|| UnknownObjectType(s.to_owned()))
-    }
-}
+/// The simulator speaks the same object types as the daemon.
+pub use crate::model::{ObjectType, UnknownObjectType};
 
 /// One item the simulator applied, in the order it applied them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
