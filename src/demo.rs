@@ -31,10 +31,10 @@ pub struct DemoArgs {
     #[arg(long, default_value = "prism-sync-demo.db")]
     pub db: std::path::PathBuf,
     /// How many changes to enqueue.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 20_000)]
     pub changes: usize,
     /// Over how many contacts.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 1_000)]
     pub contacts: usize,
     /// Seed for the sample and the simulator's faults.
     #[arg(long, default_value_t = 7)]
@@ -63,7 +63,7 @@ struct Sample {
 fn sample(args: &DemoArgs) -> Sample {
     let mut rng = StdRng::seed_from_u64(args.seed);
     let contacts: Vec<Uuid> = (0..args.contacts.max(4))
-        .map(|_| Uuid::from_u128(rng.random()))
+        .map(|_| uuid::Builder::from_random_bytes(rng.random()).into_uuid())
         .collect();
     let mut changes = Vec::with_capacity(args.changes);
     for revision in 0..args.changes {
@@ -280,7 +280,10 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<ExitCod
         args.db.display()
     )?;
     let env = format!("DATABASE_URL={shown_url}");
-    writeln!(out, "  {env} cargo run --release -- status")?;
+    writeln!(
+        out,
+        "  {env} cargo run --release -- status     # exits 3 while dead rows exist, by design"
+    )?;
     if let Some(id) = dead_row {
         writeln!(out, "  {env} cargo run --release -- inspect {id}")?;
     }

@@ -166,3 +166,31 @@ both_backends! {
         assert!(err.contains("pending"), "{err}");
     }
 }
+
+/// The README's first command, smaller: it finishes, checks itself against the simulator and
+/// says what to try next.
+#[tokio::test]
+async fn the_demo_syncs_its_sample_and_proves_the_guarantees() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(bin())
+        .args(["demo", "--changes", "1500", "--contacts", "100"])
+        .current_dir(dir.path())
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("(0 wrong), 0 applied out of order, 0 applied twice, 0 rows unfinished"),
+        "{text}"
+    );
+    assert!(
+        text.contains("replay --error-code not_found --dry-run"),
+        "{text}"
+    );
+    assert!(dir.path().join("prism-sync-demo.db").exists());
+}
