@@ -21,6 +21,9 @@ pub struct CandidateRow {
     pub patch: Option<Vec<u8>>,
     pub object_type: Vec<u8>,
     pub attempts: i32,
+    /// Whether a later waiting row of the same record exists (heads only; followers are looked
+    /// up only for heads that have one).
+    pub has_later: bool,
 }
 
 /// A claimed record: its oldest active row and the pending rows after it, in `id` order.
@@ -369,6 +372,7 @@ mod tests {
             patch: Some(patch.as_bytes().to_vec()),
             object_type: b"contact".to_vec(),
             attempts: 0,
+            has_later: true,
         }
     }
 

@@ -172,7 +172,11 @@ impl PgStore {
         let heads = sqlx::query(
             "SELECT o.id, o.record_id::text AS record_id,
                     CASE WHEN octet_length(o.patch::text) > $2 THEN NULL ELSE o.patch::text END AS patch,
-                    o.object_type, o.attempts
+                    o.object_type, o.attempts,
+                    (SELECT 1 FROM prism_outbox q
+                     WHERE q.record_id = o.record_id AND q.id > o.id
+                       AND q.state IN ('pending', 'retrying', 'in_flight') AND (q.state || '') <> 'in_flight'
+                     LIMIT 1) IS NOT NULL AS has_later
              FROM prism_outbox o
              WHERE o.state IN ('pending', 'retrying') AND o.next_attempt_at <= now()
                AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
@@ -203,7 +207,7 @@ impl PgStore {
         if req.limits.coalesce && req.limits.max_coalesce > 1 {
             let (records, head_ids): (Vec<Uuid>, Vec<i64>) = heads
                 .iter()
-                .filter(|h| super::sqlite::coalescible(h))
+                .filter(|h| h.has_later && super::sqlite::coalescible(h))
                 .filter_map(|h| {
                     std::str::from_utf8(&h.record_id_raw)
                         .ok()
@@ -213,7 +217,7 @@ impl PgStore {
                 .unzip();
             if !records.is_empty() {
                 let rows = sqlx::query(
-                    "SELECT f.id, f.record_id, f.patch, f.object_type, f.attempts
+                    "SELECT f.id, f.record_id, f.patch, f.object_type, f.attempts, true AS has_later
                      FROM unnest($1::uuid[], $2::bigint[]) AS h(record_id, head_id)
                      CROSS JOIN LATERAL (
                          SELECT o.id, o.record_id::text AS record_id,
@@ -485,6 +489,7 @@ fn candidate(row: &sqlx::postgres::PgRow) -> Result<CandidateRow, sqlx::Error> {
             .map(String::into_bytes),
         object_type: row.try_get::<String, _>("object_type")?.into_bytes(),
         attempts: row.try_get("attempts")?,
+        has_later: row.try_get("has_later")?,
     })
 }
 

@@ -147,7 +147,10 @@ impl SqliteStore {
         let heads = sqlx::query(concat!(
             "SELECT o.id, CAST(o.record_id AS BLOB) AS record_id,
                     CASE WHEN length(CAST(o.patch AS BLOB)) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
-                    CAST(o.object_type AS BLOB) AS object_type, o.attempts
+                    CAST(o.object_type AS BLOB) AS object_type, o.attempts,
+                    EXISTS (SELECT 1 FROM prism_outbox AS q INDEXED BY prism_outbox_record
+                            WHERE q.record_id = o.record_id AND q.id > o.id
+                              AND q.state IN ('pending', 'retrying')) AS has_later
              FROM prism_outbox AS o INDEXED BY prism_outbox_active
              WHERE o.state IN ('pending', 'retrying') AND o.next_attempt_at <= ",
             now!(),
@@ -172,7 +175,7 @@ impl SqliteStore {
         if req.limits.coalesce && req.limits.max_coalesce > 1 {
             let wanted: Vec<(String, i64)> = heads
                 .iter()
-                .filter(|h| coalescible(h))
+                .filter(|h| h.has_later && coalescible(h))
                 .filter_map(|h| {
                     String::from_utf8(h.record_id_raw.clone())
                         .ok()
@@ -181,10 +184,10 @@ impl SqliteStore {
                 .collect();
             if !wanted.is_empty() {
                 let rows = sqlx::query(
-                    "SELECT id, record_id, patch, object_type, attempts FROM (
+                    "SELECT id, record_id, patch, object_type, attempts, has_later FROM (
                        SELECT o.id, CAST(o.record_id AS BLOB) AS record_id,
                               CASE WHEN length(CAST(o.patch AS BLOB)) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
-                              CAST(o.object_type AS BLOB) AS object_type, o.attempts,
+                              CAST(o.object_type AS BLOB) AS object_type, o.attempts, 1 AS has_later,
                               row_number() OVER (PARTITION BY o.record_id ORDER BY o.id) AS rn
                        FROM json_each(?1) AS h
                        JOIN prism_outbox AS o INDEXED BY prism_outbox_record
@@ -499,6 +502,7 @@ fn candidate(row: &sqlx::sqlite::SqliteRow) -> Result<CandidateRow, sqlx::Error>
             .try_get::<Option<Vec<u8>>, _>("object_type")?
             .unwrap_or_default(),
         attempts: row.try_get("attempts")?,
+        has_later: row.try_get("has_later")?,
     })
 }
 
