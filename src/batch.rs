@@ -26,6 +26,16 @@ pub struct CandidateRow {
     pub has_later: bool,
 }
 
+impl CandidateRow {
+    /// A cheap superset test for "the patch may be `default`-only", so that the stores look up a
+    /// head's followers only when they could merge.
+    pub fn may_coalesce(&self) -> bool {
+        self.patch
+            .as_deref()
+            .is_some_and(|p| p.windows(9).any(|w| w == b"\"default\""))
+    }
+}
+
 /// A claimed record: its oldest active row and the pending rows after it, in `id` order.
 #[derive(Debug, Clone)]
 pub struct RecordChain {

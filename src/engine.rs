@@ -1,12 +1,13 @@
 //! The daemon loop: lease due batches and claim new rows → send each batch's stored bytes →
 //! record every item's outcome → let the database schedule what retries.
 //!
-//! One task claims; each batch in flight is its own task, bounded by `sync.max_in_flight`.
-//! Nothing about a batch lives only in memory: a retry is a database row with a due time, so a
+//! A claimer keeps a buffer of leased batches topped up; `sync.max_in_flight` workers send them
+//! (under an adaptive concurrency limit); a recorder commits their outcomes in groups; a
+//! heartbeat extends the leases of what the process holds. Nothing about a batch lives only in memory: a retry is a database row with a due time, so a
 //! crash, a restart or another replica continues exactly where this one stopped.
 //!
 //! **Architecture invariant:** a batch's rows change state only through
-//! [`Store::finish_batch`], fenced on this process still holding the batch's lease.
+//! [`Store::finish_batches`], fenced on this process still holding the batch's lease.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

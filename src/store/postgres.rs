@@ -207,7 +207,7 @@ impl PgStore {
         if req.limits.coalesce && req.limits.max_coalesce > 1 {
             let (records, head_ids): (Vec<Uuid>, Vec<i64>) = heads
                 .iter()
-                .filter(|h| h.has_later && super::sqlite::coalescible(h))
+                .filter(|h| h.has_later && h.may_coalesce())
                 .filter_map(|h| {
                     std::str::from_utf8(&h.record_id_raw)
                         .ok()

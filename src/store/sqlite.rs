@@ -175,7 +175,7 @@ impl SqliteStore {
         if req.limits.coalesce && req.limits.max_coalesce > 1 {
             let wanted: Vec<(String, i64)> = heads
                 .iter()
-                .filter(|h| h.has_later && coalescible(h))
+                .filter(|h| h.has_later && h.may_coalesce())
                 .filter_map(|h| {
                     String::from_utf8(h.record_id_raw.clone())
                         .ok()
@@ -481,14 +481,6 @@ impl SqliteStore {
         g.operator_replayed_rows = row.try_get(4)?;
         Ok(g)
     }
-}
-
-/// A cheap superset test for "the head's patch may be `default`-only", so followers are looked
-/// up only for records that could merge.
-pub(super) fn coalescible(head: &CandidateRow) -> bool {
-    head.patch
-        .as_deref()
-        .is_some_and(|p| p.windows(9).any(|w| w == b"\"default\""))
 }
 
 fn candidate(row: &sqlx::sqlite::SqliteRow) -> Result<CandidateRow, sqlx::Error> {
