@@ -283,6 +283,34 @@ async fn stop(daemons: &mut [Daemon]) -> anyhow::Result<(f64, f64, f64, f64)> {
     Ok((claim_sum, claim_n, rec_sum, rec_n))
 }
 
+/// Every row of a claimed batch answered `ok`: what the bookkeeping loops record.
+fn all_succeeded(b: &prism_sync::store::LeasedBatch) -> FinishBatch {
+    FinishBatch {
+        batch_id: b.id,
+        owner: "bench".into(),
+        end: BatchEnd::Done,
+        rows: b
+            .items
+            .iter()
+            .flat_map(|i| i.rows.iter())
+            .map(|id| RowUpdate {
+                id: *id,
+                state: RowState::Succeeded,
+                code: None,
+                message: None,
+                retry_in: 0.0,
+            })
+            .collect(),
+        children: Vec::new(),
+        lease: Duration::from_secs(60),
+        attempt: AttemptRecord {
+            http_status: Some(200),
+            outcome: "answered".into(),
+            ..Default::default()
+        },
+    }
+}
+
 /// The same claim → store → record statements as the daemon, with no HTTP: every item answered
 /// `ok` at once. Like the daemon, it claims `max_in_flight` batches at a time, records a claim's
 /// batches in one transaction, and overlaps the next claim with the previous outcome write.
@@ -307,34 +335,7 @@ async fn bookkeeping_limit(
             .await
     };
     let ends = |claimed: &prism_sync::store::ClaimOutcome| -> Vec<FinishBatch> {
-        claimed
-            .batches
-            .iter()
-            .map(|b| FinishBatch {
-                batch_id: b.id,
-                owner: "bench".into(),
-                end: BatchEnd::Done,
-                rows: b
-                    .items
-                    .iter()
-                    .flat_map(|i| i.rows.iter())
-                    .map(|id| RowUpdate {
-                        id: *id,
-                        state: RowState::Succeeded,
-                        code: None,
-                        message: None,
-                        retry_in: 0.0,
-                    })
-                    .collect(),
-                children: Vec::new(),
-                lease: Duration::from_secs(60),
-                attempt: AttemptRecord {
-                    http_status: Some(200),
-                    outcome: "answered".into(),
-                    ..Default::default()
-                },
-            })
-            .collect()
+        claimed.batches.iter().map(all_succeeded).collect()
     };
     let started = Instant::now();
     let mut rows = 0;
@@ -602,30 +603,8 @@ async fn claim_cost(db: Db, finished: usize) -> anyhow::Result<f64> {
             })
             .await?;
         times.push(started.elapsed().as_secs_f64() * 1000.0);
-        for b in claimed.batches {
-            let rows = b
-                .items
-                .iter()
-                .flat_map(|i| i.rows.iter())
-                .map(|id| RowUpdate {
-                    id: *id,
-                    state: RowState::Succeeded,
-                    code: None,
-                    message: None,
-                    retry_in: 0.0,
-                })
-                .collect();
-            store
-                .finish_batch(&FinishBatch {
-                    batch_id: b.id,
-                    owner: "bench".into(),
-                    end: BatchEnd::Done,
-                    rows,
-                    children: vec![],
-                    lease: Duration::from_secs(60),
-                    attempt: AttemptRecord::default(),
-                })
-                .await?;
+        for b in &claimed.batches {
+            store.finish_batch(&all_succeeded(b)).await?;
         }
     }
     times.sort_by(f64::total_cmp);
