@@ -431,7 +431,7 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
             took.as_secs_f64()
         );
         println!("  ratio:   daemon ÷ limit = {:.2}", rate / limit);
-        limit_store_close(limit_store).await;
+        store_close(limit_store).await;
         limit_db.drop_pg().await;
     }
     store_close(store).await;
@@ -444,10 +444,6 @@ async fn store_close(store: Store) {
         StoreKind::Sqlite(p) => p.close().await,
         StoreKind::Postgres(p) => p.close().await,
     }
-}
-
-async fn limit_store_close(store: Store) {
-    store_close(store).await
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

@@ -69,7 +69,6 @@ pub async fn run(
     if !options.no_migrate {
         store.migrate().await.context("applying migrations")?;
     }
-    health.set_migrations_ok(store.migrations_current().await.unwrap_or(false));
     telemetry::metrics_handle();
     let background = shutdown.child_token();
     let mut tasks = tokio::task::JoinSet::new();

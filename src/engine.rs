@@ -608,7 +608,6 @@ async fn send_and_settle(
                 retry_after,
                 slow_everyone,
             } => {
-                Health::count(&shared.health.send_failures, 1);
                 let next = u32::try_from(batch.attempts).unwrap_or(0).saturating_add(1);
                 let delay = match retry_after {
                     Some(d) => shared.client.cap_delay(d),
@@ -844,7 +843,6 @@ fn settle_answer(
             Health::count(&shared.health.rows_succeeded, ok);
             Health::count(&shared.health.rows_retried, retried);
             Health::count(&shared.health.rows_dead, dead);
-            Health::count(&shared.health.batches_answered, 1);
             debug!(
                 items,
                 rows_succeeded = ok,

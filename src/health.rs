@@ -10,13 +10,10 @@ pub struct Health {
     last_tick_ms: AtomicU64,
     db_ok: AtomicBool,
     credentials_refused: AtomicBool,
-    migrations_ok: AtomicBool,
     pub rows_succeeded: AtomicU64,
     pub rows_retried: AtomicU64,
     pub rows_dead: AtomicU64,
-    pub batches_answered: AtomicU64,
     pub sends: AtomicU64,
-    pub send_failures: AtomicU64,
 }
 
 fn now_ms() -> u64 {
@@ -56,14 +53,6 @@ impl Health {
 
     pub fn credentials_refused(&self) -> bool {
         self.credentials_refused.load(Ordering::Relaxed)
-    }
-
-    pub fn set_migrations_ok(&self, ok: bool) {
-        self.migrations_ok.store(ok, Ordering::Relaxed);
-    }
-
-    pub fn migrations_ok(&self) -> bool {
-        self.migrations_ok.load(Ordering::Relaxed)
     }
 
     pub fn count(counter: &AtomicU64, n: u64) {

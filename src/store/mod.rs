@@ -36,22 +36,6 @@ pub enum StoreError {
     Invalid(String),
 }
 
-impl StoreError {
-    /// Whether the error says the database is unreachable (worth waiting for), rather than
-    /// that a statement is wrong.
-    pub fn is_connectivity(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Db(
-                sqlx::Error::Io(_)
-                    | sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::Tls(_)
-            )
-        ) || matches!(self, StoreError::Db(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08") || c == "5" || c == "6" || c == "517" || c == "261"))
-    }
-}
-
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// What a claim may take.
