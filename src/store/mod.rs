@@ -284,6 +284,19 @@ pub enum StoreKind<'a> {
     Postgres(&'a sqlx::PgPool),
 }
 
+/// `(text, count)` pairs, such as counts by state or by error code, from either engine.
+pub(crate) fn text_counts<'r, R>(rows: &'r [R]) -> Result<Vec<(String, i64)>, sqlx::Error>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+}
+
 /// A database URL with any password replaced, for messages.
 pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {

@@ -433,20 +433,14 @@ impl PgStore {
         let rows = sqlx::query("SELECT state, count(*) FROM prism_outbox GROUP BY state")
             .fetch_all(&self.pool)
             .await?;
-        g.rows_by_state = rows
-            .iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-            .collect::<Result<_, sqlx::Error>>()?;
+        g.rows_by_state = super::text_counts(&rows)?;
         let rows = sqlx::query(
             "SELECT COALESCE(last_error_code, 'unknown'), count(*) FROM prism_outbox
              WHERE state = 'dead' GROUP BY 1 ORDER BY 2 DESC",
         )
         .fetch_all(&self.pool)
         .await?;
-        g.dead_by_code = rows
-            .iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-            .collect::<Result<_, sqlx::Error>>()?;
+        g.dead_by_code = super::text_counts(&rows)?;
         let row = sqlx::query(
             "SELECT
                (SELECT COALESCE(extract(epoch FROM now() - min(t)), 0)::float8 FROM (
