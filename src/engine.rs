@@ -135,9 +135,16 @@ impl Shared {
     /// Records a batch's end durably; `Some(false)` when the batch is no longer ours, `None`
     /// when the database could not be written (the batch stays stored and is re-sent later).
     async fn record(&self, f: FinishBatch) -> Option<bool> {
+        self.queue_record(f).await.ok().flatten()
+    }
+
+    /// Queues a batch's end for the recorder at once (so a draining engine still writes it)
+    /// and returns where its result will arrive.
+    fn queue_record(&self, f: FinishBatch) -> oneshot::Receiver<Option<bool>> {
         let (reply, answer) = oneshot::channel();
-        self.recorder.send((f, reply)).ok()?;
-        answer.await.ok().flatten()
+        // A closed recorder drops `reply`, and the receiver then reads as "not written".
+        let _ = self.recorder.send((f, reply));
+        answer
     }
 }
 
@@ -802,9 +809,12 @@ async fn record_answer(
             ItemOutcome::Succeeded => None,
         })
         .collect();
+    // Queued before this worker returns: the recorder drains its queue before the engine stops,
+    // so an answered batch is recorded even when SIGTERM arrives meanwhile.
+    let started = Instant::now();
+    let answer = shared.queue_record(f);
     let settle = async move {
-        let started = Instant::now();
-        let written = shared.record(f).await;
+        let written = answer.await.ok().flatten();
         metrics::histogram!("prism_sync_db_duration_seconds", "op" => "record")
             .record(started.elapsed().as_secs_f64());
         settle_answer(&shared, written, items, (ok, retried, dead), codes);
