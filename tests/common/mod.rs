@@ -484,3 +484,23 @@ pub async fn verb(
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Postgres: waits until every row is below the visibility watermark (claimable). SQLite has none.
+pub async fn wait_below_watermark(store: &Store) {
+    let StoreKind::Postgres(p) = store.sqlx_kind() else {
+        return;
+    };
+    for _ in 0..500 {
+        let below: bool = sqlx::query_scalar(
+            "SELECT COALESCE(max(txid) < pg_snapshot_xmin(pg_current_snapshot()), true) FROM prism_outbox",
+        )
+        .fetch_one(p)
+        .await
+        .expect("watermark");
+        if below {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("rows stayed above the visibility watermark for 10 s");
+}
