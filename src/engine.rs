@@ -33,20 +33,6 @@ use crate::store::{
     StoreError,
 };
 
-/// Kills the process on the spot when the named failpoint is armed (fault-suite builds only):
-/// the closest thing to `kill -9` at an exact phase boundary.
-macro_rules! crash_point {
-    ($name:literal) => {
-        #[cfg(feature = "failpoints")]
-        {
-            if fail::eval($name, |_| ()).is_some() {
-                eprintln!(concat!("failpoint ", $name, ": aborting"));
-                std::process::abort();
-            }
-        }
-    };
-}
-
 /// Everything the loop needs from the settings, resolved once.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {

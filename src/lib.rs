@@ -12,6 +12,23 @@
 //! - [`engine`]: the daemon loop tying these together.
 //! - [`sim`]: the Micro API simulator used by tests, the demo and benchmarks.
 
+/// Kills the process on the spot when the named failpoint is armed (fault-suite builds only, with
+/// `--features failpoints` and `FAILPOINTS=name=return`): the closest thing to `kill -9` at an
+/// exact phase boundary. Points: `after_claim`, `before_send`, `after_response`,
+/// `before_outcomes`, `mid_outcomes` (outcome rows written, transaction not committed),
+/// `after_outcomes`.
+macro_rules! crash_point {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        {
+            if fail::eval($name, |_| ()).is_some() {
+                eprintln!(concat!("failpoint ", $name, ": aborting"));
+                std::process::abort();
+            }
+        }
+    };
+}
+
 pub mod backoff;
 pub mod batch;
 pub mod classify;

@@ -345,6 +345,7 @@ impl PgStore {
         for f in batches {
             written.push(finish_one(&mut tx, f).await?);
         }
+        crash_point!("mid_outcomes");
         tx.commit().await?;
         Ok(written)
     }

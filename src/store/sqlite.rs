@@ -322,6 +322,7 @@ impl SqliteStore {
         for f in batches {
             written.push(finish_one(&mut tx, f).await?);
         }
+        crash_point!("mid_outcomes");
         tx.commit().await?;
         Ok(written)
     }
