@@ -14,12 +14,12 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use prism_sync::batch::PlanLimits;
+use prism_sync::batch::{PlanLimits, TeamSet};
 use prism_sync::model::RowState;
 use prism_sync::ops::enqueue::{Change, insert};
 use prism_sync::sim::{FaultProfile, SimConfig, SimHandle, Simulator};
 use prism_sync::store::{
-    AttemptRecord, BatchEnd, ClaimRequest, FinishBatch, RowUpdate, Store, StoreKind,
+    AttemptRecord, BatchEnd, ClaimRequest, FinishBatch, Lane, RowUpdate, Store, StoreKind,
 };
 use uuid::Uuid;
 
@@ -165,7 +165,7 @@ async fn unfinished(store: &Store) -> anyhow::Result<i64> {
     Ok(match store.sqlx_kind() {
         StoreKind::Sqlite(p) => {
             let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM prism_outbox INDEXED BY prism_outbox_active WHERE state IN ('pending', 'retrying')",
+                "SELECT count(*) FROM prism_outbox INDEXED BY prism_outbox_lane WHERE state IN ('pending', 'retrying')",
             )
             .fetch_one(p)
             .await?;
@@ -324,6 +324,8 @@ async fn bookkeeping_limit(
         max_coalesce: 100,
         max_patch_bytes: 256 * 1024,
     };
+    let lanes = Lane::all_of([""]);
+    let teams = TeamSet::new([]);
     let claim = || async {
         store
             .claim(&ClaimRequest {
@@ -331,6 +333,9 @@ async fn bookkeeping_limit(
                 lease: Duration::from_secs(60),
                 max_records: 100 * max_in_flight,
                 limits,
+                lanes: &lanes,
+                teams: &teams,
+                strays: false,
             })
             .await
     };
@@ -587,6 +592,8 @@ async fn claim_cost(db: Db, finished: usize) -> anyhow::Result<f64> {
         max_coalesce: 100,
         max_patch_bytes: 256 * 1024,
     };
+    let lanes = Lane::all_of([""]);
+    let teams = TeamSet::new([]);
     let mut times = Vec::new();
     for _ in 0..150 {
         let started = Instant::now();
@@ -596,6 +603,9 @@ async fn claim_cost(db: Db, finished: usize) -> anyhow::Result<f64> {
                 lease: Duration::from_secs(60),
                 max_records: 100,
                 limits,
+                lanes: &lanes,
+                teams: &teams,
+                strays: false,
             })
             .await?;
         times.push(started.elapsed().as_secs_f64() * 1000.0);

@@ -9,7 +9,9 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::model::{ObjectType, codes};
+use std::collections::BTreeSet;
+
+use crate::model::{ObjectType, Operation, codes};
 
 /// A row as read from the outbox, before anything is trusted about it.
 #[derive(Debug, Clone)]
@@ -20,6 +22,10 @@ pub struct CandidateRow {
     /// `None` when the patch is larger than the configured limit (the store does not read it).
     pub patch: Option<Vec<u8>>,
     pub object_type: Vec<u8>,
+    /// `update` or `delete` as stored.
+    pub operation: Vec<u8>,
+    /// The team as stored: `''` is the configured default team.
+    pub team_id: Vec<u8>,
     pub attempts: i32,
     /// Whether a later waiting row of the same record exists (heads only; followers are looked
     /// up only for heads that have one).
@@ -30,10 +36,31 @@ impl CandidateRow {
     /// A cheap superset test for "the patch may be `default`-only", so that the stores look up a
     /// head's followers only when they could merge.
     pub fn may_coalesce(&self) -> bool {
-        self.patch
-            .as_deref()
-            .is_some_and(|p| p.windows(9).any(|w| w == b"\"default\""))
+        self.operation == b"update"
+            && self
+                .patch
+                .as_deref()
+                .is_some_and(|p| p.windows(9).any(|w| w == b"\"default\""))
     }
+}
+
+/// Takes up to `max` rows from several lanes' candidate lists (each in `id` order), one from
+/// each lane in turn, so that a backlog in one lane does not crowd out the others.
+pub fn fair_share(lanes: Vec<Vec<CandidateRow>>, max: usize) -> Vec<CandidateRow> {
+    let total: usize = lanes.iter().map(Vec::len).sum();
+    let mut taken = Vec::with_capacity(total.min(max));
+    let mut lanes: Vec<std::vec::IntoIter<CandidateRow>> =
+        lanes.into_iter().map(Vec::into_iter).collect();
+    while taken.len() < max && !lanes.is_empty() {
+        lanes.retain_mut(|lane| match lane.next() {
+            Some(row) if taken.len() < max => {
+                taken.push(row);
+                true
+            }
+            _ => false,
+        });
+    }
+    taken
 }
 
 /// A claimed record: its oldest active row and the pending rows after it, in `id` order.
@@ -67,7 +94,10 @@ pub struct BatchItem {
 pub struct NewBatch {
     pub id: Uuid,
     pub idempotency_key: String,
+    /// The team as stored in the outbox (`''`: the configured default team).
+    pub team: String,
     pub object_type: ObjectType,
+    pub operation: Operation,
     pub body: Vec<u8>,
     pub items: Vec<BatchItem>,
 }
@@ -97,6 +127,27 @@ pub struct PlanLimits {
     pub max_patch_bytes: usize,
 }
 
+/// The `team_id` values a claim may send: `''` (the configured default team), the default team's
+/// own id, and every team with a `[teams."<id>"]` entry. Rows of any other team go dead.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TeamSet(BTreeSet<String>);
+
+impl TeamSet {
+    pub fn new<I: IntoIterator<Item = String>>(teams: I) -> TeamSet {
+        let mut set: BTreeSet<String> = teams.into_iter().collect();
+        set.insert(String::new());
+        TeamSet(set)
+    }
+
+    pub fn contains(&self, team: &str) -> bool {
+        self.0.contains(team)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Plan {
     pub dead: Vec<DeadRow>,
@@ -106,16 +157,48 @@ pub struct Plan {
 /// A row that passed validation.
 struct ValidRow {
     record_id: Uuid,
+    team: String,
     object_type: ObjectType,
+    operation: Operation,
+    /// Empty for a delete (its patch is never sent).
     patch: Map<String, Value>,
 }
 
-fn validate(row: &CandidateRow, max_patch_bytes: usize) -> Result<ValidRow, DeadRow> {
+fn validate(
+    row: &CandidateRow,
+    max_patch_bytes: usize,
+    teams: &TeamSet,
+) -> Result<ValidRow, DeadRow> {
     let dead = |code, message: String| DeadRow {
         id: row.id,
         code,
         message,
     };
+    let operation = std::str::from_utf8(&row.operation)
+        .ok()
+        .and_then(|s| s.parse::<Operation>().ok())
+        .ok_or_else(|| {
+            dead(
+                codes::INVALID_OPERATION,
+                format!(
+                    "operation {:?} is not update or delete",
+                    truncate(&String::from_utf8_lossy(&row.operation), 64)
+                ),
+            )
+        })?;
+    let team = std::str::from_utf8(&row.team_id)
+        .ok()
+        .filter(|t| teams.contains(t))
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            dead(
+                codes::UNKNOWN_TEAM,
+                format!(
+                    "team_id {:?} has no [teams.\"<id>\"] entry (and is not micro.team_id): no API key to send it with",
+                    truncate(&String::from_utf8_lossy(&row.team_id), 64)
+                ),
+            )
+        })?;
     let object_type = std::str::from_utf8(&row.object_type)
         .ok()
         .and_then(|s| s.parse::<ObjectType>().ok())
@@ -140,6 +223,16 @@ fn validate(row: &CandidateRow, max_patch_bytes: usize) -> Result<ValidRow, Dead
                 ),
             )
         })?;
+    if operation == Operation::Delete {
+        // A delete sends only the record id; whatever the patch column holds is not read.
+        return Ok(ValidRow {
+            record_id,
+            team,
+            object_type,
+            operation,
+            patch: Map::new(),
+        });
+    }
     let Some(bytes) = row.patch.as_deref() else {
         return Err(dead(
             codes::PATCH_TOO_LARGE,
@@ -179,7 +272,9 @@ fn validate(row: &CandidateRow, max_patch_bytes: usize) -> Result<ValidRow, Dead
     }
     Ok(ValidRow {
         record_id,
+        team,
         object_type,
+        operation,
         patch,
     })
 }
@@ -219,19 +314,20 @@ struct ItemBody<'a> {
 }
 
 struct PlannedItem {
-    object_type: ObjectType,
+    lane: (String, ObjectType, Operation),
     item: BatchItem,
     patch: Map<String, Value>,
 }
 
-/// Turns claimed record chains (in head `id` order) into dead rows and batches of at most
-/// `batch_size` items of one object type. Heads that are malformed go dead and their followers
-/// wait for the next claim; a follower joins its head only while both are `default`-only.
-pub fn plan_batches(chains: Vec<RecordChain>, limits: PlanLimits) -> Plan {
+/// Turns claimed record chains into dead rows and batches of at most `batch_size` items of one
+/// team, object type and operation. Heads that are malformed go dead and their followers wait
+/// for the next claim; a follower joins its head only while both are `default`-only updates of
+/// the same team and type (a delete is never merged with anything).
+pub fn plan_batches(chains: Vec<RecordChain>, limits: PlanLimits, teams: &TeamSet) -> Plan {
     let mut plan = Plan::default();
     let mut items: Vec<PlannedItem> = Vec::with_capacity(chains.len());
     for chain in chains {
-        let head = match validate(&chain.head, limits.max_patch_bytes) {
+        let head = match validate(&chain.head, limits.max_patch_bytes, teams) {
             Ok(head) => head,
             Err(dead) => {
                 plan.dead.push(dead);
@@ -241,15 +337,20 @@ pub fn plan_batches(chains: Vec<RecordChain>, limits: PlanLimits) -> Plan {
         let mut rows = vec![chain.head.id];
         let mut attempts = chain.head.attempts;
         let mut patch = head.patch;
-        if limits.coalesce && default_only(&patch).is_some() {
+        if limits.coalesce && head.operation == Operation::Update && default_only(&patch).is_some()
+        {
             for follower in &chain.followers {
                 if rows.len() >= limits.max_coalesce {
                     break;
                 }
-                let Ok(next) = validate(follower, limits.max_patch_bytes) else {
+                let Ok(next) = validate(follower, limits.max_patch_bytes, teams) else {
                     break;
                 };
-                if next.object_type != head.object_type || next.record_id != head.record_id {
+                if next.object_type != head.object_type
+                    || next.record_id != head.record_id
+                    || next.team != head.team
+                    || next.operation != Operation::Update
+                {
                     break;
                 }
                 let Some(later) = default_only(&next.patch) else {
@@ -265,7 +366,7 @@ pub fn plan_batches(chains: Vec<RecordChain>, limits: PlanLimits) -> Plan {
             }
         }
         items.push(PlannedItem {
-            object_type: head.object_type,
+            lane: (head.team, head.object_type, head.operation),
             item: BatchItem {
                 record_id: head.record_id,
                 rows,
@@ -274,58 +375,92 @@ pub fn plan_batches(chains: Vec<RecordChain>, limits: PlanLimits) -> Plan {
             patch,
         });
     }
-    for object_type in ObjectType::ALL {
-        let of_type: Vec<&PlannedItem> = items
-            .iter()
-            .filter(|i| i.object_type == object_type)
-            .collect();
-        for chunk in of_type.chunks(limits.batch_size.max(1)) {
-            plan.batches.push(build_batch(object_type, chunk));
+    // Lanes in order of their first item, items within a lane in claim order.
+    type LaneItems<'p> = (&'p (String, ObjectType, Operation), Vec<&'p PlannedItem>);
+    let mut lanes: Vec<LaneItems<'_>> = Vec::new();
+    for item in &items {
+        match lanes.iter_mut().find(|(lane, _)| **lane == item.lane) {
+            Some((_, of_lane)) => of_lane.push(item),
+            None => lanes.push((&item.lane, vec![item])),
+        }
+    }
+    for ((team, object_type, operation), of_lane) in lanes {
+        for chunk in of_lane.chunks(limits.batch_size.max(1)) {
+            plan.batches
+                .push(build_batch(team, *object_type, *operation, chunk));
         }
     }
     plan
 }
 
-fn build_batch(object_type: ObjectType, items: &[&PlannedItem]) -> NewBatch {
+fn build_batch(
+    team: &str,
+    object_type: ObjectType,
+    operation: Operation,
+    items: &[&PlannedItem],
+) -> NewBatch {
     #[derive(Serialize)]
-    struct Body<'a> {
+    struct Updates<'a> {
         items: Vec<ItemBody<'a>>,
     }
-    let body = Body {
-        items: items
-            .iter()
-            .map(|i| ItemBody {
-                id: i.item.record_id,
-                patch: &i.patch,
-            })
-            .collect(),
+    #[derive(Serialize)]
+    struct Deletes {
+        ids: Vec<Uuid>,
+    }
+    let body = match operation {
+        Operation::Update => serde_json::to_vec(&Updates {
+            items: items
+                .iter()
+                .map(|i| ItemBody {
+                    id: i.item.record_id,
+                    patch: &i.patch,
+                })
+                .collect(),
+        }),
+        Operation::Delete => serde_json::to_vec(&Deletes {
+            ids: items.iter().map(|i| i.item.record_id).collect(),
+        }),
     };
     NewBatch {
         id: Uuid::now_v7(),
         idempotency_key: format!("prism-sync-{}", Uuid::new_v4()),
+        team: team.to_owned(),
         object_type,
-        body: serde_json::to_vec(&body).expect("a JSON map serialises"),
+        operation,
+        body: body.expect("a JSON map serialises"),
         items: items.iter().map(|i| i.item.clone()).collect(),
     }
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("stored batch body is not {{\"items\": [...]}}: {0}")]
+#[error("stored batch body is not {{\"items\": [...]}} or {{\"ids\": [...]}}: {0}")]
 pub struct BodyError(String);
+
+/// What a stored batch is, beyond its bytes and items: needed to rebuild halves of it.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchShape<'a> {
+    pub team: &'a str,
+    pub object_type: ObjectType,
+    pub operation: Operation,
+}
 
 /// Splits a stored batch in two halves under new ids and keys, keeping each item's exact bytes
 /// (used to bisect a batch the API rejected whole). `None` for a batch of one item.
 pub fn split_batch(
-    object_type: ObjectType,
+    shape: BatchShape<'_>,
     body: &[u8],
     items: &[BatchItem],
 ) -> Result<Option<[NewBatch; 2]>, BodyError> {
     #[derive(Deserialize)]
     struct Stored<'a> {
-        #[serde(borrow)]
+        #[serde(borrow, alias = "ids")]
         items: Vec<&'a RawValue>,
     }
     let stored: Stored<'_> = serde_json::from_slice(body).map_err(|e| BodyError(e.to_string()))?;
+    let field: &[u8] = match shape.operation {
+        Operation::Update => b"{\"items\":[",
+        Operation::Delete => b"{\"ids\":[",
+    };
     if stored.items.len() != items.len() {
         return Err(BodyError(format!(
             "{} items in the body but {} in the batch's row map",
@@ -340,7 +475,7 @@ pub fn split_batch(
     let half = |raw: &[&RawValue], its: &[BatchItem]| {
         let mut body =
             Vec::with_capacity(raw.iter().map(|r| r.get().len() + 1).sum::<usize>() + 12);
-        body.extend_from_slice(b"{\"items\":[");
+        body.extend_from_slice(field);
         for (i, r) in raw.iter().enumerate() {
             if i > 0 {
                 body.push(b',');
@@ -351,7 +486,9 @@ pub fn split_batch(
         NewBatch {
             id: Uuid::now_v7(),
             idempotency_key: format!("prism-sync-{}", Uuid::new_v4()),
-            object_type,
+            team: shape.team.to_owned(),
+            object_type: shape.object_type,
+            operation: shape.operation,
             body,
             items: its.to_vec(),
         }
@@ -381,8 +518,22 @@ mod tests {
             record_id_raw: record.as_bytes().to_vec(),
             patch: Some(patch.as_bytes().to_vec()),
             object_type: b"contact".to_vec(),
+            operation: b"update".to_vec(),
+            team_id: Vec::new(),
             attempts: 0,
             has_later: true,
+        }
+    }
+
+    fn plan(chains: Vec<RecordChain>, limits: PlanLimits) -> Plan {
+        plan_batches(chains, limits, &TeamSet::new([]))
+    }
+
+    fn shape(b: &NewBatch) -> BatchShape<'_> {
+        BatchShape {
+            team: &b.team,
+            object_type: b.object_type,
+            operation: b.operation,
         }
     }
 
@@ -399,7 +550,7 @@ mod tests {
 
     #[test]
     fn default_only_changes_of_one_record_merge_and_later_keys_win() {
-        let plan = plan_batches(
+        let plan = plan(
             vec![chain(
                 row(1, A, r#"{"default":{"email":"a@x","name":"A"}}"#),
                 vec![
@@ -420,7 +571,7 @@ mod tests {
 
     #[test]
     fn a_change_with_list_is_never_merged_and_stops_the_chain() {
-        let plan = plan_batches(
+        let plan = plan(
             vec![chain(
                 row(1, A, r#"{"default":{"email":"a@x"}}"#),
                 vec![
@@ -473,7 +624,7 @@ mod tests {
             } else {
                 limits
             };
-            let plan = plan_batches(vec![chain(candidate, vec![])], limits);
+            let plan = plan(vec![chain(candidate, vec![])], limits);
             assert!(plan.batches.is_empty(), "row {id} was batched");
             assert_eq!(
                 plan.dead[0].code, code,
@@ -490,7 +641,7 @@ mod tests {
             max_patch_bytes: 1 << 20,
             ..LIMITS
         };
-        let plan = plan_batches(vec![chain(row(1, A, &deep), vec![])], limits);
+        let plan = plan(vec![chain(row(1, A, &deep), vec![])], limits);
         assert_eq!(plan.dead[0].code, codes::INVALID_PATCH);
     }
 
@@ -504,7 +655,7 @@ mod tests {
             }
             chains.push(chain(r, vec![]));
         }
-        let plan = plan_batches(
+        let plan = plan(
             chains,
             PlanLimits {
                 batch_size: 2,
@@ -529,7 +680,7 @@ mod tests {
 
     #[test]
     fn bisection_keeps_each_items_exact_bytes() {
-        let plan = plan_batches(
+        let plan = plan(
             vec![
                 chain(row(1, A, r#"{"default":{"z":1,"a":2}}"#), vec![]),
                 chain(row(2, B, r#"{"list":{"t":[1]}}"#), vec![]),
@@ -537,7 +688,7 @@ mod tests {
             LIMITS,
         );
         let batch = &plan.batches[0];
-        let [left, right] = split_batch(batch.object_type, &batch.body, &batch.items)
+        let [left, right] = split_batch(shape(batch), &batch.body, &batch.items)
             .unwrap()
             .unwrap();
         assert_eq!(left.items, batch.items[..1]);
@@ -550,10 +701,131 @@ mod tests {
         assert_eq!(joined.as_bytes(), batch.body.as_slice());
         assert_ne!(left.idempotency_key, batch.idempotency_key);
         assert!(
-            split_batch(left.object_type, &left.body, &left.items)
+            split_batch(shape(&left), &left.body, &left.items)
                 .unwrap()
                 .is_none()
         );
+    }
+
+    fn op(mut r: CandidateRow, operation: &str, team: &str) -> CandidateRow {
+        r.operation = operation.as_bytes().to_vec();
+        r.team_id = team.as_bytes().to_vec();
+        r
+    }
+
+    #[test]
+    fn a_delete_is_never_merged_with_the_updates_around_it() {
+        let updates = plan(
+            vec![chain(
+                row(1, A, r#"{"default":{"email":"a@x"}}"#),
+                vec![
+                    row(2, A, r#"{"default":{"email":"b@x"}}"#),
+                    op(row(3, A, "{}"), "delete", ""),
+                    row(4, A, r#"{"default":{"email":"c@x"}}"#),
+                ],
+            )],
+            LIMITS,
+        );
+        assert_eq!(updates.batches.len(), 1);
+        assert_eq!(updates.batches[0].items[0].rows, vec![1, 2]);
+        let deletes = plan(
+            vec![chain(
+                op(row(3, A, "not even json"), "delete", ""),
+                vec![
+                    op(row(4, A, "{}"), "delete", ""),
+                    row(5, A, r#"{"default":{}}"#),
+                ],
+            )],
+            LIMITS,
+        );
+        assert!(deletes.dead.is_empty(), "a delete's patch is not read");
+        let batch = &deletes.batches[0];
+        assert_eq!(batch.operation, Operation::Delete);
+        assert_eq!(batch.items[0].rows, vec![3]);
+        assert_eq!(body(batch), json!({"ids": [A]}));
+    }
+
+    #[test]
+    fn batches_never_mix_teams_or_operations_and_unknown_ones_go_dead() {
+        const T: &str = "7d1e2c4a-0000-4000-8000-000000000002";
+        let teams = TeamSet::new([T.to_owned()]);
+        let plan = plan_batches(
+            vec![
+                chain(row(1, A, r#"{"default":{}}"#), vec![]),
+                chain(op(row(2, B, "{}"), "update", T), vec![]),
+                chain(
+                    op(row(3, &Uuid::new_v4().to_string(), "{}"), "delete", T),
+                    vec![],
+                ),
+                chain(
+                    op(row(4, &Uuid::new_v4().to_string(), "{}"), "upsert", ""),
+                    vec![],
+                ),
+                chain(
+                    op(
+                        row(5, &Uuid::new_v4().to_string(), "{}"),
+                        "update",
+                        "other-team",
+                    ),
+                    vec![],
+                ),
+            ],
+            LIMITS,
+            &teams,
+        );
+        let lanes: Vec<(&str, Operation, usize)> = plan
+            .batches
+            .iter()
+            .map(|b| (b.team.as_str(), b.operation, b.items.len()))
+            .collect();
+        assert_eq!(
+            lanes,
+            [
+                ("", Operation::Update, 1),
+                (T, Operation::Update, 1),
+                (T, Operation::Delete, 1)
+            ]
+        );
+        let dead: Vec<(i64, &str)> = plan.dead.iter().map(|d| (d.id, d.code)).collect();
+        assert_eq!(
+            dead,
+            [(4, codes::INVALID_OPERATION), (5, codes::UNKNOWN_TEAM)]
+        );
+    }
+
+    #[test]
+    fn bisecting_a_delete_batch_keeps_its_shape() {
+        let chains = (0..3)
+            .map(|i| {
+                chain(
+                    op(row(i, &Uuid::new_v4().to_string(), "{}"), "delete", ""),
+                    vec![],
+                )
+            })
+            .collect();
+        let plan = plan(chains, LIMITS);
+        let batch = &plan.batches[0];
+        let [left, right] = split_batch(shape(batch), &batch.body, &batch.items)
+            .unwrap()
+            .unwrap();
+        assert_eq!(left.operation, Operation::Delete);
+        let ids = |b: &NewBatch| body(b)["ids"].as_array().unwrap().len();
+        assert_eq!((ids(&left), ids(&right)), (1, 2));
+        assert_eq!(right.items, batch.items[1..]);
+    }
+
+    #[test]
+    fn fair_share_takes_from_every_lane_in_turn() {
+        let lane = |from: i64, n: i64| (from..from + n).map(|i| row(i, A, "{}")).collect();
+        let ids = |rows: Vec<CandidateRow>| rows.iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(fair_share(
+                vec![lane(1, 100), lane(500, 2), lane(900, 1)],
+                6
+            )),
+            [1, 500, 900, 2, 501, 3]
+        );
+        assert_eq!(ids(fair_share(vec![lane(1, 2), vec![]], 10)), [1, 2]);
     }
 
     proptest! {
@@ -571,7 +843,7 @@ mod tests {
                 };
                 row(i as i64 + 1, A, &p.to_string())
             }).collect();
-            let plan = plan_batches(vec![chain(rows[0].clone(), rows[1..].to_vec())], LIMITS);
+            let plan = plan(vec![chain(rows[0].clone(), rows[1..].to_vec())], LIMITS);
             let item = &plan.batches[0].items[0];
             let n = item.rows.len();
             prop_assert_eq!(&item.rows, &(1..=n as i64).collect::<Vec<_>>());

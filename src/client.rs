@@ -14,7 +14,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::classify::{self, Answer, Exchange, TransportFailure};
-use crate::model::ObjectType;
+use crate::model::{ObjectType, Operation};
 use crate::settings::HttpSettings;
 
 #[derive(Debug, thiserror::Error)]
@@ -102,11 +102,16 @@ impl MicroClient {
         })
     }
 
-    pub fn endpoint(&self, object_type: ObjectType) -> String {
+    pub fn endpoint(&self, object_type: ObjectType, operation: Operation) -> String {
         format!(
-            "{}/v2/prism/{}/{}/batch/update",
-            self.base_url, self.team_id, object_type
+            "{}/v2/prism/{}/{}/batch/{}",
+            self.base_url, self.team_id, object_type, operation
         )
+    }
+
+    /// The team this client sends for.
+    pub fn team_id(&self) -> &str {
+        &self.team_id
     }
 
     /// Caps a server-requested delay.
@@ -160,11 +165,23 @@ impl MicroClient {
         }
     }
 
-    /// Sends the stored bytes once. Never retries by itself: the caller records the outcome
-    /// durably first, then decides.
+    /// [`MicroClient::send_to`] for `batch/update`.
     pub async fn send(
         &self,
         object_type: ObjectType,
+        idempotency_key: &str,
+        body: Bytes,
+    ) -> Exchange {
+        self.send_to(object_type, Operation::Update, idempotency_key, body)
+            .await
+    }
+
+    /// Sends the stored bytes once to `batch/update` or `batch/delete`. Never retries by itself:
+    /// the caller records the outcome durably first, then decides.
+    pub async fn send_to(
+        &self,
+        object_type: ObjectType,
+        operation: Operation,
         idempotency_key: &str,
         body: Bytes,
     ) -> Exchange {
@@ -182,7 +199,7 @@ impl MicroClient {
         let started = Instant::now();
         let request = self
             .http
-            .post(self.endpoint(object_type))
+            .post(self.endpoint(object_type, operation))
             .header("x-api-key", key)
             .header("idempotency-key", idempotency_key)
             .header(CONTENT_TYPE, "application/json")
@@ -309,11 +326,15 @@ mod tests {
     }
 
     #[test]
-    fn the_endpoint_names_team_and_object_type() {
+    fn the_endpoint_names_team_object_type_and_operation() {
         let c = client("https://developers.micro.so/").unwrap();
         assert_eq!(
-            c.endpoint(ObjectType::Deal),
+            c.endpoint(ObjectType::Deal, Operation::Update),
             "https://developers.micro.so/v2/prism/team/deal/batch/update"
+        );
+        assert_eq!(
+            c.endpoint(ObjectType::Contact, Operation::Delete),
+            "https://developers.micro.so/v2/prism/team/contact/batch/delete"
         );
     }
 

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::client::MicroClient;
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::{Engine, EngineConfig, TeamClient};
 use crate::health::Health;
 use crate::settings::Settings;
 use crate::store::{Store, redact_url};
@@ -48,19 +48,50 @@ pub async fn connect_with_retry(
     }
 }
 
+/// One client per team: the default team from `micro.*`, then every `[teams."<id>"]` entry
+/// (its own key, concurrency and rate limit; the rest inherited).
+pub fn team_clients(settings: &Settings) -> anyhow::Result<Vec<TeamClient>> {
+    let default = MicroClient::new(
+        &settings.micro.base_url,
+        &settings.micro.team_id,
+        settings.micro.resolve_api_key()?,
+        &settings.http,
+    )
+    .context("configuring the Micro API client")?;
+    let mut clients = vec![TeamClient {
+        client: default,
+        max_in_flight: settings.sync.max_in_flight,
+        default: true,
+    }];
+    for (team, t) in &settings.teams {
+        if *team == settings.micro.team_id {
+            anyhow::bail!(
+                "[teams.\"{team}\"] names the default team (micro.team_id); configure it under [micro] instead"
+            );
+        }
+        let http = crate::settings::HttpSettings {
+            max_requests_per_second: t
+                .max_requests_per_second
+                .unwrap_or(settings.http.max_requests_per_second),
+            ..settings.http.clone()
+        };
+        let client = MicroClient::new(&settings.micro.base_url, team, t.resolve_api_key()?, &http)
+            .with_context(|| format!("configuring the Micro API client of team {team}"))?;
+        clients.push(TeamClient {
+            client,
+            max_in_flight: t.max_in_flight.unwrap_or(settings.sync.max_in_flight),
+            default: false,
+        });
+    }
+    Ok(clients)
+}
+
 pub async fn run(
     settings: Settings,
     options: RunOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let api_key = settings.micro.resolve_api_key()?;
-    let client = MicroClient::new(
-        &settings.micro.base_url,
-        &settings.micro.team_id,
-        api_key,
-        &settings.http,
-    )
-    .context("configuring the Micro API client")?;
+    let clients = team_clients(&settings)?;
     let health = Arc::new(Health::default());
     let watchdog = spawn_watchdog(health.clone(), settings.poll.interval, shutdown.clone());
     let Some(store) = connect_with_retry(&settings, &shutdown).await? else {
@@ -101,9 +132,9 @@ pub async fn run(
             background.clone(),
         ));
     }
-    let engine = Engine::new(
+    let engine = Engine::with_teams(
         store,
-        client,
+        clients,
         EngineConfig::from_settings(&settings),
         health,
     );

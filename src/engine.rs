@@ -9,7 +9,8 @@
 //! **Architecture invariant:** a batch's rows change state only through
 //! [`Store::finish_batches`], fenced on this process still holding the batch's lease.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,16 +22,16 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::backoff::RetryPolicy;
-use crate::batch::{self, PlanLimits};
+use crate::batch::{self, PlanLimits, TeamSet};
 use crate::classify::{self, Anomalies, BatchVerdict, CodePolicy, Exchange};
 use crate::client::MicroClient;
 use crate::concurrency::{AdaptiveLimit, Signal};
 use crate::health::Health;
-use crate::model::{ItemOutcome, RowState, codes};
-use crate::settings::Settings;
+use crate::model::{ItemOutcome, Operation, RowState, codes};
+use crate::settings::{Settings, TeamLabel};
 use crate::store::{
-    AttemptRecord, BatchEnd, ClaimRequest, DeferBatch, FinishBatch, LeasedBatch, RowUpdate, Store,
-    StoreError,
+    AttemptRecord, BatchEnd, ClaimRequest, DeferBatch, DueRequest, FinishBatch, Lane, LeasedBatch,
+    RowUpdate, Store, StoreError,
 };
 
 /// Everything the loop needs from the settings, resolved once.
@@ -48,6 +49,7 @@ pub struct EngineConfig {
     pub max_key_age: Duration,
     pub auth_probe_interval: Duration,
     pub grace_period: Duration,
+    pub team_label: TeamLabel,
 }
 
 impl EngineConfig {
@@ -76,6 +78,7 @@ impl EngineConfig {
             max_key_age: s.batch.max_key_age,
             auth_probe_interval: s.auth.probe_interval,
             grace_period: s.shutdown.grace_period,
+            team_label: s.telemetry.team_label,
         }
     }
 }
@@ -91,6 +94,61 @@ fn owner_name() -> String {
     format!("{host}:{}:{}", std::process::id(), &suffix[..8])
 }
 
+/// One Micro team the engine sends for: its client (key, rate limit, 429 pause) and how many
+/// of its batches may be on the wire at once.
+pub struct TeamClient {
+    pub client: MicroClient,
+    pub max_in_flight: usize,
+    /// The team is the default one (`micro.team_id`): rows with `team_id = ''` are its.
+    pub default: bool,
+}
+
+/// A team's lane through the engine: its own buffer and workers, concurrency limit and pause,
+/// so that one team's refused key or 429 storm holds back only that team.
+struct Team {
+    id: String,
+    /// The `team_id` values in the outbox that mean this team (`''` for the default team).
+    keys: Vec<String>,
+    client: MicroClient,
+    max_in_flight: usize,
+    concurrency: AdaptiveLimit,
+    /// The API refuses this team's key: only probes are sent.
+    refused: AtomicBool,
+    /// Batches of this team buffered or on the wire.
+    held: AtomicUsize,
+    queue: mpsc::UnboundedSender<LeasedBatch>,
+    /// The `team` label of the per-team metrics, when they are on.
+    label: Option<String>,
+}
+
+impl Team {
+    fn room(&self) -> usize {
+        self.max_in_flight
+            .saturating_sub(self.held.load(Ordering::Relaxed))
+    }
+
+    fn refused(&self) -> bool {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Counts rows by outcome per team and operation (when the team label is on).
+    fn count_items(&self, operation: Operation, outcome: &'static str, n: u64) {
+        if let Some(team) = &self.label {
+            metrics::counter!("prism_sync_team_items_total", "team" => team.clone(), "operation" => operation.as_str(), "outcome" => outcome)
+                .increment(n);
+        }
+    }
+
+    fn set_refused(&self, refused: bool, health: &Health, all: &[Arc<Team>]) {
+        self.refused.store(refused, Ordering::Relaxed);
+        if let Some(team) = &self.label {
+            metrics::gauge!("prism_sync_team_credentials_refused", "team" => team.clone())
+                .set(if refused { 1.0 } else { 0.0 });
+        }
+        health.set_credentials_refused(all.iter().any(|t| t.refused()));
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
@@ -99,7 +157,11 @@ pub enum EngineError {
 
 struct Shared {
     store: Store,
-    client: MicroClient,
+    teams: Vec<Arc<Team>>,
+    /// `team_id` value in the outbox → its team.
+    team_of: HashMap<String, Arc<Team>>,
+    /// Every `team_id` value a row may carry.
+    team_set: TeamSet,
     cfg: EngineConfig,
     health: Arc<Health>,
     /// Batches this process is working on; only these get their leases extended.
@@ -111,13 +173,15 @@ struct Shared {
     /// Answered batches whose outcome write is still queued: a worker hands the write to the
     /// recorder and goes on to its next batch, but no more than this many wait at once.
     record_slots: Arc<Semaphore>,
-    /// How many requests may be on the wire now (AIMD on the API's pushback).
-    concurrency: AdaptiveLimit,
 }
 
 type Recording = (FinishBatch, oneshot::Sender<Option<bool>>);
 
 impl Shared {
+    fn team(&self, batch: &LeasedBatch) -> Option<&Arc<Team>> {
+        self.team_of.get(&batch.team)
+    }
+
     /// Records a batch's end durably; `Some(false)` when the batch is no longer ours, `None`
     /// when the database could not be written (the batch stays stored and is re-sent later).
     async fn record(&self, f: FinishBatch) -> Option<bool> {
@@ -137,6 +201,8 @@ impl Shared {
 pub struct Engine {
     shared: Arc<Shared>,
     recordings: mpsc::UnboundedReceiver<Recording>,
+    /// Each team's buffer, in `shared.teams` order.
+    receivers: Vec<mpsc::UnboundedReceiver<LeasedBatch>>,
 }
 
 /// At most this many batch ends share one transaction.
@@ -198,27 +264,89 @@ fn code_label(cfg: &EngineConfig, code: &str) -> String {
 }
 
 impl Engine {
+    /// An engine for the default team only.
     pub fn new(
         store: Store,
         client: MicroClient,
         cfg: EngineConfig,
         health: Arc<Health>,
     ) -> Engine {
+        let max_in_flight = cfg.max_in_flight;
+        Engine::with_teams(
+            store,
+            vec![TeamClient {
+                client,
+                max_in_flight,
+                default: true,
+            }],
+            cfg,
+            health,
+        )
+    }
+
+    /// An engine for several teams; exactly one of them should be the default team.
+    pub fn with_teams(
+        store: Store,
+        clients: Vec<TeamClient>,
+        cfg: EngineConfig,
+        health: Arc<Health>,
+    ) -> Engine {
         let (recorder, recordings) = mpsc::unbounded_channel();
-        let cfg_in_flight = cfg.max_in_flight;
+        let labelled = cfg.team_label.enabled(clients.len());
+        let mut receivers = Vec::new();
+        let mut teams = Vec::new();
+        let mut team_of = HashMap::new();
+        for tc in clients {
+            let id = tc.client.team_id().to_owned();
+            let mut keys = vec![id.clone()];
+            if tc.default {
+                keys.insert(0, String::new());
+            }
+            let (queue, receiver) = mpsc::unbounded_channel();
+            let team = Arc::new(Team {
+                keys,
+                label: labelled.then(|| id.clone()),
+                id,
+                concurrency: AdaptiveLimit::new(tc.max_in_flight),
+                max_in_flight: tc.max_in_flight.max(1),
+                client: tc.client,
+                refused: AtomicBool::new(false),
+                held: AtomicUsize::new(0),
+                queue,
+            });
+            if let Some(label) = &team.label {
+                for outcome in ["succeeded", "retried", "dead"] {
+                    for operation in Operation::ALL {
+                        metrics::counter!("prism_sync_team_items_total", "team" => label.clone(), "operation" => operation.as_str(), "outcome" => outcome)
+                            .increment(0);
+                    }
+                }
+                metrics::gauge!("prism_sync_team_credentials_refused", "team" => label.clone())
+                    .set(0.0);
+            }
+            for key in &team.keys {
+                team_of.insert(key.clone(), team.clone());
+            }
+            receivers.push(receiver);
+            teams.push(team);
+        }
+        let team_set = TeamSet::new(team_of.keys().cloned());
+        let in_flight: usize = teams.iter().map(|t| t.max_in_flight).sum();
         Engine {
             shared: Arc::new(Shared {
                 store,
-                client,
+                teams,
+                team_of,
+                team_set,
                 cfg,
                 health,
                 active: Mutex::new(HashSet::new()),
                 wake: Notify::new(),
-                record_slots: Arc::new(Semaphore::new(2 * cfg_in_flight)),
-                concurrency: AdaptiveLimit::new(cfg_in_flight),
+                record_slots: Arc::new(Semaphore::new(2 * in_flight.max(1))),
                 recorder,
             }),
             recordings,
+            receivers,
         }
     }
 
@@ -249,61 +377,65 @@ impl Engine {
                 background.clone(),
             ));
         }
-        // `max_in_flight` workers take batches from a buffer the claimer keeps topped up. A
-        // worker that finishes a batch starts the next one at once, without waiting for a claim
-        // in progress; claims are large (up to `max_in_flight` batches) because the claimer
-        // refills only once the buffer is half empty. Buffered batches are leased and kept alive
-        // by the heartbeat like those on the wire.
-        let (work, queue) = mpsc::channel::<LeasedBatch>(cfg.max_in_flight);
-        let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        // Each team's workers (its `max_in_flight` of them) take batches from the team's buffer,
+        // which the claimer keeps topped up. A worker that finishes a batch starts the next one
+        // at once, without waiting for a claim in progress; claims are large (up to the free
+        // room of every team) because the claimer refills a team only once its buffer is half
+        // empty. Buffered batches are leased and kept alive by the heartbeat like those on the
+        // wire. A team whose key is refused, or whose buffer is full, is left out of claims.
         let mut workers: JoinSet<()> = JoinSet::new();
-        for _ in 0..cfg.max_in_flight {
-            workers.spawn(run_worker(shared.clone(), queue.clone(), shutdown.clone()));
+        for (team, receiver) in shared.teams.iter().zip(self.receivers) {
+            let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+            for _ in 0..team.max_in_flight {
+                workers.spawn(run_worker(
+                    shared.clone(),
+                    team.clone(),
+                    receiver.clone(),
+                    shutdown.clone(),
+                ));
+            }
         }
         let mut db_failures: u32 = 0;
+        let mut strays_due = Instant::now();
         loop {
             shared.health.tick();
             if shutdown.is_cancelled() {
                 break;
             }
-            let room = work.capacity();
-            let mut found = 0;
-            if room >= cfg.max_in_flight.div_ceil(2) {
-                match fill(&shared, room).await {
-                    Ok(batches) => {
-                        if db_failures > 0 {
-                            info!("database reachable again");
-                        }
-                        db_failures = 0;
-                        shared.health.set_db_ok(true);
-                        found = batches.len();
-                        for batch in batches {
-                            shared.active.lock().expect("active lock").insert(batch.id);
-                            // A claim may return a few more batches than there is room for
-                            // (one per object type): wait for a worker rather than drop them.
-                            if work.send(batch).await.is_err() {
-                                break;
-                            }
-                        }
+            let strays = Instant::now() >= strays_due;
+            let found = match fill(&shared, strays).await {
+                Ok(batches) => {
+                    if db_failures > 0 {
+                        info!("database reachable again");
                     }
-                    Err(e) => {
-                        db_failures += 1;
-                        shared.health.set_db_ok(false);
-                        let wait = RetryPolicy {
-                            base_delay: Duration::from_millis(200),
-                            max_delay: Duration::from_secs(10),
-                        }
-                        .ceiling(db_failures);
-                        warn!(error = %e, retry_in = ?wait, "cannot claim work: the database is unavailable; nothing new is sent until it is back");
-                        tokio::select! {
-                            _ = tokio::time::sleep(wait) => {},
-                            _ = shutdown.cancelled() => {},
-                        }
-                        continue;
+                    db_failures = 0;
+                    shared.health.set_db_ok(true);
+                    if strays {
+                        strays_due = Instant::now() + STRAYS_EVERY;
                     }
+                    let found = batches.len();
+                    for batch in batches {
+                        dispatch(&shared, batch);
+                    }
+                    found
                 }
-            }
-            if found > 0 && work.capacity() >= cfg.max_in_flight.div_ceil(2) {
+                Err(e) => {
+                    db_failures += 1;
+                    shared.health.set_db_ok(false);
+                    let wait = RetryPolicy {
+                        base_delay: Duration::from_millis(200),
+                        max_delay: Duration::from_secs(10),
+                    }
+                    .ceiling(db_failures);
+                    warn!(error = %e, retry_in = ?wait, "cannot claim work: the database is unavailable; nothing new is sent until it is back");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {},
+                        _ = shutdown.cancelled() => {},
+                    }
+                    continue;
+                }
+            };
+            if found > 0 && shared.teams.iter().any(|t| wants_work(t)) {
                 continue;
             }
             tokio::select! {
@@ -312,7 +444,6 @@ impl Engine {
                 _ = tokio::time::sleep(cfg.poll_interval) => {},
             }
         }
-        drop(work);
         let in_flight = shared.active.lock().expect("active lock").len();
         info!(in_flight, grace = ?cfg.grace_period, "draining: no new claims");
         let drained = tokio::time::timeout(cfg.grace_period, async {
@@ -340,53 +471,103 @@ impl Engine {
     }
 }
 
-/// Sends batches from the buffer until it closes. After shutdown it takes no new batch: those
-/// left in the buffer stay stored and are sent by the next start.
+/// How often a claim also looks for rows outside every lane (unknown team or object type).
+const STRAYS_EVERY: Duration = Duration::from_secs(30);
+
+/// Whether the claimer should fetch more for `team`: its key is accepted and at least half of
+/// its buffer is free.
+fn wants_work(team: &Team) -> bool {
+    !team.refused() && team.room() >= team.max_in_flight.div_ceil(2)
+}
+
+/// Hands a leased batch to its team's workers. A batch of a team this process does not know
+/// (configuration changed since it was stored) cannot happen: claims and leases ask only for
+/// known teams.
+fn dispatch(shared: &Shared, batch: LeasedBatch) {
+    let Some(team) = shared.team(&batch) else {
+        error!(batch_id = %batch.id, team = %batch.team, "leased a batch of an unknown team; its lease lapses");
+        return;
+    };
+    shared.active.lock().expect("active lock").insert(batch.id);
+    team.held.fetch_add(1, Ordering::Relaxed);
+    // The receiver lives as long as the engine's workers; a send after they stopped only
+    // leaves the batch leased until `drop_leases`.
+    let _ = team.queue.send(batch);
+}
+
+/// Sends the team's batches from its buffer until shutdown. After shutdown it takes no new
+/// batch: those left in the buffer stay stored and are sent by the next start.
 async fn run_worker(
     shared: Arc<Shared>,
-    queue: Arc<tokio::sync::Mutex<mpsc::Receiver<LeasedBatch>>>,
+    team: Arc<Team>,
+    queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<LeasedBatch>>>,
     shutdown: CancellationToken,
 ) {
     loop {
-        let next = { queue.lock().await.recv().await };
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => None,
+            b = async { queue.lock().await.recv().await } => b,
+        };
         let Some(batch) = next else { return };
-        if shutdown.is_cancelled() {
-            shared.active.lock().expect("active lock").remove(&batch.id);
-            continue;
-        }
         let span = info_span!("batch", batch_id = %batch.id, key = %batch.idempotency_key);
-        process_batch(&shared, batch).instrument(span).await;
+        process_batch(&shared, &team, batch).instrument(span).await;
+        team.held.fetch_sub(1, Ordering::Relaxed);
+        shared.wake.notify_one();
     }
 }
 
 /// Takes due stored batches first (retries, lapsed leases), then claims new rows for what is
-/// left of the free slots.
-async fn fill(shared: &Shared, free: usize) -> Result<Vec<LeasedBatch>, StoreError> {
+/// left of each team's free room. A team whose key is refused gets one probe at a time (a
+/// stored batch re-sent under its key) and no new claims.
+async fn fill(shared: &Shared, strays: bool) -> Result<Vec<LeasedBatch>, StoreError> {
     let cfg = &shared.cfg;
-    if shared.health.credentials_refused() {
-        // While the key is refused, one stored batch at a time probes it; nothing new is claimed.
-        if !shared.active.lock().expect("active lock").is_empty() {
-            return Ok(Vec::new());
+    let mut batches = Vec::new();
+    for team in shared.teams.iter().filter(|t| t.refused()) {
+        if team.held.load(Ordering::Relaxed) == 0 {
+            batches.extend(
+                shared
+                    .store
+                    .lease_due_batches(&DueRequest {
+                        owner: &cfg.owner,
+                        lease: cfg.lease,
+                        limit: 1,
+                        teams: &team.keys,
+                    })
+                    .await?,
+            );
         }
-        return shared
-            .store
-            .lease_due_batches(&cfg.owner, cfg.lease, 1)
-            .await;
     }
-    let mut batches = shared
+    let open: Vec<&Arc<Team>> = shared.teams.iter().filter(|t| wants_work(t)).collect();
+    if open.is_empty() && !strays {
+        return Ok(batches);
+    }
+    let keys: Vec<String> = open.iter().flat_map(|t| t.keys.iter().cloned()).collect();
+    let free: usize = open.iter().map(|t| t.room()).sum();
+    let due = shared
         .store
-        .lease_due_batches(&cfg.owner, cfg.lease, free)
+        .lease_due_batches(&DueRequest {
+            owner: &cfg.owner,
+            lease: cfg.lease,
+            limit: free,
+            teams: &keys,
+        })
         .await?;
-    let left = free.saturating_sub(batches.len());
-    if left > 0 {
+    let left = free.saturating_sub(due.len());
+    batches.extend(due);
+    if left > 0 || strays {
+        let lanes = Lane::all_of(keys.iter().map(String::as_str));
         let started = Instant::now();
         let claimed = shared
             .store
             .claim(&ClaimRequest {
                 owner: &cfg.owner,
                 lease: cfg.lease,
-                max_records: left * cfg.limits.batch_size,
+                max_records: left.max(1) * cfg.limits.batch_size,
                 limits: cfg.limits,
+                lanes: &lanes,
+                teams: &shared.team_set,
+                strays,
             })
             .await?;
         metrics::histogram!("prism_sync_db_duration_seconds", "op" => "claim")
@@ -493,12 +674,12 @@ where
 
 /// Sends one batch (and, when it is rejected whole, its halves) until each has a final or a
 /// deferred state in the database.
-async fn process_batch(shared: &Arc<Shared>, first: LeasedBatch) {
+async fn process_batch(shared: &Arc<Shared>, team: &Arc<Team>, first: LeasedBatch) {
     let mut queue = vec![first];
     while let Some(batch) = queue.pop() {
         let id = batch.id;
         // An answered batch is handed to the recorder, which lets go of it once written.
-        if !send_and_settle(shared, batch, &mut queue).await {
+        if !send_and_settle(shared, team, batch, &mut queue).await {
             shared.active.lock().expect("active lock").remove(&id);
             shared.wake.notify_one();
         }
@@ -509,6 +690,7 @@ async fn process_batch(shared: &Arc<Shared>, first: LeasedBatch) {
 /// the recorder (which releases it), `false` when it is settled here.
 async fn send_and_settle(
     shared: &Arc<Shared>,
+    team: &Arc<Team>,
     batch: LeasedBatch,
     queue: &mut Vec<LeasedBatch>,
 ) -> bool {
@@ -517,6 +699,7 @@ async fn send_and_settle(
         if batch.attempts >= i32::try_from(cfg.batch_max_attempts).unwrap_or(i32::MAX) {
             release(
                 shared,
+                team,
                 &batch,
                 "the batch failed batch.max_attempts times under its key",
             )
@@ -526,6 +709,7 @@ async fn send_and_settle(
         if batch.key_age >= cfg.max_key_age {
             release(
                 shared,
+                team,
                 &batch,
                 "the batch's key is near the server's 24h idempotency window",
             )
@@ -536,16 +720,17 @@ async fn send_and_settle(
         let started = Instant::now();
         Health::count(&shared.health.sends, 1);
         let exchange = {
-            let _slot = shared.concurrency.acquire().await;
-            let exchange = shared
+            let _slot = team.concurrency.acquire().await;
+            let exchange = team
                 .client
-                .send(
+                .send_to(
                     batch.object_type,
+                    batch.operation,
                     &batch.idempotency_key,
                     batch.body.clone(),
                 )
                 .await;
-            shared.concurrency.observe(match &exchange {
+            team.concurrency.observe(match &exchange {
                 Exchange::Answered(a) if a.status == 429 || a.status == 503 => Signal::Pushback,
                 Exchange::Answered(a) if a.status < 500 => Signal::Fine,
                 Exchange::Failed {
@@ -568,11 +753,13 @@ async fn send_and_settle(
             metrics::counter!("prism_sync_idempotent_replays_total").increment(1);
         }
         let verdict = classify::classify(&exchange, &batch.items, &cfg.codes);
-        if !matches!(verdict, BatchVerdict::AuthRefused { .. }) && status.is_some() {
-            if shared.health.credentials_refused() {
-                info!("the API accepts the key again: resuming");
-            }
-            shared.health.set_credentials_refused(false);
+        if !matches!(verdict, BatchVerdict::AuthRefused { .. })
+            && status.is_some()
+            && team.refused()
+        {
+            info!(team = %team.id, "the API accepts the team's key again: resuming");
+            team.set_refused(false, &shared.health, &shared.teams);
+            shared.wake.notify_one();
         }
         let attempt = |outcome: &str, detail: Option<String>| AttemptRecord {
             http_status: status,
@@ -588,6 +775,7 @@ async fn send_and_settle(
             } => {
                 record_answer(
                     shared,
+                    team,
                     &batch,
                     outcomes,
                     &anomalies,
@@ -603,11 +791,12 @@ async fn send_and_settle(
             } => {
                 let next = u32::try_from(batch.attempts).unwrap_or(0).saturating_add(1);
                 let delay = match retry_after {
-                    Some(d) => shared.client.cap_delay(d),
+                    Some(d) => team.client.cap_delay(d),
                     None => cfg.retry.jittered(next),
                 };
                 if slow_everyone {
-                    shared.client.slow_down(delay);
+                    // Only this team's client: another team's key has its own rate limit.
+                    team.client.slow_down(delay);
                 }
                 let throttled = status == Some(429);
                 info!(code = %code, retry_in = ?delay, attempt = next, detail = detail.as_deref().unwrap_or(""), "batch not answered; it will be re-sent with the same key");
@@ -622,10 +811,10 @@ async fn send_and_settle(
                 must_write("deferring a batch", || shared.store.defer_batch(&d)).await;
             }
             BatchVerdict::AuthRefused { status } => {
-                if !shared.health.credentials_refused() {
-                    error!(status, probe_every = ?cfg.auth_probe_interval, "the API refuses the key: pausing sends (no attempts are used) and probing");
+                if !team.refused() {
+                    error!(status, team = %team.id, probe_every = ?cfg.auth_probe_interval, "the API refuses the team's key: pausing its sends (no attempts are used) and probing; other teams go on");
                 }
-                shared.health.set_credentials_refused(true);
+                team.set_refused(true, &shared.health, &shared.teams);
                 metrics::counter!("prism_sync_batches_total", "result" => "auth_refused")
                     .increment(1);
                 let d = DeferBatch {
@@ -639,7 +828,7 @@ async fn send_and_settle(
             }
             BatchVerdict::Rejected { status, message } => {
                 let code = format!("http_{status}");
-                match batch::split_batch(batch.object_type, &batch.body, &batch.items) {
+                match batch::split_batch(batch.shape(), &batch.body, &batch.items) {
                     Ok(Some(halves)) => {
                         info!(
                             status,
@@ -675,6 +864,7 @@ async fn send_and_settle(
                         ];
                         record_answer(
                             shared,
+                            team,
                             &batch,
                             outcomes,
                             &Anomalies::default(),
@@ -685,7 +875,13 @@ async fn send_and_settle(
                     }
                     Err(e) => {
                         error!(error = %e, "stored batch body cannot be split; releasing its rows");
-                        release(shared, &batch, "the stored batch could not be bisected").await;
+                        release(
+                            shared,
+                            team,
+                            &batch,
+                            "the stored batch could not be bisected",
+                        )
+                        .await;
                     }
                 }
             }
@@ -696,6 +892,7 @@ async fn send_and_settle(
                 metrics::counter!("prism_sync_key_mismatches_total").increment(1);
                 finish_released(
                     shared,
+                    team,
                     &batch,
                     "idempotency_key_mismatch",
                     "the API answered 409 idempotency_key_mismatch",
@@ -711,8 +908,9 @@ async fn send_and_settle(
 /// Records an answered batch: every row takes its item's outcome.
 async fn record_answer(
     shared: &Arc<Shared>,
+    team: &Arc<Team>,
     batch: &LeasedBatch,
-    outcomes: Vec<ItemOutcome>,
+    mut outcomes: Vec<ItemOutcome>,
     anomalies: &Anomalies,
     attempt: AttemptRecord,
 ) {
@@ -725,6 +923,16 @@ async fn record_answer(
             summary_mismatch = anomalies.summary_mismatch,
             "the API's answer does not match the batch; missing items are retried in new batches"
         );
+    }
+    if batch.operation == Operation::Delete {
+        // Deleting a record that is already gone is what was asked for: an earlier send of the
+        // same change (under a released key), or another system, deleted it first.
+        for outcome in &mut outcomes {
+            if matches!(outcome, ItemOutcome::Dead { code, .. } | ItemOutcome::Retry { code, .. } if code == "not_found")
+            {
+                *outcome = ItemOutcome::Succeeded;
+            }
+        }
     }
     let mut rows = Vec::with_capacity(batch.row_count());
     let (mut ok, mut retried, mut dead) = (0u64, 0u64, 0u64);
@@ -784,6 +992,8 @@ async fn record_answer(
         .await
         .expect("never closed");
     let shared = shared.clone();
+    let team = team.clone();
+    let operation = batch.operation;
     let batch_id = batch.id;
     let items = batch.items.len();
     let codes: Vec<String> = outcomes
@@ -803,6 +1013,11 @@ async fn record_answer(
         let written = answer.await.ok().flatten();
         metrics::histogram!("prism_sync_db_duration_seconds", "op" => "record")
             .record(started.elapsed().as_secs_f64());
+        if written == Some(true) {
+            team.count_items(operation, "succeeded", ok);
+            team.count_items(operation, "retried", retried);
+            team.count_items(operation, "dead", dead);
+        }
         settle_answer(&shared, written, items, (ok, retried, dead), codes);
         shared.active.lock().expect("active lock").remove(&batch_id);
         shared.wake.notify_one();
@@ -856,18 +1071,19 @@ fn settle_answer(
 
 /// Gives up a batch's key without sending it again: its rows go back to be re-batched under new
 /// keys (safe: per-record order still holds and PATCH values are absolute).
-async fn release(shared: &Shared, batch: &LeasedBatch, why: &str) {
+async fn release(shared: &Shared, team: &Team, batch: &LeasedBatch, why: &str) {
     warn!(attempts = batch.attempts, key_age = ?batch.key_age, "{why}: releasing its rows to new batches");
     let attempt = AttemptRecord {
         outcome: "released".into(),
         detail: Some(why.into()),
         ..AttemptRecord::default()
     };
-    finish_released(shared, batch, codes::BATCH_RELEASED, why, attempt).await;
+    finish_released(shared, team, batch, codes::BATCH_RELEASED, why, attempt).await;
 }
 
 async fn finish_released(
     shared: &Shared,
+    team: &Team,
     batch: &LeasedBatch,
     code: &str,
     why: &str,
@@ -914,5 +1130,7 @@ async fn finish_released(
             .increment(batch.row_count() as u64 - dead);
         Health::count(&shared.health.rows_dead, dead);
         Health::count(&shared.health.rows_retried, batch.row_count() as u64 - dead);
+        team.count_items(batch.operation, "dead", dead);
+        team.count_items(batch.operation, "retried", batch.row_count() as u64 - dead);
     }
 }

@@ -67,6 +67,48 @@ impl FromStr for ObjectType {
     }
 }
 
+/// What a row asks of its record: `update` (the default) goes to `batch/update` with the patch,
+/// `delete` to `batch/delete` with the record id only. Batches never mix operations.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    Update,
+    Delete,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 2] = [Operation::Update, Operation::Delete];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Update => "update",
+            Operation::Delete => "delete",
+        }
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown operation {0:?} (expected update or delete)")]
+pub struct UnknownOperation(pub String);
+
+impl FromStr for Operation {
+    type Err = UnknownOperation;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Operation::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| UnknownOperation(s.to_owned()))
+    }
+}
+
 /// The life of an outbox row. `Succeeded` and `Dead` are terminal; only an operator's replay
 /// brings a dead row back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -142,4 +184,6 @@ pub mod codes {
     pub const INVALID_OBJECT_TYPE: &str = "invalid_object_type";
     pub const MISSING_RESULT: &str = "missing_result";
     pub const BATCH_RELEASED: &str = "batch_released";
+    pub const INVALID_OPERATION: &str = "invalid_operation";
+    pub const UNKNOWN_TEAM: &str = "unknown_team";
 }

@@ -5,6 +5,7 @@
 //! The API key lives in a [`SecretString`] from the moment it is read, so it cannot reach a log
 //! line or a `Debug` print by accident.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -46,6 +47,60 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     pub log: LogSettings,
     pub retention: RetentionSettings,
+    /// More Micro teams, keyed by team id: rows whose `team_id` names one go to that team with
+    /// its own key, concurrency and rate limit. `micro.*` is the default team (`team_id = ''`).
+    pub teams: BTreeMap<String, TeamSettings>,
+}
+
+/// One extra team (`[teams."<team id>"]`). Unset limits inherit `sync.max_in_flight` and
+/// `http.max_requests_per_second`.
+#[derive(Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TeamSettings {
+    pub api_key: Option<SecretString>,
+    pub api_key_file: Option<PathBuf>,
+    pub max_in_flight: Option<usize>,
+    pub max_requests_per_second: Option<f64>,
+}
+
+impl std::fmt::Debug for TeamSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TeamSettings")
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .field("api_key_file", &self.api_key_file)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_requests_per_second", &self.max_requests_per_second)
+            .finish()
+    }
+}
+
+impl TeamSettings {
+    /// The key from `api_key`, else from `api_key_file`.
+    pub fn resolve_api_key(&self) -> Result<Option<SecretString>, SettingsError> {
+        resolve_key(self.api_key.as_ref(), self.api_key_file.as_deref())
+    }
+}
+
+/// A key given inline wins over a key file (trailing newline trimmed).
+fn resolve_key(
+    key: Option<&SecretString>,
+    file: Option<&Path>,
+) -> Result<Option<SecretString>, SettingsError> {
+    if let Some(key) = key
+        && !key.expose_secret().is_empty()
+    {
+        return Ok(Some(key.clone()));
+    }
+    match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| SettingsError::KeyFile {
+                path: path.to_owned(),
+                source,
+            })?;
+            Ok(Some(SecretString::from(text.trim().to_owned())))
+        }
+        None => Ok(None),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,22 +159,7 @@ impl std::fmt::Debug for MicroSettings {
 impl MicroSettings {
     /// The key from `api_key`, else from `api_key_file` (trailing newline trimmed).
     pub fn resolve_api_key(&self) -> Result<Option<SecretString>, SettingsError> {
-        if let Some(key) = &self.api_key
-            && !key.expose_secret().is_empty()
-        {
-            return Ok(Some(key.clone()));
-        }
-        match &self.api_key_file {
-            Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|source| SettingsError::KeyFile {
-                        path: path.clone(),
-                        source,
-                    })?;
-                Ok(Some(SecretString::from(text.trim().to_owned())))
-            }
-            None => Ok(None),
-        }
+        resolve_key(self.api_key.as_ref(), self.api_key_file.as_deref())
     }
 }
 
@@ -299,6 +339,31 @@ pub struct TelemetrySettings {
     /// How often row counts and ages are sampled from the database.
     #[serde(with = "humantime_serde")]
     pub sample_interval: Duration,
+    /// Whether batch, item and request metrics carry a `team` label: `auto` (only while at most
+    /// 10 teams are configured, so the series count stays bounded), `always` or `never`.
+    pub team_label: TeamLabel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TeamLabel {
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+impl TeamLabel {
+    /// At most this many teams get a label under `auto`.
+    pub const AUTO_MAX_TEAMS: usize = 10;
+
+    pub fn enabled(self, teams: usize) -> bool {
+        match self {
+            TeamLabel::Auto => teams <= TeamLabel::AUTO_MAX_TEAMS,
+            TeamLabel::Always => true,
+            TeamLabel::Never => false,
+        }
+    }
 }
 
 impl Default for TelemetrySettings {
@@ -306,6 +371,7 @@ impl Default for TelemetrySettings {
         Self {
             listen: "127.0.0.1:9464".into(),
             sample_interval: Duration::from_secs(5),
+            team_label: TeamLabel::Auto,
         }
     }
 }
@@ -470,6 +536,28 @@ impl Settings {
         }
         if self.poll.interval.is_zero() {
             return invalid("poll.interval", "must be above zero".into());
+        }
+        for (team, t) in &self.teams {
+            if team.trim().is_empty() || team.trim() != team {
+                return invalid(
+                    "teams",
+                    format!("{team:?} is not a team id (empty, or with spaces around it)"),
+                );
+            }
+            if t.max_in_flight == Some(0) {
+                return invalid(
+                    "teams.*.max_in_flight",
+                    format!("team {team}: must be at least 1"),
+                );
+            }
+            if t.max_requests_per_second
+                .is_some_and(|r| !r.is_finite() || r < 0.0)
+            {
+                return invalid(
+                    "teams.*.max_requests_per_second",
+                    format!("team {team}: must be a number >= 0"),
+                );
+            }
         }
         self.telemetry.listen_addr()?;
         Ok(())

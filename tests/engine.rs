@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use common::*;
-use prism_sync::batch::PlanLimits;
+use prism_sync::batch::{PlanLimits, TeamSet};
 use prism_sync::sim::FaultProfile;
-use prism_sync::store::ClaimRequest;
+use prism_sync::store::{ClaimRequest, Lane};
 
 const FINISH: Duration = Duration::from_secs(60);
 
@@ -230,6 +230,9 @@ both_backends! {
                 lease: Duration::from_millis(300),
                 max_records: 40,
                 limits: PlanLimits { batch_size: 100, coalesce: true, max_coalesce: 100, max_patch_bytes: 1 << 20 },
+                lanes: &Lane::all_of([""]),
+                teams: &TeamSet::new([]),
+                strays: false,
             })
             .await
             .unwrap();
@@ -253,6 +256,9 @@ both_backends! {
                 lease: Duration::from_millis(10),
                 max_records: 10,
                 limits: PlanLimits { batch_size: 100, coalesce: true, max_coalesce: 100, max_patch_bytes: 1 << 20 },
+                lanes: &Lane::all_of([""]),
+                teams: &TeamSet::new([]),
+                strays: false,
             })
             .await
             .unwrap();

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::batch::{BatchItem, NewBatch, PlanLimits};
-use crate::model::{ObjectType, RowState};
+use crate::batch::{BatchItem, NewBatch, PlanLimits, TeamSet};
+use crate::model::{ObjectType, Operation, RowState};
 use crate::settings::DatabaseSettings;
 
 pub use postgres::PgStore;
@@ -38,6 +38,30 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// One claim lane: the waiting rows of one team and object type, walked in `id` order through
+/// the `prism_outbox_lane` index. A claim takes from its lanes in turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lane {
+    /// As stored in `team_id` (`''`: the configured default team).
+    pub team: String,
+    pub object_type: ObjectType,
+}
+
+impl Lane {
+    /// Every lane of these teams (as stored): one per object type.
+    pub fn all_of<'t>(teams: impl IntoIterator<Item = &'t str>) -> Vec<Lane> {
+        teams
+            .into_iter()
+            .flat_map(|team| {
+                ObjectType::ALL.into_iter().map(move |object_type| Lane {
+                    team: team.to_owned(),
+                    object_type,
+                })
+            })
+            .collect()
+    }
+}
+
 /// What a claim may take.
 #[derive(Debug, Clone, Copy)]
 pub struct ClaimRequest<'a> {
@@ -46,6 +70,32 @@ pub struct ClaimRequest<'a> {
     /// Rows to claim at most (heads; coalesced followers come on top).
     pub max_records: usize,
     pub limits: PlanLimits,
+    /// The lanes to take from (a paused team's lanes are left out).
+    pub lanes: &'a [Lane],
+    /// The `team_id` values that can be sent at all.
+    pub teams: &'a TeamSet,
+    /// Also take rows outside every known lane (an unknown team or object type), so that they
+    /// go dead with a clear code instead of waiting forever. A scan of every waiting row: the
+    /// engine asks for it now and then, not on every claim.
+    pub strays: bool,
+}
+
+impl ClaimRequest<'_> {
+    /// The object types every lane may hold, as stored.
+    pub fn known_types() -> Vec<&'static str> {
+        ObjectType::ALL.iter().map(|t| t.as_str()).collect()
+    }
+}
+
+/// Which stored batches to lease for a (re)send.
+#[derive(Debug, Clone, Copy)]
+pub struct DueRequest<'a> {
+    pub owner: &'a str,
+    pub lease: Duration,
+    pub limit: usize,
+    /// Only batches of these teams (as stored): a team whose key is refused, or whose buffer
+    /// is full, waits.
+    pub teams: &'a [String],
 }
 
 /// A batch stored and leased to us, ready to send.
@@ -53,7 +103,10 @@ pub struct ClaimRequest<'a> {
 pub struct LeasedBatch {
     pub id: Uuid,
     pub idempotency_key: String,
+    /// As stored (`''`: the configured default team).
+    pub team: String,
     pub object_type: ObjectType,
+    pub operation: Operation,
     pub body: bytes::Bytes,
     pub items: Vec<BatchItem>,
     /// Same-key sends already recorded.
@@ -67,7 +120,9 @@ impl LeasedBatch {
         LeasedBatch {
             id: b.id,
             idempotency_key: b.idempotency_key,
+            team: b.team,
             object_type: b.object_type,
+            operation: b.operation,
             body: b.body.into(),
             items: b.items,
             attempts: 0,
@@ -77,6 +132,14 @@ impl LeasedBatch {
 
     pub fn row_count(&self) -> usize {
         self.items.iter().map(|i| i.rows.len()).sum()
+    }
+
+    pub fn shape(&self) -> crate::batch::BatchShape<'_> {
+        crate::batch::BatchShape {
+            team: &self.team,
+            object_type: self.object_type,
+            operation: self.operation,
+        }
     }
 }
 
@@ -219,13 +282,8 @@ impl Store {
 
     /// Leases stored batches that are due for a (re)send: retries, and batches whose owner's
     /// lease lapsed (it crashed or hung).
-    pub async fn lease_due_batches(
-        &self,
-        owner: &str,
-        lease: Duration,
-        limit: usize,
-    ) -> StoreResult<Vec<LeasedBatch>> {
-        dispatch!(self, s => s.lease_due_batches(owner, lease, limit).await)
+    pub async fn lease_due_batches(&self, req: &DueRequest<'_>) -> StoreResult<Vec<LeasedBatch>> {
+        dispatch!(self, s => s.lease_due_batches(req).await)
     }
 
     /// Heartbeat: extends the leases of `batches`, those `owner` is still working on. A batch

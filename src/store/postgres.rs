@@ -10,8 +10,8 @@ use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    ClaimOutcome, ClaimRequest, DeferBatch, FinishBatch, Gauges, LeasedBatch, RowColumns,
-    StoreError, StoreResult,
+    ClaimOutcome, ClaimRequest, DeferBatch, DueRequest, FinishBatch, Gauges, LeasedBatch,
+    RowColumns, StoreError, StoreResult,
 };
 use crate::batch::{self, BatchItem, CandidateRow, NewBatch, RecordChain};
 use crate::settings::DatabaseSettings;
@@ -102,6 +102,31 @@ async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Er
     Ok(tx)
 }
 
+/// The columns a claim reads of a candidate row.
+macro_rules! head_columns {
+    () => {
+        "o.id, o.record_id::text AS record_id,
+         CASE WHEN octet_length(o.patch::text) > $2 THEN NULL ELSE o.patch::text END AS patch,
+         o.object_type, o.operation, o.team_id, o.attempts,
+         (SELECT 1 FROM prism_outbox q
+          WHERE q.record_id = o.record_id AND q.id > o.id
+            AND q.state IN ('pending', 'retrying', 'in_flight') AND (q.state || '') <> 'in_flight'
+          LIMIT 1) IS NOT NULL AS has_later"
+    };
+}
+/// The per-record order guard as a scalar subquery, not NOT EXISTS: the planner cannot turn it
+/// into an anti-join, so it stays one index probe per candidate however stale the statistics
+/// are (as an anti-join it degraded to a full index scan per candidate on a freshly loaded
+/// table: 1.2 s instead of 1 ms per claim).
+macro_rules! record_guard {
+    () => {
+        "(SELECT 1 FROM prism_outbox p
+          WHERE p.record_id = o.record_id AND p.id < o.id
+            AND p.state IN ('pending', 'retrying', 'in_flight')
+          LIMIT 1) IS NULL"
+    };
+}
+
 /// The channel the outbox's insert trigger notifies.
 pub const NOTIFY_CHANNEL: &str = "prism_outbox";
 
@@ -169,36 +194,73 @@ impl PgStore {
     pub async fn claim(&self, req: &ClaimRequest<'_>) -> StoreResult<ClaimOutcome> {
         let mut tx = begin(&self.pool).await?;
         let max_patch = i32::try_from(req.limits.max_patch_bytes).unwrap_or(i32::MAX);
-        let heads = sqlx::query(
-            "SELECT o.id, o.record_id::text AS record_id,
-                    CASE WHEN octet_length(o.patch::text) > $2 THEN NULL ELSE o.patch::text END AS patch,
-                    o.object_type, o.attempts,
-                    (SELECT 1 FROM prism_outbox q
-                     WHERE q.record_id = o.record_id AND q.id > o.id
-                       AND q.state IN ('pending', 'retrying', 'in_flight') AND (q.state || '') <> 'in_flight'
-                     LIMIT 1) IS NOT NULL AS has_later
-             FROM prism_outbox o
-             WHERE o.state IN ('pending', 'retrying') AND o.next_attempt_at <= now()
-               AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
-               -- The per-record guard as a scalar subquery, not NOT EXISTS: the planner cannot
-               -- turn it into an anti-join, so it stays one index probe per candidate however
-               -- stale the statistics are (as an anti-join it degraded to a full index scan per
-               -- candidate on a freshly loaded table: 1.2 s instead of 1 ms per claim).
-               AND (SELECT 1 FROM prism_outbox p
-                    WHERE p.record_id = o.record_id AND p.id < o.id
-                      AND p.state IN ('pending', 'retrying', 'in_flight')
-                    LIMIT 1) IS NULL
-             ORDER BY o.id
-             LIMIT $1
-             FOR UPDATE OF o SKIP LOCKED",
+        let limit = i64::try_from(req.max_records).unwrap_or(i64::MAX);
+        // Which of the lanes hold waiting rows at all: one index probe each, one round trip.
+        let (teams, types): (Vec<&str>, Vec<&str>) = req
+            .lanes
+            .iter()
+            .map(|l| (l.team.as_str(), l.object_type.as_str()))
+            .unzip();
+        let busy: Vec<(String, String)> = sqlx::query_as(
+            "SELECT l.team_id, l.object_type FROM unnest($1::text[], $2::text[]) AS l(team_id, object_type)
+             WHERE EXISTS (SELECT 1 FROM prism_outbox o
+                           WHERE o.team_id = l.team_id AND o.object_type = l.object_type
+                             AND o.state IN ('pending', 'retrying'))",
         )
-        .bind(i64::try_from(req.max_records).unwrap_or(i64::MAX))
-        .bind(max_patch)
+        .bind(&teams)
+        .bind(&types)
         .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(candidate)
-        .collect::<Result<Vec<_>, _>>()?;
+        .await?;
+        let mut per_lane = Vec::with_capacity(busy.len() + 1);
+        for (team, object_type) in &busy {
+            let heads = sqlx::query(concat!(
+                "SELECT ",
+                head_columns!(),
+                " FROM prism_outbox o
+                 WHERE o.team_id = $3 AND o.object_type = $4
+                   AND o.state IN ('pending', 'retrying') AND o.next_attempt_at <= now()
+                   AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
+                   AND ",
+                record_guard!(),
+                " ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
+            ))
+            .bind(limit)
+            .bind(max_patch)
+            .bind(team)
+            .bind(object_type)
+            .fetch_all(&mut *tx)
+            .await?;
+            per_lane.push(heads.iter().map(candidate).collect::<Result<Vec<_>, _>>()?);
+        }
+        if req.strays {
+            // Rows no lane holds (an unknown team or object type): a scan of every waiting row,
+            // so the engine asks for it only now and then. They go dead in this claim.
+            let known_teams: Vec<&str> = req.teams.iter().collect();
+            let strays = sqlx::query(concat!(
+                "SELECT ",
+                head_columns!(),
+                " FROM prism_outbox o
+                 WHERE o.state IN ('pending', 'retrying') AND o.next_attempt_at <= now()
+                   AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
+                   AND NOT (o.team_id = ANY($3) AND o.object_type = ANY($4))
+                   AND ",
+                record_guard!(),
+                " LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
+            ))
+            .bind(limit)
+            .bind(max_patch)
+            .bind(&known_teams)
+            .bind(ClaimRequest::known_types())
+            .fetch_all(&mut *tx)
+            .await?;
+            per_lane.push(
+                strays
+                    .iter()
+                    .map(candidate)
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
+        }
+        let heads = batch::fair_share(per_lane, req.max_records);
         if heads.is_empty() {
             tx.rollback().await?;
             return Ok(ClaimOutcome::default());
@@ -217,16 +279,17 @@ impl PgStore {
                 .unzip();
             if !records.is_empty() {
                 let rows = sqlx::query(
-                    "SELECT f.id, f.record_id, f.patch, f.object_type, f.attempts, true AS has_later
+                    "SELECT f.id, f.record_id, f.patch, f.object_type, f.operation, f.team_id, f.attempts,
+                            true AS has_later
                      FROM unnest($1::uuid[], $2::bigint[]) AS h(record_id, head_id)
                      CROSS JOIN LATERAL (
                          SELECT o.id, o.record_id::text AS record_id,
                                 CASE WHEN octet_length(o.patch::text) > $3 THEN NULL ELSE o.patch::text END AS patch,
-                                o.object_type, o.attempts
+                                o.object_type, o.operation, o.team_id, o.attempts
                          FROM prism_outbox o
                          -- The state test is spelt so that it implies the record index's predicate
-                         -- but not the id-only active index's: with stale statistics the planner
-                         -- otherwise walked every waiting row for every head (1 ms a head).
+                         -- but not the lane index's: with stale statistics the planner otherwise
+                         -- walked every waiting row for every head (1 ms a head).
                          WHERE o.record_id = h.record_id AND o.id > h.head_id
                            AND o.state IN ('pending', 'retrying', 'in_flight') AND (o.state || '') <> 'in_flight'
                            AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
@@ -257,7 +320,7 @@ impl PgStore {
                 RecordChain { head, followers }
             })
             .collect();
-        let plan = batch::plan_batches(chains, req.limits);
+        let plan = batch::plan_batches(chains, req.limits, req.teams);
         insert_batches(&mut tx, &plan.batches, req.owner, req.lease, None).await?;
         mark_in_flight(&mut tx, &plan.batches).await?;
         if !plan.dead.is_empty() {
@@ -283,28 +346,25 @@ impl PgStore {
         })
     }
 
-    pub async fn lease_due_batches(
-        &self,
-        owner: &str,
-        lease: Duration,
-        limit: usize,
-    ) -> StoreResult<Vec<LeasedBatch>> {
+    pub async fn lease_due_batches(&self, req: &DueRequest<'_>) -> StoreResult<Vec<LeasedBatch>> {
         let rows = sqlx::query(
             "WITH due AS (
                  SELECT id FROM prism_batches
                  WHERE state = 'open' AND next_attempt_at <= now()
                    AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                   AND team_id = ANY($4)
                  ORDER BY next_attempt_at
                  LIMIT $3
                  FOR UPDATE SKIP LOCKED)
              UPDATE prism_batches b SET lease_owner = $1, lease_expires_at = now() + make_interval(secs => $2)
              FROM due WHERE b.id = due.id
-             RETURNING b.id, b.idempotency_key, b.object_type, b.body, b.items, b.attempts,
+             RETURNING b.id, b.idempotency_key, b.team_id, b.object_type, b.operation, b.body, b.items, b.attempts,
                        extract(epoch FROM now() - b.created_at)::float8 AS key_age",
         )
-        .bind(owner)
-        .bind(lease.as_secs_f64())
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(req.owner)
+        .bind(req.lease.as_secs_f64())
+        .bind(i64::try_from(req.limit).unwrap_or(i64::MAX))
+        .bind(req.teams)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(leased).collect()
@@ -445,8 +505,20 @@ impl PgStore {
         let row = sqlx::query(
             "SELECT
                (SELECT COALESCE(extract(epoch FROM now() - min(t)), 0)::float8 FROM (
-                  SELECT (SELECT enqueued_at FROM prism_outbox WHERE state IN ('pending', 'retrying')
-                          ORDER BY id LIMIT 1) AS t
+                  SELECT (SELECT enqueued_at FROM prism_outbox WHERE id = (
+                    -- The oldest of the lanes' first rows, teams found by a skip scan.
+                    WITH RECURSIVE teams(t) AS (
+                        (SELECT team_id FROM prism_outbox WHERE state IN ('pending', 'retrying')
+                         ORDER BY team_id LIMIT 1)
+                        UNION ALL
+                        SELECT (SELECT team_id FROM prism_outbox
+                                WHERE state IN ('pending', 'retrying') AND team_id > teams.t
+                                ORDER BY team_id LIMIT 1)
+                        FROM teams WHERE teams.t IS NOT NULL)
+                    SELECT min((SELECT min(id) FROM prism_outbox
+                                WHERE team_id = teams.t AND object_type = ty
+                                  AND state IN ('pending', 'retrying')))
+                    FROM teams, unnest($1::text[]) AS ty WHERE teams.t IS NOT NULL)) AS t
                   UNION ALL
                   SELECT min(o.enqueued_at) FROM prism_batches b JOIN prism_outbox o ON o.batch_id = b.id
                   WHERE b.state = 'open' AND o.state = 'in_flight') AS ages),
@@ -455,7 +527,7 @@ impl PgStore {
                (SELECT count(*) FROM prism_batches WHERE state = 'open'),
                (SELECT count(*) FROM (
                   SELECT o.id, o.record_id FROM prism_outbox o WHERE o.state IN ('pending', 'retrying')
-                  ORDER BY o.id LIMIT 10000) w
+                  LIMIT 10000) w
                 WHERE EXISTS (
                     SELECT 1 FROM prism_outbox p WHERE p.record_id = w.record_id AND p.id < w.id
                       AND p.state IN ('pending', 'retrying', 'in_flight'))),
@@ -463,6 +535,7 @@ impl PgStore {
                (SELECT COALESCE(extract(epoch FROM now() - min(xact_start)), 0)::float8
                   FROM pg_stat_activity WHERE backend_xid IS NOT NULL)",
         )
+        .bind(ClaimRequest::known_types())
         .fetch_one(&self.pool)
         .await?;
         g.oldest_pending_age_seconds = row.try_get::<f64, _>(0)?.max(0.0);
@@ -483,6 +556,8 @@ fn candidate(row: &sqlx::postgres::PgRow) -> Result<CandidateRow, sqlx::Error> {
             .try_get::<Option<String>, _>("patch")?
             .map(String::into_bytes),
         object_type: row.try_get::<String, _>("object_type")?.into_bytes(),
+        operation: row.try_get::<String, _>("operation")?.into_bytes(),
+        team_id: row.try_get::<String, _>("team_id")?.into_bytes(),
         attempts: row.try_get("attempts")?,
         has_later: row.try_get("has_later")?,
     })
@@ -492,14 +567,19 @@ fn leased(row: &sqlx::postgres::PgRow) -> StoreResult<LeasedBatch> {
     let id: Uuid = row.try_get("id")?;
     let corrupt = |reason: String| StoreError::CorruptBatch { batch: id, reason };
     let object_type: String = row.try_get("object_type")?;
+    let operation: String = row.try_get("operation")?;
     let items: String = row.try_get("items")?;
     let body: Vec<u8> = row.try_get("body")?;
     Ok(LeasedBatch {
         id,
         idempotency_key: row.try_get("idempotency_key")?,
+        team: row.try_get("team_id")?,
         object_type: object_type
             .parse()
             .map_err(|e: crate::model::UnknownObjectType| corrupt(e.to_string()))?,
+        operation: operation
+            .parse()
+            .map_err(|e: crate::model::UnknownOperation| corrupt(e.to_string()))?,
         body: body.into(),
         items: serde_json::from_str::<Vec<BatchItem>>(&items)
             .map_err(|e| corrupt(e.to_string()))?,
@@ -521,6 +601,8 @@ async fn insert_batches(
     let ids: Vec<Uuid> = batches.iter().map(|b| b.id).collect();
     let keys: Vec<&str> = batches.iter().map(|b| b.idempotency_key.as_str()).collect();
     let types: Vec<&str> = batches.iter().map(|b| b.object_type.as_str()).collect();
+    let teams: Vec<&str> = batches.iter().map(|b| b.team.as_str()).collect();
+    let operations: Vec<&str> = batches.iter().map(|b| b.operation.as_str()).collect();
     let bodies: Vec<&[u8]> = batches.iter().map(|b| b.body.as_slice()).collect();
     let items: Vec<String> = batches.iter().map(NewBatch::items_json).collect();
     let item_counts: Vec<i32> = batches
@@ -533,11 +615,13 @@ async fn insert_batches(
         .collect();
     sqlx::query(
         "INSERT INTO prism_batches
-           (id, idempotency_key, object_type, body, items, item_count, row_count, lease_owner, lease_expires_at, parent_id)
+           (id, idempotency_key, object_type, body, items, item_count, row_count, lease_owner, lease_expires_at, parent_id,
+            team_id, operation)
          SELECT b.id, b.key, b.object_type, b.body, b.items, b.item_count, b.row_count,
-                $8, now() + make_interval(secs => $9), $10
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::int[], $7::int[])
-              AS b(id, key, object_type, body, items, item_count, row_count)",
+                $8, now() + make_interval(secs => $9), $10, b.team_id, b.operation
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::int[], $7::int[],
+                     $11::text[], $12::text[])
+              AS b(id, key, object_type, body, items, item_count, row_count, team_id, operation)",
     )
     .bind(&ids)
     .bind(&keys)
@@ -549,6 +633,8 @@ async fn insert_batches(
     .bind(owner)
     .bind(lease.as_secs_f64())
     .bind(parent)
+    .bind(&teams)
+    .bind(&operations)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -14,8 +14,8 @@ use sqlx::{Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::{
-    ClaimOutcome, ClaimRequest, DeferBatch, FinishBatch, Gauges, LeasedBatch, RowColumns,
-    StoreError, StoreResult,
+    ClaimOutcome, ClaimRequest, DeferBatch, DueRequest, FinishBatch, Gauges, LeasedBatch,
+    RowColumns, StoreError, StoreResult,
 };
 use crate::batch::{self, BatchItem, CandidateRow, NewBatch, RecordChain};
 use crate::settings::DatabaseSettings;
@@ -34,6 +34,27 @@ macro_rules! now_plus {
             $arg,
             "))"
         )
+    };
+}
+
+/// The columns a claim reads of a candidate row (as bytes: nothing about it is trusted yet).
+macro_rules! head_columns {
+    () => {
+        "o.id, CAST(o.record_id AS BLOB) AS record_id,
+         CASE WHEN length(CAST(o.patch AS BLOB)) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
+         CAST(o.object_type AS BLOB) AS object_type, CAST(o.operation AS BLOB) AS operation,
+         CAST(o.team_id AS BLOB) AS team_id, o.attempts,
+         EXISTS (SELECT 1 FROM prism_outbox AS q INDEXED BY prism_outbox_record
+                 WHERE q.record_id = o.record_id AND q.id > o.id
+                   AND q.state IN ('pending', 'retrying')) AS has_later"
+    };
+}
+/// The per-record order guard: no older row of the record is waiting or in flight.
+macro_rules! record_guard {
+    () => {
+        "NOT EXISTS (SELECT 1 FROM prism_outbox AS p INDEXED BY prism_outbox_record
+                     WHERE p.record_id = o.record_id AND p.id < o.id
+                       AND p.state IN ('pending', 'retrying', 'in_flight'))"
     };
 }
 
@@ -144,29 +165,74 @@ impl SqliteStore {
     pub async fn claim(&self, req: &ClaimRequest<'_>) -> StoreResult<ClaimOutcome> {
         let mut tx = self.begin_write().await?;
         let max_patch = i64::try_from(req.limits.max_patch_bytes).unwrap_or(i64::MAX);
-        let heads = sqlx::query(concat!(
-            "SELECT o.id, CAST(o.record_id AS BLOB) AS record_id,
-                    CASE WHEN length(CAST(o.patch AS BLOB)) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
-                    CAST(o.object_type AS BLOB) AS object_type, o.attempts,
-                    EXISTS (SELECT 1 FROM prism_outbox AS q INDEXED BY prism_outbox_record
-                            WHERE q.record_id = o.record_id AND q.id > o.id
-                              AND q.state IN ('pending', 'retrying')) AS has_later
-             FROM prism_outbox AS o INDEXED BY prism_outbox_active
-             WHERE o.state IN ('pending', 'retrying') AND o.next_attempt_at <= ",
-            now!(),
-            " AND NOT EXISTS (
-                   SELECT 1 FROM prism_outbox AS p INDEXED BY prism_outbox_record
-                   WHERE p.record_id = o.record_id AND p.id < o.id
-                     AND p.state IN ('pending', 'retrying', 'in_flight'))
-             ORDER BY o.id LIMIT ?1"
-        ))
-        .bind(i64::try_from(req.max_records).unwrap_or(i64::MAX))
-        .bind(max_patch)
+        let limit = i64::try_from(req.max_records).unwrap_or(i64::MAX);
+        // Which of the lanes hold waiting rows at all: one index probe each.
+        let lanes: Vec<(String, String)> = req
+            .lanes
+            .iter()
+            .map(|l| (l.team.clone(), l.object_type.as_str().to_owned()))
+            .collect();
+        let busy: Vec<(String, String)> = sqlx::query_as(
+            "SELECT json_extract(l.value, '$[0]'), json_extract(l.value, '$[1]') FROM json_each(?1) AS l
+             WHERE EXISTS (SELECT 1 FROM prism_outbox INDEXED BY prism_outbox_lane
+                           WHERE team_id = json_extract(l.value, '$[0]')
+                             AND object_type = json_extract(l.value, '$[1]')
+                             AND state IN ('pending', 'retrying'))",
+        )
+        .bind(serde_json::to_string(&lanes).expect("serialises"))
         .fetch_all(&mut **tx)
-        .await?
-        .iter()
-        .map(candidate)
-        .collect::<Result<Vec<_>, _>>()?;
+        .await?;
+        let mut per_lane = Vec::with_capacity(busy.len() + 1);
+        for (team, object_type) in &busy {
+            let heads = sqlx::query(concat!(
+                "SELECT ",
+                head_columns!(),
+                " FROM prism_outbox AS o INDEXED BY prism_outbox_lane
+                 WHERE o.team_id = ?3 AND o.object_type = ?4
+                   AND o.state IN ('pending', 'retrying') AND o.next_attempt_at <= ",
+                now!(),
+                " AND ",
+                record_guard!(),
+                " ORDER BY o.id LIMIT ?1"
+            ))
+            .bind(limit)
+            .bind(max_patch)
+            .bind(team)
+            .bind(object_type)
+            .fetch_all(&mut **tx)
+            .await?;
+            per_lane.push(heads.iter().map(candidate).collect::<Result<Vec<_>, _>>()?);
+        }
+        if req.strays {
+            // Rows no lane holds (an unknown team or object type): a scan of every waiting row,
+            // so the engine asks for it only now and then. They go dead in this claim.
+            let known = |v: Vec<&str>| serde_json::to_string(&v).expect("serialises");
+            let strays = sqlx::query(concat!(
+                "SELECT ",
+                head_columns!(),
+                " FROM prism_outbox AS o INDEXED BY prism_outbox_lane
+                 WHERE o.state IN ('pending', 'retrying') AND o.next_attempt_at <= ",
+                now!(),
+                " AND NOT (o.team_id IN (SELECT value FROM json_each(?3))
+                           AND o.object_type IN (SELECT value FROM json_each(?4)))
+                   AND ",
+                record_guard!(),
+                " LIMIT ?1"
+            ))
+            .bind(limit)
+            .bind(max_patch)
+            .bind(known(req.teams.iter().collect()))
+            .bind(known(ClaimRequest::known_types()))
+            .fetch_all(&mut **tx)
+            .await?;
+            per_lane.push(
+                strays
+                    .iter()
+                    .map(candidate)
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
+        }
+        let heads = batch::fair_share(per_lane, req.max_records);
         if heads.is_empty() {
             tx.rollback().await?;
             return Ok(ClaimOutcome::default());
@@ -184,10 +250,11 @@ impl SqliteStore {
                 .collect();
             if !wanted.is_empty() {
                 let rows = sqlx::query(
-                    "SELECT id, record_id, patch, object_type, attempts, has_later FROM (
+                    "SELECT id, record_id, patch, object_type, operation, team_id, attempts, has_later FROM (
                        SELECT o.id, CAST(o.record_id AS BLOB) AS record_id,
                               CASE WHEN length(CAST(o.patch AS BLOB)) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
-                              CAST(o.object_type AS BLOB) AS object_type, o.attempts, 1 AS has_later,
+                              CAST(o.object_type AS BLOB) AS object_type, CAST(o.operation AS BLOB) AS operation,
+                              CAST(o.team_id AS BLOB) AS team_id, o.attempts, 1 AS has_later,
                               row_number() OVER (PARTITION BY o.record_id ORDER BY o.id) AS rn
                        FROM json_each(?1) AS h
                        JOIN prism_outbox AS o INDEXED BY prism_outbox_record
@@ -216,7 +283,7 @@ impl SqliteStore {
                 RecordChain { head, followers }
             })
             .collect();
-        let plan = batch::plan_batches(chains, req.limits);
+        let plan = batch::plan_batches(chains, req.limits, req.teams);
         for b in &plan.batches {
             insert_batch(&mut tx, b, req.owner, req.lease, None).await?;
         }
@@ -252,12 +319,7 @@ impl SqliteStore {
         })
     }
 
-    pub async fn lease_due_batches(
-        &self,
-        owner: &str,
-        lease: Duration,
-        limit: usize,
-    ) -> StoreResult<Vec<LeasedBatch>> {
+    pub async fn lease_due_batches(&self, req: &DueRequest<'_>) -> StoreResult<Vec<LeasedBatch>> {
         let rows = sqlx::query(concat!(
             "UPDATE prism_batches SET lease_owner = ?1, lease_expires_at = ",
             now_plus!("?2"),
@@ -267,13 +329,15 @@ impl SqliteStore {
             now!(),
             " AND (lease_expires_at IS NULL OR lease_expires_at <= ",
             now!(),
-            ") ORDER BY next_attempt_at LIMIT ?3)
-             RETURNING id, idempotency_key, object_type, body, items, attempts,
+            ") AND team_id IN (SELECT value FROM json_each(?4))
+             ORDER BY next_attempt_at LIMIT ?3)
+             RETURNING id, idempotency_key, team_id, object_type, operation, body, items, attempts,
                        (julianday('now') - julianday(created_at)) * 86400.0 AS key_age"
         ))
-        .bind(owner)
-        .bind(lease.as_secs_f64())
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        .bind(req.owner)
+        .bind(req.lease.as_secs_f64())
+        .bind(i64::try_from(req.limit).unwrap_or(i64::MAX))
+        .bind(serde_json::to_string(req.teams).expect("serialises"));
         let rows = {
             let _gate = self.write_gate.lock().await;
             rows.fetch_all(&self.pool).await?
@@ -444,13 +508,24 @@ impl SqliteStore {
         g.dead_by_code = super::text_counts(&rows)?;
         let row = sqlx::query(
             // Index walks only, so sampling stays cheap with a million-row backlog: the oldest
-            // waiting row is the first in the active index, the oldest in-flight one is among the
+            // waiting row is the oldest of the lanes' first rows (teams found by a skip scan), the oldest in-flight one is among the
             // open batches' rows, and held-back rows are counted among the first 10,000 waiting.
             "SELECT
                (SELECT COALESCE((julianday('now') - julianday(min(t))) * 86400.0, 0.0) FROM (
                   SELECT (SELECT enqueued_at FROM prism_outbox WHERE id = (
-                            SELECT min(id) FROM prism_outbox INDEXED BY prism_outbox_active
-                            WHERE state IN ('pending', 'retrying'))) AS t
+                            SELECT min(first) FROM (
+                              WITH RECURSIVE teams(t) AS (
+                                SELECT (SELECT team_id FROM prism_outbox INDEXED BY prism_outbox_lane
+                                        WHERE state IN ('pending', 'retrying') ORDER BY team_id LIMIT 1)
+                                UNION ALL
+                                SELECT (SELECT team_id FROM prism_outbox INDEXED BY prism_outbox_lane
+                                        WHERE state IN ('pending', 'retrying') AND team_id > teams.t
+                                        ORDER BY team_id LIMIT 1)
+                                FROM teams WHERE teams.t IS NOT NULL)
+                              SELECT (SELECT min(id) FROM prism_outbox INDEXED BY prism_outbox_lane
+                                      WHERE team_id = teams.t AND object_type = types.value
+                                        AND state IN ('pending', 'retrying')) AS first
+                              FROM teams, json_each(?1) AS types WHERE teams.t IS NOT NULL))) AS t
                   UNION ALL
                   SELECT min(o.enqueued_at) FROM prism_batches AS b INDEXED BY prism_batches_open
                   JOIN prism_outbox AS o INDEXED BY prism_outbox_batch ON o.batch_id = b.id
@@ -459,14 +534,15 @@ impl SqliteStore {
                   FROM prism_batches WHERE state = 'open'),
                (SELECT count(*) FROM prism_batches WHERE state = 'open'),
                (SELECT count(*) FROM (
-                  SELECT o.id, o.record_id FROM prism_outbox AS o INDEXED BY prism_outbox_active
-                  WHERE o.state IN ('pending', 'retrying') ORDER BY o.id LIMIT 10000) AS w
+                  SELECT o.id, o.record_id FROM prism_outbox AS o INDEXED BY prism_outbox_lane
+                  WHERE o.state IN ('pending', 'retrying') LIMIT 10000) AS w
                 WHERE EXISTS (
                     SELECT 1 FROM prism_outbox AS p INDEXED BY prism_outbox_record
                     WHERE p.record_id = w.record_id AND p.id < w.id
                       AND p.state IN ('pending', 'retrying', 'in_flight'))),
                (SELECT COALESCE(sum(rows), 0) FROM prism_audit WHERE action = 'replay')",
         )
+        .bind(serde_json::to_string(&ClaimRequest::known_types()).expect("serialises"))
         .fetch_one(&self.pool)
         .await?;
         g.oldest_pending_age_seconds = row.try_get::<f64, _>(0)?.max(0.0);
@@ -488,6 +564,12 @@ fn candidate(row: &sqlx::sqlite::SqliteRow) -> Result<CandidateRow, sqlx::Error>
         object_type: row
             .try_get::<Option<Vec<u8>>, _>("object_type")?
             .unwrap_or_default(),
+        operation: row
+            .try_get::<Option<Vec<u8>>, _>("operation")?
+            .unwrap_or_default(),
+        team_id: row
+            .try_get::<Option<Vec<u8>>, _>("team_id")?
+            .unwrap_or_default(),
         attempts: row.try_get("attempts")?,
         has_later: row.try_get("has_later")?,
     })
@@ -499,14 +581,19 @@ fn leased(row: &sqlx::sqlite::SqliteRow) -> StoreResult<LeasedBatch> {
         Uuid::parse_str(&id).map_err(|e| StoreError::Invalid(format!("batch id {id:?}: {e}")))?;
     let corrupt = |reason: String| StoreError::CorruptBatch { batch: id, reason };
     let object_type: String = row.try_get("object_type")?;
+    let operation: String = row.try_get("operation")?;
     let items: String = row.try_get("items")?;
     let body: Vec<u8> = row.try_get("body")?;
     Ok(LeasedBatch {
         id,
         idempotency_key: row.try_get("idempotency_key")?,
+        team: row.try_get("team_id")?,
         object_type: object_type
             .parse()
             .map_err(|e: crate::model::UnknownObjectType| corrupt(e.to_string()))?,
+        operation: operation
+            .parse()
+            .map_err(|e: crate::model::UnknownOperation| corrupt(e.to_string()))?,
         body: body.into(),
         items: serde_json::from_str::<Vec<BatchItem>>(&items)
             .map_err(|e| corrupt(e.to_string()))?,
@@ -524,10 +611,11 @@ async fn insert_batch(
 ) -> StoreResult<()> {
     sqlx::query(concat!(
         "INSERT INTO prism_batches
-           (id, idempotency_key, object_type, body, items, item_count, row_count, lease_owner, lease_expires_at, parent_id)
+           (id, idempotency_key, object_type, body, items, item_count, row_count, lease_owner, lease_expires_at, parent_id,
+            team_id, operation)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ",
         now_plus!("?9"),
-        ", ?10)"
+        ", ?10, ?11, ?12)"
     ))
     .bind(b.id.to_string())
     .bind(&b.idempotency_key)
@@ -539,6 +627,8 @@ async fn insert_batch(
     .bind(owner)
     .bind(lease.as_secs_f64())
     .bind(parent)
+    .bind(&b.team)
+    .bind(b.operation.as_str())
     .execute(&mut ***tx)
     .await?;
     Ok(())
