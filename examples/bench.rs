@@ -141,10 +141,11 @@ impl Database {
 fn changes(rows: usize, records: usize) -> Vec<Change> {
     let ids: Vec<Uuid> = (0..records).map(|_| Uuid::new_v4()).collect();
     (0..rows)
-        .map(|i| Change {
-            record_id: ids[i % records],
-            patch: format!(r#"{{"default": {{"revision": {i}, "email": "r{i}@example.com"}}}}"#),
-            object_type: prism_sync::model::ObjectType::Contact,
+        .map(|i| {
+            Change::update(
+                ids[i % records],
+                format!(r#"{{"default": {{"revision": {i}, "email": "r{i}@example.com"}}}}"#),
+            )
         })
         .collect()
 }

@@ -19,7 +19,6 @@ use uuid::Uuid;
 use crate::client::MicroClient;
 use crate::engine::{Engine, EngineConfig};
 use crate::health::Health;
-use crate::model::ObjectType;
 use crate::ops;
 use crate::settings::Settings;
 use crate::sim::{FaultProfile, SimConfig, Simulator};
@@ -98,11 +97,7 @@ fn sample(args: &DemoArgs) -> Sample {
         if rng.random_bool(0.08) {
             patch["list"] = json!({ "tags": ["demo", STAGES[rng.random_range(0..STAGES.len())]] });
         }
-        changes.push(ops::enqueue::Change {
-            record_id: contact,
-            patch: patch.to_string(),
-            object_type: ObjectType::Contact,
-        });
+        changes.push(ops::enqueue::Change::update(contact, patch.to_string()));
     }
     let refused = BTreeMap::from([
         (contacts[0], "not_found"),

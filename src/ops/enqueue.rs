@@ -1,5 +1,6 @@
-//! `prism-sync enqueue`: JSON lines `{"record_id": ..., "patch": {...}, "object_type"?: ...}`
-//! into the outbox, validated first, all or nothing per input unless `--skip-invalid`.
+//! `prism-sync enqueue`: JSON lines `{"record_id": ..., "patch": {...}, "object_type"?: ...,
+//! "operation"?: "update"|"delete", "team_id"?: ...}` into the outbox, validated first, all or
+//! nothing per input unless `--skip-invalid`. A delete needs no patch.
 
 use std::io::BufRead;
 
@@ -7,7 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::model::ObjectType;
+use crate::model::{ObjectType, Operation};
 use crate::store::{Store, StoreError, StoreKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,15 +27,36 @@ pub struct Change {
     pub record_id: Uuid,
     pub patch: String,
     pub object_type: ObjectType,
+    pub operation: Operation,
+    /// `''`: the configured default team.
+    pub team_id: String,
+}
+
+impl Change {
+    /// An update of a contact of the default team.
+    pub fn update(record_id: Uuid, patch: String) -> Change {
+        Change {
+            record_id,
+            patch,
+            object_type: ObjectType::Contact,
+            operation: Operation::Update,
+            team_id: String::new(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Line {
     record_id: String,
-    patch: Value,
+    #[serde(default)]
+    patch: Option<Value>,
     #[serde(default)]
     object_type: Option<String>,
+    #[serde(default)]
+    operation: Option<String>,
+    #[serde(default)]
+    team_id: Option<String>,
 }
 
 /// Parses and validates one line (the same rules the daemon applies to rows).
@@ -46,13 +68,26 @@ pub fn parse_line(text: &str, max_patch_bytes: usize) -> Result<Change, String> 
         Some(t) => t.parse::<ObjectType>().map_err(|e| e.to_string())?,
         None => ObjectType::Contact,
     };
-    let Value::Object(map) = &line.patch else {
+    let operation = match line.operation {
+        Some(o) => o.parse::<Operation>().map_err(|e| e.to_string())?,
+        None => Operation::Update,
+    };
+    let team_id = line.team_id.unwrap_or_default();
+    if team_id.trim() != team_id {
+        return Err(format!("team_id {team_id:?} has spaces around it"));
+    }
+    let patch = match (line.patch, operation) {
+        (Some(p), _) => p,
+        (None, Operation::Delete) => Value::Object(Default::default()),
+        (None, Operation::Update) => return Err("an update needs a patch".into()),
+    };
+    let Value::Object(map) = &patch else {
         return Err("patch must be a JSON object".into());
     };
     if map.contains_key("id") {
         return Err("patch must not carry \"id\": the record id comes from record_id".into());
     }
-    let patch = serde_json::to_string(&line.patch).expect("a JSON value serialises");
+    let patch = serde_json::to_string(&patch).expect("a JSON value serialises");
     if patch.len() > max_patch_bytes {
         return Err(format!(
             "patch is {} bytes, over batch.max_patch_bytes ({max_patch_bytes})",
@@ -63,6 +98,8 @@ pub fn parse_line(text: &str, max_patch_bytes: usize) -> Result<Change, String> 
         record_id,
         patch,
         object_type,
+        operation,
+        team_id,
     })
 }
 
@@ -109,19 +146,22 @@ pub async fn insert(store: &Store, changes: &[Change]) -> Result<(), StoreError>
         StoreKind::Sqlite(pool) => {
             let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
             for chunk in changes.chunks(CHUNK) {
-                let packed: Vec<(String, &str, &str)> = chunk
+                let packed: Vec<(String, &str, &str, &str, &str)> = chunk
                     .iter()
                     .map(|c| {
                         (
                             c.record_id.to_string(),
                             c.patch.as_str(),
                             c.object_type.as_str(),
+                            c.operation.as_str(),
+                            c.team_id.as_str(),
                         )
                     })
                     .collect();
                 sqlx::query(
-                    "INSERT INTO prism_outbox (record_id, patch, object_type)
-                     SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]')
+                    "INSERT INTO prism_outbox (record_id, patch, object_type, operation, team_id)
+                     SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
+                            json_extract(value, '$[3]'), json_extract(value, '$[4]')
                      FROM json_each(?1) ORDER BY key",
                 )
                 .bind(serde_json::to_string(&packed).expect("serialises"))
@@ -136,15 +176,20 @@ pub async fn insert(store: &Store, changes: &[Change]) -> Result<(), StoreError>
                 let ids: Vec<Uuid> = chunk.iter().map(|c| c.record_id).collect();
                 let patches: Vec<&str> = chunk.iter().map(|c| c.patch.as_str()).collect();
                 let types: Vec<&str> = chunk.iter().map(|c| c.object_type.as_str()).collect();
+                let operations: Vec<&str> = chunk.iter().map(|c| c.operation.as_str()).collect();
+                let teams: Vec<&str> = chunk.iter().map(|c| c.team_id.as_str()).collect();
                 sqlx::query(
-                    "INSERT INTO prism_outbox (record_id, patch, object_type)
-                     SELECT u.record_id, u.patch::jsonb, u.object_type
-                     FROM unnest($1::uuid[], $2::text[], $3::text[]) WITH ORDINALITY AS u(record_id, patch, object_type, n)
+                    "INSERT INTO prism_outbox (record_id, patch, object_type, operation, team_id)
+                     SELECT u.record_id, u.patch::jsonb, u.object_type, u.operation, u.team_id
+                     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+                          WITH ORDINALITY AS u(record_id, patch, object_type, operation, team_id, n)
                      ORDER BY u.n",
                 )
                 .bind(&ids)
                 .bind(&patches)
                 .bind(&types)
+                .bind(&operations)
+                .bind(&teams)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -167,6 +212,14 @@ mod tests {
         assert_eq!(ok.unwrap().object_type, ObjectType::Contact);
         for (line, expect) in [
             (r#"{"record_id":"x","patch":{}}"#, "not a UUID"),
+            (
+                r#"{"record_id":"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e"}"#,
+                "needs a patch",
+            ),
+            (
+                r#"{"record_id":"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e","operation":"upsert"}"#,
+                "unknown operation",
+            ),
             (
                 r#"{"record_id":"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e","patch":[1]}"#,
                 "JSON object",
