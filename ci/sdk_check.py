@@ -206,6 +206,25 @@ def check_an_unparseable_id_comes_back_as_none() -> None:
     expect((response.summary.succeeded, response.summary.failed) == (1, 1), f"summary {response.summary!r}")
 
 
+def check_bulk_delete_removes_records_then_answers_not_found() -> None:
+    contacts = client().prism.objects.contacts
+    sent = items(2, "delete")
+    contacts.bulk_update(items=sent)
+    ids = [item["id"] for item in sent]
+    response = contacts.bulk_delete(ids=ids, idempotency_key=str(uuid.uuid4()))
+    expect([r.id for r in response.results] == ids, f"result ids {[r.id for r in response.results]!r}")
+    for result in response.results:
+        expect(result.status == "ok" and result.error is None, f"delete result {result!r}")
+        expect(result.record is None, f"a delete result carries a record: {result.record!r}")
+    summary = response.summary
+    expect((summary.total, summary.succeeded, summary.failed) == (2, 2, 0), f"summary {summary!r}")
+    again = contacts.bulk_delete(ids=[ids[0], "not-a-uuid"])
+    gone, bad = again.results
+    expect(gone.status == "error" and gone.error is not None, f"second delete {gone!r}")
+    expect(gone.error.code == "not_found", f"error {gone.error!r}")
+    expect(bad.id is None and bad.error is not None and bad.error.code == "invalid_id", f"bad id {bad!r}")
+
+
 def check_another_object_type_has_the_same_shape() -> None:
     response = client().prism.objects.organizations.bulk_update(items=items(2, "org"))
     expect(response.summary.succeeded == 2, f"organizations summary {response.summary!r}")
@@ -218,6 +237,7 @@ CHECKS: list[Callable[[], None]] = [
     check_a_wrong_key_is_an_authentication_error,
     check_101_items_is_a_bad_request,
     check_an_unparseable_id_comes_back_as_none,
+    check_bulk_delete_removes_records_then_answers_not_found,
     check_another_object_type_has_the_same_shape,
 ]
 

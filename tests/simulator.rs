@@ -1,4 +1,5 @@
-//! The simulator through real HTTP: every rule of the bulk-update API and every fault it can inject.
+//! The simulator through real HTTP: every rule of the bulk update and delete API, teams and their keys,
+//! and every fault it can inject.
 //!
 //! Each test starts its own simulator on port 0 and talks to it with reqwest, as prism-sync will.
 
@@ -7,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prism_sync::sim::{
-    FaultKind, FaultProfile, ObjectType, SimConfig, SimHandle, SimulateArgs, Simulator,
+    FaultKind, FaultProfile, ObjectType, Operation, SimConfig, SimHandle, SimTeam, SimulateArgs,
+    Simulator, UnknownTeam,
 };
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
@@ -88,6 +90,10 @@ fn fresh_items(n: usize) -> Vec<Value> {
 
 fn body(items: &[Value]) -> Vec<u8> {
     serde_json::to_vec(&json!({ "items": items })).expect("serialises")
+}
+
+fn delete_body(ids: &[Uuid]) -> Vec<u8> {
+    serde_json::to_vec(&json!({ "ids": ids })).expect("serialises")
 }
 
 fn ids(items: &[Value]) -> Vec<String> {
@@ -179,6 +185,42 @@ impl Api {
             .await
             .expect("admin request")
             .status()
+    }
+
+    /// A batch request to any team's endpoint with any key.
+    fn batch_request(
+        &self,
+        team: &str,
+        api_key: &str,
+        operation: &str,
+        key: Option<&str>,
+        body: Vec<u8>,
+    ) -> reqwest::RequestBuilder {
+        let url = format!(
+            "{}/v2/prism/{team}/contact/batch/{operation}",
+            self.sim.base_url()
+        );
+        let mut request = self
+            .http
+            .post(url)
+            .header("x-api-key", api_key)
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        request
+    }
+
+    /// `batch/delete` of the primary team's contacts.
+    async fn delete_raw(&self, key: Option<&str>, body: Vec<u8>) -> Answer {
+        let team = self.sim.team_id().to_owned();
+        self.send(self.batch_request(&team, "sim-key", "delete", key, body))
+            .await
+    }
+
+    async fn delete(&self, key: Option<&str>, ids: &[Uuid]) -> Answer {
+        self.delete_raw(key, delete_body(ids)).await
     }
 
     fn applied_ids(&self) -> Vec<String> {
@@ -970,6 +1012,756 @@ async fn a_poison_item_fails_its_whole_batch_with_400_or_413() {
     }
 }
 
+// --- batch/delete ----------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_delete_removes_existing_records_and_is_logged_as_a_delete() {
+    let api = start_default().await;
+    let items = fresh_items(3);
+    api.update(Some("create"), &items).await;
+    let [a, b, c]: [Uuid; 3] = ids(&items)
+        .iter()
+        .map(|id| Uuid::parse_str(id).expect("uuid"))
+        .collect::<Vec<_>>()
+        .try_into()
+        .expect("three ids");
+
+    let answer = api.delete(Some("del-1"), &[a, c]).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.header("content-type"), Some("application/json"));
+    assert_eq!(
+        answer.json(),
+        json!({
+            "results": [
+                {"id": a.to_string(), "status": "ok"},
+                {"id": c.to_string(), "status": "ok"}
+            ],
+            "summary": {"total": 2, "succeeded": 2, "failed": 0}
+        })
+    );
+    assert!(api.sim.record(ObjectType::Contact, a).is_none());
+    assert!(api.sim.record(ObjectType::Contact, b).is_some());
+    assert!(api.sim.record(ObjectType::Contact, c).is_none());
+
+    let log = api.sim.applied_log();
+    assert_eq!(log.len(), 5);
+    assert_eq!(
+        log.iter().map(|change| change.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert!(log[..3].iter().all(|c| c.operation == Operation::Update));
+    for (change, id) in log[3..].iter().zip([a, c]) {
+        assert_eq!(change.operation, Operation::Delete);
+        assert_eq!(change.record_id, id);
+        assert_eq!(change.item, Value::Null, "a delete carries no patch");
+        assert_eq!(change.idempotency_key.as_deref(), Some("del-1"));
+        assert_eq!(change.team, api.sim.team_id());
+        assert_eq!(change.object_type, ObjectType::Contact);
+    }
+    let history = api.sim.applied_to(ObjectType::Contact, a);
+    assert_eq!(
+        history.iter().map(|c| c.operation).collect::<Vec<_>>(),
+        [Operation::Update, Operation::Delete]
+    );
+
+    let over_http = api.admin_get(&format!("applied?record={a}")).await;
+    assert_eq!(over_http[0]["operation"], "update");
+    assert_eq!(over_http[1]["operation"], "delete");
+    assert_eq!(over_http[1]["item"], Value::Null);
+    assert_eq!(over_http[1]["seq"], 4);
+    assert_eq!(over_http[1]["team"], api.sim.team_id());
+
+    let stats = api.sim.stats();
+    assert_eq!(stats.items_applied, 5);
+    assert_eq!(stats.records, 1);
+    let requests = api.sim.requests();
+    assert_eq!(requests[1].operation, Operation::Delete);
+    assert_eq!(requests[1].items, 2);
+    assert_eq!(requests[1].team.as_deref(), Some(api.sim.team_id()));
+    assert!(requests[1].path.ends_with("/contact/batch/delete"));
+    assert_eq!(requests[0].operation, Operation::Update);
+}
+
+#[tokio::test]
+async fn deleting_a_record_that_does_not_exist_is_not_found_and_not_logged() {
+    let api = start_default().await;
+    let existing = Uuid::new_v4();
+    let never = Uuid::new_v4();
+    api.update(None, &[item(existing, json!({"a": 1}))]).await;
+
+    // The second mention of `existing` finds it already gone.
+    let json = api.delete(None, &[never, existing, existing]).await.json();
+    let codes: Vec<&str> = json["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["error"]["code"].as_str().unwrap_or("-"))
+        .collect();
+    assert_eq!(codes, ["not_found", "-", "not_found"]);
+    assert_eq!(json["results"][0]["id"], never.to_string());
+    assert_eq!(json["results"][0]["status"], "error");
+    assert!(json["results"][0]["error"]["message"].is_string());
+    assert_eq!(json["results"][2]["id"], existing.to_string());
+    assert_eq!(
+        json["summary"],
+        json!({"total": 3, "succeeded": 1, "failed": 2})
+    );
+    let again = api.delete(None, &[existing]).await.json();
+    assert_eq!(again["results"][0]["error"]["code"], "not_found");
+
+    let log = api.sim.applied_log();
+    assert_eq!(
+        log.len(),
+        2,
+        "one update and one delete: not_found is not applied"
+    );
+    assert_eq!(log[1].operation, Operation::Delete);
+    assert_eq!(api.sim.stats().items_failed, 3);
+}
+
+#[tokio::test]
+async fn a_delete_checks_its_body_and_ids_like_an_update() {
+    let api = start_default().await;
+    let good = Uuid::new_v4();
+    api.update(None, &[item(good, json!({}))]).await;
+    let answer = api
+        .delete_raw(
+            None,
+            serde_json::to_vec(&json!({"ids": ["not-a-uuid", good.to_string(), 42]}))
+                .expect("serialises"),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let json = answer.json();
+    let results = json["results"].as_array().expect("results");
+    assert_eq!(results[0]["id"], Value::Null);
+    assert_eq!(results[0]["error"]["code"], "invalid_id");
+    assert_eq!(results[1]["status"], "ok");
+    assert_eq!(results[2]["id"], Value::Null);
+    assert_eq!(results[2]["error"]["code"], "invalid_id");
+    assert_eq!(
+        json["summary"],
+        json!({"total": 3, "succeeded": 1, "failed": 2})
+    );
+
+    let bodies: [&[u8]; 6] = [
+        b"not json",
+        b"[]",
+        b"{\"items\": []}",
+        b"{\"ids\": \"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e\"}",
+        b"{\"ids\": []}",
+        b"",
+    ];
+    for bad in bodies {
+        let answer = api.delete_raw(None, bad.to_vec()).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::BAD_REQUEST,
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
+        assert!(["invalid_json", "invalid_request"].contains(&answer.error_code().as_str()));
+    }
+    let many: Vec<Uuid> = (0..101).map(|_| Uuid::new_v4()).collect();
+    let too_many = api.delete(None, &many).await;
+    assert_eq!(too_many.status, StatusCode::BAD_REQUEST);
+    assert_eq!(too_many.error_code(), "invalid_request");
+    let hundred = api.delete(None, &many[..100]).await;
+    assert_eq!(hundred.status, StatusCode::OK);
+    assert_eq!(hundred.json()["summary"]["failed"], 100);
+
+    let wrong_key = api
+        .send(api.batch_request(
+            api.sim.team_id(),
+            "nope",
+            "delete",
+            None,
+            delete_body(&[good]),
+        ))
+        .await;
+    assert_eq!(wrong_key.status, StatusCode::UNAUTHORIZED);
+    for object_type in ObjectType::ALL {
+        let url = format!(
+            "{}/v2/prism/{}/{object_type}/batch/delete",
+            api.sim.base_url(),
+            api.sim.team_id()
+        );
+        let answer = api
+            .send(
+                api.http
+                    .post(url)
+                    .header("x-api-key", "sim-key")
+                    .body(delete_body(&[Uuid::new_v4()])),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{object_type}");
+    }
+}
+
+#[tokio::test]
+async fn an_update_after_a_delete_starts_a_fresh_record() {
+    let api = start_default().await;
+    let id = Uuid::new_v4();
+    api.update(None, &[item(id, json!({"old": 1}))]).await;
+    api.delete(None, &[id]).await;
+    let json = api
+        .update(None, &[item(id, json!({"new": 2}))])
+        .await
+        .json();
+    assert_eq!(json["results"][0]["status"], "ok");
+    assert_eq!(
+        json["results"][0]["record"]["default"],
+        json!({"new": 2}),
+        "nothing of the deleted record survives"
+    );
+    let history = api.sim.applied_to(ObjectType::Contact, id);
+    assert_eq!(
+        history.iter().map(|c| c.operation).collect::<Vec<_>>(),
+        [Operation::Update, Operation::Delete, Operation::Update]
+    );
+
+    // Without implicit records, a deleted id is as unknown as one never seeded.
+    let strict = start(SimConfig {
+        implicit_records: false,
+        ..SimConfig::default()
+    })
+    .await;
+    strict.sim.seed_record(
+        ObjectType::Contact,
+        id,
+        json!({"seeded": true})
+            .as_object()
+            .cloned()
+            .expect("object"),
+    );
+    assert_eq!(
+        strict.delete(None, &[id]).await.json()["results"][0]["status"],
+        "ok"
+    );
+    let after = strict
+        .update(None, &[item(id, json!({"x": 1}))])
+        .await
+        .json();
+    assert_eq!(after["results"][0]["error"]["code"], "not_found");
+    assert!(strict.sim.record(ObjectType::Contact, id).is_none());
+}
+
+#[tokio::test]
+async fn a_delete_is_replayed_under_its_key_and_a_key_cannot_change_operation() {
+    let api = start_default().await;
+    let items = fresh_items(2);
+    api.update(None, &items).await;
+    let targets: Vec<Uuid> = ids(&items)
+        .iter()
+        .map(|id| Uuid::parse_str(id).expect("uuid"))
+        .collect();
+
+    let first = api.delete(Some("del"), &targets).await;
+    let second = api.delete(Some("del"), &targets).await;
+    assert!(!first.is_replay());
+    assert!(second.is_replay());
+    assert_eq!(first.body, second.body, "replayed, not answered not_found");
+    assert_eq!(second.json()["summary"]["succeeded"], 2);
+    assert_eq!(api.sim.applied_log().len(), 4);
+
+    // The same key for an update (even with the very same bytes) is another request.
+    let mismatch = api.update(Some("del"), &items).await;
+    assert_eq!(mismatch.status, StatusCode::CONFLICT);
+    assert_eq!(mismatch.error_code(), "idempotency_key_mismatch");
+    let both = serde_json::to_vec(&json!({"ids": [Uuid::new_v4()], "items": fresh_items(1)}))
+        .expect("serialises");
+    assert_eq!(
+        api.post(Some("both"), both.clone()).await.status,
+        StatusCode::OK
+    );
+    let switched = api.delete_raw(Some("both"), both).await;
+    assert_eq!(switched.status, StatusCode::CONFLICT);
+    assert_eq!(switched.error_code(), "idempotency_key_mismatch");
+    assert_eq!(api.sim.stats().idempotency_mismatches, 2);
+    assert_eq!(api.sim.stats().replays, 1);
+}
+
+#[tokio::test]
+async fn request_and_item_faults_strike_deletes_too() {
+    let poison = Uuid::new_v4();
+    let locked = Uuid::new_v4();
+    let api = start(with_faults(FaultProfile {
+        rate_limit_rate: 1.0,
+        retry_after: Some(3),
+        ..FaultProfile::default()
+    }))
+    .await;
+    let kept = Uuid::new_v4();
+    api.sim
+        .seed_record(ObjectType::Contact, kept, serde_json::Map::new());
+    let limited = api.delete(Some("k"), &[kept]).await;
+    assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(limited.error_code(), "rate_limited");
+    assert_eq!(limited.header("retry-after"), Some("3"));
+    assert!(api.sim.record(ObjectType::Contact, kept).is_some());
+    assert_eq!(api.sim.stats().faults(FaultKind::RateLimit), 1);
+
+    api.sim.set_faults(FaultProfile {
+        poison_ids: vec![poison.to_string()],
+        item_errors_for_ids: [(locked.to_string(), "locked".to_owned())].into(),
+        ..FaultProfile::default()
+    });
+    let refused = api.delete(Some("poisoned"), &[kept, poison]).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert!(refused.json()["error"]["code"].is_string());
+    assert!(api.sim.record(ObjectType::Contact, kept).is_some());
+    assert_eq!(api.sim.stats().faults(FaultKind::Poison), 1);
+
+    api.sim
+        .seed_record(ObjectType::Contact, locked, serde_json::Map::new());
+    let json = api.delete(Some("k"), &[locked, kept]).await.json();
+    assert_eq!(json["results"][0]["error"]["code"], "locked");
+    assert_eq!(json["results"][1]["status"], "ok");
+    assert!(api.sim.record(ObjectType::Contact, locked).is_some());
+    assert!(api.sim.record(ObjectType::Contact, kept).is_none());
+    assert_eq!(api.sim.applied_log().len(), 1);
+
+    api.sim.set_faults(FaultProfile {
+        drop_after_apply_rate: 1.0,
+        ..FaultProfile::default()
+    });
+    api.sim
+        .seed_record(ObjectType::Contact, kept, serde_json::Map::new());
+    let dropped = async {
+        let team = api.sim.team_id().to_owned();
+        api.batch_request(
+            &team,
+            "sim-key",
+            "delete",
+            Some("drop"),
+            delete_body(&[kept]),
+        )
+        .send()
+        .await?
+        .bytes()
+        .await
+    }
+    .await;
+    assert!(dropped.is_err(), "expected a transport error");
+    assert!(
+        api.sim.record(ObjectType::Contact, kept).is_none(),
+        "applied before the drop"
+    );
+    api.sim.set_faults(FaultProfile::default());
+    let retry = api.delete(Some("drop"), &[kept]).await;
+    assert!(retry.is_replay());
+    assert_eq!(retry.json()["results"][0]["status"], "ok");
+}
+
+// --- teams -----------------------------------------------------------------------------------------
+
+const TEAM_B: &str = "00000000-0000-4000-8000-00000000000b";
+const TEAM_C: &str = "00000000-0000-4000-8000-00000000000c";
+
+fn three_teams() -> SimConfig {
+    SimConfig {
+        extra_teams: vec![
+            SimTeam {
+                team_id: TEAM_B.to_owned(),
+                api_key: "key-b".to_owned(),
+            },
+            SimTeam {
+                team_id: TEAM_C.to_owned(),
+                api_key: "key-c".to_owned(),
+            },
+        ],
+        ..SimConfig::default()
+    }
+}
+
+impl Api {
+    async fn update_as(&self, team: &str, api_key: &str, items: &[Value]) -> Answer {
+        self.send(self.batch_request(team, api_key, "update", None, body(items)))
+            .await
+    }
+}
+
+#[tokio::test]
+async fn each_team_has_its_own_key_and_its_own_records() {
+    let api = start(three_teams()).await;
+    let a = api.sim.team_id().to_owned();
+    assert_eq!(api.sim.team_ids(), [a.as_str(), TEAM_B, TEAM_C]);
+    let id = Uuid::new_v4();
+
+    let in_a = api
+        .update_as(&a, "sim-key", &[item(id, json!({"team": "a"}))])
+        .await;
+    let in_b = api
+        .update_as(
+            &TEAM_B.to_uppercase(),
+            "key-b",
+            &[item(id, json!({"team": "b"}))],
+        )
+        .await;
+    assert_eq!(in_a.status, StatusCode::OK);
+    assert_eq!(in_b.status, StatusCode::OK);
+    assert_eq!(
+        in_b.json()["results"][0]["record"]["default"],
+        json!({"team": "b"})
+    );
+
+    // A key opens its own team only; a key no team has is still a 401.
+    for (team, key) in [
+        (TEAM_B, "sim-key"),
+        (a.as_str(), "key-b"),
+        (TEAM_C, "key-b"),
+    ] {
+        let answer = api.update_as(team, key, &fresh_items(1)).await;
+        assert_eq!(answer.status, StatusCode::NOT_FOUND, "{key} on {team}");
+        assert_eq!(answer.error_code(), "team_not_found");
+    }
+    let unknown = api.update_as(TEAM_B, "nobody's", &fresh_items(1)).await;
+    assert_eq!(unknown.status, StatusCode::UNAUTHORIZED);
+    let deleted_in_c = api
+        .send(api.batch_request(TEAM_C, "key-c", "delete", None, delete_body(&[id])))
+        .await;
+    assert_eq!(
+        deleted_in_c.json()["results"][0]["error"]["code"],
+        "not_found",
+        "team C has no record {id}"
+    );
+
+    assert_eq!(
+        api.sim.record(ObjectType::Contact, id).expect("a's")["default"],
+        json!({"team": "a"})
+    );
+    let b_record = api
+        .sim
+        .record_for_team(TEAM_B, ObjectType::Contact, id)
+        .expect("known team")
+        .expect("b's");
+    assert_eq!(b_record["default"], json!({"team": "b"}));
+    assert_eq!(
+        api.admin_get(&format!("records/contact/{id}?team={TEAM_B}"))
+            .await,
+        b_record
+    );
+    assert_eq!(
+        api.admin_get(&format!("records/contact/{id}")).await["default"],
+        json!({"team": "a"})
+    );
+    assert_eq!(
+        api.sim
+            .record_for_team("no-such-team", ObjectType::Contact, id),
+        Err(UnknownTeam("no-such-team".to_owned()))
+    );
+
+    // The apply log: the primary team's by default, one team's, or all of them.
+    assert_eq!(api.sim.applied_log().len(), 1);
+    let b_log = api.sim.applied_log_for_team(TEAM_B).expect("known team");
+    assert_eq!(b_log.len(), 1);
+    assert_eq!(b_log[0].team, TEAM_B);
+    assert_eq!(b_log[0].seq, 2);
+    assert_eq!(
+        api.admin_get("applied").await.as_array().map(Vec::len),
+        Some(1)
+    );
+    let over_http = api.admin_get(&format!("applied?team={TEAM_B}")).await;
+    assert_eq!(over_http[0]["team"], TEAM_B);
+    assert_eq!(over_http[0]["item"]["default"], json!({"team": "b"}));
+    let all = api.admin_get("applied?team=*").await;
+    assert_eq!(all.as_array().map(Vec::len), Some(2));
+    assert_eq!(api.sim.applied_log_all_teams().len(), 2);
+    let missing = api
+        .http
+        .get(api.admin_url("applied?team=nope"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+
+    // Statistics: global as before, and per team by the team the path named.
+    let global = api.sim.stats();
+    assert_eq!(global.requests_total, 7);
+    assert_eq!(global.records, 2);
+    let b = api.sim.stats_for_team(TEAM_B).expect("known team");
+    assert_eq!(b.requests_total, 3, "the update, the 404 and the 401");
+    assert_eq!(b.status_count(200), 1);
+    assert_eq!(b.status_count(404), 1);
+    assert_eq!(b.status_count(401), 1);
+    assert_eq!(b.items_applied, 1);
+    assert_eq!(b.records, 1);
+    let c = api.admin_get(&format!("stats?team={TEAM_C}")).await;
+    assert_eq!(c["requests_total"], 2);
+    assert_eq!(c["items_failed"], 1);
+    assert_eq!(c["records"], 0);
+    let requests = api.sim.requests();
+    assert_eq!(requests[1].team.as_deref(), Some(TEAM_B));
+}
+
+#[tokio::test]
+async fn idempotency_keys_are_scoped_per_team() {
+    let api = start(three_teams()).await;
+    let items = fresh_items(1);
+    let a = api.sim.team_id().to_owned();
+    let first = api
+        .send(api.batch_request(&a, "sim-key", "update", Some("shared"), body(&items)))
+        .await;
+    let other_team = api
+        .send(api.batch_request(TEAM_B, "key-b", "update", Some("shared"), body(&items)))
+        .await;
+    assert!(!first.is_replay());
+    assert!(!other_team.is_replay(), "team B's key space is its own");
+    assert_eq!(
+        api.sim
+            .stats_for_team(TEAM_B)
+            .expect("known")
+            .idempotency_keys_cached,
+        1
+    );
+    assert_eq!(api.sim.stats().idempotency_keys_cached, 2);
+}
+
+#[tokio::test]
+async fn revoking_one_teams_key_leaves_the_other_teams_working() {
+    let api = start(three_teams()).await;
+    let status = api
+        .admin_send(
+            reqwest::Method::PUT,
+            &format!("api-key?team={TEAM_B}"),
+            json!({"api_key": "rotated-b"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let a = api.sim.team_id().to_owned();
+    assert_eq!(
+        api.update_as(TEAM_B, "key-b", &fresh_items(1)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        api.update_as(TEAM_B, "rotated-b", &fresh_items(1))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        api.update_as(&a, "sim-key", &fresh_items(1)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        api.update_as(TEAM_C, "key-c", &fresh_items(1)).await.status,
+        StatusCode::OK
+    );
+
+    api.sim
+        .set_api_key_for_team(TEAM_B, "key-b")
+        .expect("known team");
+    assert_eq!(
+        api.update_as(TEAM_B, "key-b", &fresh_items(1)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        api.sim.set_api_key_for_team("nope", "x"),
+        Err(UnknownTeam("nope".to_owned()))
+    );
+    let unknown = api
+        .admin_send(
+            reqwest::Method::PUT,
+            "api-key?team=nope",
+            json!({"api_key": "x"}),
+        )
+        .await;
+    assert_eq!(unknown, StatusCode::NOT_FOUND);
+
+    // Without `team`, the primary team's key, as before.
+    api.admin_send(
+        reqwest::Method::PUT,
+        "api-key",
+        json!({"api_key": "rotated-a"}),
+    )
+    .await;
+    assert_eq!(
+        api.update_as(&a, "sim-key", &fresh_items(1)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        api.update_as(TEAM_B, "key-b", &fresh_items(1)).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn a_revoked_team_a_rate_limited_team_and_a_healthy_team_side_by_side() {
+    let api = start(three_teams()).await;
+    let a = api.sim.team_id().to_owned();
+    api.sim
+        .set_api_key_for_team(&a, "revoked")
+        .expect("known team");
+    let status = api
+        .admin_send(
+            reqwest::Method::PUT,
+            &format!("faults?team={TEAM_B}"),
+            json!({"rate_limit_rate": 1.0, "retry_after": 7}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let shown = api.admin_get(&format!("faults?team={TEAM_B}")).await;
+    assert_eq!(shown["rate_limit_rate"], 1.0);
+    assert_eq!(
+        api.sim
+            .faults_for_team(TEAM_B)
+            .expect("known")
+            .map(|p| p.retry_after),
+        Some(Some(7))
+    );
+    assert_eq!(api.sim.faults_for_team(TEAM_C), Ok(None));
+    let own = api
+        .http
+        .get(api.admin_url(&format!("faults?team={TEAM_C}")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        own.status(),
+        StatusCode::NOT_FOUND,
+        "team C follows the global profile"
+    );
+    assert_eq!(
+        api.sim.faults(),
+        FaultProfile::default(),
+        "the global profile is untouched"
+    );
+
+    for _ in 0..5 {
+        let revoked = api.update_as(&a, "sim-key", &fresh_items(1)).await;
+        assert_eq!(revoked.status, StatusCode::UNAUTHORIZED);
+        let limited = api.update_as(TEAM_B, "key-b", &fresh_items(1)).await;
+        assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(limited.header("retry-after"), Some("7"));
+        let healthy = api.update_as(TEAM_C, "key-c", &fresh_items(1)).await;
+        assert_eq!(healthy.status, StatusCode::OK);
+    }
+    let b = api.sim.stats_for_team(TEAM_B).expect("known");
+    assert_eq!(b.status_count(429), 5);
+    assert_eq!(b.faults(FaultKind::RateLimit), 5);
+    let c = api.sim.stats_for_team(TEAM_C).expect("known");
+    assert_eq!((c.status_count(200), c.items_applied), (5, 5));
+    assert!(c.faults_injected.is_empty());
+    assert_eq!(
+        api.sim.stats_for_team(&a).expect("known").status_count(401),
+        5
+    );
+    assert_eq!(api.sim.stats().faults(FaultKind::RateLimit), 5);
+    assert!(
+        api.sim
+            .applied_log_for_team(TEAM_B)
+            .expect("known")
+            .is_empty()
+    );
+
+    // A global profile does not reach a team that has its own; removing it brings the global back.
+    api.sim.set_faults(FaultProfile {
+        error_500_rate: 1.0,
+        ..FaultProfile::default()
+    });
+    assert_eq!(
+        api.update_as(TEAM_B, "key-b", &fresh_items(1)).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let status = api
+        .admin_send(
+            reqwest::Method::DELETE,
+            &format!("faults?team={TEAM_B}"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(api.sim.faults_for_team(TEAM_B), Ok(None));
+    assert_eq!(
+        api.update_as(TEAM_B, "key-b", &fresh_items(1)).await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    let status = api
+        .admin_send(reqwest::Method::DELETE, "faults", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(api.sim.faults(), FaultProfile::default());
+    assert_eq!(
+        api.update_as(TEAM_B, "key-b", &fresh_items(1)).await.status,
+        StatusCode::OK
+    );
+    let bad = api
+        .admin_send(
+            reqwest::Method::PUT,
+            &format!("faults?team={TEAM_B}"),
+            json!({"rate_limit_rate": 2.0}),
+        )
+        .await;
+    assert_eq!(bad, StatusCode::BAD_REQUEST);
+    assert_eq!(api.sim.faults_for_team(TEAM_B), Ok(None));
+}
+
+/// Two teams, one with a profile of its own, in a fixed interleaving: what the client saw of each.
+async fn two_team_session(seed: u64) -> Vec<(u16, Bytes)> {
+    let api = start(SimConfig {
+        seed,
+        faults: FaultProfile {
+            item_error_rate: 0.3,
+            ..FaultProfile::default()
+        },
+        ..three_teams()
+    })
+    .await;
+    api.sim
+        .set_faults_for_team(
+            TEAM_B,
+            FaultProfile {
+                rate_limit_rate: 0.3,
+                missing_results_rate: 0.3,
+                ..FaultProfile::default()
+            },
+        )
+        .expect("known team");
+    let a = api.sim.team_id().to_owned();
+    let mut seen = Vec::new();
+    for round in 0..20u128 {
+        let items: Vec<Value> = (0..5u128)
+            .map(|i| {
+                item(
+                    Uuid::from_u128(round * 10 + i + 1),
+                    json!({"r": round as u64}),
+                )
+            })
+            .collect();
+        for (team, key) in [(a.as_str(), "sim-key"), (TEAM_B, "key-b")] {
+            let answer = api.update_as(team, key, &items).await;
+            seen.push((answer.status.as_u16(), answer.body));
+        }
+    }
+    api.sim.shutdown().await;
+    seen
+}
+
+#[tokio::test]
+async fn team_profiles_draw_from_the_one_seeded_generator() {
+    let first = two_team_session(5).await;
+    assert_eq!(first, two_team_session(5).await);
+    assert_ne!(first, two_team_session(6).await);
+    assert!(first.iter().any(|(status, _)| *status == 429));
+}
+
+#[tokio::test]
+async fn team_ids_must_be_distinct() {
+    // UUIDs are compared as such: another spelling of a known team is the same team.
+    for duplicate in [
+        prism_sync::sim::DEFAULT_TEAM_ID.to_owned(),
+        TEAM_B.to_uppercase(),
+    ] {
+        let mut config = three_teams();
+        config.extra_teams.push(SimTeam {
+            team_id: duplicate.clone(),
+            api_key: "k".to_owned(),
+        });
+        let refused = Simulator::start(config, "127.0.0.1:0".parse().expect("address")).await;
+        assert!(refused.is_err(), "{duplicate} accepted twice");
+    }
+}
+
 // --- inspection and control ------------------------------------------------------------------------
 
 #[tokio::test]
@@ -1228,6 +2020,10 @@ async fn the_simulate_flags_build_the_fault_profile() {
         "k",
         "--team",
         "t",
+        "--extra-team",
+        "t2=k2",
+        "--extra-team",
+        "t3=k3=with-equals",
         "--seed",
         "9",
         "--idempotency-ttl",
@@ -1254,6 +2050,19 @@ async fn the_simulate_flags_build_the_fault_profile() {
     let config = cli.simulate.sim_config().expect("config");
     assert_eq!(config.api_key, "k");
     assert_eq!(config.team_id, "t");
+    assert_eq!(
+        config.extra_teams,
+        vec![
+            SimTeam {
+                team_id: "t2".to_owned(),
+                api_key: "k2".to_owned()
+            },
+            SimTeam {
+                team_id: "t3".to_owned(),
+                api_key: "k3=with-equals".to_owned()
+            },
+        ]
+    );
     assert_eq!(config.seed, 9);
     assert!(!config.implicit_records);
     assert_eq!(config.idempotency_ttl, Duration::from_secs(30));
@@ -1275,6 +2084,12 @@ async fn the_simulate_flags_build_the_fault_profile() {
         .simulate
         .sim_config();
     assert!(bad.is_err(), "a rate above 1 is refused");
+    for malformed in ["no-equals", "=key", "team="] {
+        assert!(
+            Cli::try_parse_from(["simulate", "--extra-team", malformed]).is_err(),
+            "{malformed:?} accepted"
+        );
+    }
 }
 
 #[tokio::test]

@@ -1,15 +1,24 @@
 //! Inspection and control under `/_sim/`: what tests use to assert on what the server saw, and to
 //! change its behaviour while it runs. No API key is needed (these are not part of the real API).
 //!
-//! - `GET /_sim/stats` → [`SimStats`]
-//! - `GET /_sim/requests?limit=N` → recent [`RequestLogEntry`]s, oldest first
-//! - `GET /_sim/applied?record=ID&object_type=T&after_seq=N` → [`AppliedChange`]s in apply order
-//! - `GET /_sim/records/{objectType}/{id}` → the record, or 404
-//! - `POST /_sim/records` with one `{"object_type"?, "id", "default"?, "list"?, "extended"?}` or an
-//!   array of them → seeds records (for strict mode), returns them
-//! - `GET /_sim/faults`, `PUT /_sim/faults` → the [`FaultProfile`] as JSON
-//! - `PUT /_sim/api-key` with `{"api_key": "..."}` → 204 (revoke a key, then restore it)
-//! - `POST /_sim/reset` → 204; clears records, log, cache, statistics; keeps key and faults
+//! Endpoints that concern one team take `?team=T` (a configured team id; UUIDs in any case); without
+//! it they mean the primary team, or for stats and faults, everything; an unknown `T` is 404
+//! `team_not_found`.
+//! - `GET /_sim/stats` → [`SimStats`] over every request; `?team=T` → counted for team `T` only
+//! - `GET /_sim/requests?limit=N` → recent [`RequestLogEntry`]s (with `team` and `operation`), oldest
+//!   first
+//! - `GET /_sim/applied?record=ID&object_type=T&after_seq=N&team=T` → [`AppliedChange`]s in apply order
+//!   (updates and deletes); the primary team's unless `team` is given, every team's with `team=*`
+//! - `GET /_sim/records/{objectType}/{id}?team=T` → the record, or 404
+//! - `POST /_sim/records?team=T` with one `{"object_type"?, "id", "default"?, "list"?, "extended"?}` or
+//!   an array of them → seeds records (for strict mode), returns them
+//! - `GET /_sim/faults`, `PUT /_sim/faults` → the global [`FaultProfile`] as JSON; `DELETE /_sim/faults`
+//!   → 204, the global profile back to the default (no faults)
+//! - `GET|PUT|DELETE /_sim/faults?team=T` → team `T`'s own profile, used for its requests instead of
+//!   the global one: `GET` is 404 `not_found` while it has none, `DELETE` (204) removes it
+//! - `PUT /_sim/api-key?team=T` with `{"api_key": "..."}` → 204 (revoke a team's key, then restore it;
+//!   the primary team's without `team`)
+//! - `POST /_sim/reset` → 204; clears records, log, cache, statistics; keeps keys and faults
 
 use std::sync::Arc;
 
@@ -24,11 +33,30 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::api::error_response;
-use super::state::{LogFilter, ObjectType};
-use super::{FaultProfile, REQUEST_LOG_CAPACITY, Shared};
+use super::state::{LogFilter, ObjectType, TeamIndex};
+use super::{FaultProfile, PRIMARY, REQUEST_LOG_CAPACITY, Shared, UnknownTeam};
 
-pub(crate) async fn stats(State(sim): State<Arc<Shared>>) -> Response {
-    Json(sim.stats()).into_response()
+/// `?team=T` on the endpoints that concern one team.
+#[derive(Deserialize)]
+pub(crate) struct TeamQuery {
+    team: Option<String>,
+}
+
+impl TeamQuery {
+    /// `None` without `team`; the team's index, or which team is unknown.
+    fn resolve(&self, sim: &Shared) -> Result<Option<TeamIndex>, UnknownTeam> {
+        self.team.as_deref().map(|team| sim.team(team)).transpose()
+    }
+}
+
+pub(crate) async fn stats(
+    State(sim): State<Arc<Shared>>,
+    Query(query): Query<TeamQuery>,
+) -> Response {
+    match query.resolve(&sim) {
+        Ok(team) => Json(sim.stats(team)).into_response(),
+        Err(unknown) => team_not_found(&unknown.0),
+    }
 }
 
 #[derive(Deserialize)]
@@ -49,6 +77,8 @@ pub(crate) struct AppliedQuery {
     record: Option<String>,
     object_type: Option<String>,
     after_seq: Option<u64>,
+    /// A team id, or `*` for every team; the primary team when absent.
+    team: Option<String>,
 }
 
 pub(crate) async fn applied(
@@ -64,7 +94,16 @@ pub(crate) async fn applied(
         Some(Ok(object_type)) => Some(object_type),
         Some(Err(err)) => return bad_request(&err.to_string()),
     };
+    let team = match query.team.as_deref() {
+        None => Some(PRIMARY),
+        Some("*") => None,
+        Some(team) => match sim.find_team(team) {
+            Some(team) => Some(team),
+            None => return team_not_found(team),
+        },
+    };
     let filter = LogFilter {
+        team,
         record_id: record,
         object_type,
         after_seq: query.after_seq.unwrap_or(0),
@@ -75,14 +114,19 @@ pub(crate) async fn applied(
 pub(crate) async fn record(
     State(sim): State<Arc<Shared>>,
     Path((object_type, id)): Path<(String, String)>,
+    Query(query): Query<TeamQuery>,
 ) -> Response {
+    let team = match query.resolve(&sim) {
+        Ok(team) => team.unwrap_or(PRIMARY),
+        Err(unknown) => return team_not_found(&unknown.0),
+    };
     let Ok(object_type) = object_type.parse::<ObjectType>() else {
         return not_found_json("unknown object type");
     };
     let Ok(id) = Uuid::parse_str(&id) else {
         return bad_request("id must be a UUID");
     };
-    match sim.record(object_type, id) {
+    match sim.record(team, object_type, id) {
         Some(record) => Json(record).into_response(),
         None => not_found_json("no such record"),
     }
@@ -111,7 +155,15 @@ fn contact() -> ObjectType {
     ObjectType::Contact
 }
 
-pub(crate) async fn seed_records(State(sim): State<Arc<Shared>>, body: Bytes) -> Response {
+pub(crate) async fn seed_records(
+    State(sim): State<Arc<Shared>>,
+    Query(query): Query<TeamQuery>,
+    body: Bytes,
+) -> Response {
+    let team = match query.resolve(&sim) {
+        Ok(team) => team.unwrap_or(PRIMARY),
+        Err(unknown) => return team_not_found(&unknown.0),
+    };
     let seeds = match parse::<SeedBody>(&body) {
         Ok(SeedBody::Many(seeds)) => seeds,
         Ok(SeedBody::One(seed)) => vec![seed],
@@ -128,17 +180,38 @@ pub(crate) async fn seed_records(State(sim): State<Arc<Shared>>, body: Bytes) ->
             if let Some(extended) = seed.extended {
                 body.insert("extended".into(), extended);
             }
-            sim.seed_record(seed.object_type, seed.id, body)
+            sim.seed_record(team, seed.object_type, seed.id, body)
         })
         .collect();
     (StatusCode::CREATED, Json(seeded)).into_response()
 }
 
-pub(crate) async fn get_faults(State(sim): State<Arc<Shared>>) -> Response {
-    Json(sim.faults().profile.clone()).into_response()
+pub(crate) async fn get_faults(
+    State(sim): State<Arc<Shared>>,
+    Query(query): Query<TeamQuery>,
+) -> Response {
+    match query.resolve(&sim) {
+        Ok(None) => Json(sim.faults().profile.clone()).into_response(),
+        Ok(Some(team)) => match sim.team_faults(team) {
+            Some(faults) => Json(faults.profile.clone()).into_response(),
+            None => not_found_json(&format!(
+                "Team {} has no fault profile of its own; the global one applies.",
+                sim.team_name(team)
+            )),
+        },
+        Err(unknown) => team_not_found(&unknown.0),
+    }
 }
 
-pub(crate) async fn put_faults(State(sim): State<Arc<Shared>>, body: Bytes) -> Response {
+pub(crate) async fn put_faults(
+    State(sim): State<Arc<Shared>>,
+    Query(query): Query<TeamQuery>,
+    body: Bytes,
+) -> Response {
+    let team = match query.resolve(&sim) {
+        Ok(team) => team,
+        Err(unknown) => return team_not_found(&unknown.0),
+    };
     let profile = match parse::<FaultProfile>(&body) {
         Ok(profile) => profile,
         Err(message) => return bad_request(&message),
@@ -146,8 +219,23 @@ pub(crate) async fn put_faults(State(sim): State<Arc<Shared>>, body: Bytes) -> R
     if let Err(err) = profile.validate() {
         return bad_request(&err.to_string());
     }
-    sim.set_faults(profile.clone());
+    match team {
+        None => sim.set_faults(profile.clone()),
+        Some(team) => sim.set_team_faults(team, Some(profile.clone())),
+    }
     Json(profile).into_response()
+}
+
+pub(crate) async fn delete_faults(
+    State(sim): State<Arc<Shared>>,
+    Query(query): Query<TeamQuery>,
+) -> Response {
+    match query.resolve(&sim) {
+        Ok(None) => sim.set_faults(FaultProfile::default()),
+        Ok(Some(team)) => sim.set_team_faults(team, None),
+        Err(unknown) => return team_not_found(&unknown.0),
+    }
+    StatusCode::NO_CONTENT.into_response()
 }
 
 #[derive(Deserialize)]
@@ -156,10 +244,18 @@ struct ApiKeyBody {
     api_key: String,
 }
 
-pub(crate) async fn put_api_key(State(sim): State<Arc<Shared>>, body: Bytes) -> Response {
+pub(crate) async fn put_api_key(
+    State(sim): State<Arc<Shared>>,
+    Query(query): Query<TeamQuery>,
+    body: Bytes,
+) -> Response {
+    let team = match query.resolve(&sim) {
+        Ok(team) => team.unwrap_or(PRIMARY),
+        Err(unknown) => return team_not_found(&unknown.0),
+    };
     match parse::<ApiKeyBody>(&body) {
         Ok(ApiKeyBody { api_key }) => {
-            sim.set_api_key(&api_key);
+            sim.set_api_key(team, &api_key);
             StatusCode::NO_CONTENT.into_response()
         }
         Err(message) => bad_request(&message),
@@ -186,4 +282,12 @@ fn bad_request(message: &str) -> Response {
 
 fn not_found_json(message: &str) -> Response {
     error_response(StatusCode::NOT_FOUND, "not_found", message)
+}
+
+fn team_not_found(team: &str) -> Response {
+    error_response(
+        StatusCode::NOT_FOUND,
+        "team_not_found",
+        &format!("The simulator knows no team {team:?}."),
+    )
 }

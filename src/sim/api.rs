@@ -1,10 +1,14 @@
-//! `POST /v2/prism/{teamId}/{objectType}/batch/update`: the endpoint prism-sync talks to.
+//! `POST /v2/prism/{teamId}/{objectType}/batch/update` and `.../batch/delete`: the endpoints
+//! prism-sync talks to. Both go through one pipeline; only the body's shape and what is done to each
+//! record differ ([`Operation`]).
 //!
 //! A request goes through these steps, in this order, and the order is what a client can observe:
-//! 1. authentication (`x-api-key`) → 401; team → 404; object type → 404;
+//! 1. authentication (`x-api-key`): a key no team has → 401; a key of another team, or a team the
+//!    simulator does not know → 404 `team_not_found`; object type → 404;
 //! 2. body read under [`BODY_LIMIT`] → 413; `Idempotency-Key` header shape → 400;
-//! 3. the request-level fault and the latency are drawn; a faulted request waits out the latency and
-//!    gets its 500, 503 or 429;
+//! 3. the request-level fault and the latency are drawn from the team's fault profile (its own if it
+//!    has one, else the global one); a faulted request waits out the latency and gets its 500, 503
+//!    or 429;
 //! 4. the idempotency claim: a replay, `409 idempotency_key_mismatch` or `409 idempotency_key_in_use`
 //!    waits out the latency and is answered; otherwise the request now owns the key;
 //! 5. the work, in a task of its own so that it finishes (and is cached) even if the client has gone:
@@ -13,16 +17,26 @@
 //!    injected omissions, duplicates, unknown ids, wrong summaries), then the cache entry;
 //! 6. wire faults on the way out: a slow answer, a dropped connection, a truncated or non-JSON body.
 //!
+//! **Bodies.** An update carries `{"items": [{"id", "default"?, "list"?, "extended"?}, ...]}`, a
+//! delete `{"ids": ["<uuid>", ...]}`; either holds 1 to [`MAX_ITEMS`] entries, else 400
+//! `invalid_request` (400 `invalid_json` if it is not JSON). An entry whose id is not a UUID is
+//! answered `{"id": null, "status": "error", "error": {"code": "invalid_id", ...}}` and the rest still
+//! apply. Both answer `{"results": [...], "summary": {"total", "succeeded", "failed"}}`; an update's
+//! `ok` result carries the `record` after the change, a delete's carries no `record` (the field is
+//! left out, as on any error result). Deleting an id that has no record (never created, or already
+//! deleted) is answered `not_found`; after a delete, an update of the id behaves as for a fresh id.
+//!
 //! **What the idempotency cache holds.** Every response produced in step 5: the 200s (as damaged by
 //! step 5's faults) and the 400/413 of body validation and poison items, because those are the
 //! server's considered answer to those bytes. Nothing decided before the claim is cached (401, 404,
 //! 413 for an oversize body, 400 for a bad key header, injected 500/503/429): those left nothing
 //! applied, and a retry deserves a fresh answer. Wire faults (step 6) never reach the cache: a retry
-//! under the same key gets the whole, correct body.
+//! under the same key gets the whole, correct body. Keys are scoped per team.
 //!
 //! **Fingerprint.** A key matches a later request when the path and the exact body bytes hash equal
 //! (64-bit SipHash with fixed keys over the path, the body and its length): a different body is a
-//! mismatch even if it means the same JSON, and so is the same body sent to another object type.
+//! mismatch even if it means the same JSON, and so is the same body sent to another object type or
+//! the same key used for an update and then a delete (the path names the operation).
 
 use std::borrow::Cow;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -43,11 +57,12 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::Shared;
 use super::faults::{ActiveFaults, FaultKind, RequestFault, WireFaults};
 use super::state::{
-    ApplyItem, ApplyOutcome, CachedResponse, Claim, ObjectType, RequestOutcome, ScopedKey,
+    ApplyItem, ApplyOutcome, CachedResponse, Claim, ObjectType, Operation, RequestMeta,
+    RequestOutcome, ScopedKey, TeamIndex,
 };
+use super::{Access, Shared};
 
 /// The most items one request may carry.
 pub const MAX_ITEMS: usize = 100;
@@ -74,12 +89,61 @@ pub(crate) async fn batch_update(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    batch(
+        sim,
+        Operation::Update,
+        &team,
+        &object_type,
+        &uri,
+        headers,
+        body,
+    )
+    .await
+}
+
+pub(crate) async fn batch_delete(
+    State(sim): State<Arc<Shared>>,
+    Path((team, object_type)): Path<(String, String)>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    batch(
+        sim,
+        Operation::Delete,
+        &team,
+        &object_type,
+        &uri,
+        headers,
+        body,
+    )
+    .await
+}
+
+/// The pipeline both batch endpoints share (steps 1 to 6 of the module docs).
+async fn batch(
+    sim: Arc<Shared>,
+    operation: Operation,
+    team: &str,
+    object_type: &str,
+    uri: &Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let path = uri.path().to_owned();
     let shown_key = headers
         .get(IDEMPOTENCY_KEY)
         .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
+    // A request counts for the team its path names, whether or not its key opens that team.
+    let path_team = sim.find_team(team);
+    let meta = RequestMeta {
+        path: &path,
+        key: shown_key.as_deref(),
+        team: path_team,
+        operation,
+    };
     let early = |status: StatusCode, code: &str, message: &str, outcome: RequestOutcome| {
-        sim.observe(&path, shown_key.as_deref(), outcome);
+        sim.observe(&meta, outcome);
         error_response(status, code, message)
     };
     let rejected = |status: StatusCode| RequestOutcome {
@@ -87,24 +151,30 @@ pub(crate) async fn batch_update(
         ..RequestOutcome::default()
     };
 
-    if !sim.api_key_matches(headers.get(API_KEY).map(HeaderValue::as_bytes)) {
-        let status = StatusCode::UNAUTHORIZED;
-        return early(
-            status,
-            "unauthorized",
-            "Missing or invalid API key (x-api-key header).",
-            rejected(status),
-        );
-    }
-    if !sim.team_matches(&team) {
-        let status = StatusCode::NOT_FOUND;
-        return early(
-            status,
-            "team_not_found",
-            &format!("Team {team} does not exist or is not accessible with this key."),
-            rejected(status),
-        );
-    }
+    let team = match (
+        sim.access(path_team, headers.get(API_KEY).map(HeaderValue::as_bytes)),
+        path_team,
+    ) {
+        (Access::Granted, Some(team)) => team,
+        (Access::Unauthorized, _) => {
+            let status = StatusCode::UNAUTHORIZED;
+            return early(
+                status,
+                "unauthorized",
+                "Missing or invalid API key (x-api-key header).",
+                rejected(status),
+            );
+        }
+        (Access::OtherTeam | Access::Granted, _) => {
+            let status = StatusCode::NOT_FOUND;
+            return early(
+                status,
+                "team_not_found",
+                &format!("Team {team} does not exist or is not accessible with this key."),
+                rejected(status),
+            );
+        }
+    };
     let Ok(object_type) = object_type.parse::<ObjectType>() else {
         let status = StatusCode::NOT_FOUND;
         return early(
@@ -143,7 +213,7 @@ pub(crate) async fn batch_update(
         }
     };
 
-    let faults = sim.faults();
+    let faults = sim.faults_for(team);
     let (request_fault, latency) = {
         let mut rng = sim.rng();
         (
@@ -180,8 +250,7 @@ pub(crate) async fn batch_update(
         };
         fault_kinds.push((kind, 1));
         sim.observe(
-            &path,
-            shown_key.as_deref(),
+            &meta,
             RequestOutcome {
                 status: status.as_u16(),
                 faults: fault_kinds,
@@ -191,7 +260,7 @@ pub(crate) async fn batch_update(
         return fault_response(&faults, fault, status, code, message);
     }
 
-    let scoped_key = key.map(|key| (sim.team_id.clone(), key));
+    let scoped_key = key.map(|key| (sim.team_name(team).to_owned(), key));
     let claim = match &scoped_key {
         None => None,
         Some(scoped) => {
@@ -212,8 +281,7 @@ pub(crate) async fn batch_update(
                     fault_kinds.extend(wire.kinds().map(|kind| (kind, 1)));
                     sim.pause(latency).await;
                     sim.observe(
-                        &path,
-                        shown_key.as_deref(),
+                        &meta,
                         RequestOutcome {
                             status: cached.status,
                             replay: true,
@@ -265,17 +333,28 @@ pub(crate) async fn batch_update(
     // The work runs in its own task: a client that times out or disconnects must not cancel a
     // request the server has accepted, just as with a real server.
     let worker_sim = Arc::clone(&sim);
+    let target = Target {
+        team,
+        object_type,
+        operation,
+    };
     let work = tokio::spawn(async move {
         worker_sim.pause(latency).await;
         let key: Option<Arc<str>> = scoped_key.as_ref().map(|(_, key)| Arc::from(key.as_str()));
-        let processed = process_batch(&worker_sim, &faults, object_type, &bytes, key.as_ref());
+        let processed = process_batch(&worker_sim, &faults, target, &bytes, key.as_ref());
         if let Some(claim) = claim {
             claim.settle(processed.response.clone());
         }
         let mut outcome = processed.outcome;
         fault_kinds.append(&mut outcome.faults);
         outcome.faults = fault_kinds;
-        worker_sim.observe(&path, shown_key.as_deref(), outcome);
+        let meta = RequestMeta {
+            path: &path,
+            key: shown_key.as_deref(),
+            team: Some(team),
+            operation,
+        };
+        worker_sim.observe(&meta, outcome);
         (processed.response, processed.wire)
     });
     let (response, wire) = match work.await {
@@ -513,6 +592,22 @@ enum CheckedItem {
     },
 }
 
+/// A delete's entry: a UUID string, nothing else.
+fn check_id(entry: &Value) -> CheckedItem {
+    match entry.as_str().map(Uuid::parse_str) {
+        Some(Ok(id)) => CheckedItem::Valid {
+            id,
+            body: Map::new(),
+            raw: Bytes::new(),
+        },
+        _ => CheckedItem::Invalid {
+            id: None,
+            code: "invalid_id",
+            message: "Each id must be a UUID string.".into(),
+        },
+    }
+}
+
 fn check_item(item: Value, raw: Bytes) -> CheckedItem {
     let Value::Object(body) = item else {
         return CheckedItem::Invalid {
@@ -585,12 +680,14 @@ struct BulkResponse {
     summary: Summary,
 }
 
-/// The request body as far as the simulator reads it before looking at items: `items` stays raw so
-/// that each item's exact bytes can be kept.
+/// The request body as far as the simulator reads it before looking at items: `items` (an update's)
+/// or `ids` (a delete's) stays raw so that each entry's exact bytes can be kept.
 #[derive(Deserialize)]
 struct Envelope<'a> {
     #[serde(borrow)]
     items: Option<&'a RawValue>,
+    #[serde(borrow)]
+    ids: Option<&'a RawValue>,
 }
 
 fn failed(
@@ -622,32 +719,59 @@ fn injected_message(code: &str) -> Cow<'static, str> {
 /// Why a body has no items to look at: the error code and message of its 400.
 type BodyRefusal = (&'static str, &'static str);
 
-/// Splits a body into its items (each as a raw slice of `body`), or says why it cannot.
-fn split_items(body: &Bytes) -> Result<Vec<&RawValue>, BodyRefusal> {
-    const SHAPE: BodyRefusal = (
-        "invalid_request",
-        "The request body must be an object with an \"items\" array.",
-    );
+/// The array a body of this operation carries.
+fn entries_field(operation: Operation) -> &'static str {
+    match operation {
+        Operation::Update => "items",
+        Operation::Delete => "ids",
+    }
+}
+
+/// Splits a body into its entries (each as a raw slice of `body`), or says why it cannot.
+fn split_items(body: &Bytes, operation: Operation) -> Result<Vec<&RawValue>, BodyRefusal> {
+    let shape: BodyRefusal = match operation {
+        Operation::Update => (
+            "invalid_request",
+            "The request body must be an object with an \"items\" array.",
+        ),
+        Operation::Delete => (
+            "invalid_request",
+            "The request body must be an object with an \"ids\" array.",
+        ),
+    };
     let envelope = match serde_json::from_slice::<Envelope<'_>>(body) {
         Ok(envelope) => envelope,
-        Err(_) if serde_json::from_slice::<IgnoredAny>(body).is_ok() => return Err(SHAPE),
+        Err(_) if serde_json::from_slice::<IgnoredAny>(body).is_ok() => return Err(shape),
         Err(_) => return Err(("invalid_json", "The request body is not valid JSON.")),
     };
     // serde also reads a struct from a JSON array; the API wants an object.
     let is_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    let items = envelope.items.filter(|_| is_object).ok_or(SHAPE)?;
-    serde_json::from_str::<Vec<&RawValue>>(items.get()).map_err(|_| SHAPE)
+    let entries = match operation {
+        Operation::Update => envelope.items,
+        Operation::Delete => envelope.ids,
+    };
+    let entries = entries.filter(|_| is_object).ok_or(shape)?;
+    serde_json::from_str::<Vec<&RawValue>>(entries.get()).map_err(|_| shape)
+}
+
+/// Where a batch's changes go.
+#[derive(Clone, Copy)]
+struct Target {
+    team: TeamIndex,
+    object_type: ObjectType,
+    operation: Operation,
 }
 
 /// Step 5: validate, apply and answer. Synchronous: it holds locks only for in-memory work.
 fn process_batch(
     sim: &Shared,
     faults: &ActiveFaults,
-    object_type: ObjectType,
+    target: Target,
     body: &Bytes,
     key: Option<&Arc<str>>,
 ) -> Processed {
-    let raw_items = match split_items(body) {
+    let operation = target.operation;
+    let raw_items = match split_items(body, operation) {
         Ok(items) => items,
         Err((code, message)) => return refused(StatusCode::BAD_REQUEST, code, message, 0),
     };
@@ -656,7 +780,10 @@ fn process_batch(
         return refused(
             StatusCode::BAD_REQUEST,
             "invalid_request",
-            &format!("items must hold 1 to {MAX_ITEMS} entries, got {count}."),
+            &format!(
+                "{} must hold 1 to {MAX_ITEMS} entries, got {count}.",
+                entries_field(operation)
+            ),
             count,
         );
     }
@@ -665,7 +792,11 @@ fn process_batch(
         .iter()
         .map(|raw| serde_json::from_str(raw.get()).unwrap_or(Value::Null))
         .collect();
-    if faults.has_poison() && values.iter().any(|item| is_poison(faults, item)) {
+    if faults.has_poison()
+        && values
+            .iter()
+            .any(|entry| is_poison(faults, entry_id(operation, entry)))
+    {
         let status =
             StatusCode::from_u16(faults.profile.poison_status).unwrap_or(StatusCode::BAD_REQUEST);
         let code = match status {
@@ -683,11 +814,14 @@ fn process_batch(
         return processed;
     }
 
-    let checked: Vec<CheckedItem> = values
-        .into_iter()
-        .zip(&raw_items)
-        .map(|(value, raw)| check_item(value, body.slice_ref(raw.get().as_bytes())))
-        .collect();
+    let checked: Vec<CheckedItem> = match operation {
+        Operation::Update => values
+            .into_iter()
+            .zip(&raw_items)
+            .map(|(value, raw)| check_item(value, body.slice_ref(raw.get().as_bytes())))
+            .collect(),
+        Operation::Delete => values.iter().map(check_id).collect(),
+    };
     let mut outcome = RequestOutcome {
         status: 200,
         items: count,
@@ -752,7 +886,7 @@ fn process_batch(
         results.push(result);
     }
     let applied_ids: Vec<Uuid> = to_apply.iter().map(|item| item.id).collect();
-    let applied = sim.apply(object_type, to_apply, key);
+    let applied = sim.apply(target.team, target.object_type, operation, to_apply, key);
     for ((slot, id), applied) in applied_at.into_iter().zip(applied_ids).zip(applied) {
         results[slot] = Some(match applied {
             ApplyOutcome::Applied(record) => ItemResult {
@@ -760,6 +894,12 @@ fn process_batch(
                 status: "ok",
                 error: None,
                 record: Some(record),
+            },
+            ApplyOutcome::Deleted => ItemResult {
+                id: Some(id),
+                status: "ok",
+                error: None,
+                record: None,
             },
             ApplyOutcome::NotFound => failed(Some(id), "not_found", "Record not found."),
         });
@@ -788,10 +928,13 @@ fn process_batch(
         outcome.faults.push((FaultKind::DuplicateResult, 1));
     }
     if let Some(stranger) = unknown_id {
-        let record = serde_json::value::to_raw_value(&serde_json::json!({
-            "id": stranger, "default": {}
-        }))
-        .ok();
+        let record = match operation {
+            Operation::Update => serde_json::value::to_raw_value(&serde_json::json!({
+                "id": stranger, "default": {}
+            }))
+            .ok(),
+            Operation::Delete => None,
+        };
         results.push(ItemResult {
             id: Some(stranger),
             status: "ok",
@@ -829,10 +972,16 @@ fn process_batch(
     }
 }
 
-fn is_poison(faults: &ActiveFaults, item: &Value) -> bool {
-    item.get("id")
-        .and_then(Value::as_str)
-        .is_some_and(|id| faults.is_poison(&super::faults::normalise_id(id)))
+/// The id an entry names, as written: an update item's `id`, or a delete's entry itself.
+fn entry_id(operation: Operation, entry: &Value) -> Option<&str> {
+    match operation {
+        Operation::Update => entry.get("id").and_then(Value::as_str),
+        Operation::Delete => entry.as_str(),
+    }
+}
+
+fn is_poison(faults: &ActiveFaults, id: Option<&str>) -> bool {
+    id.is_some_and(|id| faults.is_poison(&super::faults::normalise_id(id)))
 }
 
 impl Shared {

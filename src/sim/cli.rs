@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use super::{DEFAULT_API_KEY, DEFAULT_TEAM_ID, FaultProfile, SimConfig, Simulator};
+use super::{DEFAULT_API_KEY, DEFAULT_TEAM_ID, FaultProfile, SimConfig, SimTeam, Simulator};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SimulateArgs {
@@ -19,9 +19,13 @@ pub struct SimulateArgs {
     /// The API key clients must send in `x-api-key`.
     #[arg(long, env = "MICRO_API_KEY", default_value = DEFAULT_API_KEY, hide_env_values = true)]
     pub api_key: String,
-    /// The only team id the simulator knows; others get 404.
+    /// The primary team id (the one `/_sim/` endpoints mean when they name none); teams the simulator
+    /// does not know get 404.
     #[arg(long = "team", env = "MICRO_TEAM_ID", default_value = DEFAULT_TEAM_ID)]
     pub team: String,
+    /// `TEAM_ID=API_KEY`: another team and the key that opens it, and only it (repeatable).
+    #[arg(long = "extra-team", value_name = "TEAM_ID=API_KEY", value_parser = parse_team)]
+    pub extra_teams: Vec<SimTeam>,
     /// Seed for every random fault decision.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -112,6 +116,16 @@ fn parse_id_code(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected ID=CODE, got {text:?}"))
 }
 
+fn parse_team(text: &str) -> Result<SimTeam, String> {
+    text.split_once('=')
+        .filter(|(team, key)| !team.is_empty() && !key.is_empty())
+        .map(|(team, key)| SimTeam {
+            team_id: team.to_owned(),
+            api_key: key.to_owned(),
+        })
+        .ok_or_else(|| "expected TEAM_ID=API_KEY".to_owned())
+}
+
 impl SimulateArgs {
     /// The profile file (if any) with the flags laid over it.
     pub fn fault_profile(&self) -> anyhow::Result<FaultProfile> {
@@ -168,6 +182,7 @@ impl SimulateArgs {
         Ok(SimConfig {
             api_key: self.api_key.clone(),
             team_id: self.team.clone(),
+            extra_teams: self.extra_teams.clone(),
             implicit_records: !self.strict_records,
             idempotency_ttl: self.idempotency_ttl,
             faults: self.fault_profile()?,
@@ -177,10 +192,19 @@ impl SimulateArgs {
 }
 
 /// Serves the simulator until `shutdown` is cancelled. Prints one line with the base URL on stdout
-/// (`prism-sync simulator listening on http://ADDR team TEAM`) so that scripts can wait for it.
+/// (`prism-sync simulator listening on http://ADDR team TEAM`, plus ` extra teams T2,T3` when there
+/// are any) so that scripts can wait for it.
 pub async fn run_simulate(args: SimulateArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = args.sim_config()?;
-    let team = config.team_id.clone();
+    let mut team = config.team_id.clone();
+    if !config.extra_teams.is_empty() {
+        let extra: Vec<&str> = config
+            .extra_teams
+            .iter()
+            .map(|extra| extra.team_id.as_str())
+            .collect();
+        team = format!("{team} extra teams {}", extra.join(","));
+    }
     let quiet = config.faults.is_quiet();
     let handle = Simulator::start(config, args.listen)
         .await

@@ -1,15 +1,24 @@
-//! The Prism API simulator: a faithful, fault-injecting stand-in for the Micro bulk-update API.
+//! The Prism API simulator: a faithful, fault-injecting stand-in for the Micro bulk API.
 //!
 //! Tests start it in-process on port 0 with [`Simulator::start`]; `prism-sync simulate` serves it with
 //! [`run_simulate`]. Module map:
-//! - `api`: `POST /v2/prism/{teamId}/{objectType}/batch/update`, idempotency and the fault pipeline;
-//! - `admin`: the inspection and control endpoints under `/_sim/` (no API key needed);
+//! - `api`: `POST /v2/prism/{teamId}/{objectType}/batch/update` and `.../batch/delete`: authentication,
+//!   idempotency and the fault pipeline, shared by both operations;
+//! - `admin`: the inspection and control endpoints under `/_sim/` (no API key needed), global or per
+//!   team (`?team=T`);
 //! - `faults`: the [`FaultProfile`] and the seeded draws;
-//! - `state`: records and their apply log, the idempotency cache, statistics;
+//! - `state`: records (per team) and their apply log, the idempotency cache, statistics;
 //! - `cli`: the `simulate` command-line arguments.
 //!
+//! **Teams.** The simulator knows a primary team ([`SimConfig::team_id`], the default wherever a team
+//! is not named) and any number of [`SimConfig::extra_teams`], each with its own API key, records,
+//! statistics and, optionally, its own fault profile used instead of the global one. A key
+//! authenticates only its own team: an unknown key is 401, a known key on another team's path is 404
+//! `team_not_found`, as for a team that does not exist.
+//!
 //! **Invariant:** every random decision comes from one `StdRng` seeded from [`SimConfig::seed`] (and
-//! re-seeded by a reset), so a sequential client sees the same faults on every run.
+//! re-seeded by a reset), whichever team's profile is in force, so a sequential client sees the same
+//! faults on every run.
 
 mod admin;
 mod api;
@@ -34,11 +43,14 @@ use uuid::Uuid;
 pub use api::{BODY_LIMIT, MAX_ITEMS};
 pub use cli::{SimulateArgs, run_simulate};
 pub use faults::{DEFAULT_ITEM_ERROR_CODES, FaultKind, FaultProfile, FaultProfileError};
-pub use state::{AppliedChange, ObjectType, RequestLogEntry, SimStats, UnknownObjectType};
+pub use state::{
+    AppliedChange, ObjectType, Operation, RequestLogEntry, SimStats, UnknownObjectType,
+};
 
 use faults::ActiveFaults;
 use state::{
-    ApplyItem, ApplyOutcome, IdempotencyCache, LogFilter, Observations, RequestOutcome, Store,
+    ApplyItem, ApplyOutcome, IdempotencyCache, LogFilter, Observations, RequestMeta,
+    RequestOutcome, Store, TeamIndex,
 };
 
 /// The team id of [`SimConfig::default`].
@@ -51,17 +63,23 @@ pub const IDEMPOTENCY_CAPACITY: usize = 50_000;
 /// How many recent requests `GET /_sim/requests` can show.
 pub const REQUEST_LOG_CAPACITY: usize = 10_000;
 
-/// How the simulator behaves; [`Default`] is a well-behaved API.
+/// How the simulator behaves; [`Default`] is a well-behaved API with one team.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
+    /// The primary team's API key.
     pub api_key: String,
-    /// Requests for any other team get 404.
+    /// The primary team: the one admin endpoints and [`SimHandle`] methods mean when they name none.
+    /// Requests for a team the simulator does not know get 404.
     pub team_id: String,
+    /// More teams, each with its own key (`--extra-team TEAM_ID=API_KEY`). Team ids must differ from
+    /// each other and from `team_id` (UUIDs compared as such).
+    pub extra_teams: Vec<SimTeam>,
     /// `true`: every well-formed id exists (records are created on first update); `false`: an id that
     /// was not seeded (`POST /_sim/records`) is answered `not_found`.
     pub implicit_records: bool,
     /// How long a completed response is replayed under its key (24 hours in the real API).
     pub idempotency_ttl: Duration,
+    /// The global fault profile: used for every team that has no profile of its own.
     pub faults: FaultProfile,
     pub seed: u64,
 }
@@ -71,6 +89,7 @@ impl Default for SimConfig {
         Self {
             api_key: DEFAULT_API_KEY.to_owned(),
             team_id: DEFAULT_TEAM_ID.to_owned(),
+            extra_teams: Vec::new(),
             implicit_records: true,
             idempotency_ttl: Duration::from_secs(24 * 60 * 60),
             faults: FaultProfile::default(),
@@ -79,12 +98,72 @@ impl Default for SimConfig {
     }
 }
 
+/// A team besides the primary one, and the key that authenticates it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimTeam {
+    pub team_id: String,
+    pub api_key: String,
+}
+
+/// A team id the simulator does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the simulator knows no team {0:?}")]
+pub struct UnknownTeam(pub String);
+
+/// One team's identity and the settings that can change while the simulator runs.
+struct Team {
+    /// As configured; also its name in logs, statistics and the idempotency scope.
+    id: String,
+    /// Team ids that are UUIDs match in any case.
+    uuid: Option<Uuid>,
+    api_key: RwLock<String>,
+    /// Used instead of the global profile when set.
+    faults: RwLock<Option<Arc<ActiveFaults>>>,
+}
+
+impl Team {
+    fn new(id: String, api_key: String) -> Self {
+        Self {
+            uuid: Uuid::parse_str(&id).ok(),
+            id,
+            api_key: RwLock::new(api_key),
+            faults: RwLock::new(None),
+        }
+    }
+
+    /// Team ids are UUIDs: compare them as such (any case), anything else as written.
+    fn is(&self, team: &str) -> bool {
+        match (Uuid::parse_str(team), self.uuid) {
+            (Ok(asked), Some(ours)) => asked == ours,
+            _ => team == self.id,
+        }
+    }
+
+    fn key_matches(&self, presented: &[u8]) -> bool {
+        let expected = self
+            .api_key
+            .read()
+            .expect("simulator api key lock poisoned");
+        presented == expected.as_bytes()
+    }
+}
+
+/// Who a request's `x-api-key` is, for the team its path names.
+pub(crate) enum Access {
+    Granted,
+    /// The key belongs to another team (or the path names no team): 404, as for an unknown team.
+    OtherTeam,
+    /// No team has this key, or there is none: 401.
+    Unauthorized,
+}
+
 /// State shared by every request.
 pub(crate) struct Shared {
-    team_id: String,
+    /// Index 0 is the primary team.
+    teams: Vec<Team>,
+    team_names: Arc<[String]>,
     implicit_records: bool,
     seed: u64,
-    api_key: RwLock<String>,
     faults: RwLock<Arc<ActiveFaults>>,
     rng: Mutex<StdRng>,
     store: Mutex<Store>,
@@ -93,21 +172,36 @@ pub(crate) struct Shared {
     shutdown: CancellationToken,
 }
 
+/// The primary team's index.
+const PRIMARY: TeamIndex = 0;
+
 impl Shared {
     fn new(config: SimConfig, shutdown: CancellationToken) -> Self {
+        let teams: Vec<Team> = std::iter::once(Team::new(config.team_id, config.api_key))
+            .chain(
+                config
+                    .extra_teams
+                    .into_iter()
+                    .map(|team| Team::new(team.team_id, team.api_key)),
+            )
+            .collect();
+        let team_names: Arc<[String]> = teams.iter().map(|team| team.id.clone()).collect();
         Self {
-            team_id: config.team_id,
             implicit_records: config.implicit_records,
             seed: config.seed,
-            api_key: RwLock::new(config.api_key),
             faults: RwLock::new(Arc::new(ActiveFaults::new(config.faults))),
             rng: Mutex::new(StdRng::seed_from_u64(config.seed)),
-            store: Mutex::new(Store::default()),
+            store: Mutex::new(Store::new(Arc::clone(&team_names))),
             idempotency: Mutex::new(IdempotencyCache::new(
                 config.idempotency_ttl,
                 IDEMPOTENCY_CAPACITY,
             )),
-            observations: Mutex::new(Observations::new(REQUEST_LOG_CAPACITY)),
+            observations: Mutex::new(Observations::new(
+                REQUEST_LOG_CAPACITY,
+                Arc::clone(&team_names),
+            )),
+            teams,
+            team_names,
             shutdown,
         }
     }
@@ -132,6 +226,21 @@ impl Shared {
             .expect("simulator observations lock poisoned")
     }
 
+    /// The team a path or an admin query names, if the simulator knows it.
+    fn find_team(&self, team: &str) -> Option<TeamIndex> {
+        self.teams.iter().position(|known| known.is(team))
+    }
+
+    fn team(&self, team: &str) -> Result<TeamIndex, UnknownTeam> {
+        self.find_team(team)
+            .ok_or_else(|| UnknownTeam(team.to_owned()))
+    }
+
+    fn team_name(&self, team: TeamIndex) -> &str {
+        &self.team_names[team]
+    }
+
+    /// The global profile.
     fn faults(&self) -> Arc<ActiveFaults> {
         Arc::clone(&self.faults.read().expect("simulator faults lock poisoned"))
     }
@@ -141,49 +250,87 @@ impl Shared {
             Arc::new(ActiveFaults::new(profile));
     }
 
-    fn set_api_key(&self, key: &str) {
-        *self
+    /// The team's own profile, if it has one.
+    fn team_faults(&self, team: TeamIndex) -> Option<Arc<ActiveFaults>> {
+        self.teams[team]
+            .faults
+            .read()
+            .expect("simulator faults lock poisoned")
+            .clone()
+    }
+
+    fn set_team_faults(&self, team: TeamIndex, profile: Option<FaultProfile>) {
+        *self.teams[team]
+            .faults
+            .write()
+            .expect("simulator faults lock poisoned") =
+            profile.map(|profile| Arc::new(ActiveFaults::new(profile)));
+    }
+
+    /// The profile in force for the team's requests: its own, else the global one.
+    fn faults_for(&self, team: TeamIndex) -> Arc<ActiveFaults> {
+        self.team_faults(team).unwrap_or_else(|| self.faults())
+    }
+
+    fn set_api_key(&self, team: TeamIndex, key: &str) {
+        *self.teams[team]
             .api_key
             .write()
             .expect("simulator api key lock poisoned") = key.to_owned();
     }
 
-    fn api_key_matches(&self, presented: Option<&[u8]>) -> bool {
-        let expected = self
-            .api_key
-            .read()
-            .expect("simulator api key lock poisoned");
-        presented.is_some_and(|presented| presented == expected.as_bytes())
-    }
-
-    /// Team ids are UUIDs: compare them as such (any case), anything else as written.
-    fn team_matches(&self, team: &str) -> bool {
-        match (Uuid::parse_str(team), Uuid::parse_str(&self.team_id)) {
-            (Ok(asked), Ok(ours)) => asked == ours,
-            _ => team == self.team_id,
+    /// A key opens only its own team; a key that opens no team at all is a 401.
+    fn access(&self, team: Option<TeamIndex>, presented: Option<&[u8]>) -> Access {
+        let Some(presented) = presented else {
+            return Access::Unauthorized;
+        };
+        if team.is_some_and(|team| self.teams[team].key_matches(presented)) {
+            Access::Granted
+        } else if self.teams.iter().any(|known| known.key_matches(presented)) {
+            Access::OtherTeam
+        } else {
+            Access::Unauthorized
         }
     }
 
     fn apply(
         &self,
+        team: TeamIndex,
         object_type: ObjectType,
+        operation: Operation,
         items: Vec<ApplyItem>,
         key: Option<&Arc<str>>,
     ) -> Vec<ApplyOutcome> {
-        self.store()
-            .apply(object_type, items, key, self.implicit_records)
+        self.store().apply(
+            team,
+            object_type,
+            operation,
+            items,
+            key,
+            self.implicit_records,
+        )
     }
 
-    fn observe(&self, path: &str, key: Option<&str>, outcome: RequestOutcome) {
-        self.observations().record("POST", path, key, outcome);
+    fn observe(&self, meta: &RequestMeta<'_>, outcome: RequestOutcome) {
+        self.observations().record("POST", meta, outcome);
     }
 
-    fn stats(&self) -> SimStats {
-        let mut stats = self.observations().stats();
-        stats.records = self.store().record_count();
+    /// Every request's counters, or one team's.
+    fn stats(&self, team: Option<TeamIndex>) -> SimStats {
+        let mut stats = self.observations().stats(team);
+        stats.records = self.store().record_count(team);
         let cache = self.idempotency();
-        stats.idempotency_keys_cached = cache.cached();
-        stats.idempotency_keys_in_progress = cache.in_progress();
+        match team {
+            None => {
+                stats.idempotency_keys_cached = cache.cached();
+                stats.idempotency_keys_in_progress = cache.in_progress();
+            }
+            Some(team) => {
+                let (cached, in_progress) = cache.counts_for_team(self.team_name(team));
+                stats.idempotency_keys_cached = cached;
+                stats.idempotency_keys_in_progress = in_progress;
+            }
+        }
         stats
     }
 
@@ -191,22 +338,45 @@ impl Shared {
         self.store().changes(filter)
     }
 
-    fn record(&self, object_type: ObjectType, id: Uuid) -> Option<Value> {
-        self.store().record(object_type, id)
+    fn record(&self, team: TeamIndex, object_type: ObjectType, id: Uuid) -> Option<Value> {
+        self.store().record(team, object_type, id)
     }
 
-    fn seed_record(&self, object_type: ObjectType, id: Uuid, body: Map<String, Value>) -> Value {
-        self.store().seed(object_type, id, body)
+    fn seed_record(
+        &self,
+        team: TeamIndex,
+        object_type: ObjectType,
+        id: Uuid,
+        body: Map<String, Value>,
+    ) -> Value {
+        self.store().seed(team, object_type, id, body)
     }
 
     /// Forgets records, the apply log, cached keys, statistics and recent requests, and re-seeds the
-    /// random generator; the API key and the fault profile stay as they are.
+    /// random generator; API keys and fault profiles (global and per team) stay as they are.
     fn reset(&self) {
-        *self.store() = Store::default();
+        *self.store() = Store::new(Arc::clone(&self.team_names));
         self.idempotency().clear();
-        *self.observations() = Observations::new(REQUEST_LOG_CAPACITY);
+        *self.observations() =
+            Observations::new(REQUEST_LOG_CAPACITY, Arc::clone(&self.team_names));
         *self.rng() = StdRng::seed_from_u64(self.seed);
     }
+}
+
+/// Team ids must be told apart: a second team with the same id could never be reached.
+fn check_teams(config: &SimConfig) -> Result<(), String> {
+    let mut seen: Vec<Team> = Vec::new();
+    let ids = std::iter::once(&config.team_id).chain(config.extra_teams.iter().map(|t| &t.team_id));
+    for id in ids {
+        if id.is_empty() {
+            return Err("a team id must not be empty".to_owned());
+        }
+        if seen.iter().any(|team| team.is(id)) {
+            return Err(format!("team {id:?} is configured twice"));
+        }
+        seen.push(Team::new(id.clone(), String::new()));
+    }
+    Ok(())
 }
 
 /// The simulator's entry point.
@@ -218,6 +388,8 @@ impl Simulator {
         config
             .faults
             .validate()
+            .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err))?;
+        check_teams(&config)
             .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err))?;
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
@@ -253,6 +425,10 @@ fn router(shared: Arc<Shared>) -> Router {
             "/v2/prism/{team_id}/{object_type}/batch/update",
             post(api::batch_update),
         )
+        .route(
+            "/v2/prism/{team_id}/{object_type}/batch/delete",
+            post(api::batch_delete),
+        )
         .route("/_sim/stats", get(admin::stats))
         .route("/_sim/requests", get(admin::requests))
         .route("/_sim/applied", get(admin::applied))
@@ -260,7 +436,9 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/_sim/records/{object_type}/{id}", get(admin::record))
         .route(
             "/_sim/faults",
-            get(admin::get_faults).put(admin::put_faults),
+            get(admin::get_faults)
+                .put(admin::put_faults)
+                .delete(admin::delete_faults),
         )
         .route("/_sim/api-key", put(admin::put_api_key))
         .route("/_sim/reset", post(admin::reset))
@@ -287,53 +465,161 @@ impl SimHandle {
         format!("http://{}", self.addr)
     }
 
+    /// The primary team's id.
     pub fn team_id(&self) -> &str {
-        &self.shared.team_id
+        self.shared.team_name(PRIMARY)
     }
 
-    /// Takes effect for the next request; requests already past their fault draw are not affected.
+    /// Every team's id, the primary team first, then the extra teams in configuration order.
+    pub fn team_ids(&self) -> Vec<String> {
+        self.shared.team_names.to_vec()
+    }
+
+    /// Replaces the global profile. Takes effect for the next request; requests already past their
+    /// fault draw are not affected. Teams with a profile of their own keep it.
     pub fn set_faults(&self, profile: FaultProfile) {
         self.shared.set_faults(profile);
     }
 
+    /// The global profile.
     pub fn faults(&self) -> FaultProfile {
         self.shared.faults().profile.clone()
     }
 
-    /// Replaces the accepted key: the way to revoke a key (and later restore it).
-    pub fn set_api_key(&self, key: &str) {
-        self.shared.set_api_key(key);
+    /// Gives `team` a profile of its own, used for its requests instead of the global one (same as
+    /// `PUT /_sim/faults?team=T`). Its draws come from the shared seeded generator.
+    pub fn set_faults_for_team(
+        &self,
+        team: &str,
+        profile: FaultProfile,
+    ) -> Result<(), UnknownTeam> {
+        let team = self.shared.team(team)?;
+        self.shared.set_team_faults(team, Some(profile));
+        Ok(())
     }
 
-    /// Every item applied, in apply order (`seq` ascending).
+    /// Removes `team`'s own profile: the global one applies to it again.
+    pub fn clear_faults_for_team(&self, team: &str) -> Result<(), UnknownTeam> {
+        let team = self.shared.team(team)?;
+        self.shared.set_team_faults(team, None);
+        Ok(())
+    }
+
+    /// `team`'s own profile, or `None` when it follows the global one.
+    pub fn faults_for_team(&self, team: &str) -> Result<Option<FaultProfile>, UnknownTeam> {
+        let team = self.shared.team(team)?;
+        Ok(self
+            .shared
+            .team_faults(team)
+            .map(|faults| faults.profile.clone()))
+    }
+
+    /// Replaces the primary team's key: the way to revoke a key (and later restore it).
+    pub fn set_api_key(&self, key: &str) {
+        self.shared.set_api_key(PRIMARY, key);
+    }
+
+    /// Replaces `team`'s key; other teams' keys are untouched.
+    pub fn set_api_key_for_team(&self, team: &str, key: &str) -> Result<(), UnknownTeam> {
+        let team = self.shared.team(team)?;
+        self.shared.set_api_key(team, key);
+        Ok(())
+    }
+
+    /// Every item applied to the primary team's records, in apply order (`seq` ascending).
     pub fn applied_log(&self) -> Vec<AppliedChange> {
+        self.shared.applied_log(LogFilter {
+            team: Some(PRIMARY),
+            ..LogFilter::default()
+        })
+    }
+
+    /// Every item applied to `team`'s records, in apply order.
+    pub fn applied_log_for_team(&self, team: &str) -> Result<Vec<AppliedChange>, UnknownTeam> {
+        let team = self.shared.team(team)?;
+        Ok(self.shared.applied_log(LogFilter {
+            team: Some(team),
+            ..LogFilter::default()
+        }))
+    }
+
+    /// Every item applied, whichever team's, in apply order (`seq` is gap-free here).
+    pub fn applied_log_all_teams(&self) -> Vec<AppliedChange> {
         self.shared.applied_log(LogFilter::default())
     }
 
-    /// The applied changes of one record, in apply order.
+    /// The applied changes of one of the primary team's records, in apply order.
     pub fn applied_to(&self, object_type: ObjectType, id: Uuid) -> Vec<AppliedChange> {
         self.shared.applied_log(LogFilter {
+            team: Some(PRIMARY),
             record_id: Some(id),
             object_type: Some(object_type),
             after_seq: 0,
         })
     }
 
-    /// The record as the API would return it, if it exists.
+    /// The applied changes of one of `team`'s records, in apply order.
+    pub fn applied_to_for_team(
+        &self,
+        team: &str,
+        object_type: ObjectType,
+        id: Uuid,
+    ) -> Result<Vec<AppliedChange>, UnknownTeam> {
+        let team = self.shared.team(team)?;
+        Ok(self.shared.applied_log(LogFilter {
+            team: Some(team),
+            record_id: Some(id),
+            object_type: Some(object_type),
+            after_seq: 0,
+        }))
+    }
+
+    /// The primary team's record as the API would return it, if it exists.
     pub fn record(&self, object_type: ObjectType, id: Uuid) -> Option<Value> {
-        self.shared.record(object_type, id)
+        self.shared.record(PRIMARY, object_type, id)
     }
 
-    /// Creates (or merges into) a record without logging an applied change: what a strict-mode test
-    /// needs before it can update the record.
+    /// `team`'s record as the API would return it, if it exists.
+    pub fn record_for_team(
+        &self,
+        team: &str,
+        object_type: ObjectType,
+        id: Uuid,
+    ) -> Result<Option<Value>, UnknownTeam> {
+        let team = self.shared.team(team)?;
+        Ok(self.shared.record(team, object_type, id))
+    }
+
+    /// Creates (or merges into) a record of the primary team without logging an applied change: what
+    /// a strict-mode test needs before it can update the record.
     pub fn seed_record(&self, object_type: ObjectType, id: Uuid, default: Map<String, Value>) {
-        let mut body = Map::new();
-        body.insert("default".into(), Value::Object(default));
-        self.shared.seed_record(object_type, id, body);
+        self.shared
+            .seed_record(PRIMARY, object_type, id, default_body(default));
     }
 
+    /// [`SimHandle::seed_record`] for `team`.
+    pub fn seed_record_for_team(
+        &self,
+        team: &str,
+        object_type: ObjectType,
+        id: Uuid,
+        default: Map<String, Value>,
+    ) -> Result<(), UnknownTeam> {
+        let team = self.shared.team(team)?;
+        self.shared
+            .seed_record(team, object_type, id, default_body(default));
+        Ok(())
+    }
+
+    /// Counters over every request, whichever team.
     pub fn stats(&self) -> SimStats {
-        self.shared.stats()
+        self.shared.stats(None)
+    }
+
+    /// Counters over the requests whose path named `team`, with that team's gauges.
+    pub fn stats_for_team(&self, team: &str) -> Result<SimStats, UnknownTeam> {
+        let team = self.shared.team(team)?;
+        Ok(self.shared.stats(Some(team)))
     }
 
     /// The most recent requests (at most [`REQUEST_LOG_CAPACITY`]), oldest first.
@@ -358,4 +644,10 @@ impl SimHandle {
             let _ = server.await;
         }
     }
+}
+
+fn default_body(default: Map<String, Value>) -> Map<String, Value> {
+    let mut body = Map::new();
+    body.insert("default".into(), Value::Object(default));
+    body
 }

@@ -3,8 +3,12 @@
 //! Each part sits behind its own `std::sync::Mutex`, held only for in-memory work (never across an
 //! `.await`), so a request takes each lock once and briefly.
 //!
-//! **Invariant:** a record is changed only inside [`Store::apply`], which appends to the apply log under
-//! the same lock; so the log's `seq` order is the order in which each record's changes were applied.
+//! Records are scoped per team: a record is `(team, object type, id)`, where the team is an index into
+//! the simulator's teams (0 is the primary team). Statistics are kept globally and per team.
+//!
+//! **Invariant:** a record is changed (updated or deleted) only inside [`Store::apply`], which appends
+//! to the apply log under the same lock; so the log's `seq` order is the order in which each record's
+//! changes were applied. `seq` is global across teams: one team's part of the log may skip numbers.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -22,14 +26,50 @@ use super::faults::FaultKind;
 /// The simulator speaks the same object types as the daemon.
 pub use crate::model::{ObjectType, UnknownObjectType};
 
-/// One item the simulator applied, in the order it applied them.
+/// What a batch endpoint does to each record it names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    /// `batch/update`: the item's properties are merged into the record (created first in
+    /// implicit-records mode).
+    #[default]
+    Update,
+    /// `batch/delete`: the record is removed; an id with no record is answered `not_found`.
+    Delete,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Update => "update",
+            Self::Delete => "delete",
+        }
+    }
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One item the simulator applied, in the order it applied them. A delete answered `not_found` was
+/// not applied and is not logged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AppliedChange {
-    /// Global, gap-free, starting at 1; per record it increases in apply order.
+    /// Global (across teams), gap-free, starting at 1; per record it increases in apply order.
     pub seq: u64,
+    /// The team whose record changed, as configured ([`super::SimConfig::team_id`] or an extra
+    /// team's id). Empty when read from a log written before teams existed.
+    #[serde(default)]
+    pub team: String,
+    /// `"update"` or `"delete"`; `"update"` when absent (logs written before deletes existed).
+    #[serde(default)]
+    pub operation: Operation,
     pub object_type: ObjectType,
     pub record_id: Uuid,
-    /// The item exactly as it arrived in the request (including its `id`).
+    /// For an update, the item exactly as it arrived in the request (including its `id`). For a
+    /// delete, `null`: a delete carries no patch, and `record_id` names the record.
     pub item: Value,
     /// The `Idempotency-Key` of the request that carried it, if it had one.
     pub idempotency_key: Option<String>,
@@ -104,14 +144,22 @@ pub(crate) struct ApplyItem {
 
 /// What applying one item did.
 pub(crate) enum ApplyOutcome {
-    /// The record as it stands after the change.
+    /// Updated: the record as it stands after the change.
     Applied(Box<RawValue>),
+    /// Deleted: the record is gone.
+    Deleted,
     NotFound,
 }
 
+/// A team, as the store and the statistics know it: an index into the simulator's teams, 0 being
+/// the primary team ([`super::SimConfig::team_id`]).
+pub(crate) type TeamIndex = usize;
+
 /// An apply-log entry as stored: the item's bytes rather than a parsed copy, which keeps applying
-/// cheap (no deep clone per item) and the log compact.
+/// cheap (no deep clone per item) and the log compact. A delete's `raw` is empty.
 struct LoggedChange {
+    team: TeamIndex,
+    operation: Operation,
     object_type: ObjectType,
     record_id: Uuid,
     raw: Bytes,
@@ -119,13 +167,19 @@ struct LoggedChange {
 }
 
 impl LoggedChange {
-    fn to_public(&self, seq: u64) -> AppliedChange {
+    fn to_public(&self, seq: u64, team_names: &[String]) -> AppliedChange {
+        let item = match self.operation {
+            // The bytes were parsed as JSON before they were logged.
+            Operation::Update => serde_json::from_slice(&self.raw).unwrap_or(Value::Null),
+            Operation::Delete => Value::Null,
+        };
         AppliedChange {
             seq,
+            team: team_names.get(self.team).cloned().unwrap_or_default(),
+            operation: self.operation,
             object_type: self.object_type,
             record_id: self.record_id,
-            // The bytes were parsed as JSON before they were logged.
-            item: serde_json::from_slice(&self.raw).unwrap_or(Value::Null),
+            item,
             idempotency_key: self.idempotency_key.as_deref().map(str::to_owned),
         }
     }
@@ -134,23 +188,38 @@ impl LoggedChange {
 /// Which changes to list from the apply log.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct LogFilter {
+    /// `None`: every team.
+    pub team: Option<TeamIndex>,
     pub record_id: Option<Uuid>,
     pub object_type: Option<ObjectType>,
     pub after_seq: u64,
 }
 
-#[derive(Default)]
 pub(crate) struct Store {
-    records: HashMap<(ObjectType, Uuid), Record>,
+    /// Team names by index, for the public form of the log.
+    team_names: Arc<[String]>,
+    records: HashMap<(TeamIndex, ObjectType, Uuid), Record>,
     /// Entry `i` has `seq` `i + 1`.
     log: Vec<LoggedChange>,
 }
 
 impl Store {
-    /// Applies the items in order; with `implicit_records` off, an unseeded id is `not_found`.
+    pub fn new(team_names: Arc<[String]>) -> Self {
+        Self {
+            team_names,
+            records: HashMap::new(),
+            log: Vec::new(),
+        }
+    }
+
+    /// Applies the items in order. An update of an id with no record is `not_found` when
+    /// `implicit_records` is off, and creates the record otherwise; a delete of an id with no record
+    /// is `not_found` either way. Only what was applied is logged.
     pub fn apply(
         &mut self,
+        team: TeamIndex,
         object_type: ObjectType,
+        operation: Operation,
         items: Vec<ApplyItem>,
         idempotency_key: Option<&Arc<str>>,
         implicit_records: bool,
@@ -158,35 +227,52 @@ impl Store {
         items
             .into_iter()
             .map(|item| {
-                let record = match self.records.get_mut(&(object_type, item.id)) {
-                    Some(record) => record,
-                    None if implicit_records => {
-                        self.records.entry((object_type, item.id)).or_default()
+                let key = (team, object_type, item.id);
+                let outcome = match operation {
+                    Operation::Update => {
+                        let record = match self.records.get_mut(&key) {
+                            Some(record) => record,
+                            None if implicit_records => self.records.entry(key).or_default(),
+                            None => return ApplyOutcome::NotFound,
+                        };
+                        record.merge(item.body);
+                        ApplyOutcome::Applied(record.to_raw(item.id))
                     }
-                    None => return ApplyOutcome::NotFound,
+                    Operation::Delete => match self.records.remove(&key) {
+                        Some(_) => ApplyOutcome::Deleted,
+                        None => return ApplyOutcome::NotFound,
+                    },
                 };
-                record.merge(item.body);
-                let snapshot = record.to_raw(item.id);
                 self.log.push(LoggedChange {
+                    team,
+                    operation,
                     object_type,
                     record_id: item.id,
                     raw: item.raw,
                     idempotency_key: idempotency_key.cloned(),
                 });
-                ApplyOutcome::Applied(snapshot)
+                outcome
             })
             .collect()
     }
 
     /// Creates or merges a record without logging it as an applied change (test set-up).
-    pub fn seed(&mut self, object_type: ObjectType, id: Uuid, body: Map<String, Value>) -> Value {
-        let record = self.records.entry((object_type, id)).or_default();
+    pub fn seed(
+        &mut self,
+        team: TeamIndex,
+        object_type: ObjectType,
+        id: Uuid,
+        body: Map<String, Value>,
+    ) -> Value {
+        let record = self.records.entry((team, object_type, id)).or_default();
         record.merge(body);
         record.to_json(id)
     }
 
-    pub fn record(&self, object_type: ObjectType, id: Uuid) -> Option<Value> {
-        self.records.get(&(object_type, id)).map(|r| r.to_json(id))
+    pub fn record(&self, team: TeamIndex, object_type: ObjectType, id: Uuid) -> Option<Value> {
+        self.records
+            .get(&(team, object_type, id))
+            .map(|r| r.to_json(id))
     }
 
     pub fn changes(&self, filter: LogFilter) -> Vec<AppliedChange> {
@@ -195,14 +281,19 @@ impl Store {
             .iter()
             .enumerate()
             .skip(skip)
+            .filter(|(_, change)| filter.team.is_none_or(|team| change.team == team))
             .filter(|(_, change)| filter.record_id.is_none_or(|id| change.record_id == id))
             .filter(|(_, change)| filter.object_type.is_none_or(|t| change.object_type == t))
-            .map(|(index, change)| change.to_public(index as u64 + 1))
+            .map(|(index, change)| change.to_public(index as u64 + 1, &self.team_names))
             .collect()
     }
 
-    pub fn record_count(&self) -> usize {
-        self.records.len()
+    /// Records of one team, or of all teams.
+    pub fn record_count(&self, team: Option<TeamIndex>) -> usize {
+        match team {
+            None => self.records.len(),
+            Some(team) => self.records.keys().filter(|(t, _, _)| *t == team).count(),
+        }
     }
 }
 
@@ -319,6 +410,17 @@ impl IdempotencyCache {
         self.order.len()
     }
 
+    /// `(cached, in progress)` for the keys of one team.
+    pub fn counts_for_team(&self, team: &str) -> (usize, usize) {
+        self.slots
+            .iter()
+            .filter(|((owner, _), _)| owner == team)
+            .fold((0, 0), |(done, running), (_, slot)| match slot {
+                Slot::Done { .. } => (done + 1, running),
+                Slot::InProgress { .. } => (done, running + 1),
+            })
+    }
+
     pub fn clear(&mut self) {
         // In-progress keys stay: their requests are still running and will complete or release them.
         self.slots
@@ -347,7 +449,8 @@ impl IdempotencyCache {
     }
 }
 
-/// Counters the simulator keeps; `GET /_sim/stats` returns them as JSON.
+/// Counters the simulator keeps; `GET /_sim/stats` returns them as JSON, and `GET /_sim/stats?team=T`
+/// the same counters for the requests whose path named team `T` (with the gauges for that team).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SimStats {
     pub requests_total: u64,
@@ -392,8 +495,14 @@ pub struct RequestLogEntry {
     pub method: String,
     pub path: String,
     pub idempotency_key: Option<String>,
+    /// The team the path named, as configured; `null` when it named no team the simulator knows.
+    #[serde(default)]
+    pub team: Option<String>,
+    /// Which batch endpoint was called.
+    #[serde(default)]
+    pub operation: Operation,
     pub status: u16,
-    /// Items in the request body (0 when it was not read or not parseable).
+    /// Items (or ids) in the request body (0 when it was not read or not parseable).
     pub items: usize,
     pub replay: bool,
     /// Faults injected into this request, by kind.
@@ -414,36 +523,59 @@ pub(crate) struct RequestOutcome {
     pub faults: Vec<(FaultKind, u64)>,
 }
 
-/// Statistics and the bounded ring of recent requests.
+/// Which request an outcome belongs to, for the request log and the per-team statistics.
+pub(crate) struct RequestMeta<'a> {
+    pub path: &'a str,
+    /// The `Idempotency-Key` header as sent (even if it was refused).
+    pub key: Option<&'a str>,
+    /// The team the path named, if the simulator knows it.
+    pub team: Option<TeamIndex>,
+    pub operation: Operation,
+}
+
+impl SimStats {
+    fn count(&mut self, outcome: &RequestOutcome) {
+        self.requests_total += 1;
+        *self.requests_by_status.entry(outcome.status).or_default() += 1;
+        self.replays += u64::from(outcome.replay);
+        self.items_applied += outcome.items_applied;
+        self.items_failed += outcome.items_failed;
+        self.idempotency_mismatches += u64::from(outcome.mismatch);
+        self.idempotency_in_progress += u64::from(outcome.in_progress);
+        for (kind, count) in &outcome.faults {
+            *self
+                .faults_injected
+                .entry(kind.as_str().to_owned())
+                .or_default() += count;
+        }
+    }
+}
+
+/// Statistics (global and per team) and the bounded ring of recent requests.
 pub(crate) struct Observations {
     stats: SimStats,
+    /// Indexed by [`TeamIndex`].
+    team_stats: Vec<SimStats>,
+    team_names: Arc<[String]>,
     recent: VecDeque<RequestLogEntry>,
     capacity: usize,
 }
 
 impl Observations {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, team_names: Arc<[String]>) -> Self {
         Self {
             stats: SimStats::default(),
+            team_stats: vec![SimStats::default(); team_names.len()],
+            team_names,
             recent: VecDeque::new(),
             capacity: capacity.max(1),
         }
     }
 
-    pub fn record(&mut self, method: &str, path: &str, key: Option<&str>, outcome: RequestOutcome) {
-        let stats = &mut self.stats;
-        stats.requests_total += 1;
-        *stats.requests_by_status.entry(outcome.status).or_default() += 1;
-        stats.replays += u64::from(outcome.replay);
-        stats.items_applied += outcome.items_applied;
-        stats.items_failed += outcome.items_failed;
-        stats.idempotency_mismatches += u64::from(outcome.mismatch);
-        stats.idempotency_in_progress += u64::from(outcome.in_progress);
-        for (kind, count) in &outcome.faults {
-            *stats
-                .faults_injected
-                .entry(kind.as_str().to_owned())
-                .or_default() += count;
+    pub fn record(&mut self, method: &str, meta: &RequestMeta<'_>, outcome: RequestOutcome) {
+        self.stats.count(&outcome);
+        if let Some(stats) = meta.team.and_then(|team| self.team_stats.get_mut(team)) {
+            stats.count(&outcome);
         }
         if self.recent.len() == self.capacity {
             self.recent.pop_front();
@@ -451,8 +583,13 @@ impl Observations {
         self.recent.push_back(RequestLogEntry {
             at: now_rfc3339(),
             method: method.to_owned(),
-            path: path.to_owned(),
-            idempotency_key: key.map(str::to_owned),
+            path: meta.path.to_owned(),
+            idempotency_key: meta.key.map(str::to_owned),
+            team: meta
+                .team
+                .and_then(|team| self.team_names.get(team))
+                .cloned(),
+            operation: meta.operation,
             status: outcome.status,
             items: outcome.items,
             replay: outcome.replay,
@@ -464,8 +601,12 @@ impl Observations {
         });
     }
 
-    pub fn stats(&self) -> SimStats {
-        self.stats.clone()
+    /// The counters of one team, or of every request.
+    pub fn stats(&self, team: Option<TeamIndex>) -> SimStats {
+        match team {
+            None => self.stats.clone(),
+            Some(team) => self.team_stats.get(team).cloned().unwrap_or_default(),
+        }
     }
 
     /// The most recent `limit` requests, oldest first.
@@ -527,6 +668,53 @@ mod tests {
         assert_eq!(cache.cached(), 2);
         assert!(matches!(cache.claim(&key("a"), 1, now), Claim::Fresh));
         assert!(matches!(cache.claim(&key("c"), 1, now), Claim::Replay(_)));
+    }
+
+    fn apply_one(store: &mut Store, team: TeamIndex, operation: Operation, id: Uuid) -> bool {
+        let item = ApplyItem {
+            id,
+            body: Map::new(),
+            raw: Bytes::from_static(b"{}"),
+        };
+        let outcome = store.apply(team, ObjectType::Contact, operation, vec![item], None, true);
+        !matches!(outcome[..], [ApplyOutcome::NotFound])
+    }
+
+    #[test]
+    fn a_delete_removes_only_its_teams_record_and_only_an_applied_one_is_logged() {
+        let mut store = Store::new(vec!["a".to_owned(), "b".to_owned()].into());
+        let id = Uuid::new_v4();
+        assert!(apply_one(&mut store, 0, Operation::Update, id));
+        assert!(apply_one(&mut store, 1, Operation::Update, id));
+        assert!(apply_one(&mut store, 1, Operation::Delete, id));
+        assert!(!apply_one(&mut store, 1, Operation::Delete, id));
+        assert!(store.record(0, ObjectType::Contact, id).is_some());
+        assert!(store.record(1, ObjectType::Contact, id).is_none());
+        assert_eq!(
+            (store.record_count(None), store.record_count(Some(1))),
+            (1, 0)
+        );
+
+        let log = store.changes(LogFilter::default());
+        assert_eq!(log.len(), 3);
+        assert_eq!(log[2].seq, 3);
+        assert_eq!(log[2].team, "b");
+        assert_eq!(log[2].operation, Operation::Delete);
+        assert_eq!(log[2].item, Value::Null);
+        let only_b = store.changes(LogFilter {
+            team: Some(1),
+            ..LogFilter::default()
+        });
+        assert_eq!(only_b.iter().map(|c| c.seq).collect::<Vec<_>>(), [2, 3]);
+    }
+
+    #[test]
+    fn an_applied_change_without_team_or_operation_reads_as_an_update() {
+        let old = r#"{"seq": 1, "object_type": "contact",
+            "record_id": "182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e", "item": {}, "idempotency_key": null}"#;
+        let change: AppliedChange = serde_json::from_str(old).expect("old shape parses");
+        assert_eq!(change.operation, Operation::Update);
+        assert_eq!(change.team, "");
     }
 
     #[test]
