@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::model::{ObjectType, RowState};
+use crate::model::{ObjectType, Operation, RowState};
 use crate::ops;
 use crate::settings::Settings;
 use crate::store::Store;
@@ -104,6 +104,12 @@ pub struct ReplayArgs {
     pub record_id: Option<Uuid>,
     #[arg(long)]
     pub object_type: Option<ObjectType>,
+    /// Rows of this team (its id; the default team's rows include those with an empty team_id).
+    #[arg(long, value_name = "TEAM_ID")]
+    pub team: Option<String>,
+    /// Only updates or only deletes.
+    #[arg(long)]
+    pub operation: Option<Operation>,
     /// Enqueued at or after: an RFC 3339 time or a duration ago (2h).
     #[arg(long, value_parser = ops::parse_time)]
     pub since: Option<time::OffsetDateTime>,
@@ -286,6 +292,14 @@ pub async fn execute(
                 error_code: args.error_code.clone(),
                 record_id: args.record_id,
                 object_type: args.object_type,
+                teams: match &args.team {
+                    Some(team) if *team == settings.micro.team_id || team.is_empty() => {
+                        vec![String::new(), settings.micro.team_id.clone()]
+                    }
+                    Some(team) => vec![team.clone()],
+                    None => Vec::new(),
+                },
+                operation: args.operation,
                 since: args.since,
                 until: args.until,
                 include_retrying: args.include_retrying,

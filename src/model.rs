@@ -70,11 +70,24 @@ impl FromStr for ObjectType {
 /// What a row asks of its record: `update` (the default) goes to `batch/update` with the patch,
 /// `delete` to `batch/delete` with the record id only. Batches never mix operations.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Operation {
+    /// `batch/update`: the patch is merged into the record.
+    #[default]
     Update,
+    /// `batch/delete`: the record is removed.
     Delete,
 }
 

@@ -12,6 +12,9 @@ pub struct RowView {
     pub id: i64,
     pub record_id: String,
     pub object_type: String,
+    pub operation: String,
+    /// As stored: empty for the configured default team.
+    pub team_id: String,
     pub state: String,
     pub attempts: i64,
     pub enqueued_at: Option<String>,
@@ -40,6 +43,9 @@ pub struct BatchView {
     pub id: String,
     pub idempotency_key: String,
     pub object_type: String,
+    pub operation: String,
+    /// As stored: empty for the configured default team.
+    pub team_id: String,
     pub state: String,
     pub attempts: i64,
     pub item_count: i64,
@@ -78,16 +84,19 @@ impl From<sqlx::Error> for InspectError {
 const ROW_COLUMNS_SQLITE: &str =
     "SELECT id, CAST(record_id AS BLOB), CAST(object_type AS BLOB), state, attempts,
     enqueued_at, next_attempt_at, completed_at, batch_id, last_error_code, last_error_message,
-    CAST(substr(CAST(patch AS BLOB), 1, 65536) AS BLOB) FROM prism_outbox";
+    CAST(substr(CAST(patch AS BLOB), 1, 65536) AS BLOB), CAST(operation AS BLOB), CAST(team_id AS BLOB)
+    FROM prism_outbox";
 const ROW_COLUMNS_PG: &str = "SELECT id, record_id::text, object_type, state, attempts::bigint,
     enqueued_at::text, next_attempt_at::text, completed_at::text, batch_id::text, last_error_code,
-    last_error_message, left(patch::text, 65536) FROM prism_outbox";
+    last_error_message, left(patch::text, 65536), operation, team_id FROM prism_outbox";
 
 fn row_view(r: &AnyRow) -> Result<RowView, sqlx::Error> {
     Ok(RowView {
         id: r.int(0)?.unwrap_or(0),
         record_id: r.lossy(1)?.unwrap_or_default(),
         object_type: r.lossy(2)?.unwrap_or_default(),
+        operation: r.lossy(12)?.unwrap_or_default(),
+        team_id: r.lossy(13)?.unwrap_or_default(),
         state: r.text(3)?.unwrap_or_default(),
         attempts: r.int(4)?.unwrap_or(0),
         enqueued_at: r.text(5)?,
@@ -130,7 +139,7 @@ pub async fn batch(store: &Store, id: Uuid) -> Result<BatchView, InspectError> {
             let head = sqlx::query(
                 "SELECT id, idempotency_key, object_type, state, attempts, item_count, row_count, created_at,
                         completed_at, next_attempt_at, lease_owner, lease_expires_at, parent_id, last_status,
-                        last_error, body, items
+                        last_error, body, items, operation, team_id
                  FROM prism_batches WHERE id = ?1",
             )
             .bind(&key)
@@ -160,7 +169,8 @@ pub async fn batch(store: &Store, id: Uuid) -> Result<BatchView, InspectError> {
             let head = sqlx::query(
                 "SELECT id::text, idempotency_key, object_type, state, attempts::bigint, item_count::bigint,
                         row_count::bigint, created_at::text, completed_at::text, next_attempt_at::text, lease_owner,
-                        lease_expires_at::text, parent_id::text, last_status::bigint, last_error, body, items
+                        lease_expires_at::text, parent_id::text, last_status::bigint, last_error, body, items,
+                        operation, team_id
                  FROM prism_batches WHERE id = $1",
             )
             .bind(id)
@@ -225,6 +235,8 @@ pub async fn batch(store: &Store, id: Uuid) -> Result<BatchView, InspectError> {
         id: h.text(0)?.unwrap_or_default(),
         idempotency_key: h.text(1)?.unwrap_or_default(),
         object_type: h.text(2)?.unwrap_or_default(),
+        operation: h.text(17)?.unwrap_or_default(),
+        team_id: h.text(18)?.unwrap_or_default(),
         state: h.text(3)?.unwrap_or_default(),
         attempts: h.int(4)?.unwrap_or(0),
         item_count: h.int(5)?.unwrap_or(0),
@@ -270,6 +282,16 @@ pub fn render_row(r: &RowView, out: &mut impl std::io::Write) -> std::io::Result
     writeln!(out, "  record:        {} {}", r.object_type, r.record_id)?;
     writeln!(
         out,
+        "  change:        {} for team {}",
+        r.operation,
+        if r.team_id.is_empty() {
+            "(default)"
+        } else {
+            &r.team_id
+        }
+    )?;
+    writeln!(
+        out,
         "  state:         {} after {} attempt(s)",
         r.state, r.attempts
     )?;
@@ -302,7 +324,18 @@ pub fn render_row(r: &RowView, out: &mut impl std::io::Write) -> std::io::Result
 
 pub fn render_batch(b: &BatchView, out: &mut impl std::io::Write) -> std::io::Result<()> {
     let o = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-    writeln!(out, "batch {} ({})", b.id, b.object_type)?;
+    writeln!(
+        out,
+        "batch {} ({} {}, team {})",
+        b.id,
+        b.object_type,
+        b.operation,
+        if b.team_id.is_empty() {
+            "(default)"
+        } else {
+            &b.team_id
+        }
+    )?;
     writeln!(out, "  idempotency key: {}", b.idempotency_key)?;
     writeln!(
         out,

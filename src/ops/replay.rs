@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::status::AnyRow;
-use crate::model::ObjectType;
+use crate::model::{ObjectType, Operation};
 use crate::store::{Store, StoreError, StoreKind};
 
 /// Which rows to replay. At least one criterion (or `all`) is required.
@@ -18,6 +18,9 @@ pub struct ReplayFilter {
     pub error_code: Option<String>,
     pub record_id: Option<Uuid>,
     pub object_type: Option<ObjectType>,
+    /// `team_id` values as stored (`''` is the default team); empty: any team.
+    pub teams: Vec<String>,
+    pub operation: Option<Operation>,
     #[serde(with = "time::serde::rfc3339::option")]
     pub since: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -33,6 +36,8 @@ impl ReplayFilter {
             && self.error_code.is_none()
             && self.record_id.is_none()
             && self.object_type.is_none()
+            && self.teams.is_empty()
+            && self.operation.is_none()
             && self.since.is_none()
             && self.until.is_none()
             && !self.all
@@ -53,7 +58,7 @@ pub struct Candidate {
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error(
-        "choose the rows to replay: --id, --batch, --error-code, --record-id, --object-type, --since/--until, or --all"
+        "choose the rows to replay: --id, --batch, --error-code, --record-id, --object-type, --team, --operation, --since/--until, or --all"
     )]
     NoFilter,
     #[error(transparent)]
@@ -73,7 +78,9 @@ const WHERE_SQLITE: &str = " WHERE (state = 'dead' OR (?1 AND state = 'retrying'
     AND (?5 IS NULL OR lower(record_id) = ?5)
     AND (?6 IS NULL OR object_type = ?6)
     AND (?7 IS NULL OR enqueued_at >= ?7)
-    AND (?8 IS NULL OR enqueued_at < ?8)";
+    AND (?8 IS NULL OR enqueued_at < ?8)
+    AND (?9 IS NULL OR team_id IN (SELECT value FROM json_each(?9)))
+    AND (?10 IS NULL OR operation = ?10)";
 
 const WHERE_PG: &str = " WHERE (state = 'dead' OR ($1 AND state = 'retrying'))
     AND ($2::bigint[] IS NULL OR id = ANY($2))
@@ -82,7 +89,9 @@ const WHERE_PG: &str = " WHERE (state = 'dead' OR ($1 AND state = 'retrying'))
     AND ($5::uuid IS NULL OR record_id = $5)
     AND ($6::text IS NULL OR object_type = $6)
     AND ($7::timestamptz IS NULL OR enqueued_at >= $7)
-    AND ($8::timestamptz IS NULL OR enqueued_at < $8)";
+    AND ($8::timestamptz IS NULL OR enqueued_at < $8)
+    AND ($9::text[] IS NULL OR team_id = ANY($9))
+    AND ($10::text IS NULL OR operation = $10)";
 
 macro_rules! bind_filter {
     (sqlite, $q:expr, $f:expr) => {
@@ -94,6 +103,8 @@ macro_rules! bind_filter {
             .bind($f.object_type.map(|t| t.as_str()))
             .bind($f.since.map(super::sqlite_time))
             .bind($f.until.map(super::sqlite_time))
+            .bind((!$f.teams.is_empty()).then(|| serde_json::to_string(&$f.teams).expect("serialises")))
+            .bind($f.operation.map(|o| o.as_str()))
     };
     (pg, $q:expr, $f:expr) => {
         $q.bind($f.include_retrying)
@@ -104,6 +115,8 @@ macro_rules! bind_filter {
             .bind($f.object_type.map(|t| t.as_str()))
             .bind($f.since)
             .bind($f.until)
+            .bind((!$f.teams.is_empty()).then(|| $f.teams.clone()))
+            .bind($f.operation.map(|o| o.as_str()))
     };
 }
 

@@ -22,7 +22,10 @@ const KEY_AGE_STUCK_SECONDS: f64 = 20.0 * 3600.0;
 pub struct InFlightBatch {
     pub id: String,
     pub idempotency_key: String,
+    /// `default` for the configured default team.
+    pub team: String,
     pub object_type: String,
+    pub operation: String,
     pub items: i64,
     pub rows: i64,
     pub attempts: i64,
@@ -53,6 +56,9 @@ pub struct StatusReport {
     pub database: String,
     pub rows: BTreeMap<String, i64>,
     pub rows_by_object_type: BTreeMap<String, BTreeMap<String, i64>>,
+    /// By team id; `default` holds the rows with an empty `team_id` (the configured team).
+    pub rows_by_team: BTreeMap<String, BTreeMap<String, i64>>,
+    pub rows_by_operation: BTreeMap<String, BTreeMap<String, i64>>,
     pub dead_by_error_code: BTreeMap<String, i64>,
     pub dead_codes: BTreeMap<String, DeadCode>,
     pub oldest_pending_age_seconds: f64,
@@ -138,19 +144,27 @@ pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
         .map(|s| (s.as_str().to_owned(), 0))
         .collect();
     let mut by_type: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    let mut by_team: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    let mut by_operation: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
     let counted = fetch_all!(
         store,
-        "SELECT object_type, state, count(*) FROM prism_outbox GROUP BY object_type, state",
-        "SELECT object_type, state, count(*) FROM prism_outbox GROUP BY object_type, state"
+        "SELECT CAST(object_type AS BLOB), state, count(*), CAST(team_id AS BLOB), CAST(operation AS BLOB)
+         FROM prism_outbox GROUP BY 1, 2, 4, 5",
+        "SELECT object_type, state, count(*), team_id, operation
+         FROM prism_outbox GROUP BY 1, 2, 4, 5"
     );
     for r in &counted {
         let (t, s, n) = (
-            r.text(0)?.unwrap_or_default(),
+            r.lossy(0)?.unwrap_or_default(),
             r.text(1)?.unwrap_or_default(),
             r.int(2)?.unwrap_or(0),
         );
+        let team = team_label(r.lossy(3)?.unwrap_or_default());
+        let operation = r.lossy(4)?.unwrap_or_default();
         *rows.entry(s.clone()).or_default() += n;
-        *by_type.entry(t).or_default().entry(s).or_default() += n;
+        *by_type.entry(t).or_default().entry(s.clone()).or_default() += n;
+        *by_team.entry(team).or_default().entry(s.clone()).or_default() += n;
+        *by_operation.entry(operation).or_default().entry(s).or_default() += n;
     }
     let mut dead_codes = BTreeMap::new();
     let dead = fetch_all!(
@@ -174,11 +188,13 @@ pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
         store,
         "SELECT id, idempotency_key, object_type, item_count, row_count, attempts,
                 (julianday('now') - julianday(created_at)) * 86400.0, lease_owner,
-                max(0.0, (julianday(next_attempt_at) - julianday('now')) * 86400.0), last_status, last_error
+                max(0.0, (julianday(next_attempt_at) - julianday('now')) * 86400.0), last_status, last_error,
+                team_id, operation
          FROM prism_batches WHERE state = 'open' ORDER BY created_at LIMIT 20",
         "SELECT id::text, idempotency_key, object_type, item_count::bigint, row_count::bigint, attempts::bigint,
                 extract(epoch FROM now() - created_at)::float8, lease_owner,
-                greatest(0, extract(epoch FROM next_attempt_at - now()))::float8, last_status::bigint, last_error
+                greatest(0, extract(epoch FROM next_attempt_at - now()))::float8, last_status::bigint, last_error,
+                team_id, operation
          FROM prism_batches WHERE state = 'open' ORDER BY created_at LIMIT 20"
     )
     .iter()
@@ -186,7 +202,9 @@ pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
         Ok(InFlightBatch {
             id: r.text(0)?.unwrap_or_default(),
             idempotency_key: r.text(1)?.unwrap_or_default(),
+            team: team_label(r.text(11)?.unwrap_or_default()),
             object_type: r.text(2)?.unwrap_or_default(),
+            operation: r.text(12)?.unwrap_or_default(),
             items: r.int(3)?.unwrap_or(0),
             rows: r.int(4)?.unwrap_or(0),
             attempts: r.int(5)?.unwrap_or(0),
@@ -218,6 +236,8 @@ pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
         database: store.kind().to_owned(),
         rows,
         rows_by_object_type: by_type,
+        rows_by_team: by_team,
+        rows_by_operation: by_operation,
         dead_by_error_code: dead_codes
             .iter()
             .map(|(k, v)| (k.clone(), v.rows))
@@ -232,6 +252,15 @@ pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
     })
 }
 
+/// `team_id` as shown: the empty value is the configured default team.
+fn team_label(team: String) -> String {
+    if team.is_empty() {
+        "default".into()
+    } else {
+        team
+    }
+}
+
 /// The readable view.
 pub fn render(report: &StatusReport, out: &mut impl std::io::Write) -> std::io::Result<()> {
     let n = |s: &str| report.rows.get(s).copied().unwrap_or(0);
@@ -243,10 +272,32 @@ pub fn render(report: &StatusReport, out: &mut impl std::io::Write) -> std::io::
     )?;
     writeln!(out)?;
     let mut rows = Vec::new();
-    for (object_type, states) in &report.rows_by_object_type {
+    let mut groups: Vec<(String, &BTreeMap<String, i64>)> = report
+        .rows_by_object_type
+        .iter()
+        .map(|(t, states)| (t.clone(), states))
+        .collect();
+    // Deletes and teams get their own lines only when there is more than one of them.
+    if report.rows_by_operation.len() > 1 {
+        groups.extend(
+            report
+                .rows_by_operation
+                .iter()
+                .map(|(o, states)| (format!("operation {o}"), states)),
+        );
+    }
+    if report.rows_by_team.len() > 1 {
+        groups.extend(
+            report
+                .rows_by_team
+                .iter()
+                .map(|(t, states)| (format!("team {t}"), states)),
+        );
+    }
+    for (group, states) in groups {
         let g = |s: &str| states.get(s).copied().unwrap_or(0).to_string();
         rows.push(vec![
-            object_type.clone(),
+            group,
             g("pending"),
             g("in_flight"),
             g("retrying"),
@@ -294,7 +345,11 @@ pub fn render(report: &StatusReport, out: &mut impl std::io::Write) -> std::io::
             .map(|b| {
                 vec![
                     b.id.clone(),
-                    b.object_type.clone(),
+                    if b.team == "default" {
+                        format!("{} {}", b.object_type, b.operation)
+                    } else {
+                        format!("{} {} ({})", b.object_type, b.operation, b.team)
+                    },
                     format!("{}/{}", b.items, b.rows),
                     b.attempts.to_string(),
                     human_age(b.age_seconds),
@@ -311,7 +366,7 @@ pub fn render(report: &StatusReport, out: &mut impl std::io::Write) -> std::io::
             out,
             &[
                 "batch",
-                "type",
+                "what",
                 "items/rows",
                 "attempts",
                 "age",

@@ -24,34 +24,7 @@ use uuid::Uuid;
 use super::faults::FaultKind;
 
 /// The simulator speaks the same object types as the daemon.
-pub use crate::model::{ObjectType, UnknownObjectType};
-
-/// What a batch endpoint does to each record it names.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Operation {
-    /// `batch/update`: the item's properties are merged into the record (created first in
-    /// implicit-records mode).
-    #[default]
-    Update,
-    /// `batch/delete`: the record is removed; an id with no record is answered `not_found`.
-    Delete,
-}
-
-impl Operation {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Update => "update",
-            Self::Delete => "delete",
-        }
-    }
-}
-
-impl std::fmt::Display for Operation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::model::{ObjectType, Operation, UnknownObjectType};
 
 /// One item the simulator applied, in the order it applied them. A delete answered `not_found` was
 /// not applied and is not logged.

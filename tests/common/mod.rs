@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prism_sync::client::MicroClient;
 use prism_sync::engine::{Engine, EngineConfig};
 use prism_sync::health::Health;
 use prism_sync::settings::Settings;
@@ -194,17 +193,11 @@ pub async fn start_engine(settings: &Settings) -> RunningEngine {
     store_settings.max_connections = 4;
     let store = Store::connect(&store_settings).await.expect("connect");
     store.migrate().await.expect("migrate");
-    let client = MicroClient::new(
-        &settings.micro.base_url,
-        &settings.micro.team_id,
-        settings.micro.resolve_api_key().unwrap(),
-        &settings.http,
-    )
-    .expect("client");
+    let clients = prism_sync::daemon::team_clients(settings).expect("team clients");
     let health = Arc::new(Health::default());
-    let engine = Engine::new(
+    let engine = Engine::with_teams(
         store,
-        client,
+        clients,
         EngineConfig::from_settings(settings),
         health.clone(),
     );
