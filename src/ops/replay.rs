@@ -103,7 +103,10 @@ macro_rules! bind_filter {
             .bind($f.object_type.map(|t| t.as_str()))
             .bind($f.since.map(super::sqlite_time))
             .bind($f.until.map(super::sqlite_time))
-            .bind((!$f.teams.is_empty()).then(|| serde_json::to_string(&$f.teams).expect("serialises")))
+            .bind(
+                (!$f.teams.is_empty())
+                    .then(|| serde_json::to_string(&$f.teams).expect("serialises")),
+            )
             .bind($f.operation.map(|o| o.as_str()))
     };
     (pg, $q:expr, $f:expr) => {

@@ -163,8 +163,16 @@ pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
         let operation = r.lossy(4)?.unwrap_or_default();
         *rows.entry(s.clone()).or_default() += n;
         *by_type.entry(t).or_default().entry(s.clone()).or_default() += n;
-        *by_team.entry(team).or_default().entry(s.clone()).or_default() += n;
-        *by_operation.entry(operation).or_default().entry(s).or_default() += n;
+        *by_team
+            .entry(team)
+            .or_default()
+            .entry(s.clone())
+            .or_default() += n;
+        *by_operation
+            .entry(operation)
+            .or_default()
+            .entry(s)
+            .or_default() += n;
     }
     let mut dead_codes = BTreeMap::new();
     let dead = fetch_all!(

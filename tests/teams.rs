@@ -1,0 +1,292 @@
+//! Deletes, several teams and the 0002 migration, end to end: real SQLite files and a real
+//! Postgres, the simulator over real HTTP, the engine in-process.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use prism_sync::model::{ObjectType, Operation};
+use prism_sync::ops::enqueue::{Change, insert};
+use prism_sync::ops::replay::{ReplayFilter, apply};
+use prism_sync::settings::{Settings, TeamSettings};
+use prism_sync::sim::{FaultProfile, SimConfig, SimHandle, SimTeam, Simulator};
+use prism_sync::store::{Store, StoreKind};
+use sqlx::Row;
+use uuid::Uuid;
+
+const FINISH: Duration = Duration::from_secs(60);
+const TEAM_B: &str = "00000000-0000-4000-8000-00000000000b";
+const TEAM_C: &str = "00000000-0000-4000-8000-00000000000c";
+
+fn change(record: Uuid, operation: Operation, n: u32) -> Change {
+    Change {
+        operation,
+        patch: match operation {
+            Operation::Update => format!(r#"{{"default": {{"n": {n}}}}}"#),
+            Operation::Delete => "{}".into(),
+        },
+        ..Change::update(record, String::new())
+    }
+}
+
+fn for_team(mut c: Change, team: &str) -> Change {
+    c.team_id = team.to_owned();
+    c
+}
+
+/// `(operation, n)` of every change the simulator applied to `record` of `team`, in order.
+fn applied(sim: &SimHandle, team: &str, record: Uuid) -> Vec<(Operation, Option<u64>)> {
+    sim.applied_to_for_team(team, ObjectType::Contact, record)
+        .expect("known team")
+        .iter()
+        .map(|c| (c.operation, c.item["default"]["n"].as_u64()))
+        .collect()
+}
+
+async fn three_team_sim(faults: FaultProfile) -> SimHandle {
+    let config = SimConfig {
+        faults,
+        seed: 7,
+        extra_teams: vec![
+            SimTeam {
+                team_id: TEAM_B.into(),
+                api_key: "key-b".into(),
+            },
+            SimTeam {
+                team_id: TEAM_C.into(),
+                api_key: "key-c".into(),
+            },
+        ],
+        ..SimConfig::default()
+    };
+    Simulator::start(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("simulator")
+}
+
+fn with_teams(mut s: Settings) -> Settings {
+    for (team, key) in [(TEAM_B, "key-b"), (TEAM_C, "key-c")] {
+        s.teams.insert(
+            team.into(),
+            TeamSettings {
+                api_key: Some(key.to_owned().into()),
+                max_in_flight: Some(2),
+                ..TeamSettings::default()
+            },
+        );
+    }
+    s.validate().expect("valid");
+    s
+}
+
+/// `(team_id, state, count)` of every row.
+async fn states_by_team(store: &Store) -> Vec<(String, String, i64)> {
+    let sql = "SELECT team_id, state, count(*) FROM prism_outbox GROUP BY 1, 2 ORDER BY 1, 2";
+    let rows = match store.sqlx_kind() {
+        StoreKind::Sqlite(p) => sqlx::query(sql)
+            .fetch_all(p)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect(),
+        StoreKind::Postgres(p) => sqlx::query(sql)
+            .fetch_all(p)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect(),
+    };
+    rows
+}
+
+async fn unfinished_of(store: &Store, team: &str) -> i64 {
+    states_by_team(store)
+        .await
+        .iter()
+        .filter(|(t, s, _)| t == team && s != "succeeded" && s != "dead")
+        .map(|(_, _, n)| n)
+        .sum()
+}
+
+both_backends! {
+    async fn a_delete_waits_for_the_updates_before_it_and_the_updates_after_it_wait_for_it(db) {
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        insert(&store, &[
+            change(a, Operation::Update, 1),
+            change(a, Operation::Update, 2),
+            change(b, Operation::Update, 1),
+            change(a, Operation::Delete, 3),
+            change(a, Operation::Update, 4),
+            change(b, Operation::Delete, 2),
+        ]).await.unwrap();
+        let engine = start_engine(&settings(&db, &sim)).await;
+        let done = wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        assert!(done.iter().all(|r| r.state == "succeeded"), "{done:?}");
+        let team = sim.team_id().to_owned();
+        // 1 and 2 coalesce (both default-only updates); the delete travels alone, after them;
+        // the update after the delete waits for it and re-creates the record.
+        assert_eq!(
+            applied(&sim, &team, a),
+            [(Operation::Update, Some(2)), (Operation::Delete, None), (Operation::Update, Some(4))]
+        );
+        assert_eq!(applied(&sim, &team, b), [(Operation::Update, Some(1)), (Operation::Delete, None)]);
+        assert!(sim.record(ObjectType::Contact, a).is_some(), "a exists again");
+        assert!(sim.record(ObjectType::Contact, b).is_none(), "b is gone");
+        let deletes = sim.requests().iter().filter(|r| r.path.ends_with("/contact/batch/delete")).count();
+        assert!(deletes >= 1);
+    }
+
+    async fn a_delete_of_a_record_already_gone_succeeds_and_a_refused_one_is_dead_until_replayed(db) {
+        let refused = Uuid::new_v4();
+        let sim = sim(FaultProfile {
+            item_errors_for_ids: [(refused.to_string(), "forbidden".to_owned())].into(),
+            ..FaultProfile::default()
+        })
+        .await;
+        let store = db.store().await;
+        let never_existed = Uuid::new_v4();
+        insert(&store, &[
+            change(never_existed, Operation::Delete, 1),
+            change(refused, Operation::Update, 1),
+        ]).await.unwrap();
+        let engine = start_engine(&settings(&db, &sim)).await;
+        let done = wait_until_finished(&store, FINISH).await;
+        assert_eq!(done[0].state, "succeeded", "not_found on a delete means the record is gone: {done:?}");
+        assert_eq!((done[1].state.as_str(), done[1].code.as_deref()), ("dead", Some("forbidden")));
+        // A dead delete, then the operator replays the deletes once the cause is fixed.
+        insert(&store, &[change(refused, Operation::Delete, 2)]).await.unwrap();
+        let done = wait_until_finished(&store, FINISH).await;
+        assert_eq!((done[2].state.as_str(), done[2].code.as_deref()), ("dead", Some("forbidden")));
+        sim.set_faults(FaultProfile::default());
+        let filter = ReplayFilter { operation: Some(Operation::Delete), error_code: Some("forbidden".into()), ..ReplayFilter::default() };
+        assert_eq!(apply(&store, &filter, "test").await.unwrap(), 1, "only the delete is replayed");
+        let done = wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        assert_eq!(done[2].state, "succeeded");
+        assert_eq!(done[1].state, "dead", "the update was not chosen");
+        assert_eq!(applied(&sim, sim.team_id(), refused), [], "the update never applied; the delete found nothing");
+    }
+
+    async fn one_teams_revoked_key_or_429_storm_pauses_only_that_team(db) {
+        let sim = three_team_sim(FaultProfile::default()).await;
+        // Team B's key is revoked; team C is in a 429 storm; the default team is healthy.
+        sim.set_api_key_for_team(TEAM_B, "rotated").unwrap();
+        sim.set_faults_for_team(TEAM_C, FaultProfile {
+            rate_limit_rate: 1.0,
+            retry_after: Some(1),
+            ..FaultProfile::default()
+        }).unwrap();
+        let store = db.store().await;
+        let mut changes = Vec::new();
+        for i in 0..300 {
+            changes.push(for_team(change(Uuid::new_v4(), Operation::Update, i), TEAM_B));
+            changes.push(for_team(change(Uuid::new_v4(), Operation::Update, i), TEAM_C));
+        }
+        // The healthy team's changes come last: behind 600 rows of paused teams.
+        for i in 0..600 {
+            changes.push(change(Uuid::new_v4(), Operation::Update, i));
+        }
+        insert(&store, &changes).await.unwrap();
+        let engine = start_engine(&with_teams(settings(&db, &sim))).await;
+        let deadline = std::time::Instant::now() + FINISH;
+        while unfinished_of(&store, "").await > 0 {
+            assert!(std::time::Instant::now() < deadline, "the healthy team did not finish: {:?}", states_by_team(&store).await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let states = states_by_team(&store).await;
+        assert!(states.iter().all(|(_, s, _)| s != "dead"), "a pause never kills rows: {states:?}");
+        assert_eq!(unfinished_of(&store, TEAM_B).await, 300, "team B sent nothing: {states:?}");
+        assert!(unfinished_of(&store, TEAM_C).await > 0, "team C is held back by its 429s: {states:?}");
+        assert!(engine.health.credentials_refused(), "a refused team shows in readiness");
+        let b = sim.stats_for_team(TEAM_B).unwrap();
+        assert!(b.status_count(401) >= 1 && b.status_count(401) <= 5, "one probe at a time: {b:?}");
+        assert_eq!(b.status_count(200), 0);
+        // The storm ends and the key is restored: both teams finish, in order, without loss.
+        sim.set_api_key_for_team(TEAM_B, "key-b").unwrap();
+        sim.clear_faults_for_team(TEAM_C).unwrap();
+        let done = wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        assert!(done.iter().all(|r| r.state == "succeeded"), "{:?}", states_by_team(&store).await);
+        for team in [TEAM_B, TEAM_C] {
+            assert_eq!(sim.applied_log_for_team(team).unwrap().len(), 300, "team {team}");
+        }
+        assert!(sim.requests().iter().all(|r| r.team.as_deref() == Some(sim.team_id()) || r.path.contains(TEAM_B) || r.path.contains(TEAM_C)));
+    }
+
+    async fn rows_of_an_unknown_team_or_operation_go_dead_and_the_rest_sync(db) {
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        let good = Uuid::new_v4();
+        insert(&store, &[
+            for_team(change(Uuid::new_v4(), Operation::Update, 1), "no-such-team"),
+            change(good, Operation::Update, 1),
+        ]).await.unwrap();
+        let odd = match db.backend {
+            Backend::Sqlite => format!("INSERT INTO prism_outbox (record_id, patch, operation) VALUES ('{}', '{{}}', 'upsert')", Uuid::new_v4()),
+            Backend::Postgres => format!("INSERT INTO prism_outbox (record_id, patch, operation) VALUES ('{}', '{{}}', 'upsert')", Uuid::new_v4()),
+        };
+        exec(&store, &odd).await;
+        let engine = start_engine(&settings(&db, &sim)).await;
+        let done = wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        let codes: Vec<_> = done.iter().map(|r| (r.state.as_str(), r.code.as_deref())).collect();
+        assert_eq!(codes, [("dead", Some("unknown_team")), ("succeeded", None), ("dead", Some("invalid_operation"))]);
+    }
+
+    async fn a_populated_outbox_of_the_previous_schema_migrates_in_place_and_syncs(db) {
+        let sim = sim(FaultProfile::default()).await;
+        // The schema as the previous release left it: only migration 0001 applied.
+        let previous = tempfile::tempdir().unwrap();
+        let dir = match db.backend { Backend::Sqlite => "sqlite", Backend::Postgres => "postgres" };
+        std::fs::copy(
+            format!("{}/migrations/{dir}/0001_outbox.sql", env!("CARGO_MANIFEST_DIR")),
+            previous.path().join("0001_outbox.sql"),
+        ).unwrap();
+        let old = sqlx::migrate::Migrator::new(previous.path()).await.unwrap();
+        let settings = settings(&db, &sim);
+        let store = Store::connect(&settings.database).await.unwrap();
+        match store.sqlx_kind() {
+            StoreKind::Sqlite(p) => old.run(p).await.unwrap(),
+            StoreKind::Postgres(p) => old.run(p).await.unwrap(),
+        }
+        // Rows written by an application, and a batch a daemon of the previous release stored,
+        // leased and then died with (its lease has lapsed).
+        let records: Vec<(String, String)> = (0..50)
+            .map(|i| (Uuid::new_v4().to_string(), format!(r#"{{"default": {{"n": {i}}}}}"#)))
+            .collect();
+        insert_rows(&store, &records).await;
+        let stored = Uuid::new_v4();
+        let body = format!(r#"{{"items":[{{"id":"{}","default":{{"n":0}}}}]}}"#, records[0].0);
+        let items = format!(r#"[{{"r":"{}","rows":[1],"a":0}}]"#, records[0].0);
+        let batch = match db.backend {
+            Backend::Sqlite => format!(
+                "INSERT INTO prism_batches (id, idempotency_key, object_type, body, items, item_count, row_count, lease_owner, lease_expires_at)
+                 VALUES ('{stored}', 'old-key', 'contact', CAST('{body}' AS BLOB), '{items}', 1, 1, 'dead-daemon', '2000-01-01T00:00:00.000Z');
+                 UPDATE prism_outbox SET state = 'in_flight', batch_id = '{stored}' WHERE id = 1;"),
+            Backend::Postgres => format!(
+                "INSERT INTO prism_batches (id, idempotency_key, object_type, body, items, item_count, row_count, lease_owner, lease_expires_at)
+                 VALUES ('{stored}', 'old-key', 'contact', convert_to('{body}', 'UTF8'), '{items}', 1, 1, 'dead-daemon', now() - interval '1 hour');
+                 UPDATE prism_outbox SET state = 'in_flight', batch_id = '{stored}' WHERE id = 1;"),
+        };
+        exec(&store, &batch).await;
+        // The new release migrates (0002 adds columns with defaults; nothing is rewritten) and
+        // an application that still inserts only (record_id, patch) keeps working.
+        store.migrate().await.unwrap();
+        let late = Uuid::new_v4().to_string();
+        insert_rows(&store, &[(late.clone(), r#"{"default": {"n": 99}}"#.into())]).await;
+        let engine = start_engine(&settings).await;
+        let done = wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        assert_eq!(done.len(), 51);
+        assert!(done.iter().all(|r| r.state == "succeeded"), "{done:?}");
+        let keys: Vec<_> = sim.requests().iter().filter_map(|r| r.idempotency_key.clone()).collect();
+        assert!(keys.contains(&"old-key".to_owned()), "the stored batch is re-sent under its own key");
+        assert_eq!(sim.applied_log().len(), 51, "each change applied once");
+    }
+}
