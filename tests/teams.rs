@@ -83,7 +83,7 @@ fn with_teams(mut s: Settings) -> Settings {
 /// `(team_id, state, count)` of every row.
 async fn states_by_team(store: &Store) -> Vec<(String, String, i64)> {
     let sql = "SELECT team_id, state, count(*) FROM prism_outbox GROUP BY 1, 2 ORDER BY 1, 2";
-    let rows = match store.sqlx_kind() {
+    match store.sqlx_kind() {
         StoreKind::Sqlite(p) => sqlx::query(sql)
             .fetch_all(p)
             .await
@@ -98,8 +98,7 @@ async fn states_by_team(store: &Store) -> Vec<(String, String, i64)> {
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect(),
-    };
-    rows
+    }
 }
 
 async fn unfinished_of(store: &Store, team: &str) -> i64 {
