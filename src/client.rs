@@ -128,6 +128,12 @@ impl MicroClient {
         }
     }
 
+    /// Whether a server-requested pause (429, `retry-after`) is holding sends back right now.
+    pub fn is_paused(&self) -> bool {
+        let gate = self.gate.lock().expect("gate lock");
+        gate.paused_until.is_some_and(|p| p > Instant::now())
+    }
+
     /// Waits for the shared pause and the rate ceiling, then reserves this request's slot.
     async fn wait_turn(&self) {
         enum Turn {

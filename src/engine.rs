@@ -474,10 +474,13 @@ impl Engine {
 /// How often a claim also looks for rows outside every lane (unknown team or object type).
 const STRAYS_EVERY: Duration = Duration::from_secs(30);
 
-/// Whether the claimer should fetch more for `team`: its key is accepted and at least half of
-/// its buffer is free.
+/// Whether the claimer should fetch more for `team`: its key is accepted, the API has not asked
+/// it to pause (a 429 storm does not turn its whole backlog into waiting batches), and at least
+/// half of its buffer is free.
 fn wants_work(team: &Team) -> bool {
-    !team.refused() && team.room() >= team.max_in_flight.div_ceil(2)
+    !team.refused()
+        && !team.client.is_paused()
+        && team.room() >= team.max_in_flight.div_ceil(2)
 }
 
 /// Hands a leased batch to its team's workers. A batch of a team this process does not know
