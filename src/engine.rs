@@ -478,9 +478,7 @@ const STRAYS_EVERY: Duration = Duration::from_secs(30);
 /// it to pause (a 429 storm does not turn its whole backlog into waiting batches), and at least
 /// half of its buffer is free.
 fn wants_work(team: &Team) -> bool {
-    !team.refused()
-        && !team.client.is_paused()
-        && team.room() >= team.max_in_flight.div_ceil(2)
+    !team.refused() && !team.client.is_paused() && team.room() >= team.max_in_flight.div_ceil(2)
 }
 
 /// Hands a leased batch to its team's workers. A batch of a team this process does not know

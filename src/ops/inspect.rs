@@ -284,11 +284,7 @@ pub fn render_row(r: &RowView, out: &mut impl std::io::Write) -> std::io::Result
         out,
         "  change:        {} for team {}",
         r.operation,
-        if r.team_id.is_empty() {
-            "(default)"
-        } else {
-            &r.team_id
-        }
+        super::team_name(&r.team_id)
     )?;
     writeln!(
         out,
@@ -330,11 +326,7 @@ pub fn render_batch(b: &BatchView, out: &mut impl std::io::Write) -> std::io::Re
         b.id,
         b.object_type,
         b.operation,
-        if b.team_id.is_empty() {
-            "(default)"
-        } else {
-            &b.team_id
-        }
+        super::team_name(&b.team_id)
     )?;
     writeln!(out, "  idempotency key: {}", b.idempotency_key)?;
     writeln!(

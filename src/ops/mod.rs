@@ -91,3 +91,12 @@ pub fn human_age(seconds: f64) -> String {
     }
     humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
 }
+
+/// A stored `team_id` as operators read it: the empty value is the configured default team.
+pub(crate) fn team_name(team_id: &str) -> &str {
+    if team_id.is_empty() {
+        "default"
+    } else {
+        team_id
+    }
+}

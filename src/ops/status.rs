@@ -262,11 +262,7 @@ pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
 
 /// `team_id` as shown: the empty value is the configured default team.
 fn team_label(team: String) -> String {
-    if team.is_empty() {
-        "default".into()
-    } else {
-        team
-    }
+    super::team_name(&team).to_owned()
 }
 
 /// The readable view.
