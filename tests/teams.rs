@@ -288,4 +288,42 @@ both_backends! {
         assert!(keys.contains(&"old-key".to_owned()), "the stored batch is re-sent under its own key");
         assert_eq!(sim.applied_log().len(), 51, "each change applied once");
     }
+
+    async fn the_command_line_enqueues_deletes_and_reports_and_replays_by_team_and_operation(db) {
+        let sim = sim(FaultProfile::default()).await;
+        let (code, out, err) = verb(&db, &sim, &["migrate"], "").await;
+        assert_eq!(code, 0, "{out}{err}");
+        let record = Uuid::new_v4();
+        let input = format!(
+            "{{\"record_id\": \"{record}\", \"patch\": {{\"default\": {{\"n\": 1}}}}}}\n\
+             {{\"record_id\": \"{record}\", \"operation\": \"delete\"}}\n\
+             {{\"record_id\": \"{}\", \"patch\": {{}}, \"team_id\": \"{TEAM_B}\"}}\n",
+            Uuid::new_v4()
+        );
+        let (code, out, err) = verb(&db, &sim, &["enqueue"], &input).await;
+        assert_eq!(code, 0, "{out}{err}");
+        // Team B has no key configured here: its row dies as unknown_team; the rest syncs.
+        let store = db.store().await;
+        let engine = start_engine(&settings(&db, &sim)).await;
+        wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        let (_, out, _) = verb(&db, &sim, &["status", "--json"], "").await;
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(status["rows_by_operation"]["delete"]["succeeded"], 1, "{out}");
+        assert_eq!(status["rows_by_team"][TEAM_B]["dead"], 1, "{out}");
+        assert_eq!(status["rows_by_team"]["default"]["succeeded"], 2, "{out}");
+        assert_eq!(status["dead_by_error_code"]["unknown_team"], 1, "{out}");
+        let (code, out, _) = verb(&db, &sim, &["status"], "").await;
+        assert_eq!(code, 3, "dead rows: {out}");
+        assert!(out.contains("operation delete") && out.contains(&format!("team {TEAM_B}")), "{out}");
+        // Replay chooses by team and operation.
+        let (code, out, _) = verb(&db, &sim, &["replay", "--operation", "delete", "--dry-run", "--json"], "").await;
+        assert_eq!(code, 0);
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["would_replay"], 0, "the delete is not dead");
+        let (code, out, err) = verb(&db, &sim, &["replay", "--team", TEAM_B, "--yes"], "").await;
+        assert_eq!(code, 0, "{out}{err}");
+        assert_eq!(rows(&store).await.iter().filter(|r| r.state == "pending").count(), 1, "{out}");
+        let (code, _, err) = verb(&db, &sim, &["replay", "--operation", "upsert"], "").await;
+        assert_eq!(code, 2, "a wrong flag is a usage error: {err}");
+    }
 }
