@@ -41,7 +41,7 @@ macro_rules! now_plus {
 macro_rules! head_columns {
     () => {
         "o.id, CAST(o.record_id AS BLOB) AS record_id,
-         CASE WHEN length(CAST(o.patch AS BLOB)) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
+         CASE WHEN octet_length(o.patch) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
          CAST(o.object_type AS BLOB) AS object_type, CAST(o.operation AS BLOB) AS operation,
          CAST(o.team_id AS BLOB) AS team_id, o.attempts,
          EXISTS (SELECT 1 FROM prism_outbox AS q INDEXED BY prism_outbox_record
@@ -58,11 +58,20 @@ macro_rules! record_guard {
     };
 }
 
+/// The writer's page cache (negative: KiB): the claim's indexes and the rows in flight.
+const WRITER_CACHE_KIB: &str = "-16384";
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
+    /// Reads (gauges, operator commands) and migrations.
     pool: SqlitePool,
+    /// The one connection every write of this process goes through. SQLite drops a connection's
+    /// whole page cache when another connection has written since its last transaction; with
+    /// writes spread over a pool, every claim and outcome write started cold and re-read its
+    /// pages from the OS. One writer keeps its cache warm.
+    writer: SqlitePool,
     /// One writer at a time inside this process. SQLite allows one writer anyway; without this
     /// gate, concurrent `BEGIN IMMEDIATE`s fall into SQLite's busy handler, which sleeps in
     /// growing steps instead of queueing, and throughput collapses. Other processes on the same
@@ -108,10 +117,16 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(settings.max_connections.max(2))
             .acquire_timeout(settings.busy_timeout + Duration::from_secs(5))
-            .connect_with(options)
+            .connect_with(options.clone())
+            .await?;
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(settings.busy_timeout + Duration::from_secs(5))
+            .connect_with(options.pragma("cache_size", WRITER_CACHE_KIB))
             .await?;
         Ok(SqliteStore {
             pool,
+            writer,
             write_gate: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
@@ -148,7 +163,7 @@ impl SqliteStore {
     async fn begin_write(&self) -> StoreResult<WriteTx> {
         let gate = self.write_gate.clone().lock_owned().await;
         Ok(WriteTx {
-            tx: self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            tx: self.writer.begin_with("BEGIN IMMEDIATE").await?,
             _gate: gate,
         })
     }
@@ -159,7 +174,7 @@ impl SqliteStore {
         query: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>,
     ) -> StoreResult<sqlx::sqlite::SqliteQueryResult> {
         let _gate = self.write_gate.lock().await;
-        Ok(query.execute(&self.pool).await?)
+        Ok(query.execute(&self.writer).await?)
     }
 
     pub async fn claim(&self, req: &ClaimRequest<'_>) -> StoreResult<ClaimOutcome> {
@@ -249,18 +264,22 @@ impl SqliteStore {
                 })
                 .collect();
             if !wanted.is_empty() {
+                // The window numbers ids only: SQLite materialises every column a window query's
+                // result refers to, and a raw `patch` there would copy each oversized patch into
+                // memory at once. The patch is read (or, past the limit, only its size from the
+                // record header: `octet_length` of a column) in the outer query, row by row.
                 let rows = sqlx::query(
-                    "SELECT id, record_id, patch, object_type, operation, team_id, attempts, has_later FROM (
-                       SELECT o.id, CAST(o.record_id AS BLOB) AS record_id,
-                              CASE WHEN length(CAST(o.patch AS BLOB)) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
-                              CAST(o.object_type AS BLOB) AS object_type, CAST(o.operation AS BLOB) AS operation,
-                              CAST(o.team_id AS BLOB) AS team_id, o.attempts, 1 AS has_later,
-                              row_number() OVER (PARTITION BY o.record_id ORDER BY o.id) AS rn
-                       FROM json_each(?1) AS h
-                       JOIN prism_outbox AS o INDEXED BY prism_outbox_record
-                         ON o.record_id = json_extract(h.value, '$[0]') AND o.id > json_extract(h.value, '$[1]')
-                       WHERE o.state IN ('pending', 'retrying'))
-                     WHERE rn < ?3 ORDER BY record_id, id",
+                    "SELECT o.id, CAST(o.record_id AS BLOB) AS record_id,
+                            CASE WHEN octet_length(o.patch) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
+                            CAST(o.object_type AS BLOB) AS object_type, CAST(o.operation AS BLOB) AS operation,
+                            CAST(o.team_id AS BLOB) AS team_id, o.attempts, 1 AS has_later
+                     FROM (SELECT o.id, row_number() OVER (PARTITION BY o.record_id ORDER BY o.id) AS rn
+                           FROM json_each(?1) AS h
+                           JOIN prism_outbox AS o INDEXED BY prism_outbox_record
+                             ON o.record_id = json_extract(h.value, '$[0]') AND o.id > json_extract(h.value, '$[1]')
+                           WHERE o.state IN ('pending', 'retrying')) AS w
+                     JOIN prism_outbox AS o ON o.id = w.id
+                     WHERE w.rn < ?3 ORDER BY record_id, o.id",
                 )
                 .bind(serde_json::to_string(&wanted).expect("serialises"))
                 .bind(max_patch)
@@ -340,7 +359,7 @@ impl SqliteStore {
         .bind(serde_json::to_string(req.teams).expect("serialises"));
         let rows = {
             let _gate = self.write_gate.lock().await;
-            rows.fetch_all(&self.pool).await?
+            rows.fetch_all(&self.writer).await?
         };
         rows.iter().map(leased).collect()
     }
