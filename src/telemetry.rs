@@ -181,7 +181,15 @@ fn describe() {
     );
     describe_gauge!(
         "prism_sync_credentials_refused",
-        "1 while the API refuses the key."
+        "1 while the API refuses the key (of any team)."
+    );
+    describe_counter!(
+        "prism_sync_team_items_total",
+        "Outbox rows by team, operation and outcome (while telemetry.team_label is on)."
+    );
+    describe_gauge!(
+        "prism_sync_team_credentials_refused",
+        "1 while the API refuses this team's key (only this team pauses)."
     );
     describe_counter!(
         "prism_sync_operator_replayed_rows_total",
