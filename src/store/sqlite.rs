@@ -146,7 +146,7 @@ impl SqliteStore {
         let max_patch = i64::try_from(req.limits.max_patch_bytes).unwrap_or(i64::MAX);
         let heads = sqlx::query(concat!(
             "SELECT o.id, CAST(o.record_id AS BLOB) AS record_id,
-                    CASE WHEN length(CAST(o.patch AS BLOB)) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
+                    CASE WHEN octet_length(o.patch) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
                     CAST(o.object_type AS BLOB) AS object_type, o.attempts,
                     EXISTS (SELECT 1 FROM prism_outbox AS q INDEXED BY prism_outbox_record
                             WHERE q.record_id = o.record_id AND q.id > o.id
@@ -183,17 +183,21 @@ impl SqliteStore {
                 })
                 .collect();
             if !wanted.is_empty() {
+                // The window numbers ids only: SQLite materialises every column a window query's
+                // result refers to, and a raw `patch` there would copy each oversized patch into
+                // memory at once. The patch is read (or, past the limit, only its size from the
+                // record header: `octet_length` of a column) in the outer query, row by row.
                 let rows = sqlx::query(
-                    "SELECT id, record_id, patch, object_type, attempts, has_later FROM (
-                       SELECT o.id, CAST(o.record_id AS BLOB) AS record_id,
-                              CASE WHEN length(CAST(o.patch AS BLOB)) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
-                              CAST(o.object_type AS BLOB) AS object_type, o.attempts, 1 AS has_later,
-                              row_number() OVER (PARTITION BY o.record_id ORDER BY o.id) AS rn
-                       FROM json_each(?1) AS h
-                       JOIN prism_outbox AS o INDEXED BY prism_outbox_record
-                         ON o.record_id = json_extract(h.value, '$[0]') AND o.id > json_extract(h.value, '$[1]')
-                       WHERE o.state IN ('pending', 'retrying'))
-                     WHERE rn < ?3 ORDER BY record_id, id",
+                    "SELECT o.id, CAST(o.record_id AS BLOB) AS record_id,
+                            CASE WHEN octet_length(o.patch) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
+                            CAST(o.object_type AS BLOB) AS object_type, o.attempts, 1 AS has_later
+                     FROM (SELECT o.id, row_number() OVER (PARTITION BY o.record_id ORDER BY o.id) AS rn
+                           FROM json_each(?1) AS h
+                           JOIN prism_outbox AS o INDEXED BY prism_outbox_record
+                             ON o.record_id = json_extract(h.value, '$[0]') AND o.id > json_extract(h.value, '$[1]')
+                           WHERE o.state IN ('pending', 'retrying')) AS w
+                     JOIN prism_outbox AS o ON o.id = w.id
+                     WHERE w.rn < ?3 ORDER BY record_id, o.id",
                 )
                 .bind(serde_json::to_string(&wanted).expect("serialises"))
                 .bind(max_patch)
