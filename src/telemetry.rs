@@ -206,7 +206,8 @@ pub async fn sample_gauges(
     loop {
         match store.gauges().await {
             Ok(g) => {
-                health.set_db_ok(true);
+                // Reads succeed while another process holds SQLite's write lock: only the
+                // engine's claims (writes) may say the database is usable again.
                 for state in RowState::ALL {
                     let n = g
                         .rows_by_state
@@ -325,6 +326,12 @@ async fn readyz(State(p): State<Probe>) -> Response {
             }
             Err(e) => problems.push(format!("cannot read migrations: {e}")),
         }
+    }
+    if problems.is_empty() && !p.health.db_ok() {
+        problems.push(
+            "the database refuses the engine's writes (its last claim failed; the log says why)"
+                .to_owned(),
+        );
     }
     if p.health.credentials_refused() {
         problems.push("the Micro API refuses the API key".to_owned());
