@@ -196,8 +196,9 @@ async fn sqlite_locked(round: u64) {
         progress(&db, 20).await;
         let hold = Duration::from_millis(sc.rng.random_range(2500..4500));
         let url = db.url.clone();
-        let from = time::OffsetDateTime::now_utc();
-        let locker = tokio::spawn(async move { hold_sqlite_lock(&url, hold).await });
+        let (held, got_it) = tokio::sync::oneshot::channel();
+        let locker = tokio::spawn(async move { hold_sqlite_lock(&url, hold, held).await });
+        let from = got_it.await.expect("the lock holder got the lock");
         sc.inject("sqlite_lock", 1);
         let mut not_ready = false;
         while !locker.is_finished() {

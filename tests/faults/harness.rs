@@ -1289,8 +1289,13 @@ pub fn cluster_or_skip(sc: Scenario) -> Result<(Scenario, PgCluster), ()> {
 // ---------------------------------------------------------------------------------------------
 // SQLite: another process holds the write lock
 
-/// Holds `BEGIN EXCLUSIVE` on a separate connection to `url` for `hold`.
-pub async fn hold_sqlite_lock(url: &str, hold: Duration) {
+/// Holds `BEGIN EXCLUSIVE` on a separate connection to `url` for `hold`, and says on `held`
+/// when it got the lock (it may wait for the daemon's own write transactions first).
+pub async fn hold_sqlite_lock(
+    url: &str,
+    hold: Duration,
+    held: tokio::sync::oneshot::Sender<time::OffsetDateTime>,
+) {
     use sqlx::Connection;
     use std::str::FromStr;
     let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
@@ -1303,6 +1308,7 @@ pub async fn hold_sqlite_lock(url: &str, hold: Duration) {
         .execute(&mut conn)
         .await
         .expect("BEGIN EXCLUSIVE");
+    let _ = held.send(time::OffsetDateTime::now_utc());
     tokio::time::sleep(hold).await;
     sqlx::raw_sql("COMMIT")
         .execute(&mut conn)
