@@ -185,7 +185,7 @@ async fn api_faults(backend: Backend, round: u64) {
         };
         sim.set_faults(profile);
         if phase.revoke_key {
-            sim.handle.set_api_key("revoked-key");
+            sim.put_api_key("revoked-key").await;
         }
         sc.inject(format!("phase:{}", phase.name), 1);
         // Fresh changes arrive during every phase, so that every phase meets traffic.
@@ -230,7 +230,7 @@ async fn api_faults(backend: Backend, round: u64) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         if phase.revoke_key {
-            sim.handle.set_api_key(prism_sync::sim::DEFAULT_API_KEY);
+            sim.put_api_key(prism_sync::sim::DEFAULT_API_KEY).await;
             if !daemon.wait_readyz(200, Duration::from_secs(15)).await {
                 extra.push("/readyz did not return to 200 after the key was restored".into());
             }

@@ -427,6 +427,20 @@ impl Sim {
             .unwrap_or_else(|| panic!("GET {url}: not JSON"))
     }
 
+    /// `PUT /_sim/api-key`: revokes the key the daemon holds (or restores it).
+    pub async fn put_api_key(&self, key: &str) {
+        let url = format!("{}/_sim/api-key", self.base_url());
+        let response = self
+            .http
+            .put(&url)
+            .header("content-type", "application/json")
+            .body(serde_json::json!({ "api_key": key }).to_string())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("PUT {url}: {e}"));
+        assert_eq!(response.status().as_u16(), 204, "PUT {url}");
+    }
+
     /// `GET /_sim/stats`.
     pub async fn stats(&self) -> Value {
         self.get("/_sim/stats").await
