@@ -133,16 +133,27 @@ fn hostile(backend: Backend) -> Vec<(&'static str, &'static str, &'static str, &
     rows
 }
 
+/// Inserts one row, retrying while SQLite is busy (as an application would).
 async fn insert_returning(db: &Db, sql: &str) -> i64 {
-    match db.store.sqlx_kind() {
-        StoreKind::Sqlite(p) => sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
-            .fetch_one(p)
-            .await
-            .unwrap_or_else(|e| panic!("{e}: {sql:.200}")),
-        StoreKind::Postgres(p) => sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
-            .fetch_one(p)
-            .await
-            .unwrap_or_else(|e| panic!("{e}: {sql:.200}")),
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let inserted: Result<i64, sqlx::Error> = match db.store.sqlx_kind() {
+            StoreKind::Sqlite(p) => {
+                sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .fetch_one(p)
+                    .await
+            }
+            StoreKind::Postgres(p) => {
+                sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .fetch_one(p)
+                    .await
+            }
+        };
+        match inserted {
+            Ok(id) => return id,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{e}: {sql:.200}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
     }
 }
 
