@@ -1,0 +1,130 @@
+//! Several daemons on one outbox (two and three on one Postgres database, two on one SQLite
+//! file) under mild API faults, and `kill -9` of one of them mid-run: the others take its
+//! batches over when their leases lapse and re-send them under their own keys. The checker's
+//! per-row apply accounting proves no row was sent (applied) twice under different keys.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prism_sync::sim::FaultProfile;
+use rand::Rng;
+
+use crate::checker::Expect;
+use crate::common::Backend;
+use crate::crash::scenario_name;
+use crate::harness::*;
+
+async fn replicas(backend: Backend, count: usize, round: u64) {
+    let mut sc = Scenario::new(scenario_name(
+        "replicas",
+        &format!("{count}_daemons_one_killed"),
+        backend,
+        round,
+    ));
+    let Some(db) = Db::new(backend).await else {
+        return sc.skip("PRISM_SYNC_TEST_DATABASE_URL is unset");
+    };
+    let db = Arc::new(db);
+    let sim = Sim::start(
+        &mut sc,
+        FaultProfile {
+            latency: Duration::from_millis(5),
+            latency_jitter: Duration::from_millis(25),
+            error_503_rate: 0.05,
+            drop_after_apply_rate: 0.03,
+            missing_results_rate: 0.03,
+            ..FaultProfile::default()
+        },
+        None,
+    )
+    .await;
+    let rows = workload(&mut sc.rng, scale(50), scale(600));
+    let mut parts = chunks(&mut sc.rng, &rows, 10);
+    db.insert_retrying(&parts.remove(0)).await;
+    let feeder = feed(&db, parts, Duration::from_millis(250));
+    let mut daemons: Vec<Daemon> = (0..count)
+        .map(|i| {
+            Daemon::spawn(
+                &sc,
+                &format!("replica-{i}"),
+                &bin(),
+                &db,
+                &sim,
+                &[("PRISM_SYNC__SYNC__MAX_IN_FLIGHT", "3")],
+            )
+        })
+        .collect();
+    // Kill one once a seeded share of the rows has succeeded, at a moment it holds batches
+    // (so the others must take them over when their leases lapse).
+    let victim = sc.rng.random_range(0..count);
+    let share = sc.rng.random_range(0.2..0.6);
+    let target = (rows.len() as f64 * share) as i64;
+    until(Duration::from_secs(60), || async {
+        db.progress().await.is_some_and(|(_, _, ok)| ok >= target)
+    })
+    .await;
+    let pid = daemons[victim].pid;
+    let holding = until(Duration::from_secs(20), || async {
+        db.leased_by(pid).await > 0
+    })
+    .await;
+    let held = db.leased_by(pid).await;
+    daemons[victim].kill9().await;
+    sc.inject("kill:replica", 1);
+    sc.note(format!(
+        "killed replica-{victim} after {target}+ of {} rows succeeded, holding {held} open batch(es)",
+        rows.len()
+    ));
+    if !holding {
+        sc.note("the victim held no batch when killed (the others had all the work)");
+    }
+    if crate::harness::soak() {
+        // Soak: it comes back later and competes again.
+        tokio::time::sleep(Duration::from_millis(sc.rng.random_range(500..3000))).await;
+        daemons[victim] = Daemon::spawn(
+            &sc,
+            &format!("replica-{victim}-again"),
+            &bin(),
+            &db,
+            &sim,
+            &[("PRISM_SYNC__SYNC__MAX_IN_FLIGHT", "3")],
+        );
+    }
+    feeder.await.expect("feeder");
+    let mut extra = Vec::new();
+    if let Err(e) = db.wait_finished(rows.len(), Duration::from_secs(90)).await {
+        extra.push(e);
+    }
+    for d in &mut daemons {
+        extra.extend(stop_daemon(d).await);
+    }
+    let (stats, verdict) = check(&db, &sim, &Expect::default(), extra).await;
+    sc.finish(&stats, verdict);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_and_three_daemons_on_one_postgres_one_killed() {
+    let two = tokio::spawn(async {
+        for round in 0..rounds() {
+            replicas(Backend::Postgres, 2, round).await;
+        }
+    });
+    let three = tokio::spawn(async {
+        for round in 0..rounds() {
+            replicas(Backend::Postgres, 3, round).await;
+        }
+    });
+    let (a, b) = (two.await, three.await);
+    for r in [a, b] {
+        if let Err(e) = r {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_on_one_sqlite_file_one_killed() {
+    for round in 0..rounds() {
+        replicas(Backend::Sqlite, 2, round).await;
+    }
+}
