@@ -11,7 +11,6 @@ use rand::Rng;
 
 use crate::checker::Expect;
 use crate::common::Backend;
-use crate::crash::scenario_name;
 use crate::harness::*;
 
 async fn replicas(backend: Backend, count: usize, round: u64) {
