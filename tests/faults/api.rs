@@ -14,7 +14,6 @@ use uuid::Uuid;
 
 use crate::checker::Expect;
 use crate::common::Backend;
-use crate::crash::{on_both_backends, scenario_name};
 use crate::harness::*;
 
 struct Phase {

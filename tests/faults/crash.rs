@@ -14,39 +14,6 @@ use crate::checker::Expect;
 use crate::common::Backend;
 use crate::harness::*;
 
-/// Runs one scenario per backend at once, each to completion, then fails if either failed.
-pub async fn on_both_backends<F, Fut>(scenario: F)
-where
-    F: Fn(Backend) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let sqlite = tokio::spawn(scenario(Backend::Sqlite));
-    let postgres = tokio::spawn(scenario(Backend::Postgres));
-    let (a, b) = (sqlite.await, postgres.await);
-    for result in [a, b] {
-        if let Err(e) = result {
-            std::panic::resume_unwind(e.into_panic());
-        }
-    }
-}
-
-pub fn backend_name(backend: Backend) -> &'static str {
-    match backend {
-        Backend::Sqlite => "sqlite",
-        Backend::Postgres => "postgres",
-    }
-}
-
-/// `family/what/backend`, with `#round` when soaking several rounds.
-pub fn scenario_name(family: &str, what: &str, backend: Backend, round: u64) -> String {
-    let base = format!("{family}/{what}/{}", backend_name(backend));
-    if rounds() > 1 {
-        format!("{base}#{round}")
-    } else {
-        base
-    }
-}
-
 async fn crash_at(point: &'static str, backend: Backend, round: u64) {
     let mut sc = Scenario::new(scenario_name("crash", point, backend, round));
     let Some(db) = Db::new(backend).await else {

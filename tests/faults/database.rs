@@ -12,7 +12,6 @@ use rand::Rng;
 
 use crate::checker::Expect;
 use crate::common::Backend;
-use crate::crash::scenario_name;
 use crate::harness::*;
 
 const MAX_IN_FLIGHT: usize = 4;

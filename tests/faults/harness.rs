@@ -306,6 +306,42 @@ fn record(name: String, report: ScenarioReport) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Running scenarios
+
+/// Runs one scenario per backend at once, each to completion, then fails if either failed.
+pub async fn on_both_backends<F, Fut>(scenario: F)
+where
+    F: Fn(Backend) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let sqlite = tokio::spawn(scenario(Backend::Sqlite));
+    let postgres = tokio::spawn(scenario(Backend::Postgres));
+    let (a, b) = (sqlite.await, postgres.await);
+    for result in [a, b] {
+        if let Err(e) = result {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+}
+
+pub fn backend_name(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    }
+}
+
+/// `family/what/backend`, with `#round` when soaking several rounds.
+pub fn scenario_name(family: &str, what: &str, backend: Backend, round: u64) -> String {
+    let base = format!("{family}/{what}/{}", backend_name(backend));
+    if rounds() > 1 {
+        format!("{base}#{round}")
+    } else {
+        base
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Binaries
 
 /// The normal `prism-sync` binary cargo built for the tests.
@@ -356,7 +392,6 @@ pub fn failpoints_bin() -> PathBuf {
             .arg(&dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env_remove("CARGO_TARGET_DIR")
-            .env_remove("RUSTFLAGS_BOOTSTRAP")
             .stdout(std::process::Stdio::null())
             .status()
             .map_err(|e| format!("cannot run cargo: {e}"))?;

@@ -12,7 +12,6 @@ use prism_sync::sim::FaultProfile;
 
 use crate::checker::Expect;
 use crate::common::Backend;
-use crate::crash::{on_both_backends, scenario_name};
 use crate::harness::*;
 use prism_sync::store::StoreKind;
 

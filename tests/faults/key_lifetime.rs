@@ -12,7 +12,6 @@ use rand::Rng;
 
 use crate::checker::Expect;
 use crate::common::Backend;
-use crate::crash::{on_both_backends, scenario_name};
 use crate::harness::*;
 
 const SIM_TTL: Duration = Duration::from_secs(8);
