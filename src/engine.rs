@@ -116,15 +116,19 @@ struct Team {
     refused: AtomicBool,
     /// Batches of this team buffered or on the wire.
     held: AtomicUsize,
+    /// Batches of this team buffered, not yet taken by a worker: the claimer keeps up to
+    /// `max_in_flight` of these ready besides the ones on the wire.
+    queued: AtomicUsize,
     queue: mpsc::UnboundedSender<LeasedBatch>,
     /// The `team` label of the per-team metrics, when they are on.
     label: Option<String>,
 }
 
 impl Team {
+    /// Free places in the team's buffer.
     fn room(&self) -> usize {
         self.max_in_flight
-            .saturating_sub(self.held.load(Ordering::Relaxed))
+            .saturating_sub(self.queued.load(Ordering::Relaxed))
     }
 
     fn refused(&self) -> bool {
@@ -312,6 +316,7 @@ impl Engine {
                 client: tc.client,
                 refused: AtomicBool::new(false),
                 held: AtomicUsize::new(0),
+                queued: AtomicUsize::new(0),
                 queue,
             });
             if let Some(label) = &team.label {
@@ -491,6 +496,7 @@ fn dispatch(shared: &Shared, batch: LeasedBatch) {
     };
     shared.active.lock().expect("active lock").insert(batch.id);
     team.held.fetch_add(1, Ordering::Relaxed);
+    team.queued.fetch_add(1, Ordering::Relaxed);
     // The receiver lives as long as the engine's workers; a send after they stopped only
     // leaves the batch leased until `drop_leases`.
     let _ = team.queue.send(batch);
@@ -511,6 +517,9 @@ async fn run_worker(
             b = async { queue.lock().await.recv().await } => b,
         };
         let Some(batch) = next else { return };
+        team.queued.fetch_sub(1, Ordering::Relaxed);
+        // A place in the buffer is free: the claimer may refill it while this batch is sent.
+        shared.wake.notify_one();
         let span = info_span!("batch", batch_id = %batch.id, key = %batch.idempotency_key);
         process_batch(&shared, &team, batch).instrument(span).await;
         team.held.fetch_sub(1, Ordering::Relaxed);
