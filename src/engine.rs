@@ -1,8 +1,9 @@
 //! The daemon loop: lease due batches and claim new rows → send each batch's stored bytes →
 //! record every item's outcome → let the database schedule what retries.
 //!
-//! A claimer keeps a buffer of leased batches topped up; `sync.max_in_flight` workers send them
-//! (under an adaptive concurrency limit); a recorder commits their outcomes in groups; a
+//! A claimer keeps each team's buffer of leased batches topped up, taking (team, object type)
+//! lanes in turn; each team's `max_in_flight` workers send them (under the team's adaptive
+//! concurrency limit, key, rate ceiling and 429 pause); a recorder commits their outcomes in groups; a
 //! heartbeat extends the leases of what the process holds. Nothing about a batch lives only in memory: a retry is a database row with a due time, so a
 //! crash, a restart or another replica continues exactly where this one stopped.
 //!
