@@ -63,6 +63,26 @@ pub fn fair_share(lanes: Vec<Vec<CandidateRow>>, max: usize) -> Vec<CandidateRow
     taken
 }
 
+/// Pairs each head with its record's followers (any order in, `id` order out).
+pub fn record_chains(heads: Vec<CandidateRow>, followers: Vec<CandidateRow>) -> Vec<RecordChain> {
+    let mut by_record: std::collections::HashMap<Vec<u8>, Vec<CandidateRow>> =
+        std::collections::HashMap::new();
+    for f in followers {
+        by_record
+            .entry(f.record_id_raw.clone())
+            .or_default()
+            .push(f);
+    }
+    heads
+        .into_iter()
+        .map(|head| {
+            let mut followers = by_record.remove(&head.record_id_raw).unwrap_or_default();
+            followers.sort_by_key(|f| f.id);
+            RecordChain { head, followers }
+        })
+        .collect()
+}
+
 /// A claimed record: its oldest active row and the pending rows after it, in `id` order.
 #[derive(Debug, Clone)]
 pub struct RecordChain {
@@ -812,6 +832,17 @@ mod tests {
         let ids = |b: &NewBatch| body(b)["ids"].as_array().unwrap().len();
         assert_eq!((ids(&left), ids(&right)), (1, 2));
         assert_eq!(right.items, batch.items[1..]);
+    }
+
+    #[test]
+    fn record_chains_give_each_head_its_own_followers_in_id_order() {
+        let chains = record_chains(
+            vec![row(1, A, "{}"), row(2, B, "{}")],
+            vec![row(9, A, "{}"), row(5, B, "{}"), row(4, A, "{}")],
+        );
+        let ids = |c: &RecordChain| c.followers.iter().map(|f| f.id).collect::<Vec<_>>();
+        assert_eq!((chains[0].head.id, ids(&chains[0])), (1, vec![4, 9]));
+        assert_eq!((chains[1].head.id, ids(&chains[1])), (2, vec![5]));
     }
 
     #[test]

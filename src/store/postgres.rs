@@ -2,7 +2,6 @@
 //! `FOR UPDATE SKIP LOCKED` below the visibility watermark; batch rows carry a lease that the
 //! owner extends and another replica takes over when it lapses.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
@@ -13,7 +12,7 @@ use super::{
     ClaimOutcome, ClaimRequest, DeferBatch, DueRequest, FinishBatch, Gauges, LeasedBatch,
     RowColumns, StoreError, StoreResult,
 };
-use crate::batch::{self, BatchItem, CandidateRow, NewBatch, RecordChain};
+use crate::batch::{self, BatchItem, CandidateRow, NewBatch};
 use crate::settings::DatabaseSettings;
 
 mod nodelay {
@@ -265,7 +264,7 @@ impl PgStore {
             tx.rollback().await?;
             return Ok(ClaimOutcome::default());
         }
-        let mut followers: HashMap<Vec<u8>, Vec<CandidateRow>> = HashMap::new();
+        let mut followers = Vec::new();
         if req.limits.coalesce && req.limits.max_coalesce > 1 {
             let (records, head_ids): (Vec<Uuid>, Vec<i64>) = heads
                 .iter()
@@ -304,22 +303,11 @@ impl PgStore {
                 .fetch_all(&mut *tx)
                 .await?;
                 for row in &rows {
-                    let c = candidate(row)?;
-                    followers
-                        .entry(c.record_id_raw.clone())
-                        .or_default()
-                        .push(c);
+                    followers.push(candidate(row)?);
                 }
             }
         }
-        let chains = heads
-            .into_iter()
-            .map(|head| {
-                let mut followers = followers.remove(&head.record_id_raw).unwrap_or_default();
-                followers.sort_by_key(|f| f.id);
-                RecordChain { head, followers }
-            })
-            .collect();
+        let chains = batch::record_chains(heads, followers);
         let plan = batch::plan_batches(chains, req.limits, req.teams);
         insert_batches(&mut tx, &plan.batches, req.owner, req.lease, None).await?;
         mark_in_flight(&mut tx, &plan.batches).await?;

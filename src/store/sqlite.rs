@@ -2,7 +2,6 @@
 //! every write transaction `BEGIN IMMEDIATE` so two processes on one file serialise their claims
 //! instead of failing on a lock upgrade.
 
-use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +16,7 @@ use super::{
     ClaimOutcome, ClaimRequest, DeferBatch, DueRequest, FinishBatch, Gauges, LeasedBatch,
     RowColumns, StoreError, StoreResult,
 };
-use crate::batch::{self, BatchItem, CandidateRow, NewBatch, RecordChain};
+use crate::batch::{self, BatchItem, CandidateRow, NewBatch};
 use crate::settings::DatabaseSettings;
 
 /// The database's clock, in the text form every timestamp column uses.
@@ -252,7 +251,7 @@ impl SqliteStore {
             tx.rollback().await?;
             return Ok(ClaimOutcome::default());
         }
-        let mut followers: HashMap<Vec<u8>, Vec<CandidateRow>> = HashMap::new();
+        let mut followers = Vec::new();
         if req.limits.coalesce && req.limits.max_coalesce > 1 {
             let wanted: Vec<(String, i64)> = heads
                 .iter()
@@ -287,21 +286,11 @@ impl SqliteStore {
                 .fetch_all(&mut **tx)
                 .await?;
                 for row in &rows {
-                    let c = candidate(row)?;
-                    followers
-                        .entry(c.record_id_raw.clone())
-                        .or_default()
-                        .push(c);
+                    followers.push(candidate(row)?);
                 }
             }
         }
-        let chains = heads
-            .into_iter()
-            .map(|head| {
-                let followers = followers.remove(&head.record_id_raw).unwrap_or_default();
-                RecordChain { head, followers }
-            })
-            .collect();
+        let chains = batch::record_chains(heads, followers);
         let plan = batch::plan_batches(chains, req.limits, req.teams);
         for b in &plan.batches {
             insert_batch(&mut tx, b, req.owner, req.lease, None).await?;
