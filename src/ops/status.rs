@@ -159,7 +159,7 @@ pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
             r.text(1)?.unwrap_or_default(),
             r.int(2)?.unwrap_or(0),
         );
-        let team = team_label(r.lossy(3)?.unwrap_or_default());
+        let team = super::team_name(&r.lossy(3)?.unwrap_or_default()).to_owned();
         let operation = r.lossy(4)?.unwrap_or_default();
         *rows.entry(s.clone()).or_default() += n;
         *by_type.entry(t).or_default().entry(s.clone()).or_default() += n;
@@ -210,7 +210,7 @@ pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
         Ok(InFlightBatch {
             id: r.text(0)?.unwrap_or_default(),
             idempotency_key: r.text(1)?.unwrap_or_default(),
-            team: team_label(r.text(11)?.unwrap_or_default()),
+            team: super::team_name(&r.text(11)?.unwrap_or_default()).to_owned(),
             object_type: r.text(2)?.unwrap_or_default(),
             operation: r.text(12)?.unwrap_or_default(),
             items: r.int(3)?.unwrap_or(0),
@@ -258,11 +258,6 @@ pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
         in_flight,
         recent_audit,
     })
-}
-
-/// `team_id` as shown: the empty value is the configured default team.
-fn team_label(team: String) -> String {
-    super::team_name(&team).to_owned()
 }
 
 /// The readable view.
