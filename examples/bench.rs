@@ -9,6 +9,7 @@
 //!   ... --latency 50ms --max-in-flight 8 | --replicas 3 --max-in-flight 2 | --faults mild
 //!   ... --mode latency      (enqueue-to-outcome at a steady moderate rate, and lone changes)
 //!   ... --mode claim-cost   (claim cost with 10k and with 5M finished rows in the table)
+//!   ... --mode limit        (the bookkeeping limit alone, claim and outcome times apart)
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -34,6 +35,8 @@ enum Mode {
     Throughput,
     Latency,
     ClaimCost,
+    /// Only the bookkeeping limit, with its claim and outcome times apart (for tuning SQL).
+    Limit,
 }
 
 #[derive(Debug, Parser)]
@@ -162,21 +165,24 @@ fn mild() -> FaultProfile {
     }
 }
 
-async fn unfinished(store: &Store) -> anyhow::Result<i64> {
+/// Whether any row or batch is still unfinished. Index probes only (`EXISTS`), polled every
+/// 100 ms: a `count(*)` over the backlog would take CPU from the daemon it measures.
+async fn unfinished(store: &Store) -> anyhow::Result<bool> {
     Ok(match store.sqlx_kind() {
         StoreKind::Sqlite(p) => {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM prism_outbox INDEXED BY prism_outbox_lane WHERE state IN ('pending', 'retrying')",
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM prism_outbox INDEXED BY prism_outbox_lane
+                                WHERE state IN ('pending', 'retrying'))
+                     OR EXISTS (SELECT 1 FROM prism_batches INDEXED BY prism_batches_open
+                                WHERE state = 'open')",
             )
             .fetch_one(p)
-            .await?;
-            let open: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM prism_batches WHERE state = 'open'").fetch_one(p).await?;
-            waiting + open
+            .await?
         }
         StoreKind::Postgres(p) => {
             sqlx::query_scalar(
-                "SELECT (SELECT count(*) FROM prism_outbox WHERE state IN ('pending', 'retrying', 'in_flight'))",
+                "SELECT EXISTS (SELECT 1 FROM prism_outbox WHERE state IN ('pending', 'retrying'))
+                     OR EXISTS (SELECT 1 FROM prism_batches WHERE state = 'open')",
             )
             .fetch_one(p)
             .await?
@@ -315,10 +321,7 @@ fn all_succeeded(b: &prism_sync::store::LeasedBatch) -> FinishBatch {
 /// The same claim → store → record statements as the daemon, with no HTTP: every item answered
 /// `ok` at once. Like the daemon, it claims `max_in_flight` batches at a time, records a claim's
 /// batches in one transaction, and overlaps the next claim with the previous outcome write.
-async fn bookkeeping_limit(
-    store: &Store,
-    max_in_flight: usize,
-) -> anyhow::Result<(usize, Duration)> {
+async fn bookkeeping_limit(store: &Store, max_in_flight: usize) -> anyhow::Result<LimitRun> {
     let limits = PlanLimits {
         batch_size: 100,
         coalesce: true,
@@ -344,16 +347,91 @@ async fn bookkeeping_limit(
         claimed.batches.iter().map(all_succeeded).collect()
     };
     let started = Instant::now();
-    let mut rows = 0;
-    let mut pending = claim().await?;
+    let mut run = LimitRun::default();
+    let (first, took) = timed(claim()).await;
+    run.claiming += took;
+    run.claims += 1;
+    let mut pending = first?;
     while !pending.batches.is_empty() {
         let finishing = ends(&pending);
-        rows += finishing.iter().map(|f| f.rows.len()).sum::<usize>();
-        let (next, written) = tokio::join!(claim(), store.finish_batches(&finishing));
+        run.rows += finishing.iter().map(|f| f.rows.len()).sum::<usize>();
+        let ((next, claim_took), (written, finish_took)) =
+            tokio::join!(timed(claim()), timed(store.finish_batches(&finishing)));
         written?;
+        run.claiming += claim_took;
+        run.finishing += finish_took;
+        run.claims += 1;
+        run.finishes += 1;
         pending = next?;
     }
-    Ok((rows, started.elapsed()))
+    run.took = started.elapsed();
+    Ok(run)
+}
+
+/// CPU time (user + system) this process has used, every thread (SQLite runs on the driver's
+/// own threads; on Postgres this leaves out the server's share).
+fn cpu_seconds() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a complete rusage into the pointer it is given.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// A future's output and how long it took.
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let started = Instant::now();
+    let out = f.await;
+    (out, started.elapsed())
+}
+
+#[derive(Debug, Default)]
+struct LimitRun {
+    rows: usize,
+    took: Duration,
+    claims: u32,
+    claiming: Duration,
+    finishes: u32,
+    finishing: Duration,
+}
+
+impl LimitRun {
+    fn rate(&self) -> f64 {
+        self.rows as f64 / self.took.as_secs_f64()
+    }
+}
+
+/// Only the bookkeeping limit, with where its time goes.
+async fn limit_only(args: &Args) -> anyhow::Result<()> {
+    let mut db = Database::fresh(args.db).await?;
+    let store = db.store().await?;
+    insert(
+        &store,
+        &changes(args.rows, args.records.unwrap_or(args.rows)),
+    )
+    .await?;
+    eprintln!("enqueued {} changes; measuring", args.rows);
+    let cpu = cpu_seconds();
+    let run = bookkeeping_limit(&store, args.max_in_flight).await?;
+    let cpu = cpu_seconds() - cpu;
+    println!(
+        "prism-sync bench: bookkeeping limit, {:?}, {} changes: {:.0} rows/s ({:.2}s, CPU {:.1} µs a row); claim {:.2} ms × {}, outcome {:.2} ms × {}",
+        args.db,
+        args.rows,
+        run.rate(),
+        run.took.as_secs_f64(),
+        cpu * 1e6 / run.rows.max(1) as f64,
+        run.claiming.as_secs_f64() * 1000.0 / f64::from(run.claims.max(1)),
+        run.claims,
+        run.finishing.as_secs_f64() * 1000.0 / f64::from(run.finishes.max(1)),
+        run.finishes,
+    );
+    store_close(store).await;
+    db.drop_pg().await;
+    Ok(())
 }
 
 async fn throughput(args: &Args) -> anyhow::Result<()> {
@@ -391,7 +469,7 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
         for pid in &pids {
             peak = peak.max(peak_rss_mib(*pid));
         }
-        if unfinished(&store).await? == 0 {
+        if !unfinished(&store).await? {
             break;
         }
         anyhow::ensure!(
@@ -429,12 +507,12 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
         let mut limit_db = Database::fresh(args.db).await?;
         let limit_store = limit_db.store().await?;
         insert(&limit_store, &data).await?;
-        let (rows, took) = bookkeeping_limit(&limit_store, args.max_in_flight).await?;
-        let limit = rows as f64 / took.as_secs_f64();
+        let run = bookkeeping_limit(&limit_store, args.max_in_flight).await?;
+        let limit = run.rate();
         println!(
             "  limit:   {:.0} rows/s (same statements, no HTTP, {:.2}s)",
             limit,
-            took.as_secs_f64()
+            run.took.as_secs_f64()
         );
         println!("  ratio:   daemon ÷ limit = {:.2}", rate / limit);
         store_close(limit_store).await;
@@ -498,7 +576,7 @@ async fn latency(args: &Args) -> anyhow::Result<()> {
         insert(&store, &changes(1, 1)).await?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    while unfinished(&store).await? > 0 {
+    while unfinished(&store).await? {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let lone = latencies(&store).await?;
@@ -532,7 +610,7 @@ async fn latency(args: &Args) -> anyhow::Result<()> {
             tokio::time::sleep(wait).await;
         }
     }
-    while unfinished(&store).await? > 0 {
+    while unfinished(&store).await? {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let steady = latencies(&store).await?;
@@ -631,6 +709,7 @@ async fn main() -> anyhow::Result<()> {
     match args.mode {
         Mode::Throughput => throughput(&args).await,
         Mode::Latency => latency(&args).await,
+        Mode::Limit => limit_only(&args).await,
         Mode::ClaimCost => {
             let small = claim_cost(args.db, 10_000).await?;
             let large = claim_cost(args.db, args.finished_rows).await?;

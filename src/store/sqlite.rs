@@ -10,6 +10,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, Transaction};
+use tracing::debug;
 use uuid::Uuid;
 
 use super::{
@@ -36,16 +37,60 @@ macro_rules! now_plus {
     };
 }
 
+/// Whether a later waiting row of the same record exists.
+macro_rules! has_later {
+    () => {
+        "EXISTS (SELECT 1 FROM prism_outbox AS q INDEXED BY prism_outbox_record
+                 WHERE q.record_id = o.record_id AND q.id > o.id
+                   AND q.state IN ('pending', 'retrying'))"
+    };
+}
+/// A lane's claimable rows (`?1` limit, `?3` team, `?4` object type), oldest first.
+macro_rules! lane_from {
+    () => {
+        concat!(
+            "FROM prism_outbox AS o INDEXED BY prism_outbox_lane
+             WHERE o.team_id = ?3 AND o.object_type = ?4
+               AND o.state IN ('pending', 'retrying') AND o.next_attempt_at <= ",
+            now!(),
+            " AND ",
+            record_guard!(),
+            " ORDER BY o.id LIMIT ?1"
+        )
+    };
+}
+/// The patch as text, or NULL past `?2` bytes (only its size is read, from the record header).
+macro_rules! packed_patch {
+    () => {
+        "CASE WHEN octet_length(o.patch) > ?2 THEN NULL ELSE o.patch END"
+    };
+}
+/// The rows after each wanted head (`?1`: JSON `[[record_id, head_id], ...]`), at most `?3 - 1`
+/// per record. The window numbers ids only: SQLite materialises every column a window query's
+/// result refers to, and a raw `patch` there would copy each oversized patch into memory at
+/// once. The patch is read (or, past the limit, only its size) in the outer query, row by row.
+macro_rules! followers_from {
+    () => {
+        "FROM (SELECT o.id, row_number() OVER (PARTITION BY o.record_id ORDER BY o.id) AS rn
+               FROM json_each(?1) AS h
+               JOIN prism_outbox AS o INDEXED BY prism_outbox_record
+                 ON o.record_id = json_extract(h.value, '$[0]') AND o.id > json_extract(h.value, '$[1]')
+               WHERE o.state IN ('pending', 'retrying')) AS w
+         JOIN prism_outbox AS o ON o.id = w.id
+         WHERE w.rn < ?3"
+    };
+}
 /// The columns a claim reads of a candidate row (as bytes: nothing about it is trusted yet).
 macro_rules! head_columns {
     () => {
-        "o.id, CAST(o.record_id AS BLOB) AS record_id,
-         CASE WHEN octet_length(o.patch) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
-         CAST(o.object_type AS BLOB) AS object_type, CAST(o.operation AS BLOB) AS operation,
-         CAST(o.team_id AS BLOB) AS team_id, o.attempts,
-         EXISTS (SELECT 1 FROM prism_outbox AS q INDEXED BY prism_outbox_record
-                 WHERE q.record_id = o.record_id AND q.id > o.id
-                   AND q.state IN ('pending', 'retrying')) AS has_later"
+        concat!(
+            "o.id, CAST(o.record_id AS BLOB) AS record_id,
+             CASE WHEN octet_length(o.patch) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
+             CAST(o.object_type AS BLOB) AS object_type, CAST(o.operation AS BLOB) AS operation,
+             CAST(o.team_id AS BLOB) AS team_id, o.attempts, ",
+            has_later!(),
+            " AS has_later"
+        )
     };
 }
 /// The per-record order guard: no older row of the record is waiting or in flight.
@@ -121,7 +166,13 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(settings.busy_timeout + Duration::from_secs(5))
-            .connect_with(options.pragma("cache_size", WRITER_CACHE_KIB))
+            .connect_with(
+                options
+                    .pragma("cache_size", WRITER_CACHE_KIB)
+                    // Statement journals (a multi-row UPDATE inside a transaction keeps one,
+                    // to undo just that statement on error) in memory, not in a temp file.
+                    .pragma("temp_store", "MEMORY"),
+            )
             .await?;
         Ok(SqliteStore {
             pool,
@@ -198,24 +249,7 @@ impl SqliteStore {
         .await?;
         let mut per_lane = Vec::with_capacity(busy.len() + 1);
         for (team, object_type) in &busy {
-            let heads = sqlx::query(concat!(
-                "SELECT ",
-                head_columns!(),
-                " FROM prism_outbox AS o INDEXED BY prism_outbox_lane
-                 WHERE o.team_id = ?3 AND o.object_type = ?4
-                   AND o.state IN ('pending', 'retrying') AND o.next_attempt_at <= ",
-                now!(),
-                " AND ",
-                record_guard!(),
-                " ORDER BY o.id LIMIT ?1"
-            ))
-            .bind(limit)
-            .bind(max_patch)
-            .bind(team)
-            .bind(object_type)
-            .fetch_all(&mut **tx)
-            .await?;
-            per_lane.push(heads.iter().map(candidate).collect::<Result<Vec<_>, _>>()?);
+            per_lane.push(lane_heads(&mut tx, limit, max_patch, team, object_type).await?);
         }
         if req.strays {
             // Rows no lane holds (an unknown team or object type): a scan of every waiting row,
@@ -267,27 +301,31 @@ impl SqliteStore {
                 // result refers to, and a raw `patch` there would copy each oversized patch into
                 // memory at once. The patch is read (or, past the limit, only its size from the
                 // record header: `octet_length` of a column) in the outer query, row by row.
-                let rows = sqlx::query(
-                    "SELECT o.id, CAST(o.record_id AS BLOB) AS record_id,
-                            CASE WHEN octet_length(o.patch) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
-                            CAST(o.object_type AS BLOB) AS object_type, CAST(o.operation AS BLOB) AS operation,
-                            CAST(o.team_id AS BLOB) AS team_id, o.attempts, 1 AS has_later
-                     FROM (SELECT o.id, row_number() OVER (PARTITION BY o.record_id ORDER BY o.id) AS rn
-                           FROM json_each(?1) AS h
-                           JOIN prism_outbox AS o INDEXED BY prism_outbox_record
-                             ON o.record_id = json_extract(h.value, '$[0]') AND o.id > json_extract(h.value, '$[1]')
-                           WHERE o.state IN ('pending', 'retrying')) AS w
-                     JOIN prism_outbox AS o ON o.id = w.id
-                     WHERE w.rn < ?3 ORDER BY record_id, o.id",
+                let wanted = serde_json::to_string(&wanted).expect("serialises");
+                let max_coalesce = i64::try_from(req.limits.max_coalesce).unwrap_or(i64::MAX);
+                followers = fetch_candidates(
+                    &mut tx,
+                    sqlx::query_scalar(concat!(
+                        "SELECT json_group_array(json_array(o.id, o.record_id, ",
+                        packed_patch!(),
+                        ", o.object_type, o.operation, o.team_id, o.attempts, 1)) ",
+                        followers_from!()
+                    ))
+                    .bind(&wanted)
+                    .bind(max_patch)
+                    .bind(max_coalesce),
+                    sqlx::query(concat!(
+                        "SELECT o.id, CAST(o.record_id AS BLOB) AS record_id,
+                                CASE WHEN octet_length(o.patch) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
+                                CAST(o.object_type AS BLOB) AS object_type, CAST(o.operation AS BLOB) AS operation,
+                                CAST(o.team_id AS BLOB) AS team_id, o.attempts, 1 AS has_later ",
+                        followers_from!()
+                    ))
+                    .bind(&wanted)
+                    .bind(max_patch)
+                    .bind(max_coalesce),
                 )
-                .bind(serde_json::to_string(&wanted).expect("serialises"))
-                .bind(max_patch)
-                .bind(i64::try_from(req.limits.max_coalesce).unwrap_or(i64::MAX))
-                .fetch_all(&mut **tx)
                 .await?;
-                for row in &rows {
-                    followers.push(candidate(row)?);
-                }
             }
         }
         let chains = batch::record_chains(heads, followers);
@@ -583,6 +621,115 @@ fn candidate(row: &sqlx::sqlite::SqliteRow) -> Result<CandidateRow, sqlx::Error>
     })
 }
 
+/// One lane's claimable rows, in id order.
+async fn lane_heads(
+    tx: &mut WriteTx,
+    limit: i64,
+    max_patch: i64,
+    team: &str,
+    object_type: &str,
+) -> StoreResult<Vec<CandidateRow>> {
+    let mut heads = fetch_candidates(
+        tx,
+        sqlx::query_scalar(concat!(
+            "SELECT json_group_array(json_array(id, record_id, patch, object_type, operation,
+                                                team_id, attempts, has_later))
+             FROM (SELECT o.id, o.record_id, ",
+            packed_patch!(),
+            " AS patch, o.object_type, o.operation, o.team_id, o.attempts, ",
+            has_later!(),
+            " AS has_later ",
+            lane_from!(),
+            ")"
+        ))
+        .bind(limit)
+        .bind(max_patch)
+        .bind(team)
+        .bind(object_type),
+        sqlx::query(concat!("SELECT ", head_columns!(), " ", lane_from!()))
+            .bind(limit)
+            .bind(max_patch)
+            .bind(team)
+            .bind(object_type),
+    )
+    .await?;
+    heads.sort_unstable_by_key(|r| r.id);
+    Ok(heads)
+}
+
+/// Candidate rows, read through `packed`: one result row holding a JSON array of
+/// `[id, record_id, patch, object_type, operation, team_id, attempts, has_later]` arrays.
+///
+/// sqlx runs a SQLite connection on a thread of its own and hands each result row to the async
+/// side as a message of owned values; for a claim of hundreds of rows that traffic cost more
+/// than the query itself. Where JSON cannot carry the rows faithfully (a BLOB value, text that
+/// is not UTF-8: `packed` fails or does not parse), `rows` reads the same rows one by one, as
+/// bytes, so a malformed row still reaches the planner and goes dead with its code.
+async fn fetch_candidates<'q>(
+    tx: &mut WriteTx,
+    packed: sqlx::query::QueryScalar<'q, Sqlite, Vec<u8>, sqlx::sqlite::SqliteArguments>,
+    rows: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>,
+) -> StoreResult<Vec<CandidateRow>> {
+    match packed.fetch_one(&mut ***tx).await {
+        Ok(json) => {
+            if let Some(rows) = unpack_candidates(&json) {
+                return Ok(rows);
+            }
+            debug!("a claimed row does not fit JSON; reading the rows one by one");
+        }
+        Err(sqlx::Error::Database(e)) => {
+            debug!(error = %e, "a claimed row does not fit JSON; reading the rows one by one");
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let rows = rows.fetch_all(&mut ***tx).await?;
+    Ok(rows.iter().map(candidate).collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Candidates from `fetch_candidates`' JSON, or `None` if the JSON is not what the query
+/// makes of well-formed rows.
+fn unpack_candidates(json: &[u8]) -> Option<Vec<CandidateRow>> {
+    type Packed = (
+        i64,
+        serde_json::Value,
+        serde_json::Value,
+        serde_json::Value,
+        serde_json::Value,
+        serde_json::Value,
+        i32,
+        i64,
+    );
+    // A text column as the bytes `CAST(x AS BLOB)` gives; numbers are invalid in every column
+    // that reaches here and only need to stay invalid.
+    fn raw(v: serde_json::Value) -> Option<Vec<u8>> {
+        match v {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(s) => Some(s.into_bytes()),
+            other => Some(other.to_string().into_bytes()),
+        }
+    }
+    let packed: Vec<Packed> = serde_json::from_slice(json).ok()?;
+    Some(
+        packed
+            .into_iter()
+            .map(
+                |(id, record_id, patch, object_type, operation, team_id, attempts, has_later)| {
+                    CandidateRow {
+                        id,
+                        record_id_raw: raw(record_id).unwrap_or_default(),
+                        patch: raw(patch),
+                        object_type: raw(object_type).unwrap_or_default(),
+                        operation: raw(operation).unwrap_or_default(),
+                        team_id: raw(team_id).unwrap_or_default(),
+                        attempts,
+                        has_later: has_later != 0,
+                    }
+                },
+            )
+            .collect(),
+    )
+}
+
 fn leased(row: &sqlx::sqlite::SqliteRow) -> StoreResult<LeasedBatch> {
     let id: String = row.try_get("id")?;
     let id =
@@ -677,4 +824,49 @@ async fn insert_attempt(
     .execute(&mut ***tx)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unpack_candidates;
+
+    #[test]
+    fn packed_candidates_keep_text_as_its_bytes_and_mark_oversized_patches() {
+        let json = br#"[[7,"rec","{\"default\":{\"a\":\"\u0000\"}}","contact","update","",2,1],
+                        [3,"rec2",null,"contact","delete","team-b",0,0]]"#;
+        let rows = unpack_candidates(json).expect("well-formed");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].id, 7);
+        assert_eq!(rows[0].record_id_raw, b"rec");
+        assert_eq!(
+            rows[0].patch.as_deref(),
+            Some(&b"{\"default\":{\"a\":\"\0\"}}"[..])
+        );
+        assert_eq!(rows[0].attempts, 2);
+        assert!(rows[0].has_later);
+        assert_eq!(rows[1].patch, None, "NULL: past the size limit");
+        assert_eq!(rows[1].team_id, b"team-b");
+        assert!(!rows[1].has_later);
+    }
+
+    #[test]
+    fn packed_candidates_pass_numbers_on_as_text_and_refuse_what_the_query_never_makes() {
+        // A number stored where text belongs stays invalid for the planner to reject.
+        let rows = unpack_candidates(br#"[[1,42,12.5,"contact","update","",0,0]]"#).unwrap();
+        assert_eq!(rows[0].record_id_raw, b"42");
+        assert_eq!(rows[0].patch.as_deref(), Some(&b"12.5"[..]));
+        // Anything else sends the caller to the row-by-row read.
+        assert!(unpack_candidates(b"[[1,\"r\"]]").is_none());
+        assert!(
+            unpack_candidates(b"[[\"x\",\"r\",\"{}\",\"contact\",\"update\",\"\",0,0]]").is_none()
+        );
+        assert!(
+            unpack_candidates(b"[[1,\"\xff\",\"{}\",\"contact\",\"update\",\"\",0,0]]").is_none()
+        );
+        assert!(
+            unpack_candidates(b"[[1,\"r\",\"{}\",\"contact\",\"update\",\"\",99999999999,0]]")
+                .is_none()
+        );
+        assert_eq!(unpack_candidates(b"[]").map(|r| r.len()), Some(0));
+    }
 }
