@@ -8,8 +8,11 @@ use std::time::Duration;
 
 use common::*;
 use prism_sync::batch::{PlanLimits, TeamSet};
+use prism_sync::model::RowState as NewState;
 use prism_sync::sim::FaultProfile;
-use prism_sync::store::{ClaimRequest, Lane};
+use prism_sync::store::{
+    AttemptRecord, BatchEnd, ClaimRequest, FinishBatch, Lane, RowUpdate, Store, StoreKind,
+};
 
 const FINISH: Duration = Duration::from_secs(60);
 
@@ -17,7 +20,96 @@ fn distinct_records(n: usize) -> Vec<(String, String)> {
     (0..n).map(|i| (uuid(), patch(i))).collect()
 }
 
+/// Every row of `batch` answered `ok`, as `owner` would record it.
+fn all_ok(batch: &prism_sync::store::LeasedBatch, owner: &str) -> FinishBatch {
+    FinishBatch {
+        batch_id: batch.id,
+        owner: owner.into(),
+        end: BatchEnd::Done,
+        rows: batch
+            .items
+            .iter()
+            .flat_map(|i| i.rows.iter())
+            .map(|id| RowUpdate {
+                id: *id,
+                state: NewState::Succeeded,
+                code: None,
+                message: None,
+                retry_in: 0.0,
+            })
+            .collect(),
+        children: Vec::new(),
+        lease: Duration::from_secs(60),
+        attempt: AttemptRecord {
+            http_status: Some(200),
+            outcome: "answered".into(),
+            ..Default::default()
+        },
+    }
+}
+
+/// Attempts recorded for a batch.
+async fn attempts_of(store: &Store, batch: uuid::Uuid) -> i64 {
+    match store.sqlx_kind() {
+        StoreKind::Sqlite(p) => {
+            sqlx::query_scalar("SELECT count(*) FROM prism_batch_attempts WHERE batch_id = ?1")
+                .bind(batch.to_string())
+                .fetch_one(p)
+                .await
+                .unwrap()
+        }
+        StoreKind::Postgres(p) => {
+            sqlx::query_scalar("SELECT count(*) FROM prism_batch_attempts WHERE batch_id = $1")
+                .bind(batch)
+                .fetch_one(p)
+                .await
+                .unwrap()
+        }
+    }
+}
+
 both_backends! {
+    async fn a_group_of_outcomes_writes_only_the_batches_still_leased_to_their_writer(db) {
+        let store = db.store().await;
+        insert_rows(&store, &distinct_records(30)).await;
+        wait_below_watermark(&store).await;
+        let claimed = store
+            .claim(&ClaimRequest {
+                owner: "a",
+                lease: Duration::from_secs(60),
+                max_records: 30,
+                limits: PlanLimits { batch_size: 10, coalesce: true, max_coalesce: 100, max_patch_bytes: 1 << 20 },
+                lanes: &Lane::all_of([""]),
+                teams: &TeamSet::new([]),
+                strays: false,
+            })
+            .await
+            .unwrap();
+        let [b0, b1, b2] = &claimed.batches[..] else { panic!("three batches: {:?}", claimed.batches.len()) };
+        // b1's lease lapsed and process b took it over while a was still sending it.
+        exec(&store, &format!("UPDATE prism_batches SET lease_owner = 'b' WHERE id = '{}'", b1.id)).await;
+        let written = store.finish_batches(&[all_ok(b0, "a"), all_ok(b1, "a"), all_ok(b2, "a")]).await.unwrap();
+        assert_eq!(written, [true, false, true], "one transaction, each batch fenced on its own");
+        let by_batch = |id: uuid::Uuid| {
+            let id = id.to_string();
+            move |r: &&RowState| r.batch_id.as_deref() == Some(id.as_str())
+        };
+        let after = rows(&store).await;
+        for (b, state, attempts) in [(b0, "succeeded", 1), (b1, "in_flight", 0), (b2, "succeeded", 1)] {
+            let mine: Vec<_> = after.iter().filter(by_batch(b.id)).collect();
+            assert_eq!(mine.len(), 10);
+            assert!(mine.iter().all(|r| r.state == state && r.attempts == attempts), "{mine:?}");
+            assert_eq!(attempts_of(&store, b.id).await, attempts);
+        }
+        // An end written twice in one group (or again later) passes the fence once.
+        let written = store.finish_batches(&[all_ok(b1, "b"), all_ok(b1, "b"), all_ok(b0, "a")]).await.unwrap();
+        assert_eq!(written, [true, false, false]);
+        assert_eq!(attempts_of(&store, b1.id).await, 1);
+        assert_eq!(attempts_of(&store, b0.id).await, 1);
+        let after = rows(&store).await;
+        assert!(after.iter().all(|r| r.state == "succeeded" && r.attempts == 1), "{after:?}");
+    }
+
     async fn a_backlog_goes_out_in_full_batches_and_every_row_succeeds(db) {
         let sim = sim(FaultProfile::default()).await;
         let store = db.store().await;

@@ -376,13 +376,21 @@ pub(crate) struct RowColumns {
 }
 
 impl RowColumns {
-    pub fn of(rows: &[RowUpdate]) -> RowColumns {
-        RowColumns {
-            ids: rows.iter().map(|r| r.id).collect(),
-            states: rows.iter().map(|r| r.state.as_str()).collect(),
-            codes: rows.iter().map(|r| r.code.clone()).collect(),
-            messages: rows.iter().map(|r| r.message.clone()).collect(),
-            retry_in: rows.iter().map(|r| r.retry_in).collect(),
+    pub fn of<'r>(rows: impl IntoIterator<Item = &'r RowUpdate>) -> RowColumns {
+        let mut c = RowColumns {
+            ids: Vec::new(),
+            states: Vec::new(),
+            codes: Vec::new(),
+            messages: Vec::new(),
+            retry_in: Vec::new(),
+        };
+        for r in rows {
+            c.ids.push(r.id);
+            c.states.push(r.state.as_str());
+            c.codes.push(r.code.clone());
+            c.messages.push(r.message.clone());
+            c.retry_in.push(r.retry_in);
         }
+        c
     }
 }
