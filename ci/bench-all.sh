@@ -19,7 +19,11 @@ run --db sqlite --rows $((n / 2)) --faults mild --no-limit
 run --db postgres --rows $((n / 4)) --records $((n / 40)) --no-limit
 run --db postgres --rows $((n / 4)) --latency 50ms --replicas 1 --max-in-flight 2 --no-limit
 run --db postgres --rows $((n / 4)) --latency 50ms --replicas 3 --max-in-flight 2 --no-limit
+# Latency on a quiet disk: right after the runs above, this machine's fsync stalls for up to a
+# second now and then, and a lone change waits for two commits.
+sync; sleep 5
 run --db sqlite --mode latency
+sync; sleep 5
 run --db postgres --mode latency
 run --db sqlite --rows $big --no-limit
 run --db postgres --mode claim-cost --finished-rows $finished

@@ -8,7 +8,7 @@
 //!   cargo run --release --example bench -- --db postgres --rows 200000     (PRISM_SYNC_TEST_DATABASE_URL)
 //!   ... --latency 50ms --max-in-flight 8 | --replicas 3 --max-in-flight 2 | --faults mild
 //!   ... --mode latency      (enqueue-to-outcome at a steady moderate rate, and lone changes)
-//!   ... --mode claim-cost   (claim cost with 10k and with 5M finished rows in the table)
+//!   ... --mode claim-cost   (claim cost with 10k and with 5M finished rows, claim for claim)
 //!   ... --mode limit        (the bookkeeping limit alone, claim and outcome times apart)
 
 use std::process::Stdio;
@@ -658,13 +658,17 @@ async fn fill_finished(store: &Store, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Median time of one claim of 100 rows (claim + store, one transaction), with `finished` rows
-/// of history in the table.
-async fn claim_cost(db: Db, finished: usize) -> anyhow::Result<f64> {
-    let mut database = Database::fresh(db).await?;
+/// A fresh database with `finished` rows of history and 20,000 waiting changes.
+async fn history(db: Db, finished: usize) -> anyhow::Result<(Database, Store)> {
+    let database = Database::fresh(db).await?;
     let store = database.store().await?;
     fill_finished(&store, finished).await?;
     insert(&store, &changes(20_000, 20_000)).await?;
+    Ok((database, store))
+}
+
+/// One claim of 100 rows (claim + store, one transaction), timed; its batches are then recorded.
+async fn timed_claim(store: &Store) -> anyhow::Result<f64> {
     let limits = PlanLimits {
         batch_size: 100,
         coalesce: true,
@@ -673,29 +677,47 @@ async fn claim_cost(db: Db, finished: usize) -> anyhow::Result<f64> {
     };
     let lanes = Lane::all_of([""]);
     let teams = TeamSet::new([]);
-    let mut times = Vec::new();
-    for _ in 0..150 {
-        let started = Instant::now();
-        let claimed = store
-            .claim(&ClaimRequest {
-                owner: "bench",
-                lease: Duration::from_secs(60),
-                max_records: 100,
-                limits,
-                lanes: &lanes,
-                teams: &teams,
-                strays: false,
-            })
-            .await?;
-        times.push(started.elapsed().as_secs_f64() * 1000.0);
-        for b in &claimed.batches {
-            store.finish_batch(&all_succeeded(b)).await?;
-        }
+    let started = Instant::now();
+    let claimed = store
+        .claim(&ClaimRequest {
+            owner: "bench",
+            lease: Duration::from_secs(60),
+            max_records: 100,
+            limits,
+            lanes: &lanes,
+            teams: &teams,
+            strays: false,
+        })
+        .await?;
+    let took = started.elapsed().as_secs_f64() * 1000.0;
+    for b in &claimed.batches {
+        store.finish_batch(&all_succeeded(b)).await?;
     }
-    times.sort_by(f64::total_cmp);
-    store_close(store).await;
-    database.drop_pg().await;
-    Ok(percentile(&times, 0.5))
+    Ok(took)
+}
+
+/// Median claim time with 10,000 and with `finished` rows of history. The two databases take
+/// turns, claim for claim, so that both see the same machine: a claim is a few milliseconds,
+/// and a commit's `fsync` alone varies by as much on a shared disk.
+async fn claim_cost(db: Db, finished: usize) -> anyhow::Result<(f64, f64)> {
+    let (mut small_db, small) = history(db, 10_000).await?;
+    let (mut large_db, large) = history(db, finished).await?;
+    let (mut small_times, mut large_times) = (Vec::new(), Vec::new());
+    for _ in 0..150 {
+        small_times.push(timed_claim(&small).await?);
+        large_times.push(timed_claim(&large).await?);
+    }
+    for store in [small, large] {
+        store_close(store).await;
+    }
+    small_db.drop_pg().await;
+    large_db.drop_pg().await;
+    small_times.sort_by(f64::total_cmp);
+    large_times.sort_by(f64::total_cmp);
+    Ok((
+        percentile(&small_times, 0.5),
+        percentile(&large_times, 0.5),
+    ))
 }
 
 #[tokio::main]
@@ -711,8 +733,7 @@ async fn main() -> anyhow::Result<()> {
         Mode::Latency => latency(&args).await,
         Mode::Limit => limit_only(&args).await,
         Mode::ClaimCost => {
-            let small = claim_cost(args.db, 10_000).await?;
-            let large = claim_cost(args.db, args.finished_rows).await?;
+            let (small, large) = claim_cost(args.db, args.finished_rows).await?;
             println!(
                 "prism-sync bench: claim cost, {:?}: median {:.2} ms with 10k finished rows, {:.2} ms with {} ({:.2}×)",
                 args.db,
