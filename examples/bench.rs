@@ -714,10 +714,7 @@ async fn claim_cost(db: Db, finished: usize) -> anyhow::Result<(f64, f64)> {
     large_db.drop_pg().await;
     small_times.sort_by(f64::total_cmp);
     large_times.sort_by(f64::total_cmp);
-    Ok((
-        percentile(&small_times, 0.5),
-        percentile(&large_times, 0.5),
-    ))
+    Ok((percentile(&small_times, 0.5), percentile(&large_times, 0.5)))
 }
 
 #[tokio::main]

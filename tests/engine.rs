@@ -283,6 +283,7 @@ both_backends! {
                  INSERT INTO prism_outbox (record_id, patch) VALUES ('{good}', '{{\"default\": {{\"a\": \"' || hex(zeroblob(5000000)) || '\"}}}}');
                  INSERT INTO prism_outbox (record_id, patch) VALUES ('{good}', '{{\"default\": ' || replace(hex(zeroblob(10000)), '00', '[') || replace(hex(zeroblob(10000)), '00', ']') || '}}');
                  INSERT INTO prism_outbox (record_id, patch) VALUES ('{good}', 'a' || char(0) || 'b');
+                 INSERT INTO prism_outbox (record_id, patch) VALUES ('{good}', '{{\"default\": {{\"a\": \"' || CAST(X'FF' AS TEXT) || '\"}}}}');
                  INSERT INTO prism_outbox (record_id, patch) VALUES ('{good}', X'5B315D');
                  INSERT INTO prism_outbox (record_id, patch) VALUES (X'6E6F', '{{}}');
                  INSERT INTO prism_outbox (record_id, patch) VALUES ('{good}', 42);
