@@ -16,12 +16,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use prism_sync::batch::{PlanLimits, TeamSet};
-use prism_sync::model::RowState;
 use prism_sync::ops::enqueue::{Change, insert};
 use prism_sync::sim::{FaultProfile, SimConfig, SimHandle, Simulator};
-use prism_sync::store::{
-    AttemptRecord, BatchEnd, ClaimRequest, FinishBatch, Lane, RowUpdate, Store, StoreKind,
-};
+use prism_sync::store::{ClaimRequest, FinishBatch, Lane, Store, StoreKind};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq)]
@@ -290,34 +287,6 @@ async fn stop(daemons: &mut [Daemon]) -> anyhow::Result<(f64, f64, f64, f64)> {
     Ok((claim_sum, claim_n, rec_sum, rec_n))
 }
 
-/// Every row of a claimed batch answered `ok`: what the bookkeeping loops record.
-fn all_succeeded(b: &prism_sync::store::LeasedBatch) -> FinishBatch {
-    FinishBatch {
-        batch_id: b.id,
-        owner: "bench".into(),
-        end: BatchEnd::Done,
-        rows: b
-            .items
-            .iter()
-            .flat_map(|i| i.rows.iter())
-            .map(|id| RowUpdate {
-                id: *id,
-                state: RowState::Succeeded,
-                code: None,
-                message: None,
-                retry_in: 0.0,
-            })
-            .collect(),
-        children: Vec::new(),
-        lease: Duration::from_secs(60),
-        attempt: AttemptRecord {
-            http_status: Some(200),
-            outcome: "answered".into(),
-            ..Default::default()
-        },
-    }
-}
-
 /// The same claim → store → record statements as the daemon, with no HTTP: every item answered
 /// `ok` at once. Like the daemon, it claims `max_in_flight` batches at a time, records a claim's
 /// batches in one transaction, and overlaps the next claim with the previous outcome write.
@@ -344,7 +313,11 @@ async fn bookkeeping_limit(store: &Store, max_in_flight: usize) -> anyhow::Resul
             .await
     };
     let ends = |claimed: &prism_sync::store::ClaimOutcome| -> Vec<FinishBatch> {
-        claimed.batches.iter().map(all_succeeded).collect()
+        claimed
+            .batches
+            .iter()
+            .map(|b| FinishBatch::all_succeeded(b, "bench"))
+            .collect()
     };
     let started = Instant::now();
     let mut run = LimitRun::default();
@@ -691,7 +664,9 @@ async fn timed_claim(store: &Store) -> anyhow::Result<f64> {
         .await?;
     let took = started.elapsed().as_secs_f64() * 1000.0;
     for b in &claimed.batches {
-        store.finish_batch(&all_succeeded(b)).await?;
+        store
+            .finish_batch(&FinishBatch::all_succeeded(b, "bench"))
+            .await?;
     }
     Ok(took)
 }

@@ -8,44 +8,13 @@ use std::time::Duration;
 
 use common::*;
 use prism_sync::batch::{PlanLimits, TeamSet};
-use prism_sync::model::RowState as NewState;
 use prism_sync::sim::FaultProfile;
-use prism_sync::store::{
-    AttemptRecord, BatchEnd, ClaimRequest, FinishBatch, Lane, RowUpdate, Store, StoreKind,
-};
+use prism_sync::store::{ClaimRequest, FinishBatch, Lane, Store, StoreKind};
 
 const FINISH: Duration = Duration::from_secs(60);
 
 fn distinct_records(n: usize) -> Vec<(String, String)> {
     (0..n).map(|i| (uuid(), patch(i))).collect()
-}
-
-/// Every row of `batch` answered `ok`, as `owner` would record it.
-fn all_ok(batch: &prism_sync::store::LeasedBatch, owner: &str) -> FinishBatch {
-    FinishBatch {
-        batch_id: batch.id,
-        owner: owner.into(),
-        end: BatchEnd::Done,
-        rows: batch
-            .items
-            .iter()
-            .flat_map(|i| i.rows.iter())
-            .map(|id| RowUpdate {
-                id: *id,
-                state: NewState::Succeeded,
-                code: None,
-                message: None,
-                retry_in: 0.0,
-            })
-            .collect(),
-        children: Vec::new(),
-        lease: Duration::from_secs(60),
-        attempt: AttemptRecord {
-            http_status: Some(200),
-            outcome: "answered".into(),
-            ..Default::default()
-        },
-    }
 }
 
 /// Attempts recorded for a batch.
@@ -88,7 +57,7 @@ both_backends! {
         let [b0, b1, b2] = &claimed.batches[..] else { panic!("three batches: {:?}", claimed.batches.len()) };
         // b1's lease lapsed and process b took it over while a was still sending it.
         exec(&store, &format!("UPDATE prism_batches SET lease_owner = 'b' WHERE id = '{}'", b1.id)).await;
-        let written = store.finish_batches(&[all_ok(b0, "a"), all_ok(b1, "a"), all_ok(b2, "a")]).await.unwrap();
+        let written = store.finish_batches(&[FinishBatch::all_succeeded(b0, "a"), FinishBatch::all_succeeded(b1, "a"), FinishBatch::all_succeeded(b2, "a")]).await.unwrap();
         assert_eq!(written, [true, false, true], "one transaction, each batch fenced on its own");
         let by_batch = |id: uuid::Uuid| {
             let id = id.to_string();
@@ -102,7 +71,7 @@ both_backends! {
             assert_eq!(attempts_of(&store, b.id).await, attempts);
         }
         // An end written twice in one group (or again later) passes the fence once.
-        let written = store.finish_batches(&[all_ok(b1, "b"), all_ok(b1, "b"), all_ok(b0, "a")]).await.unwrap();
+        let written = store.finish_batches(&[FinishBatch::all_succeeded(b1, "b"), FinishBatch::all_succeeded(b1, "b"), FinishBatch::all_succeeded(b0, "a")]).await.unwrap();
         assert_eq!(written, [true, false, false]);
         assert_eq!(attempts_of(&store, b1.id).await, 1);
         assert_eq!(attempts_of(&store, b0.id).await, 1);

@@ -203,6 +203,37 @@ pub struct FinishBatch {
     pub attempt: AttemptRecord,
 }
 
+impl FinishBatch {
+    /// The end of a batch whose every item `owner` saw answered `ok` in a 200: what the
+    /// benchmark's bookkeeping loop and the store tests record.
+    pub fn all_succeeded(batch: &LeasedBatch, owner: &str) -> FinishBatch {
+        FinishBatch {
+            batch_id: batch.id,
+            owner: owner.to_owned(),
+            end: BatchEnd::Done,
+            rows: batch
+                .items
+                .iter()
+                .flat_map(|i| i.rows.iter())
+                .map(|id| RowUpdate {
+                    id: *id,
+                    state: RowState::Succeeded,
+                    code: None,
+                    message: None,
+                    retry_in: 0.0,
+                })
+                .collect(),
+            children: Vec::new(),
+            lease: Duration::from_secs(60),
+            attempt: AttemptRecord {
+                http_status: Some(200),
+                outcome: "answered".into(),
+                ..AttemptRecord::default()
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DeferBatch<'a> {
     pub batch_id: Uuid,
