@@ -392,20 +392,22 @@ impl PgStore {
     /// eight batches written batch by batch took 24.
     pub async fn finish_batches(&self, batches: &[FinishBatch]) -> StoreResult<Vec<bool>> {
         let mut tx = begin(&self.pool).await?;
-        let mut ids: Vec<Uuid> = batches.iter().map(|f| f.batch_id).collect();
-        ids.sort_unstable();
-        let distinct = ids.windows(2).all(|w| w[0] != w[1]);
-        let written = if distinct {
-            finish_group(&mut tx, batches).await?
-        } else {
-            // The same batch twice: only the first end may pass the fence, as when written
-            // one after the other.
-            let mut written = Vec::with_capacity(batches.len());
-            for f in batches {
-                written.push(finish_one(&mut tx, f).await?);
+        let mut written = vec![false; batches.len()];
+        // A batch ended twice in one group is written in rounds: each round holds the next end
+        // of each batch, so a later end meets the fence as the earlier one left it, as when
+        // written one after the other.
+        let mut left: Vec<usize> = (0..batches.len()).collect();
+        while !left.is_empty() {
+            let mut seen = std::collections::HashSet::new();
+            let (round, later): (Vec<usize>, Vec<usize>) = left
+                .into_iter()
+                .partition(|&i| seen.insert(batches[i].batch_id));
+            let ends: Vec<&FinishBatch> = round.iter().map(|&i| &batches[i]).collect();
+            for (i, ok) in round.iter().zip(finish_group(&mut tx, &ends).await?) {
+                written[*i] = ok;
             }
-            written
-        };
+            left = later;
+        }
         crash_point!("mid_outcomes");
         tx.commit().await?;
         Ok(written)
@@ -416,11 +418,11 @@ impl PgStore {
 /// their writer (`false`, and nothing written, for the others).
 async fn finish_group(
     tx: &mut Transaction<'static, Postgres>,
-    batches: &[FinishBatch],
+    batches: &[&FinishBatch],
 ) -> StoreResult<Vec<bool>> {
     // In id order, so that two processes fencing overlapping groups (a lease taken over while
     // its first owner was still writing) lock the batch rows in the same order.
-    let mut order: Vec<&FinishBatch> = batches.iter().collect();
+    let mut order: Vec<&FinishBatch> = batches.to_vec();
     order.sort_unstable_by_key(|f| f.batch_id);
     let fenced: std::collections::HashSet<Uuid> = sqlx::query_scalar(
         "UPDATE prism_batches b SET state = u.end_state, completed_at = now(), lease_owner = NULL,
@@ -503,38 +505,6 @@ async fn update_rows(
     .execute(&mut **tx)
     .await?;
     Ok(())
-}
-
-/// One batch's end inside a transaction; `false` (and nothing written) when the fence says the
-/// batch is no longer ours.
-async fn finish_one(tx: &mut Transaction<'static, Postgres>, f: &FinishBatch) -> StoreResult<bool> {
-    {
-        let fenced = sqlx::query(
-            "UPDATE prism_batches SET state = $3, completed_at = now(), lease_owner = NULL, lease_expires_at = NULL,
-                    last_status = $4, last_error = $5
-             WHERE id = $1 AND lease_owner = $2 AND state = 'open'",
-        )
-        .bind(f.batch_id)
-        .bind(&f.owner)
-        .bind(f.end.as_str())
-        .bind(f.attempt.http_status.map(i32::from))
-        .bind(f.attempt.detail.as_deref())
-        .execute(&mut **tx)
-        .await?;
-        if fenced.rows_affected() == 0 {
-            return Ok(false);
-        }
-        insert_attempt(tx, f.batch_id, &f.owner, &f.attempt).await?;
-        if !f.rows.is_empty() {
-            let c = RowColumns::of(&f.rows);
-            update_rows(tx, &c, &vec![f.batch_id; f.rows.len()]).await?;
-        }
-        if !f.children.is_empty() {
-            insert_batches(tx, &f.children, &f.owner, f.lease, Some(f.batch_id)).await?;
-            mark_in_flight(tx, &f.children).await?;
-        }
-        Ok(true)
-    }
 }
 
 impl PgStore {
