@@ -47,16 +47,29 @@ impl TeamQuery {
     fn resolve(&self, sim: &Shared) -> Result<Option<TeamIndex>, UnknownTeam> {
         self.team.as_deref().map(|team| sim.team(team)).transpose()
     }
+
+    /// The named team, or the primary one without `team`.
+    fn or_primary(&self, sim: &Shared) -> Result<TeamIndex, UnknownTeam> {
+        Ok(self.resolve(sim)?.unwrap_or(PRIMARY))
+    }
+}
+
+/// An unknown `?team=` answers 404 `team_not_found`, like the API.
+impl IntoResponse for UnknownTeam {
+    fn into_response(self) -> Response {
+        error_response(
+            StatusCode::NOT_FOUND,
+            "team_not_found",
+            &format!("The simulator knows no team {:?}.", self.0),
+        )
+    }
 }
 
 pub(crate) async fn stats(
     State(sim): State<Arc<Shared>>,
     Query(query): Query<TeamQuery>,
-) -> Response {
-    match query.resolve(&sim) {
-        Ok(team) => Json(sim.stats(team)).into_response(),
-        Err(unknown) => team_not_found(&unknown.0),
-    }
+) -> Result<Response, UnknownTeam> {
+    Ok(Json(sim.stats(query.resolve(&sim)?)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -99,7 +112,7 @@ pub(crate) async fn applied(
         Some("*") => None,
         Some(team) => match sim.find_team(team) {
             Some(team) => Some(team),
-            None => return team_not_found(team),
+            None => return UnknownTeam(team.to_owned()).into_response(),
         },
     };
     let filter = LogFilter {
@@ -115,21 +128,18 @@ pub(crate) async fn record(
     State(sim): State<Arc<Shared>>,
     Path((object_type, id)): Path<(String, String)>,
     Query(query): Query<TeamQuery>,
-) -> Response {
-    let team = match query.resolve(&sim) {
-        Ok(team) => team.unwrap_or(PRIMARY),
-        Err(unknown) => return team_not_found(&unknown.0),
-    };
+) -> Result<Response, UnknownTeam> {
+    let team = query.or_primary(&sim)?;
     let Ok(object_type) = object_type.parse::<ObjectType>() else {
-        return not_found_json("unknown object type");
+        return Ok(not_found_json("unknown object type"));
     };
     let Ok(id) = Uuid::parse_str(&id) else {
-        return bad_request("id must be a UUID");
+        return Ok(bad_request("id must be a UUID"));
     };
-    match sim.record(team, object_type, id) {
+    Ok(match sim.record(team, object_type, id) {
         Some(record) => Json(record).into_response(),
         None => not_found_json("no such record"),
-    }
+    })
 }
 
 #[derive(Deserialize)]
@@ -159,15 +169,12 @@ pub(crate) async fn seed_records(
     State(sim): State<Arc<Shared>>,
     Query(query): Query<TeamQuery>,
     body: Bytes,
-) -> Response {
-    let team = match query.resolve(&sim) {
-        Ok(team) => team.unwrap_or(PRIMARY),
-        Err(unknown) => return team_not_found(&unknown.0),
-    };
+) -> Result<Response, UnknownTeam> {
+    let team = query.or_primary(&sim)?;
     let seeds = match parse::<SeedBody>(&body) {
         Ok(SeedBody::Many(seeds)) => seeds,
         Ok(SeedBody::One(seed)) => vec![seed],
-        Err(message) => return bad_request(&message),
+        Err(message) => return Ok(bad_request(&message)),
     };
     let seeded: Vec<Value> = seeds
         .into_iter()
@@ -183,59 +190,54 @@ pub(crate) async fn seed_records(
             sim.seed_record(team, seed.object_type, seed.id, body)
         })
         .collect();
-    (StatusCode::CREATED, Json(seeded)).into_response()
+    Ok((StatusCode::CREATED, Json(seeded)).into_response())
 }
 
 pub(crate) async fn get_faults(
     State(sim): State<Arc<Shared>>,
     Query(query): Query<TeamQuery>,
-) -> Response {
-    match query.resolve(&sim) {
-        Ok(None) => Json(sim.faults().profile.clone()).into_response(),
-        Ok(Some(team)) => match sim.team_faults(team) {
+) -> Result<Response, UnknownTeam> {
+    Ok(match query.resolve(&sim)? {
+        None => Json(sim.faults().profile.clone()).into_response(),
+        Some(team) => match sim.team_faults(team) {
             Some(faults) => Json(faults.profile.clone()).into_response(),
             None => not_found_json(&format!(
                 "Team {} has no fault profile of its own; the global one applies.",
                 sim.team_name(team)
             )),
         },
-        Err(unknown) => team_not_found(&unknown.0),
-    }
+    })
 }
 
 pub(crate) async fn put_faults(
     State(sim): State<Arc<Shared>>,
     Query(query): Query<TeamQuery>,
     body: Bytes,
-) -> Response {
-    let team = match query.resolve(&sim) {
-        Ok(team) => team,
-        Err(unknown) => return team_not_found(&unknown.0),
-    };
+) -> Result<Response, UnknownTeam> {
+    let team = query.resolve(&sim)?;
     let profile = match parse::<FaultProfile>(&body) {
         Ok(profile) => profile,
-        Err(message) => return bad_request(&message),
+        Err(message) => return Ok(bad_request(&message)),
     };
     if let Err(err) = profile.validate() {
-        return bad_request(&err.to_string());
+        return Ok(bad_request(&err.to_string()));
     }
     match team {
         None => sim.set_faults(profile.clone()),
         Some(team) => sim.set_team_faults(team, Some(profile.clone())),
     }
-    Json(profile).into_response()
+    Ok(Json(profile).into_response())
 }
 
 pub(crate) async fn delete_faults(
     State(sim): State<Arc<Shared>>,
     Query(query): Query<TeamQuery>,
-) -> Response {
-    match query.resolve(&sim) {
-        Ok(None) => sim.set_faults(FaultProfile::default()),
-        Ok(Some(team)) => sim.set_team_faults(team, None),
-        Err(unknown) => return team_not_found(&unknown.0),
+) -> Result<Response, UnknownTeam> {
+    match query.resolve(&sim)? {
+        None => sim.set_faults(FaultProfile::default()),
+        Some(team) => sim.set_team_faults(team, None),
     }
-    StatusCode::NO_CONTENT.into_response()
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Deserialize)]
@@ -248,18 +250,15 @@ pub(crate) async fn put_api_key(
     State(sim): State<Arc<Shared>>,
     Query(query): Query<TeamQuery>,
     body: Bytes,
-) -> Response {
-    let team = match query.resolve(&sim) {
-        Ok(team) => team.unwrap_or(PRIMARY),
-        Err(unknown) => return team_not_found(&unknown.0),
-    };
-    match parse::<ApiKeyBody>(&body) {
+) -> Result<Response, UnknownTeam> {
+    let team = query.or_primary(&sim)?;
+    Ok(match parse::<ApiKeyBody>(&body) {
         Ok(ApiKeyBody { api_key }) => {
             sim.set_api_key(team, &api_key);
             StatusCode::NO_CONTENT.into_response()
         }
         Err(message) => bad_request(&message),
-    }
+    })
 }
 
 pub(crate) async fn reset(State(sim): State<Arc<Shared>>) -> Response {
@@ -282,12 +281,4 @@ fn bad_request(message: &str) -> Response {
 
 fn not_found_json(message: &str) -> Response {
     error_response(StatusCode::NOT_FOUND, "not_found", message)
-}
-
-fn team_not_found(team: &str) -> Response {
-    error_response(
-        StatusCode::NOT_FOUND,
-        "team_not_found",
-        &format!("The simulator knows no team {team:?}."),
-    )
 }
