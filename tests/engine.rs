@@ -9,12 +9,39 @@ use std::time::Duration;
 use common::*;
 use prism_sync::batch::{PlanLimits, TeamSet};
 use prism_sync::sim::FaultProfile;
-use prism_sync::store::{ClaimRequest, FinishBatch, Lane, Store, StoreKind};
+use prism_sync::store::{ClaimOutcome, ClaimRequest, FinishBatch, Lane, Store, StoreKind};
 
 const FINISH: Duration = Duration::from_secs(60);
 
 fn distinct_records(n: usize) -> Vec<(String, String)> {
     (0..n).map(|i| (uuid(), patch(i))).collect()
+}
+
+/// Claims for the default team as process `owner` would (coalescing on, 1 MiB patches).
+async fn claim(
+    store: &Store,
+    owner: &str,
+    lease: Duration,
+    max_records: usize,
+    batch_size: usize,
+) -> ClaimOutcome {
+    store
+        .claim(&ClaimRequest {
+            owner,
+            lease,
+            max_records,
+            limits: PlanLimits {
+                batch_size,
+                coalesce: true,
+                max_coalesce: 100,
+                max_patch_bytes: 1 << 20,
+            },
+            lanes: &Lane::all_of([""]),
+            teams: &TeamSet::new([]),
+            strays: false,
+        })
+        .await
+        .unwrap()
 }
 
 /// Attempts recorded for a batch.
@@ -42,18 +69,7 @@ both_backends! {
         let store = db.store().await;
         insert_rows(&store, &distinct_records(30)).await;
         wait_below_watermark(&store).await;
-        let claimed = store
-            .claim(&ClaimRequest {
-                owner: "a",
-                lease: Duration::from_secs(60),
-                max_records: 30,
-                limits: PlanLimits { batch_size: 10, coalesce: true, max_coalesce: 100, max_patch_bytes: 1 << 20 },
-                lanes: &Lane::all_of([""]),
-                teams: &TeamSet::new([]),
-                strays: false,
-            })
-            .await
-            .unwrap();
+        let claimed = claim(&store, "a", Duration::from_secs(60), 30, 10).await;
         let [b0, b1, b2] = &claimed.batches[..] else { panic!("three batches: {:?}", claimed.batches.len()) };
         // b1's lease lapsed and process b took it over while a was still sending it.
         exec(&store, &format!("UPDATE prism_batches SET lease_owner = 'b' WHERE id = '{}'", b1.id)).await;
@@ -289,18 +305,7 @@ both_backends! {
         let store = db.store().await;
         insert_rows(&store, &distinct_records(40)).await;
         // A process claims and stores a batch, then dies before sending it (its lease is short).
-        let claimed = store
-            .claim(&ClaimRequest {
-                owner: "crashed-process",
-                lease: Duration::from_millis(300),
-                max_records: 40,
-                limits: PlanLimits { batch_size: 100, coalesce: true, max_coalesce: 100, max_patch_bytes: 1 << 20 },
-                lanes: &Lane::all_of([""]),
-                teams: &TeamSet::new([]),
-                strays: false,
-            })
-            .await
-            .unwrap();
+        let claimed = claim(&store, "crashed-process", Duration::from_millis(300), 40, 100).await;
         let key = claimed.batches[0].idempotency_key.clone();
         let engine = start_engine(&settings(&db, &sim)).await;
         let done = wait_until_finished(&store, FINISH).await;
@@ -315,18 +320,7 @@ both_backends! {
         let sim = sim(FaultProfile::default()).await;
         let store = db.store().await;
         insert_rows(&store, &distinct_records(10)).await;
-        let claimed = store
-            .claim(&ClaimRequest {
-                owner: "crashed-process",
-                lease: Duration::from_millis(10),
-                max_records: 10,
-                limits: PlanLimits { batch_size: 100, coalesce: true, max_coalesce: 100, max_patch_bytes: 1 << 20 },
-                lanes: &Lane::all_of([""]),
-                teams: &TeamSet::new([]),
-                strays: false,
-            })
-            .await
-            .unwrap();
+        let claimed = claim(&store, "crashed-process", Duration::from_millis(10), 10, 100).await;
         let old_key = claimed.batches[0].idempotency_key.clone();
         let age = match db.backend {
             Backend::Sqlite => "UPDATE prism_batches SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-23 hours', '-30 minutes')",
