@@ -35,19 +35,23 @@ struct Outage {
 
 /// Keys first sent inside an outage: batches claimed before it, or new claims that should not
 /// exist. At most the claim-ahead buffer and the batches on the wire can be sent: 2 × in flight.
-async fn fresh_keys_during(sim: &Sim, outages: &[Outage]) -> Vec<usize> {
-    let requests: Vec<crate::checker::Request> =
-        serde_json::from_value(sim_requests(sim).await).expect("request log");
+/// Notes the counts on the scenario and returns a violation for each outage over the bound.
+async fn fresh_key_violations(
+    sc: &mut Scenario,
+    sim: &Sim,
+    outages: &[Outage],
+    during: &str,
+) -> Vec<String> {
     let mut first: std::collections::HashMap<String, time::OffsetDateTime> = Default::default();
-    for r in &requests {
+    for r in sim.requests().await {
         if let (Some(k), Ok(at)) = (
-            &r.idempotency_key,
+            r.idempotency_key,
             time::OffsetDateTime::parse(&r.at, &time::format_description::well_known::Rfc3339),
         ) {
-            first.entry(k.clone()).or_insert(at);
+            first.entry(k).or_insert(at);
         }
     }
-    outages
+    let fresh: Vec<usize> = outages
         .iter()
         .map(|o| {
             first
@@ -55,17 +59,20 @@ async fn fresh_keys_during(sim: &Sim, outages: &[Outage]) -> Vec<usize> {
                 .filter(|at| **at >= o.from && **at <= o.to)
                 .count()
         })
+        .collect();
+    sc.note(format!(
+        "batches first sent {during}, per outage: {fresh:?} (at most {} allowed: the claim-ahead buffer and the requests on the wire)",
+        2 * MAX_IN_FLIGHT
+    ));
+    fresh
+        .into_iter()
+        .filter(|n| *n > 2 * MAX_IN_FLIGHT)
+        .map(|n| {
+            format!(
+                "{n} batches were first sent {during}: new work was claimed and sent without a database"
+            )
+        })
         .collect()
-}
-
-async fn sim_requests(sim: &Sim) -> serde_json::Value {
-    let bytes = reqwest::get(format!("{}/_sim/requests", sim.base_url()))
-        .await
-        .expect("request log")
-        .bytes()
-        .await
-        .expect("request log body");
-    serde_json::from_slice(&bytes).expect("JSON")
 }
 
 async fn postgres_restarts(round: u64) {
@@ -134,18 +141,7 @@ async fn postgres_restarts(round: u64) {
         extra.push(format!("{e}; log tail:\n{}", daemon.tail(15)));
     }
     extra.extend(stop_daemon(&mut daemon).await);
-    let fresh = fresh_keys_during(&sim, &outages).await;
-    sc.note(format!(
-        "batches first sent while Postgres was down, per outage: {fresh:?} (at most {} allowed: the claim-ahead buffer and the requests on the wire)",
-        2 * MAX_IN_FLIGHT
-    ));
-    for n in fresh {
-        if n > 2 * MAX_IN_FLIGHT {
-            extra.push(format!(
-                "{n} batches were first sent while Postgres was down: new work was claimed and sent without a database"
-            ));
-        }
-    }
+    extra.extend(fresh_key_violations(&mut sc, &sim, &outages, "while Postgres was down").await);
     let (stats, verdict) = check(&db, &sim, &Expect::default(), extra).await;
     sc.finish(&stats, verdict);
     drop(cluster);
@@ -225,18 +221,9 @@ async fn sqlite_locked(round: u64) {
         extra.push(format!("{e}; log tail:\n{}", daemon.tail(15)));
     }
     extra.extend(stop_daemon(&mut daemon).await);
-    let fresh = fresh_keys_during(&sim, &outages).await;
-    sc.note(format!(
-        "batches first sent while the file was locked, per lock: {fresh:?} (at most {} allowed)",
-        2 * MAX_IN_FLIGHT
-    ));
-    for n in fresh {
-        if n > 2 * MAX_IN_FLIGHT {
-            extra.push(format!(
-                "{n} batches were first sent while the SQLite file was locked"
-            ));
-        }
-    }
+    extra.extend(
+        fresh_key_violations(&mut sc, &sim, &outages, "while the SQLite file was locked").await,
+    );
     let (stats, verdict) = check(&db, &sim, &Expect::default(), extra).await;
     sc.finish(&stats, verdict);
 }

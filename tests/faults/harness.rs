@@ -487,15 +487,18 @@ impl Sim {
             .unwrap_or(0)
     }
 
+    /// The request log (`GET /_sim/requests`), oldest first.
+    pub async fn requests(&self) -> Vec<checker::Request> {
+        serde_json::from_value(self.get("/_sim/requests").await).expect("request log")
+    }
+
     /// The apply log (`GET /_sim/applied`, seq order), the request log and the statistics.
     pub async fn snapshot(&self) -> SimSnapshot {
         let applied: Vec<checker::Applied> =
             serde_json::from_value(self.get("/_sim/applied").await).expect("apply log");
-        let requests: Vec<checker::Request> =
-            serde_json::from_value(self.get("/_sim/requests").await).expect("request log");
         SimSnapshot {
             applied,
-            requests,
+            requests: self.requests().await,
             stats: self.stats().await,
         }
     }
