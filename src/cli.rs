@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::model::{ObjectType, Operation, RowState};
+use crate::model::{ObjectType, Operation, RowState, team_id_values};
 use crate::ops;
 use crate::settings::Settings;
 use crate::store::Store;
@@ -292,11 +292,11 @@ pub async fn execute(
                 error_code: args.error_code.clone(),
                 record_id: args.record_id,
                 object_type: args.object_type,
-                teams: match &args.team {
-                    Some(team) if *team == settings.micro.team_id || team.is_empty() => {
-                        vec![String::new(), settings.micro.team_id.clone()]
+                teams: match args.team.as_deref() {
+                    Some(team) if team == settings.micro.team_id || team.is_empty() => {
+                        team_id_values(&settings.micro.team_id, true)
                     }
-                    Some(team) => vec![team.clone()],
+                    Some(team) => team_id_values(team, false),
                     None => Vec::new(),
                 },
                 operation: args.operation,

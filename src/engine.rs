@@ -303,10 +303,7 @@ impl Engine {
         let mut team_of = HashMap::new();
         for tc in clients {
             let id = tc.client.team_id().to_owned();
-            let mut keys = vec![id.clone()];
-            if tc.default {
-                keys.insert(0, String::new());
-            }
+            let keys = crate::model::team_id_values(&id, tc.default);
             let (queue, receiver) = mpsc::unbounded_channel();
             let team = Arc::new(Team {
                 keys,

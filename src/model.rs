@@ -122,6 +122,16 @@ impl FromStr for Operation {
     }
 }
 
+/// The `team_id` values that mean team `id` in the outbox: its id, and for the default team
+/// (`micro.team_id`) also `''`, which every row inserted without a team carries.
+pub fn team_id_values(id: &str, default: bool) -> Vec<String> {
+    if default {
+        vec![String::new(), id.to_owned()]
+    } else {
+        vec![id.to_owned()]
+    }
+}
+
 /// The life of an outbox row. `Succeeded` and `Dead` are terminal; only an operator's replay
 /// brings a dead row back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
