@@ -45,6 +45,17 @@ impl Answer {
             .to_owned()
     }
 
+    /// A malformed body's answer: 400 with `invalid_json` or `invalid_request`.
+    fn assert_body_refused(&self, body: &[u8]) {
+        assert_eq!(
+            self.status,
+            StatusCode::BAD_REQUEST,
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+        assert!(["invalid_json", "invalid_request"].contains(&self.error_code().as_str()));
+    }
+
     fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
@@ -369,14 +380,7 @@ async fn a_body_that_is_not_an_items_object_is_refused_with_400() {
         b"",
     ];
     for bad in bodies {
-        let answer = api.post(None, bad.to_vec()).await;
-        assert_eq!(
-            answer.status,
-            StatusCode::BAD_REQUEST,
-            "{}",
-            String::from_utf8_lossy(bad)
-        );
-        assert!(["invalid_json", "invalid_request"].contains(&answer.error_code().as_str()));
+        api.post(None, bad.to_vec()).await.assert_body_refused(bad);
     }
 }
 
@@ -1153,14 +1157,9 @@ async fn a_delete_checks_its_body_and_ids_like_an_update() {
         b"",
     ];
     for bad in bodies {
-        let answer = api.delete_raw(None, bad.to_vec()).await;
-        assert_eq!(
-            answer.status,
-            StatusCode::BAD_REQUEST,
-            "{}",
-            String::from_utf8_lossy(bad)
-        );
-        assert!(["invalid_json", "invalid_request"].contains(&answer.error_code().as_str()));
+        api.delete_raw(None, bad.to_vec())
+            .await
+            .assert_body_refused(bad);
     }
     let many: Vec<Uuid> = (0..101).map(|_| Uuid::new_v4()).collect();
     let too_many = api.delete(None, &many).await;
