@@ -239,10 +239,7 @@ async fn api_faults(backend: Backend, round: u64) {
     sim.set_faults(base);
     let n = sc.rng.random_range(10..50);
     db.insert_retrying(&take(n)).await;
-    if let Err(e) = db.wait_finished(inserted, Duration::from_secs(120)).await {
-        extra.push(format!("{e}; log tail:\n{}", daemon.tail(15)));
-    }
-    extra.extend(stop_daemon(&mut daemon).await);
+    extra.extend(finish_and_stop(&db, &mut daemon, inserted, Duration::from_secs(120)).await);
     let snapshot = db.snapshot().await;
     let expect = Expect {
         dead: snapshot

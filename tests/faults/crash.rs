@@ -85,13 +85,7 @@ async fn crash_at(point: &'static str, backend: Backend, round: u64) {
         .await
         .expect("feeder");
     let mut extra = Vec::new();
-    if let Err(e) = db.wait_finished(rows.len(), Duration::from_secs(90)).await {
-        extra.push(format!(
-            "after the restart: {e}; log tail:\n{}",
-            daemon.tail(15)
-        ));
-    }
-    extra.extend(stop_daemon(&mut daemon).await);
+    extra.extend(finish_and_stop(&db, &mut daemon, rows.len(), Duration::from_secs(90)).await);
     let (stats, verdict) = check(&db, &sim, &Expect::default(), extra).await;
     sc.finish(&stats, verdict);
 }
@@ -175,13 +169,7 @@ async fn kill_on_the_wire(how: OnTheWire, backend: Backend, round: u64) {
     sim.set_faults(FaultProfile::default());
     let mut daemon = Daemon::spawn(&sc, "restarted", &bin(), &db, &sim, &[]);
     let mut extra = Vec::new();
-    if let Err(e) = db.wait_finished(rows.len(), Duration::from_secs(90)).await {
-        extra.push(format!(
-            "after the restart: {e}; log tail:\n{}",
-            daemon.tail(15)
-        ));
-    }
-    extra.extend(stop_daemon(&mut daemon).await);
+    extra.extend(finish_and_stop(&db, &mut daemon, rows.len(), Duration::from_secs(90)).await);
     let (stats, verdict) = check(&db, &sim, &Expect::default(), extra).await;
     if stats["replays"].as_u64().unwrap_or(0) == 0 && verdict.violations.is_empty() {
         sc.fail("no idempotent replay happened: the scenario did not re-send an applied batch");

@@ -137,10 +137,7 @@ async fn postgres_restarts(round: u64) {
         }
     }
     feeder.await.expect("feeder");
-    if let Err(e) = db.wait_finished(rows.len(), Duration::from_secs(120)).await {
-        extra.push(format!("{e}; log tail:\n{}", daemon.tail(15)));
-    }
-    extra.extend(stop_daemon(&mut daemon).await);
+    extra.extend(finish_and_stop(&db, &mut daemon, rows.len(), Duration::from_secs(120)).await);
     extra.extend(fresh_key_violations(&mut sc, &sim, &outages, "while Postgres was down").await);
     let (stats, verdict) = check(&db, &sim, &Expect::default(), extra).await;
     sc.finish(&stats, verdict);
@@ -217,10 +214,7 @@ async fn sqlite_locked(round: u64) {
         }
     }
     feeder.await.expect("feeder");
-    if let Err(e) = db.wait_finished(rows.len(), Duration::from_secs(90)).await {
-        extra.push(format!("{e}; log tail:\n{}", daemon.tail(15)));
-    }
-    extra.extend(stop_daemon(&mut daemon).await);
+    extra.extend(finish_and_stop(&db, &mut daemon, rows.len(), Duration::from_secs(90)).await);
     extra.extend(
         fresh_key_violations(&mut sc, &sim, &outages, "while the SQLite file was locked").await,
     );

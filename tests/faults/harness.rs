@@ -1091,6 +1091,26 @@ impl Drop for Daemon {
 
 /// Stops a daemon cleanly at the end of a scenario and reads its key-mismatch counter first.
 /// Returns violations (a daemon that counted a mismatch, or did not exit 0 on SIGTERM).
+/// Waits until every row is finished, then stops the daemon: what went wrong on the way (a
+/// timeout, with the daemon's name and log tail, then whatever stopping it found).
+pub async fn finish_and_stop(
+    db: &Db,
+    daemon: &mut Daemon,
+    rows: usize,
+    within: Duration,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Err(e) = db.wait_finished(rows, within).await {
+        problems.push(format!(
+            "{} daemon: {e}; log tail:\n{}",
+            daemon.label,
+            daemon.tail(15)
+        ));
+    }
+    problems.extend(stop_daemon(daemon).await);
+    problems
+}
+
 pub async fn stop_daemon(daemon: &mut Daemon) -> Vec<String> {
     let mut problems = Vec::new();
     if daemon.try_exit().is_some() {

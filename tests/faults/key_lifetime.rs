@@ -84,10 +84,7 @@ async fn key_lifetime(how: Unanswered, backend: Backend, round: u64) {
         }
     }
     sim.set_faults(FaultProfile::default());
-    if let Err(e) = db.wait_finished(rows.len(), Duration::from_secs(90)).await {
-        extra.push(format!("{e}; log tail:\n{}", daemon.tail(15)));
-    }
-    extra.extend(stop_daemon(&mut daemon).await);
+    extra.extend(finish_and_stop(&db, &mut daemon, rows.len(), Duration::from_secs(90)).await);
     let expect = Expect {
         sim_ttl: Some(SIM_TTL),
         ..Expect::default()
