@@ -123,6 +123,15 @@ pub struct NewBatch {
 }
 
 impl NewBatch {
+    /// What the batch is, beyond its bytes and items.
+    pub fn shape(&self) -> BatchShape<'_> {
+        BatchShape {
+            team: &self.team,
+            object_type: self.object_type,
+            operation: self.operation,
+        }
+    }
+
     pub fn row_count(&self) -> usize {
         self.items.iter().map(|i| i.rows.len()).sum()
     }
@@ -549,14 +558,6 @@ mod tests {
         plan_batches(chains, limits, &TeamSet::new([]))
     }
 
-    fn shape(b: &NewBatch) -> BatchShape<'_> {
-        BatchShape {
-            team: &b.team,
-            object_type: b.object_type,
-            operation: b.operation,
-        }
-    }
-
     fn chain(head: CandidateRow, followers: Vec<CandidateRow>) -> RecordChain {
         RecordChain { head, followers }
     }
@@ -708,7 +709,7 @@ mod tests {
             LIMITS,
         );
         let batch = &plan.batches[0];
-        let [left, right] = split_batch(shape(batch), &batch.body, &batch.items)
+        let [left, right] = split_batch(batch.shape(), &batch.body, &batch.items)
             .unwrap()
             .unwrap();
         assert_eq!(left.items, batch.items[..1]);
@@ -721,7 +722,7 @@ mod tests {
         assert_eq!(joined.as_bytes(), batch.body.as_slice());
         assert_ne!(left.idempotency_key, batch.idempotency_key);
         assert!(
-            split_batch(shape(&left), &left.body, &left.items)
+            split_batch(left.shape(), &left.body, &left.items)
                 .unwrap()
                 .is_none()
         );
@@ -825,7 +826,7 @@ mod tests {
             .collect();
         let plan = plan(chains, LIMITS);
         let batch = &plan.batches[0];
-        let [left, right] = split_batch(shape(batch), &batch.body, &batch.items)
+        let [left, right] = split_batch(batch.shape(), &batch.body, &batch.items)
             .unwrap()
             .unwrap();
         assert_eq!(left.operation, Operation::Delete);
