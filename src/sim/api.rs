@@ -151,12 +151,9 @@ async fn batch(
         ..RequestOutcome::default()
     };
 
-    let team = match (
-        sim.access(path_team, headers.get(API_KEY).map(HeaderValue::as_bytes)),
-        path_team,
-    ) {
-        (Access::Granted, Some(team)) => team,
-        (Access::Unauthorized, _) => {
+    let team = match sim.access(path_team, headers.get(API_KEY).map(HeaderValue::as_bytes)) {
+        Access::Granted(team) => team,
+        Access::Unauthorized => {
             let status = StatusCode::UNAUTHORIZED;
             return early(
                 status,
@@ -165,7 +162,7 @@ async fn batch(
                 rejected(status),
             );
         }
-        (Access::OtherTeam | Access::Granted, _) => {
+        Access::OtherTeam => {
             let status = StatusCode::NOT_FOUND;
             return early(
                 status,

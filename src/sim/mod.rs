@@ -150,7 +150,8 @@ impl Team {
 
 /// Who a request's `x-api-key` is, for the team its path names.
 pub(crate) enum Access {
-    Granted,
+    /// The key opens the team the path names.
+    Granted(TeamIndex),
     /// The key belongs to another team (or the path names no team): 404, as for an unknown team.
     OtherTeam,
     /// No team has this key, or there is none: 401.
@@ -284,8 +285,8 @@ impl Shared {
         let Some(presented) = presented else {
             return Access::Unauthorized;
         };
-        if team.is_some_and(|team| self.teams[team].key_matches(presented)) {
-            Access::Granted
+        if let Some(team) = team.filter(|team| self.teams[*team].key_matches(presented)) {
+            Access::Granted(team)
         } else if self.teams.iter().any(|known| known.key_matches(presented)) {
             Access::OtherTeam
         } else {
