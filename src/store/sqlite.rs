@@ -80,17 +80,20 @@ macro_rules! followers_from {
          WHERE w.rn < ?3"
     };
 }
-/// The columns a claim reads of a candidate row (as bytes: nothing about it is trusted yet).
+/// The columns a claim reads of a candidate row (as bytes: nothing about it is trusted yet),
+/// but for `has_later`.
+macro_rules! row_columns {
+    () => {
+        "o.id, CAST(o.record_id AS BLOB) AS record_id,
+         CASE WHEN octet_length(o.patch) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
+         CAST(o.object_type AS BLOB) AS object_type, CAST(o.operation AS BLOB) AS operation,
+         CAST(o.team_id AS BLOB) AS team_id, o.attempts"
+    };
+}
+/// A head's columns: its row's, and whether a later waiting row of its record exists.
 macro_rules! head_columns {
     () => {
-        concat!(
-            "o.id, CAST(o.record_id AS BLOB) AS record_id,
-             CASE WHEN octet_length(o.patch) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
-             CAST(o.object_type AS BLOB) AS object_type, CAST(o.operation AS BLOB) AS operation,
-             CAST(o.team_id AS BLOB) AS team_id, o.attempts, ",
-            has_later!(),
-            " AS has_later"
-        )
+        concat!(row_columns!(), ", ", has_later!(), " AS has_later")
     };
 }
 /// The per-record order guard: no older row of the record is waiting or in flight.
@@ -297,10 +300,6 @@ impl SqliteStore {
                 })
                 .collect();
             if !wanted.is_empty() {
-                // The window numbers ids only: SQLite materialises every column a window query's
-                // result refers to, and a raw `patch` there would copy each oversized patch into
-                // memory at once. The patch is read (or, past the limit, only its size from the
-                // record header: `octet_length` of a column) in the outer query, row by row.
                 let wanted = serde_json::to_string(&wanted).expect("serialises");
                 let max_coalesce = i64::try_from(req.limits.max_coalesce).unwrap_or(i64::MAX);
                 followers = fetch_candidates(
@@ -315,10 +314,9 @@ impl SqliteStore {
                     .bind(max_patch)
                     .bind(max_coalesce),
                     sqlx::query(concat!(
-                        "SELECT o.id, CAST(o.record_id AS BLOB) AS record_id,
-                                CASE WHEN octet_length(o.patch) > ?2 THEN NULL ELSE CAST(o.patch AS BLOB) END AS patch,
-                                CAST(o.object_type AS BLOB) AS object_type, CAST(o.operation AS BLOB) AS operation,
-                                CAST(o.team_id AS BLOB) AS team_id, o.attempts, 1 AS has_later ",
+                        "SELECT ",
+                        row_columns!(),
+                        ", 1 AS has_later ",
                         followers_from!()
                     ))
                     .bind(&wanted)
