@@ -39,6 +39,19 @@ impl RetryPolicy {
     pub fn jittered(&self, attempt: u32) -> Duration {
         self.delay(attempt, rand::random::<f64>())
     }
+
+    /// The pause after the `consecutive`-th throttled answer (429) in a row that named no
+    /// delay of its own: between half the ceiling and the ceiling ("equal jitter"), so that it
+    /// grows with every throttled answer, never drops near zero, and stops at `max_delay`.
+    /// Throttled sends burn no attempt, so the attempt count cannot drive this.
+    pub fn throttled(&self, consecutive: u32, unit: f64) -> Duration {
+        let unit = if unit.is_finite() {
+            unit.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        self.ceiling(consecutive).mul_f64(0.5 + unit / 2.0)
+    }
 }
 
 #[cfg(test)]
@@ -69,7 +82,24 @@ mod tests {
         assert_eq!(POLICY.delay(3, f64::NAN), Duration::ZERO);
     }
 
+    #[test]
+    fn throttled_pauses_grow_with_each_429_in_a_row_and_never_near_zero() {
+        let lowest: Vec<_> = (1..=9)
+            .map(|n| POLICY.throttled(n, 0.0).as_millis())
+            .collect();
+        assert_eq!(lowest, [50, 100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(POLICY.throttled(3, 1.0), Duration::from_millis(400));
+        assert_eq!(POLICY.throttled(3, f64::NAN), Duration::from_millis(200));
+    }
+
     proptest! {
+        #[test]
+        fn a_throttled_pause_never_shrinks_below_the_previous_floor(n in 1u32..64, u in 0.0f64..1.0, v in 0.0f64..1.0) {
+            // The (n+1)-th pause is at least the n-th's lowest value, whatever the jitter.
+            prop_assert!(POLICY.throttled(n + 1, u) >= POLICY.throttled(n, 0.0));
+            prop_assert!(POLICY.throttled(n, v) <= POLICY.max_delay);
+        }
+
         #[test]
         fn a_delay_never_exceeds_the_maximum(attempt in 0u32..10_000, unit in 0.0f64..1.0) {
             let d = POLICY.delay(attempt, unit);

@@ -20,6 +20,13 @@ pub enum Exchange {
         detail: String,
     },
     Answered(Answer),
+    /// The server answered 2xx, but its body could not be read (over the size cap, cut off):
+    /// the request was applied, so its key must never be released to new keys.
+    Unreadable {
+        status: u16,
+        kind: TransportFailure,
+        detail: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +79,9 @@ pub enum BatchVerdict {
     Rejected { status: u16, message: String },
     /// `409 idempotency_key_mismatch`: release the items to new batches.
     KeyMismatch,
+    /// A 2xx whose body could not be read or parsed: the API applied the request, so re-send
+    /// the same bytes under the same key (it replays its answer) and never release the key.
+    Unreadable { status: u16, detail: String },
 }
 
 /// Oddities in a 200 that are survivable but worth counting and logging.
@@ -192,6 +202,16 @@ pub fn classify(exchange: &Exchange, items: &[BatchItem], policy: &CodePolicy) -
                 slow_everyone: false,
             };
         }
+        Exchange::Unreadable {
+            status,
+            kind,
+            detail,
+        } => {
+            return BatchVerdict::Unreadable {
+                status: *status,
+                detail: clip(format!("{}: {detail}", kind.code())),
+            };
+        }
         Exchange::Answered(a) => a,
     };
     let status = answer.status;
@@ -225,13 +245,15 @@ pub fn classify(exchange: &Exchange, items: &[BatchItem], policy: &CodePolicy) -
         }
     };
     if (200..300).contains(&status) {
-        // A 2xx carries per-item results; x-should-retry has nothing to override here.
-        return match serde_json::from_slice::<BulkResponse>(&answer.body) {
+        // A 2xx carries per-item results; x-should-retry has nothing to override here. Bytes
+        // that are not UTF-8 (inside a message, say) are read as U+FFFD rather than costing the
+        // whole answer.
+        let text = String::from_utf8_lossy(&answer.body);
+        return match serde_json::from_str::<BulkResponse>(&text) {
             Ok(response) => answered(response, items, policy),
-            Err(_) => BatchVerdict::Retry {
-                code: "invalid_response".into(),
-                retry_after: None,
-                slow_everyone: false,
+            Err(e) => BatchVerdict::Unreadable {
+                status,
+                detail: clip(format!("invalid_response: {e}")),
             },
         };
     }
@@ -450,11 +472,6 @@ mod tests {
             (answer(404, ""), retry("http_404", false)),
             (answer(302, ""), retry("http_302", false)),
             (
-                answer(200, "{\"results\": [tru"),
-                retry("invalid_response", false),
-            ),
-            (answer(200, "<html>"), retry("invalid_response", false)),
-            (
                 Exchange::Failed {
                     kind: TransportFailure::Timeout,
                     detail: String::new(),
@@ -469,6 +486,57 @@ mod tests {
                 "{exchange:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_2xx_that_cannot_be_read_is_unreadable_never_a_plain_retry() {
+        // Not a plain retry: the API applied the request, so the key must never be released.
+        for body in ["{\"results\": [tru", "<html>", ""] {
+            assert!(
+                matches!(
+                    classify(&answer(200, body), &items(0), &policy()),
+                    BatchVerdict::Unreadable { status: 200, .. }
+                ),
+                "{body:?}"
+            );
+        }
+        let cut = Exchange::Unreadable {
+            status: 201,
+            kind: TransportFailure::ResponseTooLarge,
+            detail: "over the cap".into(),
+        };
+        assert_eq!(
+            classify(&cut, &items(0), &policy()),
+            BatchVerdict::Unreadable {
+                status: 201,
+                detail: "response_too_large: over the cap".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_in_a_message_do_not_cost_the_answer() {
+        let items = items(1);
+        let mut body = format!(
+            r#"{{"results":[{{"id":"{}","status":"error","error":{{"code":"validation_error","message":"bad "#,
+            items[0].record_id
+        )
+        .into_bytes();
+        body.extend_from_slice(b"\xff byte, and a NUL: \\u0000\"}}]}");
+        let exchange = Exchange::Answered(Answer {
+            status: 200,
+            retry_after: None,
+            should_retry: None,
+            replay: false,
+            body,
+        });
+        let BatchVerdict::Answered { outcomes, .. } = classify(&exchange, &items, &policy()) else {
+            panic!("not answered");
+        };
+        assert!(
+            matches!(&outcomes[0], ItemOutcome::Dead { code, .. } if code == "validation_error"),
+            "{outcomes:?}"
+        );
     }
 
     #[test]

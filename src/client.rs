@@ -224,6 +224,7 @@ impl MicroClient {
                 400..=499 => "4xx",
                 _ => "5xx",
             },
+            Exchange::Unreadable { .. } => "2xx",
             Exchange::Failed { .. } => "error",
         };
         metrics::counter!("prism_sync_http_requests_total", "status_class" => class).increment(1);
@@ -241,36 +242,43 @@ impl MicroClient {
             .get("idempotent-replay")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        // A 2xx whose body cannot be read still means the request was applied.
+        let failed = |kind: TransportFailure, detail: String| {
+            if (200..300).contains(&status) {
+                Exchange::Unreadable {
+                    status,
+                    kind,
+                    detail,
+                }
+            } else {
+                Exchange::Failed { kind, detail }
+            }
+        };
         if let Some(len) = response.content_length()
             && len > self.max_response_bytes as u64
         {
-            return Exchange::Failed {
-                kind: TransportFailure::ResponseTooLarge,
-                detail: format!("response announces {len} bytes, over http.max_response_bytes"),
-            };
+            return failed(
+                TransportFailure::ResponseTooLarge,
+                format!("response announces {len} bytes, over http.max_response_bytes"),
+            );
         }
         let mut body = Vec::new();
         loop {
             match response.chunk().await {
                 Ok(Some(chunk)) => {
                     if body.len() + chunk.len() > self.max_response_bytes {
-                        return Exchange::Failed {
-                            kind: TransportFailure::ResponseTooLarge,
-                            detail: format!(
+                        return failed(
+                            TransportFailure::ResponseTooLarge,
+                            format!(
                                 "response body over http.max_response_bytes ({})",
                                 self.max_response_bytes
                             ),
-                        };
+                        );
                     }
                     body.extend_from_slice(&chunk);
                 }
                 Ok(None) => break,
-                Err(e) => {
-                    return Exchange::Failed {
-                        kind: failure_kind(&e),
-                        detail: error_chain(&e),
-                    };
-                }
+                Err(e) => return failed(failure_kind(&e), error_chain(&e)),
             }
         }
         Exchange::Answered(Answer {

@@ -11,7 +11,7 @@
 //! [`Store::finish_batches`], fenced on this process still holding the batch's lease.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,8 @@ pub struct EngineConfig {
     pub codes: CodePolicy,
     pub batch_max_attempts: u32,
     pub max_key_age: Duration,
+    /// `retry.give_up_after`: how long a row may keep failing, from its first attempt.
+    pub give_up_after: Duration,
     pub auth_probe_interval: Duration,
     pub grace_period: Duration,
     pub team_label: TeamLabel,
@@ -77,6 +79,7 @@ impl EngineConfig {
             },
             batch_max_attempts: s.batch.max_attempts,
             max_key_age: s.batch.max_key_age,
+            give_up_after: s.retry.give_up_after,
             auth_probe_interval: s.auth.probe_interval,
             grace_period: s.shutdown.grace_period,
             team_label: s.telemetry.team_label,
@@ -115,6 +118,11 @@ struct Team {
     concurrency: AdaptiveLimit,
     /// The API refuses this team's key: only probes are sent.
     refused: AtomicBool,
+    /// When a refused team that has no stored batch to probe with may claim one new batch to
+    /// probe its key with (so that a refusal never outlasts the key's repair until a restart).
+    next_probe: Mutex<Instant>,
+    /// 429s in a row (without a delay of the server's) for this team: each doubles the pause.
+    throttled: AtomicU32,
     /// Batches of this team buffered or on the wire.
     held: AtomicUsize,
     /// Batches of this team buffered, not yet taken by a worker: the claimer keeps up to
@@ -136,6 +144,29 @@ impl Team {
         self.refused.load(Ordering::Relaxed)
     }
 
+    /// Whether a refused team may claim a new batch to probe its key with now (then not again
+    /// for `every`).
+    fn take_probe(&self, every: Duration) -> bool {
+        let mut next = self.next_probe.lock().expect("probe lock");
+        let now = Instant::now();
+        if *next > now {
+            return false;
+        }
+        *next = now + every;
+        true
+    }
+
+    /// Counts an answer with a status toward the team's run of 429s: the pause after a 429
+    /// that named no delay grows with the run, and any other answer ends it.
+    fn observe_status(&self, status: u16) -> u32 {
+        if status == 429 {
+            self.throttled.fetch_add(1, Ordering::Relaxed).saturating_add(1)
+        } else {
+            self.throttled.store(0, Ordering::Relaxed);
+            0
+        }
+    }
+
     /// Counts rows by outcome per team and operation (when the team label is on).
     fn count_items(&self, operation: Operation, outcome: &'static str, n: u64) {
         if let Some(team) = &self.label {
@@ -144,7 +175,10 @@ impl Team {
         }
     }
 
-    fn set_refused(&self, refused: bool, health: &Health, all: &[Arc<Team>]) {
+    fn set_refused(&self, refused: bool, health: &Health, all: &[Arc<Team>], probe: Duration) {
+        if refused && !self.refused() {
+            *self.next_probe.lock().expect("probe lock") = Instant::now() + probe;
+        }
         self.refused.store(refused, Ordering::Relaxed);
         if let Some(team) = &self.label {
             metrics::gauge!("prism_sync_team_credentials_refused", "team" => team.clone())
@@ -234,20 +268,60 @@ async fn run_recorder(
             }
         }
         let (batches, replies): (Vec<FinishBatch>, Vec<_>) = group.into_iter().unzip();
-        let written = must_write("recording batch outcomes", || {
-            store.finish_batches(&batches)
-        })
-        .await;
-        for (i, reply) in replies.into_iter().enumerate() {
-            let _ = reply.send(written.as_ref().map(|w| w.get(i).copied().unwrap_or(false)));
+        let written = record_group(&store, &batches).await;
+        for (reply, written) in replies.into_iter().zip(written) {
+            let _ = reply.send(written);
         }
+    }
+}
+
+/// Writes a group of batch ends, one result per batch (`None`: not written). A group the
+/// database refuses for what one batch holds is written batch by batch, so that one batch's
+/// write never holds the others back.
+async fn record_group(store: &Store, batches: &[FinishBatch]) -> Vec<Option<bool>> {
+    match must_write("recording batch outcomes", || store.finish_batches(batches)).await {
+        Ok(written) => (0..batches.len())
+            .map(|i| Some(written.get(i).copied().unwrap_or(false)))
+            .collect(),
+        Err(e) if e.is_refused_write() && batches.len() > 1 => {
+            warn!(error = %e, batches = batches.len(), "the database refused a group of outcomes; writing its batches one by one");
+            let mut written = Vec::with_capacity(batches.len());
+            for f in batches {
+                written.push(record_alone(store, f).await);
+            }
+            written
+        }
+        Err(e) if e.is_refused_write() => vec![record_alone(store, &batches[0]).await],
+        Err(_) => vec![None; batches.len()],
+    }
+}
+
+/// Writes one batch's end; if the database refuses what it holds, writes it once more without
+/// any text from the API (codes reduced to plain identifiers, no messages), so the rows still
+/// end instead of being re-sent for ever.
+async fn record_alone(store: &Store, f: &FinishBatch) -> Option<bool> {
+    match must_write("recording a batch outcome", || store.finish_batch(f)).await {
+        Ok(written) => Some(written),
+        Err(e) if e.is_refused_write() => {
+            error!(batch_id = %f.batch_id, error = %e, "the database refused this batch's outcome; writing it without the API's texts");
+            let plain = f.without_texts();
+            must_write("recording a batch outcome without texts", || {
+                store.finish_batch(&plain)
+            })
+            .await
+            .ok()
+        }
+        Err(_) => None,
     }
 }
 
 /// Bounded metric label for an error code: the configured codes and prism-sync's own, else
 /// `other`, so a hostile server cannot blow up the series count.
 fn code_label(cfg: &EngineConfig, code: &str) -> String {
-    const OWN: [&str; 8] = [
+    const OWN: [&str; 11] = [
+        codes::UNREADABLE_RESPONSE,
+        codes::UNKNOWN_TEAM,
+        codes::INVALID_OPERATION,
         codes::INVALID_RECORD_ID,
         codes::INVALID_PATCH,
         codes::PATCH_TOO_LARGE,
@@ -313,6 +387,8 @@ impl Engine {
                 max_in_flight: tc.max_in_flight.max(1),
                 client: tc.client,
                 refused: AtomicBool::new(false),
+                next_probe: Mutex::new(Instant::now()),
+                throttled: AtomicU32::new(0),
                 held: AtomicUsize::new(0),
                 queued: AtomicUsize::new(0),
                 queue,
@@ -406,8 +482,14 @@ impl Engine {
                 break;
             }
             let strays = Instant::now() >= strays_due;
-            let found = match fill(&shared, strays).await {
-                Ok(batches) => {
+            let mut batches = Vec::new();
+            let filled = fill(&shared, strays, &mut batches).await;
+            let found = batches.len();
+            for batch in batches {
+                dispatch(&shared, batch);
+            }
+            match filled {
+                Ok(()) => {
                     if db_failures > 0 {
                         info!("database reachable again");
                     }
@@ -416,11 +498,6 @@ impl Engine {
                     if strays {
                         strays_due = Instant::now() + STRAYS_EVERY;
                     }
-                    let found = batches.len();
-                    for batch in batches {
-                        dispatch(&shared, batch);
-                    }
-                    found
                 }
                 Err(e) => {
                     db_failures += 1;
@@ -437,7 +514,7 @@ impl Engine {
                     }
                     continue;
                 }
-            };
+            }
             if found > 0 && shared.teams.iter().any(|t| wants_work(t)) {
                 continue;
             }
@@ -526,29 +603,40 @@ async fn run_worker(
 }
 
 /// Takes due stored batches first (retries, lapsed leases), then claims new rows for what is
-/// left of each team's free room. A team whose key is refused gets one probe at a time (a
-/// stored batch re-sent under its key) and no new claims.
-async fn fill(shared: &Shared, strays: bool) -> Result<Vec<LeasedBatch>, StoreError> {
+/// left of each team's free room, into `batches`. A team whose key is refused gets one probe at
+/// a time (a stored batch re-sent under its key, or, when it has none, one new batch every
+/// probe interval) and no other claims. Batches leased before a step failed stay in
+/// `batches`: they are ours, and dropping them would leave them waiting for their lease to lapse.
+async fn fill(
+    shared: &Shared,
+    strays: bool,
+    batches: &mut Vec<LeasedBatch>,
+) -> Result<(), StoreError> {
     let cfg = &shared.cfg;
-    let mut batches = Vec::new();
     for team in shared.teams.iter().filter(|t| t.refused()) {
         if team.held.load(Ordering::Relaxed) == 0 {
-            batches.extend(
-                shared
-                    .store
-                    .lease_due_batches(&DueRequest {
-                        owner: &cfg.owner,
-                        lease: cfg.lease,
-                        limit: 1,
-                        teams: &team.keys,
-                    })
-                    .await?,
-            );
+            let probe = shared
+                .store
+                .lease_due_batches(&DueRequest {
+                    owner: &cfg.owner,
+                    lease: cfg.lease,
+                    limit: 1,
+                    teams: &team.keys,
+                })
+                .await?;
+            if probe.is_empty() && team.take_probe(cfg.auth_probe_interval) {
+                let lanes = Lane::all_of(team.keys.iter().map(String::as_str));
+                batches.extend(claim(shared, &lanes, cfg.limits.batch_size, false).await?);
+            }
+            batches.extend(probe);
         }
+    }
+    if strays {
+        end_stranded(shared).await?;
     }
     let open: Vec<&Arc<Team>> = shared.teams.iter().filter(|t| wants_work(t)).collect();
     if open.is_empty() && !strays {
-        return Ok(batches);
+        return Ok(());
     }
     let keys: Vec<String> = open.iter().flat_map(|t| t.keys.iter().cloned()).collect();
     let free: usize = open.iter().map(|t| t.room()).sum();
@@ -565,33 +653,61 @@ async fn fill(shared: &Shared, strays: bool) -> Result<Vec<LeasedBatch>, StoreEr
     batches.extend(due);
     if left > 0 || strays {
         let lanes = Lane::all_of(keys.iter().map(String::as_str));
-        let started = Instant::now();
-        let claimed = shared
-            .store
-            .claim(&ClaimRequest {
-                owner: &cfg.owner,
-                lease: cfg.lease,
-                max_records: left.max(1) * cfg.limits.batch_size,
-                limits: cfg.limits,
-                lanes: &lanes,
-                teams: &shared.team_set,
-                strays,
-            })
-            .await?;
-        metrics::histogram!("prism_sync_db_duration_seconds", "op" => "claim")
-            .record(started.elapsed().as_secs_f64());
-        metrics::counter!("prism_sync_batches_claimed_total")
-            .increment(claimed.batches.len() as u64);
-        crash_point!("after_claim");
-        for dead in &claimed.dead {
-            warn!(row = dead.id, code = dead.code, reason = %dead.message, "row cannot be sent: dead");
-            metrics::counter!("prism_sync_items_total", "outcome" => "dead").increment(1);
-            metrics::counter!("prism_sync_item_errors_total", "code" => dead.code).increment(1);
-        }
-        Health::count(&shared.health.rows_dead, claimed.dead.len() as u64);
-        batches.extend(claimed.batches);
+        let max_records = left.max(1) * cfg.limits.batch_size;
+        batches.extend(claim(shared, &lanes, max_records, strays).await?);
     }
-    Ok(batches)
+    Ok(())
+}
+
+/// Claims new rows of `lanes` (and, with `strays`, rows of no lane, which go dead) into stored
+/// batches leased to us.
+async fn claim(
+    shared: &Shared,
+    lanes: &[Lane],
+    max_records: usize,
+    strays: bool,
+) -> Result<Vec<LeasedBatch>, StoreError> {
+    let cfg = &shared.cfg;
+    let started = Instant::now();
+    let claimed = shared
+        .store
+        .claim(&ClaimRequest {
+            owner: &cfg.owner,
+            lease: cfg.lease,
+            max_records,
+            limits: cfg.limits,
+            lanes,
+            teams: &shared.team_set,
+            strays,
+        })
+        .await?;
+    metrics::histogram!("prism_sync_db_duration_seconds", "op" => "claim")
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("prism_sync_batches_claimed_total").increment(claimed.batches.len() as u64);
+    crash_point!("after_claim");
+    for dead in &claimed.dead {
+        warn!(row = dead.id, code = dead.code, reason = %dead.message, "row cannot be sent: dead");
+        metrics::counter!("prism_sync_items_total", "outcome" => "dead").increment(1);
+        metrics::counter!("prism_sync_item_errors_total", "code" => dead.code).increment(1);
+    }
+    Health::count(&shared.health.rows_dead, claimed.dead.len() as u64);
+    Ok(claimed.batches)
+}
+
+/// Ends the open batches of teams no longer configured (see [`Store::end_stranded_batches`]).
+async fn end_stranded(shared: &Shared) -> Result<(), StoreError> {
+    let dead = shared.store.end_stranded_batches(&shared.team_set).await?;
+    if dead > 0 {
+        warn!(
+            rows = dead,
+            "stored batches of a team that is no longer configured: their rows are dead as unknown_team (replay them once the team is back)"
+        );
+        metrics::counter!("prism_sync_items_total", "outcome" => "dead").increment(dead);
+        metrics::counter!("prism_sync_item_errors_total", "code" => codes::UNKNOWN_TEAM)
+            .increment(dead);
+        Health::count(&shared.health.rows_dead, dead);
+    }
+    Ok(())
 }
 
 /// Extends the leases of the batches this process is working on, every third of a lease.
@@ -655,9 +771,11 @@ async fn listen_for_changes(
     }
 }
 
-/// A database write that must happen: retried with backoff (the database may be restarting),
-/// but not forever: an unrecorded batch keeps its stored key and is re-sent once its lease lapses.
-async fn must_write<T, F, Fut>(what: &str, write: F) -> Option<T>
+/// A database write that must happen: retried with backoff while the failure is passing (the
+/// database may be restarting or busy), but not forever: an unrecorded batch keeps its stored
+/// key and is re-sent once its lease lapses. A write the database refuses for what it holds is
+/// not retried: the same bytes would be refused again.
+async fn must_write<T, F, Fut>(what: &str, write: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
@@ -667,17 +785,16 @@ where
         .with_max_delay(Duration::from_secs(5))
         .with_max_times(10)
         .with_jitter();
-    match write
+    write
         .retry(policy)
+        .when(|e: &StoreError| !e.is_refused_write())
         .notify(|e: &StoreError, after| warn!(error = %e, retry_in = ?after, "{what}: database write failed"))
         .await
-    {
-        Ok(written) => Some(written),
-        Err(e) => {
-            error!(error = %e, "{what}: giving up; the batch stays stored and will be re-sent under its key");
-            None
-        }
-    }
+        .inspect_err(|e| {
+            if !e.is_refused_write() {
+                error!(error = %e, "{what}: giving up; the batch stays stored and will be re-sent under its key");
+            }
+        })
 }
 
 /// Sends one batch (and, when it is rejected whole, its halves) until each has a final or a
@@ -703,214 +820,390 @@ async fn send_and_settle(
     queue: &mut Vec<LeasedBatch>,
 ) -> bool {
     let cfg = &shared.cfg;
-    {
-        if batch.attempts >= i32::try_from(cfg.batch_max_attempts).unwrap_or(i32::MAX) {
-            release(
-                shared,
-                team,
-                &batch,
-                "the batch failed batch.max_attempts times under its key",
-            )
-            .await;
-            return false;
-        }
-        if batch.key_age >= cfg.max_key_age {
-            release(
-                shared,
-                team,
-                &batch,
-                "the batch's key is near the server's 24h idempotency window",
-            )
-            .await;
-            return false;
-        }
-        crash_point!("before_send");
-        let started = Instant::now();
-        Health::count(&shared.health.sends, 1);
-        let exchange = {
-            let _slot = team.concurrency.acquire().await;
-            let exchange = team
-                .client
-                .send_to(
-                    batch.object_type,
-                    batch.operation,
-                    &batch.idempotency_key,
-                    batch.body.clone(),
-                )
-                .await;
-            team.concurrency.observe(match &exchange {
-                Exchange::Answered(a) if a.status == 429 || a.status == 503 => Signal::Pushback,
-                Exchange::Answered(a) if a.status < 500 => Signal::Fine,
-                Exchange::Failed {
-                    kind: classify::TransportFailure::Timeout,
-                    ..
-                } => Signal::Pushback,
-                _ => Signal::Neutral,
-            });
-            exchange
+    let worn_out = batch.attempts >= i32::try_from(cfg.batch_max_attempts).unwrap_or(i32::MAX);
+    let key_old = batch.key_age >= cfg.max_key_age;
+    if worn_out || key_old {
+        let why = if worn_out {
+            "the batch failed batch.max_attempts times under its key"
+        } else {
+            "the batch's key is near the server's 24h idempotency window"
         };
-        let took = started.elapsed();
-        crash_point!("after_response");
-        let (status, replay, detail) = match &exchange {
-            Exchange::Answered(a) => (Some(a.status), a.replay, None),
-            Exchange::Failed { kind, detail } => {
-                (None, false, Some(format!("{}: {detail}", kind.code())))
-            }
-        };
-        if replay {
-            metrics::counter!("prism_sync_idempotent_replays_total").increment(1);
+        if batch.answered {
+            end_unreadable(shared, team, &batch, why).await;
+        } else {
+            release(shared, team, &batch, why).await;
         }
-        let verdict = classify::classify(&exchange, &batch.items, &cfg.codes);
-        if !matches!(verdict, BatchVerdict::AuthRefused { .. })
-            && status.is_some()
-            && team.refused()
-        {
-            info!(team = %team.id, "the API accepts the team's key again: resuming");
-            team.set_refused(false, &shared.health, &shared.teams);
-            shared.wake.notify_one();
-        }
-        let attempt = |outcome: &str, detail: Option<String>| AttemptRecord {
-            http_status: status,
-            outcome: outcome.to_owned(),
+        return false;
+    }
+    crash_point!("before_send");
+    let started = Instant::now();
+    Health::count(&shared.health.sends, 1);
+    let exchange = send(team, &batch).await;
+    let took = started.elapsed();
+    crash_point!("after_response");
+    let (status, replay, detail) = match &exchange {
+        Exchange::Answered(a) => (Some(a.status), a.replay, None),
+        Exchange::Unreadable {
+            status,
+            kind,
             detail,
-            replay,
-            duration: took,
-        };
-        match verdict {
-            BatchVerdict::Answered {
+        } => (Some(*status), false, Some(format!("{}: {detail}", kind.code()))),
+        Exchange::Failed { kind, detail } => {
+            (None, false, Some(format!("{}: {detail}", kind.code())))
+        }
+    };
+    if replay {
+        metrics::counter!("prism_sync_idempotent_replays_total").increment(1);
+    }
+    let throttled_run = status.map_or(0, |s| team.observe_status(s));
+    let verdict = classify::classify(&exchange, &batch.items, &cfg.codes);
+    if !matches!(verdict, BatchVerdict::AuthRefused { .. }) && status.is_some() && team.refused()
+    {
+        info!(team = %team.id, "the API accepts the team's key again: resuming");
+        team.set_refused(false, &shared.health, &shared.teams, cfg.auth_probe_interval);
+        shared.wake.notify_one();
+    }
+    let attempt = |outcome: &str, detail: Option<String>| AttemptRecord {
+        http_status: status,
+        outcome: outcome.to_owned(),
+        detail,
+        replay,
+        duration: took,
+    };
+    match verdict {
+        BatchVerdict::Answered {
+            outcomes,
+            anomalies,
+        } => {
+            record_answer(
+                shared,
+                team,
+                &batch,
                 outcomes,
-                anomalies,
-            } => {
-                record_answer(
-                    shared,
-                    team,
-                    &batch,
-                    outcomes,
-                    &anomalies,
-                    attempt("answered", None),
-                )
-                .await;
-                return true;
-            }
-            BatchVerdict::Retry {
-                code,
+                &anomalies,
+                attempt("answered", None),
+            )
+            .await;
+            return true;
+        }
+        BatchVerdict::Retry {
+            code,
+            retry_after,
+            slow_everyone,
+        } => {
+            let wait = Wait {
                 retry_after,
                 slow_everyone,
-            } => {
-                let next = u32::try_from(batch.attempts).unwrap_or(0).saturating_add(1);
-                let delay = match retry_after {
-                    Some(d) => team.client.cap_delay(d),
-                    None => cfg.retry.jittered(next),
-                };
-                if slow_everyone {
-                    // Only this team's client: another team's key has its own rate limit.
-                    team.client.slow_down(delay);
-                }
-                let throttled = status == Some(429);
-                info!(code = %code, retry_in = ?delay, attempt = next, detail = detail.as_deref().unwrap_or(""), "batch not answered; it will be re-sent with the same key");
-                metrics::counter!("prism_sync_batches_total", "result" => "retry").increment(1);
-                let d = DeferBatch {
-                    batch_id: batch.id,
-                    owner: &cfg.owner,
-                    retry_in: delay,
-                    count_attempt: !throttled,
-                    attempt: attempt(&code, detail.clone()),
-                };
-                must_write("deferring a batch", || shared.store.defer_batch(&d)).await;
-            }
-            BatchVerdict::AuthRefused { status } => {
-                if !team.refused() {
-                    error!(status, team = %team.id, probe_every = ?cfg.auth_probe_interval, "the API refuses the team's key: pausing its sends (no attempts are used) and probing; other teams go on");
-                }
-                team.set_refused(true, &shared.health, &shared.teams);
-                metrics::counter!("prism_sync_batches_total", "result" => "auth_refused")
-                    .increment(1);
-                let d = DeferBatch {
-                    batch_id: batch.id,
-                    owner: &cfg.owner,
-                    retry_in: cfg.auth_probe_interval,
-                    count_attempt: false,
-                    attempt: attempt(&format!("http_{status}"), None),
-                };
-                must_write("deferring a refused batch", || shared.store.defer_batch(&d)).await;
-            }
-            BatchVerdict::Rejected { status, message } => {
-                let code = format!("http_{status}");
-                match batch::split_batch(batch.shape(), &batch.body, &batch.items) {
-                    Ok(Some(halves)) => {
-                        info!(
-                            status,
-                            items = batch.items.len(),
-                            "batch rejected whole: bisecting to find the item the API refuses"
-                        );
-                        metrics::counter!("prism_sync_batches_total", "result" => "bisected")
-                            .increment(1);
-                        let f = FinishBatch {
-                            batch_id: batch.id,
-                            owner: cfg.owner.clone(),
-                            end: BatchEnd::Split,
-                            rows: Vec::new(),
-                            children: halves.to_vec(),
-                            lease: cfg.lease,
-                            attempt: attempt(&code, Some(message.clone())),
-                        };
-                        if shared.record(f).await == Some(true) {
-                            let mut active = shared.active.lock().expect("active lock");
-                            for child in halves {
-                                active.insert(child.id);
-                                queue.push(LeasedBatch::fresh(child));
-                            }
-                        }
-                    }
-                    Ok(None) => {
-                        let outcomes = vec![
-                            ItemOutcome::Dead {
-                                code: code.clone(),
-                                message: message.clone()
-                            };
-                            batch.items.len()
-                        ];
-                        record_answer(
-                            shared,
-                            team,
-                            &batch,
-                            outcomes,
-                            &Anomalies::default(),
-                            attempt(&code, Some(message)),
-                        )
-                        .await;
-                        return true;
-                    }
-                    Err(e) => {
-                        error!(error = %e, "stored batch body cannot be split; releasing its rows");
-                        release(
-                            shared,
-                            team,
-                            &batch,
-                            "the stored batch could not be bisected",
-                        )
-                        .await;
-                    }
-                }
-            }
-            BatchVerdict::KeyMismatch => {
-                error!(
-                    "the API says this key was used with another body (idempotency_key_mismatch); releasing the rows to new batches"
-                );
-                metrics::counter!("prism_sync_key_mismatches_total").increment(1);
-                finish_released(
-                    shared,
-                    team,
-                    &batch,
-                    "idempotency_key_mismatch",
-                    "the API answered 409 idempotency_key_mismatch",
-                    attempt("idempotency_key_mismatch", None),
-                )
-                .await;
-            }
+                throttled_run,
+            };
+            let attempt = attempt(&code, detail.clone());
+            on_retry(shared, team, &batch, &code, wait, attempt).await;
+        }
+        BatchVerdict::AuthRefused { status } => {
+            let code = format!("http_{status}");
+            on_auth_refused(shared, team, &batch, attempt(&code, None)).await;
+        }
+        BatchVerdict::Unreadable { detail, .. } => {
+            let attempt = attempt(codes::UNREADABLE_RESPONSE, Some(detail));
+            on_unreadable(shared, team, &batch, attempt).await;
+        }
+        BatchVerdict::Rejected { status, message } => {
+            let code = format!("http_{status}");
+            let attempt = attempt(&code, Some(message.clone()));
+            return on_rejected(shared, team, batch, &code, message, attempt, queue).await;
+        }
+        BatchVerdict::KeyMismatch => {
+            error!(
+                "the API says this key was used with another body (idempotency_key_mismatch); releasing the rows to new batches"
+            );
+            metrics::counter!("prism_sync_key_mismatches_total").increment(1);
+            finish_released(
+                shared,
+                team,
+                &batch,
+                "idempotency_key_mismatch",
+                "the API answered 409 idempotency_key_mismatch",
+                attempt("idempotency_key_mismatch", None),
+            )
+            .await;
         }
     }
     false
+}
+
+/// One send of the batch's stored bytes under its key, within the team's concurrency limit,
+/// which learns from the answer.
+async fn send(team: &Team, batch: &LeasedBatch) -> Exchange {
+    let _slot = team.concurrency.acquire().await;
+    let exchange = team
+        .client
+        .send_to(
+            batch.object_type,
+            batch.operation,
+            &batch.idempotency_key,
+            batch.body.clone(),
+        )
+        .await;
+    team.concurrency.observe(match &exchange {
+        Exchange::Answered(a) if a.status == 429 || a.status == 503 => Signal::Pushback,
+        Exchange::Answered(a) if a.status < 500 => Signal::Fine,
+        Exchange::Unreadable { .. } => Signal::Fine,
+        Exchange::Failed {
+            kind: classify::TransportFailure::Timeout,
+            ..
+        } => Signal::Pushback,
+        _ => Signal::Neutral,
+    });
+    exchange
+}
+
+/// What an unanswered send says about when to try again.
+struct Wait {
+    /// The server's own delay (`retry-after-ms`, `retry-after`), uncapped.
+    retry_after: Option<Duration>,
+    /// The delay holds back every batch of the team, not only this one.
+    slow_everyone: bool,
+    /// 429s in a row for the team, this one included (0: not a 429).
+    throttled_run: u32,
+}
+
+/// Whether the batch's oldest row has been failing for longer than `retry.give_up_after`:
+/// then the batch is not deferred again, and its rows past the limit go dead.
+fn past_give_up(cfg: &EngineConfig, batch: &LeasedBatch) -> bool {
+    batch.oldest_row_age() >= cfg.give_up_after
+}
+
+/// The batch was not answered (connection error, timeout, 408, 409, 429, 5xx): re-send the
+/// same bytes under the same key later. A 429 burns no attempt; its pause grows with each 429
+/// in a row for the team. Past `retry.give_up_after` the batch is given up instead.
+async fn on_retry(
+    shared: &Shared,
+    team: &Team,
+    batch: &LeasedBatch,
+    code: &str,
+    wait: Wait,
+    attempt: AttemptRecord,
+) {
+    let cfg = &shared.cfg;
+    if past_give_up(cfg, batch) {
+        give_up(shared, team, batch, code, attempt).await;
+        return;
+    }
+    let next = u32::try_from(batch.attempts).unwrap_or(0).saturating_add(1);
+    let throttled = wait.throttled_run > 0;
+    let delay = match wait.retry_after {
+        Some(d) => team.client.cap_delay(d),
+        None if throttled => cfg.retry.throttled(wait.throttled_run, rand::random()),
+        None => cfg.retry.jittered(next),
+    };
+    if wait.slow_everyone {
+        // Only this team's client: another team's key has its own rate limit.
+        team.client.slow_down(delay);
+    }
+    info!(code = %code, retry_in = ?delay, attempt = next, throttled_run = wait.throttled_run, detail = attempt.detail.as_deref().unwrap_or(""), "batch not answered; it will be re-sent with the same key");
+    metrics::counter!("prism_sync_batches_total", "result" => "retry").increment(1);
+    let d = DeferBatch {
+        batch_id: batch.id,
+        owner: &cfg.owner,
+        retry_in: delay,
+        count_attempt: !throttled,
+        attempt,
+    };
+    let _ = must_write("deferring a batch", || shared.store.defer_batch(&d)).await;
+}
+
+/// 401/403: pause the team's sends (no attempts burned) and probe its key on an interval.
+async fn on_auth_refused(
+    shared: &Shared,
+    team: &Team,
+    batch: &LeasedBatch,
+    attempt: AttemptRecord,
+) {
+    let cfg = &shared.cfg;
+    if !team.refused() {
+        error!(team = %team.id, status = ?attempt.http_status, probe_every = ?cfg.auth_probe_interval, "the API refuses the team's key: pausing its sends (no attempts are used) and probing; other teams go on");
+    }
+    team.set_refused(true, &shared.health, &shared.teams, cfg.auth_probe_interval);
+    metrics::counter!("prism_sync_batches_total", "result" => "auth_refused").increment(1);
+    if past_give_up(cfg, batch) {
+        let code = attempt.outcome.clone();
+        give_up(shared, team, batch, &code, attempt).await;
+        return;
+    }
+    let d = DeferBatch {
+        batch_id: batch.id,
+        owner: &cfg.owner,
+        retry_in: cfg.auth_probe_interval,
+        count_attempt: false,
+        attempt,
+    };
+    let _ = must_write("deferring a refused batch", || shared.store.defer_batch(&d)).await;
+}
+
+/// A 2xx whose body could not be read: the API applied the request, so the same bytes go
+/// again under the same key (the API replays its answer, which may be readable this time),
+/// counting an attempt; the key is never released. Once the batch is out of attempts (or past
+/// `retry.give_up_after`) its rows go dead as `unreadable_response`.
+async fn on_unreadable(shared: &Shared, team: &Team, batch: &LeasedBatch, attempt: AttemptRecord) {
+    let cfg = &shared.cfg;
+    let next = u32::try_from(batch.attempts).unwrap_or(0).saturating_add(1);
+    warn!(attempt = next, detail = attempt.detail.as_deref().unwrap_or(""), "the API answered 2xx but its answer cannot be read; re-sending under the same key");
+    if next >= cfg.batch_max_attempts || past_give_up(cfg, batch) {
+        let why = "the batch's answers stayed unreadable";
+        end_unreadable(shared, team, batch, why).await;
+        return;
+    }
+    metrics::counter!("prism_sync_batches_total", "result" => "retry").increment(1);
+    let d = DeferBatch {
+        batch_id: batch.id,
+        owner: &cfg.owner,
+        retry_in: cfg.retry.jittered(next),
+        count_attempt: true,
+        attempt,
+    };
+    let _ = must_write("deferring an unreadable batch", || {
+        shared.store.defer_batch(&d)
+    })
+    .await;
+}
+
+/// 400/413/422 for the whole batch: bisect it into two children under new keys (sent at once,
+/// by this worker) until the refused item stands alone, then that item goes dead.
+async fn on_rejected(
+    shared: &Arc<Shared>,
+    team: &Arc<Team>,
+    batch: LeasedBatch,
+    code: &str,
+    message: String,
+    attempt: AttemptRecord,
+    queue: &mut Vec<LeasedBatch>,
+) -> bool {
+    let cfg = &shared.cfg;
+    match batch::split_batch(batch.shape(), &batch.body, &batch.items) {
+        Ok(Some(halves)) => {
+            info!(
+                status = ?attempt.http_status,
+                items = batch.items.len(),
+                "batch rejected whole: bisecting to find the item the API refuses"
+            );
+            metrics::counter!("prism_sync_batches_total", "result" => "bisected").increment(1);
+            let f = FinishBatch {
+                batch_id: batch.id,
+                owner: cfg.owner.clone(),
+                end: BatchEnd::Split,
+                rows: Vec::new(),
+                children: halves.to_vec(),
+                lease: cfg.lease,
+                attempt,
+                give_up_after: cfg.give_up_after,
+            };
+            if shared.record(f).await == Some(true) {
+                let mut active = shared.active.lock().expect("active lock");
+                for child in halves {
+                    active.insert(child.id);
+                    queue.push(LeasedBatch::fresh(child));
+                }
+            }
+            false
+        }
+        Ok(None) => {
+            let outcomes = vec![
+                ItemOutcome::Dead {
+                    code: code.to_owned(),
+                    message,
+                };
+                batch.items.len()
+            ];
+            record_answer(
+                shared,
+                team,
+                &batch,
+                outcomes,
+                &Anomalies::default(),
+                attempt,
+            )
+            .await;
+            true
+        }
+        Err(e) => {
+            error!(error = %e, "stored batch body cannot be split; releasing its rows");
+            release(
+                shared,
+                team,
+                &batch,
+                "the stored batch could not be bisected",
+            )
+            .await;
+            false
+        }
+    }
+}
+
+/// The batch's oldest row is past `retry.give_up_after` and the batch failed again: it is not
+/// deferred again. Its rows go back as after a release (new batches, new keys), where those
+/// past the limit go dead with `code`; a key the API answered 2xx is never released, so such a
+/// batch's rows all go dead as `unreadable_response`.
+async fn give_up(
+    shared: &Shared,
+    team: &Team,
+    batch: &LeasedBatch,
+    code: &str,
+    attempt: AttemptRecord,
+) {
+    let why = "the batch kept failing past retry.give_up_after";
+    warn!(code, oldest_row_age = ?batch.oldest_row_age(), "{why}: giving up its key");
+    if batch.answered {
+        end_unreadable(shared, team, batch, why).await;
+    } else {
+        finish_released(shared, team, batch, code, why, attempt).await;
+    }
+}
+
+/// Ends a batch whose key the API answered 2xx (it applied the request) but whose answer could
+/// never be read: its rows go dead as `unreadable_response` (the changes were most likely
+/// applied; an operator can replay them), and the key is not released to new keys, which
+/// would apply them again.
+async fn end_unreadable(shared: &Shared, team: &Team, batch: &LeasedBatch, why: &str) {
+    let cfg = &shared.cfg;
+    error!(attempts = batch.attempts, "{why}: the API answered 2xx under this key but its answers could not be read; its rows go dead as unreadable_response (most likely applied)");
+    let message = format!(
+        "{why}: the API answered 2xx (so it applied the change) but its answer could not be read"
+    );
+    let rows: Vec<RowUpdate> = batch
+        .items
+        .iter()
+        .flat_map(|i| i.rows.iter())
+        .map(|id| RowUpdate {
+            id: *id,
+            state: RowState::Dead,
+            code: Some(codes::UNREADABLE_RESPONSE.to_owned()),
+            message: Some(message.clone()),
+            retry_in: 0.0,
+        })
+        .collect();
+    let dead = rows.len() as u64;
+    let f = FinishBatch {
+        batch_id: batch.id,
+        owner: cfg.owner.clone(),
+        end: BatchEnd::Done,
+        rows,
+        children: Vec::new(),
+        lease: cfg.lease,
+        attempt: AttemptRecord {
+            outcome: codes::UNREADABLE_RESPONSE.into(),
+            detail: Some(why.into()),
+            ..AttemptRecord::default()
+        },
+        give_up_after: cfg.give_up_after,
+    };
+    if shared.record(f).await == Some(true) {
+        metrics::counter!("prism_sync_batches_total", "result" => "unreadable").increment(1);
+        metrics::counter!("prism_sync_items_total", "outcome" => "dead").increment(dead);
+        metrics::counter!("prism_sync_item_errors_total", "code" => codes::UNREADABLE_RESPONSE)
+            .increment(dead);
+        Health::count(&shared.health.rows_dead, dead);
+        team.count_items(batch.operation, "dead", dead);
+    }
 }
 
 /// Records an answered batch: every row takes its item's outcome.
@@ -989,6 +1282,7 @@ async fn record_answer(
         children: Vec::new(),
         lease: cfg.lease,
         attempt,
+        give_up_after: cfg.give_up_after,
     };
     crash_point!("before_outcomes");
     // The write is queued for the recorder and this worker moves on; the batch stays leased
@@ -1130,6 +1424,7 @@ async fn finish_released(
         children: Vec::new(),
         lease: cfg.lease,
         attempt,
+        give_up_after: cfg.give_up_after,
     };
     if shared.record(f).await == Some(true) {
         metrics::counter!("prism_sync_batches_total", "result" => "released").increment(1);

@@ -209,4 +209,8 @@ pub mod codes {
     pub const BATCH_RELEASED: &str = "batch_released";
     pub const INVALID_OPERATION: &str = "invalid_operation";
     pub const UNKNOWN_TEAM: &str = "unknown_team";
+    /// A batch whose key the API answered 2xx with a body that could not be read, still
+    /// unreadable after `batch.max_attempts` re-sends under that key (never released: the API
+    /// applied it).
+    pub const UNREADABLE_RESPONSE: &str = "unreadable_response";
 }

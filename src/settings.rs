@@ -268,6 +268,12 @@ pub struct RetrySettings {
     /// Tries for a row whose error code is in neither list below, and for rows whose batch keeps
     /// failing; then the row goes dead.
     pub max_attempts: u32,
+    /// How long a row may keep failing, from its first attempt: past it, a row that would be
+    /// retried again (whatever its code, including the retryable ones and whole-batch
+    /// failures such as 5xx, 429 or a refused key) goes `dead` with its last code, so that no
+    /// row, and no later change of its record, waits forever.
+    #[serde(with = "humantime_serde")]
+    pub give_up_after: Duration,
     pub retryable_codes: Vec<String>,
     pub permanent_codes: Vec<String>,
 }
@@ -279,6 +285,7 @@ impl Default for RetrySettings {
             base_delay: Duration::from_secs(1),
             max_delay: Duration::from_secs(300),
             max_attempts: 10,
+            give_up_after: Duration::from_secs(72 * 3600),
             retryable_codes: s(&[
                 "rate_limited",
                 "internal_error",
@@ -527,6 +534,12 @@ impl Settings {
         }
         if self.retry.max_attempts == 0 {
             return invalid("retry.max_attempts", "must be at least 1".into());
+        }
+        if self.retry.give_up_after.is_zero() {
+            return invalid(
+                "retry.give_up_after",
+                "must be above zero (a row is always tried at least once)".into(),
+            );
         }
         if self.batch.max_key_age >= Duration::from_secs(24 * 3600) {
             return invalid(

@@ -36,6 +36,26 @@ pub enum StoreError {
     Invalid(String),
 }
 
+impl StoreError {
+    /// The database refused the statement for what it holds (a constraint, an encoding, a
+    /// value out of range): running it again cannot succeed. Anything else (connection lost,
+    /// pool exhausted, SQLite busy, a Postgres serialization failure or shutdown) may pass.
+    pub fn is_refused_write(&self) -> bool {
+        let StoreError::Db(sqlx::Error::Database(e)) = self else {
+            return false;
+        };
+        let code = e.code();
+        let code = code.as_deref().unwrap_or("");
+        // SQLite: BUSY and LOCKED (and their extended codes: the low byte is the primary).
+        if let Ok(n) = code.parse::<u32>() {
+            return !matches!(n & 0xff, 5 | 6);
+        }
+        // Postgres SQLSTATE classes that pass: connection (08), transaction rollback (40),
+        // insufficient resources (53), operator intervention such as a shutdown (57).
+        !matches!(code.get(..2), Some("08" | "40" | "53" | "57"))
+    }
+}
+
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// One claim lane: the waiting rows of one team and object type, walked in `id` order through
@@ -113,6 +133,14 @@ pub struct LeasedBatch {
     pub attempts: i32,
     /// How long ago the key was first stored (the server forgets it after 24 h).
     pub key_age: Duration,
+    /// The API answered 2xx under this key at least once (with a body that could not be read):
+    /// it applied the request, so the key is never released to new keys.
+    pub answered: bool,
+    /// How long ago the batch's oldest row was first put in flight (`retry.give_up_after`
+    /// counts from it), as of `leased_at`. Zero for a batch claimed just now.
+    pub oldest_row_age: Duration,
+    /// When this process leased it.
+    pub leased_at: std::time::Instant,
 }
 
 impl LeasedBatch {
@@ -127,7 +155,15 @@ impl LeasedBatch {
             items: b.items,
             attempts: 0,
             key_age: Duration::ZERO,
+            answered: false,
+            oldest_row_age: Duration::ZERO,
+            leased_at: std::time::Instant::now(),
         }
+    }
+
+    /// How long ago the batch's oldest row was first tried, now.
+    pub fn oldest_row_age(&self) -> Duration {
+        self.oldest_row_age + self.leased_at.elapsed()
     }
 
     pub fn row_count(&self) -> usize {
@@ -160,6 +196,10 @@ pub struct RowUpdate {
     /// For `Retrying`: seconds from the database's now until the next try.
     pub retry_in: f64,
 }
+
+/// The message a row that went dead for `unknown_team` in a stranded batch carries.
+pub(crate) const STRANDED_MESSAGE: &str =
+    "its batch's team is no longer configured; replay the row once the team is back";
 
 /// The final word on a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,9 +241,49 @@ pub struct FinishBatch {
     pub children: Vec<NewBatch>,
     pub lease: Duration,
     pub attempt: AttemptRecord,
+    /// `retry.give_up_after`: a row that would go `retrying` but was first tried longer ago
+    /// than this goes `dead` instead, with its code (decided in the write, by the database's
+    /// clock).
+    pub give_up_after: Duration,
 }
 
 impl FinishBatch {
+    /// This end without any text that came from the API: codes reduced to plain identifiers
+    /// (`[a-z0-9_]`), no messages, no attempt detail. Written when the database refused the
+    /// end as it was, so that its rows still end.
+    pub fn without_texts(&self) -> FinishBatch {
+        let plain = |code: &str| {
+            let code: String = code
+                .chars()
+                .map(|c| c.to_ascii_lowercase())
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .take(MAX_CODE)
+                .collect();
+            if code.is_empty() {
+                "unreadable_code".to_owned()
+            } else {
+                code
+            }
+        };
+        FinishBatch {
+            rows: self
+                .rows
+                .iter()
+                .map(|r| RowUpdate {
+                    code: r.code.as_deref().map(plain),
+                    message: None,
+                    ..r.clone()
+                })
+                .collect(),
+            attempt: AttemptRecord {
+                outcome: plain(&self.attempt.outcome),
+                detail: None,
+                ..self.attempt.clone()
+            },
+            ..self.clone()
+        }
+    }
+
     /// The end of a batch whose every item `owner` saw answered `ok` in a 200: what the
     /// benchmark's bookkeeping loop and the store tests record.
     pub fn all_succeeded(batch: &LeasedBatch, owner: &str) -> FinishBatch {
@@ -230,6 +310,7 @@ impl FinishBatch {
                 outcome: "answered".into(),
                 ..AttemptRecord::default()
             },
+            give_up_after: Duration::from_secs(72 * 3600),
         }
     }
 }
@@ -355,6 +436,15 @@ impl Store {
         dispatch!(self, s => s.defer_batch(d).await)
     }
 
+    /// Ends the open batches of teams that are no longer configured (their lease lapsed, so no
+    /// live process of the old configuration still holds them): nothing can send them, and
+    /// their rows would stay `in_flight`, blocking their records, for ever. The rows go `dead`
+    /// as `unknown_team` (an operator can replay them once the team is back); the batches end
+    /// `released`. Returns how many rows went dead.
+    pub async fn end_stranded_batches(&self, teams: &TeamSet) -> StoreResult<u64> {
+        dispatch!(self, s => s.end_stranded_batches(teams).await)
+    }
+
     pub async fn gauges(&self) -> StoreResult<Gauges> {
         dispatch!(self, s => s.gauges().await)
     }
@@ -397,31 +487,80 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// `row updates` as parallel arrays, the shape both engines bind.
+/// `row updates` as parallel arrays, the shape both engines bind. Codes and messages are
+/// [`storable`]: whatever the API sent, the write cannot fail on it.
 pub(crate) struct RowColumns {
     pub ids: Vec<i64>,
     pub states: Vec<&'static str>,
     pub codes: Vec<Option<String>>,
     pub messages: Vec<Option<String>>,
     pub retry_in: Vec<f64>,
+    /// `retry.give_up_after` of the row's batch end, in seconds.
+    pub give_up_after: Vec<f64>,
 }
 
 impl RowColumns {
-    pub fn of<'r>(rows: impl IntoIterator<Item = &'r RowUpdate>) -> RowColumns {
+    pub fn of<'r>(rows: impl IntoIterator<Item = (&'r RowUpdate, Duration)>) -> RowColumns {
         let mut c = RowColumns {
             ids: Vec::new(),
             states: Vec::new(),
             codes: Vec::new(),
             messages: Vec::new(),
             retry_in: Vec::new(),
+            give_up_after: Vec::new(),
         };
-        for r in rows {
+        for (r, give_up_after) in rows {
             c.ids.push(r.id);
             c.states.push(r.state.as_str());
-            c.codes.push(r.code.clone());
-            c.messages.push(r.message.clone());
+            c.codes.push(r.code.as_deref().map(|t| storable(t, MAX_CODE)));
+            c.messages
+                .push(r.message.as_deref().map(|t| storable(t, MAX_MESSAGE)));
             c.retry_in.push(r.retry_in);
+            c.give_up_after
+                .push(give_up_after.as_secs_f64().min(GIVE_UP_NEVER));
         }
         c
+    }
+}
+
+/// A `give_up_after` past any real age (about 3,000 years), so that the SQL's interval
+/// arithmetic never overflows.
+const GIVE_UP_NEVER: f64 = 1e11;
+
+/// Longest error code stored (codes are identifiers; anything longer is not one).
+pub(crate) const MAX_CODE: usize = 100;
+/// Longest error message or attempt detail stored.
+pub(crate) const MAX_MESSAGE: usize = 1000;
+
+/// Text that came from the API or the network, made safe to store in either database: NUL
+/// (which a Postgres `text` cannot hold) and other control characters but tab and newline
+/// become U+FFFD, and the text is clipped to `max` bytes on a character boundary. Invalid UTF-8
+/// never gets this far (responses are read lossily), so one hostile answer cannot make an
+/// outcome write fail.
+pub fn storable(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max + 3));
+    for ch in text.chars() {
+        let ch = if ch.is_control() && ch != '\n' && ch != '\t' {
+            char::REPLACEMENT_CHARACTER
+        } else {
+            ch
+        };
+        if out.len() + ch.len_utf8() > max {
+            out.push('…');
+            break;
+        }
+        out.push(ch);
+    }
+    out
+}
+
+impl AttemptRecord {
+    /// The outcome (a code) and detail as they are stored: see [`storable`].
+    pub(crate) fn stored_outcome(&self) -> String {
+        storable(&self.outcome, MAX_CODE)
+    }
+
+    pub(crate) fn stored_detail(&self) -> Option<String> {
+        self.detail.as_deref().map(|d| storable(d, MAX_MESSAGE))
     }
 }

@@ -347,7 +347,11 @@ impl PgStore {
              UPDATE prism_batches b SET lease_owner = $1, lease_expires_at = now() + make_interval(secs => $2)
              FROM due WHERE b.id = due.id
              RETURNING b.id, b.idempotency_key, b.team_id, b.object_type, b.operation, b.body, b.items, b.attempts,
-                       extract(epoch FROM now() - b.created_at)::float8 AS key_age",
+                       extract(epoch FROM now() - b.created_at)::float8 AS key_age,
+                       EXISTS (SELECT 1 FROM prism_batch_attempts a
+                               WHERE a.batch_id = b.id AND a.http_status BETWEEN 200 AND 299) AS answered,
+                       (SELECT COALESCE(extract(epoch FROM now() - min(o.first_attempt_at)), 0)::float8
+                        FROM prism_outbox o WHERE o.batch_id = b.id AND o.state = 'in_flight') AS oldest_row_age",
         )
         .bind(req.owner)
         .bind(req.lease.as_secs_f64())
@@ -444,7 +448,7 @@ async fn finish_group(
     .bind(
         order
             .iter()
-            .map(|f| f.attempt.detail.as_deref())
+            .map(|f| f.attempt.stored_detail())
             .collect::<Vec<_>>(),
     )
     .fetch_all(&mut **tx)
@@ -457,13 +461,13 @@ async fn finish_group(
         .collect();
     if !ours.is_empty() {
         insert_attempts(tx, &ours).await?;
-        let rows: Vec<(Uuid, &RowUpdate)> = ours
+        let rows: Vec<(&FinishBatch, &RowUpdate)> = ours
             .iter()
-            .flat_map(|f| f.rows.iter().map(|r| (f.batch_id, r)))
+            .flat_map(|f| f.rows.iter().map(move |r| (*f, r)))
             .collect();
         if !rows.is_empty() {
-            let c = RowColumns::of(rows.iter().map(|(_, r)| *r));
-            let batch_ids: Vec<Uuid> = rows.iter().map(|(b, _)| *b).collect();
+            let c = RowColumns::of(rows.iter().map(|(f, r)| (*r, f.give_up_after)));
+            let batch_ids: Vec<Uuid> = rows.iter().map(|(f, _)| f.batch_id).collect();
             update_rows(tx, &c, &batch_ids).await?;
         }
         for f in ours.iter().filter(|f| !f.children.is_empty()) {
@@ -483,25 +487,41 @@ async fn update_rows(
     c: &RowColumns,
     batch_ids: &[Uuid],
 ) -> StoreResult<()> {
-    sqlx::query(
+    // A row that would retry but was first tried longer than `retry.give_up_after` ago goes
+    // dead with its code instead (`gave_up`).
+    macro_rules! gave_up {
+        () => {
+            "(u.state = 'retrying' AND o.first_attempt_at <= now() - make_interval(secs => u.give_up))"
+        };
+    }
+    sqlx::query(concat!(
         "UPDATE prism_outbox o SET
-            state = u.state,
+            state = CASE WHEN ",
+        gave_up!(),
+        " THEN 'dead' ELSE u.state END,
             attempts = o.attempts + 1,
             next_attempt_at = CASE WHEN u.state = 'retrying'
                 THEN now() + make_interval(secs => u.retry_in) ELSE o.next_attempt_at END,
-            completed_at = CASE WHEN u.state IN ('succeeded', 'dead') THEN now() ELSE NULL END,
+            completed_at = CASE WHEN u.state IN ('succeeded', 'dead') OR ",
+        gave_up!(),
+        " THEN now() ELSE NULL END,
             last_error_code = COALESCE(u.code, o.last_error_code),
-            last_error_message = COALESCE(u.message, o.last_error_message)
-         FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::uuid[])
-              AS u(id, state, code, message, retry_in, batch_id)
+            last_error_message = CASE WHEN ",
+        gave_up!(),
+        " THEN 'gave up (retry.give_up_after): ' || COALESCE(u.message, o.last_error_message, '')
+                ELSE COALESCE(u.message, o.last_error_message) END
+         FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::uuid[],
+                     $7::float8[])
+              AS u(id, state, code, message, retry_in, batch_id, give_up)
          WHERE o.id = u.id AND o.batch_id = u.batch_id AND o.state = 'in_flight'",
-    )
+    ))
     .bind(&c.ids)
     .bind(&c.states)
     .bind(&c.codes)
     .bind(&c.messages)
     .bind(&c.retry_in)
     .bind(batch_ids)
+    .bind(&c.give_up_after)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -521,7 +541,7 @@ impl PgStore {
         .bind(i32::from(d.count_attempt))
         .bind(d.retry_in.as_secs_f64())
         .bind(d.attempt.http_status.map(i32::from))
-        .bind(d.attempt.detail.as_deref())
+        .bind(d.attempt.stored_detail())
         .execute(&mut *tx)
         .await?;
         if fenced.rows_affected() == 0 {
@@ -531,6 +551,47 @@ impl PgStore {
         insert_attempt(&mut tx, d.batch_id, d.owner, &d.attempt).await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    pub async fn end_stranded_batches(&self, teams: &crate::batch::TeamSet) -> StoreResult<u64> {
+        let teams: Vec<&str> = teams.iter().collect();
+        let mut tx = self.pool.begin().await?;
+        // Locked, skipping any a live process is writing, so two replicas sweep apart.
+        let stranded: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM prism_batches
+             WHERE state = 'open' AND NOT (team_id = ANY($1))
+               AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+             FOR UPDATE SKIP LOCKED",
+        )
+        .bind(&teams)
+        .fetch_all(&mut *tx)
+        .await?;
+        if stranded.is_empty() {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        let dead = sqlx::query(
+            "UPDATE prism_outbox SET state = 'dead', completed_at = now(),
+                    last_error_code = $2, last_error_message = $3
+             WHERE state = 'in_flight' AND batch_id = ANY($1)",
+        )
+        .bind(&stranded)
+        .bind(crate::model::codes::UNKNOWN_TEAM)
+        .bind(super::STRANDED_MESSAGE)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query(
+            "UPDATE prism_batches SET state = 'released', completed_at = now(), lease_owner = NULL,
+                    lease_expires_at = NULL, last_error = $2
+             WHERE id = ANY($1)",
+        )
+        .bind(&stranded)
+        .bind(super::STRANDED_MESSAGE)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(dead)
     }
 
     pub async fn gauges(&self) -> StoreResult<Gauges> {
@@ -629,6 +690,11 @@ fn leased(row: &sqlx::postgres::PgRow) -> StoreResult<LeasedBatch> {
             .map_err(|e| corrupt(e.to_string()))?,
         attempts: row.try_get("attempts")?,
         key_age: Duration::from_secs_f64(row.try_get::<f64, _>("key_age")?.clamp(0.0, 1e9)),
+        answered: row.try_get("answered")?,
+        oldest_row_age: Duration::from_secs_f64(
+            row.try_get::<f64, _>("oldest_row_age")?.clamp(0.0, 1e11),
+        ),
+        leased_at: std::time::Instant::now(),
     })
 }
 
@@ -694,7 +760,8 @@ async fn mark_in_flight(
         return Ok(());
     }
     sqlx::query(
-        "UPDATE prism_outbox o SET state = 'in_flight', batch_id = u.batch_id
+        "UPDATE prism_outbox o SET state = 'in_flight', batch_id = u.batch_id,
+                first_attempt_at = COALESCE(o.first_attempt_at, now())
          FROM unnest($1::bigint[], $2::uuid[]) AS u(id, batch_id) WHERE o.id = u.id",
     )
     .bind(&rows)
@@ -724,8 +791,8 @@ async fn insert_attempts(
             .map(|f| f.attempt.http_status.map(i32::from))
             .collect::<Vec<_>>(),
     )
-    .bind(ends.iter().map(|f| f.attempt.outcome.as_str()).collect::<Vec<_>>())
-    .bind(ends.iter().map(|f| f.attempt.detail.as_deref()).collect::<Vec<_>>())
+    .bind(ends.iter().map(|f| f.attempt.stored_outcome()).collect::<Vec<_>>())
+    .bind(ends.iter().map(|f| f.attempt.stored_detail()).collect::<Vec<_>>())
     .bind(ends.iter().map(|f| f.attempt.replay).collect::<Vec<_>>())
     .bind(
         ends.iter()
@@ -751,8 +818,8 @@ async fn insert_attempt(
     .bind(batch)
     .bind(owner)
     .bind(a.http_status.map(i32::from))
-    .bind(&a.outcome)
-    .bind(a.detail.as_deref())
+    .bind(a.stored_outcome())
+    .bind(a.stored_detail())
     .bind(a.replay)
     .bind(i32::try_from(a.duration.as_millis()).unwrap_or(i32::MAX))
     .execute(&mut **tx)

@@ -37,6 +37,18 @@ macro_rules! now_plus {
     };
 }
 
+/// In an outcome write: the row would retry (`u.state`), but it was first tried more than
+/// `u.give_up` seconds ago.
+macro_rules! gave_up {
+    () => {
+        concat!(
+            "(u.state = 'retrying' AND prism_outbox.first_attempt_at <= ",
+            now_plus!("-u.give_up"),
+            ")"
+        )
+    };
+}
+
 /// Whether a later waiting row of the same record exists.
 macro_rules! has_later {
     () => {
@@ -376,7 +388,13 @@ impl SqliteStore {
             ") AND team_id IN (SELECT value FROM json_each(?4))
              ORDER BY next_attempt_at LIMIT ?3)
              RETURNING id, idempotency_key, team_id, object_type, operation, body, items, attempts,
-                       (julianday('now') - julianday(created_at)) * 86400.0 AS key_age"
+                       (julianday('now') - julianday(created_at)) * 86400.0 AS key_age,
+                       EXISTS (SELECT 1 FROM prism_batch_attempts AS a
+                               WHERE a.batch_id = prism_batches.id
+                                 AND a.http_status BETWEEN 200 AND 299) AS answered,
+                       (SELECT COALESCE((julianday('now') - julianday(min(o.first_attempt_at))) * 86400.0, 0.0)
+                        FROM prism_outbox AS o INDEXED BY prism_outbox_batch
+                        WHERE o.batch_id = prism_batches.id AND o.state = 'in_flight') AS oldest_row_age"
         ))
         .bind(req.owner)
         .bind(req.lease.as_secs_f64())
@@ -451,7 +469,7 @@ async fn finish_one(tx: &mut WriteTx, f: &FinishBatch) -> StoreResult<bool> {
         .bind(&f.owner)
         .bind(f.end.as_str())
         .bind(f.attempt.http_status.map(i64::from))
-        .bind(f.attempt.detail.as_deref())
+        .bind(f.attempt.stored_detail())
         .execute(&mut ***tx)
         .await?;
         if fenced.rows_affected() == 0 {
@@ -459,7 +477,7 @@ async fn finish_one(tx: &mut WriteTx, f: &FinishBatch) -> StoreResult<bool> {
         }
         insert_attempt(tx, &batch, &f.owner, &f.attempt).await?;
         if !f.rows.is_empty() {
-            let c = RowColumns::of(&f.rows);
+            let c = RowColumns::of(f.rows.iter().map(|r| (r, f.give_up_after)));
             let packed: Vec<_> = (0..c.ids.len())
                 .map(|i| {
                     (
@@ -468,27 +486,37 @@ async fn finish_one(tx: &mut WriteTx, f: &FinishBatch) -> StoreResult<bool> {
                         &c.codes[i],
                         &c.messages[i],
                         c.retry_in[i],
+                        c.give_up_after[i],
                     )
                 })
                 .collect();
             // `u` is read once (a subquery over json_each) and each row found by its rowid; the
             // unary `+` keeps the planner from driving the join from the batch_id index, which
             // would re-parse the JSON once per row.
+            // A row that would retry but was first tried longer than `retry.give_up_after` ago
+            // goes dead with its code instead (`gave_up`).
             sqlx::query(concat!(
                 "UPDATE prism_outbox SET
-                   state = u.state,
+                   state = CASE WHEN ",
+                gave_up!(),
+                " THEN 'dead' ELSE u.state END,
                    attempts = attempts + 1,
                    next_attempt_at = CASE WHEN u.state = 'retrying' THEN ",
                 now_plus!("u.retry_in"),
                 " ELSE next_attempt_at END,
-                   completed_at = CASE WHEN u.state IN ('succeeded', 'dead') THEN ",
+                   completed_at = CASE WHEN u.state IN ('succeeded', 'dead') OR ",
+                gave_up!(),
+                " THEN ",
                 now!(),
                 " ELSE NULL END,
                    last_error_code = COALESCE(u.code, last_error_code),
-                   last_error_message = COALESCE(u.message, last_error_message)
+                   last_error_message = CASE WHEN ",
+                gave_up!(),
+                " THEN 'gave up (retry.give_up_after): ' || COALESCE(u.message, last_error_message, '')
+                     ELSE COALESCE(u.message, last_error_message) END
                  FROM (SELECT json_extract(value, '$[0]') AS row_id, json_extract(value, '$[1]') AS state,
                               json_extract(value, '$[2]') AS code, json_extract(value, '$[3]') AS message,
-                              json_extract(value, '$[4]') AS retry_in
+                              json_extract(value, '$[4]') AS retry_in, json_extract(value, '$[5]') AS give_up
                        FROM json_each(?1)) AS u
                  WHERE prism_outbox.id = u.row_id
                    AND +prism_outbox.batch_id = ?2 AND prism_outbox.state = 'in_flight'"
@@ -525,7 +553,7 @@ impl SqliteStore {
         .bind(i64::from(d.count_attempt))
         .bind(d.retry_in.as_secs_f64())
         .bind(d.attempt.http_status.map(i64::from))
-        .bind(d.attempt.detail.as_deref())
+        .bind(d.attempt.stored_detail())
         .execute(&mut **tx)
         .await?;
         if fenced.rows_affected() == 0 {
@@ -535,6 +563,50 @@ impl SqliteStore {
         insert_attempt(&mut tx, &batch, d.owner, &d.attempt).await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    pub async fn end_stranded_batches(&self, teams: &crate::batch::TeamSet) -> StoreResult<u64> {
+        let teams = serde_json::to_string(&teams.iter().collect::<Vec<_>>()).expect("serialises");
+        let mut tx = self.begin_write().await?;
+        // Open batches of no configured team whose lease lapsed (no live process holds them).
+        macro_rules! stranded {
+            () => {
+                concat!(
+                    "SELECT id FROM prism_batches INDEXED BY prism_batches_open
+                     WHERE state = 'open' AND team_id NOT IN (SELECT value FROM json_each(?1))
+                       AND (lease_expires_at IS NULL OR lease_expires_at <= ",
+                    now!(),
+                    ")"
+                )
+            };
+        }
+        let dead = sqlx::query(concat!(
+            "UPDATE prism_outbox SET state = 'dead', completed_at = ",
+            now!(),
+            ", last_error_code = ?2, last_error_message = ?3
+             WHERE state = 'in_flight' AND batch_id IN (",
+            stranded!(),
+            ")"
+        ))
+        .bind(&teams)
+        .bind(crate::model::codes::UNKNOWN_TEAM)
+        .bind(super::STRANDED_MESSAGE)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        sqlx::query(concat!(
+            "UPDATE prism_batches SET state = 'released', completed_at = ",
+            now!(),
+            ", lease_owner = NULL, lease_expires_at = NULL, last_error = ?2 WHERE id IN (",
+            stranded!(),
+            ")"
+        ))
+        .bind(&teams)
+        .bind(super::STRANDED_MESSAGE)
+        .execute(&mut **tx)
+        .await?;
+        tx.commit().await?;
+        Ok(dead)
     }
 
     pub async fn gauges(&self) -> StoreResult<Gauges> {
@@ -752,6 +824,11 @@ fn leased(row: &sqlx::sqlite::SqliteRow) -> StoreResult<LeasedBatch> {
             .map_err(|e| corrupt(e.to_string()))?,
         attempts: row.try_get("attempts")?,
         key_age: Duration::from_secs_f64(row.try_get::<f64, _>("key_age")?.clamp(0.0, 1e9)),
+        answered: row.try_get("answered")?,
+        oldest_row_age: Duration::from_secs_f64(
+            row.try_get::<f64, _>("oldest_row_age")?.clamp(0.0, 1e11),
+        ),
+        leased_at: std::time::Instant::now(),
     })
 }
 
@@ -792,8 +869,12 @@ async fn mark_in_flight(tx: &mut WriteTx, assignments: &[(i64, String)]) -> Stor
         return Ok(());
     }
     sqlx::query(
-        "UPDATE prism_outbox SET state = 'in_flight', batch_id = json_extract(j.value, '$[1]')
-         FROM json_each(?1) AS j WHERE prism_outbox.id = json_extract(j.value, '$[0]')",
+        concat!(
+            "UPDATE prism_outbox SET state = 'in_flight', batch_id = json_extract(j.value, '$[1]'),
+                    first_attempt_at = COALESCE(first_attempt_at, ",
+            now!(),
+            ") FROM json_each(?1) AS j WHERE prism_outbox.id = json_extract(j.value, '$[0]')"
+        ),
     )
     .bind(serde_json::to_string(assignments).expect("serialises"))
     .execute(&mut ***tx)
@@ -815,8 +896,8 @@ async fn insert_attempt(
     .bind(batch)
     .bind(owner)
     .bind(a.http_status.map(i64::from))
-    .bind(&a.outcome)
-    .bind(a.detail.as_deref())
+    .bind(a.stored_outcome())
+    .bind(a.stored_detail())
     .bind(a.replay)
     .bind(i64::try_from(a.duration.as_millis()).unwrap_or(i64::MAX))
     .execute(&mut ***tx)
