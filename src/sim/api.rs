@@ -703,6 +703,37 @@ fn failed(
     }
 }
 
+/// Stands, in a hostile message, where the wire carries bytes that are not UTF-8.
+const NOT_UTF8_MARK: &str = "@@not-utf8@@";
+
+/// An injected item error's message made hostile: a NUL, a terminal escape sequence and (once
+/// [`splice_invalid_utf8`] has run over the serialised body) bytes that are not UTF-8.
+fn hostile_message(code: &str) -> String {
+    format!(
+        "{} \u{0}\u{1b}[2J {NOT_UTF8_MARK}",
+        injected_message(code)
+    )
+}
+
+/// Replaces every [`NOT_UTF8_MARK`] in a serialised body with bytes that are not UTF-8.
+fn splice_invalid_utf8(body: Vec<u8>) -> Vec<u8> {
+    let mark = NOT_UTF8_MARK.as_bytes();
+    let mut out = Vec::with_capacity(body.len());
+    let mut rest = &body[..];
+    while let Some(at) = rest.windows(mark.len()).position(|w| w == mark) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(&[0xff, 0xfe, 0xc3]);
+        rest = &rest[at + mark.len()..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+/// The ids a 200's results name.
+fn applied_ids_or_sent(results: &[ItemResult]) -> impl Iterator<Item = Uuid> + '_ {
+    results.iter().filter_map(|r| r.id)
+}
+
 fn injected_message(code: &str) -> Cow<'static, str> {
     match code {
         "rate_limited" => "Too many updates to this record; retry later.".into(),
@@ -871,7 +902,11 @@ fn process_batch(
                     FaultKind::ItemErrorForId => id_errors += 1,
                     _ => item_errors += 1,
                 }
-                let message = injected_message(&code);
+                let message = if faults.profile.hostile_messages {
+                    hostile_message(&code).into()
+                } else {
+                    injected_message(&code)
+                };
                 Some(failed(Some(id), code, message))
             }
             (CheckedItem::Valid { id, body, raw }, None) => {
@@ -957,7 +992,17 @@ fn process_batch(
     // A response is roughly twice its request (each item comes back with its record).
     let mut out = Vec::with_capacity(body.len() * 2 + 256);
     // Serialising owned strings, numbers and already-valid raw JSON into a Vec cannot fail.
+    let oversized = applied_ids_or_sent(&results)
+        .any(|id| faults.is_oversized(&id.to_string()));
     let _ = serde_json::to_writer(&mut out, &BulkResponse { results, summary });
+    if faults.profile.hostile_messages {
+        out = splice_invalid_utf8(out);
+    }
+    if oversized {
+        // Trailing white space keeps the JSON valid; only its size is hostile.
+        let pad = faults.profile.oversized_answer_bytes.saturating_sub(out.len());
+        out.resize(out.len() + pad, b' ');
+    }
     Processed {
         response: CachedResponse {
             status: 200,

@@ -107,6 +107,12 @@ pub struct SimulateArgs {
     /// Status for poisoned batches (400 by default; 413 and 422 are the usual others).
     #[arg(long, value_name = "STATUS")]
     pub poison_status: Option<u16>,
+    /// Injected item errors carry a NUL, an escape sequence and bytes that are not UTF-8.
+    #[arg(long)]
+    pub hostile_messages: bool,
+    /// A record id whose 200s are always padded past the client's response cap (repeatable).
+    #[arg(long = "oversized-answer-id", value_name = "ID")]
+    pub oversized_answer_ids: Vec<String>,
 }
 
 fn parse_id_code(text: &str) -> Result<(String, String), String> {
@@ -171,6 +177,9 @@ impl SimulateArgs {
         p.item_errors_for_ids
             .extend(self.item_errors_for_ids.iter().cloned());
         p.poison_ids.extend(self.poison_ids.iter().cloned());
+        p.hostile_messages |= self.hostile_messages;
+        p.oversized_answer_ids
+            .extend(self.oversized_answer_ids.iter().cloned());
         if let Some(status) = self.poison_status {
             p.poison_status = status;
         }

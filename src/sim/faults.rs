@@ -91,6 +91,14 @@ pub struct FaultProfile {
     pub poison_ids: Vec<String>,
     /// 400 by default; 413 and 422 are the other statuses a real API uses to refuse a whole body.
     pub poison_status: u16,
+    /// Injected item errors carry hostile messages: a NUL (`\u0000`), a terminal escape
+    /// sequence and, raw on the wire, bytes that are not UTF-8. Cached as sent.
+    pub hostile_messages: bool,
+    /// A 200 carrying any of these ids is padded (with JSON whitespace) to
+    /// `oversized_answer_bytes`: records whose answers are always too large to read. Cached as
+    /// sent, so a replay under the same key is as large.
+    pub oversized_answer_ids: Vec<String>,
+    pub oversized_answer_bytes: usize,
 }
 
 impl Default for FaultProfile {
@@ -118,6 +126,9 @@ impl Default for FaultProfile {
             item_errors_for_ids: BTreeMap::new(),
             poison_ids: Vec::new(),
             poison_status: 400,
+            hostile_messages: false,
+            oversized_answer_ids: Vec::new(),
+            oversized_answer_bytes: 9 * 1024 * 1024,
         }
     }
 }
@@ -260,6 +271,7 @@ pub(crate) struct ActiveFaults {
     pub profile: FaultProfile,
     poison: HashSet<String>,
     errors_for_ids: HashMap<String, String>,
+    oversized: HashSet<String>,
 }
 
 /// UUIDs compare by value (any case, braces or not); anything else compares as written, so a poison
@@ -283,11 +295,22 @@ impl ActiveFaults {
             .iter()
             .map(|(id, code)| (normalise_id(id), code.clone()))
             .collect();
+        let oversized = profile
+            .oversized_answer_ids
+            .iter()
+            .map(|id| normalise_id(id))
+            .collect();
         Self {
             profile,
             poison,
             errors_for_ids,
+            oversized,
         }
+    }
+
+    /// Whether a 200 naming this id is padded past `oversized_answer_bytes`.
+    pub fn is_oversized(&self, normalised_id: &str) -> bool {
+        self.oversized.contains(normalised_id)
     }
 
     pub fn is_poison(&self, normalised_id: &str) -> bool {

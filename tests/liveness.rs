@@ -1,0 +1,303 @@
+//! Liveness: every row reaches `succeeded` or `dead` in bounded time, whatever the API answers,
+//! whatever the configuration or the database does meanwhile. Each test runs against a real
+//! SQLite file and a fresh Postgres database, with the project's simulator over real HTTP, and
+//! each would hang (or fail its bound) on the release before these fixes.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+use prism_sync::batch::{PlanLimits, TeamSet};
+use prism_sync::sim::FaultProfile;
+use prism_sync::store::{ClaimRequest, Lane, Store, StoreKind};
+use sqlx::Row;
+
+const FINISH: Duration = Duration::from_secs(60);
+
+fn distinct_records(n: usize) -> Vec<(String, String)> {
+    (0..n).map(|i| (uuid(), patch(i))).collect()
+}
+
+/// `(id, state, code, message)` of every row, in id order.
+async fn outcomes(store: &Store) -> Vec<(i64, String, Option<String>, Option<String>)> {
+    let sql = "SELECT id, state, last_error_code, last_error_message FROM prism_outbox ORDER BY id";
+    let map = |r: &dyn Fn(usize) -> Option<String>, id: i64, state: String| (id, state, r(2), r(3));
+    match store.sqlx_kind() {
+        StoreKind::Sqlite(p) => sqlx::query(sql)
+            .fetch_all(p)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| map(&|i| row.get(i), row.get(0), row.get(1)))
+            .collect(),
+        StoreKind::Postgres(p) => sqlx::query(sql)
+            .fetch_all(p)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| map(&|i| row.get(i), row.get(0), row.get(1)))
+            .collect(),
+    }
+}
+
+/// Stores a batch of every waiting row of `team` as a process that then died: it is open,
+/// leased for a moment, and its rows are in flight.
+async fn store_batch_of_dead_process(store: &Store, team: &str) {
+    let claimed = store
+        .claim(&ClaimRequest {
+            owner: "dead-process",
+            lease: Duration::from_millis(10),
+            max_records: 100,
+            limits: PlanLimits {
+                batch_size: 100,
+                coalesce: true,
+                max_coalesce: 100,
+                max_patch_bytes: 1 << 20,
+            },
+            lanes: &Lane::all_of([team]),
+            teams: &TeamSet::new([team.to_owned()]),
+            strays: false,
+        })
+        .await
+        .expect("claim");
+    assert_eq!(claimed.batches.len(), 1, "one batch stored");
+}
+
+both_backends! {
+    async fn an_api_message_with_nul_and_bytes_that_are_not_utf8_is_stored_and_every_row_ends(db) {
+        // Every other item fails with a hostile message: a NUL (Postgres `text` refuses it), an
+        // escape sequence and raw bytes that are not UTF-8. Before, one such message made the
+        // whole group write fail and every batch's rows stayed in flight.
+        let sim = sim(FaultProfile {
+            item_error_rate: 0.5,
+            item_error_codes: vec!["validation_error".into()],
+            hostile_messages: true,
+            ..FaultProfile::default()
+        })
+        .await;
+        let store = db.store().await;
+        insert_rows(&store, &distinct_records(300)).await;
+        wait_below_watermark(&store).await;
+        let engine = start_engine(&settings(&db, &sim)).await;
+        wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        let all = outcomes(&store).await;
+        let dead: Vec<_> = all.iter().filter(|r| r.1 == "dead").collect();
+        assert!(!dead.is_empty() && dead.len() < all.len(), "some items failed, some succeeded");
+        for (id, _, code, message) in dead {
+            assert_eq!(code.as_deref(), Some("validation_error"), "row {id}");
+            let message = message.as_deref().unwrap_or_default();
+            assert!(message.contains('\u{FFFD}') && !message.contains('\0') && !message.contains('\u{1b}'), "row {id}: {message:?}");
+            assert!(message.starts_with("A property value failed validation."), "row {id}: {message:?}");
+        }
+    }
+
+    async fn a_record_the_api_always_refuses_with_a_retryable_code_ends_dead_and_lets_the_next_through(db) {
+        let stuck = uuid();
+        let sim = sim(FaultProfile {
+            item_errors_for_ids: BTreeMap::from([(stuck.clone(), "internal_error".into())]),
+            ..FaultProfile::default()
+        })
+        .await;
+        let store = db.store().await;
+        let other = uuid();
+        insert_rows(&store, &[(stuck.clone(), patch(1)), (other.clone(), patch(1))]).await;
+        wait_below_watermark(&store).await;
+        let mut s = settings(&db, &sim);
+        s.retry.max_attempts = 1000;
+        s.retry.give_up_after = Duration::from_secs(2);
+        let started = Instant::now();
+        let engine = start_engine(&s).await;
+        let all = wait_until_finished(&store, FINISH).await;
+        let took = started.elapsed();
+        engine.stop().await;
+        let all_outcomes = outcomes(&store).await;
+        let (_, state, code, message) = &all_outcomes[0];
+        assert_eq!((state.as_str(), code.as_deref()), ("dead", Some("internal_error")), "{all:?}");
+        assert!(message.as_deref().unwrap_or_default().starts_with("gave up (retry.give_up_after)"), "{message:?}");
+        assert_eq!(all[1].state, "succeeded");
+        assert!(all[0].attempts > 1, "it was retried before giving up: {all:?}");
+        assert!(took < Duration::from_secs(30), "ended in bounded time: {took:?}");
+    }
+
+    async fn a_batch_the_api_never_answers_ends_dead_once_give_up_after_has_passed(db) {
+        // Every request is a 503 (retried under the same key) and releases never come (a huge
+        // batch.max_attempts): only retry.give_up_after can end the rows.
+        let sim = sim(FaultProfile { error_503_rate: 1.0, ..FaultProfile::default() }).await;
+        let store = db.store().await;
+        insert_rows(&store, &distinct_records(5)).await;
+        wait_below_watermark(&store).await;
+        let mut s = settings(&db, &sim);
+        s.batch.max_attempts = 100_000;
+        s.retry.max_attempts = 100_000;
+        s.retry.give_up_after = Duration::from_secs(2);
+        let engine = start_engine(&s).await;
+        let all = wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        assert!(all.iter().all(|r| r.state == "dead" && r.code.as_deref() == Some("http_503")), "{all:?}");
+        assert!(sim.applied_log().is_empty());
+    }
+
+    async fn a_429_storm_without_retry_after_backs_off_and_its_rows_still_end(db) {
+        // 429s burn no attempt, so without a growing pause the same batch was sent ~13 times a
+        // second, and its rows never ended.
+        let sim = sim(FaultProfile { rate_limit_rate: 1.0, ..FaultProfile::default() }).await;
+        let store = db.store().await;
+        insert_rows(&store, &distinct_records(5)).await;
+        wait_below_watermark(&store).await;
+        let mut s = settings(&db, &sim);
+        s.retry.base_delay = Duration::from_millis(50);
+        s.retry.max_delay = Duration::from_secs(5);
+        s.retry.give_up_after = Duration::from_secs(4);
+        let started = Instant::now();
+        let engine = start_engine(&s).await;
+        let all = wait_until_finished(&store, FINISH).await;
+        let took = started.elapsed();
+        engine.stop().await;
+        assert!(all.iter().all(|r| r.state == "dead" && r.code.as_deref() == Some("http_429")), "{all:?}");
+        let sent = sim.requests().len();
+        // Pauses from 25-50 ms doubling per 429: about eight sends in four seconds. A pause
+        // that never grows (0-50 ms) sends ~80.
+        assert!(sent <= 20, "{sent} requests in {took:?}: no backoff");
+        assert!(sent >= 3, "{sent} requests: it kept trying");
+    }
+
+    async fn a_2xx_that_cannot_be_read_is_never_sent_under_a_new_key(db) {
+        // One record's answers are always too large to read: its whole batch's 200 is. The API
+        // applied the batch on the first send; re-sending under a new key would apply it again.
+        let big = uuid();
+        let sim = sim(FaultProfile {
+            oversized_answer_ids: vec![big.clone()],
+            ..FaultProfile::default()
+        })
+        .await;
+        let store = db.store().await;
+        let mut records = distinct_records(9);
+        records.push((big.clone(), patch(1)));
+        insert_rows(&store, &records).await;
+        wait_below_watermark(&store).await;
+        let mut s = settings(&db, &sim);
+        s.batch.max_attempts = 3;
+        s.http.max_response_bytes = 1 << 20;
+        let engine = start_engine(&s).await;
+        let all = wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        assert!(all.iter().all(|r| r.state == "dead" && r.code.as_deref() == Some("unreadable_response")), "{all:?}");
+        let keys: HashSet<_> = sim.requests().iter().map(|r| r.idempotency_key.clone()).collect();
+        assert_eq!(keys.len(), 1, "one key, re-sent and never released");
+        assert_eq!(sim.requests().len(), 3, "batch.max_attempts sends");
+        assert_eq!(assert_applied_in_order_once(&sim), 10, "each change applied once");
+    }
+
+    async fn spellings_of_one_uuid_are_one_record(db) {
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        let id = uuid::Uuid::new_v4();
+        let upper = id.hyphenated().to_string().to_uppercase();
+        let braced = format!("{{{}}}", id.hyphenated());
+        let simple = id.simple().to_string().to_uppercase();
+        let canonical = id.hyphenated().to_string();
+        let spellings = [upper, braced, simple, canonical.clone(), format!("urn:uuid:{canonical}")];
+        let rows: Vec<(String, String)> = spellings.iter().enumerate().map(|(rev, s)| (s.clone(), patch(rev))).collect();
+        if db.backend == Backend::Postgres {
+            // A uuid column takes every spelling Postgres accepts as one value already.
+            insert_rows(&store, &rows[..4]).await;
+        } else {
+            insert_rows(&store, &rows).await;
+        }
+        wait_below_watermark(&store).await;
+        let mut s = settings(&db, &sim);
+        s.batch.coalesce = false;
+        let engine = start_engine(&s).await;
+        let all = wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        assert!(all.iter().all(|r| r.state == "succeeded"), "{all:?}");
+        let applied = assert_applied_in_order_once(&sim);
+        assert_eq!(applied, all.len(), "every change applied once, in order");
+        assert!(sim.applied_log().iter().all(|c| c.record_id == id));
+        // One record: never two of its changes in one request.
+        assert!(sim.requests().iter().all(|r| r.items == 1), "{:?}", sim.requests());
+    }
+
+    async fn a_batch_of_a_team_removed_from_the_configuration_ends_dead_as_unknown_team(db) {
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        insert_rows(&store, &distinct_records(3)).await;
+        exec(&store, "UPDATE prism_outbox SET team_id = 'gone'").await;
+        wait_below_watermark(&store).await;
+        // The previous configuration had team `gone`; its process stored a batch and stopped.
+        store_batch_of_dead_process(&store, "gone").await;
+        let mut later = distinct_records(1);
+        later[0].0 = uuid();
+        insert_rows(&store, &later).await;
+        let engine = start_engine(&settings(&db, &sim)).await;
+        let all = wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        let (gone, ours) = all.split_at(3);
+        assert!(gone.iter().all(|r| r.state == "dead" && r.code.as_deref() == Some("unknown_team")), "{gone:?}");
+        assert_eq!(ours[0].state, "succeeded");
+        assert!(sim.requests().len() == 1, "nothing of the removed team was sent");
+    }
+
+    async fn a_refused_team_with_nothing_stored_probes_with_a_new_batch(db) {
+        let sim = sim(FaultProfile::default()).await;
+        sim.set_api_key("rotated");
+        let store = db.store().await;
+        insert_rows(&store, &distinct_records(1)).await;
+        wait_below_watermark(&store).await;
+        let mut s = settings(&db, &sim);
+        s.retry.give_up_after = Duration::from_secs(1);
+        let engine = start_engine(&s).await;
+        // The only batch is refused, probed, then given up: nothing stored is left to probe with.
+        let first = wait_until_finished(&store, FINISH).await;
+        assert_eq!(first[0].code.as_deref(), Some("http_401"), "{first:?}");
+        sim.set_api_key(prism_sync::sim::DEFAULT_API_KEY);
+        insert_rows(&store, &distinct_records(2)).await;
+        let all = wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        assert!(all[1..].iter().all(|r| r.state == "succeeded"), "the key works again and new changes flow: {all:?}");
+    }
+
+    async fn a_failing_claim_does_not_hold_back_batches_leased_just_before_it(db) {
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        insert_rows(&store, &distinct_records(5)).await;
+        wait_below_watermark(&store).await;
+        store_batch_of_dead_process(&store, "").await;
+        insert_rows(&store, &distinct_records(5)).await;
+        // Claims of new rows fail (the database refuses to put rows in flight); leasing the
+        // stored batch still works.
+        let refuse = match db.backend {
+            Backend::Sqlite => "CREATE TRIGGER refuse_claims BEFORE UPDATE OF state ON prism_outbox
+                WHEN NEW.state = 'in_flight' BEGIN SELECT RAISE(ABORT, 'claims refused by the test'); END;",
+            Backend::Postgres => "CREATE FUNCTION refuse_claims() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN RAISE EXCEPTION 'claims refused by the test'; END $$;
+                CREATE TRIGGER refuse_claims BEFORE UPDATE ON prism_outbox FOR EACH ROW
+                WHEN (NEW.state = 'in_flight') EXECUTE FUNCTION refuse_claims();",
+        };
+        exec(&store, refuse).await;
+        let mut s = settings(&db, &sim);
+        s.sync.lease = Duration::from_secs(60);
+        let engine = start_engine(&s).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let all = rows(&store).await;
+            if all[..5].iter().all(|r| r.state == "succeeded") {
+                assert!(all[5..].iter().all(|r| r.state == "pending"), "{all:?}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "the stored batch waited for its lease to lapse: {all:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        exec(&store, match db.backend {
+            Backend::Sqlite => "DROP TRIGGER refuse_claims",
+            Backend::Postgres => "DROP TRIGGER refuse_claims ON prism_outbox; DROP FUNCTION refuse_claims()",
+        })
+        .await;
+        wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        assert_eq!(assert_applied_in_order_once(&sim), 10);
+    }
+}
