@@ -160,7 +160,9 @@ impl Team {
     /// that named no delay grows with the run, and any other answer ends it.
     fn observe_status(&self, status: u16) -> u32 {
         if status == 429 {
-            self.throttled.fetch_add(1, Ordering::Relaxed).saturating_add(1)
+            self.throttled
+                .fetch_add(1, Ordering::Relaxed)
+                .saturating_add(1)
         } else {
             self.throttled.store(0, Ordering::Relaxed);
             0
@@ -318,8 +320,9 @@ async fn record_alone(store: &Store, f: &FinishBatch) -> Option<bool> {
 /// Bounded metric label for an error code: the configured codes and prism-sync's own, else
 /// `other`, so a hostile server cannot blow up the series count.
 fn code_label(cfg: &EngineConfig, code: &str) -> String {
-    const OWN: [&str; 11] = [
+    const OWN: [&str; 12] = [
         codes::UNREADABLE_RESPONSE,
+        codes::CORRUPT_BATCH,
         codes::UNKNOWN_TEAM,
         codes::INVALID_OPERATION,
         codes::INVALID_RECORD_ID,
@@ -847,7 +850,11 @@ async fn send_and_settle(
             status,
             kind,
             detail,
-        } => (Some(*status), false, Some(format!("{}: {detail}", kind.code()))),
+        } => (
+            Some(*status),
+            false,
+            Some(format!("{}: {detail}", kind.code())),
+        ),
         Exchange::Failed { kind, detail } => {
             (None, false, Some(format!("{}: {detail}", kind.code())))
         }
@@ -857,10 +864,14 @@ async fn send_and_settle(
     }
     let throttled_run = status.map_or(0, |s| team.observe_status(s));
     let verdict = classify::classify(&exchange, &batch.items, &cfg.codes);
-    if !matches!(verdict, BatchVerdict::AuthRefused { .. }) && status.is_some() && team.refused()
-    {
+    if !matches!(verdict, BatchVerdict::AuthRefused { .. }) && status.is_some() && team.refused() {
         info!(team = %team.id, "the API accepts the team's key again: resuming");
-        team.set_refused(false, &shared.health, &shared.teams, cfg.auth_probe_interval);
+        team.set_refused(
+            false,
+            &shared.health,
+            &shared.teams,
+            cfg.auth_probe_interval,
+        );
         shared.wake.notify_one();
     }
     let attempt = |outcome: &str, detail: Option<String>| AttemptRecord {
@@ -1047,7 +1058,11 @@ async fn on_auth_refused(
 async fn on_unreadable(shared: &Shared, team: &Team, batch: &LeasedBatch, attempt: AttemptRecord) {
     let cfg = &shared.cfg;
     let next = u32::try_from(batch.attempts).unwrap_or(0).saturating_add(1);
-    warn!(attempt = next, detail = attempt.detail.as_deref().unwrap_or(""), "the API answered 2xx but its answer cannot be read; re-sending under the same key");
+    warn!(
+        attempt = next,
+        detail = attempt.detail.as_deref().unwrap_or(""),
+        "the API answered 2xx but its answer cannot be read; re-sending under the same key"
+    );
     if next >= cfg.batch_max_attempts || past_give_up(cfg, batch) {
         let why = "the batch's answers stayed unreadable";
         end_unreadable(shared, team, batch, why).await;
@@ -1165,7 +1180,10 @@ async fn give_up(
 /// would apply them again.
 async fn end_unreadable(shared: &Shared, team: &Team, batch: &LeasedBatch, why: &str) {
     let cfg = &shared.cfg;
-    error!(attempts = batch.attempts, "{why}: the API answered 2xx under this key but its answers could not be read; its rows go dead as unreadable_response (most likely applied)");
+    error!(
+        attempts = batch.attempts,
+        "{why}: the API answered 2xx under this key but its answers could not be read; its rows go dead as unreadable_response (most likely applied)"
+    );
     let message = format!(
         "{why}: the API answered 2xx (so it applied the change) but its answer could not be read"
     );

@@ -213,4 +213,7 @@ pub mod codes {
     /// unreadable after `batch.max_attempts` re-sends under that key (never released: the API
     /// applied it).
     pub const UNREADABLE_RESPONSE: &str = "unreadable_response";
+    /// A stored batch that could not be read back (edited by hand, or written by an
+    /// incompatible version): its rows cannot be sent as stored.
+    pub const CORRUPT_BATCH: &str = "corrupt_batch";
 }

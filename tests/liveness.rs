@@ -300,4 +300,20 @@ both_backends! {
         engine.stop().await;
         assert_eq!(assert_applied_in_order_once(&sim), 10);
     }
+
+    async fn a_stored_batch_that_cannot_be_read_back_ends_alone_and_the_rest_flows(db) {
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        insert_rows(&store, &distinct_records(3)).await;
+        wait_below_watermark(&store).await;
+        store_batch_of_dead_process(&store, "").await;
+        exec(&store, "UPDATE prism_batches SET items = 'not what prism-sync wrote'").await;
+        insert_rows(&store, &distinct_records(4)).await;
+        let engine = start_engine(&settings(&db, &sim)).await;
+        let all = wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        let (corrupt, rest) = all.split_at(3);
+        assert!(corrupt.iter().all(|r| r.state == "dead" && r.code.as_deref() == Some("corrupt_batch")), "{corrupt:?}");
+        assert!(rest.iter().all(|r| r.state == "succeeded"), "{rest:?}");
+    }
 }

@@ -709,10 +709,7 @@ const NOT_UTF8_MARK: &str = "@@not-utf8@@";
 /// An injected item error's message made hostile: a NUL, a terminal escape sequence and (once
 /// [`splice_invalid_utf8`] has run over the serialised body) bytes that are not UTF-8.
 fn hostile_message(code: &str) -> String {
-    format!(
-        "{} \u{0}\u{1b}[2J {NOT_UTF8_MARK}",
-        injected_message(code)
-    )
+    format!("{} \u{0}\u{1b}[2J {NOT_UTF8_MARK}", injected_message(code))
 }
 
 /// Replaces every [`NOT_UTF8_MARK`] in a serialised body with bytes that are not UTF-8.
@@ -992,15 +989,17 @@ fn process_batch(
     // A response is roughly twice its request (each item comes back with its record).
     let mut out = Vec::with_capacity(body.len() * 2 + 256);
     // Serialising owned strings, numbers and already-valid raw JSON into a Vec cannot fail.
-    let oversized = applied_ids_or_sent(&results)
-        .any(|id| faults.is_oversized(&id.to_string()));
+    let oversized = applied_ids_or_sent(&results).any(|id| faults.is_oversized(&id.to_string()));
     let _ = serde_json::to_writer(&mut out, &BulkResponse { results, summary });
     if faults.profile.hostile_messages {
         out = splice_invalid_utf8(out);
     }
     if oversized {
         // Trailing white space keeps the JSON valid; only its size is hostile.
-        let pad = faults.profile.oversized_answer_bytes.saturating_sub(out.len());
+        let pad = faults
+            .profile
+            .oversized_answer_bytes
+            .saturating_sub(out.len());
         out.resize(out.len() + pad, b' ');
     }
     Processed {

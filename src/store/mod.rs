@@ -512,7 +512,8 @@ impl RowColumns {
         for (r, give_up_after) in rows {
             c.ids.push(r.id);
             c.states.push(r.state.as_str());
-            c.codes.push(r.code.as_deref().map(|t| storable(t, MAX_CODE)));
+            c.codes
+                .push(r.code.as_deref().map(|t| storable(t, MAX_CODE)));
             c.messages
                 .push(r.message.as_deref().map(|t| storable(t, MAX_MESSAGE)));
             c.retry_in.push(r.retry_in);

@@ -359,7 +359,51 @@ impl PgStore {
         .bind(req.teams)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(leased).collect()
+        let mut batches = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match leased(row) {
+                Ok(b) => batches.push(b),
+                // One unreadable stored batch must not stop every lease: it ends on its own.
+                Err(StoreError::CorruptBatch { batch, reason }) => {
+                    self.end_corrupt_batch(batch, &reason).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(batches)
+    }
+
+    /// Ends a stored batch that cannot be read back (its items or type are not what this
+    /// binary wrote): it cannot be sent again as stored, and whether it was applied is unknown,
+    /// so its rows go `dead` as `corrupt_batch` for an operator to look at and replay.
+    async fn end_corrupt_batch(&self, batch: Uuid, reason: &str) -> StoreResult<()> {
+        tracing::error!(batch_id = %batch, reason, "a stored batch cannot be read back: its rows go dead as corrupt_batch");
+        let message = super::storable(
+            &format!("its stored batch cannot be read: {reason}"),
+            super::MAX_MESSAGE,
+        );
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE prism_outbox SET state = 'dead', completed_at = now(), last_error_code = $2,
+                    last_error_message = $3
+             WHERE batch_id = $1 AND state = 'in_flight'",
+        )
+        .bind(batch)
+        .bind(crate::model::codes::CORRUPT_BATCH)
+        .bind(&message)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE prism_batches SET state = 'released', completed_at = now(), lease_owner = NULL,
+                    lease_expires_at = NULL, last_error = $2
+             WHERE id = $1 AND state = 'open'",
+        )
+        .bind(batch)
+        .bind(&message)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     pub async fn extend_leases(
