@@ -347,15 +347,9 @@ pub async fn execute(
                 json: args.json,
                 actor: ops::actor(args.actor.as_deref()),
             };
-            let code = ops::purge::command(
-                &store,
-                &scope,
-                &options,
-                out,
-                &mut std::io::stderr(),
-                input,
-            )
-            .await?;
+            let code =
+                ops::purge::command(&store, &scope, &options, out, &mut std::io::stderr(), input)
+                    .await?;
             return Ok(ExitCode::from(code));
         }
         Command::Simulate(_) | Command::Demo(_) => unreachable!("handled above"),

@@ -22,7 +22,10 @@ fn json(text: &str) -> Value {
 }
 
 fn state_of(rows: &[RowState], id: i64) -> (&str, i64) {
-    let r = rows.iter().find(|r| r.id == id).unwrap_or_else(|| panic!("row {id} is gone"));
+    let r = rows
+        .iter()
+        .find(|r| r.id == id)
+        .unwrap_or_else(|| panic!("row {id} is gone"));
     (r.state.as_str(), r.attempts)
 }
 
@@ -61,12 +64,12 @@ async fn audit(store: &Store) -> Vec<(String, String, Value, i64)> {
                 .await
                 .unwrap()
         }
-        StoreKind::Postgres(p) => sqlx::query_as(
-            "SELECT actor, action, filter::text, rows FROM prism_audit ORDER BY id",
-        )
-        .fetch_all(p)
-        .await
-        .unwrap(),
+        StoreKind::Postgres(p) => {
+            sqlx::query_as("SELECT actor, action, filter::text, rows FROM prism_audit ORDER BY id")
+                .fetch_all(p)
+                .await
+                .unwrap()
+        }
     };
     rows.into_iter()
         .map(|(actor, action, filter, rows)| (actor, action, json(&filter), rows))
@@ -75,7 +78,11 @@ async fn audit(store: &Store) -> Vec<(String, String, Value, i64)> {
 
 /// Sets one row's columns by hand, as the daemon would have left them.
 async fn set_row(store: &Store, id: i64, set: &str) {
-    exec(store, &format!("UPDATE prism_outbox SET {set} WHERE id = {id}")).await;
+    exec(
+        store,
+        &format!("UPDATE prism_outbox SET {set} WHERE id = {id}"),
+    )
+    .await;
 }
 
 fn record(sim: &prism_sync::sim::SimHandle, id: Uuid) -> Option<Value> {
@@ -158,6 +165,27 @@ both_backends! {
         assert_eq!(filter["rebased"][0]["original_patch"], json!({"default": {"email": "old-0", "phone": "old-0"}}), "the original is kept");
         assert_eq!(filter["superseded"].as_array().map(Vec::len), Some(4));
         assert!(filter["all"].as_bool().unwrap_or(false), "the filter is still recorded: {filter}");
+    }
+
+    async fn a_newer_change_in_flight_holds_the_replay_until_it_has_ended(db) {
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        let record = uuid();
+        let ids = insert_rows(&store, &[
+            (record.clone(), r#"{"default": {"email": "old", "phone": "old"}}"#.into()),
+            (record.clone(), r#"{"default": {"email": "new"}}"#.into()),
+        ]).await;
+        set_row(&store, ids[0], "state = 'dead', last_error_code = 'not_found', attempts = 1").await;
+        set_row(&store, ids[1], &format!("state = 'in_flight', batch_id = '{}', attempts = 1", uuid())).await;
+        let id = ids[0].to_string();
+        let out = verb_ok(&db, &sim, &["replay", "--id", &id, "--yes"]).await;
+        assert!(out.contains(&format!("row {} of this record is in flight", ids[1])) && out.contains("nothing to replay"), "{out}");
+        assert_eq!(state_of(&rows(&store).await, ids[0]).0, "dead");
+        set_row(&store, ids[1], "state = 'succeeded', completed_at = '2026-01-01T00:00:00.000Z'").await;
+        let out = verb_ok(&db, &sim, &["replay", "--id", &id, "--yes"]).await;
+        assert!(out.contains("replayed 1 row(s)") && out.contains("(0 as they were, 1 rebased)"), "{out}");
+        assert_eq!(state_of(&rows(&store).await, ids[0]), ("pending", 0));
+        assert_eq!(patch_of(&store, ids[0]).await, json!({"default": {"phone": "old"}}));
     }
 
     async fn replay_json_prints_one_json_object_and_nothing_else(db) {
@@ -305,4 +333,59 @@ both_backends! {
         assert!(entries.iter().all(|(actor, action, filter, _)| actor == "retention" && action == "purge" && filter["states"] == json!(["succeeded"])), "{entries:?}");
         assert_eq!(entries.iter().map(|e| e.3).sum::<i64>(), 5);
     }
+}
+
+/// A claim holds its heads while it waits for their followers' locks: a replay that waited for a
+/// row lock could deadlock with it. It never waits; a newer row someone holds counts as in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_never_waits_for_a_row_a_claim_holds() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let store = db.store().await;
+    let record = uuid();
+    let ids = insert_rows(
+        &store,
+        &[(record.clone(), patch(1)), (record.clone(), patch(2))],
+    )
+    .await;
+    set_row(
+        &store,
+        ids[0],
+        "state = 'dead', last_error_code = 'not_found'",
+    )
+    .await;
+    let StoreKind::Postgres(pool) = store.sqlx_kind() else {
+        unreachable!()
+    };
+    let mut claim = pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM prism_outbox WHERE id = $1 FOR UPDATE")
+        .bind(ids[1])
+        .execute(&mut *claim)
+        .await
+        .unwrap();
+    let filter = replay::ReplayFilter {
+        ids: vec![ids[0]],
+        ..Default::default()
+    };
+    let held = tokio::time::timeout(
+        Duration::from_secs(10),
+        replay::replay(&store, &filter, "oncall", 10),
+    )
+    .await
+    .expect("the replay does not wait for the claim")
+    .unwrap();
+    assert_eq!(held.replayed, 0);
+    assert!(
+        held.plan.superseded[0].reason.contains("in flight"),
+        "{:?}",
+        held.plan.superseded
+    );
+    claim.rollback().await.unwrap();
+    let done = replay::replay(&store, &filter, "oncall", 10).await.unwrap();
+    assert_eq!(
+        (done.replayed, done.plan.as_is),
+        (1, 1),
+        "once the claim let go, the pending newer row goes after it"
+    );
 }

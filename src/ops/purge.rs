@@ -524,7 +524,11 @@ pub async fn command(
     if preview.rows + preview.batches == 0 {
         writeln!(shown, "nothing to purge")?;
         if o.json {
-            writeln!(out, "{}", serde_json::to_string(&PurgeReport::default()).expect("serialises"))?;
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string(&PurgeReport::default()).expect("serialises")
+            )?;
         }
         return Ok(0);
     }
@@ -554,7 +558,11 @@ pub async fn command(
 }
 
 pub fn render_preview(p: &PurgePreview, out: &mut impl std::io::Write) -> std::io::Result<()> {
-    let by_state: Vec<String> = p.by_state.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+    let by_state: Vec<String> = p
+        .by_state
+        .iter()
+        .map(|(s, n)| format!("{s}: {n}"))
+        .collect();
     let by_state = if by_state.is_empty() {
         String::new()
     } else {

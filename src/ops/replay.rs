@@ -10,9 +10,9 @@ use std::collections::HashMap;
 use futures_util::TryStreamExt;
 use serde::Serialize;
 use serde_json::{Map, Value};
+use sqlx::Row;
 use sqlx::postgres::PgConnection;
 use sqlx::sqlite::SqliteConnection;
-use sqlx::Row;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -263,8 +263,9 @@ pub async fn replay(
         return Err(ReplayError::NoFilter);
     }
     // The plan is made inside the write transaction: on SQLite under the write lock, on
-    // Postgres with the selected rows and their records' newer rows locked, so no claim or
-    // outcome changes them between the judgement and the update.
+    // Postgres with the selected rows and their records' newer rows locked (rows others hold
+    // are left out or count as in flight), so no claim or outcome write changes them between
+    // the judgement and the update.
     let mut tx = store.begin_ops_write().await?;
     let (replayed, plan) = match &mut tx {
         OpsTx::Sqlite(tx) => {
@@ -335,7 +336,10 @@ async fn plan_pg(
     limit: usize,
     lock: bool,
 ) -> Result<ReplayPlan, ReplayError> {
-    let lock = if lock { " FOR UPDATE" } else { "" };
+    // Never waits for a row lock: a claim holds its heads while it waits for their followers'
+    // locks, so waiting here could deadlock with it. A selected row someone holds is being
+    // claimed right now (it is about to be in flight): it is not replayed.
+    let skip_locked = if lock { " FOR UPDATE SKIP LOCKED" } else { "" };
     let mut selected = Vec::new();
     let mut sample = Vec::new();
     {
@@ -344,7 +348,7 @@ async fn plan_pg(
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT id, record_id::text, object_type, state, attempts::bigint, last_error_code,
                         enqueued_at::text, team_id, operation
-                 FROM prism_outbox{WHERE_PG} ORDER BY id{lock}"
+                 FROM prism_outbox{WHERE_PG} ORDER BY id{skip_locked}"
             ))),
             f
         )
@@ -357,19 +361,20 @@ async fn plan_pg(
         return Ok(ReplayPlan::default());
     };
     let records: Vec<&str> = selected.iter().map(|s| s.lane.record_id.as_str()).collect();
-    // Locked too: a claim skips them (SKIP LOCKED) until the replayed rows are pending again
-    // and hold them back; an outcome write waits, and we read its result.
-    let newer = sqlx::query(sqlx::AssertSqlSafe(format!(
+    let newer = sqlx::query(
         "SELECT id, record_id::text, object_type, team_id, operation, state, patch::text
          FROM prism_outbox
          WHERE record_id = ANY($1::text[]::uuid[]) AND id > $2 AND state <> 'dead'
-         ORDER BY id{lock}"
-    )))
+         ORDER BY id",
+    )
     .bind(&records)
     .bind(oldest)
     .fetch_all(&mut *c)
     .await?;
-    let newer = newer_rows(newer.into_iter().map(AnyRow::Postgres))?;
+    let mut newer = newer_rows(newer.into_iter().map(AnyRow::Postgres))?;
+    if lock {
+        lock_newer(c, &mut newer).await?;
+    }
     let contested = contested(&selected, &newer);
     let patches = sqlx::query("SELECT id, patch::text FROM prism_outbox WHERE id = ANY($1)")
         .bind(&contested)
@@ -377,6 +382,29 @@ async fn plan_pg(
         .await?;
     let patches = id_patches(patches.into_iter().map(AnyRow::Postgres))?;
     Ok(decide(selected, sample, &newer, &patches))
+}
+
+/// Locks the records' newer rows, without waiting, and reads their state again as locked: a
+/// claim skips them (SKIP LOCKED) until this transaction ends, and by then the replayed rows
+/// hold them back. A row someone else holds is being claimed or its outcome written right now
+/// (or it is gone): its outcome is not known, so it counts as in flight.
+async fn lock_newer(c: &mut PgConnection, newer: &mut NewerRows) -> Result<(), sqlx::Error> {
+    let ids: Vec<i64> = newer.values().flatten().map(|n| n.id).collect();
+    let locked: HashMap<i64, String> = sqlx::query_as(
+        "SELECT id, state FROM prism_outbox WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *c)
+    .await?
+    .into_iter()
+    .collect();
+    for n in newer.values_mut().flatten() {
+        n.state = locked
+            .get(&n.id)
+            .cloned()
+            .unwrap_or_else(|| "in_flight".into());
+    }
+    Ok(())
 }
 
 /// Reads one selected row (`id, record, type, state, attempts, code, enqueued, team, operation`).
@@ -665,7 +693,11 @@ pub fn render_preview(plan: &ReplayPlan, out: &mut impl std::io::Write) -> std::
         &table,
     )?;
     if plan.selected > plan.sample.len() as u64 {
-        writeln!(out, "  … and {} more", plan.selected - plan.sample.len() as u64)?;
+        writeln!(
+            out,
+            "  … and {} more",
+            plan.selected - plan.sample.len() as u64
+        )?;
     }
     render_rebased_and_superseded(plan, out)
 }
@@ -735,7 +767,11 @@ pub async fn command(
 ) -> Result<u8, ReplayCommandError> {
     let plan = preview(store, f, 20).await?;
     if o.dry_run && o.json {
-        writeln!(out, "{}", serde_json::json!({"would_replay": plan.to_requeue(), "plan": plan}))?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"would_replay": plan.to_requeue(), "plan": plan})
+        )?;
         return Ok(0);
     }
     let mut shown: &mut dyn std::io::Write = if o.json { &mut *notes } else { &mut *out };

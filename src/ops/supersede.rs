@@ -191,7 +191,11 @@ mod tests {
     #[test]
     fn keys_an_applied_newer_change_set_are_dropped() {
         let applied = [
-            newer(7, "succeeded", r#"{"default": {"email": "new@example.com"}}"#),
+            newer(
+                7,
+                "succeeded",
+                r#"{"default": {"email": "new@example.com"}}"#,
+            ),
             newer(9, "succeeded", r#"{"default": {"name": "x"}}"#),
         ];
         let Verdict::Rebased {
@@ -231,7 +235,10 @@ mod tests {
         );
         assert!(is_superseded(&v, "in flight"), "{v:?}");
         let failed_delete = [delete(9, "pending")];
-        assert_eq!(judge("update", OLD.as_bytes(), &failed_delete), Verdict::AsIs);
+        assert_eq!(
+            judge("update", OLD.as_bytes(), &failed_delete),
+            Verdict::AsIs
+        );
         let v = judge(
             "delete",
             b"{}",
