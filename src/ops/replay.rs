@@ -241,7 +241,12 @@ pub async fn preview(
     // A read transaction: one consistent view of the rows and their records' newer changes.
     match store.sqlx_kind() {
         StoreKind::Sqlite(pool) => plan_sqlite(&mut *pool.begin().await?, f, limit).await,
-        StoreKind::Postgres(pool) => plan_pg(&mut *pool.begin().await?, f, limit, false).await,
+        StoreKind::Postgres(pool) => {
+            let mut tx = pool
+                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await?;
+            plan_pg(&mut tx, f, limit, false).await
+        }
     }
 }
 
