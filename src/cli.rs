@@ -131,6 +131,7 @@ pub struct ReplayArgs {
     /// Who is replaying, for the audit log (default: PRISM_SYNC_ACTOR or the login name).
     #[arg(long)]
     pub actor: Option<String>,
+    /// One JSON object on stdout (the preview and the question, if asked, go to stderr).
     #[arg(long)]
     pub json: bool,
 }
@@ -149,6 +150,16 @@ pub struct PurgeArgs {
     /// Only this state (default: both succeeded and dead).
     #[arg(long)]
     pub state: Option<PurgeState>,
+    /// Show what would be deleted; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Who is purging, for the audit log (default: PRISM_SYNC_ACTOR or the login name).
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// One JSON object on stdout (the preview and the question, if asked, go to stderr).
     #[arg(long)]
     pub json: bool,
 }
@@ -305,48 +316,22 @@ pub async fn execute(
                 include_retrying: args.include_retrying,
                 all: args.all,
             };
-            let (count, sample) = ops::replay::preview(&store, &filter, 20).await?;
-            if args.json && args.dry_run {
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::json!({"would_replay": count, "sample": sample})
-                )?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            ops::replay::render_preview(count, &sample, out)?;
-            if args.dry_run {
-                writeln!(out, "dry run: nothing changed")?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            if count == 0 {
-                writeln!(out, "nothing to replay")?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            if !args.yes {
-                write!(out, "Replay these {count} row(s)? [y/N] ")?;
-                out.flush()?;
-                let mut answer = String::new();
-                input.read_line(&mut answer)?;
-                if !matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
-                    writeln!(out, "not confirmed: nothing changed")?;
-                    return Ok(ExitCode::from(1));
-                }
-            }
-            let actor = ops::actor(args.actor.as_deref());
-            let changed = ops::replay::apply(&store, &filter, &actor).await?;
-            if args.json {
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::json!({"replayed": changed, "actor": actor})
-                )?;
-            } else {
-                writeln!(
-                    out,
-                    "replayed {changed} row(s) as {actor}; they go out in new batches under new keys"
-                )?;
-            }
+            let options = ops::replay::ReplayOptions {
+                dry_run: args.dry_run,
+                yes: args.yes,
+                json: args.json,
+                actor: ops::actor(args.actor.as_deref()),
+            };
+            let code = ops::replay::command(
+                &store,
+                &filter,
+                &options,
+                out,
+                &mut std::io::stderr(),
+                input,
+            )
+            .await?;
+            return Ok(ExitCode::from(code));
         }
         Command::Purge(args) => {
             let store = open_store(&settings).await?;
@@ -355,16 +340,17 @@ pub async fn execute(
                 Some(PurgeState::Dead) => vec![RowState::Dead],
                 None => vec![RowState::Succeeded, RowState::Dead],
             };
-            let report = ops::purge::purge(&store, &states, args.older_than).await?;
-            if args.json {
-                writeln!(out, "{}", serde_json::to_string(&report)?)?;
-            } else {
-                writeln!(
-                    out,
-                    "purged {} row(s) and {} batch(es)",
-                    report.rows, report.batches
-                )?;
-            }
+            let scope = ops::purge::scope(&store, &states, args.older_than).await?;
+            let options = ops::purge::PurgeOptions {
+                dry_run: args.dry_run,
+                yes: args.yes,
+                json: args.json,
+                actor: ops::actor(args.actor.as_deref()),
+            };
+            let code =
+                ops::purge::command(&store, &scope, &options, out, &mut std::io::stderr(), input)
+                    .await?;
+            return Ok(ExitCode::from(code));
         }
         Command::Simulate(_) | Command::Demo(_) => unreachable!("handled above"),
     }

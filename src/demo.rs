@@ -313,7 +313,7 @@ async fn dead_row_id(store: &Store) -> anyhow::Result<Option<i64>> {
         1,
     )
     .await?;
-    Ok(view.1.first().map(|c| c.id))
+    Ok(view.sample.first().map(|c| c.id))
 }
 
 /// Checks the guarantees on what the simulator saw: every contact that was not refused ends at

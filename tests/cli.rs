@@ -152,8 +152,8 @@ both_backends! {
         let store = db.store().await;
         let (code, out, _) = verb(&db, &sim, &["purge", "--older-than", "1h"], "").await;
         assert_eq!(code, 0);
-        assert!(out.contains("purged 0 row(s)"), "nothing is that old yet: {out}");
-        let (code, out, _) = verb(&db, &sim, &["purge", "--older-than", "0s", "--state", "succeeded", "--json"], "").await;
+        assert!(out.contains("nothing to purge"), "nothing is that old yet: {out}");
+        let (code, out, _) = verb(&db, &sim, &["purge", "--older-than", "0s", "--state", "succeeded", "--json", "--yes"], "").await;
         assert_eq!(code, 0);
         assert_eq!(json(&out)["rows"], 17);
         let left = rows(&store).await;

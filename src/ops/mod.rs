@@ -7,6 +7,7 @@ pub mod inspect;
 pub mod purge;
 pub mod replay;
 pub mod status;
+pub mod supersede;
 
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -48,6 +49,23 @@ pub fn actor(explicit: Option<&str>) -> String {
         .or_else(|| std::env::var("USER").ok())
         .filter(|a| !a.trim().is_empty())
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// Asks `question` and reads the answer: only `y` or `yes` (any case) confirms; anything else,
+/// or the end of the input, does not.
+pub fn confirm(
+    question: &str,
+    out: &mut impl std::io::Write,
+    input: &mut impl std::io::BufRead,
+) -> std::io::Result<bool> {
+    write!(out, "{question} [y/N] ")?;
+    out.flush()?;
+    let mut answer = String::new();
+    input.read_line(&mut answer)?;
+    Ok(matches!(
+        answer.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
 }
 
 /// A plain left-aligned text table.

@@ -449,6 +449,15 @@ impl Store {
         dispatch!(self, s => s.gauges().await)
     }
 
+    /// A write transaction for the operator commands' own SQL: on SQLite on the store's one
+    /// writer connection, queued with the daemon's writes; on Postgres a pool transaction.
+    pub(crate) async fn begin_ops_write(&self) -> StoreResult<OpsTx> {
+        Ok(match self {
+            Store::Sqlite(s) => OpsTx::Sqlite(s.begin_write().await?),
+            Store::Postgres(s) => OpsTx::Postgres(s.pool().begin().await?),
+        })
+    }
+
     pub fn sqlx_kind(&self) -> StoreKind<'_> {
         match self {
             Store::Sqlite(s) => StoreKind::Sqlite(s.pool()),
@@ -461,6 +470,21 @@ impl Store {
 pub enum StoreKind<'a> {
     Sqlite(&'a sqlx::SqlitePool),
     Postgres(&'a sqlx::PgPool),
+}
+
+/// A write transaction of an operator command, from [`Store::begin_ops_write`].
+pub(crate) enum OpsTx {
+    Sqlite(sqlite::WriteTx),
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+impl OpsTx {
+    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
+        match self {
+            OpsTx::Sqlite(tx) => tx.commit().await,
+            OpsTx::Postgres(tx) => tx.commit().await,
+        }
+    }
 }
 
 /// `(text, count)` pairs, such as counts by state or by error code, from either engine.

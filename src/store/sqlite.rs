@@ -139,7 +139,7 @@ pub struct SqliteStore {
 }
 
 /// A write transaction and the in-process gate it holds.
-struct WriteTx {
+pub(crate) struct WriteTx {
     tx: Transaction<'static, Sqlite>,
     _gate: tokio::sync::OwnedMutexGuard<()>,
 }
@@ -158,7 +158,7 @@ impl std::ops::DerefMut for WriteTx {
 }
 
 impl WriteTx {
-    async fn commit(self) -> Result<(), sqlx::Error> {
+    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
         self.tx.commit().await
     }
     async fn rollback(self) -> Result<(), sqlx::Error> {
@@ -225,7 +225,10 @@ impl SqliteStore {
         Ok(())
     }
 
-    async fn begin_write(&self) -> StoreResult<WriteTx> {
+    /// A write transaction on the writer connection, under the gate (`BEGIN IMMEDIATE`). The
+    /// operator commands (`replay`, `purge`, the retention schedule) write through it too, so
+    /// that they queue behind the claim and outcome writes instead of racing them from the pool.
+    pub(crate) async fn begin_write(&self) -> StoreResult<WriteTx> {
         let gate = self.write_gate.clone().lock_owned().await;
         Ok(WriteTx {
             tx: self.writer.begin_with("BEGIN IMMEDIATE").await?,
