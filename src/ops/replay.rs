@@ -565,8 +565,11 @@ async fn requeue_sqlite(
     plan: &ReplayPlan,
     actor: &str,
 ) -> Result<u64, ReplayError> {
+    // A replayed row starts afresh: no attempts, and retry.give_up_after counts from its next
+    // first attempt.
     const REQUEUE: &str = "UPDATE prism_outbox SET state = 'pending', attempts = 0,
-           next_attempt_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), completed_at = NULL";
+           next_attempt_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), completed_at = NULL,
+           first_attempt_at = NULL";
     const STILL: &str = "(state = 'dead' OR (?2 AND state = 'retrying'))";
     let mut changed = sqlx::query(sqlx::AssertSqlSafe(format!(
         "{REQUEUE} WHERE id IN (SELECT value FROM json_each(?1)) AND {STILL}"
@@ -605,7 +608,7 @@ async fn requeue_pg(
     actor: &str,
 ) -> Result<u64, ReplayError> {
     const REQUEUE: &str = "UPDATE prism_outbox SET state = 'pending', attempts = 0,
-           next_attempt_at = now(), completed_at = NULL";
+           next_attempt_at = now(), completed_at = NULL, first_attempt_at = NULL";
     const STILL: &str = "(state = 'dead' OR ($2 AND state = 'retrying'))";
     let mut changed = sqlx::query(sqlx::AssertSqlSafe(format!(
         "{REQUEUE} WHERE id = ANY($1) AND {STILL}"
