@@ -366,4 +366,69 @@ both_backends! {
             assert_eq!(got["default"]["revision"], serde_json::json!(last));
         }
     }
+
+    async fn a_key_mismatch_releases_the_rows_to_a_new_key_and_nothing_is_applied_twice(db) {
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        insert_rows(&store, &distinct_records(4)).await;
+        wait_below_watermark(&store).await;
+        let claimed = claim(&store, "crashed-process", Duration::from_millis(10), 4, 100).await;
+        let key = claimed.batches[0].idempotency_key.clone();
+        // Someone else used the stored key with another body first (never expected: prism-sync
+        // stores its bytes), so the API answers the stored bytes 409 idempotency_key_mismatch.
+        let url = format!("{}/v2/prism/{}/contact/batch/update", sim.base_url(), sim.team_id());
+        let other = reqwest::Client::new()
+            .post(url)
+            .header("x-api-key", prism_sync::sim::DEFAULT_API_KEY)
+            .header("idempotency-key", &key)
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"items":[{{"id":"{}","default":{{"x":1}}}}]}}"#, uuid()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(other.status(), 200);
+        let engine = start_engine(&settings(&db, &sim)).await;
+        let done = wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        assert!(done.iter().all(|r| r.state == "succeeded"), "{done:?}");
+        let mut to_batch = BTreeMap::new();
+        for r in sim.requests().iter().skip(1) {
+            *to_batch.entry(r.idempotency_key.clone().unwrap_or_default()).or_insert(0) += 1;
+        }
+        assert_eq!(to_batch.get(&key), Some(&1), "the stored key was sent once: {to_batch:?}");
+        // (Released rows come due one by one, with jitter: one or more new batches.)
+        assert!(to_batch.len() >= 2 && to_batch.values().all(|n| *n == 1), "then the rows went out under new keys: {to_batch:?}");
+        assert_eq!(sim.stats().idempotency_mismatches, 1);
+        assert_eq!(assert_applied_in_order_once(&sim), 5, "four changes and the other body, each once");
+        assert_eq!(attempts_of(&store, claimed.batches[0].id).await, 1);
+    }
+
+    async fn a_batch_that_fails_batch_max_attempts_times_is_released_to_a_new_key(db) {
+        let sim = sim(FaultProfile { error_503_rate: 1.0, ..FaultProfile::default() }).await;
+        let store = db.store().await;
+        insert_rows(&store, &distinct_records(3)).await;
+        wait_below_watermark(&store).await;
+        let mut s = settings(&db, &sim);
+        s.batch.max_attempts = 3;
+        let engine = start_engine(&s).await;
+        let first_key = loop {
+            let keys: Vec<Option<String>> = sim.requests().iter().map(|r| r.idempotency_key.clone()).collect();
+            if keys.len() >= 3 {
+                break keys[0].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // Once it has failed three times under its key, the batch is released; the API heals.
+        wait_for("the first batch to be released", FINISH, || {
+            sim.requests().iter().any(|r| r.idempotency_key != first_key)
+        })
+        .await;
+        sim.set_faults(FaultProfile::default());
+        let done = wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        assert!(done.iter().all(|r| r.state == "succeeded"), "{done:?}");
+        let under_first = sim.requests().iter().filter(|r| r.idempotency_key == first_key).count();
+        assert_eq!(under_first, 3, "sent batch.max_attempts times under its key, never again");
+        assert_eq!(assert_applied_in_order_once(&sim), 3);
+    }
 }
