@@ -223,6 +223,34 @@ both_backends! {
         assert!(sim.requests().iter().all(|r| r.team.as_deref() == Some(sim.team_id()) || r.path.contains(TEAM_B) || r.path.contains(TEAM_C)));
     }
 
+    async fn a_team_id_holding_url_syntax_stays_one_path_segment(db) {
+        // Before the team id was percent-encoded, `/`, `?` and `#` cut the path short (the
+        // request went to `/v2/prism/odd/team`, with a query and a fragment) and nothing synced.
+        const ODD: &str = "odd/team?x=1#frag ment%2F";
+        let config = SimConfig {
+            seed: 7,
+            extra_teams: vec![SimTeam { team_id: ODD.into(), api_key: "key-odd".into() }],
+            ..SimConfig::default()
+        };
+        let sim = Simulator::start(config, "127.0.0.1:0".parse().unwrap()).await.expect("simulator");
+        let store = db.store().await;
+        let records: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+        let changes: Vec<Change> = records.iter().map(|r| for_team(change(*r, Operation::Update, 1), ODD)).collect();
+        insert(&store, &changes).await.unwrap();
+        let mut settings = settings(&db, &sim);
+        settings.teams.insert(ODD.into(), TeamSettings { api_key: Some("key-odd".to_owned().into()), ..TeamSettings::default() });
+        settings.validate().expect("valid");
+        let engine = start_engine(&settings).await;
+        let done = wait_until_finished(&store, Duration::from_secs(30)).await;
+        engine.stop().await;
+        assert!(done.iter().all(|r| r.state == "succeeded"), "{done:?}");
+        for record in records {
+            assert_eq!(applied(&sim, ODD, record), [(Operation::Update, Some(1))]);
+        }
+        let paths: Vec<_> = sim.requests().iter().map(|r| (r.path.clone(), r.team.clone())).collect();
+        assert!(!paths.is_empty() && paths.iter().all(|(_, team)| team.as_deref() == Some(ODD)), "{paths:?}");
+    }
+
     async fn rows_of_an_unknown_team_or_operation_go_dead_and_the_rest_sync(db) {
         let sim = sim(FaultProfile::default()).await;
         let store = db.store().await;
