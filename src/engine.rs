@@ -150,7 +150,7 @@ impl Team {
             metrics::gauge!("prism_sync_team_credentials_refused", "team" => team.clone())
                 .set(if refused { 1.0 } else { 0.0 });
         }
-        health.set_credentials_refused(all.iter().any(|t| t.refused()));
+        health.set_refused_teams(all.iter().filter(|t| t.refused()).map(|t| t.id.as_str()));
     }
 }
 
@@ -241,30 +241,6 @@ async fn run_recorder(
         for (i, reply) in replies.into_iter().enumerate() {
             let _ = reply.send(written.as_ref().map(|w| w.get(i).copied().unwrap_or(false)));
         }
-    }
-}
-
-/// Bounded metric label for an error code: the configured codes and prism-sync's own, else
-/// `other`, so a hostile server cannot blow up the series count.
-fn code_label(cfg: &EngineConfig, code: &str) -> String {
-    const OWN: [&str; 8] = [
-        codes::INVALID_RECORD_ID,
-        codes::INVALID_PATCH,
-        codes::PATCH_TOO_LARGE,
-        codes::INVALID_OBJECT_TYPE,
-        codes::MISSING_RESULT,
-        codes::BATCH_RELEASED,
-        "idempotency_key_mismatch",
-        "response_too_large",
-    ];
-    let known = OWN.contains(&code)
-        || cfg.codes.retryable.contains(code)
-        || cfg.codes.permanent.contains(code)
-        || (code.starts_with("http_") && code.len() == 8);
-    if known {
-        code.to_owned()
-    } else {
-        "other".to_owned()
     }
 }
 
@@ -1008,7 +984,7 @@ async fn record_answer(
         .iter()
         .filter_map(|o| match o {
             ItemOutcome::Retry { code, .. } | ItemOutcome::Dead { code, .. } => {
-                Some(code_label(&shared.cfg, code))
+                Some(crate::telemetry::code_label(&shared.cfg.codes, code))
             }
             ItemOutcome::Succeeded => None,
         })
