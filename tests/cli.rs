@@ -111,6 +111,42 @@ both_backends! {
         assert!(out.contains("not_found") && out.contains("succeeded"), "{out}");
     }
 
+    async fn status_exits_4_while_a_change_or_a_batch_key_is_stuck(db) {
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        let (code, out, err) = verb(&db, &sim, &["status"], "").await;
+        assert_eq!(code, 0, "an empty outbox is healthy: {out}{err}");
+        insert_rows(&store, &[(uuid(), patch(1)), (uuid(), patch(2))]).await;
+        let (code, out, _) = verb(&db, &sim, &["status", "--stuck-after", "1h"], "").await;
+        assert_eq!(code, 0, "waiting, but not for long: {out}");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (code, out, _) = verb(&db, &sim, &["status", "--json", "--stuck-after", "1s"], "").await;
+        assert_eq!(code, 4, "a change waiting longer than --stuck-after: {out}");
+        assert!(json(&out)["oldest_pending_age_seconds"].as_f64().unwrap() >= 1.0, "{out}");
+        exec(&store, "UPDATE prism_outbox SET state = 'dead', last_error_code = 'not_found' WHERE id = 2").await;
+        let (code, out, _) = verb(&db, &sim, &["status", "--stuck-after", "1s"], "").await;
+        assert_eq!(code, 4, "stuck outranks dead rows: {out}");
+        exec(&store, "UPDATE prism_outbox SET state = 'succeeded' WHERE id = 1").await;
+        let (code, out, _) = verb(&db, &sim, &["status", "--stuck-after", "1s"], "").await;
+        assert_eq!(code, 3, "nothing waits, a row is dead: {out}");
+        // An open batch whose key is 21 hours old: within hours of the server forgetting it.
+        let batch = match db.backend {
+            Backend::Sqlite => format!(
+                "INSERT INTO prism_batches (id, idempotency_key, object_type, body, items, item_count, row_count, created_at)
+                 VALUES ('{}', 'old-key', 'contact', CAST('{{}}' AS BLOB), '[]', 0, 0, strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-21 hours'))",
+                uuid::Uuid::new_v4()
+            ),
+            Backend::Postgres => format!(
+                "INSERT INTO prism_batches (id, idempotency_key, object_type, body, items, item_count, row_count, created_at)
+                 VALUES ('{}', 'old-key', 'contact', convert_to('{{}}', 'UTF8'), '[]', 0, 0, now() - interval '21 hours')",
+                uuid::Uuid::new_v4()
+            ),
+        };
+        exec(&store, &batch).await;
+        let (code, out, _) = verb(&db, &sim, &["status"], "").await;
+        assert_eq!(code, 4, "a batch key older than 20h, with the default --stuck-after: {out}");
+    }
+
     async fn inspect_shows_a_row_and_its_batch_with_key_body_and_attempts(db) {
         let (sim, refused) = synced_with_dead_rows(&db).await;
         let store = db.store().await;

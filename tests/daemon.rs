@@ -45,6 +45,40 @@ fn team_changes(team: &str, n: usize) -> Vec<Change> {
 }
 
 both_backends! {
+    async fn http_max_requests_per_second_caps_what_the_api_sees(db) {
+        // 32 rows in batches of one: 32 requests, at most 8 a second. Without the ceiling they
+        // all arrive within a fraction of a second.
+        const RATE: f64 = 8.0;
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        insert_rows(&store, &distinct_records(32)).await;
+        let mut daemon = spawn_daemon(&db, &sim, &[
+            ("PRISM_SYNC__HTTP__MAX_REQUESTS_PER_SECOND", "8"),
+            ("PRISM_SYNC__BATCH__SIZE", "1"),
+            ("PRISM_SYNC__SYNC__MAX_IN_FLIGHT", "16"),
+        ]);
+        let done = wait_until_finished(&store, FINISH).await;
+        daemon.signal("TERM");
+        assert_eq!(daemon.wait_exit(Duration::from_secs(20)).await.code(), Some(0));
+        assert!(done.iter().all(|r| r.state == "succeeded"), "{done:?}");
+        let parse = |at: &str| time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).expect("RFC 3339");
+        let mut times: Vec<time::OffsetDateTime> = sim.requests().iter().map(|r| parse(&r.at)).collect();
+        times.sort();
+        assert!(times.len() >= 32, "{} requests", times.len());
+        // Over every stretch of requests, the count beyond a small burst fits the rate (with a
+        // margin for the time between the client's turn and the simulator's clock).
+        const BURST: f64 = 2.0;
+        for (i, first) in times.iter().enumerate() {
+            for (j, last) in times.iter().enumerate().skip(i + 1) {
+                let seconds = (*last - *first).as_seconds_f64();
+                let allowed = RATE * seconds * 1.25 + BURST;
+                assert!((j - i) as f64 <= allowed, "{} requests in {seconds:.3}s (requests {i}..={j}): over {RATE}/s", j - i + 1);
+            }
+        }
+        let span = (times[times.len() - 1] - times[0]).as_seconds_f64();
+        assert!(span >= (times.len() as f64 - 1.0 - BURST) / RATE / 1.25, "{} requests took {span:.2}s", times.len());
+    }
+
     async fn readiness_with_several_teams_names_the_team_whose_key_is_refused(db) {
         // Lower case: the config crate lower-cases the keys of PRISM_SYNC__TEAMS__<ID>__….
         const TEAM_B: &str = "teamb";
