@@ -118,20 +118,38 @@ check_rules() {
   promtool check rules deploy/prometheus/alerts.yml
 }
 
-# promtool compares annotations in rule tests; the tests pin the expressions, `for` and labels,
-# so they run against a copy of the rules without annotations (see alerts.test.yml).
+# As a user runs them: from the repository root and from deploy/prometheus (rule_files is
+# relative to the test file). The tests pin the annotations too.
 check_rule_tests() {
-  mkdir -p "$WORK/rules"
-  cp deploy/prometheus/alerts.test.yml "$WORK/rules/"
-  "$VENV/bin/python" - deploy/prometheus/alerts.yml "$WORK/rules/alerts.yml" <<'PY'
-import sys, yaml
-rules = yaml.safe_load(open(sys.argv[1]))
-for group in rules["groups"]:
-    for rule in group["rules"]:
-        rule.pop("annotations", None)
-yaml.safe_dump(rules, open(sys.argv[2], "w"), sort_keys=False)
-PY
-  (cd "$WORK/rules" && promtool test rules alerts.test.yml)
+  promtool test rules deploy/prometheus/alerts.test.yml
+  (cd deploy/prometheus && promtool test rules alerts.test.yml)
+}
+
+# Every `prism-sync VERB ...` command that alerts.yml tells an operator to run (annotations and
+# comments, across line breaks) must exist: the verb, and each of its --flags in the verb's --help.
+check_runbook_commands() {
+  local bin
+  bin=$(prism_sync_bin)
+  if [[ -z $bin ]]; then
+    echo "skipped: no built prism-sync (set PRISM_SYNC_BIN or build first)"
+    return 0
+  fi
+  sed -e 's/^[[:space:]]*#*[[:space:]]*//' deploy/prometheus/alerts.yml | tr '\n' ' ' |
+    grep -oE '`prism-sync [^`]*`' | tr -d '`' | sort -u >"$WORK/commands"
+  local cmd verb help flag bad=0
+  while read -r cmd; do
+    verb=$(awk '{print $2}' <<<"$cmd")
+    if ! help=$("$bin" "$verb" --help 2>&1); then
+      echo "$cmd: prism-sync has no verb $verb"; bad=1; continue
+    fi
+    for flag in $(grep -oE -- '--[a-z][a-z-]*' <<<"$cmd"); do
+      if ! grep -qE -- "(^|[[:space:]])$flag([[:space:]=<]|$)" <<<"$help"; then
+        echo "$cmd: prism-sync $verb has no $flag"; bad=1
+      fi
+    done
+  done <"$WORK/commands"
+  echo "$(wc -l <"$WORK/commands") commands checked against ${bin#"$ROOT"/}"
+  return $bad
 }
 
 # Structure of the dashboard, and every panel query through promtool's PromQL parser (as
@@ -242,14 +260,21 @@ check_scrape_lint() {
 # copy of the unit whose ExecStart points at a built prism-sync (or, before any build, at a stub
 # script: verify only looks at the file). Verify exits 0 on unknown keys and bad values, printing
 # only a warning; any output therefore counts as a failure.
-check_systemd_verify() {
-  local bin=${PRISM_SYNC_BIN:-}
-  [[ -z $bin ]] || bin=$(realpath "$bin")
-  if [[ -z $bin ]]; then
-    for candidate in target/release/prism-sync target/debug/prism-sync; do
-      if [[ -x $candidate ]]; then bin=$ROOT/$candidate; break; fi
-    done
+# A built prism-sync: PRISM_SYNC_BIN, else target/{release,debug}/prism-sync; empty if none.
+prism_sync_bin() {
+  if [[ -n ${PRISM_SYNC_BIN:-} ]]; then
+    realpath "$PRISM_SYNC_BIN"
+    return 0
   fi
+  local candidate
+  for candidate in target/release/prism-sync target/debug/prism-sync; do
+    if [[ -x $candidate ]]; then echo "$ROOT/$candidate"; return 0; fi
+  done
+}
+
+check_systemd_verify() {
+  local bin
+  bin=$(prism_sync_bin)
   if [[ -z $bin ]]; then
     bin=$WORK/bin/prism-sync
     mkdir -p "$WORK/bin"
@@ -509,6 +534,7 @@ note "kustomize: ${KUSTOMIZE[*]:-none}"
 echo "check-deploy: checks"
 run_check "promtool check rules deploy/prometheus/alerts.yml" check_rules
 run_check "promtool test rules deploy/prometheus/alerts.test.yml" check_rule_tests
+run_check "runbook commands in deploy/prometheus/alerts.yml exist in the CLI" check_runbook_commands
 run_check "dashboard deploy/grafana/prism-sync.json (structure, PromQL)" check_dashboard
 if [[ -n $SCRAPE ]]; then
   run_check "metric names in dashboard and alerts are exported (scrape file)" check_metric_names

@@ -105,7 +105,10 @@ impl MicroClient {
     pub fn endpoint(&self, object_type: ObjectType, operation: Operation) -> String {
         format!(
             "{}/v2/prism/{}/{}/batch/{}",
-            self.base_url, self.team_id, object_type, operation
+            self.base_url,
+            path_segment(&self.team_id),
+            object_type,
+            operation
         )
     }
 
@@ -311,6 +314,21 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     text
+}
+
+/// `text` as one URL path segment: every byte but RFC 3986's unreserved characters is
+/// percent-encoded, so a team id holding `/`, `?`, `#`, `%` or a space cannot change the path.
+/// (`.` and `..` alone are refused as team ids by the settings: URL parsers resolve them.)
+fn path_segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -122,6 +122,7 @@ pub async fn run(
     tasks.spawn(telemetry::sample_gauges(
         store.clone(),
         health.clone(),
+        EngineConfig::from_settings(&settings).codes,
         settings.telemetry.sample_interval,
         background.clone(),
     ));

@@ -186,7 +186,7 @@ impl Team {
             metrics::gauge!("prism_sync_team_credentials_refused", "team" => team.clone())
                 .set(if refused { 1.0 } else { 0.0 });
         }
-        health.set_credentials_refused(all.iter().any(|t| t.refused()));
+        health.set_refused_teams(all.iter().filter(|t| t.refused()).map(|t| t.id.as_str()));
     }
 }
 
@@ -314,34 +314,6 @@ async fn record_alone(store: &Store, f: &FinishBatch) -> Option<bool> {
             .ok()
         }
         Err(_) => None,
-    }
-}
-
-/// Bounded metric label for an error code: the configured codes and prism-sync's own, else
-/// `other`, so a hostile server cannot blow up the series count.
-fn code_label(cfg: &EngineConfig, code: &str) -> String {
-    const OWN: [&str; 12] = [
-        codes::UNREADABLE_RESPONSE,
-        codes::CORRUPT_BATCH,
-        codes::UNKNOWN_TEAM,
-        codes::INVALID_OPERATION,
-        codes::INVALID_RECORD_ID,
-        codes::INVALID_PATCH,
-        codes::PATCH_TOO_LARGE,
-        codes::INVALID_OBJECT_TYPE,
-        codes::MISSING_RESULT,
-        codes::BATCH_RELEASED,
-        "idempotency_key_mismatch",
-        "response_too_large",
-    ];
-    let known = OWN.contains(&code)
-        || cfg.codes.retryable.contains(code)
-        || cfg.codes.permanent.contains(code)
-        || (code.starts_with("http_") && code.len() == 8);
-    if known {
-        code.to_owned()
-    } else {
-        "other".to_owned()
     }
 }
 
@@ -1320,7 +1292,7 @@ async fn record_answer(
         .iter()
         .filter_map(|o| match o {
             ItemOutcome::Retry { code, .. } | ItemOutcome::Dead { code, .. } => {
-                Some(code_label(&shared.cfg, code))
+                Some(crate::telemetry::code_label(&shared.cfg.codes, code))
             }
             ItemOutcome::Succeeded => None,
         })

@@ -1,6 +1,7 @@
 //! Liveness, readiness and progress counters shared by the engine, the telemetry endpoints, the
 //! demo's progress bar and systemd's watchdog.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -10,6 +11,8 @@ pub struct Health {
     last_tick_ms: AtomicU64,
     db_ok: AtomicBool,
     credentials_refused: AtomicBool,
+    /// The teams whose key the API refuses now, so that `/readyz` can name them.
+    refused_teams: Mutex<Vec<String>>,
     pub rows_succeeded: AtomicU64,
     pub rows_retried: AtomicU64,
     pub rows_dead: AtomicU64,
@@ -44,7 +47,11 @@ impl Health {
         self.db_ok.load(Ordering::Relaxed)
     }
 
-    pub fn set_credentials_refused(&self, refused: bool) {
+    /// Records which teams' keys the API refuses now (none: every key is accepted).
+    pub fn set_refused_teams<'t>(&self, teams: impl IntoIterator<Item = &'t str>) {
+        let teams: Vec<String> = teams.into_iter().map(str::to_owned).collect();
+        let refused = !teams.is_empty();
+        *self.refused_teams.lock().expect("refused teams lock") = teams;
         let was = self.credentials_refused.swap(refused, Ordering::Relaxed);
         if was != refused {
             metrics::gauge!("prism_sync_credentials_refused").set(if refused { 1.0 } else { 0.0 });
@@ -53,6 +60,14 @@ impl Health {
 
     pub fn credentials_refused(&self) -> bool {
         self.credentials_refused.load(Ordering::Relaxed)
+    }
+
+    /// The teams whose key the API refuses now.
+    pub fn refused_teams(&self) -> Vec<String> {
+        self.refused_teams
+            .lock()
+            .expect("refused teams lock")
+            .clone()
     }
 
     pub fn count(counter: &AtomicU64, n: u64) {

@@ -550,6 +550,14 @@ impl Settings {
         if self.poll.interval.is_zero() {
             return invalid("poll.interval", "must be above zero".into());
         }
+        self.validate_base_url()?;
+        for team in std::iter::once(&self.micro.team_id).chain(self.teams.keys()) {
+            // The team id is one path segment of every request; `.` and `..` would walk out of it
+            // (URL parsers resolve them, even percent-encoded).
+            if team == "." || team == ".." {
+                return invalid("micro.team_id", format!("{team:?} is not a team id"));
+            }
+        }
         for (team, t) in &self.teams {
             if team.trim().is_empty() || team.trim() != team {
                 return invalid(
@@ -573,6 +581,37 @@ impl Settings {
             }
         }
         self.telemetry.listen_addr()?;
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// Refuses a `micro.base_url` with user-info (`https://user:pass@host`), without echoing it.
+    /// Refused rather than redacted: the API authenticates with `x-api-key` only, reqwest would
+    /// send the user-info to it as an extra `Authorization: Basic` credential on every request,
+    /// and the URL appears in many places (errors, `Debug`, logs) that would each have to
+    /// remember to redact it.
+    fn validate_base_url(&self) -> Result<(), SettingsError> {
+        let base = &self.micro.base_url;
+        let has_user_info = match url::Url::parse(base) {
+            Ok(u) => !u.username().is_empty() || u.password().is_some(),
+            // Unparsable: any `@` in the authority may be user-info; the client reports the
+            // rest ("not a URL") once this check has passed.
+            Err(_) => base
+                .split_once("://")
+                .map_or(base.as_str(), |(_, rest)| rest)
+                .split(['/', '?', '#'])
+                .next()
+                .is_some_and(|authority| authority.contains('@')),
+        };
+        if has_user_info {
+            return Err(SettingsError::Invalid {
+                key: "micro.base_url",
+                reason: "must not carry user-info (user:password@host); it is not shown here. \
+                         The API key goes in MICRO_API_KEY or micro.api_key_file"
+                    .into(),
+            });
+        }
         Ok(())
     }
 }
@@ -646,5 +685,30 @@ mod tests {
             s.micro.resolve_api_key().unwrap().unwrap().expose_secret(),
             "from-file"
         );
+    }
+
+    #[test]
+    fn a_base_url_with_user_info_is_refused_without_echoing_it() {
+        for url in [
+            "https://alice:hunter2-secret@developers.micro.so",
+            "https://hunter2-secret@developers.micro.so/",
+            "https://alice:hunter2-secret@developers.micro.so:notaport",
+        ] {
+            let err = Settings::load_from(None, env(&[("MICRO_BASE_URL", url)])).unwrap_err();
+            let shown = format!("{err} {err:?}");
+            assert!(shown.contains("micro.base_url"), "{shown}");
+            assert!(shown.contains("user-info"), "{shown}");
+            assert!(!shown.contains("hunter2-secret"), "{url}: {shown}");
+        }
+        let s = Settings::load_from(None, env(&[("MICRO_BASE_URL", "https://api.example/v")]));
+        assert!(s.is_ok(), "a URL without user-info loads: {s:?}");
+    }
+
+    #[test]
+    fn a_team_id_that_is_a_dot_segment_is_refused() {
+        for team in [".", ".."] {
+            let err = Settings::load_from(None, env(&[("MICRO_TEAM_ID", team)])).unwrap_err();
+            assert!(err.to_string().contains("not a team id"), "{err}");
+        }
     }
 }

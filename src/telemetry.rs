@@ -3,6 +3,7 @@
 //!
 //! Metric names are part of the contract (dashboards and alerts use them): see README.md.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -16,8 +17,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::classify::CodePolicy;
 use crate::health::Health;
-use crate::model::RowState;
+use crate::model::{RowState, codes};
 use crate::settings::{LogFormat, LogSettings};
 use crate::store::Store;
 
@@ -203,10 +205,61 @@ fn describe() {
     describe_gauge!("prism_sync_build_info", "Build information.");
 }
 
+/// prism-sync's own error codes (besides `http_<status>`): always their own label value.
+const OWN_CODES: [&str; 16] = [
+    codes::INVALID_RECORD_ID,
+    codes::INVALID_PATCH,
+    codes::PATCH_TOO_LARGE,
+    codes::INVALID_OBJECT_TYPE,
+    codes::MISSING_RESULT,
+    codes::BATCH_RELEASED,
+    codes::INVALID_OPERATION,
+    codes::UNKNOWN_TEAM,
+    "idempotency_key_mismatch",
+    "response_too_large",
+    "connection_interrupted",
+    codes::UNREADABLE_RESPONSE,
+    codes::CORRUPT_BATCH,
+    "discarded",
+    "connection_error",
+    "timeout",
+];
+
+/// The `code` label value of an error code: prism-sync's own codes, `http_<3 digits>` and the
+/// configured `retry.retryable_codes`/`retry.permanent_codes` as they are, any other code as
+/// `other`. Codes come from the API (and so from whoever answers in its place): unbounded label
+/// values would grow the series count, and the memory of every Prometheus scraping it, without
+/// limit.
+pub fn code_label(policy: &CodePolicy, code: &str) -> String {
+    let http_status = code
+        .strip_prefix("http_")
+        .is_some_and(|s| s.len() == 3 && s.bytes().all(|b| b.is_ascii_digit()));
+    if http_status
+        || OWN_CODES.contains(&code)
+        || policy.retryable.contains(code)
+        || policy.permanent.contains(code)
+    {
+        code.to_owned()
+    } else {
+        "other".to_owned()
+    }
+}
+
+/// Dead rows by error code as label values: codes [`code_label`] does not know are added up
+/// under `other`.
+fn dead_by_label(policy: &CodePolicy, dead_by_code: &[(String, i64)]) -> BTreeMap<String, i64> {
+    let mut by_label = BTreeMap::new();
+    for (code, n) in dead_by_code {
+        *by_label.entry(code_label(policy, code)).or_insert(0) += n;
+    }
+    by_label
+}
+
 /// Samples row counts and ages into gauges every `every`, until `stop`.
 pub async fn sample_gauges(
     store: Store,
     health: Arc<Health>,
+    policy: CodePolicy,
     every: Duration,
     stop: CancellationToken,
 ) {
@@ -224,13 +277,14 @@ pub async fn sample_gauges(
                         .map_or(0, |(_, n)| *n);
                     metrics::gauge!("prism_sync_rows", "state" => state.as_str()).set(n as f64);
                 }
+                let dead = dead_by_label(&policy, &g.dead_by_code);
                 // Codes that disappeared (replayed, purged) drop to zero rather than linger.
                 for code in &known_codes {
-                    if !g.dead_by_code.iter().any(|(c, _)| c == code) {
+                    if !dead.contains_key(code) {
                         metrics::gauge!("prism_sync_dead_rows", "code" => code.clone()).set(0.0);
                     }
                 }
-                for (code, n) in g.dead_by_code.iter().take(50) {
+                for (code, n) in &dead {
                     metrics::gauge!("prism_sync_dead_rows", "code" => code.clone()).set(*n as f64);
                     if !known_codes.contains(code) {
                         known_codes.push(code.clone());
@@ -319,11 +373,17 @@ async fn livez(State(p): State<Probe>) -> Response {
     }
 }
 
+/// Readiness, with short fixed reasons: the endpoint is often reachable by more than the
+/// operators (a load balancer, a status page), so the database's own error text (host names,
+/// database and role names, SQL) goes to the log, never into the answer.
 async fn readyz(State(p): State<Probe>) -> Response {
     let mut problems = Vec::new();
     match tokio::time::timeout(Duration::from_secs(2), p.store.ping()).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => problems.push(format!("database unreachable: {e}")),
+        Ok(Err(e)) => {
+            warn!(error = %e, "readiness: the database does not answer");
+            problems.push("database unreachable (the log says why)".to_owned());
+        }
         Err(_) => problems.push("database did not answer within 2s".to_owned()),
     }
     if problems.is_empty() {
@@ -332,7 +392,10 @@ async fn readyz(State(p): State<Probe>) -> Response {
             Ok(false) => {
                 problems.push("migrations not applied (run prism-sync migrate)".to_owned())
             }
-            Err(e) => problems.push(format!("cannot read migrations: {e}")),
+            Err(e) => {
+                warn!(error = %e, "readiness: cannot read the applied migrations");
+                problems.push("cannot read the applied migrations (the log says why)".to_owned());
+            }
         }
     }
     if problems.is_empty() && !p.health.db_ok() {
@@ -341,8 +404,12 @@ async fn readyz(State(p): State<Probe>) -> Response {
                 .to_owned(),
         );
     }
-    if p.health.credentials_refused() {
-        problems.push("the Micro API refuses the API key of a team".to_owned());
+    let refused = p.health.refused_teams();
+    if !refused.is_empty() {
+        problems.push(format!(
+            "the Micro API refuses the API key of team {}",
+            refused.join(", team ")
+        ));
     }
     if problems.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
@@ -353,5 +420,56 @@ async fn readyz(State(p): State<Probe>) -> Response {
             format!("not ready: {}\n", problems.join("; ")),
         )
             .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> CodePolicy {
+        CodePolicy {
+            retryable: ["rate_limited".to_owned()].into(),
+            permanent: ["not_found".to_owned()].into(),
+            max_attempts: 5,
+        }
+    }
+
+    #[test]
+    fn known_codes_are_their_own_label_and_every_other_code_is_other() {
+        let p = policy();
+        for known in [
+            "rate_limited",
+            "not_found",
+            "patch_too_large",
+            "http_503",
+            "discarded",
+        ] {
+            assert_eq!(code_label(&p, known), known);
+        }
+        for unknown in [
+            "made_up",
+            "http_5x3",
+            "http_\0\0\0",
+            "http_5030",
+            "",
+            "NOT_FOUND",
+        ] {
+            assert_eq!(code_label(&p, unknown), "other", "{unknown:?}");
+        }
+    }
+
+    #[test]
+    fn dead_rows_of_unknown_codes_add_up_under_other() {
+        let dead = [
+            ("not_found".to_owned(), 2),
+            ("made_up_1".to_owned(), 3),
+            ("made_up_2".to_owned(), 4),
+        ];
+        let by_label: Vec<_> = dead_by_label(&policy(), &dead).into_iter().collect();
+        assert_eq!(
+            by_label,
+            [("not_found".to_owned(), 2), ("other".to_owned(), 7)]
+        );
     }
 }

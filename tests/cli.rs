@@ -57,6 +57,44 @@ both_backends! {
         assert_eq!(rows(&store).await.len(), 2);
     }
 
+    async fn what_enqueue_accepts_never_goes_dead_as_too_large(db) {
+        let sim = sim(FaultProfile::default()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prism-sync.toml");
+        std::fs::write(&config, "[batch]\nmax_patch_bytes = 200\n").unwrap();
+        let config = config.to_str().unwrap();
+        // 173 bytes as written; 213 as Postgres' jsonb gives it back (a space after each `:`
+        // and `,`), which is what the daemon measures there.
+        let keys: Vec<String> = (0..20).map(|i| format!(r#""k{i:02}":0"#)).collect();
+        let wide = format!(r#"{{"default":{{{}}}}}"#, keys.join(","));
+        assert_eq!(wide.len(), 173);
+        let input = format!(
+            "{{\"record_id\": \"{}\", \"patch\": {wide}}}\n{{\"record_id\": \"{}\", \"patch\": {{\"default\": {{\"a\": 1}}}}}}\n{{\"record_id\": \"{}\", \"operation\": \"delete\"}}\n",
+            uuid(), uuid(), uuid()
+        );
+        let (code, out, err) = verb(&db, &sim, &["migrate"], "").await;
+        assert_eq!(code, 0, "{out}{err}");
+        let (code, _, err) = verb(&db, &sim, &["--config", config, "enqueue"], &input).await;
+        let store = db.store().await;
+        match db.backend {
+            Backend::Sqlite => assert_eq!(code, 0, "173 bytes stored as written fit: {err}"),
+            Backend::Postgres => {
+                assert_ne!(code, 0);
+                assert!(err.contains("line 1") && err.contains("213 bytes") && err.contains("batch.max_patch_bytes (200)"), "{err}");
+                assert!(rows(&store).await.is_empty(), "nothing was enqueued");
+                let (code, out, err) = verb(&db, &sim, &["--config", config, "enqueue", "--skip-invalid"], &input).await;
+                assert_eq!(code, 0, "{out}{err}");
+                assert!(out.contains("skipped line 1") && out.contains("enqueued 2 change(s)"), "{out}");
+            }
+        }
+        let mut settings = settings(&db, &sim);
+        settings.batch.max_patch_bytes = 200;
+        let engine = start_engine(&settings).await;
+        let done = wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        assert!(!done.is_empty() && done.iter().all(|r| r.state == "succeeded"), "accepted means sendable: {done:?}");
+    }
+
     async fn status_reports_states_dead_codes_and_says_so_in_its_exit_code(db) {
         let (sim, _) = synced_with_dead_rows(&db).await;
         let (code, out, _) = verb(&db, &sim, &["status", "--json"], "").await;
@@ -71,6 +109,42 @@ both_backends! {
         let (code, out, _) = verb(&db, &sim, &["status"], "").await;
         assert_eq!(code, 3);
         assert!(out.contains("not_found") && out.contains("succeeded"), "{out}");
+    }
+
+    async fn status_exits_4_while_a_change_or_a_batch_key_is_stuck(db) {
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        let (code, out, err) = verb(&db, &sim, &["status"], "").await;
+        assert_eq!(code, 0, "an empty outbox is healthy: {out}{err}");
+        insert_rows(&store, &[(uuid(), patch(1)), (uuid(), patch(2))]).await;
+        let (code, out, _) = verb(&db, &sim, &["status", "--stuck-after", "1h"], "").await;
+        assert_eq!(code, 0, "waiting, but not for long: {out}");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (code, out, _) = verb(&db, &sim, &["status", "--json", "--stuck-after", "1s"], "").await;
+        assert_eq!(code, 4, "a change waiting longer than --stuck-after: {out}");
+        assert!(json(&out)["oldest_pending_age_seconds"].as_f64().unwrap() >= 1.0, "{out}");
+        exec(&store, "UPDATE prism_outbox SET state = 'dead', last_error_code = 'not_found' WHERE id = 2").await;
+        let (code, out, _) = verb(&db, &sim, &["status", "--stuck-after", "1s"], "").await;
+        assert_eq!(code, 4, "stuck outranks dead rows: {out}");
+        exec(&store, "UPDATE prism_outbox SET state = 'succeeded' WHERE id = 1").await;
+        let (code, out, _) = verb(&db, &sim, &["status", "--stuck-after", "1s"], "").await;
+        assert_eq!(code, 3, "nothing waits, a row is dead: {out}");
+        // An open batch whose key is 21 hours old: within hours of the server forgetting it.
+        let batch = match db.backend {
+            Backend::Sqlite => format!(
+                "INSERT INTO prism_batches (id, idempotency_key, object_type, body, items, item_count, row_count, created_at)
+                 VALUES ('{}', 'old-key', 'contact', CAST('{{}}' AS BLOB), '[]', 0, 0, strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-21 hours'))",
+                uuid::Uuid::new_v4()
+            ),
+            Backend::Postgres => format!(
+                "INSERT INTO prism_batches (id, idempotency_key, object_type, body, items, item_count, row_count, created_at)
+                 VALUES ('{}', 'old-key', 'contact', convert_to('{{}}', 'UTF8'), '[]', 0, 0, now() - interval '21 hours')",
+                uuid::Uuid::new_v4()
+            ),
+        };
+        exec(&store, &batch).await;
+        let (code, out, _) = verb(&db, &sim, &["status"], "").await;
+        assert_eq!(code, 4, "a batch key older than 20h, with the default --stuck-after: {out}");
     }
 
     async fn inspect_shows_a_row_and_its_batch_with_key_body_and_attempts(db) {
@@ -193,4 +267,47 @@ async fn the_demo_syncs_its_sample_and_proves_the_guarantees() {
         "{text}"
     );
     assert!(dir.path().join("prism-sync-demo.db").exists());
+}
+
+/// The SQLite file holds contact data: prism-sync creates it owner-only, whatever the umask,
+/// and leaves the mode of a file that already exists alone.
+#[tokio::test]
+async fn the_sqlite_file_prism_sync_creates_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let sim = sim(FaultProfile::default()).await;
+    let created = TestDb::new(Backend::Sqlite).await.unwrap();
+    let path = std::path::PathBuf::from(
+        created
+            .url
+            .trim_start_matches("sqlite://")
+            .trim_end_matches("?mode=rwc"),
+    );
+    assert!(!path.exists());
+    let (code, out, err) = verb(&created, &sim, &["migrate"], "").await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(mode(&path), 0o600, "a new database file is owner-only");
+    let mut wal = path.clone().into_os_string();
+    wal.push("-wal");
+    if std::path::Path::new(&wal).exists() {
+        assert_eq!(mode(std::path::Path::new(&wal)), 0o600, "so is its WAL");
+    }
+
+    let existing = TestDb::new(Backend::Sqlite).await.unwrap();
+    let path = std::path::PathBuf::from(
+        existing
+            .url
+            .trim_start_matches("sqlite://")
+            .trim_end_matches("?mode=rwc"),
+    );
+    std::fs::write(&path, b"").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (code, out, err) = verb(&existing, &sim, &["migrate"], "").await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        mode(&path),
+        0o640,
+        "an existing file keeps its owner's choice"
+    );
 }

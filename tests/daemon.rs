@@ -5,7 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use prism_sync::sim::FaultProfile;
+use prism_sync::ops::enqueue::{Change, insert};
+use prism_sync::sim::{FaultProfile, SimConfig, SimTeam, Simulator};
 
 const FINISH: Duration = Duration::from_secs(60);
 
@@ -21,7 +22,147 @@ fn metric(text: &str, name_and_labels: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Polls `/readyz` until it answers `status` (or 5 s pass); returns the last answer.
+async fn readyz_until(daemon: &Daemon, status: u16) -> (u16, String) {
+    let mut answer = (0, String::new());
+    for _ in 0..100 {
+        answer = daemon.get("/readyz").await;
+        if answer.0 == status {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    answer
+}
+
+fn team_changes(team: &str, n: usize) -> Vec<Change> {
+    (0..n)
+        .map(|i| Change {
+            team_id: team.to_owned(),
+            ..Change::update(uuid::Uuid::new_v4(), patch(i))
+        })
+        .collect()
+}
+
 both_backends! {
+    async fn http_max_requests_per_second_caps_what_the_api_sees(db) {
+        // 32 rows in batches of one: 32 requests, at most 8 a second. Without the ceiling they
+        // all arrive within a fraction of a second.
+        const RATE: f64 = 8.0;
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        insert_rows(&store, &distinct_records(32)).await;
+        let mut daemon = spawn_daemon(&db, &sim, &[
+            ("PRISM_SYNC__HTTP__MAX_REQUESTS_PER_SECOND", "8"),
+            ("PRISM_SYNC__BATCH__SIZE", "1"),
+            ("PRISM_SYNC__SYNC__MAX_IN_FLIGHT", "16"),
+        ]);
+        let done = wait_until_finished(&store, FINISH).await;
+        daemon.signal("TERM");
+        assert_eq!(daemon.wait_exit(Duration::from_secs(20)).await.code(), Some(0));
+        assert!(done.iter().all(|r| r.state == "succeeded"), "{done:?}");
+        let parse = |at: &str| time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).expect("RFC 3339");
+        let mut times: Vec<time::OffsetDateTime> = sim.requests().iter().map(|r| parse(&r.at)).collect();
+        times.sort();
+        assert!(times.len() >= 32, "{} requests", times.len());
+        // Over every stretch of requests, the count beyond a small burst fits the rate (with a
+        // margin for the time between the client's turn and the simulator's clock).
+        const BURST: f64 = 2.0;
+        for (i, first) in times.iter().enumerate() {
+            for (j, last) in times.iter().enumerate().skip(i + 1) {
+                let seconds = (*last - *first).as_seconds_f64();
+                let allowed = RATE * seconds * 1.25 + BURST;
+                assert!((j - i) as f64 <= allowed, "{} requests in {seconds:.3}s (requests {i}..={j}): over {RATE}/s", j - i + 1);
+            }
+        }
+        let span = (times[times.len() - 1] - times[0]).as_seconds_f64();
+        assert!(span >= (times.len() as f64 - 1.0 - BURST) / RATE / 1.25, "{} requests took {span:.2}s", times.len());
+    }
+
+    async fn readiness_with_several_teams_names_the_team_whose_key_is_refused(db) {
+        // Lower case: the config crate lower-cases the keys of PRISM_SYNC__TEAMS__<ID>__….
+        const TEAM_B: &str = "teamb";
+        let config = SimConfig {
+            seed: 3,
+            extra_teams: vec![SimTeam { team_id: TEAM_B.into(), api_key: "key-b".into() }],
+            ..SimConfig::default()
+        };
+        let sim = Simulator::start(config, "127.0.0.1:0".parse().unwrap()).await.expect("simulator");
+        let store = db.store().await;
+        let mut changes = team_changes("", 5);
+        changes.extend(team_changes(TEAM_B, 5));
+        insert(&store, &changes).await.unwrap();
+        let mut daemon = spawn_daemon(&db, &sim, &[("PRISM_SYNC__TEAMS__TEAMB__API_KEY", "key-b")]);
+        let done = wait_until_finished(&store, FINISH).await;
+        assert!(done.iter().all(|r| r.state == "succeeded"), "{done:?} {}", daemon.logs());
+        assert_eq!(readyz_until(&daemon, 200).await, (200, "ready\n".to_owned()), "every team's key works");
+
+        sim.set_api_key_for_team(TEAM_B, "rotated").unwrap();
+        insert(&store, &team_changes(TEAM_B, 3)).await.unwrap();
+        let (status, body) = readyz_until(&daemon, 503).await;
+        assert_eq!(status, 503, "not ready while team B's key is refused: {body}");
+        assert!(body.contains(&format!("refuses the API key of team {TEAM_B}")), "the reason names the team: {body}");
+        assert!(!body.contains(sim.team_id()), "the default team's key works and is not named: {body}");
+
+        sim.set_api_key_for_team(TEAM_B, "key-b").unwrap();
+        assert_eq!(readyz_until(&daemon, 200).await.0, 200, "ready again once team B's key works");
+        wait_until_finished(&store, FINISH).await;
+        daemon.signal("TERM");
+        assert_eq!(daemon.wait_exit(Duration::from_secs(20)).await.code(), Some(0));
+    }
+
+    async fn error_codes_from_the_api_are_bounded_label_values(db) {
+        // Each dead row carries a code of the server's choosing; only known codes become label
+        // values, the rest are counted as `other`.
+        let hostile: Vec<(String, String)> = (0..12).map(|i| (uuid(), format!("made_up_{i}"))).collect();
+        let mut errors: std::collections::BTreeMap<String, String> = hostile.iter().cloned().collect();
+        let refused = uuid();
+        errors.insert(refused.clone(), "not_found".into());
+        let sim = sim(FaultProfile { item_errors_for_ids: errors, ..FaultProfile::default() }).await;
+        let store = db.store().await;
+        let mut rows_in: Vec<(String, String)> = hostile.iter().enumerate().map(|(i, (r, _))| (r.clone(), patch(i))).collect();
+        rows_in.push((refused, patch(99)));
+        insert_rows(&store, &rows_in).await;
+        let mut daemon = spawn_daemon(&db, &sim, &[("PRISM_SYNC__RETRY__MAX_ATTEMPTS", "1")]);
+        let done = wait_until_finished(&store, FINISH).await;
+        assert!(done.iter().all(|r| r.state == "dead"), "{done:?}");
+        let mut text = String::new();
+        for _ in 0..50 {
+            text = daemon.get("/metrics").await.1;
+            if metric(&text, "prism_sync_dead_rows{code=\"other\"}") == 12.0 { break; }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(metric(&text, "prism_sync_dead_rows{code=\"other\"}"), 12.0, "{text}");
+        assert_eq!(metric(&text, "prism_sync_dead_rows{code=\"not_found\"}"), 1.0, "{text}");
+        assert_eq!(metric(&text, "prism_sync_item_errors_total{code=\"other\"}"), 12.0, "{text}");
+        assert!(!text.contains("made_up_"), "no server-made code is a label value: {text}");
+        daemon.signal("TERM");
+        assert_eq!(daemon.wait_exit(Duration::from_secs(20)).await.code(), Some(0));
+    }
+
+    async fn readiness_answers_a_short_reason_and_logs_the_database_error(db) {
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        let mut daemon = spawn_daemon(&db, &sim, &[]);
+        assert_eq!(readyz_until(&daemon, 200).await.0, 200, "{}", daemon.logs());
+        // A migrations table the database cannot answer the readiness query from: its error
+        // text names the missing column.
+        exec(&store, "DROP TABLE _sqlx_migrations; CREATE TABLE _sqlx_migrations (unrelated INTEGER)").await;
+        let (status, body) = readyz_until(&daemon, 503).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (503, "not ready: cannot read the applied migrations (the log says why)\n"),
+            "a fixed reason, not the database's text"
+        );
+        daemon.signal("TERM");
+        assert_eq!(daemon.wait_exit(Duration::from_secs(20)).await.code(), Some(0));
+        let logs = daemon.logs();
+        assert!(
+            logs.lines().any(|l| l.contains("cannot read the applied migrations") && l.contains("version")),
+            "the log has the database's own error: {logs}"
+        );
+    }
+
     async fn sigterm_mid_batch_lets_the_batch_finish_and_exits_zero(db) {
         let sim = sim(FaultProfile { latency: Duration::from_millis(800), ..FaultProfile::default() }).await;
         let store = db.store().await;

@@ -223,6 +223,34 @@ both_backends! {
         assert!(sim.requests().iter().all(|r| r.team.as_deref() == Some(sim.team_id()) || r.path.contains(TEAM_B) || r.path.contains(TEAM_C)));
     }
 
+    async fn a_team_id_holding_url_syntax_stays_one_path_segment(db) {
+        // Before the team id was percent-encoded, `/`, `?` and `#` cut the path short (the
+        // request went to `/v2/prism/odd/team`, with a query and a fragment) and nothing synced.
+        const ODD: &str = "odd/team?x=1#frag ment%2F";
+        let config = SimConfig {
+            seed: 7,
+            extra_teams: vec![SimTeam { team_id: ODD.into(), api_key: "key-odd".into() }],
+            ..SimConfig::default()
+        };
+        let sim = Simulator::start(config, "127.0.0.1:0".parse().unwrap()).await.expect("simulator");
+        let store = db.store().await;
+        let records: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+        let changes: Vec<Change> = records.iter().map(|r| for_team(change(*r, Operation::Update, 1), ODD)).collect();
+        insert(&store, &changes).await.unwrap();
+        let mut settings = settings(&db, &sim);
+        settings.teams.insert(ODD.into(), TeamSettings { api_key: Some("key-odd".to_owned().into()), ..TeamSettings::default() });
+        settings.validate().expect("valid");
+        let engine = start_engine(&settings).await;
+        let done = wait_until_finished(&store, Duration::from_secs(30)).await;
+        engine.stop().await;
+        assert!(done.iter().all(|r| r.state == "succeeded"), "{done:?}");
+        for record in records {
+            assert_eq!(applied(&sim, ODD, record), [(Operation::Update, Some(1))]);
+        }
+        let paths: Vec<_> = sim.requests().iter().map(|r| (r.path.clone(), r.team.clone())).collect();
+        assert!(!paths.is_empty() && paths.iter().all(|(_, team)| team.as_deref() == Some(ODD)), "{paths:?}");
+    }
+
     async fn rows_of_an_unknown_team_or_operation_go_dead_and_the_rest_sync(db) {
         let sim = sim(FaultProfile::default()).await;
         let store = db.store().await;
@@ -331,4 +359,301 @@ both_backends! {
         let (code, _, err) = verb(&db, &sim, &["replay", "--operation", "upsert"], "").await;
         assert_eq!(code, 2, "a wrong flag is a usage error: {err}");
     }
+}
+
+fn pg(store: &Store) -> &sqlx::PgPool {
+    match store.sqlx_kind() {
+        StoreKind::Postgres(p) => p,
+        StoreKind::Sqlite(_) => panic!("a Postgres test"),
+    }
+}
+
+/// `(name, definition, valid)` of every index of the outbox and batch tables.
+async fn indexes(store: &Store) -> Vec<(String, String, bool)> {
+    sqlx::query(
+        "SELECT c.relname::text, pg_get_indexdef(i.indexrelid), i.indisvalid
+         FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+         WHERE i.indrelid IN ('prism_outbox'::regclass, 'prism_batches'::regclass) ORDER BY 1",
+    )
+    .fetch_all(pg(store))
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+fn postgres_migrations() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres")
+}
+
+/// Databases that applied migration 0002 as first released (it built the lane index inside its
+/// transaction) keep migrating and syncing, and end with the indexes a fresh database gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_database_that_applied_the_released_0002_migrates_to_the_indexes_of_a_fresh_one()
+{
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let previous = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        postgres_migrations().join("0001_outbox.sql"),
+        previous.path().join("0001_outbox.sql"),
+    )
+    .unwrap();
+    std::fs::copy(
+        format!(
+            "{}/tests/migrations/postgres_0002_as_released.sql",
+            env!("CARGO_MANIFEST_DIR")
+        ),
+        previous.path().join("0002_operations_and_teams.sql"),
+    )
+    .unwrap();
+    let sim = sim(FaultProfile::default()).await;
+    let settings = settings(&db, &sim);
+    let store = Store::connect(&settings.database).await.unwrap();
+    sqlx::migrate::Migrator::new(previous.path())
+        .await
+        .unwrap()
+        .run(pg(&store))
+        .await
+        .unwrap();
+    let records: Vec<(String, String)> = (0..20)
+        .map(|i| {
+            (
+                Uuid::new_v4().to_string(),
+                format!(r#"{{"default": {{"n": {i}}}}}"#),
+            )
+        })
+        .collect();
+    insert_rows(&store, &records).await;
+    store
+        .migrate()
+        .await
+        .expect("the released 0002's checksum is accepted");
+    store
+        .migrate()
+        .await
+        .expect("and migrating again is a no-op");
+    let engine = start_engine(&settings).await;
+    let done = wait_until_finished(&store, FINISH).await;
+    engine.stop().await;
+    assert!(
+        done.len() == 20 && done.iter().all(|r| r.state == "succeeded"),
+        "{done:?}"
+    );
+
+    let Some(fresh_db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let fresh = fresh_db.store().await;
+    let (upgraded, fresh) = (indexes(&store).await, indexes(&fresh).await);
+    assert_eq!(upgraded, fresh, "the same indexes either way");
+    let names: Vec<&str> = fresh.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert!(
+        names.contains(&"prism_outbox_lane") && !names.contains(&"prism_outbox_active"),
+        "{names:?}"
+    );
+    assert!(fresh.iter().all(|(_, _, valid)| *valid), "{fresh:?}");
+}
+
+/// Every Postgres migration after the first that builds or drops an index does it
+/// CONCURRENTLY, alone, outside a transaction: a plain CREATE INDEX holds the application's
+/// inserts back while it reads the whole outbox.
+#[tokio::test]
+async fn postgres_index_migrations_run_concurrently_outside_a_transaction() {
+    let migrator = sqlx::migrate::Migrator::new(postgres_migrations())
+        .await
+        .unwrap();
+    let mut checked = 0;
+    for m in migrator.iter().filter(|m| m.version > 1) {
+        let sql: String = m
+            .sql
+            .as_str()
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .to_uppercase();
+        if sql.contains("CREATE INDEX")
+            || sql.contains("DROP INDEX")
+            || sql.contains("CREATE UNIQUE INDEX")
+        {
+            assert!(
+                m.no_tx,
+                "migration {} ({}) must start with -- no-transaction",
+                m.version, m.description
+            );
+            assert!(
+                sql.contains("INDEX CONCURRENTLY"),
+                "migration {} builds or drops an index without CONCURRENTLY",
+                m.version
+            );
+            assert_eq!(
+                sql.matches(';').count(),
+                1,
+                "migration {}: one statement per no-transaction migration",
+                m.version
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 2,
+        "the lane index build and the old index's drop"
+    );
+}
+
+/// The lane index is built while an application's write transaction is open: the application
+/// keeps inserting meanwhile, and a second replica migrating at the same time neither
+/// deadlocks with the build nor fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_the_index_build_lets_inserts_through_and_two_migrators_do_not_deadlock() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let settings = prism_sync::settings::DatabaseSettings {
+        url: db.url.clone(),
+        ..Default::default()
+    };
+    let store = Store::connect(&settings).await.unwrap();
+    sqlx::migrate::Migrator::new(postgres_migrations())
+        .await
+        .unwrap()
+        .run_to(2, pg(&store))
+        .await
+        .unwrap();
+    let records: Vec<(String, String)> = (0..200)
+        .map(|i| {
+            (
+                Uuid::new_v4().to_string(),
+                format!(r#"{{"default": {{"n": {i}}}}}"#),
+            )
+        })
+        .collect();
+    insert_rows(&store, &records).await;
+    // An application's transaction that wrote to the outbox and is still open.
+    let mut writer = pg(&store).begin().await.unwrap();
+    sqlx::query("INSERT INTO prism_outbox (record_id, patch) VALUES (gen_random_uuid(), '{}')")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+
+    let first = {
+        let store = Store::connect(&settings).await.unwrap();
+        tokio::spawn(async move { store.migrate().await })
+    };
+    let mut building = false;
+    for _ in 0..250 {
+        building = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+             WHERE datname = current_database() AND query LIKE '%CREATE INDEX%prism_outbox_lane%' AND wait_event_type = 'Lock')",
+        )
+        .fetch_one(pg(&store))
+        .await
+        .unwrap();
+        if building {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(building, "the index build waits for the open writer");
+    let insert =
+        sqlx::query("INSERT INTO prism_outbox (record_id, patch) VALUES (gen_random_uuid(), '{}')")
+            .execute(pg(&store));
+    tokio::time::timeout(Duration::from_secs(5), insert)
+        .await
+        .expect("an INSERT during the index build is not held back")
+        .unwrap();
+
+    let second = {
+        let store = Store::connect(&settings).await.unwrap();
+        tokio::spawn(async move { store.migrate().await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    writer.commit().await.unwrap();
+    for (name, migrator) in [("first", first), ("second", second)] {
+        tokio::time::timeout(Duration::from_secs(30), migrator)
+            .await
+            .unwrap_or_else(|_| panic!("the {name} migrator finishes"))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("the {name} migrator: {e}"));
+    }
+    let built = indexes(&store).await;
+    assert!(
+        built
+            .iter()
+            .any(|(n, _, valid)| n == "prism_outbox_lane" && *valid),
+        "{built:?}"
+    );
+    assert!(
+        !built.iter().any(|(n, _, _)| n == "prism_outbox_active"),
+        "{built:?}"
+    );
+    assert!(store.migrations_current().await.unwrap());
+}
+
+/// An index build that was interrupted (a crash, a cancel, a deadlock) leaves an INVALID index
+/// behind; the next migration builds it again instead of keeping it (IF NOT EXISTS alone would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_interrupted_index_build_is_redone_by_the_next_migration() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let settings = prism_sync::settings::DatabaseSettings {
+        url: db.url.clone(),
+        ..Default::default()
+    };
+    let store = Store::connect(&settings).await.unwrap();
+    sqlx::migrate::Migrator::new(postgres_migrations())
+        .await
+        .unwrap()
+        .run_to(2, pg(&store))
+        .await
+        .unwrap();
+    let mut writer = pg(&store).begin().await.unwrap();
+    sqlx::query("INSERT INTO prism_outbox (record_id, patch) VALUES (gen_random_uuid(), '{}')")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    let interrupted = {
+        let store = Store::connect(&settings).await.unwrap();
+        tokio::spawn(async move { store.migrate().await })
+    };
+    let mut cancelled = false;
+    for _ in 0..250 {
+        cancelled = sqlx::query_scalar(
+            "SELECT COALESCE(bool_or(pg_cancel_backend(pid)), false) FROM pg_stat_activity
+             WHERE datname = current_database() AND query LIKE '%CREATE INDEX%prism_outbox_lane%' AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pg(&store))
+        .await
+        .unwrap();
+        if cancelled {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(cancelled, "the build was caught waiting");
+    assert!(
+        interrupted.await.unwrap().is_err(),
+        "the cancelled migration fails"
+    );
+    writer.commit().await.unwrap();
+    assert!(
+        indexes(&store)
+            .await
+            .iter()
+            .any(|(n, _, valid)| n == "prism_outbox_lane" && !*valid),
+        "left invalid"
+    );
+    store.migrate().await.expect("the next migration");
+    let built = indexes(&store).await;
+    assert!(
+        built
+            .iter()
+            .any(|(n, _, valid)| n == "prism_outbox_lane" && *valid),
+        "{built:?}"
+    );
+    assert!(built.iter().all(|(_, _, valid)| *valid), "{built:?}");
 }

@@ -12,10 +12,8 @@ ALTER TABLE prism_outbox ADD COLUMN team_id text NOT NULL DEFAULT '';
 ALTER TABLE prism_batches ADD COLUMN operation text NOT NULL DEFAULT 'update';
 ALTER TABLE prism_batches ADD COLUMN team_id text NOT NULL DEFAULT '';
 
--- Claims walk each lane (team, object type) in id order, so that a backlog in one lane does not
--- starve the others, and a paused team's rows are never even visited. Replaces the id-only index.
--- (The index build reads the outbox once; it holds writers back meanwhile, which is why finished
--- rows should be purged on a schedule — retention.* — before a table grows huge.)
-CREATE INDEX prism_outbox_lane ON prism_outbox (team_id, object_type, id)
-    WHERE state IN ('pending', 'retrying');
-DROP INDEX prism_outbox_active;
+-- The lane index that replaces prism_outbox_active is built by 0004 and the old index dropped by
+-- 0005, both CONCURRENTLY: a plain CREATE INDEX here, inside the migration's transaction, held
+-- the application's inserts back for as long as it read the whole outbox. (This migration as
+-- first released built it here; databases that applied that form have the same indexes, and
+-- prism-sync updates its recorded checksum before migrating: store/postgres/migrate.rs.)

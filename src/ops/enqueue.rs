@@ -1,6 +1,11 @@
 //! `prism-sync enqueue`: JSON lines `{"record_id": ..., "patch": {...}, "object_type"?: ...,
 //! "operation"?: "update"|"delete", "team_id"?: ...}` into the outbox, validated first, all or
 //! nothing per input unless `--skip-invalid`. A delete needs no patch.
+//!
+//! A patch's size is measured as the daemon's planner measures it (`batch.max_patch_bytes`
+//! against the patch's text as the outbox gives it back: the text as written on SQLite,
+//! `jsonb`'s own rendering on Postgres, which adds a space after every `:` and `,`), so a
+//! change `enqueue` accepts never goes `dead` as `patch_too_large`.
 
 use std::io::BufRead;
 
@@ -59,8 +64,9 @@ struct Line {
     team_id: Option<String>,
 }
 
-/// Parses and validates one line (the same rules the daemon applies to rows).
-pub fn parse_line(text: &str, max_patch_bytes: usize) -> Result<Change, String> {
+/// Parses and validates one line (the same rules the daemon applies to rows), all but the
+/// patch's size, which depends on the database: see [`stored_patch_bytes`].
+pub fn parse_line(text: &str) -> Result<Change, String> {
     let line: Line = serde_json::from_str(text).map_err(|e| format!("not a change object: {e}"))?;
     let record_id = Uuid::try_parse(line.record_id.trim())
         .map_err(|_| format!("record_id {:?} is not a UUID", line.record_id))?;
@@ -88,12 +94,6 @@ pub fn parse_line(text: &str, max_patch_bytes: usize) -> Result<Change, String> 
         return Err("patch must not carry \"id\": the record id comes from record_id".into());
     }
     let patch = serde_json::to_string(&patch).expect("a JSON value serialises");
-    if patch.len() > max_patch_bytes {
-        return Err(format!(
-            "patch is {} bytes, over batch.max_patch_bytes ({max_patch_bytes})",
-            patch.len()
-        ));
-    }
     Ok(Change {
         record_id,
         patch,
@@ -116,15 +116,15 @@ pub async fn enqueue(
     max_patch_bytes: usize,
     skip_invalid: bool,
 ) -> Result<EnqueueReport, EnqueueError> {
-    let mut changes = Vec::new();
+    let mut parsed = Vec::new();
     let mut report = EnqueueReport::default();
     for (i, line) in input.lines().enumerate() {
         let line = line?;
         if line.trim().is_empty() {
             continue;
         }
-        match parse_line(&line, max_patch_bytes) {
-            Ok(c) => changes.push(c),
+        match parse_line(&line) {
+            Ok(c) => parsed.push((i + 1, c)),
             Err(reason) if skip_invalid => report.skipped.push((i + 1, reason)),
             Err(reason) => {
                 return Err(EnqueueError::Invalid {
@@ -134,9 +134,58 @@ pub async fn enqueue(
             }
         }
     }
+    let sizes = stored_patch_bytes(store, parsed.iter().map(|(_, c)| c)).await?;
+    let mut changes = Vec::with_capacity(parsed.len());
+    for ((line, change), size) in parsed.into_iter().zip(sizes) {
+        // Like the planner: a delete's patch is never read, so never too large.
+        if change.operation == Operation::Update && size > max_patch_bytes {
+            let reason = format!(
+                "patch is {size} bytes as the database stores it, over batch.max_patch_bytes ({max_patch_bytes})"
+            );
+            if !skip_invalid {
+                return Err(EnqueueError::Invalid { line, reason });
+            }
+            report.skipped.push((line, reason));
+        } else {
+            changes.push(change);
+        }
+    }
+    report.skipped.sort_by_key(|(line, _)| *line);
     insert(store, &changes).await?;
     report.enqueued = changes.len();
     Ok(report)
+}
+
+/// Each patch's size in bytes as the daemon's claim will measure it: the length of the
+/// patch column's text. SQLite keeps the text as written; Postgres keeps `jsonb`, whose text
+/// differs from what was written (spaces after `:` and `,`, numbers and keys normalised), so
+/// Postgres itself is asked, in one round trip and without writing anything.
+pub async fn stored_patch_bytes<'c>(
+    store: &Store,
+    changes: impl Iterator<Item = &'c Change>,
+) -> Result<Vec<usize>, StoreError> {
+    let patches: Vec<&str> = changes.map(|c| c.patch.as_str()).collect();
+    match store.sqlx_kind() {
+        StoreKind::Sqlite(_) => Ok(patches.iter().map(|p| p.len()).collect()),
+        StoreKind::Postgres(pool) => {
+            let mut sizes = Vec::with_capacity(patches.len());
+            for chunk in patches.chunks(5000) {
+                let chunk_sizes: Vec<i64> = sqlx::query_scalar(
+                    "SELECT octet_length(p.patch::jsonb::text)::bigint
+                     FROM unnest($1::text[]) WITH ORDINALITY AS p(patch, n) ORDER BY p.n",
+                )
+                .bind(chunk)
+                .fetch_all(pool)
+                .await?;
+                sizes.extend(
+                    chunk_sizes
+                        .into_iter()
+                        .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+                );
+            }
+            Ok(sizes)
+        }
+    }
 }
 
 /// Inserts changes in order, in one transaction.
@@ -207,7 +256,6 @@ mod tests {
     fn lines_are_validated_like_rows() {
         let ok = parse_line(
             r#"{"record_id":"182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e","patch":{"default":{"a":1}}}"#,
-            1000,
         );
         assert_eq!(ok.unwrap().object_type, ObjectType::Contact);
         for (line, expect) in [
@@ -238,7 +286,7 @@ mod tests {
             ),
             ("not json", "not a change object"),
         ] {
-            let err = parse_line(line, 1000).unwrap_err();
+            let err = parse_line(line).unwrap_err();
             assert!(err.contains(expect), "{line}: {err}");
         }
     }

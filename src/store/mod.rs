@@ -500,15 +500,63 @@ where
         .collect()
 }
 
-/// A database URL with any password replaced, for messages.
+/// A database URL with its secrets replaced, for messages: the user-info's password and the
+/// value of every query parameter that can carry one (libpq's `password` and `sslpassword`, and
+/// anything named like a secret). A URL that does not parse is redacted as text, so that a typo
+/// cannot put a password into an error or a log line either.
 pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            if let Some(query) = u.query().map(redact_query) {
+                u.set_query(Some(&query));
+            }
             u.to_string()
         }
-        _ => url.to_owned(),
+        Err(_) => {
+            let (head, query) = match url.split_once('?') {
+                Some((head, query)) => (head, Some(redact_query(query))),
+                None => (url, None),
+            };
+            let start = head.find("://").map_or(0, |i| i + 3);
+            let head = match head[start..].rfind('@').map(|at| start + at) {
+                Some(at) => match head[start..at].find(':') {
+                    Some(colon) => format!("{}:***{}", &head[..start + colon], &head[at..]),
+                    None => head.to_owned(),
+                },
+                None => head.to_owned(),
+            };
+            match query {
+                Some(query) => format!("{head}?{query}"),
+                None => head,
+            }
+        }
     }
+}
+
+/// A query string with the value of every secret-looking parameter replaced by `***`.
+fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if is_secret_param(key) => format!("{key}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// `password`, `sslpassword`, `db_pass`, `pwd`, `auth_token`, `secret`, `api_key`, … in any
+/// case or percent-encoding: over-redacting a harmless parameter costs nothing.
+fn is_secret_param(key: &str) -> bool {
+    let key: String = url::form_urlencoded::parse(key.as_bytes())
+        .map(|(k, _)| k.to_lowercase())
+        .collect();
+    ["pass", "pwd", "secret", "token", "key"]
+        .iter()
+        .any(|word| key.contains(word))
 }
 
 /// `row updates` as parallel arrays, the shape both engines bind. Codes and messages are
@@ -587,5 +635,84 @@ impl AttemptRecord {
 
     pub(crate) fn stored_detail(&self) -> Option<String> {
         self.detail.as_deref().map(|d| storable(d, MAX_MESSAGE))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storable_text_has_no_nul_or_control_characters_and_is_clipped_on_a_char_boundary() {
+        assert_eq!(
+            storable("a\0b\u{1b}[2J\nc\td", 100),
+            "a\u{FFFD}b\u{FFFD}[2J\nc\td"
+        );
+        let clipped = storable(&"é".repeat(100), 11);
+        assert_eq!(clipped, format!("{}…", "é".repeat(5)));
+        assert!(storable(&"x".repeat(5000), MAX_MESSAGE).len() <= MAX_MESSAGE + '…'.len_utf8());
+    }
+
+    #[test]
+    fn without_texts_keeps_outcomes_and_drops_what_the_api_wrote() {
+        let f = FinishBatch {
+            batch_id: uuid::Uuid::nil(),
+            owner: "me".into(),
+            end: BatchEnd::Done,
+            rows: vec![RowUpdate {
+                id: 1,
+                state: RowState::Dead,
+                code: Some("Bad\0Code!".into()),
+                message: Some("hostile".into()),
+                retry_in: 0.0,
+            }],
+            children: Vec::new(),
+            lease: Duration::from_secs(1),
+            attempt: AttemptRecord {
+                outcome: "\0".into(),
+                detail: Some("x".into()),
+                ..AttemptRecord::default()
+            },
+            give_up_after: Duration::from_secs(1),
+        };
+        let plain = f.without_texts();
+        assert_eq!(plain.rows[0].code.as_deref(), Some("badcode"));
+        assert_eq!(plain.rows[0].message, None);
+        assert_eq!(plain.rows[0].state, RowState::Dead);
+        assert_eq!(plain.attempt.outcome, "unreadable_code");
+        assert_eq!(plain.attempt.detail, None);
+    }
+
+    #[test]
+    fn redact_url_hides_the_user_infos_password_and_secret_query_parameters() {
+        let shown = redact_url(
+            "postgres://app:s3cret-a@db.internal:5432/outbox?sslmode=require&password=s3cret-b&sslpassword=s3cret-c&PassWord=s3cret-d&pass%77ord=s3cret-e",
+        );
+        for secret in ["s3cret-a", "s3cret-b", "s3cret-c", "s3cret-d", "s3cret-e"] {
+            assert!(!shown.contains(secret), "{secret} shown in {shown}");
+        }
+        assert!(shown.contains("app:***@db.internal:5432/outbox"), "{shown}");
+        assert!(
+            shown.contains("sslmode=require"),
+            "harmless parameters stay: {shown}"
+        );
+        assert!(shown.contains("sslpassword=***"), "{shown}");
+    }
+
+    #[test]
+    fn redact_url_hides_secrets_in_a_url_that_does_not_parse() {
+        // A port that is not a number: `url` refuses it, the message must still not leak.
+        let shown = redact_url("postgres://app:s3cret-a@db:port/outbox?password=s3cret-b");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert_eq!(shown, "postgres://app:***@db:port/outbox?password=***");
+    }
+
+    #[test]
+    fn redact_url_leaves_a_url_without_secrets_as_it_was() {
+        assert_eq!(
+            redact_url("sqlite://prism-sync.db?mode=rwc"),
+            "sqlite://prism-sync.db?mode=rwc"
+        );
+        assert_eq!(redact_url("prism-sync.db"), "prism-sync.db");
     }
 }

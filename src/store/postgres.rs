@@ -15,6 +15,8 @@ use super::{
 use crate::batch::{self, BatchItem, CandidateRow, NewBatch};
 use crate::settings::DatabaseSettings;
 
+mod migrate;
+
 mod nodelay {
     //! sqlx 0.9.0 stopped setting `TCP_NODELAY` on its sockets (launchbadge/sqlx#4335; fixed
     //! upstream, not yet released). With Nagle's algorithm on, a statement whose message leaves
@@ -167,8 +169,7 @@ impl PgStore {
     }
 
     pub async fn migrate(&self) -> StoreResult<()> {
-        MIGRATOR.run(&self.pool).await?;
-        Ok(())
+        migrate::run(&self.pool, &MIGRATOR).await
     }
 
     pub async fn migrations_current(&self) -> StoreResult<bool> {

@@ -166,6 +166,30 @@ impl WriteTx {
     }
 }
 
+/// Creates the database file owner-only (0600) when prism-sync is what creates it (`mode=rwc`
+/// and no file yet): it holds contact data, and SQLite would create it with the process umask
+/// (often world-readable). SQLite gives its `-wal` and `-shm` files the database file's mode.
+/// An existing file keeps the mode its owner chose. A failure here is left to the connect that
+/// follows, which reports it in its own words.
+fn create_owner_only(options: &SqliteConnectOptions) {
+    #[cfg(unix)]
+    {
+        use sqlx::ConnectOptions;
+        use std::os::unix::fs::OpenOptionsExt;
+        let creates = options
+            .to_url_lossy()
+            .query_pairs()
+            .any(|(k, v)| k == "mode" && v == "rwc");
+        if creates {
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(options.get_filename());
+        }
+    }
+}
+
 impl SqliteStore {
     pub async fn connect(settings: &DatabaseSettings) -> StoreResult<SqliteStore> {
         let options = SqliteConnectOptions::from_str(&settings.url)?
@@ -173,6 +197,7 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(settings.busy_timeout)
             .foreign_keys(false);
+        create_owner_only(&options);
         let pool = SqlitePoolOptions::new()
             .max_connections(settings.max_connections.max(2))
             .acquire_timeout(settings.busy_timeout + Duration::from_secs(5))
