@@ -520,7 +520,7 @@ async fn postgres_the_index_build_lets_inserts_through_and_two_migrators_do_not_
     sqlx::migrate::Migrator::new(postgres_migrations())
         .await
         .unwrap()
-        .run_to(2, pg(&store))
+        .run_to(3, pg(&store))
         .await
         .unwrap();
     let records: Vec<(String, String)> = (0..200)
@@ -608,7 +608,7 @@ async fn postgres_an_interrupted_index_build_is_redone_by_the_next_migration() {
     sqlx::migrate::Migrator::new(postgres_migrations())
         .await
         .unwrap()
-        .run_to(2, pg(&store))
+        .run_to(3, pg(&store))
         .await
         .unwrap();
     let mut writer = pg(&store).begin().await.unwrap();
@@ -656,4 +656,55 @@ async fn postgres_an_interrupted_index_build_is_redone_by_the_next_migration() {
         "{built:?}"
     );
     assert!(built.iter().all(|(_, _, valid)| *valid), "{built:?}");
+}
+
+/// Migration 0003 adds a column: it needs the outbox's lock for an instant, and while it waits
+/// for an application transaction, the application's next inserts would queue behind it. It
+/// waits at most its `lock_timeout` and is tried again, so inserts get through meanwhile, and it
+/// is applied once the transaction ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_adding_a_column_waits_for_an_open_writer_without_blocking_inserts() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let settings = prism_sync::settings::DatabaseSettings {
+        url: db.url.clone(),
+        ..Default::default()
+    };
+    let store = Store::connect(&settings).await.unwrap();
+    sqlx::migrate::Migrator::new(postgres_migrations())
+        .await
+        .unwrap()
+        .run_to(2, pg(&store))
+        .await
+        .unwrap();
+    let mut writer = pg(&store).begin().await.unwrap();
+    sqlx::query("INSERT INTO prism_outbox (record_id, patch) VALUES (gen_random_uuid(), '{}')")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    let migrating = {
+        let store = Store::connect(&settings).await.unwrap();
+        tokio::spawn(async move { store.migrate().await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Between the migration's tries (each waits at most 2 s), an insert goes through.
+    let insert =
+        sqlx::query("INSERT INTO prism_outbox (record_id, patch) VALUES (gen_random_uuid(), '{}')")
+            .execute(pg(&store));
+    tokio::time::timeout(Duration::from_secs(8), insert)
+        .await
+        .expect("an insert is not held behind the waiting ALTER TABLE for long")
+        .unwrap();
+    assert!(
+        !migrating.is_finished(),
+        "the migration waits for the open writer"
+    );
+    writer.commit().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), migrating)
+        .await
+        .expect("the migration is applied once the writer has ended")
+        .unwrap()
+        .unwrap();
+    assert!(store.migrations_current().await.unwrap());
 }

@@ -82,6 +82,35 @@ async fn run_locked(conn: &mut PgConnection, migrator: &Migrator) -> StoreResult
     }
     // `run_direct` is what `run` calls once it has a connection; `run` itself, given a
     // `&mut PgConnection`, makes a future the compiler cannot prove `Send` (sqlx's own note).
-    migrator.run_direct(None, &mut *conn, false).await?;
-    Ok(())
+    // A migration that needs a table lock waits for it at most `lock_timeout` (so that the
+    // application's inserts do not queue behind it for long), then is tried again.
+    let mut tries = 0u32;
+    loop {
+        match migrator.run_direct(None, &mut *conn, false).await {
+            Ok(()) => return Ok(()),
+            Err(e) if lock_not_available(&e) && tries < LOCK_TRIES => {
+                tries += 1;
+                tracing::warn!(
+                    tries,
+                    "a migration waits for transactions that hold the outbox; trying again"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// How often a migration that could not get its table lock is tried (about ten minutes).
+const LOCK_TRIES: u32 = 200;
+
+/// The migration gave up waiting for a lock (`lock_timeout`, SQLSTATE 55P03).
+fn lock_not_available(e: &sqlx::migrate::MigrateError) -> bool {
+    use sqlx::migrate::MigrateError;
+    let db = match e {
+        MigrateError::Execute(sqlx::Error::Database(d))
+        | MigrateError::ExecuteMigration(sqlx::Error::Database(d), _) => d,
+        _ => return false,
+    };
+    db.code().as_deref() == Some("55P03")
 }
