@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use bytes::Bytes;
+use futures_util::StreamExt;
 use prism_sync::batch::BatchItem;
 use prism_sync::classify::{BatchVerdict, CodePolicy, Exchange, TransportFailure, classify};
 use prism_sync::client::MicroClient;
@@ -97,29 +98,42 @@ async fn a_body_of_hundreds_of_megabytes_is_cut_off_at_the_cap() {
 
 #[tokio::test]
 async fn an_announced_huge_body_is_refused_before_reading() {
+    // `content-length: 300 MiB`, then 10 bytes and a body that never ends: only a client that
+    // refuses on the header returns; one that reads would wait for ever (the timeout below).
+    // (A fixed 10-byte body under that header made hyper's server drop the connection, and
+    // the test passed on the resulting `Interrupted` without any size check being made.)
     let app = Router::new().route(
         PATH,
         post(|| async {
             let mut h = HeaderMap::new();
             h.insert("content-length", "314572800".parse().unwrap());
-            (StatusCode::OK, h, Body::from(vec![b' '; 10]))
+            let start = futures_util::stream::once(async {
+                Ok::<_, std::io::Error>(Bytes::from_static(b"          "))
+            });
+            let body = Body::from_stream(start.chain(futures_util::stream::pending()));
+            (StatusCode::OK, h, body)
         }),
     );
     let base = serve(app).await;
-    let exchange = client(&base)
-        .send(ObjectType::Contact, "k", Bytes::from_static(b"{}"))
-        .await;
-    assert!(
-        matches!(
-            exchange,
-            Exchange::Unreadable {
-                status: 200,
-                kind: TransportFailure::ResponseTooLarge,
-                ..
-            }
-        ),
-        "{exchange:?}"
-    );
+    let exchange = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        client(&base).send(ObjectType::Contact, "k", Bytes::from_static(b"{}")),
+    )
+    .await
+    .expect("the client waited for a body it should have refused on its announced size");
+    // A 200: the API applied the batch, but the answer cannot be read.
+    match &exchange {
+        Exchange::Unreadable {
+            status: 200,
+            kind: TransportFailure::ResponseTooLarge,
+            detail,
+        } => assert!(detail.contains("announces 314572800 bytes"), "{detail}"),
+        other => panic!("expected a size refusal, got {other:?}"),
+    }
+    assert!(matches!(
+        classify(&exchange, &items(), &policy()),
+        BatchVerdict::Unreadable { status: 200, .. }
+    ));
 }
 
 #[tokio::test]

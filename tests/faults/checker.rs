@@ -15,7 +15,8 @@
 //! 4. per record, applied markers increase in apply (`seq`) order: a smaller marker after a
 //!    larger one is an order violation, an equal one a change applied twice, allowed only when
 //!    the earlier key's batch was *released* (given up unanswered and re-sent under a new key,
-//!    which the design permits: PATCH values are absolute and order still holds);
+//!    which the design permits: PATCH values are absolute and order still holds) in a scenario
+//!    that expects releases ([`Releases::Required`]);
 //! 5. no key applied the same record twice (an expired key re-executed);
 //! 6. no row was applied under two keys (unless the earlier batch was released), and no `dead`
 //!    row was applied at all;
@@ -24,7 +25,10 @@
 //! 8. the simulator never answered `idempotency_key_mismatch`, and its count of applied items
 //!    equals the apply log;
 //! 9. no batch is left `open` once every row has finished;
-//! 10. with a short simulator TTL: no key was sent again after the TTL since its first send.
+//! 10. with a short simulator TTL: no key was sent again after the TTL since its first send;
+//! 11. releases as the scenario expects: none at all ([`Releases::None`], every scenario but the
+//!     key-lifetime one: a release there would be a takeover or a fault handled by giving up on
+//!     a key, which re-applies changes), or at least one ([`Releases::Required`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -109,12 +113,31 @@ pub struct Request {
     pub at: String,
     pub idempotency_key: Option<String>,
     pub status: u16,
+    /// The team the path named (`null` for a team the simulator does not know).
+    #[serde(default)]
+    pub team: Option<String>,
+    /// Faults the simulator injected into this request (`rate_limit`, `latency`, ...).
+    #[serde(default)]
+    pub faults: Vec<String>,
 }
 
 pub struct SimSnapshot {
     pub applied: Vec<Applied>,
     pub requests: Vec<Request>,
     pub stats: Value,
+}
+
+/// Whether a scenario may release batches (give up on their keys and re-send their rows under
+/// new ones, which can apply a change a second time).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Releases {
+    /// No batch may be released, and so nothing may be applied twice: the scenario's faults are
+    /// all answered by re-sending under the same key (or by a takeover of the same key).
+    #[default]
+    None,
+    /// The scenario drives batches past `batch.max_key_age`: at least one must be released, and
+    /// a change re-applied under the new key after a release is allowed (and counted).
+    Required,
 }
 
 /// What the scenario expects beyond the universal promises.
@@ -124,6 +147,8 @@ pub struct Expect {
     pub dead: BTreeMap<i64, String>,
     /// The simulator's idempotency TTL, when a scenario made it short.
     pub sim_ttl: Option<Duration>,
+    /// Releases: none (the default), or required.
+    pub releases: Releases,
 }
 
 /// The checker's findings and the counts behind them.
@@ -234,6 +259,9 @@ pub fn check(db: &DbSnapshot, sim: &SimSnapshot, expect: &Expect) -> Verdict {
     // row id → keys it was applied under, in apply order
     let mut row_applies: HashMap<i64, Vec<String>> = HashMap::new();
     let mut reapplied_after_release = 0;
+    let may_release = expect.releases == Releases::Required;
+    let released =
+        |key: &str| may_release && by_key.get(key).is_some_and(|b| b.state == "released");
     for a in &sim.applied {
         let record = a.record_id.to_lowercase();
         let Some(key) = &a.idempotency_key else {
@@ -291,9 +319,7 @@ pub fn check(db: &DbSnapshot, sim: &SimSnapshot, expect: &Expect) -> Verdict {
             ));
         }
         if let Some((prev, prev_key)) = last.get(&record) {
-            let prev_released = by_key
-                .get(prev_key.as_str())
-                .is_some_and(|b| b.state == "released");
+            let prev_released = released(prev_key);
             if marker < *prev {
                 v.push(format!(
                     "seq {}: record {record} applied marker {marker} after {prev}: per-record order broken",
@@ -317,11 +343,7 @@ pub fn check(db: &DbSnapshot, sim: &SimSnapshot, expect: &Expect) -> Verdict {
     }
     for (row, keys) in &row_applies {
         if keys.len() > 1 {
-            let earlier_all_released = keys[..keys.len() - 1].iter().all(|k| {
-                by_key
-                    .get(k.as_str())
-                    .is_some_and(|b| b.state == "released")
-            });
+            let earlier_all_released = keys[..keys.len() - 1].iter().all(|k| released(k));
             if !earlier_all_released {
                 v.push(format!(
                     "row {row} was applied under {} keys ({keys:?}) and the earlier batches were not released: sent twice under different keys",
@@ -411,6 +433,29 @@ pub fn check(db: &DbSnapshot, sim: &SimSnapshot, expect: &Expect) -> Verdict {
         }
     }
 
+    // 11. Releases as the scenario expects.
+    let released_batches: Vec<&BatchRow> = db
+        .batches
+        .iter()
+        .filter(|b| b.state == "released")
+        .collect();
+    match expect.releases {
+        Releases::None => {
+            for b in &released_batches {
+                let rows: Vec<i64> = b.items.iter().flat_map(|i| i.rows.clone()).collect();
+                v.push(format!(
+                    "batch {} (key {}) was released (rows {rows:?} given up to new keys), but this scenario never expects a release",
+                    b.id, b.key
+                ));
+            }
+        }
+        Releases::Required if released_batches.is_empty() => v.push(
+            "no batch was released: the scenario did not drive a batch past batch.max_key_age"
+                .into(),
+        ),
+        Releases::Required => {}
+    }
+
     let mut violations = v.list;
     if v.more > 0 {
         violations.push(format!("… and {} more", v.more));
@@ -474,6 +519,8 @@ mod self_test {
             at: "2026-01-01T00:00:00Z".into(),
             idempotency_key: Some(key.into()),
             status: 200,
+            team: Some("team".into()),
+            faults: Vec::new(),
         }
     }
 
@@ -524,8 +571,8 @@ mod self_test {
         );
     }
 
-    #[test]
-    fn a_reapplication_after_a_release_is_allowed_and_counted() {
+    /// Row 1-2's batch k1 released after it was applied, and the rows applied again under k2.
+    fn released_and_reapplied() -> (DbSnapshot, SimSnapshot) {
         let (mut db, _) = clean();
         db.batches[0].state = "released".into();
         db.batches.push(batch("k2", "done", &[1, 2]));
@@ -534,9 +581,60 @@ mod self_test {
             vec![request("k1"), request("k2")],
             0,
         );
-        let verdict = check(&db, &sim, &Expect::default());
+        (db, sim)
+    }
+
+    #[test]
+    fn a_reapplication_after_a_release_is_allowed_and_counted_where_releases_are_expected() {
+        let (db, sim) = released_and_reapplied();
+        let expect = Expect {
+            releases: Releases::Required,
+            ..Expect::default()
+        };
+        let verdict = check(&db, &sim, &expect);
         assert_eq!(verdict.violations, Vec::<String>::new());
         assert_eq!(verdict.reapplied_after_release, 1);
+        assert_eq!(verdict.batches_released, 1);
+    }
+
+    #[test]
+    fn a_release_and_its_reapplication_are_caught_where_no_release_is_expected() {
+        let (db, sim) = released_and_reapplied();
+        let v = violations(&db, &sim);
+        assert!(
+            v.iter()
+                .any(|m| m.contains("batch b-k1 (key k1) was released")),
+            "{v:?}"
+        );
+        assert!(v.iter().any(|m| m.contains("applied twice")), "{v:?}");
+        assert!(
+            v.iter()
+                .any(|m| m.contains("sent twice under different keys")),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_release_without_a_reapplication_is_caught_where_no_release_is_expected() {
+        let (mut db, sim) = clean();
+        db.batches.push(batch("k0", "released", &[1, 2]));
+        let v = violations(&db, &sim);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].contains("never expects a release"), "{v:?}");
+    }
+
+    #[test]
+    fn a_scenario_that_requires_a_release_fails_without_one() {
+        let (db, sim) = clean();
+        let expect = Expect {
+            releases: Releases::Required,
+            ..Expect::default()
+        };
+        let v = check(&db, &sim, &expect).violations;
+        assert!(
+            v.iter().any(|m| m.contains("no batch was released")),
+            "{v:?}"
+        );
     }
 
     #[test]

@@ -69,9 +69,9 @@ async fn crash_at(point: &'static str, backend: Backend, round: u64) {
                 .logs()
                 .contains(&format!("failpoint {point}: aborting"));
         if !aborted {
-            daemon.kill9().await;
+            let killed = daemon.kill9().await;
             sc.fail(format!(
-                "the daemon armed with FAILPOINTS={spec} did not die there (status {status:?}); log tail:\n{}",
+                "the daemon armed with FAILPOINTS={spec} did not die there (status {status:?}, then kill -9: {killed:?}); log tail:\n{}",
                 daemon.tail(15)
             ));
         }
@@ -151,19 +151,20 @@ async fn kill_on_the_wire(how: OnTheWire, backend: Backend, round: u64) {
         let mut daemon = Daemon::spawn(&sc, &format!("victim-{i}"), &bin(), &db, &sim, &[]);
         let seen = sim.fault_count(kind).await;
         let wanted = seen + sc.rng.random_range(2..5);
-        let hit = until(Duration::from_secs(30), || async {
-            sim.fault_count(kind).await >= wanted
-        })
+        let hit = until(
+            &format!("the simulator to inject {wanted} {kind} faults"),
+            Duration::from_secs(30),
+            || async { sim.fault_count(kind).await >= wanted },
+        )
         .await;
-        if !hit {
-            sc.fail(format!(
-                "the simulator injected fewer than {wanted} {kind} faults in 30 s; log tail:\n{}",
-                daemon.tail(15)
-            ));
+        if let Err(e) = hit {
+            sc.fail(format!("{e}; log tail:\n{}", daemon.tail(15)));
         }
         // Requests time out after 1 s and are re-sent at once: one is on the wire now.
         tokio::time::sleep(Duration::from_millis(sc.rng.random_range(0..300))).await;
-        daemon.kill9().await;
+        if let Err(e) = daemon.kill9().await {
+            sc.fail(e);
+        }
         sc.inject(format!("kill:{what}"), 1);
     }
     sim.set_faults(FaultProfile::default());

@@ -16,15 +16,28 @@ use crate::harness::*;
 
 const MAX_IN_FLIGHT: usize = 4;
 
-/// Waits until `more` rows have succeeded since now, or everything inserted so far is done.
-async fn progress(db: &Db, more: i64) {
+/// Waits until `more` rows have succeeded since now, or everything inserted so far is done; a
+/// daemon that makes no progress for 30 s fails the scenario (with its log tail and the
+/// database's state) instead of the next outage landing on an idle daemon.
+async fn progress(sc: &Scenario, db: &Db, daemon: &Daemon, more: i64) {
     let base = db.progress().await.map_or(0, |(_, _, ok)| ok);
-    until(Duration::from_secs(30), || async {
-        db.progress()
-            .await
-            .is_some_and(|(done, all, ok)| ok >= base + more || done == all)
-    })
+    let moved = until(
+        &format!("{more} more rows to succeed before the next outage"),
+        Duration::from_secs(30),
+        || async {
+            db.progress()
+                .await
+                .is_some_and(|(done, all, ok)| ok >= base + more || done == all)
+        },
+    )
     .await;
+    if let Err(e) = moved {
+        sc.fail(format!(
+            "{e}; {}; log tail:\n{}",
+            db.diagnose().await,
+            daemon.tail(15)
+        ));
+    }
 }
 
 /// A window of wall-clock time in which the database was away.
@@ -104,7 +117,7 @@ async fn postgres_restarts(round: u64) {
     let mut extra = Vec::new();
     let mut outages = Vec::new();
     for _ in 0..repeats(2, 5) {
-        progress(&db, 20).await;
+        progress(&sc, &db, &daemon, 20).await;
         let from = time::OffsetDateTime::now_utc();
         if let Err(e) = cluster.stop_immediate() {
             sc.fail(format!("pg_ctl stop: {e}"));
@@ -185,7 +198,7 @@ async fn sqlite_locked(round: u64) {
     let mut extra = Vec::new();
     let mut outages = Vec::new();
     for _ in 0..repeats(2, 5) {
-        progress(&db, 20).await;
+        progress(&sc, &db, &daemon, 20).await;
         let hold = Duration::from_millis(sc.rng.random_range(2500..4500));
         let url = db.url.clone();
         let (held, got_it) = tokio::sync::oneshot::channel();

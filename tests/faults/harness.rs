@@ -80,6 +80,58 @@ fn mix(seed: u64, name: &str) -> u64 {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The scenario table
+
+const BOTH: &[Backend] = &[Backend::Sqlite, Backend::Postgres];
+const SQLITE: &[Backend] = &[Backend::Sqlite];
+const POSTGRES: &[Backend] = &[Backend::Postgres];
+
+/// Every scenario of the suite (`family/what`) and the backends it runs on; `fuzz/…` entries run
+/// once, the others once per backend and round. The report's `scenarios_expected` and
+/// `scenarios_missing` come from this table (so CI notices a scenario that never ran), and
+/// [`Scenario::new`] refuses a name that is not in it (so the table cannot fall behind).
+pub const SCENARIOS: &[(&str, &[Backend])] = &[
+    ("crash/after_claim", BOTH),
+    ("crash/before_send", BOTH),
+    ("crash/after_response", BOTH),
+    ("crash/before_outcomes", BOTH),
+    ("crash/mid_outcomes", BOTH),
+    ("crash/after_outcomes", BOTH),
+    ("crash/held_answer", BOTH),
+    ("crash/dropped_answer", BOTH),
+    ("database/pg_restart", POSTGRES),
+    ("database/sqlite_lock", SQLITE),
+    ("api/fault_schedule", BOTH),
+    ("replicas/2_daemons_one_killed", BOTH),
+    ("replicas/3_daemons_one_killed", POSTGRES),
+    ("key_lifetime/5xx_until_the_key_is_old", BOTH),
+    ("key_lifetime/killed_while_the_answer_is_held", BOTH),
+    ("hostile_rows/outbox", BOTH),
+    ("fuzz/arbitrary_bytes", &[]),
+    ("fuzz/transport_failures", &[]),
+    ("fuzz/json_shaped_200s", &[]),
+    ("fuzz/json_shaped_non_200s", &[]),
+    ("fuzz/retry_headers", &[]),
+];
+
+/// The names every scenario of this run records under: the table times backends and rounds.
+pub fn expected_scenarios() -> Vec<String> {
+    let mut names = Vec::new();
+    for (base, backends) in SCENARIOS {
+        if backends.is_empty() {
+            names.push((*base).to_owned());
+        }
+        for backend in *backends {
+            for round in 0..rounds() {
+                let (family, what) = base.split_once('/').unwrap_or((base, ""));
+                names.push(scenario_name(family, what, *backend, round));
+            }
+        }
+    }
+    names
+}
+
+// ---------------------------------------------------------------------------------------------
 // Scenario bookkeeping and the report
 
 /// One scenario run: its name, its seed (derived from the suite seed and the name), the random
@@ -96,6 +148,10 @@ pub struct Scenario {
 impl Scenario {
     pub fn new(name: impl Into<String>) -> Scenario {
         let name = name.into();
+        assert!(
+            expected_scenarios().contains(&name),
+            "scenario {name} is not in harness::SCENARIOS: add it, so that the report expects it"
+        );
         let seed = mix(suite_seed(), &name);
         eprintln!("[{name}] seed {seed}");
         Scenario {
@@ -231,8 +287,13 @@ struct Report<'a> {
     soak: bool,
     rounds: u64,
     verdict: &'a str,
+    /// How many scenarios this run should record ([`SCENARIOS`] times backends and rounds);
+    /// CI fails when `scenarios_run` falls short of it.
+    scenarios_expected: usize,
     scenarios_run: usize,
     scenarios_skipped: usize,
+    /// Expected scenarios with no entry (yet: the report is rewritten as each one ends).
+    scenarios_missing: Vec<String>,
     /// Sums over every scenario of this run.
     injected_total: BTreeMap<String, u64>,
     sim_faults_total: BTreeMap<String, u64>,
@@ -281,13 +342,19 @@ fn record(name: String, report: ScenarioReport) {
         .filter(|r| r.verdict.starts_with("skipped"))
         .count();
     let failed = all.values().any(|r| r.verdict.starts_with("FAIL"));
+    let expected = expected_scenarios();
     let report = Report {
         seed: suite_seed(),
         soak: soak(),
         rounds: rounds(),
         verdict: if failed { "FAIL" } else { "pass" },
+        scenarios_expected: expected.len(),
         scenarios_run: all.len() - skipped,
         scenarios_skipped: skipped,
+        scenarios_missing: expected
+            .into_iter()
+            .filter(|name| !all.contains_key(name))
+            .collect(),
         injected_total,
         sim_faults_total,
         scenarios: &all,
@@ -686,6 +753,17 @@ impl Db {
         }
     }
 
+    /// Keys of the batches for which the daemon recorded an attempt answered `status`.
+    pub async fn keys_answered(&self, status: i32) -> Vec<String> {
+        let sql = "SELECT DISTINCT b.idempotency_key FROM prism_batch_attempts a
+                   JOIN prism_batches b ON b.id = a.batch_id WHERE a.http_status = $1";
+        match self.store.sqlx_kind() {
+            StoreKind::Sqlite(p) => sqlx::query_scalar(sql).bind(status).fetch_all(p).await,
+            StoreKind::Postgres(p) => sqlx::query_scalar(sql).bind(status).fetch_all(p).await,
+        }
+        .expect("read batch attempts")
+    }
+
     /// Rows by state, open batches and (Postgres) the visibility watermark and the oldest
     /// transactions of the cluster, for failure messages.
     pub async fn diagnose(&self) -> String {
@@ -864,10 +942,14 @@ pub fn feed(
 // ---------------------------------------------------------------------------------------------
 // The daemon as a real process
 
+/// `http.max_retry_after` of every test daemon: the longest pause a 429 may impose.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// Settings for a fast test run: 1 s request timeout, 6 s lease (the least `sync.lease ≥
 /// http.timeout + 5s` allows), quick retries and polls, small batches so a small workload
 /// crosses many batch boundaries.
 pub fn daemon_env(db: &Db, sim: &Sim) -> Vec<(String, String)> {
+    let max_retry_after = format!("{}ms", MAX_RETRY_AFTER.as_millis());
     [
         ("DATABASE_URL", db.url.as_str()),
         ("MICRO_API_KEY", prism_sync::sim::DEFAULT_API_KEY),
@@ -878,7 +960,11 @@ pub fn daemon_env(db: &Db, sim: &Sim) -> Vec<(String, String)> {
         ("PRISM_SYNC__POLL__INTERVAL", "20ms"),
         ("PRISM_SYNC__AUTH__PROBE_INTERVAL", "200ms"),
         ("PRISM_SYNC__HTTP__TIMEOUT", "1s"),
-        ("PRISM_SYNC__HTTP__MAX_RETRY_AFTER", "1s"),
+        ("PRISM_SYNC__HTTP__MAX_RETRY_AFTER", &max_retry_after),
+        // A batch is released only where a scenario drives it past `batch.max_key_age`
+        // (key_lifetime): a release after `batch.max_attempts` in a long fault storm would be
+        // legitimate, and would blur the checker's "no release" promise everywhere else.
+        ("PRISM_SYNC__BATCH__MAX_ATTEMPTS", "1000"),
         ("PRISM_SYNC__SYNC__LEASE", "6s"),
         ("PRISM_SYNC__SYNC__MAX_IN_FLIGHT", "4"),
         ("PRISM_SYNC__BATCH__SIZE", "20"),
@@ -901,6 +987,8 @@ pub struct Daemon {
     pub log: PathBuf,
     telemetry: Option<std::net::SocketAddr>,
     exited: Option<std::process::ExitStatus>,
+    /// The scenario killed it (`kill9`): its exit is no surprise to [`stop_daemon`].
+    killed: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -937,6 +1025,7 @@ impl Daemon {
             log,
             telemetry: None,
             exited: None,
+            killed: false,
             _dir: dir,
         }
     }
@@ -1019,20 +1108,43 @@ impl Daemon {
         false
     }
 
-    /// A counter or gauge from `/metrics` (0 when absent).
-    pub async fn metric(&mut self, name_and_labels: &str) -> f64 {
-        let text = self.get("/metrics").await.1;
-        text.lines()
+    /// A counter or gauge from `/metrics` (0 when the scrape has no such line: a counter appears
+    /// once counted); an error when `/metrics` does not answer 200.
+    pub async fn metric(&mut self, name_and_labels: &str) -> Result<f64, String> {
+        let (status, text) = self.get("/metrics").await;
+        if status != 200 {
+            return Err(format!(
+                "{}: /metrics answered {status} (0: no answer), so {name_and_labels} could not be read",
+                self.label
+            ));
+        }
+        Ok(text
+            .lines()
             .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+            .unwrap_or(0.0))
     }
 
-    /// `kill -9`.
-    pub async fn kill9(&mut self) {
+    /// `kill -9`, then waits for the process to be gone; an error if it is not within 10 s.
+    pub async fn kill9(&mut self) -> Result<(), String> {
+        if self.try_exit().is_some() {
+            return Err(format!(
+                "{} had already exited ({:?}) before kill -9; log tail:\n{}",
+                self.label,
+                self.exited,
+                self.tail(15)
+            ));
+        }
+        self.killed = true;
         let _ = self.child.start_kill();
-        let _ = self.wait_exit(Duration::from_secs(10)).await;
+        match self.wait_exit(Duration::from_secs(10)).await {
+            Some(_) => Ok(()),
+            None => Err(format!(
+                "{} did not exit within 10 s of kill -9",
+                self.label
+            )),
+        }
     }
 
     pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
@@ -1089,8 +1201,6 @@ impl Drop for Daemon {
     }
 }
 
-/// Stops a daemon cleanly at the end of a scenario and reads its key-mismatch counter first.
-/// Returns violations (a daemon that counted a mismatch, or did not exit 0 on SIGTERM).
 /// Waits until every row is finished, then stops the daemon: what went wrong on the way (a
 /// timeout, with the daemon's name and log tail, then whatever stopping it found).
 pub async fn finish_and_stop(
@@ -1111,17 +1221,28 @@ pub async fn finish_and_stop(
     problems
 }
 
+/// Stops a daemon cleanly at the end of a scenario and reads its key-mismatch counter first.
+/// Returns violations: a daemon that counted a mismatch, whose `/metrics` did not answer, that
+/// did not exit 0 on SIGTERM, or that had exited by itself (one the scenario killed is fine).
 pub async fn stop_daemon(daemon: &mut Daemon) -> Vec<String> {
     let mut problems = Vec::new();
-    if daemon.try_exit().is_some() {
+    if let Some(status) = daemon.try_exit() {
+        if !daemon.killed {
+            problems.push(format!(
+                "{} exited by itself ({status}) before the end of the scenario; log tail:\n{}",
+                daemon.label,
+                daemon.tail(20)
+            ));
+        }
         return problems;
     }
-    let mismatches = daemon.metric("prism_sync_key_mismatches_total").await;
-    if mismatches > 0.0 {
-        problems.push(format!(
+    match daemon.metric("prism_sync_key_mismatches_total").await {
+        Ok(mismatches) if mismatches > 0.0 => problems.push(format!(
             "{}: prism_sync_key_mismatches_total = {mismatches}",
             daemon.label
-        ));
+        )),
+        Ok(_) => {}
+        Err(e) => problems.push(e),
     }
     match daemon.terminate().await {
         Some(0) => {}
@@ -1137,8 +1258,10 @@ pub async fn stop_daemon(daemon: &mut Daemon) -> Vec<String> {
 // ---------------------------------------------------------------------------------------------
 // Waiting
 
-/// Polls `cond` every 50 ms until it holds or `within` passes; `false` on timeout.
-pub async fn until<F, Fut>(within: Duration, mut cond: F) -> bool
+/// Polls `cond` every 50 ms until it holds or `within` passes. A timeout is an error naming
+/// `what` was awaited: a scenario must fail on it rather than go on as if it had happened (a
+/// `Result`, so that a dropped one is a compile-time warning, and CI denies warnings).
+pub async fn until<F, Fut>(what: &str, within: Duration, mut cond: F) -> Result<(), String>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -1146,10 +1269,10 @@ where
     let deadline = Instant::now() + within;
     loop {
         if cond().await {
-            return true;
+            return Ok(());
         }
         if Instant::now() > deadline {
-            return false;
+            return Err(format!("timed out after {within:?} waiting for {what}"));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

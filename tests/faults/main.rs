@@ -8,7 +8,8 @@
 //! - `database`: a private Postgres cluster stopped (`-m immediate`) and started under the
 //!   daemon; a SQLite file write-locked by another process.
 //! - `api`: a seeded schedule of API faults (429 storms, 5xx, timeouts, slow and dropped answers,
-//!   damaged 200s, a revoked key) with a poison item throughout.
+//!   damaged 200s, a revoked key) with a poison item throughout, and each phase's promised
+//!   effect checked on the simulator's request log (`effects.rs`).
 //! - `replicas`: two and three daemons on one Postgres database, two on one SQLite file, one of
 //!   them killed mid-run.
 //! - `key_lifetime`: short simulator TTL and `batch.max_key_age`: unanswered batches are released
@@ -17,7 +18,8 @@
 //! - `fuzz`: the response parser and outcome classifier at scale.
 //!
 //! One seed drives every scenario (`PRISM_SYNC_FAULT_SEED`, printed); `PRISM_SYNC_SOAK=1` runs a
-//! longer soak. The report goes to `target/fault-suite-report.json` (see `harness::report_path`).
+//! longer soak. The report goes to `target/fault-suite-report.json` (see `harness::report_path`),
+//! with the number of scenarios expected from `harness::SCENARIOS` beside those that ran.
 //! The crash scenarios need the failpoints build: see `harness::failpoints_bin`.
 
 #[path = "../common/mod.rs"]
@@ -27,6 +29,7 @@ mod api;
 mod checker;
 mod crash;
 mod database;
+mod effects;
 mod fuzz;
 mod harness;
 mod hostile_rows;

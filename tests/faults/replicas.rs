@@ -58,21 +58,16 @@ async fn replicas(backend: Backend, count: usize, round: u64) {
     let victim = sc.rng.random_range(0..count);
     let share = sc.rng.random_range(0.2..0.6);
     let target = (rows.len() as f64 * share) as i64;
-    until(Duration::from_secs(60), || async {
-        db.progress().await.is_some_and(|(_, _, ok)| ok >= target)
-    })
+    let reached = until(
+        &format!("{target} of {} rows to succeed", rows.len()),
+        Duration::from_secs(60),
+        || async { db.progress().await.is_some_and(|(_, _, ok)| ok >= target) },
+    )
     .await;
-    let pid = daemons[victim].pid;
-    let mut held = 0;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while held == 0 && std::time::Instant::now() < deadline {
-        held = db.leased_by(pid).await;
-        if held == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    if let Err(e) = reached {
+        sc.fail(format!("{e}; {}", db.diagnose().await));
     }
-    daemons[victim].kill9().await;
-    sc.inject("kill:replica", 1);
+    let held = kill_while_holding(&mut sc, &db, &sim, &mut daemons, victim).await;
     sc.note(format!(
         "killed replica-{victim} after {target}+ of {} rows succeeded, holding {held} open batch(es)",
         rows.len()
@@ -99,6 +94,59 @@ async fn replicas(backend: Backend, count: usize, round: u64) {
     }
     let (stats, verdict) = check(&db, &sim, &Expect::default(), extra).await;
     sc.finish(&stats, verdict);
+}
+
+/// Kills `daemons[victim]` while it holds open batches, and returns how many it held. Whether it
+/// did is read after it died: the batches still leased to the dead pid (nobody takes them over
+/// before their lease lapses). If it finished them between the look and the kill, the kill
+/// proved nothing: a fresh replica takes the victim's place and the kill is tried again; after
+/// five such tries the scenario fails rather than pass without a takeover.
+async fn kill_while_holding(
+    sc: &mut Scenario,
+    db: &Db,
+    sim: &Sim,
+    daemons: &mut [Daemon],
+    victim: usize,
+) -> i64 {
+    const TRIES: u32 = 5;
+    for attempt in 1..=TRIES {
+        let pid = daemons[victim].pid;
+        let holds = until(
+            &format!("replica-{victim} (pid {pid}) to hold an open batch"),
+            Duration::from_secs(20),
+            || async { db.leased_by(pid).await > 0 },
+        )
+        .await;
+        if let Err(e) = holds {
+            sc.fail(format!(
+                "{e}; {}; log tail:\n{}",
+                db.diagnose().await,
+                daemons[victim].tail(15)
+            ));
+        }
+        if let Err(e) = daemons[victim].kill9().await {
+            sc.fail(e);
+        }
+        sc.inject("kill:replica", 1);
+        let held = db.leased_by(pid).await;
+        if held > 0 {
+            return held;
+        }
+        sc.note(format!(
+            "try {attempt}: replica-{victim} had finished its batches when it died; a fresh replica takes its place"
+        ));
+        daemons[victim] = Daemon::spawn(
+            sc,
+            &format!("replica-{victim}-try-{}", attempt + 1),
+            &bin(),
+            db,
+            sim,
+            &[("PRISM_SYNC__SYNC__MAX_IN_FLIGHT", "3")],
+        );
+    }
+    sc.fail(format!(
+        "replica-{victim} held no open batch at any of {TRIES} kills: no takeover was tested"
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
