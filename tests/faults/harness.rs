@@ -107,6 +107,7 @@ pub const SCENARIOS: &[(&str, &[Backend])] = &[
     ("key_lifetime/5xx_until_the_key_is_old", BOTH),
     ("key_lifetime/killed_while_the_answer_is_held", BOTH),
     ("hostile_rows/outbox", BOTH),
+    ("liveness/hostile_answers", BOTH),
     ("fuzz/arbitrary_bytes", &[]),
     ("fuzz/transport_failures", &[]),
     ("fuzz/json_shaped_200s", &[]),

@@ -15,6 +15,10 @@
 //! - `key_lifetime`: short simulator TTL and `batch.max_key_age`: unanswered batches are released
 //!   to new keys before the API forgets them.
 //! - `hostile_rows`: malformed outbox rows against the real process, with its memory measured.
+//! - `liveness`: hostile answers (NUL and bytes that are not UTF-8 in messages and codes,
+//!   answers too large to read, damaged 200s, a 429 storm without `retry-after`, codes retried
+//!   for ever), a batch of a team removed between runs and a key refused with nothing stored;
+//!   every row must end within a stated bound.
 //! - `fuzz`: the response parser and outcome classifier at scale.
 //!
 //! One seed drives every scenario (`PRISM_SYNC_FAULT_SEED`, printed); `PRISM_SYNC_SOAK=1` runs a
@@ -34,4 +38,5 @@ mod fuzz;
 mod harness;
 mod hostile_rows;
 mod key_lifetime;
+mod liveness;
 mod replicas;
