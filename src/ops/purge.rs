@@ -20,6 +20,20 @@ use crate::model::RowState;
 use crate::settings::RetentionSettings;
 use crate::store::{OpsTx, Store, StoreError, StoreKind};
 
+/// A succeeded row is kept while an older row of its record is dead: that row may still be
+/// replayed, and replay judges it against the newer changes the API applied (rebased or left
+/// dead as superseded). With the newer change gone, a replay would put the record back to older
+/// values. The row goes once the dead row is purged (or replayed and through).
+macro_rules! no_dead_before {
+    () => {
+        "NOT (prism_outbox.state = 'succeeded' AND EXISTS (
+             SELECT 1 FROM prism_outbox AS d
+             WHERE d.record_id = prism_outbox.record_id AND d.id < prism_outbox.id
+               AND d.state = 'dead' AND d.object_type = prism_outbox.object_type
+               AND d.team_id = prism_outbox.team_id))"
+    };
+}
+
 const CHUNK: i64 = 2000;
 
 /// What to purge: rows in `states` (terminal ones only) finished before `cutoff`.
@@ -184,8 +198,12 @@ pub async fn finished_before(
     Ok(match store.sqlx_kind() {
         StoreKind::Sqlite(pool) => {
             sqlx::query_scalar(
-                "SELECT id FROM prism_outbox INDEXED BY prism_outbox_completed
-                 WHERE completed_at < ?1 AND state IN (SELECT value FROM json_each(?2)) LIMIT ?3",
+                concat!(
+                    "SELECT id FROM prism_outbox INDEXED BY prism_outbox_completed
+                     WHERE completed_at < ?1 AND state IN (SELECT value FROM json_each(?2)) AND ",
+                    no_dead_before!(),
+                    " LIMIT ?3"
+                ),
             )
             .bind(&scope.cutoff)
             .bind(serde_json::to_string(&scope.states).expect("serialises"))
@@ -195,8 +213,12 @@ pub async fn finished_before(
         }
         StoreKind::Postgres(pool) => {
             sqlx::query_scalar(
-                "SELECT id FROM prism_outbox
-                 WHERE completed_at < $1::timestamptz AND state = ANY($2) LIMIT $3",
+                concat!(
+                    "SELECT id FROM prism_outbox
+                     WHERE completed_at < $1::timestamptz AND state = ANY($2) AND ",
+                    no_dead_before!(),
+                    " LIMIT $3"
+                ),
             )
             .bind(&scope.cutoff)
             .bind(&scope.states)
@@ -257,10 +279,13 @@ async fn delete_rows(
         OpsTx::Sqlite(tx) => {
             let c: &mut SqliteConnection = tx;
             let n = sqlx::query(
-                "DELETE FROM prism_outbox
-                 WHERE id IN (SELECT value FROM json_each(?1))
-                   AND state IN ('succeeded', 'dead') AND state IN (SELECT value FROM json_each(?2))
-                   AND completed_at IS NOT NULL AND completed_at < ?3",
+                concat!(
+                    "DELETE FROM prism_outbox
+                     WHERE id IN (SELECT value FROM json_each(?1))
+                       AND state IN ('succeeded', 'dead') AND state IN (SELECT value FROM json_each(?2))
+                       AND completed_at IS NOT NULL AND completed_at < ?3 AND ",
+                    no_dead_before!()
+                ),
             )
             .bind(serde_json::to_string(ids).expect("serialises"))
             .bind(serde_json::to_string(&scope.states).expect("serialises"))
@@ -275,10 +300,13 @@ async fn delete_rows(
             // The state is checked on the row as it is when the DELETE locks it: a row a
             // replay committed as `pending` meanwhile fails it and stays.
             let n = sqlx::query(
-                "DELETE FROM prism_outbox
-                 WHERE id = ANY($1)
-                   AND state IN ('succeeded', 'dead') AND state = ANY($2)
-                   AND completed_at IS NOT NULL AND completed_at < $3::timestamptz",
+                concat!(
+                    "DELETE FROM prism_outbox
+                     WHERE id = ANY($1)
+                       AND state IN ('succeeded', 'dead') AND state = ANY($2)
+                       AND completed_at IS NOT NULL AND completed_at < $3::timestamptz AND ",
+                    no_dead_before!()
+                ),
             )
             .bind(ids)
             .bind(&scope.states)
