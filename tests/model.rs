@@ -13,8 +13,8 @@
 //! - once the random steps stop, every row ends within a bounded number of drain rounds.
 //!
 //! The engine's decisions (how an answer becomes a batch end) live in private async functions
-//! of `engine.rs`; [`Engine`] below mirrors them step by step, with a fixed retry delay instead
-//! of jitter so that the model knows when a row is due.
+//! of `engine.rs`; `Case::engine_decides`, `engine_end` and `finish_of` below mirror them step
+//! by step, with a fixed retry delay instead of jitter so that the model knows when a row is due.
 
 mod common;
 
@@ -81,10 +81,15 @@ const NOT_FOUND: &str = "not_found";
 /// A code neither list names: retried until `MAX_ATTEMPTS`.
 const UNKNOWN: &str = "strange_code";
 
-/// Replays of rows whose record has a newer in-flight or succeeded change are generated only
-/// once `replay` judges them (rebases or leaves them dead; issue 13, item 6). Without that,
-/// the old replay re-sends stale values and this test finds it at once.
+/// The operator's replay of a row whose record has a newer in-flight or succeeded change: only
+/// generated once `replay` judges such rows (rebases them or leaves them dead; issue 13, item 6).
+/// Without that, the old replay re-sends stale values, and this test finds it at once
+/// (`a_replay_behind_an_in_flight_change_never_regresses_its_record`).
 const REPLAY_JUDGES_SUPERSEDED: bool = false;
+/// The replay of a row whose record had a newer succeeded change that a purge has deleted since:
+/// only generated once replay can still tell that change was applied. Today it cannot, and
+/// re-sends the old values (`a_replay_behind_a_purged_change_never_regresses_its_record`).
+const REPLAY_SEES_PURGED_CHANGES: bool = false;
 
 // ---------------------------------------------------------------------------------------------
 // Steps
@@ -399,8 +404,10 @@ struct Coverage {
     rows_replayed: u64,
     rows_replayed_behind_newer: u64,
     /// Rows a replay chose that a newer change supersedes, left out while the replay does not
-    /// judge them (`REPLAY_JUDGES_SUPERSEDED`).
+    /// judge them (`REPLAY_JUDGES_SUPERSEDED`, `REPLAY_SEES_PURGED_CHANGES`).
     superseded_left_out: u64,
+    /// Rows a replay chose and left dead, superseded.
+    superseded_left_dead: u64,
     rows_purged: u64,
     drain_rounds_max: u32,
 }
@@ -423,6 +430,7 @@ impl Coverage {
         self.rows_replayed += c.rows_replayed;
         self.rows_replayed_behind_newer += c.rows_replayed_behind_newer;
         self.superseded_left_out += c.superseded_left_out;
+        self.superseded_left_dead += c.superseded_left_dead;
         self.rows_purged += c.rows_purged;
         self.drain_rounds_max = self.drain_rounds_max.max(c.drain_rounds_max);
     }
@@ -445,7 +453,9 @@ impl Coverage {
             ("rows replayed", self.rows_replayed),
             (
                 "rows replayed behind a newer change",
-                self.rows_replayed_behind_newer + self.superseded_left_out,
+                self.rows_replayed_behind_newer
+                    + self.superseded_left_out
+                    + self.superseded_left_dead,
             ),
             ("rows purged", self.rows_purged),
         ];
@@ -466,7 +476,16 @@ struct Case<'s> {
     revs: [u64; RECORDS.len()],
     /// Per record, the highest id of a succeeded row purged (replay can no longer see it).
     purged_succeeded: [i64; RECORDS.len()],
+    /// Which replays are generated (`REPLAY_JUDGES_SUPERSEDED`, `REPLAY_SEES_PURGED_CHANGES`).
+    replays: Replays,
     policy: CodePolicy,
+}
+
+/// Which replays a case makes (see the constants of the same names).
+#[derive(Debug, Clone, Copy)]
+struct Replays {
+    superseded: bool,
+    behind_purged: bool,
 }
 
 type Checked = Result<(), String>;
@@ -499,6 +518,10 @@ impl<'s> Case<'s> {
             api: Api::default(),
             revs: [0; RECORDS.len()],
             purged_succeeded: [0; RECORDS.len()],
+            replays: Replays {
+                superseded: REPLAY_JUDGES_SUPERSEDED,
+                behind_purged: REPLAY_SEES_PURGED_CHANGES,
+            },
             policy: CodePolicy {
                 retryable: set(&[RETRYABLE, codes::MISSING_RESULT]),
                 permanent: set(&[PERMANENT, NOT_FOUND]),
@@ -857,45 +880,7 @@ impl<'s> Case<'s> {
                 "leased batch {} that is not due or still leased",
                 b.id
             );
-            let m = &self.batches[&b.id];
-            ensure!(
-                m.items == b.items && m.key == b.idempotency_key,
-                "batch {} changed its items or key",
-                b.id
-            );
-            ensure!(
-                m.attempts == b.attempts && m.answered == b.answered,
-                "batch {}: attempts {} answered {}, the model has {} {}",
-                b.id,
-                b.attempts,
-                b.answered,
-                m.attempts,
-                m.answered
-            );
-            // Within six minutes of the whole hours the model counts.
-            let about =
-                |d: Duration, hours: u32| (d.as_secs_f64() / 3600.0 - f64::from(hours)).abs() < 0.1;
-            let key_age = self.epoch - m.created;
-            ensure!(
-                about(b.key_age, key_age),
-                "batch {} key age {:?}, expected {key_age}h",
-                b.id,
-                b.key_age
-            );
-            let first = b
-                .items
-                .iter()
-                .flat_map(|i| &i.rows)
-                .filter_map(|id| self.rows[id].first_try)
-                .min()
-                .unwrap_or(self.epoch);
-            let row_age = self.epoch - first;
-            ensure!(
-                about(b.oldest_row_age, row_age),
-                "batch {} oldest row age {:?}, expected {row_age}h",
-                b.id,
-                b.oldest_row_age
-            );
+            self.check_leased(b)?;
         }
         for b in &leased {
             let m = self.batches.get_mut(&b.id).expect("checked");
@@ -906,6 +891,51 @@ impl<'s> Case<'s> {
             m.expired = false;
         }
         self.procs[p].held.extend(leased);
+        Ok(())
+    }
+
+    /// A batch leased again is the one stored: same key and items, and the attempts, answered
+    /// flag, key age and oldest row age the model counts.
+    fn check_leased(&self, b: &LeasedBatch) -> Checked {
+        let m = &self.batches[&b.id];
+        ensure!(
+            m.items == b.items && m.key == b.idempotency_key,
+            "batch {} changed its items or key",
+            b.id
+        );
+        ensure!(
+            m.attempts == b.attempts && m.answered == b.answered,
+            "batch {}: attempts {} answered {}, the model has {} {}",
+            b.id,
+            b.attempts,
+            b.answered,
+            m.attempts,
+            m.answered
+        );
+        // Within six minutes of the whole hours the model counts.
+        let about =
+            |d: Duration, hours: u32| (d.as_secs_f64() / 3600.0 - f64::from(hours)).abs() < 0.1;
+        let key_age = self.epoch - m.created;
+        ensure!(
+            about(b.key_age, key_age),
+            "batch {} key age {:?}, expected {key_age}h",
+            b.id,
+            b.key_age
+        );
+        let first = b
+            .items
+            .iter()
+            .flat_map(|i| &i.rows)
+            .filter_map(|id| self.rows[id].first_try)
+            .min()
+            .unwrap_or(self.epoch);
+        let row_age = self.epoch - first;
+        ensure!(
+            about(b.oldest_row_age, row_age),
+            "batch {} oldest row age {:?}, expected {row_age}h",
+            b.id,
+            b.oldest_row_age
+        );
         Ok(())
     }
 
@@ -928,14 +958,15 @@ impl<'s> Case<'s> {
         Ok(())
     }
 
-    /// Mirrors `engine::send_and_settle` and the handlers it calls.
+    /// Mirrors `engine::send_and_settle`: one send through the simulated API, and the end the
+    /// engine writes for what came back.
     fn engine_decides(
         &mut self,
         batch: &LeasedBatch,
         response: &Response,
     ) -> Result<(End, AttemptRecord), String> {
-        let worn_out = batch.attempts >= BATCH_MAX_ATTEMPTS;
-        if worn_out || batch.key_age >= MAX_KEY_AGE {
+        // A key out of attempts or near the server's idempotency window is not sent again.
+        if batch.attempts >= BATCH_MAX_ATTEMPTS || batch.key_age >= MAX_KEY_AGE {
             let end = if batch.answered {
                 End::Unreadable
             } else {
@@ -949,80 +980,11 @@ impl<'s> Case<'s> {
             Exchange::Unreadable { status, .. } => Some(*status),
             Exchange::Failed { .. } => None,
         };
-        // `engine::past_give_up`
-        let past_give_up = batch.oldest_row_age() >= GIVE_UP_AFTER;
-        Ok(
-            match classify::classify(&exchange, &batch.items, &self.policy) {
-                BatchVerdict::Answered { outcomes, .. } => {
-                    self.check_outcomes(batch, &outcomes)?;
-                    (answered_end(batch, &outcomes), attempt(status, "answered"))
-                }
-                BatchVerdict::Retry { code, .. } if past_give_up => {
-                    // `engine::give_up`
-                    let end = if batch.answered {
-                        End::Unreadable
-                    } else {
-                        End::Released(code.clone())
-                    };
-                    (end, attempt(status, &code))
-                }
-                BatchVerdict::Retry { code, .. } => {
-                    // `engine::on_retry`: a 429 burns no attempt.
-                    let counted = status != Some(429);
-                    let end = End::Deferred {
-                        answered: false,
-                        counted,
-                    };
-                    (end, attempt(status, &code))
-                }
-                BatchVerdict::AuthRefused { status } => {
-                    // `engine::on_auth_refused`
-                    let code = format!("http_{status}");
-                    let end = match (past_give_up, batch.answered) {
-                        (true, true) => End::Unreadable,
-                        (true, false) => End::Released(code.clone()),
-                        (false, _) => End::Deferred {
-                            answered: false,
-                            counted: false,
-                        },
-                    };
-                    (end, attempt(Some(status), &code))
-                }
-                BatchVerdict::Unreadable { .. } => {
-                    // `engine::on_unreadable`
-                    let next = batch.attempts + 1;
-                    let end = if next >= BATCH_MAX_ATTEMPTS || past_give_up {
-                        End::Unreadable
-                    } else {
-                        End::Deferred {
-                            answered: true,
-                            counted: true,
-                        }
-                    };
-                    (end, attempt(status, codes::UNREADABLE_RESPONSE))
-                }
-                BatchVerdict::Rejected { status, message } => {
-                    // `engine::on_rejected`
-                    let code = format!("http_{status}");
-                    let end = match batch::split_batch(batch.shape(), &batch.body, &batch.items) {
-                        Ok(Some(halves)) => End::Split(Box::new(halves)),
-                        Ok(None) => {
-                            let dead = ItemOutcome::Dead {
-                                code: code.clone(),
-                                message,
-                            };
-                            answered_end(batch, &vec![dead; batch.items.len()])
-                        }
-                        Err(e) => return Err(format!("stored body cannot be split: {e}")),
-                    };
-                    (end, attempt(Some(status), &code))
-                }
-                BatchVerdict::KeyMismatch => (
-                    End::Released("idempotency_key_mismatch".into()),
-                    attempt(status, "idempotency_key_mismatch"),
-                ),
-            },
-        )
+        let verdict = classify::classify(&exchange, &batch.items, &self.policy);
+        if let BatchVerdict::Answered { outcomes, .. } = &verdict {
+            self.check_outcomes(batch, outcomes)?;
+        }
+        engine_end(batch, verdict, status)
     }
 
     /// The simulated API: decides a request the first time its key is seen (applying what it
@@ -1299,18 +1261,9 @@ impl<'s> Case<'s> {
 
     /// The model's side of a written batch end.
     fn apply_end(&mut self, p: usize, w: &Write) -> Checked {
+        self.count_end(&w.end);
         let epoch = self.epoch;
-        let owner = self.owner(p);
-        let id = w.batch.id;
-        match &w.end {
-            End::Split(_) => self.seen.splits += 1,
-            End::Released(_) => self.seen.releases += 1,
-            End::Unreadable => self.seen.unreadable_ends += 1,
-            End::Deferred { counted: true, .. } => self.seen.deferrals += 1,
-            End::Deferred { counted: false, .. } => self.seen.deferrals_not_counted += 1,
-            End::Answered(_) => {}
-        }
-        let b = self.batches.get_mut(&id).expect("ours");
+        let b = self.batches.get_mut(&w.batch.id).expect("ours");
         if let End::Deferred { answered, counted } = w.end {
             b.attempts += i32::from(counted);
             b.due_from = epoch + 1;
@@ -1322,74 +1275,76 @@ impl<'s> Case<'s> {
         b.open = false;
         b.owner = None;
         let items = b.items.clone();
-        for (i, item) in items.iter().enumerate() {
-            let verdict: Option<(RowState, String)> = match &w.end {
-                End::Answered(outcomes) => outcomes[i].clone().map(|(code, retry)| {
-                    let state = if retry {
-                        RowState::Retrying
-                    } else {
-                        RowState::Dead
-                    };
-                    (state, code)
-                }),
-                End::Released(code) => {
-                    let tries = item.attempts as u32 + 1;
-                    let state = if tries >= MAX_ATTEMPTS {
-                        RowState::Dead
-                    } else {
-                        RowState::Retrying
-                    };
-                    Some((state, code.clone()))
-                }
-                End::Unreadable => Some((RowState::Dead, codes::UNREADABLE_RESPONSE.into())),
-                End::Split(_) => continue,
-                End::Deferred { .. } => unreachable!("handled above"),
-            };
-            for row_id in &item.rows {
-                let row = self
-                    .rows
-                    .get_mut(row_id)
-                    .ok_or(format!("row {row_id} lost"))?;
-                ensure!(
-                    row.state == RowState::InFlight && row.batch == Some(id),
-                    "row {row_id} of open batch {id} is {} in batch {:?}",
-                    row.state,
-                    row.batch
-                );
-                row.attempts += 1;
-                let gave_up = row.first_try.is_some_and(|f| epoch - f >= 3);
-                match verdict.clone() {
-                    None => row.state = RowState::Succeeded,
-                    Some((RowState::Retrying, code)) if !gave_up => {
-                        row.state = RowState::Retrying;
-                        row.due_from = epoch + 1;
-                        row.code = Some(code);
-                    }
-                    Some((state, code)) => {
-                        if state == RowState::Retrying {
-                            self.seen.rows_given_up += 1;
-                        }
-                        row.state = RowState::Dead;
-                        row.code = Some(code);
-                    }
-                }
-                if row.state.has_ended() {
-                    row.completed = Some(epoch);
-                }
-            }
-        }
         if let End::Split(children) = &w.end {
-            for child in children.iter() {
-                let leased = LeasedBatch::fresh(child.clone());
-                for row_id in child.items.iter().flat_map(|i| &i.rows) {
-                    self.rows.get_mut(row_id).expect("in the parent").batch = Some(child.id);
-                }
-                let fresh = self.fresh_batch(&leased, &owner);
-                self.batches.insert(child.id, fresh);
-                self.procs[p].held.push(leased);
+            self.adopt_children(p, children);
+            return Ok(());
+        }
+        for (i, item) in items.iter().enumerate() {
+            let verdict = item_verdict(&w.end, i, item);
+            for row_id in &item.rows {
+                self.end_row(w.batch.id, *row_id, verdict.clone())?;
             }
         }
         Ok(())
+    }
+
+    fn count_end(&mut self, end: &End) {
+        match end {
+            End::Split(_) => self.seen.splits += 1,
+            End::Released(_) => self.seen.releases += 1,
+            End::Unreadable => self.seen.unreadable_ends += 1,
+            End::Deferred { counted: true, .. } => self.seen.deferrals += 1,
+            End::Deferred { counted: false, .. } => self.seen.deferrals_not_counted += 1,
+            End::Answered(_) => {}
+        }
+    }
+
+    /// One row of an ended batch takes its item's verdict (`None`: succeeded); a row that would
+    /// retry but was first tried past `GIVE_UP_AFTER` goes dead with its code.
+    fn end_row(&mut self, batch: Uuid, id: i64, verdict: Option<(RowState, String)>) -> Checked {
+        let epoch = self.epoch;
+        let row = self.rows.get_mut(&id).ok_or(format!("row {id} lost"))?;
+        ensure!(
+            row.state == RowState::InFlight && row.batch == Some(batch),
+            "row {id} of open batch {batch} is {} in batch {:?}",
+            row.state,
+            row.batch
+        );
+        row.attempts += 1;
+        let gave_up = row.first_try.is_some_and(|f| epoch - f >= 3);
+        match verdict {
+            None => row.state = RowState::Succeeded,
+            Some((RowState::Retrying, code)) if !gave_up => {
+                row.state = RowState::Retrying;
+                row.due_from = epoch + 1;
+                row.code = Some(code);
+            }
+            Some((state, code)) => {
+                if state == RowState::Retrying {
+                    self.seen.rows_given_up += 1;
+                }
+                row.state = RowState::Dead;
+                row.code = Some(code);
+            }
+        }
+        if row.state.has_ended() {
+            row.completed = Some(epoch);
+        }
+        Ok(())
+    }
+
+    /// A split's halves carry the parent's rows, leased to the process that split it.
+    fn adopt_children(&mut self, p: usize, children: &[NewBatch; 2]) {
+        let owner = self.owner(p);
+        for child in children {
+            let leased = LeasedBatch::fresh(child.clone());
+            for row_id in child.items.iter().flat_map(|i| &i.rows) {
+                self.rows.get_mut(row_id).expect("in the parent").batch = Some(child.id);
+            }
+            let fresh = self.fresh_batch(&leased, &owner);
+            self.batches.insert(child.id, fresh);
+            self.procs[p].held.push(leased);
+        }
     }
 
     // -- crashes and time -----------------------------------------------------------------
@@ -1465,14 +1420,68 @@ impl<'s> Case<'s> {
     /// Whether replaying row `id` may put its record back to older values: a newer change of
     /// its record is in flight or succeeded (perhaps purged since).
     fn superseded(&self, id: i64) -> bool {
+        self.superseded_live(id) || self.behind_purged(id)
+    }
+
+    fn superseded_live(&self, id: i64) -> bool {
         let record = self.rows[&id].record;
-        self.purged_succeeded[record] > id
-            || self.rows.range(id + 1..).any(|(_, r)| {
-                r.record == record && matches!(r.state, RowState::InFlight | RowState::Succeeded)
-            })
+        self.rows.range(id + 1..).any(|(_, r)| {
+            r.record == record && matches!(r.state, RowState::InFlight | RowState::Succeeded)
+        })
+    }
+
+    fn behind_purged(&self, id: i64) -> bool {
+        self.purged_succeeded[self.rows[&id].record] > id
+    }
+
+    /// Whether the case generates the replay of row `id`.
+    fn replayable(&self, id: i64) -> bool {
+        (self.replays.superseded || !self.superseded_live(id))
+            && (self.replays.behind_purged || !self.behind_purged(id))
     }
 
     async fn replay(&mut self, pick: &Pick, include_retrying: bool) -> Checked {
+        let Some((filter, selected)) = self.replay_choice(pick, include_retrying) else {
+            return Ok(());
+        };
+        let replayed = replay_rows(self.store, &filter).await?;
+        let now = read_rows(self.store).await?;
+        let mut pending = 0;
+        for id in &selected {
+            let Some(state) = now.get(id).map(|r| r.state) else {
+                return Err(format!("row {id} lost by replay"));
+            };
+            match state {
+                RowState::Pending => {
+                    pending += 1;
+                    self.requeued(*id);
+                }
+                s if s == self.rows[id].state && !self.replayable(*id) => {}
+                s if s == self.rows[id].state => {
+                    ensure!(
+                        self.superseded(*id),
+                        "replay left row {id} {s} although nothing supersedes it"
+                    );
+                    self.seen.superseded_left_dead += 1;
+                }
+                s => return Err(format!("replay made row {id} {s}")),
+            }
+        }
+        self.seen.rows_replayed += pending;
+        ensure!(
+            replayed == pending,
+            "replay reported {replayed} rows, {pending} went back to pending"
+        );
+        Ok(())
+    }
+
+    /// The operator's filter for `pick`, and the rows it selects (dead ones, and retrying ones
+    /// if asked); `None` when there is nothing to replay.
+    fn replay_choice(
+        &mut self,
+        pick: &Pick,
+        include_retrying: bool,
+    ) -> Option<(ReplayFilter, Vec<i64>)> {
         let ids: Vec<i64> = self.rows.keys().copied().collect();
         let mut filter = ReplayFilter {
             include_retrying,
@@ -1482,7 +1491,7 @@ impl<'s> Case<'s> {
             Pick::Rows(picks) if !ids.is_empty() => {
                 filter.ids = picks.iter().map(|i| ids[*i as usize % ids.len()]).collect();
             }
-            Pick::Rows(_) => return Ok(()),
+            Pick::Rows(_) => return None,
             Pick::Record(r) => filter.record_id = Uuid::parse_str(RECORDS[*r as usize]).ok(),
             Pick::Code(code) => filter.error_code = Some((*code).to_owned()),
             Pick::All => filter.all = true,
@@ -1503,60 +1512,41 @@ impl<'s> Case<'s> {
             })
             .map(|(id, _)| *id)
             .collect();
-        if !REPLAY_JUDGES_SUPERSEDED {
-            let safe: Vec<i64> = selected
-                .iter()
-                .copied()
-                .filter(|id| !self.superseded(*id))
-                .collect();
-            self.seen.superseded_left_out += (selected.len() - safe.len()) as u64;
-            if safe.is_empty() {
-                return Ok(());
-            }
-            filter = ReplayFilter {
-                ids: safe,
-                include_retrying,
-                ..ReplayFilter::default()
-            };
+        if self.replays.superseded && self.replays.behind_purged {
+            return Some((filter, selected));
         }
-        let replayed = replay_rows(self.store, &filter).await?;
-        let now = read_rows(self.store).await?;
-        let mut pending = 0;
-        for id in &selected {
-            let Some(state) = now.get(id).map(|r| r.state) else {
-                return Err(format!("row {id} lost by replay"));
-            };
-            match state {
-                RowState::Pending => {
-                    pending += 1;
-                    let record = self.rows[id].record;
-                    if self
-                        .rows
-                        .range(id + 1..)
-                        .any(|(_, r)| r.record == record && r.state == RowState::Succeeded)
-                    {
-                        self.seen.rows_replayed_behind_newer += 1;
-                    }
-                    let row = self.rows.get_mut(id).expect("selected");
-                    row.state = RowState::Pending;
-                    row.attempts = 0;
-                    row.due_from = self.epoch;
-                    row.completed = None;
-                    row.applied_under.clear();
-                }
-                s if s == self.rows[id].state => ensure!(
-                    self.superseded(*id) || !REPLAY_JUDGES_SUPERSEDED && !filter.ids.contains(id),
-                    "replay left row {id} {s} although nothing supersedes it"
-                ),
-                s => return Err(format!("replay made row {id} {s}")),
-            }
+        let safe: Vec<i64> = selected
+            .iter()
+            .copied()
+            .filter(|id| self.replayable(*id))
+            .collect();
+        self.seen.superseded_left_out += (selected.len() - safe.len()) as u64;
+        let filter = ReplayFilter {
+            ids: safe,
+            include_retrying,
+            ..ReplayFilter::default()
+        };
+        (!filter.ids.is_empty()).then_some((filter, selected))
+    }
+
+    /// Row `id` is back to pending after a replay: attempts reset, due at once, and free to be
+    /// applied again.
+    fn requeued(&mut self, id: i64) {
+        let record = self.rows[&id].record;
+        if self
+            .rows
+            .range(id + 1..)
+            .any(|(_, r)| r.record == record && r.state == RowState::Succeeded)
+        {
+            self.seen.rows_replayed_behind_newer += 1;
         }
-        self.seen.rows_replayed += pending;
-        ensure!(
-            replayed == pending,
-            "replay reported {replayed} rows, {pending} went back to pending"
-        );
-        Ok(())
+        let epoch = self.epoch;
+        let row = self.rows.get_mut(&id).expect("selected");
+        row.state = RowState::Pending;
+        row.attempts = 0;
+        row.due_from = epoch;
+        row.completed = None;
+        row.applied_under.clear();
     }
 
     async fn purge(&mut self, states: PurgeStates) -> Checked {
@@ -1755,6 +1745,96 @@ fn attempt(status: Option<u16>, outcome: &str) -> AttemptRecord {
         http_status: status,
         outcome: outcome.to_owned(),
         ..AttemptRecord::default()
+    }
+}
+
+/// The end the engine writes for a sent batch's verdict (`engine::on_retry`, `give_up`,
+/// `on_auth_refused`, `on_unreadable`, `on_rejected`, and the key-mismatch release).
+fn engine_end(
+    batch: &LeasedBatch,
+    verdict: BatchVerdict,
+    status: Option<u16>,
+) -> Result<(End, AttemptRecord), String> {
+    let past_give_up = batch.oldest_row_age() >= GIVE_UP_AFTER;
+    // `engine::give_up`: a key the API answered 2xx is never released.
+    let give_up = |code: &str| match batch.answered {
+        true => End::Unreadable,
+        false => End::Released(code.to_owned()),
+    };
+    let deferred = |answered, counted| End::Deferred { answered, counted };
+    Ok(match verdict {
+        BatchVerdict::Answered { outcomes, .. } => {
+            (answered_end(batch, &outcomes), attempt(status, "answered"))
+        }
+        BatchVerdict::Retry { code, .. } if past_give_up => {
+            (give_up(&code), attempt(status, &code))
+        }
+        // A 429 burns no attempt.
+        BatchVerdict::Retry { code, .. } => {
+            (deferred(false, status != Some(429)), attempt(status, &code))
+        }
+        BatchVerdict::AuthRefused { status } => {
+            let code = format!("http_{status}");
+            let end = if past_give_up {
+                give_up(&code)
+            } else {
+                deferred(false, false)
+            };
+            (end, attempt(Some(status), &code))
+        }
+        BatchVerdict::Unreadable { .. } => {
+            let end = if batch.attempts + 1 >= BATCH_MAX_ATTEMPTS || past_give_up {
+                End::Unreadable
+            } else {
+                deferred(true, true)
+            };
+            (end, attempt(status, codes::UNREADABLE_RESPONSE))
+        }
+        BatchVerdict::Rejected { status, message } => {
+            let code = format!("http_{status}");
+            let end = match batch::split_batch(batch.shape(), &batch.body, &batch.items) {
+                Ok(Some(halves)) => End::Split(Box::new(halves)),
+                Ok(None) => {
+                    let dead = ItemOutcome::Dead {
+                        code: code.clone(),
+                        message,
+                    };
+                    answered_end(batch, &vec![dead; batch.items.len()])
+                }
+                Err(e) => return Err(format!("stored body cannot be split: {e}")),
+            };
+            (end, attempt(Some(status), &code))
+        }
+        BatchVerdict::KeyMismatch => (
+            End::Released("idempotency_key_mismatch".into()),
+            attempt(status, "idempotency_key_mismatch"),
+        ),
+    })
+}
+
+/// What the rows of item `i` become when `end` is written (`None`: succeeded).
+fn item_verdict(end: &End, i: usize, item: &BatchItem) -> Option<(RowState, String)> {
+    match end {
+        End::Answered(outcomes) => outcomes[i].clone().map(|(code, retry)| {
+            let state = if retry {
+                RowState::Retrying
+            } else {
+                RowState::Dead
+            };
+            (state, code)
+        }),
+        // Each release counts as a try (`engine::finish_released`).
+        End::Released(code) => {
+            let tries = u32::try_from(item.attempts).unwrap_or(0) + 1;
+            let state = if tries >= MAX_ATTEMPTS {
+                RowState::Dead
+            } else {
+                RowState::Retrying
+            };
+            Some((state, code.clone()))
+        }
+        End::Unreadable => Some((RowState::Dead, codes::UNREADABLE_RESPONSE.into())),
+        End::Split(_) | End::Deferred { .. } => unreachable!("no row of theirs ends"),
     }
 }
 
@@ -1994,4 +2074,109 @@ fn sqlite_random_interleavings_never_lose_or_regress_a_row_and_always_end() {
 #[test]
 fn postgres_random_interleavings_never_lose_or_regress_a_row_and_always_end() {
     run_model(Backend::Postgres);
+}
+
+/// Runs one fixed sequence (and the drain) on each database at hand, with the given replays.
+fn run_sequence(replays: Replays, steps: &[Step]) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let Some(db) = rt.block_on(TestDb::new(backend)) else {
+            continue;
+        };
+        let store = rt.block_on(db.store());
+        let mut case = Case::new(&store);
+        case.replays = replays;
+        if let Err(e) = rt.block_on(case.run(steps)) {
+            panic!("{backend:?}: {e}");
+        }
+    }
+}
+
+fn update(record: u8, keys: u8) -> Step {
+    Step::Insert {
+        record,
+        change: Change::Update { keys, list: false },
+    }
+}
+
+fn send(process: u8, result: ItemResult) -> Step {
+    Step::Send {
+        process,
+        which: 0,
+        response: Response::Answered(vec![result]),
+        late: false,
+    }
+}
+
+/// Found by this test against the replay of the time: a row dead (its batch was refused) is
+/// replayed while the next change of its record is in flight; it goes back to pending, is
+/// claimed past that change and sets `a` back from revision 2 to 1.
+#[test]
+#[ignore = "the replay on this branch re-sends superseded rows: passes once replay judges them (issue 13, item 6)"]
+fn a_replay_behind_an_in_flight_change_never_regresses_its_record() {
+    let steps = [
+        update(3, 0b011),
+        Step::Claim {
+            process: 1,
+            size: 1,
+        },
+        Step::Send {
+            process: 1,
+            which: 0,
+            response: Response::Rejected,
+            late: false,
+        },
+        update(3, 0b001),
+        Step::Claim {
+            process: 0,
+            size: 1,
+        },
+        Step::Replay {
+            pick: Pick::All,
+            include_retrying: false,
+        },
+    ];
+    let replays = Replays {
+        superseded: true,
+        behind_purged: false,
+    };
+    run_sequence(replays, &steps);
+}
+
+/// Found by this test against the replay that judges superseded rows: once the newer change
+/// that succeeded is purged (succeeded rows usually have the shorter retention), replay sees
+/// no newer change, sends the dead row as it is, and sets `a` back from revision 2 to 1.
+#[test]
+#[ignore = "replay cannot tell that a purged newer change was applied: it re-sends the old values"]
+fn a_replay_behind_a_purged_change_never_regresses_its_record() {
+    let steps = [
+        update(0, 0b001),
+        Step::Claim {
+            process: 0,
+            size: 1,
+        },
+        send(0, ItemResult::Permanent),
+        update(0, 0b001),
+        Step::Claim {
+            process: 0,
+            size: 1,
+        },
+        send(0, ItemResult::Ok),
+        Step::Advance,
+        Step::Purge {
+            states: PurgeStates::Succeeded,
+        },
+        Step::Replay {
+            pick: Pick::All,
+            include_retrying: false,
+        },
+    ];
+    let replays = Replays {
+        superseded: true,
+        behind_purged: true,
+    };
+    run_sequence(replays, &steps);
 }
