@@ -1629,14 +1629,12 @@ impl<'s> Case<'s> {
                 m.attempts,
                 m.code
             );
-            if m.batch.is_some() {
-                ensure!(
-                    r.batch == m.batch,
-                    "row {id} in batch {:?}, the model says {:?}",
-                    r.batch,
-                    m.batch
-                );
-            }
+            ensure!(
+                r.batch == m.batch,
+                "row {id} in batch {:?}, the model says {:?}",
+                r.batch,
+                m.batch
+            );
         }
         if let Some(extra) = rows.keys().find(|id| !self.rows.contains_key(id)) {
             return Err(format!("row {extra} exists but was never inserted"));
@@ -1690,24 +1688,7 @@ impl<'s> Case<'s> {
     async fn drain(mut self) -> Result<Coverage, String> {
         for round in 1..=DRAIN_ROUNDS {
             self.seen.drain_rounds_max = self.seen.drain_rounds_max.max(round);
-            for p in 0..PROCS {
-                self.flush(p).await?;
-            }
-            self.advance().await?;
-            for p in 0..PROCS {
-                for _ in 0..1000 {
-                    while !self.procs[p].held.is_empty() {
-                        let ok = Response::Answered(vec![ItemResult::Ok]);
-                        self.send(p, 0, &ok, false).await?;
-                    }
-                    self.lease_due(p, 100).await?;
-                    self.claim(p, 100).await?;
-                    if self.procs[p].held.is_empty() {
-                        break;
-                    }
-                }
-            }
-            self.check()
+            self.drain_round()
                 .await
                 .map_err(|e| format!("drain round {round}: {e}"))?;
             if self.rows.values().all(|r| r.state.has_ended()) {
@@ -1727,6 +1708,29 @@ impl<'s> Case<'s> {
         Err(format!(
             "rows still not ended after {DRAIN_ROUNDS} drain rounds: {open:?}"
         ))
+    }
+
+    /// Every process writes what it still holds back, an hour passes, and each in turn sends,
+    /// leases and claims until it finds nothing more.
+    async fn drain_round(&mut self) -> Checked {
+        for p in 0..PROCS {
+            self.flush(p).await?;
+        }
+        self.advance().await?;
+        let ok = Response::Answered(vec![ItemResult::Ok]);
+        for p in 0..PROCS {
+            for _ in 0..1000 {
+                while !self.procs[p].held.is_empty() {
+                    self.send(p, 0, &ok, false).await?;
+                }
+                self.lease_due(p, 100).await?;
+                self.claim(p, 100).await?;
+                if self.procs[p].held.is_empty() {
+                    break;
+                }
+            }
+        }
+        self.check().await
     }
 }
 
