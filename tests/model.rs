@@ -85,11 +85,11 @@ const UNKNOWN: &str = "strange_code";
 /// generated once `replay` judges such rows (rebases them or leaves them dead; issue 13, item 6).
 /// Without that, the old replay re-sends stale values, and this test finds it at once
 /// (`a_replay_behind_an_in_flight_change_never_regresses_its_record`).
-const REPLAY_JUDGES_SUPERSEDED: bool = false;
+const REPLAY_JUDGES_SUPERSEDED: bool = true;
 /// The replay of a row whose record had a newer succeeded change that a purge has deleted since:
 /// only generated once replay can still tell that change was applied. Today it cannot, and
 /// re-sends the old values (`a_replay_behind_a_purged_change_never_regresses_its_record`).
-const REPLAY_SEES_PURGED_CHANGES: bool = false;
+const REPLAY_SEES_PURGED_CHANGES: bool = true;
 
 // ---------------------------------------------------------------------------------------------
 // Steps
@@ -276,7 +276,7 @@ async fn purge_rows(
     states: &[RowState],
     older_than: Duration,
 ) -> Result<u64, String> {
-    prism_sync::ops::purge::purge(store, states, older_than)
+    prism_sync::ops::purge::purge_older_than(store, states, older_than, "model-test")
         .await
         .map(|r| r.rows)
         .map_err(|e| format!("purge: {e}"))
@@ -1546,6 +1546,8 @@ impl<'s> Case<'s> {
         row.attempts = 0;
         row.due_from = epoch;
         row.completed = None;
+        // The give-up window starts again at its next first attempt.
+        row.first_try = None;
         row.applied_under.clear();
     }
 
@@ -1557,10 +1559,17 @@ impl<'s> Case<'s> {
         };
         // Half an hour: rows that ended before the last `Advance`.
         let purged = purge_rows(self.store, &states, Duration::from_secs(1800)).await?;
+        // A succeeded row stays while an older row of its record is dead (it may be replayed).
+        let dead_before = |id: i64, record: usize| {
+            self.rows
+                .range(..id)
+                .any(|(_, r)| r.record == record && r.state == RowState::Dead)
+        };
         let expected: BTreeSet<i64> = self
             .rows
             .iter()
             .filter(|(_, r)| states.contains(&r.state) && r.completed < Some(self.epoch))
+            .filter(|(id, r)| !(r.state == RowState::Succeeded && dead_before(**id, r.record)))
             .map(|(id, _)| *id)
             .collect();
         let now = read_rows(self.store).await?;
@@ -2119,7 +2128,6 @@ fn send(process: u8, result: ItemResult) -> Step {
 /// replayed while the next change of its record is in flight; it goes back to pending, is
 /// claimed past that change and sets `a` back from revision 2 to 1.
 #[test]
-#[ignore = "the replay on this branch re-sends superseded rows: passes once replay judges them (issue 13, item 6)"]
 fn a_replay_behind_an_in_flight_change_never_regresses_its_record() {
     let steps = [
         update(3, 0b011),
@@ -2154,7 +2162,6 @@ fn a_replay_behind_an_in_flight_change_never_regresses_its_record() {
 /// that succeeded is purged (succeeded rows usually have the shorter retention), replay sees
 /// no newer change, sends the dead row as it is, and sets `a` back from revision 2 to 1.
 #[test]
-#[ignore = "replay cannot tell that a purged newer change was applied: it re-sends the old values"]
 fn a_replay_behind_a_purged_change_never_regresses_its_record() {
     let steps = [
         update(0, 0b001),

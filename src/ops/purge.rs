@@ -197,14 +197,12 @@ pub async fn finished_before(
 ) -> Result<Vec<i64>, StoreError> {
     Ok(match store.sqlx_kind() {
         StoreKind::Sqlite(pool) => {
-            sqlx::query_scalar(
-                concat!(
-                    "SELECT id FROM prism_outbox INDEXED BY prism_outbox_completed
+            sqlx::query_scalar(concat!(
+                "SELECT id FROM prism_outbox INDEXED BY prism_outbox_completed
                      WHERE completed_at < ?1 AND state IN (SELECT value FROM json_each(?2)) AND ",
-                    no_dead_before!(),
-                    " LIMIT ?3"
-                ),
-            )
+                no_dead_before!(),
+                " LIMIT ?3"
+            ))
             .bind(&scope.cutoff)
             .bind(serde_json::to_string(&scope.states).expect("serialises"))
             .bind(limit)
@@ -212,14 +210,12 @@ pub async fn finished_before(
             .await?
         }
         StoreKind::Postgres(pool) => {
-            sqlx::query_scalar(
-                concat!(
-                    "SELECT id FROM prism_outbox
+            sqlx::query_scalar(concat!(
+                "SELECT id FROM prism_outbox
                      WHERE completed_at < $1::timestamptz AND state = ANY($2) AND ",
-                    no_dead_before!(),
-                    " LIMIT $3"
-                ),
-            )
+                no_dead_before!(),
+                " LIMIT $3"
+            ))
             .bind(&scope.cutoff)
             .bind(&scope.states)
             .bind(limit)
@@ -299,15 +295,13 @@ async fn delete_rows(
         OpsTx::Postgres(tx) => {
             // The state is checked on the row as it is when the DELETE locks it: a row a
             // replay committed as `pending` meanwhile fails it and stays.
-            let n = sqlx::query(
-                concat!(
-                    "DELETE FROM prism_outbox
+            let n = sqlx::query(concat!(
+                "DELETE FROM prism_outbox
                      WHERE id = ANY($1)
                        AND state IN ('succeeded', 'dead') AND state = ANY($2)
                        AND completed_at IS NOT NULL AND completed_at < $3::timestamptz AND ",
-                    no_dead_before!()
-                ),
-            )
+                no_dead_before!()
+            ))
             .bind(ids)
             .bind(&scope.states)
             .bind(&scope.cutoff)
