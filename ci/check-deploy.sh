@@ -55,6 +55,8 @@ prism_sync_batches_in_flight gauge
 prism_sync_rows_held_back gauge
 prism_sync_watermark_lag_seconds gauge
 prism_sync_credentials_refused gauge
+prism_sync_team_items_total counter
+prism_sync_team_credentials_refused gauge
 prism_sync_operator_replayed_rows_total counter
 prism_sync_last_progress_timestamp_seconds gauge
 prism_sync_build_info gauge
