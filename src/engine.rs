@@ -85,6 +85,26 @@ impl EngineConfig {
             team_label: s.telemetry.team_label,
         }
     }
+
+    /// The end of `batch`, written as this process (its lease, its `retry.give_up_after`).
+    fn finish(
+        &self,
+        batch: &LeasedBatch,
+        end: BatchEnd,
+        rows: Vec<RowUpdate>,
+        attempt: AttemptRecord,
+    ) -> FinishBatch {
+        FinishBatch {
+            batch_id: batch.id,
+            owner: self.owner.clone(),
+            end,
+            rows,
+            children: Vec::new(),
+            lease: self.lease,
+            attempt,
+            give_up_after: self.give_up_after,
+        }
+    }
 }
 
 fn owner_name() -> String {
@@ -1075,14 +1095,8 @@ async fn on_rejected(
             );
             metrics::counter!("prism_sync_batches_total", "result" => "bisected").increment(1);
             let f = FinishBatch {
-                batch_id: batch.id,
-                owner: cfg.owner.clone(),
-                end: BatchEnd::Split,
-                rows: Vec::new(),
                 children: halves.to_vec(),
-                lease: cfg.lease,
-                attempt,
-                give_up_after: cfg.give_up_after,
+                ..cfg.finish(&batch, BatchEnd::Split, Vec::new(), attempt)
             };
             if shared.record(f).await == Some(true) {
                 let mut active = shared.active.lock().expect("active lock");
@@ -1172,20 +1186,16 @@ async fn end_unreadable(shared: &Shared, team: &Team, batch: &LeasedBatch, why: 
         })
         .collect();
     let dead = rows.len() as u64;
-    let f = FinishBatch {
-        batch_id: batch.id,
-        owner: cfg.owner.clone(),
-        end: BatchEnd::Done,
+    let f = cfg.finish(
+        batch,
+        BatchEnd::Done,
         rows,
-        children: Vec::new(),
-        lease: cfg.lease,
-        attempt: AttemptRecord {
+        AttemptRecord {
             outcome: codes::UNREADABLE_RESPONSE.into(),
             detail: Some(why.into()),
             ..AttemptRecord::default()
         },
-        give_up_after: cfg.give_up_after,
-    };
+    );
     if shared.record(f).await == Some(true) {
         metrics::counter!("prism_sync_batches_total", "result" => "unreadable").increment(1);
         metrics::counter!("prism_sync_items_total", "outcome" => "dead").increment(dead);
@@ -1264,16 +1274,7 @@ async fn record_answer(
             });
         }
     }
-    let f = FinishBatch {
-        batch_id: batch.id,
-        owner: cfg.owner.clone(),
-        end: BatchEnd::Done,
-        rows,
-        children: Vec::new(),
-        lease: cfg.lease,
-        attempt,
-        give_up_after: cfg.give_up_after,
-    };
+    let f = cfg.finish(batch, BatchEnd::Done, rows, attempt);
     crash_point!("before_outcomes");
     // The write is queued for the recorder and this worker moves on; the batch stays leased
     // (and counted as ours) until the write lands.
@@ -1406,16 +1407,7 @@ async fn finish_released(
             });
         }
     }
-    let f = FinishBatch {
-        batch_id: batch.id,
-        owner: cfg.owner.clone(),
-        end: BatchEnd::Released,
-        rows,
-        children: Vec::new(),
-        lease: cfg.lease,
-        attempt,
-        give_up_after: cfg.give_up_after,
-    };
+    let f = cfg.finish(batch, BatchEnd::Released, rows, attempt);
     if shared.record(f).await == Some(true) {
         metrics::counter!("prism_sync_batches_total", "result" => "released").increment(1);
         metrics::counter!("prism_sync_items_total", "outcome" => "dead").increment(dead);

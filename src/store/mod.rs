@@ -197,6 +197,25 @@ pub struct RowUpdate {
     pub retry_in: f64,
 }
 
+/// A stored batch that could not be read back, and why.
+pub(crate) type Unreadable = (Uuid, String);
+
+/// Leased batches as read back, and apart from them those that could not be (`id`, why): one
+/// unreadable stored batch must not stop every lease, so the stores end those on their own.
+pub(crate) fn readable(
+    leased: impl Iterator<Item = StoreResult<LeasedBatch>>,
+) -> StoreResult<(Vec<LeasedBatch>, Vec<Unreadable>)> {
+    let (mut ok, mut corrupt) = (Vec::new(), Vec::new());
+    for batch in leased {
+        match batch {
+            Ok(b) => ok.push(b),
+            Err(StoreError::CorruptBatch { batch, reason }) => corrupt.push((batch, reason)),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((ok, corrupt))
+}
+
 /// The message a row that went dead for `unknown_team` in a stranded batch carries.
 pub(crate) const STRANDED_MESSAGE: &str =
     "its batch's team is no longer configured; replay the row once the team is back";

@@ -360,16 +360,9 @@ impl PgStore {
         .bind(req.teams)
         .fetch_all(&self.pool)
         .await?;
-        let mut batches = Vec::with_capacity(rows.len());
-        for row in &rows {
-            match leased(row) {
-                Ok(b) => batches.push(b),
-                // One unreadable stored batch must not stop every lease: it ends on its own.
-                Err(StoreError::CorruptBatch { batch, reason }) => {
-                    self.end_corrupt_batch(batch, &reason).await?;
-                }
-                Err(e) => return Err(e),
-            }
+        let (batches, corrupt) = super::readable(rows.iter().map(leased))?;
+        for (batch, reason) in corrupt {
+            self.end_corrupt_batch(batch, &reason).await?;
         }
         Ok(batches)
     }
