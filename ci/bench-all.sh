@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every benchmark the README reports, one after another (they are not timed tests: run them
 # on a quiet machine). Needs Postgres at PRISM_SYNC_TEST_DATABASE_URL (default: local trust auth).
+# Each daemon run checks that every change succeeded and was applied exactly once, and exits
+# non-zero (stopping this script) with what it found if not.
 #   ci/bench-all.sh [quick]      quick: smaller sizes, for a smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."

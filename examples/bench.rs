@@ -7,17 +7,24 @@
 //!   cargo build --release && cargo run --release --example bench -- --db sqlite --rows 200000
 //!   cargo run --release --example bench -- --db postgres --rows 200000     (PRISM_SYNC_TEST_DATABASE_URL)
 //!   ... --latency 50ms --max-in-flight 8 | --replicas 3 --max-in-flight 2 | --faults mild
-//!   ... --mode latency      (enqueue-to-outcome at a steady moderate rate, and lone changes)
+//!   ... --mode latency      (commit to visible outcome: lone changes, and a steady moderate rate)
 //!   ... --mode claim-cost   (claim cost with 10k and with 5M finished rows, claim for claim)
 //!   ... --mode limit        (the bookkeeping limit alone, claim and outcome times apart)
+//!
+//! Every daemon run is checked afterwards against the simulator's apply log: each change must
+//! have succeeded and been applied exactly once (alone or coalesced into a later change of its
+//! record), in order. A dead row, a change applied twice or one never applied makes the bench
+//! exit non-zero with what it found; the rates count succeeded rows only.
 
+use std::collections::HashMap;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use prism_sync::batch::{PlanLimits, TeamSet};
 use prism_sync::ops::enqueue::{Change, insert};
-use prism_sync::sim::{FaultProfile, SimConfig, SimHandle, Simulator};
+use prism_sync::sim::{AppliedChange, FaultProfile, SimConfig, SimHandle, Simulator};
 use prism_sync::store::{ClaimRequest, FinishBatch, Lane, Store, StoreKind};
 use uuid::Uuid;
 
@@ -182,6 +189,255 @@ async fn unfinished(store: &Store) -> anyhow::Result<bool> {
                      OR EXISTS (SELECT 1 FROM prism_batches WHERE state = 'open')",
             )
             .fetch_one(p)
+            .await?
+        }
+    })
+}
+
+/// What a daemon run left behind, once checked against the simulator's apply log.
+#[derive(Debug, Default)]
+struct Tally {
+    rows: usize,
+    succeeded: usize,
+    dead: usize,
+    /// Items the simulator applied (fewer than `succeeded` where changes were coalesced).
+    applied: usize,
+    /// Every way a change was not applied exactly once.
+    problems: Vec<String>,
+}
+
+impl Tally {
+    /// The run's verdict: an error naming the first problems, if any.
+    fn ensure_each_applied_once(&self) -> anyhow::Result<()> {
+        if self.problems.is_empty() {
+            println!(
+                "  checked: all {} changes succeeded and were applied exactly once, in order ({} items)",
+                self.rows, self.applied
+            );
+            return Ok(());
+        }
+        let shown: Vec<&str> = self.problems.iter().take(10).map(String::as_str).collect();
+        anyhow::bail!(
+            "{} of {} changes succeeded ({} dead), {} items applied: {} problem(s), not every change was applied exactly once:\n  {}",
+            self.succeeded,
+            self.rows,
+            self.dead,
+            self.applied,
+            self.problems.len(),
+            shown.join("\n  ")
+        )
+    }
+}
+
+/// `(record, revision, state, last error code)` of every outbox row, in `id` order.
+async fn outbox_rows(
+    store: &Store,
+) -> anyhow::Result<Vec<(String, Option<i64>, String, Option<String>)>> {
+    Ok(match store.sqlx_kind() {
+        StoreKind::Sqlite(p) => {
+            sqlx::query_as(
+                "SELECT lower(record_id), CAST(json_extract(patch, '$.default.revision') AS INTEGER),
+                        state, last_error_code
+                 FROM prism_outbox ORDER BY id",
+            )
+            .fetch_all(p)
+            .await?
+        }
+        StoreKind::Postgres(p) => {
+            sqlx::query_as(
+                "SELECT record_id::text, (patch->'default'->>'revision')::bigint, state, last_error_code
+                 FROM prism_outbox ORDER BY id",
+            )
+            .fetch_all(p)
+            .await?
+        }
+    })
+}
+
+/// Checks that every change succeeded and was applied exactly once, in order: per record, the
+/// revisions the simulator applied strictly increase (a repeat is a change applied twice), each
+/// is a succeeded change of that record (a coalesced item carries its last change), and the
+/// last is the record's last succeeded change (nothing lost). A dead or unfinished row is a
+/// problem too.
+async fn verify_applied(store: &Store, applied: &[AppliedChange]) -> anyhow::Result<Tally> {
+    let rows = outbox_rows(store).await?;
+    let mut tally = Tally {
+        rows: rows.len(),
+        applied: applied.len(),
+        ..Tally::default()
+    };
+    let mut problems = Vec::new();
+    let mut dead_codes: HashMap<String, usize> = HashMap::new();
+    // record → its succeeded revisions (ascending, as inserted)
+    let mut succeeded: HashMap<&str, Vec<i64>> = HashMap::new();
+    for (record, revision, state, code) in &rows {
+        match (state.as_str(), revision) {
+            ("succeeded", Some(r)) => {
+                tally.succeeded += 1;
+                succeeded.entry(record.as_str()).or_default().push(*r);
+            }
+            ("dead", _) => {
+                tally.dead += 1;
+                *dead_codes
+                    .entry(code.clone().unwrap_or_default())
+                    .or_default() += 1;
+            }
+            _ => problems.push(format!(
+                "record {record} revision {revision:?} ended {state}"
+            )),
+        }
+    }
+    if tally.dead > 0 {
+        problems.push(format!(
+            "{} change(s) went dead, never applied: {dead_codes:?}",
+            tally.dead
+        ));
+    }
+    let last = apply_order(applied, &succeeded, &mut problems);
+    for (record, revisions) in &succeeded {
+        let want = revisions.last().copied();
+        if last.get(*record).copied() != want {
+            problems.push(format!(
+                "record {record}: its last succeeded change is revision {want:?}, the API ends at {:?}",
+                last.get(*record)
+            ));
+        }
+    }
+    tally.problems = problems;
+    Ok(tally)
+}
+
+/// Walks the apply log: per record, revisions strictly increasing, each a succeeded change of
+/// the record. Returns the last revision applied to each record.
+fn apply_order(
+    applied: &[AppliedChange],
+    succeeded: &HashMap<&str, Vec<i64>>,
+    problems: &mut Vec<String>,
+) -> HashMap<String, i64> {
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for change in applied {
+        let record = change.record_id.to_string();
+        let Some(revision) = change
+            .item
+            .pointer("/default/revision")
+            .and_then(|v| v.as_i64())
+        else {
+            problems.push(format!(
+                "seq {}: record {record} applied without a revision",
+                change.seq
+            ));
+            continue;
+        };
+        if let Some(previous) = last.insert(record.clone(), revision) {
+            if revision == previous {
+                problems.push(format!(
+                    "record {record}: revision {revision} applied twice"
+                ));
+            } else if revision < previous {
+                problems.push(format!(
+                    "record {record}: revision {revision} applied after {previous}"
+                ));
+            }
+        }
+        if succeeded
+            .get(record.as_str())
+            .is_none_or(|r| r.binary_search(&revision).is_err())
+        {
+            problems.push(format!(
+                "record {record}: revision {revision} was applied but is not a succeeded change"
+            ));
+        }
+    }
+    last
+}
+
+/// Commit → outcome latency as the application sees it: the time from the moment an insert's
+/// commit returned to the moment another connection sees the row `succeeded` or `dead`
+/// (polled every millisecond), so the outcome transaction's commit is inside it.
+#[derive(Clone, Default)]
+struct OutcomeWatch {
+    /// Records whose change committed at that instant and whose outcome is not yet seen.
+    pending: Arc<Mutex<HashMap<Uuid, Instant>>>,
+    /// Milliseconds, one per change seen finished.
+    seen: Arc<Mutex<Vec<f64>>>,
+}
+
+impl OutcomeWatch {
+    fn committed(&self, records: impl IntoIterator<Item = Uuid>) {
+        let now = Instant::now();
+        let mut pending = self.pending.lock().expect("pending lock");
+        pending.extend(records.into_iter().map(|r| (r, now)));
+    }
+
+    fn waiting(&self) -> usize {
+        self.pending.lock().expect("pending lock").len()
+    }
+
+    /// Polls until `stop` and nothing is pending.
+    async fn run(
+        self,
+        store: Store,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<()> {
+        loop {
+            let records: Vec<Uuid> = self
+                .pending
+                .lock()
+                .expect("pending lock")
+                .keys()
+                .copied()
+                .collect();
+            if records.is_empty() {
+                if stop.is_cancelled() {
+                    return Ok(());
+                }
+            } else {
+                let finished = finished_among(&store, &records).await?;
+                let now = Instant::now();
+                let mut pending = self.pending.lock().expect("pending lock");
+                let mut seen = self.seen.lock().expect("seen lock");
+                for record in finished {
+                    if let Some(committed) = pending.remove(&record) {
+                        seen.push((now - committed).as_secs_f64() * 1000.0);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    fn sorted(&self) -> Vec<f64> {
+        let mut v = self.seen.lock().expect("seen lock").clone();
+        v.sort_by(f64::total_cmp);
+        v
+    }
+}
+
+/// Which of `records` have a finished row (each carries one change in the latency runs).
+async fn finished_among(store: &Store, records: &[Uuid]) -> anyhow::Result<Vec<Uuid>> {
+    Ok(match store.sqlx_kind() {
+        StoreKind::Sqlite(p) => {
+            let ids =
+                serde_json::to_string(&records.iter().map(Uuid::to_string).collect::<Vec<_>>())?;
+            let found: Vec<String> = sqlx::query_scalar(
+                "SELECT record_id FROM prism_outbox
+                 WHERE record_id IN (SELECT value FROM json_each(?1)) AND state IN ('succeeded', 'dead')",
+            )
+            .bind(ids)
+            .fetch_all(p)
+            .await?;
+            found
+                .iter()
+                .filter_map(|r| Uuid::parse_str(r).ok())
+                .collect()
+        }
+        StoreKind::Postgres(p) => {
+            sqlx::query_scalar(
+                "SELECT record_id FROM prism_outbox
+                 WHERE record_id = ANY($1) AND state IN ('succeeded', 'dead')",
+            )
+            .bind(records)
+            .fetch_all(p)
             .await?
         }
     })
@@ -453,12 +709,17 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
     let took = started.elapsed();
     let (claim_sum, claim_n, rec_sum, rec_n) = stop(&mut daemons).await?;
     let stats = sim.stats();
+    let tally = verify_applied(&store, &sim.applied_log()).await?;
     let requests = stats.requests_total as f64;
-    let rate = args.rows as f64 / took.as_secs_f64();
+    // Only succeeded rows count: a dead row is a change that was not made.
+    let rate = tally.succeeded as f64 / took.as_secs_f64();
     println!(
-        "  daemon:  {:.0} rows/s end to end ({:.2}s), {:.0} requests/s, mean batch fill {:.1} items",
+        "  daemon:  {:.0} rows/s end to end ({:.2}s; {} succeeded, {} dead of {}), {:.0} requests/s, mean batch fill {:.1} items",
         rate,
         took.as_secs_f64(),
+        tally.succeeded,
+        tally.dead,
+        tally.rows,
         requests / took.as_secs_f64(),
         stats.items_applied as f64 / requests.max(1.0)
     );
@@ -476,6 +737,7 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
             rec_sum / rec_n * 1000.0
         );
     }
+    tally.ensure_each_applied_once()?;
     if !args.no_limit && args.faults == Faults::Off {
         let mut limit_db = Database::fresh(args.db).await?;
         let limit_store = limit_db.store().await?;
@@ -510,24 +772,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Enqueue-to-outcome latency (completed_at − enqueued_at, both from the database clock).
-async fn latencies(store: &Store) -> anyhow::Result<Vec<f64>> {
-    let mut v: Vec<f64> = match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => sqlx::query_scalar(
-            "SELECT (julianday(completed_at) - julianday(enqueued_at)) * 86400000.0 FROM prism_outbox WHERE state = 'succeeded'",
-        )
-        .fetch_all(p)
-        .await?,
-        StoreKind::Postgres(p) => sqlx::query_scalar(
-            "SELECT extract(epoch FROM completed_at - enqueued_at)::float8 * 1000.0 FROM prism_outbox WHERE state = 'succeeded'",
-        )
-        .fetch_all(p)
-        .await?,
-    };
-    v.sort_by(f64::total_cmp);
-    Ok(v)
-}
-
 async fn latency(args: &Args) -> anyhow::Result<()> {
     let sim = Simulator::start(
         SimConfig {
@@ -540,64 +784,100 @@ async fn latency(args: &Args) -> anyhow::Result<()> {
         "127.0.0.1:0".parse()?,
     )
     .await?;
-    // Lone changes on an idle daemon.
-    let mut db = Database::fresh(args.db).await?;
-    let store = db.store().await?;
-    let mut daemons = spawn_daemons(args, &db, &sim);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    for _ in 0..200 {
-        insert(&store, &changes(1, 1)).await?;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    while unfinished(&store).await? {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let lone = latencies(&store).await?;
     println!(
-        "prism-sync bench: latency, {:?}, API latency {:?}",
+        "prism-sync bench: latency, {:?}, API latency {:?} (from the insert's commit returning to the outcome visible to another connection, polled every 1 ms)",
         args.db, args.latency
     );
+    // Lone changes on an idle daemon, one at a time.
+    let lone = latency_run(args, &sim, |store, watch| async move {
+        for _ in 0..200 {
+            let change = changes(1, 1);
+            insert(&store, &change).await?;
+            watch.committed(change.iter().map(|c| c.record_id));
+            while watch.waiting() > 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            // A random gap, so that the inserts do not fall into step with the daemon's poll.
+            tokio::time::sleep(Duration::from_millis(rand::random_range(30..80))).await;
+        }
+        Ok(200)
+    })
+    .await?;
     println!(
-        "  lone changes on an idle daemon ({}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (commit to recorded outcome)",
+        "  lone changes on an idle daemon ({}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         lone.len(),
         percentile(&lone, 0.5),
         percentile(&lone, 0.99),
         lone.last().copied().unwrap_or(0.0)
     );
-    stop(&mut daemons).await?;
-    store_close(store).await;
-    db.drop_pg().await;
-
     // A steady moderate rate: 2,000 changes/s in transactions of 10 for 10 s.
-    let mut db = Database::fresh(args.db).await?;
-    let store = db.store().await?;
-    let mut daemons = spawn_daemons(args, &db, &sim);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let started = Instant::now();
-    let mut sent = 0;
-    while started.elapsed() < Duration::from_secs(10) {
-        insert(&store, &changes(10, 10)).await?;
-        sent += 10;
-        let due = Duration::from_secs_f64(sent as f64 / 2000.0);
-        if let Some(wait) = due.checked_sub(started.elapsed()) {
-            tokio::time::sleep(wait).await;
+    let steady = latency_run(args, &sim, |store, watch| async move {
+        let started = Instant::now();
+        let mut sent = 0;
+        while started.elapsed() < Duration::from_secs(10) {
+            let batch = changes(10, 10);
+            insert(&store, &batch).await?;
+            watch.committed(batch.iter().map(|c| c.record_id));
+            sent += 10;
+            let due = Duration::from_secs_f64(sent as f64 / 2000.0);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
         }
-    }
-    while unfinished(&store).await? {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let steady = latencies(&store).await?;
+        Ok(sent)
+    })
+    .await?;
     println!(
         "  steady {:.0} changes/s ({} changes): p50 {:.1} ms, p99 {:.1} ms",
-        sent as f64 / 10.0,
+        steady.len() as f64 / 10.0,
         steady.len(),
         percentile(&steady, 0.5),
         percentile(&steady, 0.99)
     );
+    Ok(())
+}
+
+/// One latency run on a fresh database: daemons started, `load` inserting changes and telling
+/// the watch when each commit returned, then every change checked applied exactly once.
+/// Returns the sorted latencies (ms).
+async fn latency_run<F, Fut>(args: &Args, sim: &SimHandle, load: F) -> anyhow::Result<Vec<f64>>
+where
+    F: FnOnce(Store, OutcomeWatch) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<usize>>,
+{
+    let mut db = Database::fresh(args.db).await?;
+    let store = db.store().await?;
+    let applied_before = sim.applied_log().len();
+    let mut daemons = spawn_daemons(args, &db, sim);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let watch = OutcomeWatch::default();
+    let stop_watch = tokio_util::sync::CancellationToken::new();
+    let watcher = tokio::spawn(watch.clone().run(store.clone(), stop_watch.clone()));
+    let sent = load(store.clone(), watch.clone()).await?;
+    stop_watch.cancel();
+    tokio::time::timeout(Duration::from_secs(120), watcher)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "{} changes still had no visible outcome after 120 s",
+                watch.waiting()
+            )
+        })???;
+    while unfinished(&store).await? {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     stop(&mut daemons).await?;
+    let seen = watch.sorted();
+    anyhow::ensure!(
+        seen.len() == sent,
+        "{sent} changes sent, {} outcomes seen",
+        seen.len()
+    );
+    let tally = verify_applied(&store, &sim.applied_log()[applied_before..]).await?;
+    tally.ensure_each_applied_once()?;
     store_close(store).await;
     db.drop_pg().await;
-    Ok(())
+    Ok(seen)
 }
 
 async fn fill_finished(store: &Store, n: usize) -> anyhow::Result<()> {
