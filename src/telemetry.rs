@@ -179,7 +179,7 @@ fn describe() {
     describe_gauge!(
         "prism_sync_watermark_lag_seconds",
         Unit::Seconds,
-        "Postgres: age of the oldest transaction holding the visibility watermark back."
+        "Postgres: how long the open writer of the outbox that holds the visibility watermark back has run."
     );
     describe_gauge!(
         "prism_sync_credentials_refused",

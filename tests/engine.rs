@@ -99,8 +99,8 @@ both_backends! {
         let sim = sim(FaultProfile::default()).await;
         let store = db.store().await;
         insert_rows(&store, &distinct_records(250)).await;
-        // On Postgres a transaction of a parallel test (the watermark is cluster-wide) can keep the
-        // newest rows out of a claim for a moment; start once the whole backlog is claimable.
+        // On Postgres the visibility watermark can keep the newest rows out of a claim for a
+        // moment (a transaction caught ending counts); start once the whole backlog is claimable.
         wait_below_watermark(&store).await;
         let engine = start_engine(&settings(&db, &sim)).await;
         let rows = wait_until_finished(&store, FINISH).await;

@@ -219,7 +219,7 @@ impl PgStore {
                 " FROM prism_outbox o
                  WHERE o.team_id = $3 AND o.object_type = $4
                    AND o.state IN ('pending', 'retrying') AND o.next_attempt_at <= now()
-                   AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
+                   AND o.txid < (SELECT prism_outbox_watermark(pg_current_snapshot()))
                    AND ",
                 record_guard!(),
                 " ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
@@ -241,7 +241,7 @@ impl PgStore {
                 head_columns!(),
                 " FROM prism_outbox o
                  WHERE o.state IN ('pending', 'retrying') AND o.next_attempt_at <= now()
-                   AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
+                   AND o.txid < (SELECT prism_outbox_watermark(pg_current_snapshot()))
                    AND NOT (o.team_id = ANY($3) AND o.object_type = ANY($4))
                    AND ",
                 record_guard!(),
@@ -292,7 +292,7 @@ impl PgStore {
                          -- walked every waiting row for every head (1 ms a head).
                          WHERE o.record_id = h.record_id AND o.id > h.head_id
                            AND o.state IN ('pending', 'retrying', 'in_flight') AND (o.state || '') <> 'in_flight'
-                           AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
+                           AND o.txid < (SELECT prism_outbox_watermark(pg_current_snapshot()))
                          ORDER BY o.record_id, o.id
                          LIMIT $4
                          FOR UPDATE OF o) f",
@@ -675,8 +675,14 @@ impl PgStore {
                     SELECT 1 FROM prism_outbox p WHERE p.record_id = w.record_id AND p.id < w.id
                       AND p.state IN ('pending', 'retrying', 'in_flight'))),
                (SELECT COALESCE(sum(rows), 0)::bigint FROM prism_audit WHERE action = 'replay'),
-               (SELECT COALESCE(extract(epoch FROM now() - min(xact_start)), 0)::float8
-                  FROM pg_stat_activity WHERE backend_xid IS NOT NULL)",
+               -- How long the transaction the watermark waits for (an open outbox writer) has run.
+               (SELECT COALESCE(extract(epoch FROM now() - min(held.since)), 0)::float8
+                  FROM (SELECT prism_outbox_watermark(pg_current_snapshot())::xid AS xid) w,
+                       LATERAL (SELECT a.xact_start AS since FROM pg_stat_activity a
+                                WHERE a.backend_xid = w.xid
+                                UNION ALL
+                                SELECT p.prepared FROM pg_prepared_xacts p
+                                WHERE p.transaction = w.xid) held)",
         )
         .bind(ClaimRequest::known_types())
         .fetch_one(&self.pool)

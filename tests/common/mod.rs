@@ -485,7 +485,7 @@ pub async fn wait_below_watermark(store: &Store) {
     };
     for _ in 0..500 {
         let below: bool = sqlx::query_scalar(
-            "SELECT COALESCE(max(txid) < pg_snapshot_xmin(pg_current_snapshot()), true) FROM prism_outbox",
+            "SELECT COALESCE(max(txid) < prism_outbox_watermark(pg_current_snapshot()), true) FROM prism_outbox",
         )
         .fetch_one(p)
         .await

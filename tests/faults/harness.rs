@@ -792,7 +792,7 @@ impl Db {
                     .await
                     .unwrap_or_default();
                 let w: Option<String> = sqlx::query_scalar(
-                    "SELECT COALESCE(max(txid)::text, '-') || ' vs xmin ' || pg_snapshot_xmin(pg_current_snapshot())::text
+                    "SELECT COALESCE(max(txid)::text, '-') || ' vs ' || prism_outbox_watermark(pg_current_snapshot())::text
                      FROM prism_outbox WHERE state IN ('pending', 'retrying')",
                 )
                 .fetch_one(p)
