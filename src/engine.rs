@@ -988,7 +988,8 @@ async fn on_retry(
     attempt: AttemptRecord,
 ) {
     let cfg = &shared.cfg;
-    if past_give_up(cfg, batch) {
+    let past = past_give_up(cfg, batch);
+    if past && !batch.answered {
         give_up(shared, team, batch, code, attempt).await;
         return;
     }
@@ -1009,7 +1010,9 @@ async fn on_retry(
         batch_id: batch.id,
         owner: &cfg.owner,
         retry_in: delay,
-        count_attempt: !throttled,
+        // A key the API answered 2xx is never given up to new keys: past the limit its every
+        // send counts, so that `batch.max_attempts` ends it (as `unreadable_response`).
+        count_attempt: !throttled || past,
         attempt,
     };
     let _ = must_write("deferring a batch", || shared.store.defer_batch(&d)).await;
@@ -1028,7 +1031,8 @@ async fn on_auth_refused(
     }
     team.set_refused(true, &shared.health, &shared.teams, cfg.auth_probe_interval);
     metrics::counter!("prism_sync_batches_total", "result" => "auth_refused").increment(1);
-    if past_give_up(cfg, batch) {
+    let past = past_give_up(cfg, batch);
+    if past && !batch.answered {
         let code = attempt.outcome.clone();
         give_up(shared, team, batch, &code, attempt).await;
         return;
@@ -1037,7 +1041,7 @@ async fn on_auth_refused(
         batch_id: batch.id,
         owner: &cfg.owner,
         retry_in: cfg.auth_probe_interval,
-        count_attempt: false,
+        count_attempt: past,
         attempt,
     };
     let _ = must_write("deferring a refused batch", || shared.store.defer_batch(&d)).await;
@@ -1045,8 +1049,9 @@ async fn on_auth_refused(
 
 /// A 2xx whose body could not be read: the API applied the request, so the same bytes go
 /// again under the same key (the API replays its answer, which may be readable this time),
-/// counting an attempt; the key is never released. Once the batch is out of attempts (or past
-/// `retry.give_up_after`) its rows go dead as `unreadable_response`.
+/// counting an attempt; the key is never released. Once the batch is out of attempts
+/// (`batch.max_attempts`, which also bounds it past `retry.give_up_after`) its rows go dead as
+/// `unreadable_response`.
 async fn on_unreadable(shared: &Shared, team: &Team, batch: &LeasedBatch, attempt: AttemptRecord) {
     let cfg = &shared.cfg;
     let next = u32::try_from(batch.attempts).unwrap_or(0).saturating_add(1);
@@ -1055,7 +1060,7 @@ async fn on_unreadable(shared: &Shared, team: &Team, batch: &LeasedBatch, attemp
         detail = attempt.detail.as_deref().unwrap_or(""),
         "the API answered 2xx but its answer cannot be read; re-sending under the same key"
     );
-    if next >= cfg.batch_max_attempts || past_give_up(cfg, batch) {
+    if next >= cfg.batch_max_attempts {
         let why = "the batch's answers stayed unreadable";
         end_unreadable(shared, team, batch, why).await;
         return;
@@ -1142,8 +1147,8 @@ async fn on_rejected(
 
 /// The batch's oldest row is past `retry.give_up_after` and the batch failed again: it is not
 /// deferred again. Its rows go back as after a release (new batches, new keys), where those
-/// past the limit go dead with `code`; a key the API answered 2xx is never released, so such a
-/// batch's rows all go dead as `unreadable_response`.
+/// past the limit go dead with `code`. (A key the API answered 2xx is never released: such a
+/// batch is deferred instead, each send counting, until `batch.max_attempts` ends it.)
 async fn give_up(
     shared: &Shared,
     team: &Team,
@@ -1153,11 +1158,7 @@ async fn give_up(
 ) {
     let why = "the batch kept failing past retry.give_up_after";
     warn!(code, oldest_row_age = ?batch.oldest_row_age(), "{why}: giving up its key");
-    if batch.answered {
-        end_unreadable(shared, team, batch, why).await;
-    } else {
-        finish_released(shared, team, batch, code, why, attempt).await;
-    }
+    finish_released(shared, team, batch, code, why, attempt).await;
 }
 
 /// Ends a batch whose key the API answered 2xx (it applied the request) but whose answer could

@@ -1769,34 +1769,32 @@ fn engine_end(
     status: Option<u16>,
 ) -> Result<(End, AttemptRecord), String> {
     let past_give_up = batch.oldest_row_age() >= GIVE_UP_AFTER;
-    // `engine::give_up`: a key the API answered 2xx is never released.
-    let give_up = |code: &str| match batch.answered {
-        true => End::Unreadable,
-        false => End::Released(code.to_owned()),
-    };
+    // `engine::give_up`: releases; a key the API answered 2xx is never released but deferred,
+    // every send counting, until `BATCH_MAX_ATTEMPTS` ends it.
+    let gives_up = past_give_up && !batch.answered;
+    let give_up = |code: &str| End::Released(code.to_owned());
     let deferred = |answered, counted| End::Deferred { answered, counted };
     Ok(match verdict {
         BatchVerdict::Answered { outcomes, .. } => {
             (answered_end(batch, &outcomes), attempt(status, "answered"))
         }
-        BatchVerdict::Retry { code, .. } if past_give_up => {
-            (give_up(&code), attempt(status, &code))
-        }
-        // A 429 burns no attempt.
-        BatchVerdict::Retry { code, .. } => {
-            (deferred(false, status != Some(429)), attempt(status, &code))
-        }
+        BatchVerdict::Retry { code, .. } if gives_up => (give_up(&code), attempt(status, &code)),
+        // A 429 burns no attempt (but past the limit, on a key answered 2xx, every send counts).
+        BatchVerdict::Retry { code, .. } => (
+            deferred(false, status != Some(429) || past_give_up),
+            attempt(status, &code),
+        ),
         BatchVerdict::AuthRefused { status } => {
             let code = format!("http_{status}");
-            let end = if past_give_up {
+            let end = if gives_up {
                 give_up(&code)
             } else {
-                deferred(false, false)
+                deferred(false, past_give_up)
             };
             (end, attempt(Some(status), &code))
         }
         BatchVerdict::Unreadable { .. } => {
-            let end = if batch.attempts + 1 >= BATCH_MAX_ATTEMPTS || past_give_up {
+            let end = if batch.attempts + 1 >= BATCH_MAX_ATTEMPTS {
                 End::Unreadable
             } else {
                 deferred(true, true)

@@ -82,17 +82,19 @@ impl Hostile {
         }
     }
 
-    /// The code each special record's rows end with.
-    fn dead_code(&self, record: &str) -> Option<&'static str> {
+    /// The code each special record's rows end with. A row still retrying when its batch is
+    /// given up past `retry.give_up_after` ends with the batch's last code instead (`http_429`
+    /// in the storm), which is its last code too.
+    fn dead_codes(&self, record: &str) -> Option<&'static [&'static str]> {
         let same = |id: &String| id.eq_ignore_ascii_case(record);
         if same(&self.message) {
-            Some("validation_error")
+            Some(&["validation_error"])
         } else if same(&self.nul_code) {
-            Some("internal\u{FFFD}error")
+            Some(&["internal\u{FFFD}error", "http_429"])
         } else if same(&self.forever) {
-            Some("internal_error")
+            Some(&["internal_error", "http_429"])
         } else if same(&self.oversized) {
-            Some("unreadable_response")
+            Some(&["unreadable_response"])
         } else {
             None
         }
@@ -149,6 +151,30 @@ async fn strand_batch_of_removed_team(db: &Db, rows: &[PlannedRow]) -> Result<Ve
     }
     Ok(moved)
 }
+
+/// Batches that ended as `unreadable_response` after a 2xx whose body could not be read, and
+/// each row's last batch.
+async fn unreadable_batches(db: &Db) -> Result<(BTreeSet<String>, BatchOf), String> {
+    let sql = "SELECT DISTINCT CAST(a.batch_id AS TEXT) FROM prism_batch_attempts a
+               WHERE a.outcome = 'unreadable_response' AND EXISTS (
+                   SELECT 1 FROM prism_batch_attempts b
+                   WHERE b.batch_id = a.batch_id AND b.http_status BETWEEN 200 AND 299)";
+    let ids: Vec<String> = match db.store.sqlx_kind() {
+        StoreKind::Sqlite(p) => sqlx::query_scalar(sql).fetch_all(p).await,
+        StoreKind::Postgres(p) => sqlx::query_scalar(sql).fetch_all(p).await,
+    }
+    .map_err(|e| e.to_string())?;
+    let sql = "SELECT id, CAST(batch_id AS TEXT) FROM prism_outbox";
+    let rows: Vec<(i64, Option<String>)> = match db.store.sqlx_kind() {
+        StoreKind::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await,
+        StoreKind::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await,
+    }
+    .map_err(|e| e.to_string())?;
+    Ok((ids.into_iter().collect(), rows.into_iter().collect()))
+}
+
+/// Each row's last batch (as text).
+type BatchOf = BTreeMap<i64, Option<String>>;
 
 /// Waits until no row is waiting or in flight.
 async fn settled(db: &Db, within: Duration) -> Result<(), String> {
@@ -276,14 +302,30 @@ async fn hostile_answers(backend: Backend, round: u64) {
 
     let snapshot = db.snapshot().await;
     let refused_record = &refused[0].record;
+    // A batch whose 2xx could not be read and that was then given up ends every row as
+    // `unreadable_response` (the API applied what it could; its key is never released): rows of
+    // such batches, and only those, may end so.
+    let (unreadable, batch_of) = match unreadable_batches(&db).await {
+        Ok(b) => b,
+        Err(e) => sc.fail(e),
+    };
     let mut expect = Expect::default();
     for r in &snapshot.rows {
-        let code = if stranded.contains(&r.id) {
-            Some("unknown_team")
+        let codes: &[&str] = if stranded.contains(&r.id) {
+            &["unknown_team"]
         } else if r.record.eq_ignore_ascii_case(refused_record) {
-            Some("http_401")
+            &["http_401"]
         } else {
-            hostile.dead_code(&r.record)
+            hostile.dead_codes(&r.record).unwrap_or(&[])
+        };
+        let given_up_unreadable = r.code.as_deref() == Some("unreadable_response")
+            && batch_of
+                .get(&r.id)
+                .is_some_and(|b| b.as_ref().is_some_and(|b| unreadable.contains(b)));
+        let code = match r.code.as_deref() {
+            _ if given_up_unreadable => Some("unreadable_response"),
+            Some(c) if codes.contains(&c) => Some(c),
+            _ => codes.first().copied(),
         };
         if let Some(code) = code {
             expect.dead.insert(r.id, code.to_owned());
