@@ -198,6 +198,8 @@ both_backends! {
         let (code, out, _) = verb(&db, &sim, &["replay", "--all", "--json", "--dry-run"], "").await;
         assert_eq!(code, 0);
         assert_eq!(json(&out)["would_replay"], 2);
+        let sample: Vec<i64> = json(&out)["plan"]["sample"].as_array().map(|a| a.iter().filter_map(|c| c["id"].as_i64()).collect()).unwrap_or_default();
+        assert_eq!(sample, ids, "the preview lists the rows it would replay");
         let (code, out, err) = verb(&db, &sim, &["replay", "--all", "--json"], "n\n").await;
         assert_eq!(code, 1, "not confirmed: {err}");
         assert!(out.is_empty(), "nothing on stdout: {out}");
@@ -310,6 +312,28 @@ both_backends! {
         assert_eq!((left[0].id, left[0].state.as_str()), (ids[1], "pending"), "the replayed row is kept");
         let entries = audit(&store).await;
         assert_eq!(entries.last().map(|(a, act, _, n)| (a.as_str(), act.as_str(), *n)), Some(("ops", "purge", 2)));
+    }
+
+    async fn purge_keeps_a_succeeded_row_while_an_older_row_of_its_record_is_dead(db) {
+        // Replay judges a dead row against the newer changes the API applied: purging those
+        // first would let a replay put the record back to older values.
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        let (x, y) = (uuid(), uuid());
+        let ids = insert_rows(&store, &[(x.clone(), patch(1)), (x.clone(), patch(2)), (y, patch(1))]).await;
+        let old = "completed_at = '2020-01-01T00:00:00.000Z'";
+        set_row(&store, ids[0], &format!("state = 'dead', last_error_code = 'validation_error', {old}")).await;
+        set_row(&store, ids[1], &format!("state = 'succeeded', {old}")).await;
+        set_row(&store, ids[2], &format!("state = 'succeeded', {old}")).await;
+        let (code, out, _) = verb(&db, &sim, &["purge", "--older-than", "1h", "--state", "succeeded", "--dry-run", "--json"], "").await;
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(json(&out)["would_purge"]["rows"], 1, "the preview counts only what goes: {out}");
+        verb_ok(&db, &sim, &["purge", "--older-than", "1h", "--state", "succeeded", "--yes"]).await;
+        let left: Vec<i64> = rows(&store).await.iter().map(|r| r.id).collect();
+        assert_eq!(left, ids[..2], "the succeeded row behind the dead one stays");
+        verb_ok(&db, &sim, &["purge", "--older-than", "1h", "--state", "dead", "--yes"]).await;
+        verb_ok(&db, &sim, &["purge", "--older-than", "1h", "--state", "succeeded", "--yes"]).await;
+        assert!(rows(&store).await.is_empty(), "it goes once the dead row is gone");
     }
 
     async fn the_retention_schedule_purges_through_run_and_is_audited(db) {

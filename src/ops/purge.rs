@@ -109,9 +109,12 @@ pub async fn preview(store: &Store, scope: &PurgeScope) -> Result<PurgePreview, 
     let (by_state, batches): (Vec<(String, i64)>, i64) = match store.sqlx_kind() {
         StoreKind::Sqlite(pool) => (
             sqlx::query_as(
-                "SELECT state, count(*) FROM prism_outbox INDEXED BY prism_outbox_completed
-                 WHERE completed_at < ?1 AND state IN (SELECT value FROM json_each(?2))
-                 GROUP BY state",
+                concat!(
+                    "SELECT state, count(*) FROM prism_outbox INDEXED BY prism_outbox_completed
+                     WHERE completed_at < ?1 AND state IN (SELECT value FROM json_each(?2)) AND ",
+                    no_dead_before!(),
+                    " GROUP BY state"
+                ),
             )
             .bind(&scope.cutoff)
             .bind(&states)
@@ -131,8 +134,12 @@ pub async fn preview(store: &Store, scope: &PurgeScope) -> Result<PurgePreview, 
         ),
         StoreKind::Postgres(pool) => (
             sqlx::query_as(
-                "SELECT state, count(*) FROM prism_outbox
-                 WHERE completed_at < $1::timestamptz AND state = ANY($2) GROUP BY state",
+                concat!(
+                    "SELECT state, count(*) FROM prism_outbox
+                     WHERE completed_at < $1::timestamptz AND state = ANY($2) AND ",
+                    no_dead_before!(),
+                    " GROUP BY state"
+                ),
             )
             .bind(&scope.cutoff)
             .bind(&scope.states)

@@ -554,6 +554,7 @@ fn decide(
         }
     }
     plan.as_is = plan.as_is_ids.len() as u64;
+    plan.sample = sample;
     plan
 }
 
