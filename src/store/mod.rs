@@ -216,6 +216,18 @@ pub(crate) fn readable(
     Ok((ok, corrupt))
 }
 
+/// Logs a stored batch that cannot be read back (its items or type are not what this binary
+/// wrote) and returns the message its rows carry: it cannot be sent again as stored and whether
+/// it was applied is unknown, so its rows go `dead` as `corrupt_batch` for an operator to look
+/// at and replay.
+pub(crate) fn corrupt_message(batch: Uuid, reason: &str) -> String {
+    tracing::error!(batch_id = %batch, reason, "a stored batch cannot be read back: its rows go dead as corrupt_batch");
+    storable(
+        &format!("its stored batch cannot be read: {reason}"),
+        MAX_MESSAGE,
+    )
+}
+
 /// The message a row that went dead for `unknown_team` in a stranded batch carries.
 pub(crate) const STRANDED_MESSAGE: &str =
     "its batch's team is no longer configured; replay the row once the team is back";

@@ -13,6 +13,7 @@ use super::{
     RowColumns, RowUpdate, StoreError, StoreResult,
 };
 use crate::batch::{self, BatchItem, CandidateRow, NewBatch};
+use crate::model::codes;
 use crate::settings::DatabaseSettings;
 
 mod migrate;
@@ -367,35 +368,11 @@ impl PgStore {
         Ok(batches)
     }
 
-    /// Ends a stored batch that cannot be read back (its items or type are not what this
-    /// binary wrote): it cannot be sent again as stored, and whether it was applied is unknown,
-    /// so its rows go `dead` as `corrupt_batch` for an operator to look at and replay.
+    /// Ends a stored batch that cannot be read back: see [`super::corrupt_message`].
     async fn end_corrupt_batch(&self, batch: Uuid, reason: &str) -> StoreResult<()> {
-        tracing::error!(batch_id = %batch, reason, "a stored batch cannot be read back: its rows go dead as corrupt_batch");
-        let message = super::storable(
-            &format!("its stored batch cannot be read: {reason}"),
-            super::MAX_MESSAGE,
-        );
+        let message = super::corrupt_message(batch, reason);
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE prism_outbox SET state = 'dead', completed_at = now(), last_error_code = $2,
-                    last_error_message = $3
-             WHERE batch_id = $1 AND state = 'in_flight'",
-        )
-        .bind(batch)
-        .bind(crate::model::codes::CORRUPT_BATCH)
-        .bind(&message)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE prism_batches SET state = 'released', completed_at = now(), lease_owner = NULL,
-                    lease_expires_at = NULL, last_error = $2
-             WHERE id = $1 AND state = 'open'",
-        )
-        .bind(batch)
-        .bind(&message)
-        .execute(&mut *tx)
-        .await?;
+        end_batches_dead(&mut tx, &[batch], codes::CORRUPT_BATCH, &message).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -604,29 +581,12 @@ impl PgStore {
         .bind(&teams)
         .fetch_all(&mut *tx)
         .await?;
-        if stranded.is_empty() {
-            tx.rollback().await?;
-            return Ok(0);
-        }
-        let dead = sqlx::query(
-            "UPDATE prism_outbox SET state = 'dead', completed_at = now(),
-                    last_error_code = $2, last_error_message = $3
-             WHERE state = 'in_flight' AND batch_id = ANY($1)",
+        let dead = end_batches_dead(
+            &mut tx,
+            &stranded,
+            codes::UNKNOWN_TEAM,
+            super::STRANDED_MESSAGE,
         )
-        .bind(&stranded)
-        .bind(crate::model::codes::UNKNOWN_TEAM)
-        .bind(super::STRANDED_MESSAGE)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        sqlx::query(
-            "UPDATE prism_batches SET state = 'released', completed_at = now(), lease_owner = NULL,
-                    lease_expires_at = NULL, last_error = $2
-             WHERE id = ANY($1)",
-        )
-        .bind(&stranded)
-        .bind(super::STRANDED_MESSAGE)
-        .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(dead)
@@ -792,6 +752,40 @@ async fn insert_batches(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// Ends open batches for good, inside `tx`: their rows still in flight go `dead` with `code`
+/// and `message`, the batches end `released`. Returns how many rows went dead.
+async fn end_batches_dead(
+    tx: &mut Transaction<'static, Postgres>,
+    batches: &[Uuid],
+    code: &str,
+    message: &str,
+) -> StoreResult<u64> {
+    if batches.is_empty() {
+        return Ok(0);
+    }
+    let dead = sqlx::query(
+        "UPDATE prism_outbox SET state = 'dead', completed_at = now(),
+                last_error_code = $2, last_error_message = $3
+         WHERE state = 'in_flight' AND batch_id = ANY($1)",
+    )
+    .bind(batches)
+    .bind(code)
+    .bind(message)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    sqlx::query(
+        "UPDATE prism_batches SET state = 'released', completed_at = now(), lease_owner = NULL,
+                lease_expires_at = NULL, last_error = $2
+         WHERE state = 'open' AND id = ANY($1)",
+    )
+    .bind(batches)
+    .bind(message)
+    .execute(&mut **tx)
+    .await?;
+    Ok(dead)
 }
 
 async fn mark_in_flight(

@@ -18,6 +18,7 @@ use super::{
     RowColumns, StoreError, StoreResult,
 };
 use crate::batch::{self, BatchItem, CandidateRow, NewBatch};
+use crate::model::codes;
 use crate::settings::DatabaseSettings;
 
 /// The database's clock, in the text form every timestamp column uses.
@@ -439,35 +440,16 @@ impl SqliteStore {
         Ok(batches)
     }
 
-    /// Ends a stored batch that cannot be read back (its items or type are not what this
-    /// binary wrote): it cannot be sent again as stored, and whether it was applied is unknown,
-    /// so its rows go `dead` as `corrupt_batch` for an operator to look at and replay.
+    /// Ends a stored batch that cannot be read back: see [`super::corrupt_message`].
     async fn end_corrupt_batch(&self, batch: Uuid, reason: &str) -> StoreResult<()> {
-        tracing::error!(batch_id = %batch, reason, "a stored batch cannot be read back: its rows go dead as corrupt_batch");
-        let message = super::storable(
-            &format!("its stored batch cannot be read: {reason}"),
-            super::MAX_MESSAGE,
-        );
-        let batch = batch.to_string();
+        let message = super::corrupt_message(batch, reason);
         let mut tx = self.begin_write().await?;
-        sqlx::query(concat!(
-            "UPDATE prism_outbox SET state = 'dead', completed_at = ",
-            now!(),
-            ", last_error_code = ?2, last_error_message = ?3 WHERE batch_id = ?1 AND state = 'in_flight'"
-        ))
-        .bind(&batch)
-        .bind(crate::model::codes::CORRUPT_BATCH)
-        .bind(&message)
-        .execute(&mut **tx)
-        .await?;
-        sqlx::query(concat!(
-            "UPDATE prism_batches SET state = 'released', completed_at = ",
-            now!(),
-            ", lease_owner = NULL, lease_expires_at = NULL, last_error = ?2 WHERE id = ?1 AND state = 'open'"
-        ))
-        .bind(&batch)
-        .bind(&message)
-        .execute(&mut **tx)
+        end_batches_dead(
+            &mut tx,
+            &[batch.to_string()],
+            codes::CORRUPT_BATCH,
+            &message,
+        )
         .await?;
         tx.commit().await?;
         Ok(())
@@ -634,42 +616,24 @@ impl SqliteStore {
     pub async fn end_stranded_batches(&self, teams: &crate::batch::TeamSet) -> StoreResult<u64> {
         let teams = serde_json::to_string(&teams.iter().collect::<Vec<_>>()).expect("serialises");
         let mut tx = self.begin_write().await?;
-        // Open batches of no configured team whose lease lapsed (no live process holds them).
-        macro_rules! stranded {
-            () => {
-                concat!(
-                    "SELECT id FROM prism_batches INDEXED BY prism_batches_open
-                     WHERE state = 'open' AND team_id NOT IN (SELECT value FROM json_each(?1))
-                       AND (lease_expires_at IS NULL OR lease_expires_at <= ",
-                    now!(),
-                    ")"
-                )
-            };
-        }
-        let dead = sqlx::query(concat!(
-            "UPDATE prism_outbox SET state = 'dead', completed_at = ",
+        // Open batches of no configured team whose lease lapsed (no live process holds them),
+        // chosen under the write lock that ends them.
+        let stranded: Vec<String> = sqlx::query_scalar(concat!(
+            "SELECT id FROM prism_batches INDEXED BY prism_batches_open
+             WHERE state = 'open' AND team_id NOT IN (SELECT value FROM json_each(?1))
+               AND (lease_expires_at IS NULL OR lease_expires_at <= ",
             now!(),
-            ", last_error_code = ?2, last_error_message = ?3
-             WHERE state = 'in_flight' AND batch_id IN (",
-            stranded!(),
             ")"
         ))
         .bind(&teams)
-        .bind(crate::model::codes::UNKNOWN_TEAM)
-        .bind(super::STRANDED_MESSAGE)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-        sqlx::query(concat!(
-            "UPDATE prism_batches SET state = 'released', completed_at = ",
-            now!(),
-            ", lease_owner = NULL, lease_expires_at = NULL, last_error = ?2 WHERE id IN (",
-            stranded!(),
-            ")"
-        ))
-        .bind(&teams)
-        .bind(super::STRANDED_MESSAGE)
-        .execute(&mut **tx)
+        .fetch_all(&mut **tx)
+        .await?;
+        let dead = end_batches_dead(
+            &mut tx,
+            &stranded,
+            codes::UNKNOWN_TEAM,
+            super::STRANDED_MESSAGE,
+        )
         .await?;
         tx.commit().await?;
         Ok(dead)
@@ -928,6 +892,43 @@ async fn insert_batch(
     .execute(&mut ***tx)
     .await?;
     Ok(())
+}
+
+/// Ends open batches for good, inside `tx`: their rows still in flight go `dead` with `code`
+/// and `message`, the batches end `released`. Returns how many rows went dead.
+async fn end_batches_dead(
+    tx: &mut WriteTx,
+    batches: &[String],
+    code: &str,
+    message: &str,
+) -> StoreResult<u64> {
+    if batches.is_empty() {
+        return Ok(0);
+    }
+    let ids = serde_json::to_string(batches).expect("serialises");
+    let dead = sqlx::query(concat!(
+        "UPDATE prism_outbox SET state = 'dead', completed_at = ",
+        now!(),
+        ", last_error_code = ?2, last_error_message = ?3
+         WHERE state = 'in_flight' AND batch_id IN (SELECT value FROM json_each(?1))"
+    ))
+    .bind(&ids)
+    .bind(code)
+    .bind(message)
+    .execute(&mut ***tx)
+    .await?
+    .rows_affected();
+    sqlx::query(concat!(
+        "UPDATE prism_batches SET state = 'released', completed_at = ",
+        now!(),
+        ", lease_owner = NULL, lease_expires_at = NULL, last_error = ?2
+         WHERE state = 'open' AND id IN (SELECT value FROM json_each(?1))"
+    ))
+    .bind(&ids)
+    .bind(message)
+    .execute(&mut ***tx)
+    .await?;
+    Ok(dead)
 }
 
 async fn mark_in_flight(tx: &mut WriteTx, assignments: &[(i64, String)]) -> StoreResult<()> {
