@@ -319,7 +319,8 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-fn truncate(s: &str, max: usize) -> String {
+/// The first `max` characters of `s`, with `…` when it was longer.
+pub(crate) fn truncate(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
         Some((at, _)) => format!("{}…", &s[..at]),
         None => s.to_owned(),

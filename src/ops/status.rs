@@ -138,15 +138,6 @@ impl AnyRow {
     }
 }
 
-/// The start of `text`, for a table cell: a replay's audit filter lists every row it rebased
-/// (with the original patch) or left dead; `--json` and `prism_audit` carry all of it.
-fn clip(text: &str, max_chars: usize) -> String {
-    match text.char_indices().nth(max_chars) {
-        Some((end, _)) => format!("{}…", &text[..end]),
-        None => text.to_owned(),
-    }
-}
-
 pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
     let mut rows: BTreeMap<String, i64> = RowState::ALL
         .iter()
@@ -417,7 +408,9 @@ pub fn render(report: &StatusReport, out: &mut impl std::io::Write) -> std::io::
                     a.actor.clone(),
                     a.action.clone(),
                     a.rows.to_string(),
-                    clip(&a.filter, 100),
+                    // A replay's filter lists every row it rebased (with the original patch) or
+                    // left dead; `--json` and `prism_audit` carry all of it.
+                    crate::batch::truncate(&a.filter, 100),
                 ]
             })
             .collect();
