@@ -7,17 +7,12 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use common::*;
-use prism_sync::batch::{PlanLimits, TeamSet};
 use prism_sync::sim::FaultProfile;
-use prism_sync::store::{ClaimOutcome, ClaimRequest, FinishBatch, Lane, Store, StoreKind};
+use prism_sync::store::{ClaimOutcome, FinishBatch, Store, StoreKind};
 
 const FINISH: Duration = Duration::from_secs(60);
 
-fn distinct_records(n: usize) -> Vec<(String, String)> {
-    (0..n).map(|i| (uuid(), patch(i))).collect()
-}
-
-/// Claims for the default team as process `owner` would (coalescing on, 1 MiB patches).
+/// Claims for the default team as process `owner` would.
 async fn claim(
     store: &Store,
     owner: &str,
@@ -25,23 +20,7 @@ async fn claim(
     max_records: usize,
     batch_size: usize,
 ) -> ClaimOutcome {
-    store
-        .claim(&ClaimRequest {
-            owner,
-            lease,
-            max_records,
-            limits: PlanLimits {
-                batch_size,
-                coalesce: true,
-                max_coalesce: 100,
-                max_patch_bytes: 1 << 20,
-            },
-            lanes: &Lane::all_of([""]),
-            teams: &TeamSet::new([]),
-            strays: false,
-        })
-        .await
-        .unwrap()
+    claim_as(store, owner, lease, "", max_records, batch_size).await
 }
 
 /// Attempts recorded for a batch.

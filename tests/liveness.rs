@@ -9,16 +9,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use common::*;
-use prism_sync::batch::{PlanLimits, TeamSet};
 use prism_sync::sim::FaultProfile;
-use prism_sync::store::{ClaimRequest, Lane, Store, StoreKind};
+use prism_sync::store::{Store, StoreKind};
 use sqlx::Row;
 
 const FINISH: Duration = Duration::from_secs(60);
-
-fn distinct_records(n: usize) -> Vec<(String, String)> {
-    (0..n).map(|i| (uuid(), patch(i))).collect()
-}
 
 /// `(id, state, code, message)` of every row, in id order.
 async fn outcomes(store: &Store) -> Vec<(i64, String, Option<String>, Option<String>)> {
@@ -45,23 +40,15 @@ async fn outcomes(store: &Store) -> Vec<(i64, String, Option<String>, Option<Str
 /// Stores a batch of every waiting row of `team` as a process that then died: it is open,
 /// leased for a moment, and its rows are in flight.
 async fn store_batch_of_dead_process(store: &Store, team: &str) {
-    let claimed = store
-        .claim(&ClaimRequest {
-            owner: "dead-process",
-            lease: Duration::from_millis(10),
-            max_records: 100,
-            limits: PlanLimits {
-                batch_size: 100,
-                coalesce: true,
-                max_coalesce: 100,
-                max_patch_bytes: 1 << 20,
-            },
-            lanes: &Lane::all_of([team]),
-            teams: &TeamSet::new([team.to_owned()]),
-            strays: false,
-        })
-        .await
-        .expect("claim");
+    let claimed = claim_as(
+        store,
+        "dead-process",
+        Duration::from_millis(10),
+        team,
+        100,
+        100,
+    )
+    .await;
     assert_eq!(claimed.batches.len(), 1, "one batch stored");
 }
 

@@ -319,6 +319,40 @@ pub async fn wait_for<F: FnMut() -> bool>(what: &str, within: Duration, mut cond
     }
 }
 
+/// `n` changes, each of its own record.
+pub fn distinct_records(n: usize) -> Vec<(String, String)> {
+    (0..n).map(|i| (uuid(), patch(i))).collect()
+}
+
+/// Claims the waiting rows of `team` (as stored: `''` is the default team) as process `owner`
+/// would (coalescing on, 1 MiB patches), storing their batches leased to it.
+pub async fn claim_as(
+    store: &Store,
+    owner: &str,
+    lease: Duration,
+    team: &str,
+    max_records: usize,
+    batch_size: usize,
+) -> prism_sync::store::ClaimOutcome {
+    store
+        .claim(&prism_sync::store::ClaimRequest {
+            owner,
+            lease,
+            max_records,
+            limits: prism_sync::batch::PlanLimits {
+                batch_size,
+                coalesce: true,
+                max_coalesce: 100,
+                max_patch_bytes: 1 << 20,
+            },
+            lanes: &prism_sync::store::Lane::all_of([team]),
+            teams: &prism_sync::batch::TeamSet::new([team.to_owned()]),
+            strays: false,
+        })
+        .await
+        .expect("claim")
+}
+
 pub fn uuid() -> String {
     Uuid::new_v4().to_string()
 }
