@@ -309,32 +309,37 @@ async fn record_group(store: &Store, batches: &[FinishBatch]) -> Vec<Option<bool
             warn!(error = %e, batches = batches.len(), "the database refused a group of outcomes; writing its batches one by one");
             let mut written = Vec::with_capacity(batches.len());
             for f in batches {
-                written.push(record_alone(store, f).await);
+                let alone =
+                    match must_write("recording a batch outcome", || store.finish_batch(f)).await {
+                        Ok(w) => Some(w),
+                        Err(e) if e.is_refused_write() => record_without_texts(store, f, &e).await,
+                        Err(_) => None,
+                    };
+                written.push(alone);
             }
             written
         }
-        Err(e) if e.is_refused_write() => vec![record_alone(store, &batches[0]).await],
+        // A group of one is that batch alone: the same write would be refused again.
+        Err(e) if e.is_refused_write() => vec![record_without_texts(store, &batches[0], &e).await],
         Err(_) => vec![None; batches.len()],
     }
 }
 
-/// Writes one batch's end; if the database refuses what it holds, writes it once more without
-/// any text from the API (codes reduced to plain identifiers, no messages), so the rows still
-/// end instead of being re-sent for ever.
-async fn record_alone(store: &Store, f: &FinishBatch) -> Option<bool> {
-    match must_write("recording a batch outcome", || store.finish_batch(f)).await {
-        Ok(written) => Some(written),
-        Err(e) if e.is_refused_write() => {
-            error!(batch_id = %f.batch_id, error = %e, "the database refused this batch's outcome; writing it without the API's texts");
-            let plain = f.without_texts();
-            must_write("recording a batch outcome without texts", || {
-                store.finish_batch(&plain)
-            })
-            .await
-            .ok()
-        }
-        Err(_) => None,
-    }
+/// Writes a batch's end that the database refused once more without any text from the API
+/// (codes reduced to plain identifiers, no messages), so that its rows still end instead of
+/// being re-sent for ever.
+async fn record_without_texts(
+    store: &Store,
+    f: &FinishBatch,
+    refused: &StoreError,
+) -> Option<bool> {
+    error!(batch_id = %f.batch_id, error = %refused, "the database refused this batch's outcome; writing it without the API's texts");
+    let plain = f.without_texts();
+    must_write("recording a batch outcome without texts", || {
+        store.finish_batch(&plain)
+    })
+    .await
+    .ok()
 }
 
 impl Engine {
