@@ -58,10 +58,18 @@ async fn while_outbox_locked<F: std::future::Future<Output = ()>>(db: &TestDb, r
     use sqlx::Connection;
     match db.backend {
         Backend::Sqlite => {
-            let mut c = sqlx::SqliteConnection::connect(&db.url).await.expect("connect");
-            sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut c).await.expect("lock");
+            let mut c = sqlx::SqliteConnection::connect(&db.url)
+                .await
+                .expect("connect");
+            sqlx::raw_sql("BEGIN IMMEDIATE")
+                .execute(&mut c)
+                .await
+                .expect("lock");
             release.await;
-            sqlx::raw_sql("COMMIT").execute(&mut c).await.expect("unlock");
+            sqlx::raw_sql("COMMIT")
+                .execute(&mut c)
+                .await
+                .expect("unlock");
         }
         Backend::Postgres => {
             let mut c = sqlx::PgConnection::connect(&db.url).await.expect("connect");
@@ -70,7 +78,10 @@ async fn while_outbox_locked<F: std::future::Future<Output = ()>>(db: &TestDb, r
                 .await
                 .expect("lock");
             release.await;
-            sqlx::raw_sql("COMMIT").execute(&mut c).await.expect("unlock");
+            sqlx::raw_sql("COMMIT")
+                .execute(&mut c)
+                .await
+                .expect("unlock");
         }
     }
 }
@@ -382,4 +393,63 @@ both_backends! {
         assert_eq!((state.as_str(), code.as_deref(), message.as_deref()), ("dead", Some("validation_error"), None), "{all:?}");
         assert!(all.iter().enumerate().all(|(i, r)| i == 5 || r.state == "succeeded"), "{all:?}");
     }
+}
+
+/// SQLite rewrites spellings as they are inserted; rows an application stored before that
+/// migration (0003) are rewritten once by it, so an upgrade does not keep two records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_spellings_stored_before_the_upgrade_become_one_record() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let sim = sim(FaultProfile::default()).await;
+    let mut s = settings(&db, &sim);
+    s.batch.coalesce = false;
+    let previous = tempfile::tempdir().expect("temp dir");
+    for file in ["0001_outbox.sql", "0002_operations_and_teams.sql"] {
+        let from = format!("{}/migrations/sqlite/{file}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::copy(from, previous.path().join(file)).expect("copy migration");
+    }
+    let store = Store::connect(&s.database).await.expect("connect");
+    let StoreKind::Sqlite(pool) = store.sqlx_kind() else {
+        unreachable!("a SQLite test database")
+    };
+    let before = sqlx::migrate::Migrator::new(previous.path())
+        .await
+        .expect("migrator");
+    before
+        .run(pool)
+        .await
+        .expect("the previous release's schema");
+    let id = uuid::Uuid::new_v4();
+    let canonical = id.hyphenated().to_string();
+    let spellings = [
+        canonical.to_uppercase(),
+        format!("{{{canonical}}}"),
+        id.simple().to_string(),
+        format!("urn:uuid:{canonical}"),
+        canonical.clone(),
+    ];
+    let rows: Vec<(String, String)> = spellings
+        .iter()
+        .enumerate()
+        .map(|(rev, s)| (s.clone(), patch(rev)))
+        .collect();
+    insert_rows(&store, &rows).await;
+    store.migrate().await.expect("upgrade");
+    let stored: Vec<String> = sqlx::query_scalar("SELECT DISTINCT record_id FROM prism_outbox")
+        .fetch_all(pool)
+        .await
+        .expect("read");
+    assert_eq!(stored, [canonical], "every spelling stored canonically");
+    let engine = start_engine(&s).await;
+    let all = wait_until_finished(&store, FINISH).await;
+    engine.stop().await;
+    assert!(all.iter().all(|r| r.state == "succeeded"), "{all:?}");
+    assert_eq!(assert_applied_in_order_once(&sim), spellings.len());
+    assert!(
+        sim.requests().iter().all(|r| r.items == 1),
+        "one change of the record a request: {:?}",
+        sim.requests()
+    );
 }
