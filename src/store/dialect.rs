@@ -17,7 +17,8 @@ use uuid::Uuid;
 use super::{ClaimRequest, DueRequest, FinishBatch, Lane, LeasedBatch, StoreResult};
 use crate::batch::{CandidateRow, DeadRow, NewBatch};
 
-/// One engine's statements. Private to the store: the engine and the operators see [`super::Store`].
+/// One engine's statements. Private to the store: the engine and the operators see
+/// [`super::Store`].
 pub(super) trait Dialect: Sync {
     /// A write transaction (on SQLite, the one writer connection under the in-process gate).
     type Tx: Send;

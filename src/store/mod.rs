@@ -1,6 +1,12 @@
 //! The outbox stores: one interface, two engines (SQLite, Postgres), each with SQL written for
 //! it. The engine talks only to [`Store`].
 //!
+//! The algorithms are written once, over the private `dialect::Dialect` trait that each engine
+//! implements with its statements (River's driver split): `claim.rs` (claim rows, plan and store
+//! their batches), `record.rs` (a group of batch ends, in rounds, fenced per batch) and
+//! `lease.rs` (lease stored batches and read them back). `sqlite.rs` and `postgres.rs` hold the
+//! statements, connection set-up and migrations.
+//!
 //! **Architecture invariants**
 //! - A batch (key + exact bytes + its rows) is committed before its first send: claiming rows and
 //!   storing their batch happen in one transaction.
