@@ -194,6 +194,70 @@ async fn unfinished(store: &Store) -> anyhow::Result<bool> {
     })
 }
 
+/// The server's WAL position and the outbox's update counters at one moment (Postgres only).
+///
+/// WAL is one stream per server: on a server other sessions write to, the delta counts their
+/// writes too (bench/wal/private_pg.sh starts a server of its own for these figures).
+struct WalMark {
+    lsn: String,
+    updates: i64,
+    hot: i64,
+    /// Checkpoints so far: after one, each page's first change is logged as a full-page image.
+    checkpoints: i64,
+}
+
+impl WalMark {
+    /// The mark now, when `store` is on Postgres.
+    async fn take(store: &Store) -> anyhow::Result<Option<WalMark>> {
+        match store.sqlx_kind() {
+            StoreKind::Postgres(p) => Ok(Some(WalMark::read(p).await?)),
+            StoreKind::Sqlite(_) => Ok(None),
+        }
+    }
+
+    async fn read(p: &sqlx::PgPool) -> anyhow::Result<WalMark> {
+        // pg_stat_clear_snapshot: this backend's earlier reads of the counters are not reused.
+        let (lsn, updates, hot, checkpoints): (String, i64, i64, i64) = sqlx::query_as(
+            "SELECT pg_current_wal_lsn()::text, COALESCE(n_tup_upd, 0), COALESCE(n_tup_hot_upd, 0),
+                    (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter)
+             FROM (SELECT pg_stat_clear_snapshot()) c
+             LEFT JOIN pg_stat_user_tables t ON t.relname = 'prism_outbox'",
+        )
+        .fetch_one(p)
+        .await?;
+        Ok(WalMark {
+            lsn,
+            updates,
+            hot,
+            checkpoints,
+        })
+    }
+
+    /// Prints the WAL written since `self` per row, and the share of HOT outbox updates. Call
+    /// it once the connections that wrote have closed: a backend publishes its counters when it
+    /// exits, and only every few seconds while its connection sits idle in a pool.
+    async fn report(&self, url: &str, rows: usize, what: &str) -> anyhow::Result<()> {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let p = sqlx::PgPool::connect(url).await?;
+        let now = WalMark::read(&p).await?;
+        let bytes: f64 = sqlx::query_scalar("SELECT ($1::pg_lsn - $2::pg_lsn)::float8")
+            .bind(&now.lsn)
+            .bind(&self.lsn)
+            .fetch_one(&p)
+            .await?;
+        p.close().await;
+        let updates = now.updates - self.updates;
+        println!(
+            "  {what} WAL: {:.0} bytes per row ({:.1} MB for {rows} rows, server-wide; {} checkpoint(s) began meanwhile), outbox updates {updates}, {:.0} % HOT",
+            bytes / rows.max(1) as f64,
+            bytes / 1e6,
+            now.checkpoints - self.checkpoints,
+            100.0 * (now.hot - self.hot) as f64 / updates.max(1) as f64
+        );
+        Ok(())
+    }
+}
+
 /// What a daemon run left behind, once checked against the simulator's apply log.
 #[derive(Debug, Default)]
 struct Tally {
@@ -643,6 +707,7 @@ async fn limit_only(args: &Args) -> anyhow::Result<()> {
     )
     .await?;
     eprintln!("enqueued {} changes; measuring", args.rows);
+    let wal = WalMark::take(&store).await?;
     let cpu = cpu_seconds();
     let run = bookkeeping_limit(&store, args.max_in_flight).await?;
     let cpu = cpu_seconds() - cpu;
@@ -659,6 +724,9 @@ async fn limit_only(args: &Args) -> anyhow::Result<()> {
         run.finishes,
     );
     store_close(store).await;
+    if let Some(wal) = &wal {
+        wal.report(&db.url, run.rows, "limit").await?;
+    }
     db.drop_pg().await;
     Ok(())
 }
@@ -689,6 +757,7 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
         "prism-sync bench: {:?}, {} changes over {} records, API latency {:?}, faults {:?}, {} replica(s) × max_in_flight {}",
         args.db, args.rows, records, args.latency, args.faults, args.replicas, args.max_in_flight
     );
+    let wal = WalMark::take(&store).await?;
     let started = Instant::now();
     let mut daemons = spawn_daemons(args, &db, &sim);
     let pids: Vec<u32> = daemons.iter().filter_map(|d| d.child.id()).collect();
@@ -737,11 +806,15 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
             rec_sum / rec_n * 1000.0
         );
     }
+    if let Some(wal) = &wal {
+        wal.report(&db.url, tally.rows, "daemon").await?;
+    }
     tally.ensure_each_applied_once()?;
     if !args.no_limit && args.faults == Faults::Off {
         let mut limit_db = Database::fresh(args.db).await?;
         let limit_store = limit_db.store().await?;
         insert(&limit_store, &data).await?;
+        let wal = WalMark::take(&limit_store).await?;
         let run = bookkeeping_limit(&limit_store, args.max_in_flight).await?;
         let limit = run.rate();
         println!(
@@ -751,6 +824,9 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
         );
         println!("  ratio:   daemon ÷ limit = {:.2}", rate / limit);
         store_close(limit_store).await;
+        if let Some(wal) = &wal {
+            wal.report(&limit_db.url, run.rows, "limit").await?;
+        }
         limit_db.drop_pg().await;
     }
     store_close(store).await;

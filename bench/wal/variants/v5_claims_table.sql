@@ -1,0 +1,25 @@
+-- v5 (directions a + c, narrow claim table): prism_outbox is written only by the application's
+-- INSERT; a claim locks its rows (FOR UPDATE, as today) and inserts one narrow row per claimed row
+-- into prism_outbox_claims (common.sql); a batch whose rows all succeeded is recorded once, by
+-- its state. Per-row writes after the claim only for rows whose outcome is not their batch's.
+-- prism_outbox keeps only indexes of columns nothing updates (v2's), and claims walk each lane
+-- from its floor. The state SQL users read is prism_outbox_state (below).
+DROP INDEX prism_outbox_lane, prism_outbox_record, prism_outbox_batch, prism_outbox_completed,
+           prism_outbox_dead_record;
+CREATE INDEX prism_outbox_lane_all ON prism_outbox (team_id, object_type, id);
+CREATE INDEX prism_outbox_record_all ON prism_outbox (record_id, id);
+CREATE TABLE prism_lane_floor (
+    team_id text NOT NULL, object_type text NOT NULL, floor_id bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (team_id, object_type));
+INSERT INTO prism_lane_floor VALUES ('', 'contact', 0);
+CREATE VIEW prism_outbox_state AS
+    SELECT o.id,
+           CASE WHEN c.id IS NULL THEN o.state          -- never claimed: 'pending' (or dead at claim)
+                WHEN c.state IS NOT NULL THEN c.state
+                WHEN b.state = 'open' THEN 'in_flight'
+                WHEN b.state = 'done' THEN 'succeeded'
+                ELSE 'in_flight' END AS state           -- split or released: its rows were re-homed
+    FROM prism_outbox o
+    LEFT JOIN prism_outbox_claims c ON c.id = o.id
+    LEFT JOIN prism_batches b ON b.id = c.batch_id;
+INSERT INTO wal_config VALUES (true, true, true);
