@@ -2,15 +2,15 @@
 //! record every item's outcome → let the database schedule what retries.
 //!
 //! The files follow the diagram in ARCHITECTURE.md ("Inside one process"):
-//! - [`claimer`]: the claim loop; keeps each team's buffer of leased batches topped up, taking
+//! - `claimer`: the claim loop; keeps each team's buffer of leased batches topped up, taking
 //!   (team, object type) lanes in turn.
-//! - [`team`]: a team's lane (client with its key, rate ceiling and 429 pause; adaptive
+//! - `team`: a team's lane (client with its key, rate ceiling and 429 pause; adaptive
 //!   concurrency limit; buffer; refusal and probes).
-//! - [`worker`]: `max_in_flight` per team; send one batch, classify its answer.
-//! - [`settle`]: what each verdict does to its batch, one function per arm.
-//! - [`recorder`]: commits batch ends in groups, and settles answered batches once written.
-//! - [`heartbeat`], [`listener`]: lease extension; `LISTEN` wake-ups on Postgres.
-//! - [`holdings`]: the one record of which batches the process holds ([`holdings::Held`]),
+//! - `worker`: `max_in_flight` per team; send one batch, classify its answer.
+//! - `settle`: what each verdict does to its batch, one function per arm.
+//! - `recorder`: commits batch ends in groups, and settles answered batches once written.
+//! - `heartbeat`, `listener`: lease extension; `LISTEN` wake-ups on Postgres.
+//! - `holdings`: the one record of which batches the process holds (`holdings::Held`),
 //!   which the claimer, workers, recorder and heartbeat hand on.
 //!
 //! Nothing about a batch lives only in memory: a retry is a database row with a due time, so a
