@@ -902,7 +902,7 @@ fn process_batch(
 ) -> Processed {
     let checked = match check_body(faults, target.operation, body) {
         Ok(checked) => checked,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let count = checked.len();
     let mut outcome = RequestOutcome {
@@ -929,17 +929,17 @@ fn process_batch(
 }
 
 /// The body's entries, each checked, or the 400 (or the poison fault's refusal) for the whole
-/// request.
+/// request (boxed: it is large, and rare).
 fn check_body(
     faults: &ActiveFaults,
     operation: Operation,
     body: &Bytes,
-) -> Result<Vec<CheckedItem>, Processed> {
+) -> Result<Vec<CheckedItem>, Box<Processed>> {
     let raw_items = split_items(body, operation)
-        .map_err(|(code, message)| refused(StatusCode::BAD_REQUEST, code, message, 0))?;
+        .map_err(|(code, message)| Box::new(refused(StatusCode::BAD_REQUEST, code, message, 0)))?;
     let count = raw_items.len();
     if count == 0 || count > MAX_ITEMS {
-        return Err(refused(
+        return Err(Box::new(refused(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             &format!(
@@ -947,7 +947,7 @@ fn check_body(
                 entries_field(operation)
             ),
             count,
-        ));
+        )));
     }
     // Each raw item is valid JSON already, so parsing it again cannot fail.
     let values: Vec<Value> = raw_items
@@ -959,7 +959,7 @@ fn check_body(
             .iter()
             .any(|entry| is_poison(faults, entry_id(operation, entry)))
     {
-        return Err(poisoned(faults, count));
+        return Err(Box::new(poisoned(faults, count)));
     }
     Ok(match operation {
         Operation::Update => values
