@@ -252,24 +252,35 @@ fn validate(
                 ),
             )
         })?;
-    if operation == Operation::Delete {
+    let patch = match operation {
         // A delete sends only the record id; whatever the patch column holds is not read.
-        return Ok(ValidRow {
-            record_id,
-            team,
-            object_type,
-            operation,
-            patch: Map::new(),
-        });
-    }
-    let Some(bytes) = row.patch.as_deref() else {
-        return Err(dead(
+        Operation::Delete => Map::new(),
+        Operation::Update => validate_patch(row.patch.as_deref(), max_patch_bytes)
+            .map_err(|(code, message)| dead(code, message))?,
+    };
+    Ok(ValidRow {
+        record_id,
+        team,
+        object_type,
+        operation,
+        patch,
+    })
+}
+
+/// An update's patch: at most `max_patch_bytes` (`None`: the store found it larger), UTF-8,
+/// a JSON object without `id`. Else the dead code and message.
+fn validate_patch(
+    bytes: Option<&[u8]>,
+    max_patch_bytes: usize,
+) -> Result<Map<String, Value>, (&'static str, String)> {
+    let Some(bytes) = bytes else {
+        return Err((
             codes::PATCH_TOO_LARGE,
             format!("patch is larger than batch.max_patch_bytes ({max_patch_bytes} bytes)"),
         ));
     };
     if bytes.len() > max_patch_bytes {
-        return Err(dead(
+        return Err((
             codes::PATCH_TOO_LARGE,
             format!(
                 "patch is {} bytes, over batch.max_patch_bytes ({max_patch_bytes})",
@@ -278,7 +289,7 @@ fn validate(
         ));
     }
     let text = std::str::from_utf8(bytes).map_err(|e| {
-        dead(
+        (
             codes::INVALID_PATCH,
             format!("patch is not valid UTF-8: {e}"),
         )
@@ -286,26 +297,20 @@ fn validate(
     // serde_json refuses nesting deeper than 128 levels, which bounds the work a hostile patch
     // can cause here and in the server.
     let value: Value = serde_json::from_str(text)
-        .map_err(|e| dead(codes::INVALID_PATCH, format!("patch is not JSON: {e}")))?;
+        .map_err(|e| (codes::INVALID_PATCH, format!("patch is not JSON: {e}")))?;
     let Value::Object(patch) = value else {
-        return Err(dead(
+        return Err((
             codes::INVALID_PATCH,
             format!("patch must be a JSON object, not {}", kind(&value)),
         ));
     };
     if patch.contains_key("id") {
-        return Err(dead(
+        return Err((
             codes::INVALID_PATCH,
             "patch must not carry \"id\": the record id comes from record_id".into(),
         ));
     }
-    Ok(ValidRow {
-        record_id,
-        team,
-        object_type,
-        operation,
-        patch,
-    })
+    Ok(patch)
 }
 
 fn kind(v: &Value) -> &'static str {

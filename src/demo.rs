@@ -135,10 +135,53 @@ fn demo_faults(s: &Sample) -> FaultProfile {
 
 pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<ExitCode> {
     let sample = sample(&args);
+    let (sim, api_key, settings) = start_simulator(&args, &sample).await?;
+    write_intro(&args, &sim, out)?;
+    let store = Store::connect(&settings.database)
+        .await
+        .context("opening the demo database")?;
+    store.migrate().await?;
+    ops::enqueue::insert(&store, &sample.changes).await?;
+    writeln!(
+        out,
+        "  enqueued {} changes to {} contacts (as your application would, with INSERT INTO prism_outbox)",
+        sample.changes.len(),
+        sample.contacts.len()
+    )?;
+    writeln!(out)?;
+
+    let elapsed = sync_with_progress(&settings, api_key, &store, &sample, out).await?;
+
+    let report = ops::status::status(&store).await?;
+    let stats = sim.stats();
+    writeln!(out)?;
+    writeln!(
+        out,
+        "done in {:.1}s: {} requests, {} idempotent replays, {} faults injected by the simulator",
+        elapsed.as_secs_f64(),
+        stats.requests_total,
+        stats.replays,
+        stats.faults_injected.values().sum::<u64>()
+    )?;
+    let verdict = verify(&sample, &sim, &report)?;
+    writeln!(out, "{verdict}")?;
+    writeln!(out)?;
+    ops::status::render(&report, out)?;
+    write_next_steps(&args, &store, out).await?;
+    sim.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the simulator (with the demo's faults unless they are off) on a fresh demo database;
+/// returns it, its API key and the settings that point the daemon at both.
+async fn start_simulator(
+    args: &DemoArgs,
+    sample: &Sample,
+) -> anyhow::Result<(crate::sim::SimHandle, String, Settings)> {
     let faults = if args.no_faults {
         FaultProfile::default()
     } else {
-        demo_faults(&sample)
+        demo_faults(sample)
     };
     let sim_config = SimConfig {
         faults,
@@ -154,10 +197,8 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<ExitCod
         p.push(suffix);
         let _ = std::fs::remove_file(p);
     }
-    let db_url = format!("sqlite://{}?mode=rwc", args.db.display());
-    let shown_url = format!("sqlite://{}", args.db.display());
     let mut settings = Settings::default();
-    settings.database.url = db_url.clone();
+    settings.database.url = format!("sqlite://{}?mode=rwc", args.db.display());
     settings.micro.base_url = sim.base_url();
     settings.micro.team_id = team;
     settings.retry.base_delay = Duration::from_millis(100);
@@ -167,7 +208,14 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<ExitCod
     settings.http.timeout = Duration::from_secs(5);
     settings.sync.lease = Duration::from_secs(15);
     settings.validate()?;
+    Ok((sim, api_key, settings))
+}
 
+fn write_intro(
+    args: &DemoArgs,
+    sim: &crate::sim::SimHandle,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     writeln!(out, "prism-sync demo")?;
     writeln!(
         out,
@@ -184,19 +232,18 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<ExitCod
         "  outbox: {} (SQLite, WAL, synchronous=FULL)",
         args.db.display()
     )?;
-    let store = Store::connect(&settings.database)
-        .await
-        .context("opening the demo database")?;
-    store.migrate().await?;
-    ops::enqueue::insert(&store, &sample.changes).await?;
-    writeln!(
-        out,
-        "  enqueued {} changes to {} contacts (as your application would, with INSERT INTO prism_outbox)",
-        sample.changes.len(),
-        sample.contacts.len()
-    )?;
-    writeln!(out)?;
+    Ok(())
+}
 
+/// Runs the engine until every row has ended (or 50 s have passed), with a progress line;
+/// returns how long it took.
+async fn sync_with_progress(
+    settings: &Settings,
+    api_key: String,
+    store: &Store,
+    sample: &Sample,
+    out: &mut impl Write,
+) -> anyhow::Result<Duration> {
     let client = MicroClient::new(
         &settings.micro.base_url,
         &settings.micro.team_id,
@@ -207,7 +254,7 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<ExitCod
     let engine = Engine::new(
         store.clone(),
         client,
-        EngineConfig::from_settings(&settings),
+        EngineConfig::from_settings(settings),
         health.clone(),
     );
     let stop = CancellationToken::new();
@@ -219,7 +266,7 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<ExitCod
     let deadline = started + Duration::from_secs(50);
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let report = ops::status::status(&store).await?;
+        let report = ops::status::status(store).await?;
         let open = ["pending", "in_flight", "retrying"]
             .iter()
             .map(|s| report.rows.get(*s).copied().unwrap_or(0))
@@ -251,30 +298,22 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<ExitCod
     let elapsed = started.elapsed();
     stop.cancel();
     running.await.context("engine task")??;
+    Ok(elapsed)
+}
 
-    let report = ops::status::status(&store).await?;
-    let stats = sim.stats();
-    writeln!(out)?;
-    writeln!(
-        out,
-        "done in {:.1}s: {} requests, {} idempotent replays, {} faults injected by the simulator",
-        elapsed.as_secs_f64(),
-        stats.requests_total,
-        stats.replays,
-        stats.faults_injected.values().sum::<u64>()
-    )?;
-    let verdict = verify(&sample, &sim, &report)?;
-    writeln!(out, "{verdict}")?;
-    writeln!(out)?;
-    ops::status::render(&report, out)?;
-    let dead_row = dead_row_id(&store).await?;
+async fn write_next_steps(
+    args: &DemoArgs,
+    store: &Store,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let dead_row = dead_row_id(store).await?;
     writeln!(out)?;
     writeln!(
         out,
         "Next, try (the demo's database stays in {}):",
         args.db.display()
     )?;
-    let env = format!("DATABASE_URL={shown_url}");
+    let env = format!("DATABASE_URL=sqlite://{}", args.db.display());
     writeln!(
         out,
         "  {env} cargo run --release -- status     # exits 3 while dead rows exist, by design"
@@ -290,8 +329,7 @@ pub async fn run(args: DemoArgs, out: &mut impl Write) -> anyhow::Result<ExitCod
         out,
         "  cargo run --release -- simulate --help     # the simulator and its fault flags"
     )?;
-    sim.shutdown().await;
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 fn bar(done: u64, total: u64) -> String {

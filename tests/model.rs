@@ -13,7 +13,7 @@
 //! - once the random steps stop, every row ends within a bounded number of drain rounds.
 //!
 //! The engine's decisions (how an answer becomes a batch end) live in private async functions
-//! of `engine.rs`; `Case::engine_decides`, `engine_end` and `finish_of` below mirror them step
+//! of `engine/settle.rs`; `Case::engine_decides`, `engine_end` and `finish_of` below mirror them step
 //! by step, with a fixed retry delay instead of jitter so that the model knows when a row is due.
 
 mod common;
@@ -958,7 +958,7 @@ impl<'s> Case<'s> {
         Ok(())
     }
 
-    /// Mirrors `engine::send_and_settle`: one send through the simulated API, and the end the
+    /// Mirrors `engine::worker::send_and_settle`: one send through the simulated API, and the end the
     /// engine writes for what came back.
     fn engine_decides(
         &mut self,
@@ -1761,15 +1761,15 @@ fn attempt(status: Option<u16>, outcome: &str) -> AttemptRecord {
     }
 }
 
-/// The end the engine writes for a sent batch's verdict (`engine::on_retry`, `give_up`,
-/// `on_auth_refused`, `on_unreadable`, `on_rejected`, and the key-mismatch release).
+/// The end the engine writes for a sent batch's verdict (`engine::settle::retry`, `give_up`,
+/// `auth_refused`, `unreadable`, `rejected` and `key_mismatch`).
 fn engine_end(
     batch: &LeasedBatch,
     verdict: BatchVerdict,
     status: Option<u16>,
 ) -> Result<(End, AttemptRecord), String> {
     let past_give_up = batch.oldest_row_age() >= GIVE_UP_AFTER;
-    // `engine::give_up`: releases; a key the API answered 2xx is never released but deferred,
+    // `engine::settle::give_up`: releases; a key the API answered 2xx is never released but deferred,
     // every send counting, until `BATCH_MAX_ATTEMPTS` ends it.
     let gives_up = past_give_up && !batch.answered;
     let give_up = |code: &str| End::Released(code.to_owned());
@@ -1834,7 +1834,7 @@ fn item_verdict(end: &End, i: usize, item: &BatchItem) -> Option<(RowState, Stri
             };
             (state, code)
         }),
-        // Each release counts as a try (`engine::finish_released`).
+        // Each release counts as a try (`engine::settle::finish_released`).
         End::Released(code) => {
             let tries = u32::try_from(item.attempts).unwrap_or(0) + 1;
             let state = if tries >= MAX_ATTEMPTS {
@@ -1865,7 +1865,7 @@ fn results_body(batch: &LeasedBatch, raws: &[Raw]) -> Vec<u8> {
     json!({ "results": results }).to_string().into_bytes()
 }
 
-/// Mirrors `engine::record_answer`'s reading of outcomes: a delete of a record that is already
+/// Mirrors `engine::settle::answered`'s reading of outcomes: a delete of a record that is already
 /// gone succeeded.
 fn answered_end(batch: &LeasedBatch, outcomes: &[ItemOutcome]) -> End {
     End::Answered(
@@ -1885,8 +1885,8 @@ fn answered_end(batch: &LeasedBatch, outcomes: &[ItemOutcome]) -> End {
     )
 }
 
-/// The `FinishBatch` the engine writes for `end` (`engine::record_answer`, `finish_released`,
-/// `end_unreadable`, `on_rejected`).
+/// The `FinishBatch` the engine writes for `end` (`engine::settle::answered`,
+/// `finish_released`, `end_unreadable`, `rejected`).
 fn finish_of(batch: &LeasedBatch, owner: &str, end: &End, attempt: AttemptRecord) -> FinishBatch {
     let row = |id: i64, state: RowState, code: Option<&str>| RowUpdate {
         id,

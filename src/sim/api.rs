@@ -57,7 +57,7 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::faults::{ActiveFaults, FaultKind, RequestFault, WireFaults};
+use super::faults::{ActiveFaults, FaultKind, RequestFault, ResponseFaults, WireFaults};
 use super::state::{
     ApplyItem, ApplyOutcome, CachedResponse, Claim, ObjectType, Operation, RequestMeta,
     RequestOutcome, ScopedKey, TeamIndex,
@@ -120,7 +120,8 @@ pub(crate) async fn batch_delete(
     .await
 }
 
-/// The pipeline both batch endpoints share (steps 1 to 6 of the module docs).
+/// The pipeline both batch endpoints share (steps 1 to 6 of the module docs), one function per
+/// step.
 async fn batch(
     sim: Arc<Shared>,
     operation: Operation,
@@ -135,81 +136,19 @@ async fn batch(
         .get(IDEMPOTENCY_KEY)
         .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
     // A request counts for the team its path names, whether or not its key opens that team.
-    let path_team = sim.find_team(team);
     let meta = RequestMeta {
         path: &path,
         key: shown_key.as_deref(),
-        team: path_team,
+        team: sim.find_team(team),
         operation,
     };
-    let early = |status: StatusCode, code: &str, message: &str, outcome: RequestOutcome| {
-        sim.observe(&meta, outcome);
-        error_response(status, code, message)
+    // Steps 1 and 2.
+    let admitted = match admit(&sim, meta.team, team, object_type, &headers, body).await {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refusal.answer(&sim, &meta, RequestOutcome::default()),
     };
-    let rejected = |status: StatusCode| RequestOutcome {
-        status: status.as_u16(),
-        ..RequestOutcome::default()
-    };
-
-    let team = match sim.access(path_team, headers.get(API_KEY).map(HeaderValue::as_bytes)) {
-        Access::Granted(team) => team,
-        Access::Unauthorized => {
-            let status = StatusCode::UNAUTHORIZED;
-            return early(
-                status,
-                "unauthorized",
-                "Missing or invalid API key (x-api-key header).",
-                rejected(status),
-            );
-        }
-        Access::OtherTeam => {
-            let status = StatusCode::NOT_FOUND;
-            return early(
-                status,
-                "team_not_found",
-                &format!("Team {team} does not exist or is not accessible with this key."),
-                rejected(status),
-            );
-        }
-    };
-    let Ok(object_type) = object_type.parse::<ObjectType>() else {
-        let status = StatusCode::NOT_FOUND;
-        return early(
-            status,
-            "not_found",
-            &format!("Unknown object type {object_type:?}."),
-            rejected(status),
-        );
-    };
-    let bytes = match read_body(&headers, body).await {
-        Ok(bytes) => bytes,
-        Err(BodyError::TooLarge) => {
-            let status = StatusCode::PAYLOAD_TOO_LARGE;
-            return early(
-                status,
-                "payload_too_large",
-                &format!("Request body exceeds {BODY_LIMIT} bytes."),
-                rejected(status),
-            );
-        }
-        Err(BodyError::Unreadable) => {
-            let status = StatusCode::BAD_REQUEST;
-            return early(
-                status,
-                "invalid_request",
-                "The request body could not be read.",
-                rejected(status),
-            );
-        }
-    };
-    let key = match idempotency_key(&headers) {
-        Ok(key) => key,
-        Err(message) => {
-            let status = StatusCode::BAD_REQUEST;
-            return early(status, "invalid_idempotency_key", message, rejected(status));
-        }
-    };
-
+    let team = admitted.team;
+    // Step 3.
     let faults = sim.faults_for(team);
     let (request_fault, latency) = {
         let mut rng = sim.rng();
@@ -222,141 +161,48 @@ async fn batch(
     if !latency.is_zero() {
         fault_kinds.push((FaultKind::Latency, 1));
     }
-
     if let Some(fault) = request_fault {
         sim.pause(latency).await;
-        let (status, kind, code, message) = match fault {
-            RequestFault::Error500 => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                FaultKind::Error500,
-                "internal_error",
-                "Simulated internal error.",
-            ),
-            RequestFault::Error503 => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                FaultKind::Error503,
-                "unavailable",
-                "Simulated service unavailable.",
-            ),
-            RequestFault::RateLimit => (
-                StatusCode::TOO_MANY_REQUESTS,
-                FaultKind::RateLimit,
-                "rate_limited",
-                "Simulated rate limit.",
-            ),
-        };
-        fault_kinds.push((kind, 1));
-        sim.observe(
-            &meta,
-            RequestOutcome {
-                status: status.as_u16(),
-                faults: fault_kinds,
-                ..RequestOutcome::default()
-            },
-        );
-        return fault_response(&faults, fault, status, code, message);
+        return request_fault_response(&sim, &meta, &faults, fault, fault_kinds);
     }
-
-    let scoped_key = key.map(|key| (sim.team_name(team).to_owned(), key));
+    // Step 4.
+    let scoped_key = admitted
+        .key
+        .map(|key| (sim.team_name(team).to_owned(), key));
     let claim = match &scoped_key {
         None => None,
         Some(scoped) => {
-            let fingerprint = fingerprint(&path, &bytes);
-            match sim.claim_key(scoped, fingerprint) {
-                Claim::Fresh => Some(KeyClaim {
-                    sim: Arc::clone(&sim),
-                    key: scoped.clone(),
-                    settled: false,
-                }),
-                Claim::Replay(cached) => {
-                    // The network treats a replay like any other answer: it can be slow, cut or lost.
-                    let wire = if cached.status == 200 {
-                        faults.draw_wire_faults(&mut sim.rng())
-                    } else {
-                        WireFaults::default()
-                    };
-                    fault_kinds.extend(wire.kinds().map(|kind| (kind, 1)));
-                    sim.pause(latency).await;
-                    sim.observe(
-                        &meta,
-                        RequestOutcome {
-                            status: cached.status,
-                            replay: true,
-                            faults: fault_kinds,
-                            ..RequestOutcome::default()
-                        },
-                    );
-                    let mut response = send_with_wire_faults(&sim, cached, wire).await;
-                    response.headers_mut().insert(
-                        HeaderName::from_static("idempotent-replay"),
-                        HeaderValue::from_static("true"),
-                    );
-                    return response;
-                }
-                Claim::Mismatch => {
-                    sim.pause(latency).await;
-                    let status = StatusCode::CONFLICT;
-                    return early(
-                        status,
-                        "idempotency_key_mismatch",
-                        "This Idempotency-Key was already used with a different request body.",
-                        RequestOutcome {
-                            status: status.as_u16(),
-                            mismatch: true,
-                            faults: fault_kinds,
-                            ..RequestOutcome::default()
-                        },
-                    );
-                }
-                Claim::InProgress => {
-                    sim.pause(latency).await;
-                    let status = StatusCode::CONFLICT;
-                    return early(
-                        status,
-                        "idempotency_key_in_use",
-                        "A request with this Idempotency-Key is still being processed; retry later.",
-                        RequestOutcome {
-                            status: status.as_u16(),
-                            in_progress: true,
-                            faults: fault_kinds,
-                            ..RequestOutcome::default()
-                        },
-                    );
-                }
+            let fingerprint = fingerprint(&path, &admitted.bytes);
+            let asked = KeyRequest {
+                meta: &meta,
+                faults: &faults,
+                latency,
+            };
+            match claim_key(&sim, scoped, fingerprint, asked, &mut fault_kinds).await {
+                Ok(claim) => Some(claim),
+                Err(answered) => return answered,
             }
         }
     };
-
-    // The work runs in its own task: a client that times out or disconnects must not cancel a
-    // request the server has accepted, just as with a real server.
-    let worker_sim = Arc::clone(&sim);
-    let target = Target {
-        team,
-        object_type,
-        operation,
-    };
-    let work = tokio::spawn(async move {
-        worker_sim.pause(latency).await;
-        let key: Option<Arc<str>> = scoped_key.as_ref().map(|(_, key)| Arc::from(key.as_str()));
-        let processed = process_batch(&worker_sim, &faults, target, &bytes, key.as_ref());
-        if let Some(claim) = claim {
-            claim.settle(processed.response.clone());
-        }
-        let mut outcome = processed.outcome;
-        fault_kinds.append(&mut outcome.faults);
-        outcome.faults = fault_kinds;
-        let meta = RequestMeta {
-            path: &path,
-            key: shown_key.as_deref(),
-            team: Some(team),
+    // Steps 5 and 6.
+    let work = Work {
+        target: Target {
+            team,
+            object_type: admitted.object_type,
             operation,
-        };
-        worker_sim.observe(&meta, outcome);
-        (processed.response, processed.wire)
-    });
-    let (response, wire) = match work.await {
-        Ok(done) => done,
-        Err(_) => {
+        },
+        latency,
+        bytes: admitted.bytes,
+        faults,
+        key: scoped_key.map(|(_, key)| Arc::from(key.as_str())),
+        claim,
+        fault_kinds,
+        path: path.clone(),
+        shown_key: shown_key.clone(),
+    };
+    let (response, wire) = match work.run(&sim).await {
+        Some(done) => done,
+        None => {
             return error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",
@@ -365,6 +211,265 @@ async fn batch(
         }
     };
     send_with_wire_faults(&sim, response, wire).await
+}
+
+/// A request that passed steps 1 and 2.
+struct Admitted {
+    team: TeamIndex,
+    object_type: ObjectType,
+    bytes: Bytes,
+    key: Option<String>,
+}
+
+/// An error answer decided before any fault or the idempotency claim (never cached).
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: Cow<'static, str>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Refusal {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// Counts the request (with `outcome`'s flags and faults, under the refusal's status) and
+    /// answers it.
+    fn answer(self, sim: &Shared, meta: &RequestMeta<'_>, outcome: RequestOutcome) -> Response {
+        let outcome = RequestOutcome {
+            status: self.status.as_u16(),
+            ..outcome
+        };
+        sim.observe(meta, outcome);
+        error_response(self.status, self.code, &self.message)
+    }
+}
+
+/// Steps 1 and 2: authentication, object type, body and `Idempotency-Key` header.
+async fn admit(
+    sim: &Shared,
+    path_team: Option<TeamIndex>,
+    team: &str,
+    object_type: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Admitted, Refusal> {
+    let team = match sim.access(path_team, headers.get(API_KEY).map(HeaderValue::as_bytes)) {
+        Access::Granted(team) => team,
+        Access::Unauthorized => {
+            return Err(Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Missing or invalid API key (x-api-key header).",
+            ));
+        }
+        Access::OtherTeam => {
+            return Err(Refusal::new(
+                StatusCode::NOT_FOUND,
+                "team_not_found",
+                format!("Team {team} does not exist or is not accessible with this key."),
+            ));
+        }
+    };
+    let Ok(object_type) = object_type.parse::<ObjectType>() else {
+        return Err(Refusal::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("Unknown object type {object_type:?}."),
+        ));
+    };
+    let bytes = read_body(headers, body).await.map_err(|e| match e {
+        BodyError::TooLarge => Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("Request body exceeds {BODY_LIMIT} bytes."),
+        ),
+        BodyError::Unreadable => Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "The request body could not be read.",
+        ),
+    })?;
+    let key = idempotency_key(headers).map_err(|message| {
+        Refusal::new(StatusCode::BAD_REQUEST, "invalid_idempotency_key", message)
+    })?;
+    Ok(Admitted {
+        team,
+        object_type,
+        bytes,
+        key,
+    })
+}
+
+/// Step 3's answer for a request that drew a request-level fault (the latency already waited).
+fn request_fault_response(
+    sim: &Shared,
+    meta: &RequestMeta<'_>,
+    faults: &ActiveFaults,
+    fault: RequestFault,
+    mut fault_kinds: Vec<(FaultKind, u64)>,
+) -> Response {
+    let (status, kind, code, message) = match fault {
+        RequestFault::Error500 => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            FaultKind::Error500,
+            "internal_error",
+            "Simulated internal error.",
+        ),
+        RequestFault::Error503 => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            FaultKind::Error503,
+            "unavailable",
+            "Simulated service unavailable.",
+        ),
+        RequestFault::RateLimit => (
+            StatusCode::TOO_MANY_REQUESTS,
+            FaultKind::RateLimit,
+            "rate_limited",
+            "Simulated rate limit.",
+        ),
+    };
+    fault_kinds.push((kind, 1));
+    sim.observe(
+        meta,
+        RequestOutcome {
+            status: status.as_u16(),
+            faults: fault_kinds,
+            ..RequestOutcome::default()
+        },
+    );
+    fault_response(faults, fault, status, code, message)
+}
+
+/// What step 4 needs to answer a request that does not get its key.
+struct KeyRequest<'a> {
+    meta: &'a RequestMeta<'a>,
+    faults: &'a ActiveFaults,
+    latency: Duration,
+}
+
+/// Step 4: the idempotency claim. `Ok`: the request now owns the key; `Err`: it was answered
+/// here (a replay, `idempotency_key_mismatch` or `idempotency_key_in_use`, after the latency).
+async fn claim_key(
+    sim: &Arc<Shared>,
+    scoped: &ScopedKey,
+    fingerprint: u64,
+    asked: KeyRequest<'_>,
+    fault_kinds: &mut Vec<(FaultKind, u64)>,
+) -> Result<KeyClaim, Response> {
+    let conflict = |code: &'static str, message: &'static str, flags: RequestOutcome| {
+        let refusal = Refusal::new(StatusCode::CONFLICT, code, message);
+        refusal.answer(sim, asked.meta, flags)
+    };
+    match sim.claim_key(scoped, fingerprint) {
+        Claim::Fresh => Ok(KeyClaim {
+            sim: Arc::clone(sim),
+            key: scoped.clone(),
+            settled: false,
+        }),
+        Claim::Replay(cached) => {
+            // The network treats a replay like any other answer: it can be slow, cut or lost.
+            let wire = if cached.status == 200 {
+                asked.faults.draw_wire_faults(&mut sim.rng())
+            } else {
+                WireFaults::default()
+            };
+            fault_kinds.extend(wire.kinds().map(|kind| (kind, 1)));
+            sim.pause(asked.latency).await;
+            let outcome = RequestOutcome {
+                status: cached.status,
+                replay: true,
+                faults: std::mem::take(fault_kinds),
+                ..RequestOutcome::default()
+            };
+            sim.observe(asked.meta, outcome);
+            let mut response = send_with_wire_faults(sim, cached, wire).await;
+            response.headers_mut().insert(
+                HeaderName::from_static("idempotent-replay"),
+                HeaderValue::from_static("true"),
+            );
+            Err(response)
+        }
+        Claim::Mismatch => {
+            sim.pause(asked.latency).await;
+            let flags = RequestOutcome {
+                mismatch: true,
+                faults: std::mem::take(fault_kinds),
+                ..RequestOutcome::default()
+            };
+            Err(conflict(
+                "idempotency_key_mismatch",
+                "This Idempotency-Key was already used with a different request body.",
+                flags,
+            ))
+        }
+        Claim::InProgress => {
+            sim.pause(asked.latency).await;
+            let flags = RequestOutcome {
+                in_progress: true,
+                faults: std::mem::take(fault_kinds),
+                ..RequestOutcome::default()
+            };
+            Err(conflict(
+                "idempotency_key_in_use",
+                "A request with this Idempotency-Key is still being processed; retry later.",
+                flags,
+            ))
+        }
+    }
+}
+
+/// Step 5 for one request that owns its key (or sent none).
+struct Work {
+    target: Target,
+    latency: Duration,
+    bytes: Bytes,
+    faults: Arc<ActiveFaults>,
+    key: Option<Arc<str>>,
+    claim: Option<KeyClaim>,
+    /// The faults drawn so far (latency).
+    fault_kinds: Vec<(FaultKind, u64)>,
+    path: String,
+    shown_key: Option<String>,
+}
+
+impl Work {
+    /// Runs the work in its own task: a client that times out or disconnects must not cancel a
+    /// request the server has accepted, just as with a real server. `None`: the task failed.
+    async fn run(self, sim: &Arc<Shared>) -> Option<(CachedResponse, WireFaults)> {
+        let sim = Arc::clone(sim);
+        tokio::spawn(async move {
+            let mut work = self;
+            sim.pause(work.latency).await;
+            let processed = process_batch(
+                &sim,
+                &work.faults,
+                work.target,
+                &work.bytes,
+                work.key.as_ref(),
+            );
+            if let Some(claim) = work.claim.take() {
+                claim.settle(processed.response.clone());
+            }
+            let mut outcome = processed.outcome;
+            work.fault_kinds.append(&mut outcome.faults);
+            outcome.faults = work.fault_kinds;
+            let meta = RequestMeta {
+                path: &work.path,
+                key: work.shown_key.as_deref(),
+                team: Some(work.target.team),
+                operation: work.target.operation,
+            };
+            sim.observe(&meta, outcome);
+            (processed.response, processed.wire)
+        })
+        .await
+        .ok()
+    }
 }
 
 /// Holds a fresh idempotency key for the request that claimed it; releases the key if the request
@@ -795,14 +900,46 @@ fn process_batch(
     body: &Bytes,
     key: Option<&Arc<str>>,
 ) -> Processed {
-    let operation = target.operation;
-    let raw_items = match split_items(body, operation) {
-        Ok(items) => items,
-        Err((code, message)) => return refused(StatusCode::BAD_REQUEST, code, message, 0),
+    let checked = match check_body(faults, target.operation, body) {
+        Ok(checked) => checked,
+        Err(refused) => return *refused,
     };
+    let count = checked.len();
+    let mut outcome = RequestOutcome {
+        status: 200,
+        items: count,
+        ..RequestOutcome::default()
+    };
+    let draws = draw_response(sim, faults, &checked);
+    let mut results = answer_items(sim, faults, target, checked, &draws, key, &mut outcome);
+    add_stray_results(&mut results, &draws, target.operation, &mut outcome);
+    let summary = summary(count, &draws.response, &mut outcome);
+    outcome
+        .faults
+        .extend(draws.wire.kinds().map(|kind| (kind, 1)));
+    Processed {
+        response: CachedResponse {
+            status: 200,
+            content_type: JSON,
+            body: Bytes::from(response_body(faults, body.len(), results, summary)),
+        },
+        wire: draws.wire,
+        outcome,
+    }
+}
+
+/// The body's entries, each checked, or the 400 (or the poison fault's refusal) for the whole
+/// request (boxed: it is large, and rare).
+fn check_body(
+    faults: &ActiveFaults,
+    operation: Operation,
+    body: &Bytes,
+) -> Result<Vec<CheckedItem>, Box<Processed>> {
+    let raw_items = split_items(body, operation)
+        .map_err(|(code, message)| Box::new(refused(StatusCode::BAD_REQUEST, code, message, 0)))?;
     let count = raw_items.len();
     if count == 0 || count > MAX_ITEMS {
-        return refused(
+        return Err(Box::new(refused(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             &format!(
@@ -810,7 +947,7 @@ fn process_batch(
                 entries_field(operation)
             ),
             count,
-        );
+        )));
     }
     // Each raw item is valid JSON already, so parsing it again cannot fail.
     let values: Vec<Value> = raw_items
@@ -822,77 +959,101 @@ fn process_batch(
             .iter()
             .any(|entry| is_poison(faults, entry_id(operation, entry)))
     {
-        let status =
-            StatusCode::from_u16(faults.profile.poison_status).unwrap_or(StatusCode::BAD_REQUEST);
-        let code = match status {
-            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-            StatusCode::UNPROCESSABLE_ENTITY => "unprocessable_entity",
-            _ => "invalid_request",
-        };
-        let mut processed = refused(
-            status,
-            code,
-            "The request was refused because of one of its items.",
-            count,
-        );
-        processed.outcome.faults.push((FaultKind::Poison, 1));
-        return processed;
+        return Err(Box::new(poisoned(faults, count)));
     }
-
-    let checked: Vec<CheckedItem> = match operation {
+    Ok(match operation {
         Operation::Update => values
             .into_iter()
             .zip(&raw_items)
             .map(|(value, raw)| check_item(value, body.slice_ref(raw.get().as_bytes())))
             .collect(),
         Operation::Delete => values.iter().map(check_id).collect(),
-    };
-    let mut outcome = RequestOutcome {
-        status: 200,
-        items: count,
-        ..RequestOutcome::default()
-    };
+    })
+}
 
-    // All random draws for this request, in one fixed order.
-    let (response_faults, injected, wire, unknown_id) = {
-        let mut rng = sim.rng();
-        let response_faults = faults.draw_response_faults(&mut rng, count);
-        let injected: Vec<Option<(String, FaultKind)>> = checked
-            .iter()
-            .enumerate()
-            .map(|(index, item)| match item {
-                CheckedItem::Valid { id, .. } if !response_faults.omitted.contains(&index) => {
-                    let for_id = faults
-                        .has_errors_for_ids()
-                        .then(|| faults.error_for_id(&id.to_string()))
-                        .flatten()
-                        .map(|code| (code.to_owned(), FaultKind::ItemErrorForId));
-                    for_id.or_else(|| {
-                        faults
-                            .draw_item_error(&mut rng)
-                            .map(|code| (code, FaultKind::ItemError))
-                    })
-                }
-                _ => None,
-            })
-            .collect();
-        let wire = faults.draw_wire_faults(&mut rng);
-        let unknown_id = response_faults
-            .unknown_id
-            .then(|| uuid::Builder::from_random_bytes(rng.random()).into_uuid());
-        (response_faults, injected, wire, unknown_id)
+/// The refusal of a request that carries a poison item.
+fn poisoned(faults: &ActiveFaults, count: usize) -> Processed {
+    let status =
+        StatusCode::from_u16(faults.profile.poison_status).unwrap_or(StatusCode::BAD_REQUEST);
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNPROCESSABLE_ENTITY => "unprocessable_entity",
+        _ => "invalid_request",
     };
+    let mut processed = refused(
+        status,
+        code,
+        "The request was refused because of one of its items.",
+        count,
+    );
+    processed.outcome.faults.push((FaultKind::Poison, 1));
+    processed
+}
 
+/// All random draws for one answered request, in one fixed order.
+struct Draws {
+    response: ResponseFaults,
+    /// Per item: the error injected into its result, if any.
+    injected: Vec<Option<(String, FaultKind)>>,
+    wire: WireFaults,
+    unknown_id: Option<Uuid>,
+}
+
+fn draw_response(sim: &Shared, faults: &ActiveFaults, checked: &[CheckedItem]) -> Draws {
+    let mut rng = sim.rng();
+    let response = faults.draw_response_faults(&mut rng, checked.len());
+    let injected = checked
+        .iter()
+        .enumerate()
+        .map(|(index, item)| match item {
+            CheckedItem::Valid { id, .. } if !response.omitted.contains(&index) => {
+                let for_id = faults
+                    .has_errors_for_ids()
+                    .then(|| faults.error_for_id(&id.to_string()))
+                    .flatten()
+                    .map(|code| (code.to_owned(), FaultKind::ItemErrorForId));
+                for_id.or_else(|| {
+                    faults
+                        .draw_item_error(&mut rng)
+                        .map(|code| (code, FaultKind::ItemError))
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    let wire = faults.draw_wire_faults(&mut rng);
+    let unknown_id = response
+        .unknown_id
+        .then(|| uuid::Builder::from_random_bytes(rng.random()).into_uuid());
+    Draws {
+        response,
+        injected,
+        wire,
+        unknown_id,
+    }
+}
+
+/// One result per item not omitted, in request order: its validation error, its injected
+/// error, or what applying it did. Counts applied and failed items and the item faults.
+fn answer_items(
+    sim: &Shared,
+    faults: &ActiveFaults,
+    target: Target,
+    checked: Vec<CheckedItem>,
+    draws: &Draws,
+    key: Option<&Arc<str>>,
+    outcome: &mut RequestOutcome,
+) -> Vec<ItemResult> {
     // Results in request order; the applied ones are filled in after the store has answered.
-    let mut results: Vec<Option<ItemResult>> = Vec::with_capacity(count);
-    let mut to_apply = Vec::with_capacity(count);
-    let mut applied_at = Vec::with_capacity(count);
+    let mut results: Vec<Option<ItemResult>> = Vec::with_capacity(checked.len());
+    let mut to_apply = Vec::with_capacity(checked.len());
+    let mut applied_at = Vec::with_capacity(checked.len());
     let (mut item_errors, mut id_errors) = (0u64, 0u64);
-    for (index, (item, injected)) in checked.into_iter().zip(injected).enumerate() {
-        if response_faults.omitted.contains(&index) {
+    for (index, (item, injected)) in checked.into_iter().zip(&draws.injected).enumerate() {
+        if draws.response.omitted.contains(&index) {
             continue;
         }
-        let result = match (item, injected) {
+        let result = match (item, injected.clone()) {
             (CheckedItem::Invalid { id, code, message }, _) => Some(failed(id, code, message)),
             (CheckedItem::Valid { id, .. }, Some((code, kind))) => {
                 match kind {
@@ -915,40 +1076,58 @@ fn process_batch(
         results.push(result);
     }
     let applied_ids: Vec<Uuid> = to_apply.iter().map(|item| item.id).collect();
-    let applied = sim.apply(target.team, target.object_type, operation, to_apply, key);
+    let applied = sim.apply(
+        target.team,
+        target.object_type,
+        target.operation,
+        to_apply,
+        key,
+    );
     for ((slot, id), applied) in applied_at.into_iter().zip(applied_ids).zip(applied) {
-        results[slot] = Some(match applied {
-            ApplyOutcome::Applied(record) => ItemResult {
-                id: Some(id),
-                status: "ok",
-                error: None,
-                record: Some(record),
-            },
-            ApplyOutcome::Deleted => ItemResult {
-                id: Some(id),
-                status: "ok",
-                error: None,
-                record: None,
-            },
-            ApplyOutcome::NotFound => failed(Some(id), "not_found", "Record not found."),
-        });
+        results[slot] = Some(applied_result(id, applied));
     }
-    let mut results: Vec<ItemResult> = results.into_iter().flatten().collect();
+    let results: Vec<ItemResult> = results.into_iter().flatten().collect();
     let succeeded = results.iter().filter(|r| r.status == "ok").count() as u64;
-    let failures = results.len() as u64 - succeeded;
-
     outcome.items_applied = succeeded;
-    outcome.items_failed = failures;
+    outcome.items_failed = results.len() as u64 - succeeded;
     if item_errors > 0 {
         outcome.faults.push((FaultKind::ItemError, item_errors));
     }
     if id_errors > 0 {
         outcome.faults.push((FaultKind::ItemErrorForId, id_errors));
     }
-    if !response_faults.omitted.is_empty() {
+    if !draws.response.omitted.is_empty() {
         outcome.faults.push((FaultKind::MissingResults, 1));
     }
-    if let Some(position) = response_faults.duplicate
+    results
+}
+
+fn applied_result(id: Uuid, applied: ApplyOutcome) -> ItemResult {
+    match applied {
+        ApplyOutcome::Applied(record) => ItemResult {
+            id: Some(id),
+            status: "ok",
+            error: None,
+            record: Some(record),
+        },
+        ApplyOutcome::Deleted => ItemResult {
+            id: Some(id),
+            status: "ok",
+            error: None,
+            record: None,
+        },
+        ApplyOutcome::NotFound => failed(Some(id), "not_found", "Record not found."),
+    }
+}
+
+/// The drawn result faults that add results: one sent twice, one for an id never sent.
+fn add_stray_results(
+    results: &mut Vec<ItemResult>,
+    draws: &Draws,
+    operation: Operation,
+    outcome: &mut RequestOutcome,
+) {
+    if let Some(position) = draws.response.duplicate
         && !results.is_empty()
     {
         let position = position % results.len();
@@ -956,7 +1135,7 @@ fn process_batch(
         results.insert(position + 1, copy);
         outcome.faults.push((FaultKind::DuplicateResult, 1));
     }
-    if let Some(stranger) = unknown_id {
+    if let Some(stranger) = draws.unknown_id {
         let record = match operation {
             Operation::Update => serde_json::value::to_raw_value(&serde_json::json!({
                 "id": stranger, "default": {}
@@ -972,24 +1151,36 @@ fn process_batch(
         });
         outcome.faults.push((FaultKind::UnknownResultId, 1));
     }
+}
+
+/// The answer's summary of what was applied (swapped, when the fault was drawn).
+fn summary(count: usize, drawn: &ResponseFaults, outcome: &mut RequestOutcome) -> Summary {
     let mut summary = Summary {
         total: count as u64,
-        succeeded,
-        failed: failures,
+        succeeded: outcome.items_applied,
+        failed: outcome.items_failed,
     };
-    if response_faults.wrong_summary {
+    if drawn.wrong_summary {
         std::mem::swap(&mut summary.succeeded, &mut summary.failed);
         if summary.succeeded == summary.failed {
             summary.succeeded += 1;
         }
         outcome.faults.push((FaultKind::WrongSummary, 1));
     }
-    outcome.faults.extend(wire.kinds().map(|kind| (kind, 1)));
+    summary
+}
 
+/// The 200's bytes, made hostile or oversized when the profile says so.
+fn response_body(
+    faults: &ActiveFaults,
+    request_len: usize,
+    results: Vec<ItemResult>,
+    summary: Summary,
+) -> Vec<u8> {
     // A response is roughly twice its request (each item comes back with its record).
-    let mut out = Vec::with_capacity(body.len() * 2 + 256);
-    // Serialising owned strings, numbers and already-valid raw JSON into a Vec cannot fail.
+    let mut out = Vec::with_capacity(request_len * 2 + 256);
     let oversized = applied_ids_or_sent(&results).any(|id| faults.is_oversized(&id.to_string()));
+    // Serialising owned strings, numbers and already-valid raw JSON into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut out, &BulkResponse { results, summary });
     if faults.profile.hostile_messages {
         out = splice_invalid_utf8(out);
@@ -1002,15 +1193,7 @@ fn process_batch(
             .saturating_sub(out.len());
         out.resize(out.len() + pad, b' ');
     }
-    Processed {
-        response: CachedResponse {
-            status: 200,
-            content_type: JSON,
-            body: Bytes::from(out),
-        },
-        wire,
-        outcome,
-    }
+    out
 }
 
 /// The id an entry names, as written: an update item's `id`, or a delete's entry itself.

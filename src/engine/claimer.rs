@@ -1,0 +1,231 @@
+//! The claimer: leases due stored batches (retries, lapsed leases) and claims new rows, and
+//! keeps each team's buffer of up to `max_in_flight` ready batches, refilling it once it is
+//! half empty, so that claims are large and a worker never waits for one. A team whose key is
+//! refused, or whose buffer is full, is left out of claims and leases (a refused team gets one
+//! probe batch at a time), so it never holds the others back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::Shared;
+use super::team::Team;
+use crate::backoff::RetryPolicy;
+use crate::health::Health;
+use crate::model::codes;
+use crate::store::{ClaimRequest, DueRequest, Lane, LeasedBatch, StoreError};
+
+/// How often a claim also looks for rows outside every lane (unknown team or object type).
+const STRAYS_EVERY: Duration = Duration::from_secs(30);
+
+/// The claim loop: one round per wake-up (a batch moved on, a `NOTIFY`, a key accepted again)
+/// or poll interval, until `shutdown`.
+pub(super) async fn run(shared: &Arc<Shared>, shutdown: &CancellationToken) {
+    let mut db_failures: u32 = 0;
+    let mut strays_due = Instant::now();
+    loop {
+        shared.health.tick();
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let strays = Instant::now() >= strays_due;
+        let mut batches = Vec::new();
+        let filled = fill(shared, strays, &mut batches).await;
+        let found = batches.len();
+        for batch in batches {
+            dispatch(shared, batch);
+        }
+        if let Err(e) = filled {
+            db_failures += 1;
+            wait_for_database(shared, &e, db_failures, shutdown).await;
+            continue;
+        }
+        if db_failures > 0 {
+            info!("database reachable again");
+        }
+        db_failures = 0;
+        shared.health.set_db_ok(true);
+        if strays {
+            strays_due = Instant::now() + STRAYS_EVERY;
+        }
+        if found > 0 && shared.teams.iter().any(|t| wants_work(shared, t)) {
+            continue;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {},
+            _ = shared.wake.notified() => {},
+            _ = tokio::time::sleep(shared.cfg.poll_interval) => {},
+        }
+    }
+}
+
+/// After a failed claim round: nothing new is sent until the database is back; the wait grows
+/// with the failures in a row.
+async fn wait_for_database(
+    shared: &Shared,
+    e: &StoreError,
+    failures: u32,
+    shutdown: &CancellationToken,
+) {
+    shared.health.set_db_ok(false);
+    let wait = RetryPolicy {
+        base_delay: Duration::from_millis(200),
+        max_delay: Duration::from_secs(10),
+    }
+    .ceiling(failures);
+    warn!(error = %e, retry_in = ?wait, "cannot claim work: the database is unavailable; nothing new is sent until it is back");
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => {},
+        _ = shutdown.cancelled() => {},
+    }
+}
+
+/// Free places in the team's buffer.
+fn room(shared: &Shared, team: &Team) -> usize {
+    team.max_in_flight
+        .saturating_sub(shared.holdings.buffered(team.index))
+}
+
+/// Whether the claimer should fetch more for `team`: its key is accepted, the API has not asked
+/// it to pause (a 429 storm does not turn its whole backlog into waiting batches), and at least
+/// half of its buffer is free.
+fn wants_work(shared: &Shared, team: &Team) -> bool {
+    !team.refused()
+        && !team.client.is_paused()
+        && room(shared, team) >= team.max_in_flight.div_ceil(2)
+}
+
+/// Hands a leased batch to its team's workers. A batch of a team this process does not know
+/// (configuration changed since it was stored) cannot happen: claims and leases ask only for
+/// known teams.
+fn dispatch(shared: &Shared, batch: LeasedBatch) {
+    let Some(team) = shared.team_of.get(&batch.team) else {
+        error!(batch_id = %batch.id, team = %batch.team, "leased a batch of an unknown team; its lease lapses");
+        return;
+    };
+    team.buffer(shared.holdings.buffer(batch, team.index));
+}
+
+/// Takes due stored batches first (retries, lapsed leases), then claims new rows for what is
+/// left of each team's free room, into `batches`. A team whose key is refused gets one probe at
+/// a time (see [`probe_refused`]) and no other claims. Batches leased before a step failed stay
+/// in `batches`: they are ours, and dropping them would leave them waiting for their lease to
+/// lapse.
+async fn fill(
+    shared: &Shared,
+    strays: bool,
+    batches: &mut Vec<LeasedBatch>,
+) -> Result<(), StoreError> {
+    let cfg = &shared.cfg;
+    probe_refused(shared, batches).await?;
+    if strays {
+        end_stranded(shared).await?;
+    }
+    let open: Vec<&Arc<Team>> = shared
+        .teams
+        .iter()
+        .filter(|t| wants_work(shared, t))
+        .collect();
+    if open.is_empty() && !strays {
+        return Ok(());
+    }
+    let keys: Vec<String> = open.iter().flat_map(|t| t.keys.iter().cloned()).collect();
+    let free: usize = open.iter().map(|t| room(shared, t)).sum();
+    let due = shared
+        .store
+        .lease_due_batches(&DueRequest {
+            owner: &cfg.owner,
+            lease: cfg.lease,
+            limit: free,
+            teams: &keys,
+        })
+        .await?;
+    let left = free.saturating_sub(due.len());
+    batches.extend(due);
+    if left > 0 || strays {
+        let lanes = Lane::all_of(keys.iter().map(String::as_str));
+        let max_records = left.max(1) * cfg.limits.batch_size;
+        batches.extend(claim(shared, &lanes, max_records, strays).await?);
+    }
+    Ok(())
+}
+
+/// A refused team with nothing unanswered gets one probe of its key: a stored batch of its
+/// re-sent under its key or, when it has none, one new batch every probe interval.
+async fn probe_refused(shared: &Shared, batches: &mut Vec<LeasedBatch>) -> Result<(), StoreError> {
+    let cfg = &shared.cfg;
+    for team in shared.teams.iter().filter(|t| t.refused()) {
+        if shared.holdings.unanswered(team.index) > 0 {
+            continue;
+        }
+        let probe = shared
+            .store
+            .lease_due_batches(&DueRequest {
+                owner: &cfg.owner,
+                lease: cfg.lease,
+                limit: 1,
+                teams: &team.keys,
+            })
+            .await?;
+        if probe.is_empty() && team.take_probe(cfg.auth_probe_interval) {
+            let lanes = Lane::all_of(team.keys.iter().map(String::as_str));
+            batches.extend(claim(shared, &lanes, cfg.limits.batch_size, false).await?);
+        }
+        batches.extend(probe);
+    }
+    Ok(())
+}
+
+/// Claims new rows of `lanes` (and, with `strays`, rows of no lane, which go dead) into stored
+/// batches leased to us.
+async fn claim(
+    shared: &Shared,
+    lanes: &[Lane],
+    max_records: usize,
+    strays: bool,
+) -> Result<Vec<LeasedBatch>, StoreError> {
+    let cfg = &shared.cfg;
+    let started = Instant::now();
+    let claimed = shared
+        .store
+        .claim(&ClaimRequest {
+            owner: &cfg.owner,
+            lease: cfg.lease,
+            max_records,
+            limits: cfg.limits,
+            lanes,
+            teams: &shared.team_set,
+            strays,
+        })
+        .await?;
+    metrics::histogram!("prism_sync_db_duration_seconds", "op" => "claim")
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("prism_sync_batches_claimed_total").increment(claimed.batches.len() as u64);
+    crash_point!("after_claim");
+    for dead in &claimed.dead {
+        warn!(row = dead.id, code = dead.code, reason = %dead.message, "row cannot be sent: dead");
+        metrics::counter!("prism_sync_items_total", "outcome" => "dead").increment(1);
+        metrics::counter!("prism_sync_item_errors_total", "code" => dead.code).increment(1);
+    }
+    Health::count(&shared.health.rows_dead, claimed.dead.len() as u64);
+    Ok(claimed.batches)
+}
+
+/// Ends the open batches of teams no longer configured (see
+/// [`crate::store::Store::end_stranded_batches`]).
+async fn end_stranded(shared: &Shared) -> Result<(), StoreError> {
+    let dead = shared.store.end_stranded_batches(&shared.team_set).await?;
+    if dead > 0 {
+        warn!(
+            rows = dead,
+            "stored batches of a team that is no longer configured: their rows are dead as unknown_team (replay them once the team is back)"
+        );
+        metrics::counter!("prism_sync_items_total", "outcome" => "dead").increment(dead);
+        metrics::counter!("prism_sync_item_errors_total", "code" => codes::UNKNOWN_TEAM)
+            .increment(dead);
+        Health::count(&shared.health.rows_dead, dead);
+    }
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! The one record of the batches this process holds: a [`Held`] is a batch's in-process life,
+//! from the claimer leasing it until it is settled (deferred, released, split, or its outcome
+//! written). The claimer creates it, the team's buffer and a worker carry it, the recorder lets
+//! go of an answered one once its write lands, and dropping it (also when a worker is aborted
+//! mid-send) takes the batch out of the set.
+//!
+//! **Invariant:** everything the engine counts about held batches (a team's free buffer room,
+//! whether a refused team may probe, the leases the heartbeat extends, what a drain waits for)
+//! is read from [`Holdings`], which only `Held` changes; so the counts cannot drift apart.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use uuid::Uuid;
+
+use crate::store::LeasedBatch;
+
+/// Where a held batch is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Leased and waiting in its team's buffer for a worker.
+    Buffered,
+    /// Taken by a worker: being sent, or settled by it.
+    Working,
+    /// Answered; its outcome write is queued for the recorder.
+    Recording,
+}
+
+const STAGES: usize = 3;
+
+impl Stage {
+    fn index(self) -> usize {
+        match self {
+            Stage::Buffered => 0,
+            Stage::Working => 1,
+            Stage::Recording => 2,
+        }
+    }
+}
+
+/// The batches this process holds, per team and stage.
+pub(super) struct Holdings {
+    state: Mutex<State>,
+    /// Answered batches whose outcome write is still queued: a worker hands the write to the
+    /// recorder and goes on to its next batch, but no more than this many wait at once.
+    recording: Arc<Semaphore>,
+    /// The claimer's wake-up: a batch moving on or let go may open room in a buffer.
+    wake: Arc<Notify>,
+}
+
+struct State {
+    /// One entry per `Held` (by ticket, not batch id: a batch whose lease lapsed while we held
+    /// it may be leased again by us before the first `Held` is gone).
+    entries: HashMap<u64, Entry>,
+    /// Per team, how many entries are at each stage.
+    counts: Vec<[usize; STAGES]>,
+    next_ticket: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Entry {
+    batch_id: Uuid,
+    team: usize,
+    stage: Stage,
+}
+
+impl State {
+    fn move_to(&mut self, ticket: u64, stage: Stage) {
+        if let Some(entry) = self.entries.get_mut(&ticket) {
+            self.counts[entry.team][entry.stage.index()] -= 1;
+            self.counts[entry.team][stage.index()] += 1;
+            entry.stage = stage;
+        }
+    }
+}
+
+impl Holdings {
+    pub(super) fn new(teams: usize, recording_slots: usize, wake: Arc<Notify>) -> Arc<Holdings> {
+        Arc::new(Holdings {
+            state: Mutex::new(State {
+                entries: HashMap::new(),
+                counts: vec![[0; STAGES]; teams],
+                next_ticket: 0,
+            }),
+            recording: Arc::new(Semaphore::new(recording_slots.max(1))),
+            wake,
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // Nothing panics while holding this lock (plain map and counter updates).
+        self.state.lock().expect("holdings lock")
+    }
+
+    /// Holds a batch just leased for team `team` (its index), waiting in the team's buffer.
+    pub(super) fn buffer(self: &Arc<Self>, batch: LeasedBatch, team: usize) -> Held {
+        self.hold(batch, team, Stage::Buffered)
+    }
+
+    /// Holds a batch this worker goes on to send at once (a split batch's half).
+    pub(super) fn work_on(self: &Arc<Self>, batch: LeasedBatch, team: usize) -> Held {
+        self.hold(batch, team, Stage::Working)
+    }
+
+    fn hold(self: &Arc<Self>, batch: LeasedBatch, team: usize, stage: Stage) -> Held {
+        let ticket = {
+            let mut state = self.state();
+            let ticket = state.next_ticket;
+            state.next_ticket += 1;
+            let entry = Entry {
+                batch_id: batch.id,
+                team,
+                stage,
+            };
+            state.entries.insert(ticket, entry);
+            state.counts[team][stage.index()] += 1;
+            ticket
+        };
+        Held {
+            batch,
+            ticket,
+            holdings: Arc::clone(self),
+            _recording: None,
+        }
+        .touched()
+    }
+
+    /// Batches of team `team` waiting in its buffer.
+    pub(super) fn buffered(&self, team: usize) -> usize {
+        self.state().counts[team][Stage::Buffered.index()]
+    }
+
+    /// Batches of team `team` not yet answered: buffered or with a worker.
+    pub(super) fn unanswered(&self, team: usize) -> usize {
+        let counts = self.state().counts[team];
+        counts[Stage::Buffered.index()] + counts[Stage::Working.index()]
+    }
+
+    /// Every batch held, whatever its stage: the leases the heartbeat keeps alive.
+    pub(super) fn batch_ids(&self) -> Vec<Uuid> {
+        let mut ids: Vec<Uuid> = self.state().entries.values().map(|e| e.batch_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.state().entries.len()
+    }
+}
+
+/// One batch this process holds. Dropping it lets go of the batch (and of its place among the
+/// queued outcome writes) and wakes the claimer.
+pub(super) struct Held {
+    batch: LeasedBatch,
+    ticket: u64,
+    holdings: Arc<Holdings>,
+    _recording: Option<OwnedSemaphorePermit>,
+}
+
+impl Held {
+    pub(super) fn batch(&self) -> &LeasedBatch {
+        &self.batch
+    }
+
+    /// A worker took the batch from its team's buffer: a place in the buffer is free.
+    pub(super) fn take_up(self) -> Held {
+        self.holdings.state().move_to(self.ticket, Stage::Working);
+        self.touched()
+    }
+
+    /// The batch was answered and its outcome write goes to the recorder: waits for one of the
+    /// bounded places among the queued writes, then counts the batch as recording.
+    pub(super) async fn into_recording(mut self) -> Held {
+        let permit = Arc::clone(&self.holdings.recording)
+            .acquire_owned()
+            .await
+            .expect("the recording semaphore is never closed");
+        self._recording = Some(permit);
+        self.holdings.state().move_to(self.ticket, Stage::Recording);
+        self.touched()
+    }
+
+    fn touched(self) -> Held {
+        self.holdings.wake.notify_one();
+        self
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // Runs during unwinding too: a poisoned lock is left alone rather than panicking again.
+        if let Ok(mut state) = self.holdings.state.lock()
+            && let Some(entry) = state.entries.remove(&self.ticket)
+        {
+            state.counts[entry.team][entry.stage.index()] -= 1;
+        }
+        self.holdings.wake.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::NewBatch;
+    use crate::model::{ObjectType, Operation};
+
+    fn leased() -> LeasedBatch {
+        LeasedBatch::fresh(NewBatch {
+            id: Uuid::now_v7(),
+            idempotency_key: Uuid::now_v7().to_string(),
+            team: String::new(),
+            object_type: ObjectType::Contact,
+            operation: Operation::Update,
+            body: b"{\"items\":[]}".to_vec(),
+            items: Vec::new(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_held_batch_is_counted_at_its_stage_until_it_is_dropped() {
+        let holdings = Holdings::new(2, 1, Arc::new(Notify::new()));
+        let held = holdings.buffer(leased(), 1);
+        assert_eq!((holdings.buffered(1), holdings.unanswered(1)), (1, 1));
+        assert_eq!(holdings.buffered(0), 0);
+        let held = held.take_up();
+        assert_eq!((holdings.buffered(1), holdings.unanswered(1)), (0, 1));
+        let held = held.into_recording().await;
+        assert_eq!(holdings.unanswered(1), 0);
+        assert_eq!(holdings.batch_ids(), vec![held.batch().id]);
+        drop(held);
+        assert_eq!((holdings.len(), holdings.batch_ids().len()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_batch_held_twice_stays_held_until_both_are_let_go() {
+        let holdings = Holdings::new(1, 2, Arc::new(Notify::new()));
+        let batch = leased();
+        let first = holdings.buffer(batch.clone(), 0);
+        let second = holdings.work_on(batch.clone(), 0);
+        assert_eq!(holdings.batch_ids(), vec![batch.id]);
+        drop(first);
+        assert_eq!(holdings.batch_ids(), vec![batch.id]);
+        assert_eq!(holdings.unanswered(0), 1);
+        drop(second);
+        assert!(holdings.batch_ids().is_empty());
+    }
+
+    #[tokio::test]
+    async fn queued_outcome_writes_are_bounded_and_a_dropped_one_frees_its_place() {
+        let holdings = Holdings::new(1, 1, Arc::new(Notify::new()));
+        let first = holdings.work_on(leased(), 0).into_recording().await;
+        let second = holdings.work_on(leased(), 0).into_recording();
+        tokio::pin!(second);
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), &mut second).await;
+        assert!(
+            waited.is_err(),
+            "a second write waits while the only place is taken"
+        );
+        drop(first);
+        let second = second.await;
+        assert_eq!(holdings.len(), 1);
+        drop(second);
+        assert_eq!(holdings.len(), 0);
+    }
+}
