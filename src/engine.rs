@@ -53,6 +53,8 @@ pub struct EngineConfig {
     pub auth_probe_interval: Duration,
     pub grace_period: Duration,
     pub team_label: TeamLabel,
+    /// `history.keep_responses`: keep each `ok` record the API returns.
+    pub keep_responses: bool,
 }
 
 impl EngineConfig {
@@ -83,6 +85,7 @@ impl EngineConfig {
             auth_probe_interval: s.auth.probe_interval,
             grace_period: s.shutdown.grace_period,
             team_label: s.telemetry.team_label,
+            keep_responses: s.history.keep_responses,
         }
     }
 
@@ -223,6 +226,8 @@ struct Shared {
     team_of: HashMap<String, Arc<Team>>,
     /// Every `team_id` value a row may carry.
     team_set: TeamSet,
+    /// The operators' pauses, read once per poll interval.
+    pauses: crate::pauses::PauseBoard,
     cfg: EngineConfig,
     health: Arc<Health>,
     /// Batches this process is working on; only these get their leases extended.
@@ -417,6 +422,7 @@ impl Engine {
                 teams,
                 team_of,
                 team_set,
+                pauses: crate::pauses::PauseBoard::new(cfg.poll_interval, labelled),
                 cfg,
                 health,
                 active: Mutex::new(HashSet::new()),
@@ -613,8 +619,10 @@ async fn fill(
     batches: &mut Vec<LeasedBatch>,
 ) -> Result<(), StoreError> {
     let cfg = &shared.cfg;
-    for team in shared.teams.iter().filter(|t| t.refused()) {
+    shared.pauses.refresh(&shared.store).await;
+    for team in shared.teams.iter().filter(|t| t.refused() && !paused(shared, t)) {
         if team.held.load(Ordering::Relaxed) == 0 {
+            let (lanes, skip_lanes) = lanes_of(shared, &[team]);
             let probe = shared
                 .store
                 .lease_due_batches(&DueRequest {
@@ -622,10 +630,10 @@ async fn fill(
                     lease: cfg.lease,
                     limit: 1,
                     teams: &team.keys,
+                    skip_lanes: &skip_lanes,
                 })
                 .await?;
             if probe.is_empty() && team.take_probe(cfg.auth_probe_interval) {
-                let lanes = Lane::all_of(team.keys.iter().map(String::as_str));
                 batches.extend(claim(shared, &lanes, cfg.limits.batch_size, false).await?);
             }
             batches.extend(probe);
@@ -634,11 +642,16 @@ async fn fill(
     if strays {
         end_stranded(shared).await?;
     }
-    let open: Vec<&Arc<Team>> = shared.teams.iter().filter(|t| wants_work(t)).collect();
+    let open: Vec<&Arc<Team>> = shared
+        .teams
+        .iter()
+        .filter(|t| wants_work(t) && !paused(shared, t))
+        .collect();
     if open.is_empty() && !strays {
         return Ok(());
     }
     let keys: Vec<String> = open.iter().flat_map(|t| t.keys.iter().cloned()).collect();
+    let (lanes, skip_lanes) = lanes_of(shared, &open);
     let free: usize = open.iter().map(|t| t.room()).sum();
     let due = shared
         .store
@@ -647,16 +660,49 @@ async fn fill(
             lease: cfg.lease,
             limit: free,
             teams: &keys,
+            skip_lanes: &skip_lanes,
         })
         .await?;
     let left = free.saturating_sub(due.len());
     batches.extend(due);
     if left > 0 || strays {
-        let lanes = Lane::all_of(keys.iter().map(String::as_str));
         let max_records = left.max(1) * cfg.limits.batch_size;
         batches.extend(claim(shared, &lanes, max_records, strays).await?);
     }
     Ok(())
+}
+
+/// Whether an operator paused `team` as a whole (`prism-sync pause --team`).
+fn paused(shared: &Shared, team: &Team) -> bool {
+    shared.pauses.team_paused(&team.id, team.keys.iter().any(String::is_empty))
+}
+
+/// Whether an operator paused the lane of `batch` (or its whole team).
+fn lane_paused(shared: &Shared, team: &Team, batch: &LeasedBatch) -> bool {
+    let default = team.keys.iter().any(String::is_empty);
+    shared
+        .pauses
+        .lane_paused(&team.id, default, batch.object_type)
+}
+
+/// The lanes of `teams` to claim from, and apart from them those an operator paused (left out
+/// of claims and of due leases).
+fn lanes_of(shared: &Shared, teams: &[&Arc<Team>]) -> (Vec<Lane>, Vec<Lane>) {
+    let (mut open, mut held) = (Vec::new(), Vec::new());
+    for team in teams {
+        let default = team.keys.iter().any(String::is_empty);
+        for lane in Lane::all_of(team.keys.iter().map(String::as_str)) {
+            if shared
+                .pauses
+                .lane_paused(&team.id, default, lane.object_type)
+            {
+                held.push(lane);
+            } else {
+                open.push(lane);
+            }
+        }
+    }
+    (open, held)
 }
 
 /// Claims new rows of `lanes` (and, with `strays`, rows of no lane, which go dead) into stored
@@ -803,11 +849,27 @@ async fn process_batch(shared: &Arc<Shared>, team: &Arc<Team>, first: LeasedBatc
     let mut queue = vec![first];
     while let Some(batch) = queue.pop() {
         let id = batch.id;
+        // Paused since it was leased: given back unsent, no attempt counted.
+        if lane_paused(shared, team, &batch) {
+            hand_back(shared, &batch).await;
+            shared.active.lock().expect("active lock").remove(&id);
+            continue;
+        }
         // An answered batch is handed to the recorder, which lets go of it once written.
         if !send_and_settle(shared, team, batch, &mut queue).await {
             shared.active.lock().expect("active lock").remove(&id);
             shared.wake.notify_one();
         }
+    }
+}
+
+/// Gives a batch of a lane paused since it was leased back to the store unsent (same key, same
+/// due time, no attempt): it is leased again, by any replica, once the pause is lifted. If the
+/// write fails, its lease lapses on its own.
+async fn hand_back(shared: &Shared, batch: &LeasedBatch) {
+    info!(batch_id = %batch.id, team = %batch.team, object_type = %batch.object_type, "paused by an operator: the batch goes back unsent");
+    if let Err(e) = shared.store.hand_back(&shared.cfg.owner, batch.id).await {
+        warn!(batch_id = %batch.id, error = %e, "could not give a paused batch back; its lease lapses on its own");
     }
 }
 
@@ -883,6 +945,9 @@ async fn send_and_settle(
             outcomes,
             anomalies,
         } => {
+            if let (true, Exchange::Answered(a)) = (cfg.keep_responses, &exchange) {
+                crate::responses::keep(&shared.store, a.body.clone(), batch.id, batch.items.clone());
+            }
             record_answer(
                 shared,
                 team,

@@ -8,6 +8,7 @@
 //!   the writer ("set state if running"), in the same transaction as the row updates.
 //! - Times (`now()`) come from the database's clock, never the host's.
 
+mod controls;
 mod postgres;
 mod sqlite;
 
@@ -19,6 +20,10 @@ use crate::batch::{BatchItem, NewBatch, PlanLimits, TeamSet};
 use crate::model::{ObjectType, Operation, RowState};
 use crate::settings::DatabaseSettings;
 
+pub use controls::{
+    HistoryAttempt, HistoryBatch, HistoryChange, KeptResponse, Pause, PauseTarget, RecordHistory,
+    StoredResponse,
+};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -82,6 +87,15 @@ impl Lane {
     }
 }
 
+/// Lanes as the JSON `[[team, object_type], ...]` SQLite binds.
+pub(crate) fn lane_pairs(lanes: &[Lane]) -> String {
+    let pairs: Vec<(&str, &str)> = lanes
+        .iter()
+        .map(|l| (l.team.as_str(), l.object_type.as_str()))
+        .collect();
+    serde_json::to_string(&pairs).expect("serialises")
+}
+
 /// What a claim may take.
 #[derive(Debug, Clone, Copy)]
 pub struct ClaimRequest<'a> {
@@ -116,6 +130,8 @@ pub struct DueRequest<'a> {
     /// Only batches of these teams (as stored): a team whose key is refused, or whose buffer
     /// is full, waits.
     pub teams: &'a [String],
+    /// But not batches of these lanes (paused by an operator).
+    pub skip_lanes: &'a [Lane],
 }
 
 /// A batch stored and leased to us, ready to send.

@@ -16,6 +16,7 @@ use crate::batch::{self, BatchItem, CandidateRow, NewBatch};
 use crate::model::codes;
 use crate::settings::DatabaseSettings;
 
+mod controls;
 mod migrate;
 
 mod nodelay {
@@ -343,6 +344,7 @@ impl PgStore {
                  WHERE state = 'open' AND next_attempt_at <= now()
                    AND (lease_expires_at IS NULL OR lease_expires_at <= now())
                    AND team_id = ANY($4)
+                   AND (team_id, object_type) NOT IN (SELECT * FROM unnest($5::text[], $6::text[]))
                  ORDER BY next_attempt_at
                  LIMIT $3
                  FOR UPDATE SKIP LOCKED)
@@ -359,6 +361,8 @@ impl PgStore {
         .bind(req.lease.as_secs_f64())
         .bind(i64::try_from(req.limit).unwrap_or(i64::MAX))
         .bind(req.teams)
+        .bind(req.skip_lanes.iter().map(|l| l.team.as_str()).collect::<Vec<_>>())
+        .bind(req.skip_lanes.iter().map(|l| l.object_type.as_str()).collect::<Vec<_>>())
         .fetch_all(&self.pool)
         .await?;
         let (batches, corrupt) = super::readable(rows.iter().map(leased))?;
