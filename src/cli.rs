@@ -428,15 +428,13 @@ pub async fn execute(
         }
         Command::Pause(args) => {
             let store = open_store(&settings).await?;
-            let target =
-                ops::pause::target(&args.team, args.object_type, &settings.micro.team_id);
+            let target = ops::pause::target(&args.team, args.object_type, &settings.micro.team_id);
             note_unknown_team(&settings, &target.team_id);
             ops::pause::pause(&store, &target, &ops::actor(args.actor.as_deref()), out).await?;
         }
         Command::Resume(args) => {
             let store = open_store(&settings).await?;
-            let target =
-                ops::pause::target(&args.team, args.object_type, &settings.micro.team_id);
+            let target = ops::pause::target(&args.team, args.object_type, &settings.micro.team_id);
             ops::pause::resume(&store, &target, &ops::actor(args.actor.as_deref()), out).await?;
         }
         Command::History(args) => {

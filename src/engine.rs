@@ -620,7 +620,11 @@ async fn fill(
 ) -> Result<(), StoreError> {
     let cfg = &shared.cfg;
     shared.pauses.refresh(&shared.store).await;
-    for team in shared.teams.iter().filter(|t| t.refused() && !paused(shared, t)) {
+    for team in shared
+        .teams
+        .iter()
+        .filter(|t| t.refused() && !paused(shared, t))
+    {
         if team.held.load(Ordering::Relaxed) == 0 {
             let (lanes, skip_lanes) = lanes_of(shared, &[team]);
             let probe = shared
@@ -674,7 +678,9 @@ async fn fill(
 
 /// Whether an operator paused `team` as a whole (`prism-sync pause --team`).
 fn paused(shared: &Shared, team: &Team) -> bool {
-    shared.pauses.team_paused(&team.id, team.keys.iter().any(String::is_empty))
+    shared
+        .pauses
+        .team_paused(&team.id, team.keys.iter().any(String::is_empty))
 }
 
 /// Whether an operator paused the lane of `batch` (or its whole team).
@@ -946,7 +952,12 @@ async fn send_and_settle(
             anomalies,
         } => {
             if let (true, Exchange::Answered(a)) = (cfg.keep_responses, &exchange) {
-                crate::responses::keep(&shared.store, a.body.clone(), batch.id, batch.items.clone());
+                crate::responses::keep(
+                    &shared.store,
+                    a.body.clone(),
+                    batch.id,
+                    batch.items.clone(),
+                );
             }
             record_answer(
                 shared,

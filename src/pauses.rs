@@ -58,7 +58,9 @@ impl PauseBoard {
         }
         match store.pauses().await {
             Ok(pauses) => self.set(pauses),
-            Err(e) => warn!(error = %e, "cannot read the operators' pauses; keeping the last known"),
+            Err(e) => {
+                warn!(error = %e, "cannot read the operators' pauses; keeping the last known")
+            }
         }
     }
 
@@ -132,10 +134,19 @@ mod tests {
         board.set(vec![pause("team-b", ""), pause("", "deal")]);
         assert!(board.team_paused("team-b", false));
         assert!(board.lane_paused("team-b", false, ObjectType::Contact));
-        assert!(!board.team_paused("team-a", true), "a lane pause is not a team pause");
-        assert!(board.lane_paused("team-a", true, ObjectType::Deal), "'' names the default team");
+        assert!(
+            !board.team_paused("team-a", true),
+            "a lane pause is not a team pause"
+        );
+        assert!(
+            board.lane_paused("team-a", true, ObjectType::Deal),
+            "'' names the default team"
+        );
         assert!(!board.lane_paused("team-a", true, ObjectType::Contact));
-        assert!(!board.lane_paused("team-c", false, ObjectType::Deal), "only the default team is ''");
+        assert!(
+            !board.lane_paused("team-c", false, ObjectType::Deal),
+            "only the default team is ''"
+        );
         board.set(Vec::new());
         assert!(!board.lane_paused("team-b", false, ObjectType::Contact));
     }

@@ -41,7 +41,11 @@ pub fn ok_records(body: &[u8], batch: Uuid, items: &[BatchItem]) -> Vec<KeptResp
         if result.status.as_deref() != Some("ok") {
             continue;
         }
-        let Some(id) = result.id.as_deref().and_then(|i| Uuid::try_parse(i.trim()).ok()) else {
+        let Some(id) = result
+            .id
+            .as_deref()
+            .and_then(|i| Uuid::try_parse(i.trim()).ok())
+        else {
             continue;
         };
         let Some(item) = items.iter().find(|i| i.record_id == id) else {
@@ -85,8 +89,16 @@ mod tests {
     fn only_ok_results_of_the_batchs_items_are_kept_with_their_rows() {
         let (a, b, stranger) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
         let items = vec![
-            BatchItem { record_id: a, rows: vec![1, 2], attempts: 0 },
-            BatchItem { record_id: b, rows: vec![3], attempts: 0 },
+            BatchItem {
+                record_id: a,
+                rows: vec![1, 2],
+                attempts: 0,
+            },
+            BatchItem {
+                record_id: b,
+                rows: vec![3],
+                attempts: 0,
+            },
         ];
         let body = serde_json::json!({"results": [
             {"id": a.to_string().to_uppercase(), "status": "ok", "record": {"id": a, "default": {"n": 1}}},
@@ -99,7 +111,8 @@ mod tests {
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].record_id, a);
         assert_eq!(kept[0].rows, vec![1, 2]);
-        let record: serde_json::Value = serde_json::from_str(kept[0].record.as_deref().unwrap()).unwrap();
+        let record: serde_json::Value =
+            serde_json::from_str(kept[0].record.as_deref().unwrap()).unwrap();
         assert_eq!(record["default"]["n"], 1);
         assert!(ok_records(b"not json", batch, &items).is_empty());
     }
@@ -107,9 +120,14 @@ mod tests {
     #[test]
     fn a_record_too_large_to_keep_is_kept_as_null() {
         let a = Uuid::new_v4();
-        let items = vec![BatchItem { record_id: a, rows: vec![1], attempts: 0 }];
+        let items = vec![BatchItem {
+            record_id: a,
+            rows: vec![1],
+            attempts: 0,
+        }];
         let big = "x".repeat(MAX_RECORD_BYTES);
-        let body = serde_json::json!({"results": [{"id": a, "status": "ok", "record": {"note": big}}]});
+        let body =
+            serde_json::json!({"results": [{"id": a, "status": "ok", "record": {"note": big}}]});
         let kept = ok_records(body.to_string().as_bytes(), Uuid::now_v7(), &items);
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].record, None);

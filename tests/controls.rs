@@ -12,7 +12,7 @@ use common::*;
 use prism_sync::model::ObjectType;
 use prism_sync::ops::enqueue::{Change, insert};
 use prism_sync::sim::{FaultProfile, SimConfig, SimHandle, SimTeam, Simulator};
-use prism_sync::store::{Store, StoreKind};
+use prism_sync::store::{PauseTarget, Store, StoreKind};
 use sqlx::Row;
 
 const FINISH: Duration = Duration::from_secs(60);
@@ -30,14 +30,18 @@ fn changes(object_type: ObjectType, team: &str, n: usize) -> Vec<Change> {
 /// `(actor, action, filter)` of every audit entry, oldest first.
 async fn audit(store: &Store) -> Vec<(String, String, serde_json::Value)> {
     let rows: Vec<(String, String, String)> = match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => sqlx::query_as("SELECT actor, action, filter FROM prism_audit ORDER BY id")
-            .fetch_all(p)
-            .await
-            .unwrap(),
-        StoreKind::Postgres(p) => sqlx::query_as("SELECT actor, action, filter::text FROM prism_audit ORDER BY id")
-            .fetch_all(p)
-            .await
-            .unwrap(),
+        StoreKind::Sqlite(p) => {
+            sqlx::query_as("SELECT actor, action, filter FROM prism_audit ORDER BY id")
+                .fetch_all(p)
+                .await
+                .unwrap()
+        }
+        StoreKind::Postgres(p) => {
+            sqlx::query_as("SELECT actor, action, filter::text FROM prism_audit ORDER BY id")
+                .fetch_all(p)
+                .await
+                .unwrap()
+        }
     };
     rows.into_iter()
         .map(|(a, b, f)| (a, b, serde_json::from_str(&f).expect("filter is JSON")))
@@ -47,16 +51,31 @@ async fn audit(store: &Store) -> Vec<(String, String, serde_json::Value)> {
 /// `(state, count)` of the rows of one object type.
 async fn states_of(store: &Store, object_type: &str) -> Vec<(String, i64)> {
     match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => sqlx::query_as("SELECT state, count(*) FROM prism_outbox WHERE object_type = ?1 GROUP BY 1 ORDER BY 1")
-            .bind(object_type)
-            .fetch_all(p)
-            .await
-            .unwrap(),
-        StoreKind::Postgres(p) => sqlx::query_as("SELECT state, count(*) FROM prism_outbox WHERE object_type = $1 GROUP BY 1 ORDER BY 1")
-            .bind(object_type)
-            .fetch_all(p)
-            .await
-            .unwrap(),
+        StoreKind::Sqlite(p) => sqlx::query_as(
+            "SELECT state, count(*) FROM prism_outbox WHERE object_type = ?1 GROUP BY 1 ORDER BY 1",
+        )
+        .bind(object_type)
+        .fetch_all(p)
+        .await
+        .unwrap(),
+        StoreKind::Postgres(p) => sqlx::query_as(
+            "SELECT state, count(*) FROM prism_outbox WHERE object_type = $1 GROUP BY 1 ORDER BY 1",
+        )
+        .bind(object_type)
+        .fetch_all(p)
+        .await
+        .unwrap(),
+    }
+}
+
+/// `(id, key, leased, attempts)` of every open batch.
+async fn open_batches(store: &Store) -> Vec<(String, String, bool, i64)> {
+    let sql = "SELECT CAST(id AS TEXT), idempotency_key, lease_owner IS NOT NULL,
+                      (SELECT count(*) FROM prism_batch_attempts a WHERE a.batch_id = b.id)
+               FROM prism_batches b WHERE state = 'open' ORDER BY id";
+    match store.sqlx_kind() {
+        StoreKind::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await.unwrap(),
+        StoreKind::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await.unwrap(),
     }
 }
 
@@ -76,7 +95,10 @@ async fn wait_states(store: &Store, object_type: &str, want: &[(&str, i64)]) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("{object_type} rows are {:?}, not {want:?}", states_of(store, object_type).await);
+    panic!(
+        "{object_type} rows are {:?}, not {want:?}",
+        states_of(store, object_type).await
+    );
 }
 
 fn requests_for(sim: &SimHandle, object_type: &str) -> usize {
@@ -136,6 +158,47 @@ both_backends! {
         assert_eq!(status["paused"], serde_json::json!([]));
     }
 
+    async fn a_batch_held_when_its_team_is_paused_goes_back_unsent_and_leaves_with_its_key_on_resume(db) {
+        // Slow answers and batches of one: two batches on the wire and two more buffered when
+        // the pause arrives.
+        let sim = sim(FaultProfile { latency: Duration::from_millis(300), ..FaultProfile::default() }).await;
+        let store = db.store().await;
+        insert(&store, &changes(ObjectType::Contact, "", 10)).await.unwrap();
+        let mut s = settings(&db, &sim);
+        s.batch.size = 1;
+        s.sync.max_in_flight = 2;
+        let engine = start_engine(&s).await;
+        for _ in 0..200 {
+            if open_batches(&store).await.len() >= 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let everything = PauseTarget { team_id: String::new(), object_type: None };
+        assert!(store.pause(&everything, "test").await.unwrap());
+        // The batches on the wire are answered; the buffered ones go back unsent.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let sent = sim.requests().len();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(sim.requests().len(), sent, "nothing is sent while paused");
+        let handed_back: Vec<(String, String, bool, i64)> = open_batches(&store).await;
+        assert!(!handed_back.is_empty(), "the buffered batches are still stored");
+        assert!(handed_back.iter().all(|(_, _, leased, tries)| !leased && *tries == 0), "given back unleased, no attempt: {handed_back:?}");
+        let waiting = rows(&store).await;
+        assert!(waiting.iter().filter(|r| r.state == "in_flight").all(|r| r.attempts == 0), "{waiting:?}");
+
+        assert_eq!(store.resume(&everything, "test").await.unwrap().len(), 1);
+        let done = wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        assert!(done.iter().all(|r| r.state == "succeeded" && r.attempts == 1), "{done:?}");
+        let log = sim.requests();
+        for (batch, key, _, _) in &handed_back {
+            let sends = log.iter().filter(|r| r.idempotency_key.as_deref() == Some(key.as_str())).count();
+            assert_eq!(sends, 1, "batch {batch} went out once, under its stored key");
+        }
+        assert_eq!(log.len(), 10);
+    }
+
     async fn history_shows_each_change_its_batches_keys_and_attempts_as_the_api_saw_them(db) {
         history_case(&db, false).await;
     }
@@ -149,24 +212,50 @@ both_backends! {
 /// and whose second change the API refused (dead): `history` against the outbox and the
 /// simulator's request log.
 async fn history_case(db: &TestDb, keep: bool) {
-    let sim = sim(FaultProfile { error_503_rate: 1.0, ..FaultProfile::default() }).await;
+    let sim = sim(FaultProfile {
+        error_503_rate: 1.0,
+        ..FaultProfile::default()
+    })
+    .await;
     let store = db.store().await;
     let record = uuid::Uuid::new_v4();
     let mut s = settings(db, &sim);
     s.history.keep_responses = keep;
-    insert(&store, &[Change::update(record, r#"{"default": {"email": "a@example.com"}}"#.into())]).await.unwrap();
+    insert(
+        &store,
+        &[Change::update(
+            record,
+            r#"{"default": {"email": "a@example.com"}}"#.into(),
+        )],
+    )
+    .await
+    .unwrap();
     let engine = start_engine(&s).await;
-    wait_for("a 503", FINISH, || sim.requests().iter().any(|r| r.status == 503)).await;
+    wait_for("a 503", FINISH, || {
+        sim.requests().iter().any(|r| r.status == 503)
+    })
+    .await;
     sim.set_faults(FaultProfile::default());
     wait_until_finished(&store, FINISH).await;
     sim.set_faults(FaultProfile {
         item_errors_for_ids: [(record.to_string(), "validation_error".to_owned())].into(),
         ..FaultProfile::default()
     });
-    insert(&store, &[Change::update(record, r#"{"default": {"email": "b@example"}}"#.into())]).await.unwrap();
+    insert(
+        &store,
+        &[Change::update(
+            record,
+            r#"{"default": {"email": "b@example"}}"#.into(),
+        )],
+    )
+    .await
+    .unwrap();
     let done = wait_until_finished(&store, FINISH).await;
     engine.stop().await;
-    assert_eq!(done.iter().map(|r| r.state.as_str()).collect::<Vec<_>>(), ["succeeded", "dead"]);
+    assert_eq!(
+        done.iter().map(|r| r.state.as_str()).collect::<Vec<_>>(),
+        ["succeeded", "dead"]
+    );
 
     // Any spelling of the id names the record.
     let spelling = format!("{{{}}}", record.to_string().to_uppercase());
@@ -187,32 +276,89 @@ async fn history_case(db: &TestDb, keep: bool) {
         let batches = change["batches"].as_array().unwrap();
         assert_eq!(batches.len(), 1, "{change}");
         let key = batches[0]["idempotency_key"].as_str().unwrap();
-        let seen: Vec<u64> = log.iter().filter(|r| r.idempotency_key.as_deref() == Some(key)).map(|r| u64::from(r.status)).collect();
-        let recorded: Vec<u64> = batches[0]["attempts"].as_array().unwrap().iter().map(|a| a["http_status"].as_u64().unwrap()).collect();
+        let seen: Vec<u64> = log
+            .iter()
+            .filter(|r| r.idempotency_key.as_deref() == Some(key))
+            .map(|r| u64::from(r.status))
+            .collect();
+        let recorded: Vec<u64> = batches[0]["attempts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["http_status"].as_u64().unwrap())
+            .collect();
         assert_eq!(recorded, seen, "{change}");
-        assert!(batches[0]["attempts"].as_array().unwrap().iter().all(|a| a["replay"] == false));
-        assert_eq!(batches[0]["batch_id"], done.iter().find(|r| r.id == change["id"].as_i64().unwrap()).unwrap().batch_id.clone().unwrap());
+        assert!(
+            batches[0]["attempts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|a| a["replay"] == false)
+        );
+        assert_eq!(
+            batches[0]["batch_id"],
+            done.iter()
+                .find(|r| r.id == change["id"].as_i64().unwrap())
+                .unwrap()
+                .batch_id
+                .clone()
+                .unwrap()
+        );
     }
     let first = &changes[0]["batches"][0];
-    let statuses: Vec<u64> = first["attempts"].as_array().unwrap().iter().map(|a| a["http_status"].as_u64().unwrap()).collect();
-    assert!(statuses.len() >= 2 && statuses[..statuses.len() - 1].iter().all(|s| *s == 503), "{statuses:?}");
-    assert_eq!(statuses.last(), Some(&200), "503s, then 200 under the same key");
+    let statuses: Vec<u64> = first["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["http_status"].as_u64().unwrap())
+        .collect();
+    assert!(
+        statuses.len() >= 2 && statuses[..statuses.len() - 1].iter().all(|s| *s == 503),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.last(),
+        Some(&200),
+        "503s, then 200 under the same key"
+    );
 
     if keep {
         let record_json = &first["response"]["record"];
         assert_eq!(record_json["default"]["email"], "a@example.com", "{first}");
-        assert!(changes[1]["batches"][0]["response"].is_null(), "a refused item keeps nothing");
+        assert!(
+            changes[1]["batches"][0]["response"].is_null(),
+            "a refused item keeps nothing"
+        );
         assert_eq!(kept_responses(&store).await, 1);
     } else {
         assert!(first["response"].is_null());
-        assert_eq!(kept_responses(&store).await, 0, "nothing is kept while keep_responses is off");
+        assert_eq!(
+            kept_responses(&store).await,
+            0,
+            "nothing is kept while keep_responses is off"
+        );
     }
 
     let (_, text, _) = verb(db, &sim, &["history", &record.to_string()], "").await;
-    assert!(text.contains("HTTP 503") && text.contains("validation_error"), "{text}");
-    assert!(text.contains(first["idempotency_key"].as_str().unwrap()), "{text}");
-    let (_, none, _) = verb(db, &sim, &["history", &uuid::Uuid::new_v4().to_string(), "--json"], "").await;
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&none).unwrap()["changes"], serde_json::json!([]));
+    assert!(
+        text.contains("HTTP 503") && text.contains("validation_error"),
+        "{text}"
+    );
+    assert!(
+        text.contains(first["idempotency_key"].as_str().unwrap()),
+        "{text}"
+    );
+    let (_, none, _) = verb(
+        db,
+        &sim,
+        &["history", &uuid::Uuid::new_v4().to_string(), "--json"],
+        "",
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&none).unwrap()["changes"],
+        serde_json::json!([])
+    );
 }
 
 /// Team B's key, as the config crate reads `PRISM_SYNC__TEAMS__TEAMB__…` (keys lower-cased).
@@ -220,34 +366,63 @@ const TEAM_B: &str = "teamb";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_team_pause_is_obeyed_by_two_daemons_on_one_postgres_and_resume_drains_it() {
-    let Some(db) = TestDb::new(Backend::Postgres).await else { return };
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
     let config = SimConfig {
         seed: 5,
-        faults: FaultProfile { latency: Duration::from_millis(20), ..FaultProfile::default() },
-        extra_teams: vec![SimTeam { team_id: TEAM_B.into(), api_key: "key-b".into() }],
+        faults: FaultProfile {
+            latency: Duration::from_millis(20),
+            ..FaultProfile::default()
+        },
+        extra_teams: vec![SimTeam {
+            team_id: TEAM_B.into(),
+            api_key: "key-b".into(),
+        }],
         ..SimConfig::default()
     };
-    let sim = Simulator::start(config, "127.0.0.1:0".parse().unwrap()).await.expect("simulator");
+    let sim = Simulator::start(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("simulator");
     let store = db.store().await;
-    insert(&store, &changes(ObjectType::Contact, "", 300)).await.unwrap();
-    insert(&store, &changes(ObjectType::Contact, TEAM_B, 300)).await.unwrap();
+    insert(&store, &changes(ObjectType::Contact, "", 300))
+        .await
+        .unwrap();
+    insert(&store, &changes(ObjectType::Contact, TEAM_B, 300))
+        .await
+        .unwrap();
     let env = [
         ("PRISM_SYNC__TEAMS__TEAMB__API_KEY", "key-b"),
         ("PRISM_SYNC__BATCH__SIZE", "5"),
         ("PRISM_SYNC__SYNC__MAX_IN_FLIGHT", "2"),
     ];
     let mut daemons = [spawn_daemon(&db, &sim, &env), spawn_daemon(&db, &sim, &env)];
-    let b_requests = |sim: &SimHandle| sim.requests().iter().filter(|r| r.team.as_deref() == Some(TEAM_B)).count();
+    let b_requests = |sim: &SimHandle| {
+        sim.requests()
+            .iter()
+            .filter(|r| r.team.as_deref() == Some(TEAM_B))
+            .count()
+    };
     wait_for("team B flowing", FINISH, || b_requests(&sim) >= 3).await;
 
-    let (code, out, err) = verb(&db, &sim, &["pause", "--team", TEAM_B, "--actor", "carol"], "").await;
+    let (code, out, err) = verb(
+        &db,
+        &sim,
+        &["pause", "--team", TEAM_B, "--actor", "carol"],
+        "",
+    )
+    .await;
     assert_eq!(code, 0, "{out}{err}");
     // Within one poll interval (20 ms) plus a request already on the wire (20 ms latency).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let paused_at = time::OffsetDateTime::now_utc();
     let b_before = b_requests(&sim);
-    insert(&store, &changes(ObjectType::Contact, TEAM_B, 20)).await.unwrap();
-    insert(&store, &changes(ObjectType::Contact, "", 20)).await.unwrap();
+    insert(&store, &changes(ObjectType::Contact, TEAM_B, 20))
+        .await
+        .unwrap();
+    insert(&store, &changes(ObjectType::Contact, "", 20))
+        .await
+        .unwrap();
     // The default team keeps flowing: every one of its changes, those inserted during the pause
     // too, reaches the API.
     for _ in 0..600 {
@@ -256,32 +431,76 @@ async fn a_team_pause_is_obeyed_by_two_daemons_on_one_postgres_and_resume_drains
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(default_team_done(&store).await, "the default team keeps flowing");
+    assert!(
+        default_team_done(&store).await,
+        "the default team keeps flowing"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let parse = |at: &str| time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).unwrap();
-    let late: Vec<_> = sim.requests().into_iter().filter(|r| r.team.as_deref() == Some(TEAM_B) && parse(&r.at) > paused_at).collect();
-    assert!(late.is_empty(), "no request for the paused team while paused: {late:?}");
+    let parse = |at: &str| {
+        time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).unwrap()
+    };
+    let late: Vec<_> = sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.team.as_deref() == Some(TEAM_B) && parse(&r.at) > paused_at)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "no request for the paused team while paused: {late:?}"
+    );
     assert_eq!(b_requests(&sim), b_before);
     let waiting = states_by_team(&store, TEAM_B).await;
     assert!(waiting.iter().any(|(s, _)| s == "pending"), "{waiting:?}");
 
     for d in &daemons {
         let text = d.get("/metrics").await.1;
-        assert!(text.contains(&format!("prism_sync_paused{{team=\"{TEAM_B}\",object_type=\"all\"}} 1")), "{text}");
+        assert!(
+            text.contains(&format!(
+                "prism_sync_paused{{team=\"{TEAM_B}\",object_type=\"all\"}} 1"
+            )),
+            "{text}"
+        );
         assert!(text.lines().any(|l| l == "prism_sync_pauses 1"), "{text}");
     }
 
-    let (code, _, _) = verb(&db, &sim, &["resume", "--team", TEAM_B, "--actor", "carol"], "").await;
+    let (code, _, _) = verb(
+        &db,
+        &sim,
+        &["resume", "--team", TEAM_B, "--actor", "carol"],
+        "",
+    )
+    .await;
     assert_eq!(code, 0);
     let done = wait_until_finished(&store, FINISH).await;
-    assert!(done.iter().all(|r| r.state == "succeeded" && r.attempts == 1), "nothing lost, no attempt burned: {:?}", done.iter().find(|r| r.state != "succeeded" || r.attempts != 1));
+    assert!(
+        done.iter()
+            .all(|r| r.state == "succeeded" && r.attempts == 1),
+        "nothing lost, no attempt burned: {:?}",
+        done.iter()
+            .find(|r| r.state != "succeeded" || r.attempts != 1)
+    );
     assert_eq!(assert_applied_in_order_once_all_teams(&sim), 640);
     for d in &mut daemons {
         d.signal("TERM");
-        assert_eq!(d.wait_exit(Duration::from_secs(20)).await.code(), Some(0), "{}", d.logs());
+        assert_eq!(
+            d.wait_exit(Duration::from_secs(20)).await.code(),
+            Some(0),
+            "{}",
+            d.logs()
+        );
     }
-    let actions: Vec<(String, String)> = audit(&store).await.into_iter().map(|(a, b, _)| (a, b)).collect();
-    assert_eq!(actions, [("carol".to_owned(), "pause".to_owned()), ("carol".to_owned(), "resume".to_owned())]);
+    let actions: Vec<(String, String)> = audit(&store)
+        .await
+        .into_iter()
+        .map(|(a, b, _)| (a, b))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("carol".to_owned(), "pause".to_owned()),
+            ("carol".to_owned(), "resume".to_owned())
+        ]
+    );
 }
 
 async fn default_team_done(store: &Store) -> bool {
@@ -289,7 +508,9 @@ async fn default_team_done(store: &Store) -> bool {
 }
 
 async fn states_by_team(store: &Store, team: &str) -> Vec<(String, i64)> {
-    let StoreKind::Postgres(p) = store.sqlx_kind() else { unreachable!("postgres only") };
+    let StoreKind::Postgres(p) = store.sqlx_kind() else {
+        unreachable!("postgres only")
+    };
     sqlx::query_as("SELECT state, count(*) FROM prism_outbox WHERE team_id = $1 GROUP BY 1")
         .bind(team)
         .fetch_all(p)
@@ -302,7 +523,12 @@ fn assert_applied_in_order_once_all_teams(sim: &SimHandle) -> usize {
     let log = sim.applied_log_all_teams();
     let mut seen = std::collections::HashSet::new();
     for c in &log {
-        assert!(seen.insert((c.team.clone(), c.record_id)), "record {} of team {} applied twice", c.record_id, c.team);
+        assert!(
+            seen.insert((c.team.clone(), c.record_id)),
+            "record {} of team {} applied twice",
+            c.record_id,
+            c.team
+        );
     }
     log.len()
 }
@@ -315,15 +541,29 @@ async fn completions_and_man_pages_name_every_verb() {
         .collect();
     assert!(verbs.iter().any(|v| v == "pause") && verbs.iter().any(|v| v == "history"));
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(bin()).args(args).output().expect("run");
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new(bin())
+            .args(args)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).expect("UTF-8")
     };
-    for (shell, marker) in [("bash", "complete -F"), ("zsh", "#compdef prism-sync"), ("fish", "complete -c prism-sync")] {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef prism-sync"),
+        ("fish", "complete -c prism-sync"),
+    ] {
         let script = run(&["completions", shell]);
         assert!(script.contains(marker), "{shell}: {script}");
         for verb in &verbs {
-            assert!(script.contains(verb.as_str()), "{shell} completion names {verb}");
+            assert!(
+                script.contains(verb.as_str()),
+                "{shell} completion names {verb}"
+            );
         }
     }
     // bash itself checks the script's syntax.
@@ -331,19 +571,27 @@ async fn completions_and_man_pages_name_every_verb() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("prism-sync.bash");
     std::fs::write(&file, &script).unwrap();
-    let checked = std::process::Command::new("bash").arg("-n").arg(&file).status().expect("bash");
+    let checked = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&file)
+        .status()
+        .expect("bash");
     assert!(checked.success(), "bash -n refuses the completion script");
 
     let page = run(&["man"]);
     assert!(page.starts_with(".ie") || page.starts_with(".TH"), "{page}");
     assert!(page.contains(".TH prism-sync 1"), "{page}");
     for verb in &verbs {
-        assert!(page.contains(&format!("prism\\-sync\\-{}(1)", verb.replace('-', "\\-"))), "man page names {verb}");
+        assert!(
+            page.contains(&format!("prism\\-sync\\-{}(1)", verb.replace('-', "\\-"))),
+            "man page names {verb}"
+        );
     }
     let listed = run(&["man", "--dir", dir.path().join("man1").to_str().unwrap()]);
     for verb in &verbs {
         let file = dir.path().join("man1").join(format!("prism-sync-{verb}.1"));
-        let text = std::fs::read_to_string(&file).unwrap_or_else(|_| panic!("{} written", file.display()));
+        let text =
+            std::fs::read_to_string(&file).unwrap_or_else(|_| panic!("{} written", file.display()));
         assert!(text.contains(".SH SYNOPSIS"), "{text}");
         assert!(listed.contains(file.to_str().unwrap()), "{listed}");
     }

@@ -113,7 +113,9 @@ pub async fn response_retention_loop(
         match store.purge_responses(retention).await {
             Ok(0) => {}
             Ok(n) => info!(responses = n, "retention deleted kept API answers"),
-            Err(e) => warn!(error = %e, "deleting old kept API answers failed; trying again next interval"),
+            Err(e) => {
+                warn!(error = %e, "deleting old kept API answers failed; trying again next interval")
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => return,

@@ -15,7 +15,11 @@ pub fn target(team: &str, object_type: Option<ObjectType>, default_team_id: &str
         || team.eq_ignore_ascii_case("default")
         || (!default_team_id.is_empty() && team == default_team_id);
     PauseTarget {
-        team_id: if default { String::new() } else { team.to_owned() },
+        team_id: if default {
+            String::new()
+        } else {
+            team.to_owned()
+        },
         object_type,
     }
 }

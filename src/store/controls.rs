@@ -284,15 +284,16 @@ fn assemble(
         let Some(item) = items.iter().find(|i| i.record_id == record) else {
             continue;
         };
-        let response = responses
-            .iter()
-            .find(|(batch, ..)| *batch == b.id)
-            .map(|(_, _, rec, at)| StoredResponse {
-                stored_at: at.clone(),
-                record: rec.as_deref().map(|r| {
-                    serde_json::from_str(r).unwrap_or(serde_json::Value::String(r.to_owned()))
-                }),
-            });
+        let response =
+            responses
+                .iter()
+                .find(|(batch, ..)| *batch == b.id)
+                .map(|(_, _, rec, at)| StoredResponse {
+                    stored_at: at.clone(),
+                    record: rec.as_deref().map(|r| {
+                        serde_json::from_str(r).unwrap_or(serde_json::Value::String(r.to_owned()))
+                    }),
+                });
         let view = HistoryBatch {
             batch_id: b.id.to_string(),
             idempotency_key: b.idempotency_key.clone(),
@@ -338,8 +339,16 @@ mod tests {
     fn the_first_v7_of_a_time_sorts_below_every_later_batch_id_and_above_earlier_ones() {
         let t = 1_764_700_000.123;
         let bound = first_v7_at(t);
-        let later = Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, 1_764_700_000, 124_000_000));
-        let earlier = Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, 1_764_699_999, 0));
+        let later = Uuid::new_v7(uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            1_764_700_000,
+            124_000_000,
+        ));
+        let earlier = Uuid::new_v7(uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            1_764_699_999,
+            0,
+        ));
         assert!(bound <= later && later.to_string() >= bound.to_string());
         assert!(earlier < bound && earlier.to_string() < bound.to_string());
     }
@@ -351,8 +360,16 @@ mod tests {
         let (b1, b2) = (Uuid::now_v7(), Uuid::now_v7());
         let items = |rows: &[i64]| {
             serde_json::to_string(&vec![
-                BatchItem { record_id: other, rows: vec![99], attempts: 0 },
-                BatchItem { record_id: record, rows: rows.to_vec(), attempts: 0 },
+                BatchItem {
+                    record_id: other,
+                    rows: vec![99],
+                    attempts: 0,
+                },
+                BatchItem {
+                    record_id: record,
+                    rows: rows.to_vec(),
+                    attempts: 0,
+                },
             ])
             .unwrap()
         };
@@ -392,11 +409,19 @@ mod tests {
             record,
             vec![row(1, "succeeded"), row(2, "succeeded"), row(3, "pending")],
             vec![batch(b1, &[1]), batch(b2, &[1, 2])],
-            vec![(b1, attempt(1, 503)), (b2, attempt(1, 200)), (b1, attempt(2, 200))],
+            vec![
+                (b1, attempt(1, 503)),
+                (b2, attempt(1, 200)),
+                (b1, attempt(2, 200)),
+            ],
             vec![(b2, vec![1, 2], Some(r#"{"id":"x"}"#.into()), "t".into())],
         );
         assert_eq!(h.changes.len(), 3);
-        let first: Vec<&str> = h.changes[0].batches.iter().map(|b| b.idempotency_key.as_str()).collect();
+        let first: Vec<&str> = h.changes[0]
+            .batches
+            .iter()
+            .map(|b| b.idempotency_key.as_str())
+            .collect();
         assert_eq!(first, [format!("k-{b1}"), format!("k-{b2}")]);
         assert_eq!(h.changes[0].batches[0].attempts.len(), 2);
         assert_eq!(h.changes[0].team, "default");
@@ -405,6 +430,9 @@ mod tests {
             h.changes[1].batches[0].response.as_ref().unwrap().record,
             Some(serde_json::json!({"id": "x"}))
         );
-        assert!(h.changes[2].batches.is_empty(), "a waiting row has no batch yet");
+        assert!(
+            h.changes[2].batches.is_empty(),
+            "a waiting row has no batch yet"
+        );
     }
 }

@@ -54,7 +54,11 @@ impl PgStore {
         Ok(added > 0)
     }
 
-    pub(crate) async fn resume(&self, target: &PauseTarget, actor: &str) -> StoreResult<Vec<Pause>> {
+    pub(crate) async fn resume(
+        &self,
+        target: &PauseTarget,
+        actor: &str,
+    ) -> StoreResult<Vec<Pause>> {
         let mut tx = self.pool.begin().await?;
         // A team's resume (object type NULL) lifts the team and every lane of it.
         let lifted: Vec<(String, String, String, String)> = sqlx::query_as(concat!(
@@ -70,7 +74,14 @@ impl PgStore {
             .into_iter()
             .map(|(t, o, a, s)| Pause::from_stored(t, o, a, s))
             .collect();
-        audit(&mut tx, actor, "resume", &target.audit_filter(), lifted.len() as u64).await?;
+        audit(
+            &mut tx,
+            actor,
+            "resume",
+            &target.audit_filter(),
+            lifted.len() as u64,
+        )
+        .await?;
         tx.commit().await?;
         Ok(lifted)
     }
