@@ -26,6 +26,8 @@ struct Board {
     pauses: Vec<Pause>,
     /// Label pairs exported so far: a lifted pause drops to 0 rather than lingering at 1.
     exported: BTreeSet<(String, String)>,
+    /// The last read failed (logged once until a read succeeds again).
+    failing: bool,
 }
 
 impl PauseBoard {
@@ -59,7 +61,12 @@ impl PauseBoard {
         match store.pauses().await {
             Ok(pauses) => self.set(pauses),
             Err(e) => {
-                warn!(error = %e, "cannot read the operators' pauses; keeping the last known")
+                let mut board = self.state.lock().expect("pause lock");
+                // Read again after a poll interval, but say so once per outage, not each time.
+                board.read_at = Some(Instant::now());
+                if !std::mem::replace(&mut board.failing, true) {
+                    warn!(error = %e, "cannot read the operators' pauses; keeping the last known");
+                }
             }
         }
     }
@@ -67,6 +74,7 @@ impl PauseBoard {
     fn set(&self, pauses: Vec<Pause>) {
         let mut board = self.state.lock().expect("pause lock");
         board.read_at = Some(Instant::now());
+        board.failing = false;
         if board.pauses != pauses {
             for p in pauses.iter().filter(|p| !board.pauses.contains(p)) {
                 info!(team = %p.team, object_type = p.object_type.as_deref().unwrap_or("all"), actor = %p.actor, "paused by an operator: nothing of it is sent until it is resumed");

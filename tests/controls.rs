@@ -330,6 +330,35 @@ async fn history_case(db: &TestDb, keep: bool) {
             "a refused item keeps nothing"
         );
         assert_eq!(kept_responses(&store).await, 1);
+        // The retention loop deletes kept answers past history.response_retention.
+        assert_eq!(
+            store
+                .purge_responses(Duration::from_secs(3600))
+                .await
+                .unwrap(),
+            0,
+            "younger than the retention"
+        );
+        let stop = tokio_util::sync::CancellationToken::new();
+        let retention = tokio::spawn(prism_sync::ops::history::response_retention_loop(
+            store.clone(),
+            Duration::ZERO,
+            Duration::from_millis(50),
+            stop.clone(),
+        ));
+        for _ in 0..100 {
+            if kept_responses(&store).await == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.cancel();
+        retention.await.unwrap();
+        assert_eq!(
+            kept_responses(&store).await,
+            0,
+            "deleted past its retention"
+        );
     } else {
         assert!(first["response"].is_null());
         assert_eq!(
