@@ -457,7 +457,8 @@ impl Default for RetentionSettings {
 pub struct HistorySettings {
     /// Keep what the API returned for each record answered `ok` (contact data: off by default).
     pub keep_responses: bool,
-    /// Kept responses older than this are deleted (checked every `retention.interval`).
+    /// Kept responses of batches made longer ago than this are deleted (every
+    /// `retention.interval`).
     #[serde(with = "humantime_serde")]
     pub response_retention: Duration,
 }

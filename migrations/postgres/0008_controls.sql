@@ -15,12 +15,14 @@ CREATE TABLE prism_pauses (
 -- prism_responses: what the API returned for a record after an `ok`, kept only while
 -- history.keep_responses is on (contact data: off by default) and deleted past
 -- history.response_retention. `record` is text, not jsonb: the API's JSON is kept as it came.
+-- Keyed by batch first: batch ids are UUIDv7, so the key orders answers by the time their batch
+-- was made, and serves both `history` (the record's batches are known) and retention (a range);
+-- no other index (an index here would have to be built CONCURRENTLY in a migration of its own).
 CREATE TABLE prism_responses (
-    record_id uuid        NOT NULL,
     batch_id  uuid        NOT NULL,
+    record_id uuid        NOT NULL,
     row_ids   bigint[]    NOT NULL,
     record    text,
     stored_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (record_id, batch_id)
+    PRIMARY KEY (batch_id, record_id)
 );
-CREATE INDEX prism_responses_stored ON prism_responses (stored_at);

@@ -15,12 +15,13 @@ CREATE TABLE prism_pauses (
 -- prism_responses: what the API returned for a record after an `ok`, kept only while
 -- history.keep_responses is on (contact data: off by default) and deleted past
 -- history.response_retention. row_ids is a JSON array of the outbox rows the item carried.
+-- Keyed by batch first: batch ids are UUIDv7, so the key orders answers by the time their batch
+-- was made, and serves both `history` (the record's batches are known) and retention (a range).
 CREATE TABLE prism_responses (
-    record_id TEXT NOT NULL,
     batch_id  TEXT NOT NULL,
+    record_id TEXT NOT NULL,
     row_ids   TEXT NOT NULL,
     record    TEXT,
     stored_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-    PRIMARY KEY (record_id, batch_id)
+    PRIMARY KEY (batch_id, record_id)
 );
-CREATE INDEX prism_responses_stored ON prism_responses (stored_at);

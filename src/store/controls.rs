@@ -233,9 +233,14 @@ impl Store {
         dispatch!(self, s => s.keep_responses(kept).await)
     }
 
-    /// Deletes kept responses stored longer ago than `older_than`; returns how many.
+    /// Deletes kept responses of batches made longer ago than `older_than` (by their UUIDv7
+    /// ids, a range of the primary key); returns how many.
     pub async fn purge_responses(&self, older_than: Duration) -> StoreResult<u64> {
-        dispatch!(self, s => s.purge_responses(older_than).await)
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let before = first_v7_at(now - older_than.as_secs_f64().min(now));
+        dispatch!(self, s => s.purge_responses(before).await)
     }
 
     /// The timeline of `record`: each of its outbox rows in id order, every batch (and key)
@@ -255,7 +260,11 @@ impl Store {
         } else {
             dispatch!(self, s => s.history_attempts(&ids).await)?
         };
-        let responses = dispatch!(self, s => s.history_responses(record).await)?;
+        let responses = if ids.is_empty() {
+            Vec::new()
+        } else {
+            dispatch!(self, s => s.history_responses(record, &ids).await)?
+        };
         Ok(assemble(record, rows, batches, attempts, responses))
     }
 }

@@ -1,7 +1,5 @@
 //! Postgres statements of the operator controls and record history (see `store/controls.rs`).
 
-use std::time::Duration;
-
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
@@ -121,13 +119,11 @@ impl PgStore {
         Ok(())
     }
 
-    pub(crate) async fn purge_responses(&self, older_than: Duration) -> StoreResult<u64> {
-        let done = sqlx::query(
-            "DELETE FROM prism_responses WHERE stored_at < now() - make_interval(secs => $1)",
-        )
-        .bind(older_than.as_secs_f64().min(1e11))
-        .execute(&self.pool)
-        .await?;
+    pub(crate) async fn purge_responses(&self, before: Uuid) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM prism_responses WHERE batch_id < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -236,12 +232,17 @@ impl PgStore {
             .collect()
     }
 
-    pub(crate) async fn history_responses(&self, record: Uuid) -> StoreResult<Vec<ResponseRow>> {
+    pub(crate) async fn history_responses(
+        &self,
+        record: Uuid,
+        batches: &[Uuid],
+    ) -> StoreResult<Vec<ResponseRow>> {
         let rows: Vec<ResponseRow> = sqlx::query_as(concat!(
             "SELECT batch_id, row_ids, record, ",
             utc!("stored_at"),
-            " FROM prism_responses WHERE record_id = $1 ORDER BY stored_at"
+            " FROM prism_responses WHERE batch_id = ANY($1) AND record_id = $2 ORDER BY batch_id"
         ))
+        .bind(batches)
         .bind(record)
         .fetch_all(&self.pool)
         .await?;

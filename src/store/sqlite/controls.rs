@@ -1,7 +1,5 @@
 //! SQLite statements of the operator controls and record history (see `store/controls.rs`).
 
-use std::time::Duration;
-
 use sqlx::Row;
 use uuid::Uuid;
 
@@ -120,14 +118,11 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub(crate) async fn purge_responses(&self, older_than: Duration) -> StoreResult<u64> {
+    pub(crate) async fn purge_responses(&self, before: Uuid) -> StoreResult<u64> {
         let done = self
             .write_one(
-                sqlx::query(
-                    "DELETE FROM prism_responses
-                     WHERE stored_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('%+.3f seconds', -?1))",
-                )
-                .bind(older_than.as_secs_f64().min(1e11)),
+                sqlx::query("DELETE FROM prism_responses WHERE batch_id < ?1")
+                    .bind(before.to_string()),
             )
             .await?;
         Ok(done.rows_affected())
@@ -233,11 +228,18 @@ impl SqliteStore {
         Ok(out)
     }
 
-    pub(crate) async fn history_responses(&self, record: Uuid) -> StoreResult<Vec<ResponseRow>> {
+    pub(crate) async fn history_responses(
+        &self,
+        record: Uuid,
+        batches: &[Uuid],
+    ) -> StoreResult<Vec<ResponseRow>> {
+        let ids: Vec<String> = batches.iter().map(Uuid::to_string).collect();
         let rows: Vec<(String, String, Option<String>, String)> = sqlx::query_as(
             "SELECT batch_id, row_ids, record, stored_at FROM prism_responses
-             WHERE record_id = ?1 ORDER BY stored_at",
+             WHERE batch_id IN (SELECT value FROM json_each(?1)) AND record_id = ?2
+             ORDER BY batch_id",
         )
+        .bind(serde_json::to_string(&ids).expect("serialises"))
         .bind(record.to_string())
         .fetch_all(&self.pool)
         .await?;
