@@ -442,8 +442,9 @@ async fn a_team_pause_is_obeyed_by_two_daemons_on_one_postgres_and_resume_drains
     )
     .await;
     assert_eq!(code, 0, "{out}{err}");
-    // Within one poll interval (20 ms) plus a request already on the wire (20 ms latency).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Within one poll interval (20 ms) plus a request already on the wire (20 ms latency); a
+    // second of margin for a loaded machine.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let paused_at = time::OffsetDateTime::now_utc();
     let b_before = b_requests(&sim);
     insert(&store, &changes(ObjectType::Contact, TEAM_B, 20))
