@@ -45,6 +45,16 @@ pub enum Command {
     Replay(ReplayArgs),
     /// Delete finished rows older than a cutoff, and the batches no row refers to.
     Purge(PurgeArgs),
+    /// Stop sending for a team or one lane of it, on every replica, until `resume`.
+    Pause(PauseArgs),
+    /// Lift a pause (a team's resume lifts its lanes' pauses too).
+    Resume(PauseArgs),
+    /// One record's timeline: its changes, the batches and keys that carried them, every attempt, the outcomes.
+    History(HistoryArgs),
+    /// Print the shell completion script for SHELL.
+    Completions(CompletionsArgs),
+    /// Print the man page, or write one page per verb into a directory.
+    Man(ManArgs),
     /// Serve the Micro API simulator.
     Simulate(Box<crate::sim::SimulateArgs>),
     /// The newcomer's first command: simulator + embedded SQLite + sample changes, synced live.
@@ -164,6 +174,40 @@ pub struct PurgeArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct PauseArgs {
+    /// The team: its id, or `default` for the default team (micro.team_id).
+    #[arg(long, value_name = "TEAM_ID")]
+    pub team: String,
+    /// Only this lane (object type) of the team.
+    #[arg(long)]
+    pub object_type: Option<ObjectType>,
+    /// Who, for the audit log (default: PRISM_SYNC_ACTOR or the login name).
+    #[arg(long)]
+    pub actor: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// The record's UUID, in any spelling (case, braces, hyphens, urn:uuid:).
+    pub record_id: Uuid,
+    /// One JSON object: {"record_id": ..., "changes": [...]}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    pub shell: ops::completions::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write prism-sync.1 and one prism-sync-VERB.1 per verb here instead of printing.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
 fn load_settings(cli: &Cli) -> anyhow::Result<Settings> {
     Settings::load(cli.config.as_deref()).context("loading configuration")
 }
@@ -175,6 +219,16 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
             crate::store::redact_url(&settings.database.url)
         )
     })
+}
+
+/// A pause of a team this configuration does not know is stored all the same (the daemons may
+/// be configured apart from this shell), with a note in case it is a typo.
+fn note_unknown_team(settings: &Settings, team_id: &str) {
+    if !team_id.is_empty() && !settings.teams.contains_key(team_id) {
+        eprintln!(
+            "note: team {team_id:?} is neither micro.team_id nor a [teams] entry in this configuration; the pause is stored for it anyway"
+        );
+    }
 }
 
 /// Runs a verb. Output goes to `out` (stdout in production); logs go to stderr.
@@ -193,6 +247,23 @@ pub async fn execute(
         }
         Command::Demo(args) => {
             return crate::demo::run(args.clone(), out).await;
+        }
+        Command::Completions(args) => {
+            ops::completions::completions(args.shell, out)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Man(args) => {
+            match &args.dir {
+                Some(dir) => {
+                    let pages = ops::completions::man_pages(dir)
+                        .with_context(|| format!("writing man pages into {}", dir.display()))?;
+                    for page in pages {
+                        writeln!(out, "{}", page.display())?;
+                    }
+                }
+                None => ops::completions::man(out)?,
+            }
+            return Ok(ExitCode::SUCCESS);
         }
         _ => {}
     }
@@ -352,7 +423,32 @@ pub async fn execute(
                     .await?;
             return Ok(ExitCode::from(code));
         }
-        Command::Simulate(_) | Command::Demo(_) => unreachable!("handled above"),
+        Command::Pause(args) | Command::Resume(args) if args.team.trim().is_empty() => {
+            bail!("--team needs a team id, or `default` for the default team")
+        }
+        Command::Pause(args) => {
+            let store = open_store(&settings).await?;
+            let target = ops::pause::target(&args.team, args.object_type, &settings.micro.team_id);
+            note_unknown_team(&settings, &target.team_id);
+            ops::pause::pause(&store, &target, &ops::actor(args.actor.as_deref()), out).await?;
+        }
+        Command::Resume(args) => {
+            let store = open_store(&settings).await?;
+            let target = ops::pause::target(&args.team, args.object_type, &settings.micro.team_id);
+            ops::pause::resume(&store, &target, &ops::actor(args.actor.as_deref()), out).await?;
+        }
+        Command::History(args) => {
+            let store = open_store(&settings).await?;
+            let history = store.record_history(args.record_id).await?;
+            if args.json {
+                writeln!(out, "{}", serde_json::to_string(&history)?)?;
+            } else {
+                ops::history::render(&history, out)?;
+            }
+        }
+        Command::Simulate(_) | Command::Demo(_) | Command::Completions(_) | Command::Man(_) => {
+            unreachable!("handled above")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

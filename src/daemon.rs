@@ -133,6 +133,13 @@ pub async fn run(
             background.clone(),
         ));
     }
+    // Kept API answers past history.response_retention go even once keep_responses is off.
+    tasks.spawn(crate::ops::history::response_retention_loop(
+        store.clone(),
+        settings.history.response_retention,
+        settings.retention.interval,
+        background.clone(),
+    ));
     let engine = Engine::with_teams(
         store,
         clients,

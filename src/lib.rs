@@ -41,6 +41,8 @@ pub mod engine;
 pub mod health;
 pub mod model;
 pub mod ops;
+pub mod pauses;
+pub mod responses;
 pub mod settings;
 pub mod sim;
 pub mod store;

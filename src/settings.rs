@@ -47,6 +47,7 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     pub log: LogSettings,
     pub retention: RetentionSettings,
+    pub history: HistorySettings,
     /// More Micro teams, keyed by team id: rows whose `team_id` names one go to that team with
     /// its own key, concurrency and rate limit. `micro.*` is the default team (`team_id = ''`).
     pub teams: BTreeMap<String, TeamSettings>,
@@ -446,6 +447,27 @@ impl Default for RetentionSettings {
             succeeded: None,
             dead: None,
             interval: Duration::from_secs(600),
+        }
+    }
+}
+
+/// `[history]`: what `prism-sync history` can show beyond the outbox and the stored batches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistorySettings {
+    /// Keep what the API returned for each record answered `ok` (contact data: off by default).
+    pub keep_responses: bool,
+    /// Kept responses of batches made longer ago than this are deleted (every
+    /// `retention.interval`).
+    #[serde(with = "humantime_serde")]
+    pub response_retention: Duration,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        Self {
+            keep_responses: false,
+            response_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

@@ -864,6 +864,7 @@ impl<'s> Case<'s> {
                 lease: LEASE,
                 limit,
                 teams: &[String::new()],
+                skip_lanes: &[],
             })
             .await
             .map_err(|e| format!("lease_due_batches: {e}"))?;

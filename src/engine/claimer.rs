@@ -119,6 +119,7 @@ async fn fill(
     batches: &mut Vec<LeasedBatch>,
 ) -> Result<(), StoreError> {
     let cfg = &shared.cfg;
+    shared.pauses.refresh(&shared.store).await;
     probe_refused(shared, batches).await?;
     if strays {
         end_stranded(shared).await?;
@@ -126,12 +127,13 @@ async fn fill(
     let open: Vec<&Arc<Team>> = shared
         .teams
         .iter()
-        .filter(|t| wants_work(shared, t))
+        .filter(|t| wants_work(shared, t) && !paused(shared, t))
         .collect();
     if open.is_empty() && !strays {
         return Ok(());
     }
     let keys: Vec<String> = open.iter().flat_map(|t| t.keys.iter().cloned()).collect();
+    let (lanes, skip_lanes) = lanes_of(shared, &open);
     let free: usize = open.iter().map(|t| room(shared, t)).sum();
     let due = shared
         .store
@@ -140,12 +142,12 @@ async fn fill(
             lease: cfg.lease,
             limit: free,
             teams: &keys,
+            skip_lanes: &skip_lanes,
         })
         .await?;
     let left = free.saturating_sub(due.len());
     batches.extend(due);
     if left > 0 || strays {
-        let lanes = Lane::all_of(keys.iter().map(String::as_str));
         let max_records = left.max(1) * cfg.limits.batch_size;
         batches.extend(claim(shared, &lanes, max_records, strays).await?);
     }
@@ -156,10 +158,15 @@ async fn fill(
 /// re-sent under its key or, when it has none, one new batch every probe interval.
 async fn probe_refused(shared: &Shared, batches: &mut Vec<LeasedBatch>) -> Result<(), StoreError> {
     let cfg = &shared.cfg;
-    for team in shared.teams.iter().filter(|t| t.refused()) {
+    for team in shared
+        .teams
+        .iter()
+        .filter(|t| t.refused() && !paused(shared, t))
+    {
         if shared.holdings.unanswered(team.index) > 0 {
             continue;
         }
+        let (lanes, skip_lanes) = lanes_of(shared, &[team]);
         let probe = shared
             .store
             .lease_due_batches(&DueRequest {
@@ -167,15 +174,42 @@ async fn probe_refused(shared: &Shared, batches: &mut Vec<LeasedBatch>) -> Resul
                 lease: cfg.lease,
                 limit: 1,
                 teams: &team.keys,
+                skip_lanes: &skip_lanes,
             })
             .await?;
         if probe.is_empty() && team.take_probe(cfg.auth_probe_interval) {
-            let lanes = Lane::all_of(team.keys.iter().map(String::as_str));
             batches.extend(claim(shared, &lanes, cfg.limits.batch_size, false).await?);
         }
         batches.extend(probe);
     }
     Ok(())
+}
+
+/// Whether an operator paused `team` as a whole (`prism-sync pause --team`).
+fn paused(shared: &Shared, team: &Team) -> bool {
+    shared
+        .pauses
+        .team_paused(&team.id, team.keys.iter().any(String::is_empty))
+}
+
+/// The lanes of `teams` to claim from, and apart from them those an operator paused (left out
+/// of claims and of due leases).
+fn lanes_of(shared: &Shared, teams: &[&Arc<Team>]) -> (Vec<Lane>, Vec<Lane>) {
+    let (mut open, mut held) = (Vec::new(), Vec::new());
+    for team in teams {
+        let default = team.keys.iter().any(String::is_empty);
+        for lane in Lane::all_of(team.keys.iter().map(String::as_str)) {
+            if shared
+                .pauses
+                .lane_paused(&team.id, default, lane.object_type)
+            {
+                held.push(lane);
+            } else {
+                open.push(lane);
+            }
+        }
+    }
+    (open, held)
 }
 
 /// Claims new rows of `lanes` (and, with `strays`, rows of no lane, which go dead) into stored

@@ -68,6 +68,8 @@ pub struct EngineConfig {
     pub auth_probe_interval: Duration,
     pub grace_period: Duration,
     pub team_label: TeamLabel,
+    /// `history.keep_responses`: keep each `ok` record the API returns.
+    pub keep_responses: bool,
 }
 
 impl EngineConfig {
@@ -98,6 +100,7 @@ impl EngineConfig {
             auth_probe_interval: s.auth.probe_interval,
             grace_period: s.shutdown.grace_period,
             team_label: s.telemetry.team_label,
+            keep_responses: s.history.keep_responses,
         }
     }
 
@@ -165,6 +168,8 @@ struct Shared {
     team_of: HashMap<String, Arc<Team>>,
     /// Every `team_id` value a row may carry.
     team_set: TeamSet,
+    /// The operators' pauses, read once per poll interval.
+    pauses: crate::pauses::PauseBoard,
     cfg: EngineConfig,
     health: Arc<Health>,
     /// The batches this process holds; only these get their leases extended.
@@ -235,6 +240,7 @@ impl Engine {
                 teams,
                 team_of,
                 team_set,
+                pauses: crate::pauses::PauseBoard::new(cfg.poll_interval, labelled),
                 cfg,
                 health,
                 holdings,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, info, info_span, warn};
 
 use super::Shared;
 use super::holdings::Held;
@@ -111,6 +111,10 @@ async fn send_and_settle(
     held: Held,
     halves: &mut Vec<Held>,
 ) {
+    if lane_paused(shared, team, held.batch()) {
+        hand_back(shared, held.batch()).await;
+        return;
+    }
     if let Some(why) = worn_out(shared, held.batch()) {
         settle::worn_out(shared, team, held.batch(), why).await;
         return;
@@ -126,7 +130,34 @@ async fn send_and_settle(
     if !matches!(verdict, BatchVerdict::AuthRefused { .. }) && sent.status.is_some() {
         resume_if_refused(shared, team);
     }
+    let kept = match (&exchange, &verdict) {
+        (Exchange::Answered(a), BatchVerdict::Answered { .. }) if shared.cfg.keep_responses => {
+            Some((a, held.batch().id, held.batch().items.clone()))
+        }
+        _ => None,
+    };
     settle::verdict(shared, team, held, verdict, &sent, halves).await;
+    if let Some((answer, batch, items)) = kept {
+        crate::responses::keep(&shared.store, &answer.body, batch, &items).await;
+    }
+}
+
+/// Whether an operator paused the lane of `batch` (or its whole team) since it was leased.
+fn lane_paused(shared: &Shared, team: &Team, batch: &LeasedBatch) -> bool {
+    let default = team.keys.iter().any(String::is_empty);
+    shared
+        .pauses
+        .lane_paused(&team.id, default, batch.object_type)
+}
+
+/// Gives a batch of a lane paused since it was leased back to the store unsent (same key, same
+/// due time, no attempt): it is leased again, by any replica, once the pause is lifted. If the
+/// write fails, its lease lapses on its own. The caller drops its hold on it.
+async fn hand_back(shared: &Shared, batch: &LeasedBatch) {
+    info!(batch_id = %batch.id, team = %batch.team, object_type = %batch.object_type, "paused by an operator: the batch goes back unsent");
+    if let Err(e) = shared.store.hand_back(&shared.cfg.owner, batch.id).await {
+        warn!(batch_id = %batch.id, error = %e, "could not give a paused batch back; its lease lapses on its own");
+    }
 }
 
 /// Why the batch's key must not be sent again (`batch.max_attempts` used up, or the key near

@@ -2,8 +2,11 @@
 //! `&mut impl Write` so tests read exactly what an operator sees; each works on both engines and
 //! while a daemon runs on the same database.
 
+pub mod completions;
 pub mod enqueue;
+pub mod history;
 pub mod inspect;
+pub mod pause;
 pub mod purge;
 pub mod replay;
 pub mod status;

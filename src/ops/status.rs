@@ -67,6 +67,8 @@ pub struct StatusReport {
     pub oldest_batch_key_age_seconds: f64,
     pub in_flight: Vec<InFlightBatch>,
     pub recent_audit: Vec<AuditEntry>,
+    /// Teams and lanes an operator paused (`prism-sync pause`), for every replica.
+    pub paused: Vec<crate::store::Pause>,
 }
 
 impl StatusReport {
@@ -257,6 +259,7 @@ pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
         oldest_batch_key_age_seconds: gauges.oldest_batch_key_age_seconds,
         in_flight,
         recent_audit,
+        paused: store.pauses().await?,
     })
 }
 
@@ -336,6 +339,10 @@ pub fn render(report: &StatusReport, out: &mut impl std::io::Write) -> std::io::
         report.rows_held_back
     )?;
     writeln!(out, "  batches in flight: {}", report.batches_in_flight)?;
+    if !report.paused.is_empty() {
+        writeln!(out)?;
+        super::pause::render(&report.paused, out)?;
+    }
     if !report.in_flight.is_empty() {
         writeln!(out)?;
         let rows: Vec<Vec<String>> = report

@@ -15,6 +15,7 @@
 //! - Times (`now()`) come from the database's clock, never the host's.
 
 mod claim;
+mod controls;
 mod dialect;
 mod lease;
 mod postgres;
@@ -29,6 +30,10 @@ use crate::batch::{BatchItem, NewBatch, PlanLimits, TeamSet};
 use crate::model::{ObjectType, Operation, RowState};
 use crate::settings::DatabaseSettings;
 
+pub use controls::{
+    HistoryAttempt, HistoryBatch, HistoryChange, KeptResponse, Pause, PauseTarget, RecordHistory,
+    StoredResponse,
+};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -92,6 +97,15 @@ impl Lane {
     }
 }
 
+/// Lanes as the JSON `[[team, object_type], ...]` SQLite binds.
+pub(crate) fn lane_pairs(lanes: &[Lane]) -> String {
+    let pairs: Vec<(&str, &str)> = lanes
+        .iter()
+        .map(|l| (l.team.as_str(), l.object_type.as_str()))
+        .collect();
+    serde_json::to_string(&pairs).expect("serialises")
+}
+
 /// What a claim may take.
 #[derive(Debug, Clone, Copy)]
 pub struct ClaimRequest<'a> {
@@ -126,6 +140,8 @@ pub struct DueRequest<'a> {
     /// Only batches of these teams (as stored): a team whose key is refused, or whose buffer
     /// is full, waits.
     pub teams: &'a [String],
+    /// But not batches of these lanes (paused by an operator).
+    pub skip_lanes: &'a [Lane],
 }
 
 /// A batch stored and leased to us, ready to send.

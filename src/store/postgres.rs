@@ -18,6 +18,7 @@ use crate::batch::{CandidateRow, DeadRow, NewBatch};
 use crate::model::codes;
 use crate::settings::DatabaseSettings;
 
+mod controls;
 mod migrate;
 
 mod nodelay {
@@ -640,6 +641,7 @@ impl Dialect for PgStore {
                  WHERE state = 'open' AND next_attempt_at <= now()
                    AND (lease_expires_at IS NULL OR lease_expires_at <= now())
                    AND team_id = ANY($4)
+                   AND (team_id, object_type) NOT IN (SELECT * FROM unnest($5::text[], $6::text[]))
                  ORDER BY next_attempt_at
                  LIMIT $3
                  FOR UPDATE SKIP LOCKED)
@@ -656,6 +658,8 @@ impl Dialect for PgStore {
         .bind(req.lease.as_secs_f64())
         .bind(i64::try_from(req.limit).unwrap_or(i64::MAX))
         .bind(req.teams)
+        .bind(req.skip_lanes.iter().map(|l| l.team.as_str()).collect::<Vec<_>>())
+        .bind(req.skip_lanes.iter().map(|l| l.object_type.as_str()).collect::<Vec<_>>())
         .fetch_all(&self.pool)
         .await?;
         Ok(rows

@@ -23,6 +23,8 @@ use crate::batch::{CandidateRow, DeadRow, NewBatch};
 use crate::model::codes;
 use crate::settings::DatabaseSettings;
 
+mod controls;
+
 /// The database's clock, in the text form every timestamp column uses.
 macro_rules! now {
     () => {
@@ -673,6 +675,9 @@ impl Dialect for SqliteStore {
             " AND (lease_expires_at IS NULL OR lease_expires_at <= ",
             now!(),
             ") AND team_id IN (SELECT value FROM json_each(?4))
+               AND NOT EXISTS (SELECT 1 FROM json_each(?5) AS s
+                               WHERE json_extract(s.value, '$[0]') = team_id
+                                 AND json_extract(s.value, '$[1]') = object_type)
              ORDER BY next_attempt_at LIMIT ?3)
              RETURNING id, idempotency_key, team_id, object_type, operation, body, items, attempts,
                        (julianday('now') - julianday(created_at)) * 86400.0 AS key_age,
@@ -686,7 +691,8 @@ impl Dialect for SqliteStore {
         .bind(req.owner)
         .bind(req.lease.as_secs_f64())
         .bind(i64::try_from(req.limit).unwrap_or(i64::MAX))
-        .bind(serde_json::to_string(req.teams).expect("serialises"));
+        .bind(serde_json::to_string(req.teams).expect("serialises"))
+        .bind(super::lane_pairs(req.skip_lanes));
         let rows = {
             let _gate = self.write_gate.lock().await;
             rows.fetch_all(&self.writer).await?
