@@ -67,6 +67,8 @@ pub struct StatusReport {
     pub oldest_batch_key_age_seconds: f64,
     pub in_flight: Vec<InFlightBatch>,
     pub recent_audit: Vec<AuditEntry>,
+    /// The registered `run` processes (see `fleet.rs`), silent ones flagged.
+    pub replicas: Vec<crate::store::fleet::ReplicaView>,
 }
 
 impl StatusReport {
@@ -257,6 +259,7 @@ pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
         oldest_batch_key_age_seconds: gauges.oldest_batch_key_age_seconds,
         in_flight,
         recent_audit,
+        replicas: store.replicas().await?,
     })
 }
 
@@ -375,6 +378,7 @@ pub fn render(report: &StatusReport, out: &mut impl std::io::Write) -> std::io::
             &rows,
         )?;
     }
+    crate::fleet::top::render_replicas(&report.replicas, out)?;
     if !report.dead_codes.is_empty() {
         writeln!(out)?;
         writeln!(out, "  dead rows by error code:")?;

@@ -8,6 +8,7 @@
 //!   the writer ("set state if running"), in the same transaction as the row updates.
 //! - Times (`now()`) come from the database's clock, never the host's.
 
+pub mod fleet;
 mod postgres;
 mod sqlite;
 

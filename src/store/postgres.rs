@@ -16,6 +16,7 @@ use crate::batch::{self, BatchItem, CandidateRow, NewBatch};
 use crate::model::codes;
 use crate::settings::DatabaseSettings;
 
+mod fleet;
 mod migrate;
 
 mod nodelay {
