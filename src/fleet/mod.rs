@@ -273,11 +273,12 @@ pub async fn run(
                 batches_held: now.batches_held,
                 teams: &now.teams,
             };
-            let prune = (beats % PRUNE_EVERY_BEATS == 0).then_some(member.forget_after);
+            let prune = beats.is_multiple_of(PRUNE_EVERY_BEATS).then_some(member.forget_after);
             match store.heartbeat_replica(&beat, prune).await {
                 Ok(()) => {
                     beat_failed = false;
                     beats += 1;
+                    count_replicas(&store).await;
                 }
                 Err(e) if !beat_failed => {
                     beat_failed = true;
@@ -301,6 +302,20 @@ pub async fn run(
         Err(e) => {
             warn!(error = %e, "could not leave the replica registry; the entry shows as silent, then is forgotten")
         }
+    }
+}
+
+/// `prism_sync_fleet_replicas{state="live"|"silent"}`: the registry as this replica sees it
+/// (every replica exports the same numbers; alert on the max).
+async fn count_replicas(store: &Store) {
+    match store.replicas().await {
+        Ok(all) => {
+            let silent = all.iter().filter(|r| r.silent).count();
+            metrics::gauge!("prism_sync_fleet_replicas", "state" => "live")
+                .set((all.len() - silent) as f64);
+            metrics::gauge!("prism_sync_fleet_replicas", "state" => "silent").set(silent as f64);
+        }
+        Err(e) => debug!(error = %e, "could not read the replica registry"),
     }
 }
 
