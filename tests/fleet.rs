@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use prism_sync::fleet::{TeamGate, Turn};
 use prism_sync::sim::FaultProfile;
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -114,6 +115,18 @@ async fn stop(daemon: &mut Daemon) {
     );
 }
 
+/// Takes `n` turns at `gate`, returning when each was granted.
+async fn take_turns(gate: std::sync::Arc<TeamGate>, n: usize) -> Vec<std::time::Instant> {
+    let mut granted = Vec::new();
+    while granted.len() < n {
+        match gate.take_turn().await {
+            Turn::Go => granted.push(std::time::Instant::now()),
+            Turn::Wait(d) => panic!("no pause or outage here, yet told to wait {d:?}"),
+        }
+    }
+    granted
+}
+
 both_backends! {
     async fn three_replicas_stay_under_one_fleet_wide_ceiling_and_are_listed_while_they_run(db) {
         let sim = sim(FaultProfile::default()).await;
@@ -211,6 +224,42 @@ both_backends! {
         assert!(log.iter().any(|r| (parse(&r.at) - told).as_seconds_f64() >= PAUSE - 0.1), "sending resumed");
         for daemon in &mut replicas {
             stop(daemon).await;
+        }
+    }
+
+    async fn two_gates_on_one_database_share_the_ceiling_a_pause_and_send_nothing_without_the_database(db) {
+        let store = db.store().await;
+        let a = std::sync::Arc::new(TeamGate::new(store.clone(), "team-1", RATE));
+        let b = std::sync::Arc::new(TeamGate::new(store.clone(), "team-1", RATE));
+        // Two "replicas", each wanting 20 turns as fast as it can: 40 turns at 20 a second.
+        let (from_a, from_b) = tokio::join!(take_turns(a.clone(), 20), take_turns(b.clone(), 20));
+        let mut all: Vec<std::time::Instant> = from_a.into_iter().chain(from_b).collect();
+        all.sort();
+        let span = (all[all.len() - 1] - all[0]).as_secs_f64();
+        assert!(span >= (all.len() - 1 - BURST) as f64 / RATE, "40 turns in {span:.2}s");
+        let busiest = (0..all.len())
+            .map(|i| all[i..].iter().take_while(|t| (**t - all[i]).as_secs_f64() < 1.0).count())
+            .max()
+            .unwrap();
+        assert!(busiest <= RATE as usize + BURST, "{busiest} turns in one second");
+
+        // A pause one gate was told of holds the other back, through the database.
+        a.share_pause(Duration::from_secs(2));
+        let mut waited = None;
+        for _ in 0..10 {
+            if let Turn::Wait(d) = b.take_turn().await {
+                waited = Some(d);
+                break;
+            }
+        }
+        let waited = waited.expect("b learns a's pause from its next reservation");
+        assert!(waited > Duration::from_secs(1) && waited <= Duration::from_secs(2), "{waited:?}");
+
+        // Without the database no slot can be reserved, and nothing may be sent.
+        let other = TeamGate::new(store.clone(), "team-2", RATE);
+        exec(&store, "DROP TABLE prism_team_gates").await;
+        for _ in 0..3 {
+            assert!(matches!(other.take_turn().await, Turn::Wait(_)), "a turn without a reserved slot");
         }
     }
 }

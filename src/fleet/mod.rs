@@ -273,7 +273,9 @@ pub async fn run(
                 batches_held: now.batches_held,
                 teams: &now.teams,
             };
-            let prune = beats.is_multiple_of(PRUNE_EVERY_BEATS).then_some(member.forget_after);
+            let prune = beats
+                .is_multiple_of(PRUNE_EVERY_BEATS)
+                .then_some(member.forget_after);
             match store.heartbeat_replica(&beat, prune).await {
                 Ok(()) => {
                     beat_failed = false;
