@@ -292,7 +292,7 @@ pub async fn execute(
             }
             let store = open_store(&settings).await?;
             let token = CancellationToken::new();
-            crate::daemon::cancel_on_signals(token.clone());
+            crate::fleet::top::stop_on_signals(token.clone());
             let options = crate::fleet::top::TopOptions {
                 interval: args.interval,
                 once: args.once,

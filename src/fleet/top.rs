@@ -174,7 +174,8 @@ fn pauses_text(s: &Snapshot) -> String {
 }
 
 fn total(rates: &[TeamRate], f: impl Fn(&TeamRate) -> f64) -> f64 {
-    rates.iter().map(f).sum()
+    // A fold from +0.0: `sum` of no floats is -0.0, which prints as "-0.0".
+    rates.iter().map(f).fold(0.0, |a, b| a + b)
 }
 
 /// One line per interval, for logs and pipes.
@@ -290,6 +291,24 @@ pub async fn command(
         out.flush()?;
         before = after;
     }
+}
+
+/// Cancels `stop` on SIGTERM or SIGINT, quietly: `top` has nothing to drain. (On a terminal
+/// in raw mode Ctrl-C arrives as a key instead.)
+pub fn stop_on_signals(stop: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = term.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        stop.cancel();
+    });
 }
 
 /// Gives the terminal back (raw mode off, main screen) when dropped: on `q`, on an error and
