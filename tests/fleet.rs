@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::*;
 use prism_sync::fleet::{TeamGate, Turn};
 use prism_sync::sim::FaultProfile;
+use prism_sync::store::fleet::{ReplicaBeat, TeamLoad};
 use serde_json::Value;
 use time::OffsetDateTime;
 
@@ -261,5 +262,45 @@ both_backends! {
         for _ in 0..3 {
             assert!(matches!(other.take_turn().await, Turn::Wait(_)), "a turn without a reserved slot");
         }
+    }
+
+    async fn a_replica_that_stops_beating_shows_silent_and_is_forgotten_later(db) {
+        let store = db.store().await;
+        let teams = [TeamLoad { team: "t".into(), concurrency: 3, max_in_flight: 8, max_requests_per_second: 0.0 }];
+        let beat = |owner: &'static str| ReplicaBeat {
+            owner,
+            host: "h",
+            pid: 1,
+            version: "v",
+            heartbeat: Duration::from_secs(5),
+            batches_held: 2,
+            teams: &teams,
+        };
+        for owner in ["live", "quiet", "gone"] {
+            store.heartbeat_replica(&beat(owner), None).await.unwrap();
+        }
+        // "quiet" last beat 20 s ago (four intervals), "gone" two hours ago.
+        let ago = |seconds: i64| {
+            (OffsetDateTime::now_utc() - time::Duration::seconds(seconds))
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap()
+        };
+        exec(&store, &format!("UPDATE prism_replicas SET last_seen_at = '{}' WHERE owner = 'quiet'", ago(20))).await;
+        exec(&store, &format!("UPDATE prism_replicas SET last_seen_at = '{}' WHERE owner = 'gone'", ago(7200))).await;
+        let listed = store.replicas().await.unwrap();
+        // Listed longest running first; these three started within the same millisecond or so.
+        let mut silent: Vec<(&str, bool)> = listed.iter().map(|r| (r.owner.as_str(), r.silent)).collect();
+        silent.sort();
+        assert_eq!(silent, [("gone", true), ("live", false), ("quiet", true)]);
+        assert!(listed.iter().all(|r| r.teams == teams && r.batches_held == 2), "{listed:?}");
+
+        // The next heartbeat that prunes forgets entries silent for longer than forget_after.
+        store.heartbeat_replica(&beat("live"), Some(Duration::from_secs(3600))).await.unwrap();
+        let mut owners: Vec<String> = store.replicas().await.unwrap().into_iter().map(|r| r.owner).collect();
+        owners.sort();
+        assert_eq!(owners, ["live", "quiet"]);
+        store.deregister_replica("live").await.unwrap();
+        let owners: Vec<String> = store.replicas().await.unwrap().into_iter().map(|r| r.owner).collect();
+        assert_eq!(owners, ["quiet"]);
     }
 }
