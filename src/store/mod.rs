@@ -1,6 +1,12 @@
 //! The outbox stores: one interface, two engines (SQLite, Postgres), each with SQL written for
 //! it. The engine talks only to [`Store`].
 //!
+//! The algorithms are written once, over the private `dialect::Dialect` trait that each engine
+//! implements with its statements (River's driver split): `claim.rs` (claim rows, plan and store
+//! their batches), `record.rs` (a group of batch ends, in rounds, fenced per batch) and
+//! `lease.rs` (lease stored batches and read them back). `sqlite.rs` and `postgres.rs` hold the
+//! statements, connection set-up and migrations.
+//!
 //! **Architecture invariants**
 //! - A batch (key + exact bytes + its rows) is committed before its first send: claiming rows and
 //!   storing their batch happen in one transaction.
@@ -8,8 +14,12 @@
 //!   the writer ("set state if running"), in the same transaction as the row updates.
 //! - Times (`now()`) come from the database's clock, never the host's.
 
+mod claim;
+mod dialect;
 pub mod fleet;
+mod lease;
 mod postgres;
+mod record;
 mod sqlite;
 
 use std::time::Duration;
@@ -196,37 +206,6 @@ pub struct RowUpdate {
     pub message: Option<String>,
     /// For `Retrying`: seconds from the database's now until the next try.
     pub retry_in: f64,
-}
-
-/// A stored batch that could not be read back, and why.
-pub(crate) type Unreadable = (Uuid, String);
-
-/// Leased batches as read back, and apart from them those that could not be (`id`, why): one
-/// unreadable stored batch must not stop every lease, so the stores end those on their own.
-pub(crate) fn readable(
-    leased: impl Iterator<Item = StoreResult<LeasedBatch>>,
-) -> StoreResult<(Vec<LeasedBatch>, Vec<Unreadable>)> {
-    let (mut ok, mut corrupt) = (Vec::new(), Vec::new());
-    for batch in leased {
-        match batch {
-            Ok(b) => ok.push(b),
-            Err(StoreError::CorruptBatch { batch, reason }) => corrupt.push((batch, reason)),
-            Err(e) => return Err(e),
-        }
-    }
-    Ok((ok, corrupt))
-}
-
-/// Logs a stored batch that cannot be read back (its items or type are not what this binary
-/// wrote) and returns the message its rows carry: it cannot be sent again as stored and whether
-/// it was applied is unknown, so its rows go `dead` as `corrupt_batch` for an operator to look
-/// at and replay.
-pub(crate) fn corrupt_message(batch: Uuid, reason: &str) -> String {
-    tracing::error!(batch_id = %batch, reason, "a stored batch cannot be read back: its rows go dead as corrupt_batch");
-    storable(
-        &format!("its stored batch cannot be read: {reason}"),
-        MAX_MESSAGE,
-    )
 }
 
 /// The message a row that went dead for `unknown_team` in a stranded batch carries.
@@ -421,13 +400,13 @@ impl Store {
     /// Claims due rows in per-record order, stores their batches and leases them to `owner`,
     /// all in one transaction; malformed rows go dead in the same transaction.
     pub async fn claim(&self, req: &ClaimRequest<'_>) -> StoreResult<ClaimOutcome> {
-        dispatch!(self, s => s.claim(req).await)
+        dispatch!(self, s => claim::claim(s, req).await)
     }
 
     /// Leases stored batches that are due for a (re)send: retries, and batches whose owner's
     /// lease lapsed (it crashed or hung).
     pub async fn lease_due_batches(&self, req: &DueRequest<'_>) -> StoreResult<Vec<LeasedBatch>> {
-        dispatch!(self, s => s.lease_due_batches(req).await)
+        dispatch!(self, s => lease::lease_due_batches(s, req).await)
     }
 
     /// Heartbeat: extends the leases of `batches`, those `owner` is still working on. A batch
@@ -460,7 +439,7 @@ impl Store {
     /// [`Store::finish_batch`] for several batches in one transaction (one commit, one fsync):
     /// each batch is fenced on its own; the result says, per batch, whether it was written.
     pub async fn finish_batches(&self, batches: &[FinishBatch]) -> StoreResult<Vec<bool>> {
-        dispatch!(self, s => s.finish_batches(batches).await)
+        dispatch!(self, s => record::finish_batches(s, batches).await)
     }
 
     /// Puts a batch back to wait (same key, same bytes), fenced on our lease.

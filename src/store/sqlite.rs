@@ -2,6 +2,7 @@
 //! every write transaction `BEGIN IMMEDIATE` so two processes on one file serialise their claims
 //! instead of failing on a lock upgrade.
 
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,11 +14,12 @@ use sqlx::{Row, Sqlite, Transaction};
 use tracing::debug;
 use uuid::Uuid;
 
+use super::dialect::Dialect;
 use super::{
-    ClaimOutcome, ClaimRequest, DeferBatch, DueRequest, FinishBatch, Gauges, LeasedBatch,
-    RowColumns, StoreError, StoreResult,
+    ClaimRequest, DeferBatch, DueRequest, FinishBatch, Gauges, Lane, LeasedBatch, RowColumns,
+    StoreError, StoreResult, lease,
 };
-use crate::batch::{self, BatchItem, CandidateRow, NewBatch};
+use crate::batch::{CandidateRow, DeadRow, NewBatch};
 use crate::model::codes;
 use crate::settings::DatabaseSettings;
 
@@ -273,190 +275,6 @@ impl SqliteStore {
         Ok(query.execute(&self.writer).await?)
     }
 
-    pub async fn claim(&self, req: &ClaimRequest<'_>) -> StoreResult<ClaimOutcome> {
-        let mut tx = self.begin_write().await?;
-        let max_patch = i64::try_from(req.limits.max_patch_bytes).unwrap_or(i64::MAX);
-        let limit = i64::try_from(req.max_records).unwrap_or(i64::MAX);
-        // Which of the lanes hold waiting rows at all: one index probe each.
-        let lanes: Vec<(String, String)> = req
-            .lanes
-            .iter()
-            .map(|l| (l.team.clone(), l.object_type.as_str().to_owned()))
-            .collect();
-        let busy: Vec<(String, String)> = sqlx::query_as(
-            "SELECT json_extract(l.value, '$[0]'), json_extract(l.value, '$[1]') FROM json_each(?1) AS l
-             WHERE EXISTS (SELECT 1 FROM prism_outbox INDEXED BY prism_outbox_lane
-                           WHERE team_id = json_extract(l.value, '$[0]')
-                             AND object_type = json_extract(l.value, '$[1]')
-                             AND state IN ('pending', 'retrying'))",
-        )
-        .bind(serde_json::to_string(&lanes).expect("serialises"))
-        .fetch_all(&mut **tx)
-        .await?;
-        let mut per_lane = Vec::with_capacity(busy.len() + 1);
-        for (team, object_type) in &busy {
-            per_lane.push(lane_heads(&mut tx, limit, max_patch, team, object_type).await?);
-        }
-        if req.strays {
-            // Rows no lane holds (an unknown team or object type): a scan of every waiting row,
-            // so the engine asks for it only now and then. They go dead in this claim.
-            let known = |v: Vec<&str>| serde_json::to_string(&v).expect("serialises");
-            let strays = sqlx::query(concat!(
-                "SELECT ",
-                head_columns!(),
-                " FROM prism_outbox AS o INDEXED BY prism_outbox_lane
-                 WHERE o.state IN ('pending', 'retrying') AND o.next_attempt_at <= ",
-                now!(),
-                " AND NOT (o.team_id IN (SELECT value FROM json_each(?3))
-                           AND o.object_type IN (SELECT value FROM json_each(?4)))
-                   AND ",
-                record_guard!(),
-                " LIMIT ?1"
-            ))
-            .bind(limit)
-            .bind(max_patch)
-            .bind(known(req.teams.iter().collect()))
-            .bind(known(ClaimRequest::known_types()))
-            .fetch_all(&mut **tx)
-            .await?;
-            per_lane.push(
-                strays
-                    .iter()
-                    .map(candidate)
-                    .collect::<Result<Vec<_>, _>>()?,
-            );
-        }
-        let heads = batch::fair_share(per_lane, req.max_records);
-        if heads.is_empty() {
-            tx.rollback().await?;
-            return Ok(ClaimOutcome::default());
-        }
-        let mut followers = Vec::new();
-        if req.limits.coalesce && req.limits.max_coalesce > 1 {
-            let wanted: Vec<(String, i64)> = heads
-                .iter()
-                .filter(|h| h.has_later && h.may_coalesce())
-                .filter_map(|h| {
-                    String::from_utf8(h.record_id_raw.clone())
-                        .ok()
-                        .map(|r| (r, h.id))
-                })
-                .collect();
-            if !wanted.is_empty() {
-                let wanted = serde_json::to_string(&wanted).expect("serialises");
-                let max_coalesce = i64::try_from(req.limits.max_coalesce).unwrap_or(i64::MAX);
-                followers = fetch_candidates(
-                    &mut tx,
-                    sqlx::query_scalar(concat!(
-                        "SELECT json_group_array(json_array(o.id, o.record_id, ",
-                        packed_patch!(),
-                        ", o.object_type, o.operation, o.team_id, o.attempts, 1)) ",
-                        followers_from!()
-                    ))
-                    .bind(&wanted)
-                    .bind(max_patch)
-                    .bind(max_coalesce),
-                    sqlx::query(concat!(
-                        "SELECT ",
-                        row_columns!(),
-                        ", 1 AS has_later ",
-                        followers_from!()
-                    ))
-                    .bind(&wanted)
-                    .bind(max_patch)
-                    .bind(max_coalesce),
-                )
-                .await?;
-            }
-        }
-        let chains = batch::record_chains(heads, followers);
-        let plan = batch::plan_batches(chains, req.limits, req.teams);
-        for b in &plan.batches {
-            insert_batch(&mut tx, b, req.owner, req.lease, None).await?;
-        }
-        let assignments: Vec<(i64, String)> = plan
-            .batches
-            .iter()
-            .flat_map(|b| b.row_assignments())
-            .map(|(row, batch)| (row, batch.to_string()))
-            .collect();
-        mark_in_flight(&mut tx, &assignments).await?;
-        if !plan.dead.is_empty() {
-            let dead: Vec<(i64, &str, &str)> = plan
-                .dead
-                .iter()
-                .map(|d| (d.id, d.code, d.message.as_str()))
-                .collect();
-            sqlx::query(concat!(
-                "UPDATE prism_outbox SET state = 'dead', completed_at = ",
-                now!(),
-                ", last_error_code = json_extract(j.value, '$[1]'),
-                   last_error_message = json_extract(j.value, '$[2]')
-                 FROM json_each(?1) AS j
-                 WHERE prism_outbox.id = json_extract(j.value, '$[0]')"
-            ))
-            .bind(serde_json::to_string(&dead).expect("serialises"))
-            .execute(&mut **tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(ClaimOutcome {
-            batches: plan.batches.into_iter().map(LeasedBatch::fresh).collect(),
-            dead: plan.dead,
-        })
-    }
-
-    pub async fn lease_due_batches(&self, req: &DueRequest<'_>) -> StoreResult<Vec<LeasedBatch>> {
-        let rows = sqlx::query(concat!(
-            "UPDATE prism_batches SET lease_owner = ?1, lease_expires_at = ",
-            now_plus!("?2"),
-            " WHERE id IN (
-                 SELECT id FROM prism_batches INDEXED BY prism_batches_open
-                 WHERE state = 'open' AND next_attempt_at <= ",
-            now!(),
-            " AND (lease_expires_at IS NULL OR lease_expires_at <= ",
-            now!(),
-            ") AND team_id IN (SELECT value FROM json_each(?4))
-             ORDER BY next_attempt_at LIMIT ?3)
-             RETURNING id, idempotency_key, team_id, object_type, operation, body, items, attempts,
-                       (julianday('now') - julianday(created_at)) * 86400.0 AS key_age,
-                       EXISTS (SELECT 1 FROM prism_batch_attempts AS a
-                               WHERE a.batch_id = prism_batches.id
-                                 AND a.http_status BETWEEN 200 AND 299) AS answered,
-                       (SELECT COALESCE((julianday('now') - julianday(min(o.first_attempt_at))) * 86400.0, 0.0)
-                        FROM prism_outbox AS o INDEXED BY prism_outbox_batch
-                        WHERE o.batch_id = prism_batches.id AND o.state = 'in_flight') AS oldest_row_age"
-        ))
-        .bind(req.owner)
-        .bind(req.lease.as_secs_f64())
-        .bind(i64::try_from(req.limit).unwrap_or(i64::MAX))
-        .bind(serde_json::to_string(req.teams).expect("serialises"));
-        let rows = {
-            let _gate = self.write_gate.lock().await;
-            rows.fetch_all(&self.writer).await?
-        };
-        let (batches, corrupt) = super::readable(rows.iter().map(leased))?;
-        for (batch, reason) in corrupt {
-            self.end_corrupt_batch(batch, &reason).await?;
-        }
-        Ok(batches)
-    }
-
-    /// Ends a stored batch that cannot be read back: see [`super::corrupt_message`].
-    async fn end_corrupt_batch(&self, batch: Uuid, reason: &str) -> StoreResult<()> {
-        let message = super::corrupt_message(batch, reason);
-        let mut tx = self.begin_write().await?;
-        end_batches_dead(
-            &mut tx,
-            &[batch.to_string()],
-            codes::CORRUPT_BATCH,
-            &message,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
     pub async fn extend_leases(
         &self,
         owner: &str,
@@ -491,104 +309,6 @@ impl SqliteStore {
             .await?;
         Ok(done.rows_affected())
     }
-
-    pub async fn finish_batches(&self, batches: &[FinishBatch]) -> StoreResult<Vec<bool>> {
-        let mut tx = self.begin_write().await?;
-        let mut written = Vec::with_capacity(batches.len());
-        for f in batches {
-            written.push(finish_one(&mut tx, f).await?);
-        }
-        crash_point!("mid_outcomes");
-        tx.commit().await?;
-        Ok(written)
-    }
-}
-
-/// One batch's end inside a write transaction; `false` (and nothing written) when the fence
-/// says the batch is no longer ours.
-async fn finish_one(tx: &mut WriteTx, f: &FinishBatch) -> StoreResult<bool> {
-    {
-        let batch = f.batch_id.to_string();
-        let fenced = sqlx::query(concat!(
-            "UPDATE prism_batches SET state = ?3, completed_at = ",
-            now!(),
-            ", lease_owner = NULL, lease_expires_at = NULL, last_status = ?4, last_error = ?5
-             WHERE id = ?1 AND lease_owner = ?2 AND state = 'open'"
-        ))
-        .bind(&batch)
-        .bind(&f.owner)
-        .bind(f.end.as_str())
-        .bind(f.attempt.http_status.map(i64::from))
-        .bind(f.attempt.stored_detail())
-        .execute(&mut ***tx)
-        .await?;
-        if fenced.rows_affected() == 0 {
-            return Ok(false);
-        }
-        insert_attempt(tx, &batch, &f.owner, &f.attempt).await?;
-        if !f.rows.is_empty() {
-            let c = RowColumns::of(f.rows.iter().map(|r| (r, f.give_up_after)));
-            let packed: Vec<_> = (0..c.ids.len())
-                .map(|i| {
-                    (
-                        c.ids[i],
-                        c.states[i],
-                        &c.codes[i],
-                        &c.messages[i],
-                        c.retry_in[i],
-                        c.give_up_after[i],
-                    )
-                })
-                .collect();
-            // `u` is read once (a subquery over json_each) and each row found by its rowid; the
-            // unary `+` keeps the planner from driving the join from the batch_id index, which
-            // would re-parse the JSON once per row.
-            // A row that would retry but was first tried longer than `retry.give_up_after` ago
-            // goes dead with its code instead (`gave_up`).
-            sqlx::query(concat!(
-                "UPDATE prism_outbox SET
-                   state = CASE WHEN ",
-                gave_up!(),
-                " THEN 'dead' ELSE u.state END,
-                   attempts = attempts + 1,
-                   next_attempt_at = CASE WHEN u.state = 'retrying' THEN ",
-                now_plus!("u.retry_in"),
-                " ELSE next_attempt_at END,
-                   completed_at = CASE WHEN u.state IN ('succeeded', 'dead') OR ",
-                gave_up!(),
-                " THEN ",
-                now!(),
-                " ELSE NULL END,
-                   last_error_code = COALESCE(u.code, last_error_code),
-                   last_error_message = CASE WHEN ",
-                gave_up!(),
-                " THEN 'gave up (retry.give_up_after): ' || COALESCE(u.message, last_error_message, '')
-                     ELSE COALESCE(u.message, last_error_message) END
-                 FROM (SELECT json_extract(value, '$[0]') AS row_id, json_extract(value, '$[1]') AS state,
-                              json_extract(value, '$[2]') AS code, json_extract(value, '$[3]') AS message,
-                              json_extract(value, '$[4]') AS retry_in, json_extract(value, '$[5]') AS give_up
-                       FROM json_each(?1)) AS u
-                 WHERE prism_outbox.id = u.row_id
-                   AND +prism_outbox.batch_id = ?2 AND prism_outbox.state = 'in_flight'"
-            ))
-            .bind(serde_json::to_string(&packed).expect("serialises"))
-            .bind(&batch)
-            .execute(&mut ***tx)
-            .await?;
-        }
-        for child in &f.children {
-            insert_batch(tx, child, &f.owner, f.lease, Some(&batch)).await?;
-            let assignments: Vec<(i64, String)> = child
-                .row_assignments()
-                .map(|(row, b)| (row, b.to_string()))
-                .collect();
-            mark_in_flight(tx, &assignments).await?;
-        }
-        Ok(true)
-    }
-}
-
-impl SqliteStore {
     pub async fn defer_batch(&self, d: &DeferBatch<'_>) -> StoreResult<bool> {
         let mut tx = self.begin_write().await?;
         let batch = d.batch_id.to_string();
@@ -702,6 +422,359 @@ impl SqliteStore {
     }
 }
 
+/// The SQLite statements. Sets travel as one JSON parameter (`json_each`); the statements with
+/// no set-valued form here (a batch's insert, its fence, its attempt, its rows) run once per
+/// batch: on SQLite a statement is no network round trip, only a message to the connection's
+/// thread.
+impl Dialect for SqliteStore {
+    type Tx = WriteTx;
+
+    async fn begin(&self) -> StoreResult<Self::Tx> {
+        self.begin_write().await
+    }
+
+    async fn commit(&self, tx: Self::Tx) -> StoreResult<()> {
+        Ok(tx.commit().await?)
+    }
+
+    async fn rollback(&self, tx: Self::Tx) -> StoreResult<()> {
+        Ok(tx.rollback().await?)
+    }
+
+    async fn busy_lanes(
+        &self,
+        tx: &mut Self::Tx,
+        lanes: &[Lane],
+    ) -> StoreResult<Vec<(String, String)>> {
+        let lanes: Vec<(String, String)> = lanes
+            .iter()
+            .map(|l| (l.team.clone(), l.object_type.as_str().to_owned()))
+            .collect();
+        Ok(sqlx::query_as(
+            "SELECT json_extract(l.value, '$[0]'), json_extract(l.value, '$[1]') FROM json_each(?1) AS l
+             WHERE EXISTS (SELECT 1 FROM prism_outbox INDEXED BY prism_outbox_lane
+                           WHERE team_id = json_extract(l.value, '$[0]')
+                             AND object_type = json_extract(l.value, '$[1]')
+                             AND state IN ('pending', 'retrying'))",
+        )
+        .bind(serde_json::to_string(&lanes).expect("serialises"))
+        .fetch_all(&mut ***tx)
+        .await?)
+    }
+
+    async fn lane_heads(
+        &self,
+        tx: &mut Self::Tx,
+        (team, object_type): &(String, String),
+        req: &ClaimRequest<'_>,
+    ) -> StoreResult<Vec<CandidateRow>> {
+        let (limit, max_patch) = (claim_limit(req), max_patch(req));
+        let mut heads = fetch_candidates(
+            tx,
+            sqlx::query_scalar(concat!(
+                "SELECT json_group_array(json_array(id, record_id, patch, object_type, operation,
+                                                    team_id, attempts, has_later))
+                 FROM (SELECT o.id, o.record_id, ",
+                packed_patch!(),
+                " AS patch, o.object_type, o.operation, o.team_id, o.attempts, ",
+                has_later!(),
+                " AS has_later ",
+                lane_from!(),
+                ")"
+            ))
+            .bind(limit)
+            .bind(max_patch)
+            .bind(team)
+            .bind(object_type),
+            sqlx::query(concat!("SELECT ", head_columns!(), " ", lane_from!()))
+                .bind(limit)
+                .bind(max_patch)
+                .bind(team)
+                .bind(object_type),
+        )
+        .await?;
+        heads.sort_unstable_by_key(|r| r.id);
+        Ok(heads)
+    }
+
+    async fn strays(
+        &self,
+        tx: &mut Self::Tx,
+        req: &ClaimRequest<'_>,
+    ) -> StoreResult<Vec<CandidateRow>> {
+        let known = |v: Vec<&str>| serde_json::to_string(&v).expect("serialises");
+        let strays = sqlx::query(concat!(
+            "SELECT ",
+            head_columns!(),
+            " FROM prism_outbox AS o INDEXED BY prism_outbox_lane
+             WHERE o.state IN ('pending', 'retrying') AND o.next_attempt_at <= ",
+            now!(),
+            " AND NOT (o.team_id IN (SELECT value FROM json_each(?3))
+                       AND o.object_type IN (SELECT value FROM json_each(?4)))
+               AND ",
+            record_guard!(),
+            " LIMIT ?1"
+        ))
+        .bind(claim_limit(req))
+        .bind(max_patch(req))
+        .bind(known(req.teams.iter().collect()))
+        .bind(known(ClaimRequest::known_types()))
+        .fetch_all(&mut ***tx)
+        .await?;
+        Ok(strays
+            .iter()
+            .map(candidate)
+            .collect::<Result<Vec<_>, _>>()?)
+    }
+
+    async fn followers(
+        &self,
+        tx: &mut Self::Tx,
+        heads: &[&CandidateRow],
+        req: &ClaimRequest<'_>,
+    ) -> StoreResult<Vec<CandidateRow>> {
+        // A record id that is not UTF-8 cannot be a JSON string: such a head has no followers.
+        let wanted: Vec<(String, i64)> = heads
+            .iter()
+            .filter_map(|h| {
+                String::from_utf8(h.record_id_raw.clone())
+                    .ok()
+                    .map(|r| (r, h.id))
+            })
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wanted = serde_json::to_string(&wanted).expect("serialises");
+        let max_patch = max_patch(req);
+        let max_coalesce = i64::try_from(req.limits.max_coalesce).unwrap_or(i64::MAX);
+        fetch_candidates(
+            tx,
+            sqlx::query_scalar(concat!(
+                "SELECT json_group_array(json_array(o.id, o.record_id, ",
+                packed_patch!(),
+                ", o.object_type, o.operation, o.team_id, o.attempts, 1)) ",
+                followers_from!()
+            ))
+            .bind(&wanted)
+            .bind(max_patch)
+            .bind(max_coalesce),
+            sqlx::query(concat!(
+                "SELECT ",
+                row_columns!(),
+                ", 1 AS has_later ",
+                followers_from!()
+            ))
+            .bind(&wanted)
+            .bind(max_patch)
+            .bind(max_coalesce),
+        )
+        .await
+    }
+
+    async fn insert_batches(
+        &self,
+        tx: &mut Self::Tx,
+        batches: &[NewBatch],
+        owner: &str,
+        lease: Duration,
+        parent: Option<Uuid>,
+    ) -> StoreResult<()> {
+        let parent = parent.map(|p| p.to_string());
+        for b in batches {
+            insert_batch(tx, b, owner, lease, parent.as_deref()).await?;
+        }
+        Ok(())
+    }
+
+    async fn mark_in_flight(&self, tx: &mut Self::Tx, batches: &[NewBatch]) -> StoreResult<()> {
+        let assignments: Vec<(i64, String)> = batches
+            .iter()
+            .flat_map(|b| b.row_assignments())
+            .map(|(row, batch)| (row, batch.to_string()))
+            .collect();
+        if assignments.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(concat!(
+            "UPDATE prism_outbox SET state = 'in_flight', batch_id = json_extract(j.value, '$[1]'),
+                        first_attempt_at = COALESCE(first_attempt_at, ",
+            now!(),
+            ") FROM json_each(?1) AS j WHERE prism_outbox.id = json_extract(j.value, '$[0]')"
+        ))
+        .bind(serde_json::to_string(&assignments).expect("serialises"))
+        .execute(&mut ***tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn mark_dead(&self, tx: &mut Self::Tx, rows: &[DeadRow]) -> StoreResult<()> {
+        let dead: Vec<(i64, &str, &str)> = rows
+            .iter()
+            .map(|d| (d.id, d.code, d.message.as_str()))
+            .collect();
+        sqlx::query(concat!(
+            "UPDATE prism_outbox SET state = 'dead', completed_at = ",
+            now!(),
+            ", last_error_code = json_extract(j.value, '$[1]'),
+               last_error_message = json_extract(j.value, '$[2]')
+             FROM json_each(?1) AS j
+             WHERE prism_outbox.id = json_extract(j.value, '$[0]')"
+        ))
+        .bind(serde_json::to_string(&dead).expect("serialises"))
+        .execute(&mut ***tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn fence(&self, tx: &mut Self::Tx, ends: &[&FinishBatch]) -> StoreResult<HashSet<Uuid>> {
+        let mut fenced = HashSet::with_capacity(ends.len());
+        for f in ends {
+            let done = sqlx::query(concat!(
+                "UPDATE prism_batches SET state = ?3, completed_at = ",
+                now!(),
+                ", lease_owner = NULL, lease_expires_at = NULL, last_status = ?4, last_error = ?5
+                 WHERE id = ?1 AND lease_owner = ?2 AND state = 'open'"
+            ))
+            .bind(f.batch_id.to_string())
+            .bind(&f.owner)
+            .bind(f.end.as_str())
+            .bind(f.attempt.http_status.map(i64::from))
+            .bind(f.attempt.stored_detail())
+            .execute(&mut ***tx)
+            .await?;
+            if done.rows_affected() > 0 {
+                fenced.insert(f.batch_id);
+            }
+        }
+        Ok(fenced)
+    }
+
+    async fn write_attempts(&self, tx: &mut Self::Tx, ends: &[&FinishBatch]) -> StoreResult<()> {
+        for f in ends {
+            insert_attempt(tx, &f.batch_id.to_string(), &f.owner, &f.attempt).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_rows(&self, tx: &mut Self::Tx, ends: &[&FinishBatch]) -> StoreResult<()> {
+        for f in ends.iter().filter(|f| !f.rows.is_empty()) {
+            update_rows(tx, f).await?;
+        }
+        Ok(())
+    }
+
+    async fn lease_due(&self, req: &DueRequest<'_>) -> StoreResult<Vec<StoreResult<LeasedBatch>>> {
+        let rows = sqlx::query(concat!(
+            "UPDATE prism_batches SET lease_owner = ?1, lease_expires_at = ",
+            now_plus!("?2"),
+            " WHERE id IN (
+                 SELECT id FROM prism_batches INDEXED BY prism_batches_open
+                 WHERE state = 'open' AND next_attempt_at <= ",
+            now!(),
+            " AND (lease_expires_at IS NULL OR lease_expires_at <= ",
+            now!(),
+            ") AND team_id IN (SELECT value FROM json_each(?4))
+             ORDER BY next_attempt_at LIMIT ?3)
+             RETURNING id, idempotency_key, team_id, object_type, operation, body, items, attempts,
+                       (julianday('now') - julianday(created_at)) * 86400.0 AS key_age,
+                       EXISTS (SELECT 1 FROM prism_batch_attempts AS a
+                               WHERE a.batch_id = prism_batches.id
+                                 AND a.http_status BETWEEN 200 AND 299) AS answered,
+                       (SELECT COALESCE((julianday('now') - julianday(min(o.first_attempt_at))) * 86400.0, 0.0)
+                        FROM prism_outbox AS o INDEXED BY prism_outbox_batch
+                        WHERE o.batch_id = prism_batches.id AND o.state = 'in_flight') AS oldest_row_age"
+        ))
+        .bind(req.owner)
+        .bind(req.lease.as_secs_f64())
+        .bind(i64::try_from(req.limit).unwrap_or(i64::MAX))
+        .bind(serde_json::to_string(req.teams).expect("serialises"));
+        let rows = {
+            let _gate = self.write_gate.lock().await;
+            rows.fetch_all(&self.writer).await?
+        };
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let id: String = row.try_get("id")?;
+                let id = Uuid::parse_str(&id)
+                    .map_err(|e| StoreError::Invalid(format!("batch id {id:?}: {e}")))?;
+                lease::leased(row, id)
+            })
+            .collect())
+    }
+
+    async fn end_batch_dead(&self, batch: Uuid, code: &str, message: &str) -> StoreResult<()> {
+        let mut tx = self.begin_write().await?;
+        end_batches_dead(&mut tx, &[batch.to_string()], code, message).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// How many heads a lane statement may return.
+fn claim_limit(req: &ClaimRequest<'_>) -> i64 {
+    i64::try_from(req.max_records).unwrap_or(i64::MAX)
+}
+
+/// The largest patch a claim reads (a larger one is read as NULL, and goes dead).
+fn max_patch(req: &ClaimRequest<'_>) -> i64 {
+    i64::try_from(req.limits.max_patch_bytes).unwrap_or(i64::MAX)
+}
+
+/// One batch's rows after its end (only rows still in flight in it).
+async fn update_rows(tx: &mut WriteTx, f: &FinishBatch) -> StoreResult<()> {
+    let c = RowColumns::of(f.rows.iter().map(|r| (r, f.give_up_after)));
+    let packed: Vec<_> = (0..c.ids.len())
+        .map(|i| {
+            (
+                c.ids[i],
+                c.states[i],
+                &c.codes[i],
+                &c.messages[i],
+                c.retry_in[i],
+                c.give_up_after[i],
+            )
+        })
+        .collect();
+    // `u` is read once (a subquery over json_each) and each row found by its rowid; the
+    // unary `+` keeps the planner from driving the join from the batch_id index, which
+    // would re-parse the JSON once per row.
+    // A row that would retry but was first tried longer than `retry.give_up_after` ago
+    // goes dead with its code instead (`gave_up`).
+    sqlx::query(concat!(
+        "UPDATE prism_outbox SET
+           state = CASE WHEN ",
+        gave_up!(),
+        " THEN 'dead' ELSE u.state END,
+           attempts = attempts + 1,
+           next_attempt_at = CASE WHEN u.state = 'retrying' THEN ",
+        now_plus!("u.retry_in"),
+        " ELSE next_attempt_at END,
+           completed_at = CASE WHEN u.state IN ('succeeded', 'dead') OR ",
+        gave_up!(),
+        " THEN ",
+        now!(),
+        " ELSE NULL END,
+           last_error_code = COALESCE(u.code, last_error_code),
+           last_error_message = CASE WHEN ",
+        gave_up!(),
+        " THEN 'gave up (retry.give_up_after): ' || COALESCE(u.message, last_error_message, '')
+             ELSE COALESCE(u.message, last_error_message) END
+         FROM (SELECT json_extract(value, '$[0]') AS row_id, json_extract(value, '$[1]') AS state,
+                      json_extract(value, '$[2]') AS code, json_extract(value, '$[3]') AS message,
+                      json_extract(value, '$[4]') AS retry_in, json_extract(value, '$[5]') AS give_up
+               FROM json_each(?1)) AS u
+         WHERE prism_outbox.id = u.row_id
+           AND +prism_outbox.batch_id = ?2 AND prism_outbox.state = 'in_flight'"
+    ))
+    .bind(serde_json::to_string(&packed).expect("serialises"))
+    .bind(f.batch_id.to_string())
+    .execute(&mut ***tx)
+    .await?;
+    Ok(())
+}
+
 fn candidate(row: &sqlx::sqlite::SqliteRow) -> Result<CandidateRow, sqlx::Error> {
     Ok(CandidateRow {
         id: row.try_get("id")?,
@@ -721,42 +794,6 @@ fn candidate(row: &sqlx::sqlite::SqliteRow) -> Result<CandidateRow, sqlx::Error>
         attempts: row.try_get("attempts")?,
         has_later: row.try_get("has_later")?,
     })
-}
-
-/// One lane's claimable rows, in id order.
-async fn lane_heads(
-    tx: &mut WriteTx,
-    limit: i64,
-    max_patch: i64,
-    team: &str,
-    object_type: &str,
-) -> StoreResult<Vec<CandidateRow>> {
-    let mut heads = fetch_candidates(
-        tx,
-        sqlx::query_scalar(concat!(
-            "SELECT json_group_array(json_array(id, record_id, patch, object_type, operation,
-                                                team_id, attempts, has_later))
-             FROM (SELECT o.id, o.record_id, ",
-            packed_patch!(),
-            " AS patch, o.object_type, o.operation, o.team_id, o.attempts, ",
-            has_later!(),
-            " AS has_later ",
-            lane_from!(),
-            ")"
-        ))
-        .bind(limit)
-        .bind(max_patch)
-        .bind(team)
-        .bind(object_type),
-        sqlx::query(concat!("SELECT ", head_columns!(), " ", lane_from!()))
-            .bind(limit)
-            .bind(max_patch)
-            .bind(team)
-            .bind(object_type),
-    )
-    .await?;
-    heads.sort_unstable_by_key(|r| r.id);
-    Ok(heads)
 }
 
 /// Candidate rows, read through `packed`: one result row holding a JSON array of
@@ -832,38 +869,6 @@ fn unpack_candidates(json: &[u8]) -> Option<Vec<CandidateRow>> {
     )
 }
 
-fn leased(row: &sqlx::sqlite::SqliteRow) -> StoreResult<LeasedBatch> {
-    let id: String = row.try_get("id")?;
-    let id =
-        Uuid::parse_str(&id).map_err(|e| StoreError::Invalid(format!("batch id {id:?}: {e}")))?;
-    let corrupt = |reason: String| StoreError::CorruptBatch { batch: id, reason };
-    let object_type: String = row.try_get("object_type")?;
-    let operation: String = row.try_get("operation")?;
-    let items: String = row.try_get("items")?;
-    let body: Vec<u8> = row.try_get("body")?;
-    Ok(LeasedBatch {
-        id,
-        idempotency_key: row.try_get("idempotency_key")?,
-        team: row.try_get("team_id")?,
-        object_type: object_type
-            .parse()
-            .map_err(|e: crate::model::UnknownObjectType| corrupt(e.to_string()))?,
-        operation: operation
-            .parse()
-            .map_err(|e: crate::model::UnknownOperation| corrupt(e.to_string()))?,
-        body: body.into(),
-        items: serde_json::from_str::<Vec<BatchItem>>(&items)
-            .map_err(|e| corrupt(e.to_string()))?,
-        attempts: row.try_get("attempts")?,
-        key_age: Duration::from_secs_f64(row.try_get::<f64, _>("key_age")?.clamp(0.0, 1e9)),
-        answered: row.try_get("answered")?,
-        oldest_row_age: Duration::from_secs_f64(
-            row.try_get::<f64, _>("oldest_row_age")?.clamp(0.0, 1e11),
-        ),
-        leased_at: std::time::Instant::now(),
-    })
-}
-
 async fn insert_batch(
     tx: &mut WriteTx,
     b: &NewBatch,
@@ -931,22 +936,6 @@ async fn end_batches_dead(
     .execute(&mut ***tx)
     .await?;
     Ok(dead)
-}
-
-async fn mark_in_flight(tx: &mut WriteTx, assignments: &[(i64, String)]) -> StoreResult<()> {
-    if assignments.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(concat!(
-        "UPDATE prism_outbox SET state = 'in_flight', batch_id = json_extract(j.value, '$[1]'),
-                    first_attempt_at = COALESCE(first_attempt_at, ",
-        now!(),
-        ") FROM json_each(?1) AS j WHERE prism_outbox.id = json_extract(j.value, '$[0]')"
-    ))
-    .bind(serde_json::to_string(assignments).expect("serialises"))
-    .execute(&mut ***tx)
-    .await?;
-    Ok(())
 }
 
 async fn insert_attempt(

@@ -1,0 +1,104 @@
+//! The statements an outbox engine supplies, and nothing else: the claim (`claim.rs`), the
+//! outcome write (`record.rs`) and the lease of stored batches (`lease.rs`) are written once over
+//! this trait, as River's client holds its algorithms over `riverdriver`. Each engine's file
+//! (`sqlite.rs`, `postgres.rs`) implements it with SQL written for that engine.
+//!
+//! A method is one statement (or, where the engine has no set-valued form of it, the same
+//! statement once per batch), so that the algorithms decide what runs and in which order, and the
+//! engines only how. Methods that take a transaction run inside it; the others open their own.
+//!
+//! Adding a database means implementing this trait, not touching the algorithms.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::{ClaimRequest, DueRequest, FinishBatch, Lane, LeasedBatch, StoreResult};
+use crate::batch::{CandidateRow, DeadRow, NewBatch};
+
+/// One engine's statements. Private to the store: the engine and the operators see
+/// [`super::Store`].
+pub(super) trait Dialect: Sync {
+    /// A write transaction (on SQLite, the one writer connection under the in-process gate).
+    type Tx: Send;
+
+    /// Opens the transaction a claim or a group of batch ends is written in.
+    async fn begin(&self) -> StoreResult<Self::Tx>;
+    async fn commit(&self, tx: Self::Tx) -> StoreResult<()>;
+    async fn rollback(&self, tx: Self::Tx) -> StoreResult<()>;
+
+    // ── The claim ───────────────────────────────────────────────────────────────────────
+
+    /// Which of `lanes` hold waiting rows at all, as `(team_id, object_type)` as stored.
+    async fn busy_lanes(
+        &self,
+        tx: &mut Self::Tx,
+        lanes: &[Lane],
+    ) -> StoreResult<Vec<(String, String)>>;
+
+    /// One busy lane's claimable rows, oldest first, at most `req.max_records`: due, and no
+    /// older row of their record waiting or in flight.
+    async fn lane_heads(
+        &self,
+        tx: &mut Self::Tx,
+        lane: &(String, String),
+        req: &ClaimRequest<'_>,
+    ) -> StoreResult<Vec<CandidateRow>>;
+
+    /// Claimable rows that no lane of `req.teams` holds (an unknown team or object type).
+    async fn strays(
+        &self,
+        tx: &mut Self::Tx,
+        req: &ClaimRequest<'_>,
+    ) -> StoreResult<Vec<CandidateRow>>;
+
+    /// The waiting rows after each of `heads` in its record, at most `req.limits.max_coalesce
+    /// - 1` per head, in id order per record.
+    async fn followers(
+        &self,
+        tx: &mut Self::Tx,
+        heads: &[&CandidateRow],
+        req: &ClaimRequest<'_>,
+    ) -> StoreResult<Vec<CandidateRow>>;
+
+    /// Stores `batches` (key, body, items) leased to `owner` for `lease`; `parent` for the
+    /// children of a split.
+    async fn insert_batches(
+        &self,
+        tx: &mut Self::Tx,
+        batches: &[NewBatch],
+        owner: &str,
+        lease: Duration,
+        parent: Option<Uuid>,
+    ) -> StoreResult<()>;
+
+    /// Puts the rows of `batches` in flight in them.
+    async fn mark_in_flight(&self, tx: &mut Self::Tx, batches: &[NewBatch]) -> StoreResult<()>;
+
+    /// Ends malformed rows `dead` with their codes.
+    async fn mark_dead(&self, tx: &mut Self::Tx, rows: &[DeadRow]) -> StoreResult<()>;
+
+    // ── The outcome write ───────────────────────────────────────────────────────────────
+
+    /// Ends each of `ends` (distinct batches, in id order) whose batch is still `open` and
+    /// leased to its writer; returns the ids of those it ended, the others stay untouched.
+    async fn fence(&self, tx: &mut Self::Tx, ends: &[&FinishBatch]) -> StoreResult<HashSet<Uuid>>;
+
+    /// One `prism_batch_attempts` row for each of `ends` (all fenced).
+    async fn write_attempts(&self, tx: &mut Self::Tx, ends: &[&FinishBatch]) -> StoreResult<()>;
+
+    /// Each row's new state after its batch's end (only rows still in flight in that batch);
+    /// a row that would retry past its end's `give_up_after` goes `dead` instead.
+    async fn write_rows(&self, tx: &mut Self::Tx, ends: &[&FinishBatch]) -> StoreResult<()>;
+
+    // ── Leasing stored batches ──────────────────────────────────────────────────────────
+
+    /// Leases the stored batches due for a (re)send and reads them back, each as
+    /// [`super::lease::leased`] makes of it (an unreadable one as its error, not the call's).
+    async fn lease_due(&self, req: &DueRequest<'_>) -> StoreResult<Vec<StoreResult<LeasedBatch>>>;
+
+    /// Ends one stored batch for good in a transaction of its own: its rows in flight go `dead`
+    /// with `code` and `message`, the batch ends `released`.
+    async fn end_batch_dead(&self, batch: Uuid, code: &str, message: &str) -> StoreResult<()>;
+}
