@@ -55,6 +55,9 @@ pub enum Command {
     Completions(CompletionsArgs),
     /// Print the man page, or write one page per verb into a directory.
     Man(ManArgs),
+    /// A live view of the fleet: rows/s by outcome and team, batches in flight, concurrency,
+    /// pauses, lag, the replicas and what each holds.
+    Top(TopArgs),
     /// Serve the Micro API simulator.
     Simulate(Box<crate::sim::SimulateArgs>),
     /// The newcomer's first command: simulator + embedded SQLite + sample changes, synced live.
@@ -85,6 +88,16 @@ pub struct StatusArgs {
     /// An unfinished change older than this counts as stuck (exit code 4).
     #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
     pub stuck_after: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// How often to refresh (and the span rates are measured over).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub interval: std::time::Duration,
+    /// Print one snapshot (rates over one interval) and exit.
+    #[arg(long)]
+    pub once: bool,
 }
 
 #[derive(Debug, Args)]
@@ -343,6 +356,20 @@ pub async fn execute(
             return Ok(ExitCode::from(
                 report.exit_code(args.stuck_after.as_secs_f64()),
             ));
+        }
+        Command::Top(args) => {
+            if args.interval.is_zero() {
+                bail!("--interval must be above zero");
+            }
+            let store = open_store(&settings).await?;
+            let token = CancellationToken::new();
+            crate::fleet::top::stop_on_signals(token.clone());
+            let options = crate::fleet::top::TopOptions {
+                interval: args.interval,
+                once: args.once,
+                tty: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+            };
+            crate::fleet::top::command(&store, options, out, token).await?;
         }
         Command::Inspect(args) => {
             let store = open_store(&settings).await?;

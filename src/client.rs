@@ -6,7 +6,7 @@
 //! sensitive on every request.
 
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -14,6 +14,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::classify::{self, Answer, Exchange, TransportFailure};
+use crate::fleet::{TeamGate, Turn as FleetTurn};
 use crate::model::{ObjectType, Operation};
 use crate::settings::HttpSettings;
 
@@ -52,7 +53,11 @@ pub struct MicroClient {
     max_response_bytes: usize,
     max_retry_after: Duration,
     min_interval: Option<Duration>,
+    max_requests_per_second: f64,
     gate: Mutex<Gate>,
+    /// In a daemon: the team's fleet-wide ceiling and pause, shared through the database
+    /// (`fleet.rs`); they replace this client's own rate ceiling.
+    fleet: Option<Arc<TeamGate>>,
 }
 
 impl MicroClient {
@@ -98,7 +103,9 @@ impl MicroClient {
             max_response_bytes: http.max_response_bytes,
             max_retry_after: http.max_retry_after,
             min_interval,
+            max_requests_per_second: http.max_requests_per_second,
             gate: Mutex::new(Gate::default()),
+            fleet: None,
         })
     }
 
@@ -117,6 +124,16 @@ impl MicroClient {
         &self.team_id
     }
 
+    /// The configured request ceiling (0: none).
+    pub fn max_requests_per_second(&self) -> f64 {
+        self.max_requests_per_second
+    }
+
+    /// Shares this team's request ceiling and 429 pauses with every replica through `gate`.
+    pub fn join_fleet(&mut self, gate: Arc<TeamGate>) {
+        self.fleet = Some(gate);
+    }
+
     /// Caps a server-requested delay.
     pub fn cap_delay(&self, d: Duration) -> Duration {
         d.min(self.max_retry_after)
@@ -124,17 +141,48 @@ impl MicroClient {
 
     /// Holds every send back until `until` (a 429 or a `retry-after` anywhere).
     pub fn slow_down(&self, delay: Duration) {
-        let until = Instant::now() + self.cap_delay(delay);
-        let mut gate = self.gate.lock().expect("gate lock");
-        if gate.paused_until.is_none_or(|p| p < until) {
-            gate.paused_until = Some(until);
+        let delay = self.cap_delay(delay);
+        let until = Instant::now() + delay;
+        {
+            let mut gate = self.gate.lock().expect("gate lock");
+            if gate.paused_until.is_none_or(|p| p < until) {
+                gate.paused_until = Some(until);
+            }
+        }
+        if let Some(fleet) = &self.fleet {
+            fleet.share_pause(delay);
         }
     }
 
-    /// Whether a server-requested pause (429, `retry-after`) is holding sends back right now.
+    /// Whether a server-requested pause (429, `retry-after`), this replica's or another's, is
+    /// holding sends back right now.
     pub fn is_paused(&self) -> bool {
         let gate = self.gate.lock().expect("gate lock");
         gate.paused_until.is_some_and(|p| p > Instant::now())
+            || self
+                .fleet
+                .as_ref()
+                .is_some_and(|f| f.paused_for().is_some())
+    }
+
+    /// Waits for this replica's own pause, then for a send slot of the fleet.
+    async fn wait_fleet_turn(&self, fleet: &TeamGate) {
+        loop {
+            let own = self
+                .gate
+                .lock()
+                .expect("gate lock")
+                .paused_until
+                .and_then(|p| p.checked_duration_since(Instant::now()));
+            if let Some(d) = own {
+                tokio::time::sleep(d).await;
+                continue;
+            }
+            match fleet.take_turn().await {
+                FleetTurn::Go => return,
+                FleetTurn::Wait(d) => tokio::time::sleep(d).await,
+            }
+        }
     }
 
     /// Waits for the shared pause and the rate ceiling, then reserves this request's slot.
@@ -142,6 +190,9 @@ impl MicroClient {
         enum Turn {
             Paused(Duration),
             At(Instant),
+        }
+        if let Some(fleet) = &self.fleet {
+            return self.wait_fleet_turn(fleet).await;
         }
         loop {
             let turn = {

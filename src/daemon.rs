@@ -91,7 +91,7 @@ pub async fn run(
     options: RunOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let clients = team_clients(&settings)?;
+    let mut clients = team_clients(&settings)?;
     let health = Arc::new(Health::default());
     let watchdog = spawn_watchdog(health.clone(), settings.poll.interval, shutdown.clone());
     let Some(store) = connect_with_retry(&settings, &shutdown).await? else {
@@ -140,15 +140,28 @@ pub async fn run(
         settings.retention.interval,
         background.clone(),
     ));
+    let gates = crate::fleet::join(&store, &mut clients);
     let engine = Engine::with_teams(
-        store,
+        store.clone(),
         clients,
         EngineConfig::from_settings(&settings),
         health,
     );
+    // The registry outlives the engine's drain (a draining replica still holds batches) and
+    // deregisters once it is over.
+    let registry_stop = CancellationToken::new();
+    let registry = tokio::spawn(crate::fleet::run(
+        store,
+        crate::fleet::Member::new(engine.owner(), &settings.fleet),
+        engine.load_probe(),
+        gates,
+        registry_stop.clone(),
+    ));
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     let result = engine.run(shutdown.clone()).await;
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    registry_stop.cancel();
+    let _ = registry.await;
     background.cancel();
     while tasks.join_next().await.is_some() {}
     if let Some(w) = watchdog {

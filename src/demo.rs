@@ -263,6 +263,8 @@ async fn sync_with_progress(
     let total = sample.changes.len() as u64;
     let mut last_line = Instant::now() - Duration::from_secs(10);
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    // On a terminal the progress line is indicatif's; in a pipe, a plain line a second.
+    let progress = tty.then(|| progress_bar(total));
     let deadline = started + Duration::from_secs(50);
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -274,26 +276,29 @@ async fn sync_with_progress(
         let done = report.rows.get("succeeded").copied().unwrap_or(0);
         let dead = report.rows.get("dead").copied().unwrap_or(0);
         let rate = (done + dead) as f64 / started.elapsed().as_secs_f64().max(0.001);
-        let line = format!(
-            "  {} synced {done}/{total} · retried {} · dead {dead} · {:.0} rows/s · {} requests",
-            bar((done + dead) as u64, total),
+        let detail = format!(
+            "retried {} · dead {dead} · {:.0} rows/s · {} requests",
             Health::read(&health.rows_retried),
             rate,
             Health::read(&health.sends),
         );
-        if tty {
-            write!(out, "\r{line}")?;
-            out.flush()?;
-        } else if last_line.elapsed() >= Duration::from_secs(1) || open == 0 {
-            writeln!(out, "{line}")?;
-            last_line = Instant::now();
+        match &progress {
+            Some(bar) => {
+                bar.set_position((done + dead) as u64);
+                bar.set_message(detail);
+            }
+            None if last_line.elapsed() >= Duration::from_secs(1) || open == 0 => {
+                writeln!(out, "  synced {}/{total} · {detail}", done + dead)?;
+                last_line = Instant::now();
+            }
+            None => {}
         }
         if open == 0 || Instant::now() > deadline {
             break;
         }
     }
-    if tty {
-        writeln!(out)?;
+    if let Some(bar) = progress {
+        bar.finish();
     }
     let elapsed = started.elapsed();
     stop.cancel();
@@ -332,13 +337,19 @@ async fn write_next_steps(
     Ok(())
 }
 
-fn bar(done: u64, total: u64) -> String {
-    let width = 24;
-    let filled = (done * width as u64)
-        .checked_div(total)
-        .map_or(width, |f| f as usize)
-        .min(width);
-    format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
+/// The live progress line on a terminal: a bar, synced/total and what the engine is doing.
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stdout(),
+    );
+    // The template is a constant: it parses, and if it ever did not the default style is fine.
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("  [{bar:24}] synced {pos}/{len} · {msg}")
+    {
+        bar.set_style(style.progress_chars("#>."));
+    }
+    bar
 }
 
 async fn dead_row_id(store: &Store) -> anyhow::Result<Option<i64>> {

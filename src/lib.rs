@@ -10,6 +10,7 @@
 //! - [`classify`]: what an answer means for the batch and each item (pure).
 //! - [`backoff`]: retry times as a function of the attempt count (pure).
 //! - [`engine`]: the daemon loop tying these together.
+//! - [`fleet`]: the replicas as one fleet: registry, shared request ceiling and pause, `top`.
 //! - [`sim`]: the Micro API simulator used by tests, the demo and benchmarks.
 
 /// Kills the process on the spot when the named failpoint is armed (fault-suite builds only, with
@@ -38,6 +39,7 @@ pub mod concurrency;
 pub mod daemon;
 pub mod demo;
 pub mod engine;
+pub mod fleet;
 pub mod health;
 pub mod model;
 pub mod ops;

@@ -48,6 +48,7 @@ pub struct Settings {
     pub log: LogSettings,
     pub retention: RetentionSettings,
     pub history: HistorySettings,
+    pub fleet: FleetSettings,
     /// More Micro teams, keyed by team id: rows whose `team_id` names one go to that team with
     /// its own key, concurrency and rate limit. `micro.*` is the default team (`team_id = ''`).
     pub teams: BTreeMap<String, TeamSettings>,
@@ -177,7 +178,8 @@ pub struct HttpSettings {
     /// Cap on a server-requested delay (`retry-after`, `retry-after-ms`).
     #[serde(with = "humantime_serde")]
     pub max_retry_after: Duration,
-    /// Client-side ceiling on requests per second (0: none).
+    /// Ceiling on requests per second for each team, shared by every replica on the database
+    /// (0: none).
     pub max_requests_per_second: f64,
 }
 
@@ -472,6 +474,28 @@ impl Default for HistorySettings {
     }
 }
 
+/// The replica registry (`prism_replicas`): how often a `run` process says it is alive, and
+/// when an entry that stopped saying so is forgotten.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetSettings {
+    /// One small UPSERT per interval; a replica not seen for three intervals shows as silent.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Entries silent for longer than this are deleted (a replica that crashed or was killed).
+    #[serde(with = "humantime_serde")]
+    pub forget_after: Duration,
+}
+
+impl Default for FleetSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(5),
+            forget_after: Duration::from_secs(3600),
+        }
+    }
+}
+
 impl Settings {
     /// Loads the layers. `file` is `--config`; without it `config/default.toml` is read if present.
     pub fn load(file: Option<&Path>) -> Result<Settings, SettingsError> {
@@ -571,6 +595,19 @@ impl Settings {
         }
         if self.poll.interval.is_zero() {
             return invalid("poll.interval", "must be above zero".into());
+        }
+        if self.fleet.heartbeat.is_zero() || self.fleet.forget_after < self.fleet.heartbeat * 3 {
+            return invalid(
+                "fleet.forget_after",
+                "need 0 < fleet.heartbeat and fleet.forget_after >= 3 × fleet.heartbeat".into(),
+            );
+        }
+        if !self.http.max_requests_per_second.is_finite() || self.http.max_requests_per_second < 0.0
+        {
+            return invalid(
+                "http.max_requests_per_second",
+                "must be a number >= 0 (0: no ceiling)".into(),
+            );
         }
         self.validate_base_url()?;
         for team in std::iter::once(&self.micro.team_id).chain(self.teams.keys()) {

@@ -256,6 +256,25 @@ impl Engine {
         &self.shared.cfg.owner
     }
 
+    /// What this process holds right now (batches, each team's concurrency), read by the
+    /// fleet registry's heartbeat (`fleet.rs`); it outlives [`Engine::run`].
+    pub fn load_probe(&self) -> impl Fn() -> crate::fleet::Load + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || crate::fleet::Load {
+            batches_held: shared.holdings.len(),
+            teams: shared
+                .teams
+                .iter()
+                .map(|t| crate::store::fleet::TeamLoad {
+                    team: t.id.clone(),
+                    concurrency: t.concurrency.limit(),
+                    max_in_flight: t.max_in_flight,
+                    max_requests_per_second: t.client.max_requests_per_second(),
+                })
+                .collect(),
+        }
+    }
+
     /// Runs until `shutdown` is cancelled, then drains: no new claims, batches in flight get
     /// `shutdown.grace_period` to finish; whatever is still unanswered stays stored and is
     /// re-sent with its own key by the next start. Fails only when a task of the engine

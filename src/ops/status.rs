@@ -69,6 +69,8 @@ pub struct StatusReport {
     pub recent_audit: Vec<AuditEntry>,
     /// Teams and lanes an operator paused (`prism-sync pause`), for every replica.
     pub paused: Vec<crate::store::Pause>,
+    /// The registered `run` processes (see `fleet.rs`), silent ones flagged.
+    pub replicas: Vec<crate::store::fleet::ReplicaView>,
 }
 
 impl StatusReport {
@@ -260,6 +262,7 @@ pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
         in_flight,
         recent_audit,
         paused: store.pauses().await?,
+        replicas: store.replicas().await?,
     })
 }
 
@@ -382,6 +385,7 @@ pub fn render(report: &StatusReport, out: &mut impl std::io::Write) -> std::io::
             &rows,
         )?;
     }
+    crate::fleet::top::render_replicas(&report.replicas, out)?;
     if !report.dead_codes.is_empty() {
         writeln!(out)?;
         writeln!(out, "  dead rows by error code:")?;

@@ -17,6 +17,7 @@
 mod claim;
 mod controls;
 mod dialect;
+pub mod fleet;
 mod lease;
 mod postgres;
 mod record;

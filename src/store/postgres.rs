@@ -19,6 +19,7 @@ use crate::model::codes;
 use crate::settings::DatabaseSettings;
 
 mod controls;
+mod fleet;
 mod migrate;
 
 mod nodelay {

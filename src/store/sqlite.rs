@@ -24,6 +24,7 @@ use crate::model::codes;
 use crate::settings::DatabaseSettings;
 
 mod controls;
+mod fleet;
 
 /// The database's clock, in the text form every timestamp column uses.
 macro_rules! now {
