@@ -4,12 +4,10 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-use crate::model::{ObjectType, Operation, RowState, team_id_values};
 use crate::ops;
 use crate::settings::Settings;
 use crate::store::Store;
@@ -36,15 +34,15 @@ pub enum Command {
     /// Apply the migrations for the database in DATABASE_URL.
     Migrate,
     /// Read JSON lines {"record_id": ..., "patch": {...}} from a file or stdin into the outbox.
-    Enqueue(EnqueueArgs),
+    Enqueue(ops::enqueue::EnqueueArgs),
     /// Counts by state, oldest pending age, batches in flight, dead rows by error code.
-    Status(StatusArgs),
+    Status(ops::status::StatusArgs),
     /// One row, or one batch with its key, body, attempts and outcomes.
-    Inspect(InspectArgs),
+    Inspect(ops::inspect::InspectArgs),
     /// Requeue dead (or, with --include-retrying, waiting) rows into new batches.
-    Replay(ReplayArgs),
+    Replay(ops::replay::ReplayArgs),
     /// Delete finished rows older than a cutoff, and the batches no row refers to.
-    Purge(PurgeArgs),
+    Purge(ops::purge::PurgeArgs),
     /// Serve the Micro API simulator.
     Simulate(Box<crate::sim::SimulateArgs>),
     /// The newcomer's first command: simulator + embedded SQLite + sample changes, synced live.
@@ -56,112 +54,6 @@ pub struct RunArgs {
     /// Do not apply migrations at start (a separate `prism-sync migrate` owns the schema).
     #[arg(long)]
     pub no_migrate: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct EnqueueArgs {
-    /// JSON-lines file; `-` or nothing reads stdin.
-    pub file: Option<PathBuf>,
-    /// Enqueue the valid lines and report the invalid ones, instead of refusing the whole input.
-    #[arg(long)]
-    pub skip_invalid: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct StatusArgs {
-    /// One JSON object instead of the table.
-    #[arg(long)]
-    pub json: bool,
-    /// An unfinished change older than this counts as stuck (exit code 4).
-    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
-    pub stuck_after: std::time::Duration,
-}
-
-#[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("what").required(true).args(["row_id", "batch"])))]
-pub struct InspectArgs {
-    /// The outbox row id.
-    pub row_id: Option<i64>,
-    /// A batch id instead of a row.
-    #[arg(long, value_name = "BATCH_ID")]
-    pub batch: Option<Uuid>,
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct ReplayArgs {
-    /// A row id (repeatable).
-    #[arg(long = "id", value_name = "ROW_ID")]
-    pub ids: Vec<i64>,
-    /// Rows last carried by this batch.
-    #[arg(long, value_name = "BATCH_ID")]
-    pub batch: Option<Uuid>,
-    /// Rows whose last error has this code (e.g. not_found, http_400).
-    #[arg(long)]
-    pub error_code: Option<String>,
-    #[arg(long)]
-    pub record_id: Option<Uuid>,
-    #[arg(long)]
-    pub object_type: Option<ObjectType>,
-    /// Rows of this team (its id; the default team's rows include those with an empty team_id).
-    #[arg(long, value_name = "TEAM_ID")]
-    pub team: Option<String>,
-    /// Only updates or only deletes.
-    #[arg(long)]
-    pub operation: Option<Operation>,
-    /// Enqueued at or after: an RFC 3339 time or a duration ago (2h).
-    #[arg(long, value_parser = ops::parse_time)]
-    pub since: Option<time::OffsetDateTime>,
-    /// Enqueued before: an RFC 3339 time or a duration ago.
-    #[arg(long, value_parser = ops::parse_time)]
-    pub until: Option<time::OffsetDateTime>,
-    /// Also requeue rows waiting to retry (their attempts are reset).
-    #[arg(long)]
-    pub include_retrying: bool,
-    /// Every dead row (needed when no other filter is given).
-    #[arg(long)]
-    pub all: bool,
-    /// Show what would change; change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Do not ask for confirmation.
-    #[arg(long, short = 'y')]
-    pub yes: bool,
-    /// Who is replaying, for the audit log (default: PRISM_SYNC_ACTOR or the login name).
-    #[arg(long)]
-    pub actor: Option<String>,
-    /// One JSON object on stdout (the preview and the question, if asked, go to stderr).
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum PurgeState {
-    Succeeded,
-    Dead,
-}
-
-#[derive(Debug, Args)]
-pub struct PurgeArgs {
-    /// Delete rows finished longer ago than this (e.g. 7d, 12h).
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub older_than: std::time::Duration,
-    /// Only this state (default: both succeeded and dead).
-    #[arg(long)]
-    pub state: Option<PurgeState>,
-    /// Show what would be deleted; delete nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Do not ask for confirmation.
-    #[arg(long, short = 'y')]
-    pub yes: bool,
-    /// Who is purging, for the audit log (default: PRISM_SYNC_ACTOR or the login name).
-    #[arg(long)]
-    pub actor: Option<String>,
-    /// One JSON object on stdout (the preview and the question, if asked, go to stderr).
-    #[arg(long)]
-    pub json: bool,
 }
 
 fn load_settings(cli: &Cli) -> anyhow::Result<Settings> {
@@ -218,138 +110,27 @@ pub async fn execute(
         }
         Command::Enqueue(args) => {
             let store = open_store(&settings).await?;
-            let report = match args.file.as_deref() {
-                None => {
-                    ops::enqueue::enqueue(
-                        &store,
-                        input,
-                        settings.batch.max_patch_bytes,
-                        args.skip_invalid,
-                    )
-                    .await
-                }
-                Some(p) if p.as_os_str() == "-" => {
-                    ops::enqueue::enqueue(
-                        &store,
-                        input,
-                        settings.batch.max_patch_bytes,
-                        args.skip_invalid,
-                    )
-                    .await
-                }
-                Some(p) => {
-                    let file = std::fs::File::open(p)
-                        .with_context(|| format!("opening {}", p.display()))?;
-                    ops::enqueue::enqueue(
-                        &store,
-                        std::io::BufReader::new(file),
-                        settings.batch.max_patch_bytes,
-                        args.skip_invalid,
-                    )
-                    .await
-                }
-            };
-            let report = match report {
-                Ok(r) => r,
-                Err(e @ ops::enqueue::EnqueueError::Invalid { .. }) => {
-                    bail!("{e}; nothing was enqueued (fix the line, or pass --skip-invalid)")
-                }
-                Err(e) => return Err(e.into()),
-            };
-            for (line, reason) in &report.skipped {
-                writeln!(out, "skipped line {line}: {reason}")?;
-            }
-            writeln!(out, "enqueued {} change(s)", report.enqueued)?;
+            let max_patch_bytes = settings.batch.max_patch_bytes;
+            ops::enqueue::run(&store, &args, max_patch_bytes, out, input).await?;
         }
         Command::Status(args) => {
             let store = open_store(&settings).await?;
-            let report = ops::status::status(&store).await?;
-            if args.json {
-                writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
-            } else {
-                ops::status::render(&report, out)?;
-            }
-            return Ok(ExitCode::from(
-                report.exit_code(args.stuck_after.as_secs_f64()),
-            ));
+            let code = ops::status::run(&store, &args, out).await?;
+            return Ok(ExitCode::from(code));
         }
         Command::Inspect(args) => {
             let store = open_store(&settings).await?;
-            match (args.row_id, args.batch) {
-                (_, Some(batch)) => {
-                    let view = ops::inspect::batch(&store, batch).await?;
-                    if args.json {
-                        writeln!(out, "{}", serde_json::to_string_pretty(&view)?)?;
-                    } else {
-                        ops::inspect::render_batch(&view, out)?;
-                    }
-                }
-                (Some(id), None) => {
-                    let view = ops::inspect::row(&store, id).await?;
-                    if args.json {
-                        writeln!(out, "{}", serde_json::to_string_pretty(&view)?)?;
-                    } else {
-                        ops::inspect::render_row(&view, out)?;
-                    }
-                }
-                (None, None) => bail!("give a ROW_ID or --batch BATCH_ID"),
-            }
+            ops::inspect::run(&store, &args, out).await?;
         }
         Command::Replay(args) => {
             let store = open_store(&settings).await?;
-            let filter = ops::replay::ReplayFilter {
-                ids: args.ids.clone(),
-                batch: args.batch,
-                error_code: args.error_code.clone(),
-                record_id: args.record_id,
-                object_type: args.object_type,
-                teams: match args.team.as_deref() {
-                    Some(team) if team == settings.micro.team_id || team.is_empty() => {
-                        team_id_values(&settings.micro.team_id, true)
-                    }
-                    Some(team) => team_id_values(team, false),
-                    None => Vec::new(),
-                },
-                operation: args.operation,
-                since: args.since,
-                until: args.until,
-                include_retrying: args.include_retrying,
-                all: args.all,
-            };
-            let options = ops::replay::ReplayOptions {
-                dry_run: args.dry_run,
-                yes: args.yes,
-                json: args.json,
-                actor: ops::actor(args.actor.as_deref()),
-            };
-            let code = ops::replay::command(
-                &store,
-                &filter,
-                &options,
-                out,
-                &mut std::io::stderr(),
-                input,
-            )
-            .await?;
+            let team = &settings.micro.team_id;
+            let code = ops::replay::run(&store, &args, team, out, input).await?;
             return Ok(ExitCode::from(code));
         }
         Command::Purge(args) => {
             let store = open_store(&settings).await?;
-            let states = match args.state {
-                Some(PurgeState::Succeeded) => vec![RowState::Succeeded],
-                Some(PurgeState::Dead) => vec![RowState::Dead],
-                None => vec![RowState::Succeeded, RowState::Dead],
-            };
-            let scope = ops::purge::scope(&store, &states, args.older_than).await?;
-            let options = ops::purge::PurgeOptions {
-                dry_run: args.dry_run,
-                yes: args.yes,
-                json: args.json,
-                actor: ops::actor(args.actor.as_deref()),
-            };
-            let code =
-                ops::purge::command(&store, &scope, &options, out, &mut std::io::stderr(), input)
-                    .await?;
+            let code = ops::purge::run(&store, &args, out, input).await?;
             return Ok(ExitCode::from(code));
         }
         Command::Simulate(_) | Command::Demo(_) => unreachable!("handled above"),

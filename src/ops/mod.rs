@@ -6,6 +6,7 @@ pub mod enqueue;
 pub mod inspect;
 pub mod purge;
 pub mod replay;
+pub mod select;
 pub mod status;
 pub mod supersede;
 
@@ -23,21 +24,6 @@ pub fn parse_time(text: &str) -> Result<OffsetDateTime, String> {
             "{text:?} is neither an RFC 3339 time (2026-11-28T10:00:00Z) nor a duration ago (2h, 30m)"
         )),
     }
-}
-
-/// The text form SQLite timestamp columns use (`strftime('%Y-%m-%dT%H:%M:%fZ')`).
-pub fn sqlite_time(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
 }
 
 /// Who did it, for the audit log: `--actor`, else `PRISM_SYNC_ACTOR`, else the login name.

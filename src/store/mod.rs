@@ -8,8 +8,10 @@
 //!   the writer ("set state if running"), in the same transaction as the row updates.
 //! - Times (`now()`) come from the database's clock, never the host's.
 
+mod ops_api;
 mod postgres;
 mod sqlite;
+pub mod views;
 
 use std::time::Duration;
 
@@ -19,6 +21,7 @@ use crate::batch::{BatchItem, NewBatch, PlanLimits, TeamSet};
 use crate::model::{ObjectType, Operation, RowState};
 use crate::settings::DatabaseSettings;
 
+pub use ops_api::{OpsTx, RawPool};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -478,43 +481,6 @@ impl Store {
 
     pub async fn gauges(&self) -> StoreResult<Gauges> {
         dispatch!(self, s => s.gauges().await)
-    }
-
-    /// A write transaction for the operator commands' own SQL: on SQLite on the store's one
-    /// writer connection, queued with the daemon's writes; on Postgres a pool transaction.
-    pub(crate) async fn begin_ops_write(&self) -> StoreResult<OpsTx> {
-        Ok(match self {
-            Store::Sqlite(s) => OpsTx::Sqlite(s.begin_write().await?),
-            Store::Postgres(s) => OpsTx::Postgres(s.pool().begin().await?),
-        })
-    }
-
-    pub fn sqlx_kind(&self) -> StoreKind<'_> {
-        match self {
-            Store::Sqlite(s) => StoreKind::Sqlite(s.pool()),
-            Store::Postgres(s) => StoreKind::Postgres(s.pool()),
-        }
-    }
-}
-
-/// Direct pool access for the operator commands, which run their own SQL per engine.
-pub enum StoreKind<'a> {
-    Sqlite(&'a sqlx::SqlitePool),
-    Postgres(&'a sqlx::PgPool),
-}
-
-/// A write transaction of an operator command, from [`Store::begin_ops_write`].
-pub(crate) enum OpsTx {
-    Sqlite(sqlite::WriteTx),
-    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
-}
-
-impl OpsTx {
-    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
-        match self {
-            OpsTx::Sqlite(tx) => tx.commit().await,
-            OpsTx::Postgres(tx) => tx.commit().await,
-        }
     }
 }
 

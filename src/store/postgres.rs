@@ -17,6 +17,7 @@ use crate::model::codes;
 use crate::settings::DatabaseSettings;
 
 mod migrate;
+pub(super) mod ops;
 
 mod nodelay {
     //! sqlx 0.9.0 stopped setting `TCP_NODELAY` on its sockets (launchbadge/sqlx#4335; fixed

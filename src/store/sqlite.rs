@@ -21,6 +21,8 @@ use crate::batch::{self, BatchItem, CandidateRow, NewBatch};
 use crate::model::codes;
 use crate::settings::DatabaseSettings;
 
+pub(super) mod ops;
+
 /// The database's clock, in the text form every timestamp column uses.
 macro_rules! now {
     () => {
