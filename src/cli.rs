@@ -43,6 +43,12 @@ pub enum Command {
     Replay(ops::replay::ReplayArgs),
     /// Delete finished rows older than a cutoff, and the batches no row refers to.
     Purge(ops::purge::PurgeArgs),
+    /// Find and export rows: a table, --json lines or --csv, a page at a time.
+    Rows(ops::rows::RowsArgs),
+    /// Move chosen pending or retrying rows to dead as `discarded`: they are never sent.
+    Discard(ops::discard::DiscardArgs),
+    /// List operator actions (replay, purge, discard, …), newest first.
+    Audit(ops::audit::AuditArgs),
     /// Serve the Micro API simulator.
     Simulate(Box<crate::sim::SimulateArgs>),
     /// The newcomer's first command: simulator + embedded SQLite + sample changes, synced live.
@@ -132,6 +138,22 @@ pub async fn execute(
             let store = open_store(&settings).await?;
             let code = ops::purge::run(&store, &args, out, input).await?;
             return Ok(ExitCode::from(code));
+        }
+        Command::Rows(args) => {
+            let store = open_store(&settings).await?;
+            let team = &settings.micro.team_id;
+            ops::rows::run(&store, &args, team, out, &mut std::io::stderr()).await?;
+        }
+        Command::Discard(args) => {
+            let store = open_store(&settings).await?;
+            let team = &settings.micro.team_id;
+            let notes = &mut std::io::stderr();
+            let code = ops::discard::run(&store, &args, team, out, notes, input).await?;
+            return Ok(ExitCode::from(code));
+        }
+        Command::Audit(args) => {
+            let store = open_store(&settings).await?;
+            ops::audit::run(&store, &args, out).await?;
         }
         Command::Simulate(_) | Command::Demo(_) => unreachable!("handled above"),
     }

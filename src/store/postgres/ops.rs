@@ -33,9 +33,26 @@ const ROW_COLUMNS: &str = "SELECT id, record_id::text, object_type, state, attem
     enqueued_at::text, next_attempt_at::text, completed_at::text, batch_id::text, last_error_code,
     last_error_message, left(patch::text, 65536), operation, team_id FROM prism_outbox";
 
-const SUMMARY_COLUMNS: &str = "SELECT id, record_id::text, object_type, operation, team_id, state,
-    attempts::bigint, last_error_code, last_error_message, enqueued_at::text, completed_at::text,
-    batch_id::text FROM prism_outbox";
+/// A `timestamptz` as RFC 3339 text in UTC, the form SQLite stores: exports read alike from
+/// either engine.
+macro_rules! utc_text {
+    ($column:literal) => {
+        concat!(
+            "to_char(",
+            $column,
+            " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+        )
+    };
+}
+
+const SUMMARY_COLUMNS: &str = concat!(
+    "SELECT id, record_id::text, object_type, operation, team_id, state, attempts::bigint,
+     last_error_code, last_error_message, ",
+    utc_text!("enqueued_at"),
+    ", ",
+    utc_text!("completed_at"),
+    ", batch_id::text FROM prism_outbox"
+);
 
 fn states(from: &[RowState]) -> Vec<&'static str> {
     from.iter().map(|s| s.as_str()).collect()
@@ -126,10 +143,12 @@ impl PgStore {
         limit: u32,
         before_id: Option<i64>,
     ) -> StoreResult<Vec<AuditEntry>> {
-        let rows: Vec<(i64, String, String, String, String, i64)> = sqlx::query_as(
-            "SELECT id, at::text, actor, action, filter::text, rows FROM prism_audit
-             WHERE $1::bigint IS NULL OR id < $1 ORDER BY id DESC LIMIT $2",
-        )
+        let rows: Vec<(i64, String, String, String, String, i64)> = sqlx::query_as(concat!(
+            "SELECT id, ",
+            utc_text!("at"),
+            ", actor, action, filter::text, rows FROM prism_audit
+                 WHERE $1::bigint IS NULL OR id < $1 ORDER BY id DESC LIMIT $2"
+        ))
         .bind(before_id)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
