@@ -25,7 +25,7 @@ use clap::{Parser, ValueEnum};
 use prism_sync::batch::{PlanLimits, TeamSet};
 use prism_sync::ops::enqueue::{Change, insert};
 use prism_sync::sim::{AppliedChange, FaultProfile, SimConfig, SimHandle, Simulator};
-use prism_sync::store::{ClaimRequest, FinishBatch, Lane, Store, StoreKind};
+use prism_sync::store::{ClaimRequest, FinishBatch, Lane, RawPool, Store};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq)]
@@ -172,8 +172,8 @@ fn mild() -> FaultProfile {
 /// Whether any row or batch is still unfinished. Index probes only (`EXISTS`), polled every
 /// 100 ms: a `count(*)` over the backlog would take CPU from the daemon it measures.
 async fn unfinished(store: &Store) -> anyhow::Result<bool> {
-    Ok(match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => {
+    Ok(match store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => {
             sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM prism_outbox INDEXED BY prism_outbox_lane
                                 WHERE state IN ('pending', 'retrying'))
@@ -183,7 +183,7 @@ async fn unfinished(store: &Store) -> anyhow::Result<bool> {
             .fetch_one(p)
             .await?
         }
-        StoreKind::Postgres(p) => {
+        RawPool::Postgres(p) => {
             sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM prism_outbox WHERE state IN ('pending', 'retrying'))
                      OR EXISTS (SELECT 1 FROM prism_batches WHERE state = 'open')",
@@ -209,9 +209,9 @@ struct WalMark {
 impl WalMark {
     /// The mark now, when `store` is on Postgres.
     async fn take(store: &Store) -> anyhow::Result<Option<WalMark>> {
-        match store.sqlx_kind() {
-            StoreKind::Postgres(p) => Ok(Some(WalMark::read(p).await?)),
-            StoreKind::Sqlite(_) => Ok(None),
+        match store.raw_pool_for_tests() {
+            RawPool::Postgres(p) => Ok(Some(WalMark::read(p).await?)),
+            RawPool::Sqlite(_) => Ok(None),
         }
     }
 
@@ -297,8 +297,8 @@ impl Tally {
 async fn outbox_rows(
     store: &Store,
 ) -> anyhow::Result<Vec<(String, Option<i64>, String, Option<String>)>> {
-    Ok(match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => {
+    Ok(match store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => {
             sqlx::query_as(
                 "SELECT lower(record_id), CAST(json_extract(patch, '$.default.revision') AS INTEGER),
                         state, last_error_code
@@ -307,7 +307,7 @@ async fn outbox_rows(
             .fetch_all(p)
             .await?
         }
-        StoreKind::Postgres(p) => {
+        RawPool::Postgres(p) => {
             sqlx::query_as(
                 "SELECT record_id::text, (patch->'default'->>'revision')::bigint, state, last_error_code
                  FROM prism_outbox ORDER BY id",
@@ -479,8 +479,8 @@ impl OutcomeWatch {
 
 /// Which of `records` have a finished row (each carries one change in the latency runs).
 async fn finished_among(store: &Store, records: &[Uuid]) -> anyhow::Result<Vec<Uuid>> {
-    Ok(match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => {
+    Ok(match store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => {
             let ids =
                 serde_json::to_string(&records.iter().map(Uuid::to_string).collect::<Vec<_>>())?;
             let found: Vec<String> = sqlx::query_scalar(
@@ -495,7 +495,7 @@ async fn finished_among(store: &Store, records: &[Uuid]) -> anyhow::Result<Vec<U
                 .filter_map(|r| Uuid::parse_str(r).ok())
                 .collect()
         }
-        StoreKind::Postgres(p) => {
+        RawPool::Postgres(p) => {
             sqlx::query_scalar(
                 "SELECT record_id FROM prism_outbox
                  WHERE record_id = ANY($1) AND state IN ('succeeded', 'dead')",
@@ -835,9 +835,9 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
 }
 
 async fn store_close(store: Store) {
-    match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => p.close().await,
-        StoreKind::Postgres(p) => p.close().await,
+    match store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => p.close().await,
+        RawPool::Postgres(p) => p.close().await,
     }
 }
 
@@ -957,8 +957,8 @@ where
 }
 
 async fn fill_finished(store: &Store, n: usize) -> anyhow::Result<()> {
-    match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => {
+    match store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => {
             sqlx::query(
                 "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
                  INSERT INTO prism_outbox (record_id, patch, state, attempts, completed_at)
@@ -970,7 +970,7 @@ async fn fill_finished(store: &Store, n: usize) -> anyhow::Result<()> {
             .execute(p)
             .await?;
         }
-        StoreKind::Postgres(p) => {
+        RawPool::Postgres(p) => {
             sqlx::query(
                 "INSERT INTO prism_outbox (record_id, patch, state, attempts, completed_at)
                  SELECT gen_random_uuid(), '{\"default\": {\"old\": true}}', 'succeeded', 1, now()

@@ -12,7 +12,7 @@ use common::*;
 use prism_sync::model::ObjectType;
 use prism_sync::ops::enqueue::{Change, insert};
 use prism_sync::sim::{FaultProfile, SimConfig, SimHandle, SimTeam, Simulator};
-use prism_sync::store::{PauseTarget, Store, StoreKind};
+use prism_sync::store::{PauseTarget, RawPool, Store};
 use sqlx::Row;
 
 const FINISH: Duration = Duration::from_secs(60);
@@ -29,14 +29,14 @@ fn changes(object_type: ObjectType, team: &str, n: usize) -> Vec<Change> {
 
 /// `(actor, action, filter)` of every audit entry, oldest first.
 async fn audit(store: &Store) -> Vec<(String, String, serde_json::Value)> {
-    let rows: Vec<(String, String, String)> = match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => {
+    let rows: Vec<(String, String, String)> = match store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => {
             sqlx::query_as("SELECT actor, action, filter FROM prism_audit ORDER BY id")
                 .fetch_all(p)
                 .await
                 .unwrap()
         }
-        StoreKind::Postgres(p) => {
+        RawPool::Postgres(p) => {
             sqlx::query_as("SELECT actor, action, filter::text FROM prism_audit ORDER BY id")
                 .fetch_all(p)
                 .await
@@ -50,15 +50,15 @@ async fn audit(store: &Store) -> Vec<(String, String, serde_json::Value)> {
 
 /// `(state, count)` of the rows of one object type.
 async fn states_of(store: &Store, object_type: &str) -> Vec<(String, i64)> {
-    match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => sqlx::query_as(
+    match store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => sqlx::query_as(
             "SELECT state, count(*) FROM prism_outbox WHERE object_type = ?1 GROUP BY 1 ORDER BY 1",
         )
         .bind(object_type)
         .fetch_all(p)
         .await
         .unwrap(),
-        StoreKind::Postgres(p) => sqlx::query_as(
+        RawPool::Postgres(p) => sqlx::query_as(
             "SELECT state, count(*) FROM prism_outbox WHERE object_type = $1 GROUP BY 1 ORDER BY 1",
         )
         .bind(object_type)
@@ -73,17 +73,17 @@ async fn open_batches(store: &Store) -> Vec<(String, String, bool, i64)> {
     let sql = "SELECT CAST(id AS TEXT), idempotency_key, lease_owner IS NOT NULL,
                       (SELECT count(*) FROM prism_batch_attempts a WHERE a.batch_id = b.id)
                FROM prism_batches b WHERE state = 'open' ORDER BY id";
-    match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await.unwrap(),
-        StoreKind::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await.unwrap(),
+    match store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await.unwrap(),
+        RawPool::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await.unwrap(),
     }
 }
 
 async fn kept_responses(store: &Store) -> i64 {
     let sql = "SELECT count(*) FROM prism_responses";
-    match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => sqlx::query(sql).fetch_one(p).await.unwrap().get(0),
-        StoreKind::Postgres(p) => sqlx::query(sql).fetch_one(p).await.unwrap().get(0),
+    match store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => sqlx::query(sql).fetch_one(p).await.unwrap().get(0),
+        RawPool::Postgres(p) => sqlx::query(sql).fetch_one(p).await.unwrap().get(0),
     }
 }
 
@@ -538,7 +538,7 @@ async fn default_team_done(store: &Store) -> bool {
 }
 
 async fn states_by_team(store: &Store, team: &str) -> Vec<(String, i64)> {
-    let StoreKind::Postgres(p) = store.sqlx_kind() else {
+    let RawPool::Postgres(p) = store.raw_pool_for_tests() else {
         unreachable!("postgres only")
     };
     sqlx::query_as("SELECT state, count(*) FROM prism_outbox WHERE team_id = $1 GROUP BY 1")

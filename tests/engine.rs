@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use prism_sync::sim::FaultProfile;
-use prism_sync::store::{ClaimOutcome, FinishBatch, Store, StoreKind};
+use prism_sync::store::{ClaimOutcome, FinishBatch, RawPool, Store};
 
 const FINISH: Duration = Duration::from_secs(60);
 
@@ -25,15 +25,15 @@ async fn claim(
 
 /// Attempts recorded for a batch.
 async fn attempts_of(store: &Store, batch: uuid::Uuid) -> i64 {
-    match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => {
+    match store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => {
             sqlx::query_scalar("SELECT count(*) FROM prism_batch_attempts WHERE batch_id = ?1")
                 .bind(batch.to_string())
                 .fetch_one(p)
                 .await
                 .unwrap()
         }
-        StoreKind::Postgres(p) => {
+        RawPool::Postgres(p) => {
             sqlx::query_scalar("SELECT count(*) FROM prism_batch_attempts WHERE batch_id = $1")
                 .bind(batch)
                 .fetch_one(p)

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use prism_sync::sim::FaultProfile;
-use prism_sync::store::{Store, StoreKind};
+use prism_sync::store::{RawPool, Store};
 use sqlx::Row;
 
 const FINISH: Duration = Duration::from_secs(60);
@@ -19,15 +19,15 @@ const FINISH: Duration = Duration::from_secs(60);
 async fn outcomes(store: &Store) -> Vec<(i64, String, Option<String>, Option<String>)> {
     let sql = "SELECT id, state, last_error_code, last_error_message FROM prism_outbox ORDER BY id";
     let map = |r: &dyn Fn(usize) -> Option<String>, id: i64, state: String| (id, state, r(2), r(3));
-    match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => sqlx::query(sql)
+    match store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => sqlx::query(sql)
             .fetch_all(p)
             .await
             .unwrap()
             .iter()
             .map(|row| map(&|i| row.get(i), row.get(0), row.get(1)))
             .collect(),
-        StoreKind::Postgres(p) => sqlx::query(sql)
+        RawPool::Postgres(p) => sqlx::query(sql)
             .fetch_all(p)
             .await
             .unwrap()
@@ -411,7 +411,7 @@ async fn sqlite_spellings_stored_before_the_upgrade_become_one_record() {
         std::fs::copy(from, previous.path().join(file)).expect("copy migration");
     }
     let store = Store::connect(&s.database).await.expect("connect");
-    let StoreKind::Sqlite(pool) = store.sqlx_kind() else {
+    let RawPool::Sqlite(pool) = store.raw_pool_for_tests() else {
         unreachable!("a SQLite test database")
     };
     let before = sqlx::migrate::Migrator::new(previous.path())

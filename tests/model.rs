@@ -28,7 +28,7 @@ use prism_sync::model::{ItemOutcome, Operation, RowState, codes};
 use prism_sync::ops::replay::ReplayFilter;
 use prism_sync::store::{
     AttemptRecord, BatchEnd, ClaimRequest, DeferBatch, DueRequest, FinishBatch, Lane, LeasedBatch,
-    RowUpdate, Store, StoreKind,
+    RawPool, RowUpdate, Store,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
@@ -609,8 +609,8 @@ impl<'s> Case<'s> {
             }
         };
         let (record_id, patch) = (RECORDS[record], patch.to_string());
-        let id: i64 = match self.store.sqlx_kind() {
-            StoreKind::Sqlite(p) => sqlx::query_scalar(
+        let id: i64 = match self.store.raw_pool_for_tests() {
+            RawPool::Sqlite(p) => sqlx::query_scalar(
                 "INSERT INTO prism_outbox (record_id, patch, operation) VALUES (?1, ?2, ?3) RETURNING id",
             )
             .bind(record_id)
@@ -618,7 +618,7 @@ impl<'s> Case<'s> {
             .bind(operation)
             .fetch_one(p)
             .await,
-            StoreKind::Postgres(p) => sqlx::query_scalar(
+            RawPool::Postgres(p) => sqlx::query_scalar(
                 "INSERT INTO prism_outbox (record_id, patch, operation) VALUES ($1::uuid, $2::jsonb, $3) RETURNING id",
             )
             .bind(record_id)
@@ -1352,12 +1352,12 @@ impl<'s> Case<'s> {
 
     async fn crash(&mut self, p: usize, hung: bool) -> Checked {
         let owner = self.owner(p);
-        let sql = match self.store.sqlx_kind() {
-            StoreKind::Sqlite(_) => format!(
+        let sql = match self.store.raw_pool_for_tests() {
+            RawPool::Sqlite(_) => format!(
                 "UPDATE prism_batches SET lease_expires_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 seconds')
                  WHERE lease_owner = '{owner}' AND state = 'open'"
             ),
-            StoreKind::Postgres(_) => format!(
+            RawPool::Postgres(_) => format!(
                 "UPDATE prism_batches SET lease_expires_at = now() - interval '1 second'
                  WHERE lease_owner = '{owner}' AND state = 'open'"
             ),
@@ -1380,8 +1380,8 @@ impl<'s> Case<'s> {
     /// An hour passes: every stored time moves an hour into the past (leases excepted: a live
     /// process's heartbeat keeps them).
     async fn advance(&mut self) -> Checked {
-        let sql = match self.store.sqlx_kind() {
-            StoreKind::Sqlite(_) => {
+        let sql = match self.store.raw_pool_for_tests() {
+            RawPool::Sqlite(_) => {
                 let back =
                     |c: &str| format!("{c} = strftime('%Y-%m-%dT%H:%M:%fZ', {c}, '-3600 seconds')");
                 format!(
@@ -1396,7 +1396,7 @@ impl<'s> Case<'s> {
                     back("completed_at"),
                 )
             }
-            StoreKind::Postgres(_) => {
+            RawPool::Postgres(_) => {
                 let back = |c: &str| format!("{c} = {c} - interval '1 hour'");
                 format!(
                     "UPDATE prism_outbox SET {}, {}, {}, {};
@@ -1978,8 +1978,8 @@ async fn read_rows(store: &Store) -> Result<BTreeMap<i64, StoredRow>, String> {
 type OpenBatches = HashMap<Uuid, (Option<String>, Vec<BatchItem>)>;
 
 async fn read_open_batches(store: &Store) -> Result<OpenBatches, String> {
-    let raw: Vec<(String, Option<String>, String)> = match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => {
+    let raw: Vec<(String, Option<String>, String)> = match store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => {
             sqlx::query("SELECT id, lease_owner, items FROM prism_batches WHERE state = 'open'")
                 .fetch_all(p)
                 .await
@@ -1988,7 +1988,7 @@ async fn read_open_batches(store: &Store) -> Result<OpenBatches, String> {
                 .map(|r| (r.get(0), r.get(1), r.get(2)))
                 .collect()
         }
-        StoreKind::Postgres(p) => sqlx::query(
+        RawPool::Postgres(p) => sqlx::query(
             "SELECT id::text, lease_owner, items FROM prism_batches WHERE state = 'open'",
         )
         .fetch_all(p)
@@ -2010,11 +2010,11 @@ async fn read_open_batches(store: &Store) -> Result<OpenBatches, String> {
 
 /// Empties the outbox between cases (one database serves a whole run).
 async fn reset(store: &Store) {
-    let sql = match store.sqlx_kind() {
-        StoreKind::Sqlite(_) => {
+    let sql = match store.raw_pool_for_tests() {
+        RawPool::Sqlite(_) => {
             "DELETE FROM prism_outbox; DELETE FROM prism_batches; DELETE FROM prism_batch_attempts; DELETE FROM prism_audit;"
         }
-        StoreKind::Postgres(_) => {
+        RawPool::Postgres(_) => {
             "TRUNCATE prism_outbox, prism_batches, prism_batch_attempts, prism_audit"
         }
     };

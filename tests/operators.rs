@@ -11,7 +11,7 @@ use prism_sync::model::{ObjectType, Operation};
 use prism_sync::ops::enqueue::{Change, insert};
 use prism_sync::ops::{purge, replay};
 use prism_sync::sim::FaultProfile;
-use prism_sync::store::{Store, StoreKind};
+use prism_sync::store::{RawPool, Store};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -38,13 +38,13 @@ async fn verb_ok(db: &TestDb, sim: &prism_sync::sim::SimHandle, args: &[&str]) -
 
 /// The stored patch of row `id`, as JSON.
 async fn patch_of(store: &Store, id: i64) -> Value {
-    let text: String = match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => sqlx::query_scalar("SELECT patch FROM prism_outbox WHERE id = ?1")
+    let text: String = match store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => sqlx::query_scalar("SELECT patch FROM prism_outbox WHERE id = ?1")
             .bind(id)
             .fetch_one(p)
             .await
             .unwrap(),
-        StoreKind::Postgres(p) => {
+        RawPool::Postgres(p) => {
             sqlx::query_scalar("SELECT patch::text FROM prism_outbox WHERE id = $1")
                 .bind(id)
                 .fetch_one(p)
@@ -57,14 +57,14 @@ async fn patch_of(store: &Store, id: i64) -> Value {
 
 /// `(actor, action, filter, rows)` of every audit entry, oldest first.
 async fn audit(store: &Store) -> Vec<(String, String, Value, i64)> {
-    let rows: Vec<(String, String, String, i64)> = match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => {
+    let rows: Vec<(String, String, String, i64)> = match store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => {
             sqlx::query_as("SELECT actor, action, filter, rows FROM prism_audit ORDER BY id")
                 .fetch_all(p)
                 .await
                 .unwrap()
         }
-        StoreKind::Postgres(p) => {
+        RawPool::Postgres(p) => {
             sqlx::query_as("SELECT actor, action, filter::text, rows FROM prism_audit ORDER BY id")
                 .fetch_all(p)
                 .await
@@ -379,7 +379,7 @@ async fn a_replay_never_waits_for_a_row_a_claim_holds() {
         "state = 'dead', last_error_code = 'not_found'",
     )
     .await;
-    let StoreKind::Postgres(pool) = store.sqlx_kind() else {
+    let RawPool::Postgres(pool) = store.raw_pool_for_tests() else {
         unreachable!()
     };
     let mut claim = pool.begin().await.unwrap();

@@ -11,7 +11,7 @@ use prism_sync::ops::enqueue::{Change, insert};
 use prism_sync::ops::replay::{ReplayFilter, apply};
 use prism_sync::settings::{Settings, TeamSettings};
 use prism_sync::sim::{FaultProfile, SimConfig, SimHandle, SimTeam, Simulator};
-use prism_sync::store::{Store, StoreKind};
+use prism_sync::store::{RawPool, Store};
 use sqlx::Row;
 use uuid::Uuid;
 
@@ -83,15 +83,15 @@ fn with_teams(mut s: Settings) -> Settings {
 /// `(team_id, state, count)` of every row.
 async fn states_by_team(store: &Store) -> Vec<(String, String, i64)> {
     let sql = "SELECT team_id, state, count(*) FROM prism_outbox GROUP BY 1, 2 ORDER BY 1, 2";
-    match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => sqlx::query(sql)
+    match store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => sqlx::query(sql)
             .fetch_all(p)
             .await
             .unwrap()
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect(),
-        StoreKind::Postgres(p) => sqlx::query(sql)
+        RawPool::Postgres(p) => sqlx::query(sql)
             .fetch_all(p)
             .await
             .unwrap()
@@ -283,9 +283,9 @@ both_backends! {
         let old = sqlx::migrate::Migrator::new(previous.path()).await.unwrap();
         let settings = settings(&db, &sim);
         let store = Store::connect(&settings.database).await.unwrap();
-        match store.sqlx_kind() {
-            StoreKind::Sqlite(p) => old.run(p).await.unwrap(),
-            StoreKind::Postgres(p) => old.run(p).await.unwrap(),
+        match store.raw_pool_for_tests() {
+            RawPool::Sqlite(p) => old.run(p).await.unwrap(),
+            RawPool::Postgres(p) => old.run(p).await.unwrap(),
         }
         // Rows written by an application, and a batch a daemon of the previous release stored,
         // leased and then died with (its lease has lapsed).
@@ -362,9 +362,9 @@ both_backends! {
 }
 
 fn pg(store: &Store) -> &sqlx::PgPool {
-    match store.sqlx_kind() {
-        StoreKind::Postgres(p) => p,
-        StoreKind::Sqlite(_) => panic!("a Postgres test"),
+    match store.raw_pool_for_tests() {
+        RawPool::Postgres(p) => p,
+        RawPool::Sqlite(_) => panic!("a Postgres test"),
     }
 }
 

@@ -57,6 +57,32 @@ fn operator_pauses(report: &crate::ops::status::StatusReport) -> Vec<String> {
         .collect()
 }
 
+#[derive(Debug, clap::Args)]
+pub struct TopArgs {
+    /// How often to refresh (and the span rates are measured over).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    /// Print one snapshot (rates over one interval) and exit.
+    #[arg(long)]
+    pub once: bool,
+}
+
+/// `prism-sync top`: the live view on a terminal, plain lines otherwise, until `q` or a signal.
+pub async fn run(store: &Store, args: &TopArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    if args.interval.is_zero() {
+        anyhow::bail!("--interval must be above zero");
+    }
+    let token = tokio_util::sync::CancellationToken::new();
+    stop_on_signals(token.clone());
+    let options = TopOptions {
+        interval: args.interval,
+        once: args.once,
+        tty: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+    };
+    command(store, options, out, token).await?;
+    Ok(())
+}
+
 pub async fn snapshot(store: &Store) -> Result<Snapshot, StoreError> {
     let report = crate::ops::status::status(store).await?;
     Ok(Snapshot {

@@ -4,7 +4,8 @@
 
 use std::path::Path;
 
-use clap::CommandFactory;
+use anyhow::Context;
+use clap::{Args, CommandFactory};
 
 use crate::cli::Cli;
 
@@ -39,4 +40,31 @@ pub fn man_pages(dir: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
         .collect();
     pages.sort();
     Ok(pages)
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    pub shell: Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write prism-sync.1 and one prism-sync-VERB.1 per verb here instead of printing.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<std::path::PathBuf>,
+}
+
+/// `prism-sync man`: the page on stdout, or every page written into `--dir` (their paths listed).
+pub fn run_man(args: &ManArgs, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    match &args.dir {
+        Some(dir) => {
+            let pages = man_pages(dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?;
+            for page in pages {
+                writeln!(out, "{}", page.display())?;
+            }
+        }
+        None => man(out)?,
+    }
+    Ok(())
 }

@@ -14,7 +14,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::model::{ObjectType, Operation};
-use crate::store::{Store, StoreError, StoreKind};
+pub use crate::store::views::Change;
+use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnqueueError {
@@ -24,30 +25,6 @@ pub enum EnqueueError {
     Read(#[from] std::io::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// One validated change.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Change {
-    pub record_id: Uuid,
-    pub patch: String,
-    pub object_type: ObjectType,
-    pub operation: Operation,
-    /// `''`: the configured default team.
-    pub team_id: String,
-}
-
-impl Change {
-    /// An update of a contact of the default team.
-    pub fn update(record_id: Uuid, patch: String) -> Change {
-        Change {
-            record_id,
-            patch,
-            object_type: ObjectType::Contact,
-            operation: Operation::Update,
-            team_id: String::new(),
-        }
-    }
 }
 
 #[derive(Deserialize)]
@@ -103,6 +80,63 @@ pub fn parse_line(text: &str) -> Result<Change, String> {
     })
 }
 
+/// `prism-sync enqueue`'s command line.
+#[derive(Debug, clap::Args)]
+pub struct EnqueueArgs {
+    /// JSON-lines file; `-` or nothing reads stdin.
+    pub file: Option<std::path::PathBuf>,
+    /// Enqueue the valid lines and report the invalid ones, instead of refusing the whole input.
+    #[arg(long)]
+    pub skip_invalid: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueCommandError {
+    #[error("{0}; nothing was enqueued (fix the line, or pass --skip-invalid)")]
+    Refused(EnqueueError),
+    #[error("opening {path}: {source}")]
+    Open {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Enqueue(#[from] EnqueueError),
+    #[error("writing the output: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// `prism-sync enqueue`: the file named (or `input` for `-` or none) into the outbox, then what
+/// was skipped and how many went in.
+pub async fn run(
+    store: &Store,
+    args: &EnqueueArgs,
+    max_patch_bytes: usize,
+    out: &mut impl std::io::Write,
+    input: &mut impl BufRead,
+) -> Result<(), EnqueueCommandError> {
+    let report = match args.file.as_deref() {
+        Some(path) if path.as_os_str() != "-" => {
+            let file = std::fs::File::open(path).map_err(|source| EnqueueCommandError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+            let file = std::io::BufReader::new(file);
+            enqueue(store, file, max_patch_bytes, args.skip_invalid).await
+        }
+        _ => enqueue(store, input, max_patch_bytes, args.skip_invalid).await,
+    };
+    let report = match report {
+        Ok(r) => r,
+        Err(e @ EnqueueError::Invalid { .. }) => return Err(EnqueueCommandError::Refused(e)),
+        Err(e) => return Err(e.into()),
+    };
+    for (line, reason) in &report.skipped {
+        writeln!(out, "skipped line {line}: {reason}")?;
+    }
+    writeln!(out, "enqueued {} change(s)", report.enqueued)?;
+    Ok(())
+}
+
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct EnqueueReport {
     pub enqueued: usize,
@@ -156,96 +190,19 @@ pub async fn enqueue(
     Ok(report)
 }
 
-/// Each patch's size in bytes as the daemon's claim will measure it: the length of the
-/// patch column's text. SQLite keeps the text as written; Postgres keeps `jsonb`, whose text
-/// differs from what was written (spaces after `:` and `,`, numbers and keys normalised), so
-/// Postgres itself is asked, in one round trip and without writing anything.
+/// Each patch's size in bytes as the daemon's claim will measure it (see
+/// [`Store::stored_patch_bytes`]).
 pub async fn stored_patch_bytes<'c>(
     store: &Store,
     changes: impl Iterator<Item = &'c Change>,
 ) -> Result<Vec<usize>, StoreError> {
     let patches: Vec<&str> = changes.map(|c| c.patch.as_str()).collect();
-    match store.sqlx_kind() {
-        StoreKind::Sqlite(_) => Ok(patches.iter().map(|p| p.len()).collect()),
-        StoreKind::Postgres(pool) => {
-            let mut sizes = Vec::with_capacity(patches.len());
-            for chunk in patches.chunks(5000) {
-                let chunk_sizes: Vec<i64> = sqlx::query_scalar(
-                    "SELECT octet_length(p.patch::jsonb::text)::bigint
-                     FROM unnest($1::text[]) WITH ORDINALITY AS p(patch, n) ORDER BY p.n",
-                )
-                .bind(chunk)
-                .fetch_all(pool)
-                .await?;
-                sizes.extend(
-                    chunk_sizes
-                        .into_iter()
-                        .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
-                );
-            }
-            Ok(sizes)
-        }
-    }
+    store.stored_patch_bytes(&patches).await
 }
 
 /// Inserts changes in order, in one transaction.
 pub async fn insert(store: &Store, changes: &[Change]) -> Result<(), StoreError> {
-    const CHUNK: usize = 5000;
-    match store.sqlx_kind() {
-        StoreKind::Sqlite(pool) => {
-            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-            for chunk in changes.chunks(CHUNK) {
-                let packed: Vec<(String, &str, &str, &str, &str)> = chunk
-                    .iter()
-                    .map(|c| {
-                        (
-                            c.record_id.to_string(),
-                            c.patch.as_str(),
-                            c.object_type.as_str(),
-                            c.operation.as_str(),
-                            c.team_id.as_str(),
-                        )
-                    })
-                    .collect();
-                sqlx::query(
-                    "INSERT INTO prism_outbox (record_id, patch, object_type, operation, team_id)
-                     SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
-                            json_extract(value, '$[3]'), json_extract(value, '$[4]')
-                     FROM json_each(?1) ORDER BY key",
-                )
-                .bind(serde_json::to_string(&packed).expect("serialises"))
-                .execute(&mut *tx)
-                .await?;
-            }
-            tx.commit().await?;
-        }
-        StoreKind::Postgres(pool) => {
-            let mut tx = pool.begin().await?;
-            for chunk in changes.chunks(CHUNK) {
-                let ids: Vec<Uuid> = chunk.iter().map(|c| c.record_id).collect();
-                let patches: Vec<&str> = chunk.iter().map(|c| c.patch.as_str()).collect();
-                let types: Vec<&str> = chunk.iter().map(|c| c.object_type.as_str()).collect();
-                let operations: Vec<&str> = chunk.iter().map(|c| c.operation.as_str()).collect();
-                let teams: Vec<&str> = chunk.iter().map(|c| c.team_id.as_str()).collect();
-                sqlx::query(
-                    "INSERT INTO prism_outbox (record_id, patch, object_type, operation, team_id)
-                     SELECT u.record_id, u.patch::jsonb, u.object_type, u.operation, u.team_id
-                     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
-                          WITH ORDINALITY AS u(record_id, patch, object_type, operation, team_id, n)
-                     ORDER BY u.n",
-                )
-                .bind(&ids)
-                .bind(&patches)
-                .bind(&types)
-                .bind(&operations)
-                .bind(&teams)
-                .execute(&mut *tx)
-                .await?;
-            }
-            tx.commit().await?;
-        }
-    }
-    Ok(())
+    store.insert_changes(changes).await
 }
 
 #[cfg(test)]

@@ -8,8 +8,35 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use clap::Args;
+use uuid::Uuid;
+
 use super::human_age;
 use crate::store::{RecordHistory, Store};
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// The record's UUID, in any spelling (case, braces, hyphens, urn:uuid:).
+    pub record_id: Uuid,
+    /// One JSON object: {"record_id": ..., "changes": [...]}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `prism-sync history RECORD_ID`: the timeline as a table, or one JSON object.
+pub async fn run(
+    store: &Store,
+    args: &HistoryArgs,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    let history = store.record_history(args.record_id).await?;
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string(&history)?)?;
+    } else {
+        render(&history, out)?;
+    }
+    Ok(())
+}
 
 /// The readable view: each change, then each batch that carried it and its attempts.
 pub fn render(h: &RecordHistory, out: &mut impl std::io::Write) -> std::io::Result<()> {

@@ -1,69 +1,10 @@
 //! `prism-sync inspect ROW_ID` and `inspect --batch BATCH_ID`: everything known about one row or
 //! one batch: its key, its stored request body, each HTTP attempt and each row's outcome.
 
-use serde::Serialize;
 use uuid::Uuid;
 
-use super::status::AnyRow;
-use crate::store::{Store, StoreError, StoreKind};
-
-#[derive(Debug, Clone, Serialize)]
-pub struct RowView {
-    pub id: i64,
-    pub record_id: String,
-    pub object_type: String,
-    pub operation: String,
-    /// As stored: empty for the configured default team.
-    pub team_id: String,
-    pub state: String,
-    pub attempts: i64,
-    pub enqueued_at: Option<String>,
-    pub next_attempt_at: Option<String>,
-    pub completed_at: Option<String>,
-    pub batch_id: Option<String>,
-    pub last_error_code: Option<String>,
-    pub last_error_message: Option<String>,
-    pub patch: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct AttemptView {
-    pub attempt: i64,
-    pub owner: String,
-    pub finished_at: String,
-    pub http_status: Option<i64>,
-    pub outcome: String,
-    pub detail: Option<String>,
-    pub replay: bool,
-    pub duration_ms: i64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct BatchView {
-    pub id: String,
-    pub idempotency_key: String,
-    pub object_type: String,
-    pub operation: String,
-    /// As stored: empty for the configured default team.
-    pub team_id: String,
-    pub state: String,
-    pub attempts: i64,
-    pub item_count: i64,
-    pub row_count: i64,
-    pub created_at: String,
-    pub completed_at: Option<String>,
-    pub next_attempt_at: Option<String>,
-    pub lease_owner: Option<String>,
-    pub lease_expires_at: Option<String>,
-    pub parent_id: Option<String>,
-    pub children: Vec<String>,
-    pub last_status: Option<i64>,
-    pub last_error: Option<String>,
-    /// The exact request bytes (as text; they are JSON).
-    pub body: serde_json::Value,
-    pub http_attempts: Vec<AttemptView>,
-    pub rows: Vec<RowView>,
-}
+pub use crate::store::views::{AttemptView, BatchView, RowView};
+use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
@@ -75,205 +16,68 @@ pub enum InspectError {
     Store(#[from] StoreError),
 }
 
-impl From<sqlx::Error> for InspectError {
-    fn from(e: sqlx::Error) -> Self {
-        InspectError::Store(e.into())
-    }
+/// `prism-sync inspect`'s command line.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["row_id", "batch"])))]
+pub struct InspectArgs {
+    /// The outbox row id.
+    pub row_id: Option<i64>,
+    /// A batch id instead of a row.
+    #[arg(long, value_name = "BATCH_ID")]
+    pub batch: Option<Uuid>,
+    #[arg(long)]
+    pub json: bool,
 }
 
-const ROW_COLUMNS_SQLITE: &str =
-    "SELECT id, CAST(record_id AS BLOB), CAST(object_type AS BLOB), state, attempts,
-    enqueued_at, next_attempt_at, completed_at, batch_id, last_error_code, last_error_message,
-    CAST(substr(CAST(patch AS BLOB), 1, 65536) AS BLOB), CAST(operation AS BLOB), CAST(team_id AS BLOB)
-    FROM prism_outbox";
-const ROW_COLUMNS_PG: &str = "SELECT id, record_id::text, object_type, state, attempts::bigint,
-    enqueued_at::text, next_attempt_at::text, completed_at::text, batch_id::text, last_error_code,
-    last_error_message, left(patch::text, 65536), operation, team_id FROM prism_outbox";
+#[derive(Debug, thiserror::Error)]
+pub enum InspectCommandError {
+    #[error(transparent)]
+    Inspect(#[from] InspectError),
+    #[error("give a ROW_ID or --batch BATCH_ID")]
+    NothingChosen,
+    #[error("writing the output: {0}")]
+    Io(#[from] std::io::Error),
+}
 
-fn row_view(r: &AnyRow) -> Result<RowView, sqlx::Error> {
-    Ok(RowView {
-        id: r.int(0)?.unwrap_or(0),
-        record_id: r.lossy(1)?.unwrap_or_default(),
-        object_type: r.lossy(2)?.unwrap_or_default(),
-        operation: r.lossy(12)?.unwrap_or_default(),
-        team_id: r.lossy(13)?.unwrap_or_default(),
-        state: r.text(3)?.unwrap_or_default(),
-        attempts: r.int(4)?.unwrap_or(0),
-        enqueued_at: r.text(5)?,
-        next_attempt_at: r.text(6)?,
-        completed_at: r.text(7)?,
-        batch_id: r.text(8)?,
-        last_error_code: r.text(9)?,
-        last_error_message: r.text(10)?,
-        patch: r.lossy(11)?,
-    })
+/// `prism-sync inspect`: one batch (`--batch`) or one row, as text or JSON.
+pub async fn run(
+    store: &Store,
+    args: &InspectArgs,
+    out: &mut impl std::io::Write,
+) -> Result<(), InspectCommandError> {
+    match (args.row_id, args.batch) {
+        (_, Some(id)) => {
+            let view = batch(store, id).await?;
+            if args.json {
+                writeln!(out, "{}", pretty(&view))?;
+            } else {
+                render_batch(&view, out)?;
+            }
+        }
+        (Some(id), None) => {
+            let view = row(store, id).await?;
+            if args.json {
+                writeln!(out, "{}", pretty(&view))?;
+            } else {
+                render_row(&view, out)?;
+            }
+        }
+        (None, None) => return Err(InspectCommandError::NothingChosen),
+    }
+    Ok(())
+}
+
+/// A view as `--json` prints it.
+fn pretty(view: &impl serde::Serialize) -> String {
+    serde_json::to_string_pretty(view).expect("a view serialises")
 }
 
 pub async fn row(store: &Store, id: i64) -> Result<RowView, InspectError> {
-    let found = match store.sqlx_kind() {
-        StoreKind::Sqlite(pool) => sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{ROW_COLUMNS_SQLITE} WHERE id = ?1"
-        )))
-        .bind(id)
-        .fetch_optional(pool)
-        .await?
-        .map(AnyRow::Sqlite),
-        StoreKind::Postgres(pool) => sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{ROW_COLUMNS_PG} WHERE id = $1"
-        )))
-        .bind(id)
-        .fetch_optional(pool)
-        .await?
-        .map(AnyRow::Postgres),
-    };
-    match found {
-        Some(r) => Ok(row_view(&r)?),
-        None => Err(InspectError::NoRow(id)),
-    }
+    store.row(id).await?.ok_or(InspectError::NoRow(id))
 }
 
 pub async fn batch(store: &Store, id: Uuid) -> Result<BatchView, InspectError> {
-    let (head, attempts, children) = match store.sqlx_kind() {
-        StoreKind::Sqlite(pool) => {
-            let key = id.to_string();
-            let head = sqlx::query(
-                "SELECT id, idempotency_key, object_type, state, attempts, item_count, row_count, created_at,
-                        completed_at, next_attempt_at, lease_owner, lease_expires_at, parent_id, last_status,
-                        last_error, body, items, operation, team_id
-                 FROM prism_batches WHERE id = ?1",
-            )
-            .bind(&key)
-            .fetch_optional(pool)
-            .await?
-            .map(AnyRow::Sqlite);
-            let attempts = sqlx::query(
-                "SELECT attempt, owner, finished_at, http_status, outcome, detail, replay, duration_ms
-                 FROM prism_batch_attempts WHERE batch_id = ?1 ORDER BY attempt",
-            )
-            .bind(&key)
-            .fetch_all(pool)
-            .await?
-            .into_iter()
-            .map(AnyRow::Sqlite)
-            .collect::<Vec<_>>();
-            let children = sqlx::query("SELECT id FROM prism_batches WHERE parent_id = ?1")
-                .bind(&key)
-                .fetch_all(pool)
-                .await?
-                .into_iter()
-                .map(AnyRow::Sqlite)
-                .collect::<Vec<_>>();
-            (head, attempts, children)
-        }
-        StoreKind::Postgres(pool) => {
-            let head = sqlx::query(
-                "SELECT id::text, idempotency_key, object_type, state, attempts::bigint, item_count::bigint,
-                        row_count::bigint, created_at::text, completed_at::text, next_attempt_at::text, lease_owner,
-                        lease_expires_at::text, parent_id::text, last_status::bigint, last_error, body, items,
-                        operation, team_id
-                 FROM prism_batches WHERE id = $1",
-            )
-            .bind(id)
-            .fetch_optional(pool)
-            .await?
-            .map(AnyRow::Postgres);
-            let attempts = sqlx::query(
-                "SELECT attempt::bigint, owner, finished_at::text, http_status::bigint, outcome, detail,
-                        replay::int::bigint, duration_ms::bigint
-                 FROM prism_batch_attempts WHERE batch_id = $1 ORDER BY attempt",
-            )
-            .bind(id)
-            .fetch_all(pool)
-            .await?
-            .into_iter()
-            .map(AnyRow::Postgres)
-            .collect::<Vec<_>>();
-            let children = sqlx::query("SELECT id::text FROM prism_batches WHERE parent_id = $1")
-                .bind(id)
-                .fetch_all(pool)
-                .await?
-                .into_iter()
-                .map(AnyRow::Postgres)
-                .collect::<Vec<_>>();
-            (head, attempts, children)
-        }
-    };
-    let Some(h) = head else {
-        return Err(InspectError::NoBatch(id));
-    };
-    let body_bytes = match &h {
-        AnyRow::Sqlite(r) => sqlx::Row::try_get::<Vec<u8>, _>(r, 15)?,
-        AnyRow::Postgres(r) => sqlx::Row::try_get::<Vec<u8>, _>(r, 15)?,
-    };
-    let body = serde_json::from_slice(&body_bytes).unwrap_or_else(|_| {
-        serde_json::Value::String(String::from_utf8_lossy(&body_bytes).into_owned())
-    });
-    let items: Vec<crate::batch::BatchItem> =
-        serde_json::from_str(&h.text(16)?.unwrap_or_default()).unwrap_or_default();
-    let row_ids: Vec<i64> = items.iter().flat_map(|i| i.rows.iter().copied()).collect();
-    let rows = match store.sqlx_kind() {
-        StoreKind::Sqlite(pool) => sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{ROW_COLUMNS_SQLITE} WHERE id IN (SELECT value FROM json_each(?1)) ORDER BY id"
-        )))
-        .bind(serde_json::to_string(&row_ids).expect("serialises"))
-        .fetch_all(pool)
-        .await?
-        .into_iter()
-        .map(AnyRow::Sqlite)
-        .collect::<Vec<_>>(),
-        StoreKind::Postgres(pool) => sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{ROW_COLUMNS_PG} WHERE id = ANY($1) ORDER BY id"
-        )))
-        .bind(&row_ids)
-        .fetch_all(pool)
-        .await?
-        .into_iter()
-        .map(AnyRow::Postgres)
-        .collect::<Vec<_>>(),
-    };
-    Ok(BatchView {
-        id: h.text(0)?.unwrap_or_default(),
-        idempotency_key: h.text(1)?.unwrap_or_default(),
-        object_type: h.text(2)?.unwrap_or_default(),
-        operation: h.text(17)?.unwrap_or_default(),
-        team_id: h.text(18)?.unwrap_or_default(),
-        state: h.text(3)?.unwrap_or_default(),
-        attempts: h.int(4)?.unwrap_or(0),
-        item_count: h.int(5)?.unwrap_or(0),
-        row_count: h.int(6)?.unwrap_or(0),
-        created_at: h.text(7)?.unwrap_or_default(),
-        completed_at: h.text(8)?,
-        next_attempt_at: h.text(9)?,
-        lease_owner: h.text(10)?,
-        lease_expires_at: h.text(11)?,
-        parent_id: h.text(12)?,
-        children: children
-            .iter()
-            .map(|c| c.text(0))
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .flatten()
-            .collect(),
-        last_status: h.int(13)?,
-        last_error: h.text(14)?,
-        body,
-        http_attempts: attempts
-            .iter()
-            .map(|a| {
-                Ok(AttemptView {
-                    attempt: a.int(0)?.unwrap_or(0),
-                    owner: a.text(1)?.unwrap_or_default(),
-                    finished_at: a.text(2)?.unwrap_or_default(),
-                    http_status: a.int(3)?,
-                    outcome: a.text(4)?.unwrap_or_default(),
-                    detail: a.text(5)?,
-                    replay: a.int(6)?.unwrap_or(0) != 0,
-                    duration_ms: a.int(7)?.unwrap_or(0),
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?,
-        rows: rows.iter().map(row_view).collect::<Result<Vec<_>, _>>()?,
-    })
+    store.batch(id).await?.ok_or(InspectError::NoBatch(id))
 }
 
 pub fn render_row(r: &RowView, out: &mut impl std::io::Write) -> std::io::Result<()> {
@@ -358,31 +162,7 @@ pub fn render_batch(b: &BatchView, out: &mut impl std::io::Write) -> std::io::Re
         b.last_status.map_or("-".into(), |s| s.to_string()),
         o(&b.last_error)
     )?;
-    writeln!(out, "\n  HTTP attempts:")?;
-    let rows: Vec<Vec<String>> = b
-        .http_attempts
-        .iter()
-        .map(|a| {
-            vec![
-                a.attempt.to_string(),
-                a.finished_at.clone(),
-                a.http_status.map_or("-".into(), |s| s.to_string()),
-                a.outcome.clone(),
-                if a.replay {
-                    "replay".into()
-                } else {
-                    String::new()
-                },
-                format!("{}ms", a.duration_ms),
-                a.detail.clone().unwrap_or_default(),
-            ]
-        })
-        .collect();
-    super::table(
-        out,
-        &["#", "at", "status", "outcome", "", "took", "detail"],
-        &rows,
-    )?;
+    render_attempts(b, out)?;
     writeln!(out, "\n  rows:")?;
     let rows: Vec<Vec<String>> = b
         .rows
@@ -415,6 +195,36 @@ pub fn render_batch(b: &BatchView, out: &mut impl std::io::Write) -> std::io::Re
         out,
         "{}",
         serde_json::to_string_pretty(&b.body).unwrap_or_default()
+    )?;
+    Ok(())
+}
+
+/// Each HTTP try of the batch.
+fn render_attempts(b: &BatchView, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    writeln!(out, "\n  HTTP attempts:")?;
+    let rows: Vec<Vec<String>> = b
+        .http_attempts
+        .iter()
+        .map(|a| {
+            vec![
+                a.attempt.to_string(),
+                a.finished_at.clone(),
+                a.http_status.map_or("-".into(), |s| s.to_string()),
+                a.outcome.clone(),
+                if a.replay {
+                    "replay".into()
+                } else {
+                    String::new()
+                },
+                format!("{}ms", a.duration_ms),
+                a.detail.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    super::table(
+        out,
+        &["#", "at", "status", "outcome", "", "took", "detail"],
+        &rows,
     )?;
     Ok(())
 }

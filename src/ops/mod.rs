@@ -1,14 +1,19 @@
-//! The operator's verbs: `enqueue`, `status`, `inspect`, `replay`, `purge`. Each writes to a
-//! `&mut impl Write` so tests read exactly what an operator sees; each works on both engines and
-//! while a daemon runs on the same database.
+//! The operator's verbs: `enqueue`, `status`, `inspect`, `replay`, `purge`, `rows`, `discard`,
+//! `audit`. Each writes to a `&mut impl Write` so tests read exactly what an operator sees; each
+//! works on both engines and while a daemon runs on the same database. No SQL here: the verbs
+//! read and write through typed `Store` methods (`store/views.rs`).
 
+pub mod audit;
 pub mod completions;
+pub mod discard;
 pub mod enqueue;
 pub mod history;
 pub mod inspect;
 pub mod pause;
 pub mod purge;
 pub mod replay;
+pub mod rows;
+pub mod select;
 pub mod status;
 pub mod supersede;
 
@@ -28,30 +33,40 @@ pub fn parse_time(text: &str) -> Result<OffsetDateTime, String> {
     }
 }
 
-/// The text form SQLite timestamp columns use (`strftime('%Y-%m-%dT%H:%M:%fZ')`).
-pub fn sqlite_time(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
+/// Who did it, for the audit log: `--actor`, else `PRISM_SYNC_ACTOR`, else the user who ran
+/// `sudo`, else the OS user (`USER`/`LOGNAME`, then the password database's name for the
+/// process's uid, so that a service account without a login environment is still named).
+pub fn actor(explicit: Option<&str>) -> String {
+    let named = |v: Option<String>| v.filter(|a| !a.trim().is_empty());
+    named(explicit.map(str::to_owned))
+        .or_else(|| named(std::env::var("PRISM_SYNC_ACTOR").ok()))
+        .or_else(|| named(std::env::var("SUDO_USER").ok()))
+        .or_else(|| named(std::env::var("USER").ok()))
+        .or_else(|| named(std::env::var("LOGNAME").ok()))
+        .or_else(os_user)
+        .unwrap_or_else(|| "unknown".into())
 }
 
-/// Who did it, for the audit log: `--actor`, else `PRISM_SYNC_ACTOR`, else the login name.
-pub fn actor(explicit: Option<&str>) -> String {
-    explicit
-        .map(str::to_owned)
-        .or_else(|| std::env::var("PRISM_SYNC_ACTOR").ok())
-        .or_else(|| std::env::var("SUDO_USER").ok())
-        .or_else(|| std::env::var("USER").ok())
-        .filter(|a| !a.trim().is_empty())
-        .unwrap_or_else(|| "unknown".into())
+/// The password database's name for this process's real uid, or `uid:N` when it has none.
+fn os_user() -> Option<String> {
+    #[cfg(unix)]
+    {
+        // SAFETY: getuid cannot fail; getpwuid_r writes at most `buf.len()` bytes into `buf` and
+        // fills `pwd`, whose `pw_name` then points into `buf`, which outlives its use here.
+        let uid = unsafe { libc::getuid() };
+        let mut buf = vec![0 as libc::c_char; 4096];
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        let rc =
+            unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found) };
+        if rc == 0 && !found.is_null() && !pwd.pw_name.is_null() {
+            let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+            return Some(name.to_string_lossy().into_owned());
+        }
+        Some(format!("uid:{uid}"))
+    }
+    #[cfg(not(unix))]
+    None
 }
 
 /// Asks `question` and reads the answer: only `y` or `yes` (any case) confirms; anything else,

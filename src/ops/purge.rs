@@ -11,28 +11,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Serialize;
-use sqlx::postgres::PgConnection;
-use sqlx::sqlite::SqliteConnection;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::model::RowState;
 use crate::settings::RetentionSettings;
-use crate::store::{OpsTx, Store, StoreError, StoreKind};
-
-/// A succeeded row is kept while an older row of its record is dead: that row may still be
-/// replayed, and replay judges it against the newer changes the API applied (rebased or left
-/// dead as superseded). With the newer change gone, a replay would put the record back to older
-/// values. The row goes once the dead row is purged (or replayed and through).
-macro_rules! no_dead_before {
-    () => {
-        "NOT (prism_outbox.state = 'succeeded' AND EXISTS (
-             SELECT 1 FROM prism_outbox AS d
-             WHERE d.record_id = prism_outbox.record_id AND d.id < prism_outbox.id
-               AND d.state = 'dead' AND d.object_type = prism_outbox.object_type
-               AND d.team_id = prism_outbox.team_id))"
-    };
-}
+use crate::store::views::{PurgeAudit, PurgeCut};
+use crate::store::{Store, StoreError};
 
 const CHUNK: i64 = 2000;
 
@@ -46,6 +31,15 @@ pub struct PurgeScope {
     /// The database's clock minus `older_than`, fixed when the purge was planned, in the form
     /// the engine stores (SQLite text; an RFC 3339 time on Postgres).
     pub cutoff: String,
+}
+
+impl PurgeScope {
+    fn cut(&self) -> PurgeCut<'_> {
+        PurgeCut {
+            states: &self.states,
+            cutoff: &self.cutoff,
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -76,26 +70,7 @@ pub async fn scope(
         .filter(|s| matches!(s, RowState::Succeeded | RowState::Dead))
         .map(|s| s.as_str())
         .collect();
-    let secs = older_than.as_secs_f64();
-    let cutoff = match store.sqlx_kind() {
-        StoreKind::Sqlite(pool) => {
-            sqlx::query_scalar(
-                "SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('-%.3f seconds', ?1))",
-            )
-            .bind(secs)
-            .fetch_one(pool)
-            .await?
-        }
-        StoreKind::Postgres(pool) => {
-            sqlx::query_scalar(
-                "SELECT to_char((now() - make_interval(secs => $1)) AT TIME ZONE 'UTC',
-                                'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-            )
-            .bind(secs)
-            .fetch_one(pool)
-            .await?
-        }
-    };
+    let cutoff = store.purge_cutoff(older_than).await?;
     Ok(PurgeScope {
         states,
         older_than: humantime::format_duration(older_than).to_string(),
@@ -105,59 +80,7 @@ pub async fn scope(
 
 /// Counts what [`purge`] of `scope` would delete now.
 pub async fn preview(store: &Store, scope: &PurgeScope) -> Result<PurgePreview, StoreError> {
-    let states = serde_json::to_string(&scope.states).expect("serialises");
-    let (by_state, batches): (Vec<(String, i64)>, i64) = match store.sqlx_kind() {
-        StoreKind::Sqlite(pool) => (
-            sqlx::query_as(
-                concat!(
-                    "SELECT state, count(*) FROM prism_outbox INDEXED BY prism_outbox_completed
-                     WHERE completed_at < ?1 AND state IN (SELECT value FROM json_each(?2)) AND ",
-                    no_dead_before!(),
-                    " GROUP BY state"
-                ),
-            )
-            .bind(&scope.cutoff)
-            .bind(&states)
-            .fetch_all(pool)
-            .await?,
-            sqlx::query_scalar(
-                "SELECT count(*) FROM prism_batches b
-                 WHERE b.state <> 'open' AND b.completed_at < ?1
-                   AND NOT EXISTS (SELECT 1 FROM prism_outbox o WHERE o.batch_id = b.id
-                                     AND (o.completed_at IS NULL OR o.completed_at >= ?1
-                                          OR o.state NOT IN (SELECT value FROM json_each(?2))))",
-            )
-            .bind(&scope.cutoff)
-            .bind(&states)
-            .fetch_one(pool)
-            .await?,
-        ),
-        StoreKind::Postgres(pool) => (
-            sqlx::query_as(
-                concat!(
-                    "SELECT state, count(*) FROM prism_outbox
-                     WHERE completed_at < $1::timestamptz AND state = ANY($2) AND ",
-                    no_dead_before!(),
-                    " GROUP BY state"
-                ),
-            )
-            .bind(&scope.cutoff)
-            .bind(&scope.states)
-            .fetch_all(pool)
-            .await?,
-            sqlx::query_scalar(
-                "SELECT count(*) FROM prism_batches b
-                 WHERE b.state <> 'open' AND b.completed_at < $1::timestamptz
-                   AND NOT EXISTS (SELECT 1 FROM prism_outbox o WHERE o.batch_id = b.id
-                                     AND (o.completed_at IS NULL OR o.completed_at >= $1::timestamptz
-                                          OR o.state <> ALL($2)))",
-            )
-            .bind(&scope.cutoff)
-            .bind(&scope.states)
-            .fetch_one(pool)
-            .await?,
-        ),
-    };
+    let (by_state, batches) = store.purge_counts(scope.cut()).await?;
     Ok(PurgePreview {
         rows: by_state.iter().map(|(_, n)| n).sum(),
         by_state: by_state.into_iter().collect(),
@@ -174,19 +97,23 @@ pub async fn purge(
     actor: &str,
 ) -> Result<PurgeReport, StoreError> {
     let mut report = PurgeReport::default();
-    let mut audit = Audit::new(actor, scope);
+    let mut audit = audit(actor, scope);
     if scope.states.is_empty() {
         return Ok(report);
     }
     loop {
         let ids = finished_before(store, scope, CHUNK).await?;
-        report.rows += delete_rows(store, scope, &ids, &mut audit).await?;
+        report.rows += store
+            .delete_finished_rows(scope.cut(), &ids, &mut audit)
+            .await?;
         if (ids.len() as i64) < CHUNK {
             break;
         }
     }
     loop {
-        let deleted = delete_batches(store, scope, &mut audit).await?;
+        let deleted = store
+            .delete_orphan_batches(&scope.cutoff, CHUNK, &mut audit)
+            .await?;
         report.batches += deleted;
         if (deleted as i64) < CHUNK {
             break;
@@ -202,34 +129,7 @@ pub async fn finished_before(
     scope: &PurgeScope,
     limit: i64,
 ) -> Result<Vec<i64>, StoreError> {
-    Ok(match store.sqlx_kind() {
-        StoreKind::Sqlite(pool) => {
-            sqlx::query_scalar(concat!(
-                "SELECT id FROM prism_outbox INDEXED BY prism_outbox_completed
-                     WHERE completed_at < ?1 AND state IN (SELECT value FROM json_each(?2)) AND ",
-                no_dead_before!(),
-                " LIMIT ?3"
-            ))
-            .bind(&scope.cutoff)
-            .bind(serde_json::to_string(&scope.states).expect("serialises"))
-            .bind(limit)
-            .fetch_all(pool)
-            .await?
-        }
-        StoreKind::Postgres(pool) => {
-            sqlx::query_scalar(concat!(
-                "SELECT id FROM prism_outbox
-                     WHERE completed_at < $1::timestamptz AND state = ANY($2) AND ",
-                no_dead_before!(),
-                " LIMIT $3"
-            ))
-            .bind(&scope.cutoff)
-            .bind(&scope.states)
-            .bind(limit)
-            .fetch_all(pool)
-            .await?
-        }
-    })
+    store.finished_before(scope.cut(), limit).await
 }
 
 /// Deletes those of `ids` (from [`finished_before`], perhaps a while ago) that `scope` still
@@ -240,231 +140,25 @@ pub async fn delete_chosen(
     ids: &[i64],
     actor: &str,
 ) -> Result<u64, StoreError> {
-    delete_rows(store, scope, ids, &mut Audit::new(actor, scope)).await
+    store
+        .delete_finished_rows(scope.cut(), ids, &mut audit(actor, scope))
+        .await
 }
 
-/// The audit entry of one purge, written with its first deletion and grown with each after.
-struct Audit<'a> {
-    actor: &'a str,
-    id: Option<i64>,
-    filter: String,
-}
-
-impl<'a> Audit<'a> {
-    fn new(actor: &'a str, scope: &PurgeScope) -> Audit<'a> {
-        Audit {
-            actor,
-            id: None,
-            filter: serde_json::json!({
-                "older_than": scope.older_than,
-                "states": scope.states,
-                "cutoff": scope.cutoff,
-                "batches": 0,
-            })
-            .to_string(),
-        }
+/// The audit entry of one purge as `actor`, written with its first deletion and grown with each
+/// after (its `batches` count too).
+fn audit(actor: &str, scope: &PurgeScope) -> PurgeAudit {
+    PurgeAudit {
+        actor: actor.to_owned(),
+        id: None,
+        filter: serde_json::json!({
+            "older_than": scope.older_than,
+            "states": scope.states,
+            "cutoff": scope.cutoff,
+            "batches": 0,
+        })
+        .to_string(),
     }
-}
-
-/// Deletes those of `ids` that are still terminal, in `scope`'s states and finished before its
-/// cutoff, in one transaction with the audit entry. Returns how many went.
-async fn delete_rows(
-    store: &Store,
-    scope: &PurgeScope,
-    ids: &[i64],
-    audit: &mut Audit<'_>,
-) -> Result<u64, StoreError> {
-    if ids.is_empty() {
-        return Ok(0);
-    }
-    let mut tx = store.begin_ops_write().await?;
-    let deleted = match &mut tx {
-        OpsTx::Sqlite(tx) => {
-            let c: &mut SqliteConnection = tx;
-            let n = sqlx::query(
-                concat!(
-                    "DELETE FROM prism_outbox
-                     WHERE id IN (SELECT value FROM json_each(?1))
-                       AND state IN ('succeeded', 'dead') AND state IN (SELECT value FROM json_each(?2))
-                       AND completed_at IS NOT NULL AND completed_at < ?3 AND ",
-                    no_dead_before!()
-                ),
-            )
-            .bind(serde_json::to_string(ids).expect("serialises"))
-            .bind(serde_json::to_string(&scope.states).expect("serialises"))
-            .bind(&scope.cutoff)
-            .execute(&mut *c)
-            .await?
-            .rows_affected();
-            audit_sqlite(c, audit, n, 0).await?;
-            n
-        }
-        OpsTx::Postgres(tx) => {
-            // The state is checked on the row as it is when the DELETE locks it: a row a
-            // replay committed as `pending` meanwhile fails it and stays.
-            let n = sqlx::query(concat!(
-                "DELETE FROM prism_outbox
-                     WHERE id = ANY($1)
-                       AND state IN ('succeeded', 'dead') AND state = ANY($2)
-                       AND completed_at IS NOT NULL AND completed_at < $3::timestamptz AND ",
-                no_dead_before!()
-            ))
-            .bind(ids)
-            .bind(&scope.states)
-            .bind(&scope.cutoff)
-            .execute(&mut **tx)
-            .await?
-            .rows_affected();
-            audit_pg(tx, audit, n, 0).await?;
-            n
-        }
-    };
-    tx.commit().await?;
-    Ok(deleted)
-}
-
-/// Deletes up to a chunk of finished batches older than the cutoff that no row refers to, and
-/// their attempts, in one transaction with the audit entry.
-async fn delete_batches(
-    store: &Store,
-    scope: &PurgeScope,
-    audit: &mut Audit<'_>,
-) -> Result<u64, StoreError> {
-    let mut tx = store.begin_ops_write().await?;
-    let deleted = match &mut tx {
-        OpsTx::Sqlite(tx) => {
-            let c: &mut SqliteConnection = tx;
-            let ids: Vec<String> = sqlx::query_scalar(
-                "DELETE FROM prism_batches WHERE id IN (
-                   SELECT b.id FROM prism_batches b
-                   WHERE b.state <> 'open' AND b.completed_at < ?1
-                     AND NOT EXISTS (SELECT 1 FROM prism_outbox o WHERE o.batch_id = b.id)
-                   LIMIT ?2)
-                 RETURNING id",
-            )
-            .bind(&scope.cutoff)
-            .bind(CHUNK)
-            .fetch_all(&mut *c)
-            .await?;
-            sqlx::query("DELETE FROM prism_batch_attempts WHERE batch_id IN (SELECT value FROM json_each(?1))")
-                .bind(serde_json::to_string(&ids).expect("serialises"))
-                .execute(&mut *c)
-                .await?;
-            let n = ids.len() as u64;
-            audit_sqlite(c, audit, 0, n).await?;
-            n
-        }
-        OpsTx::Postgres(tx) => {
-            let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
-                "DELETE FROM prism_batches WHERE id IN (
-                   SELECT b.id FROM prism_batches b
-                   WHERE b.state <> 'open' AND b.completed_at < $1::timestamptz
-                     AND NOT EXISTS (SELECT 1 FROM prism_outbox o WHERE o.batch_id = b.id)
-                   LIMIT $2)
-                 RETURNING id",
-            )
-            .bind(&scope.cutoff)
-            .bind(CHUNK)
-            .fetch_all(&mut **tx)
-            .await?;
-            sqlx::query("DELETE FROM prism_batch_attempts WHERE batch_id = ANY($1)")
-                .bind(&ids)
-                .execute(&mut **tx)
-                .await?;
-            let n = ids.len() as u64;
-            audit_pg(tx, audit, 0, n).await?;
-            n
-        }
-    };
-    tx.commit().await?;
-    Ok(deleted)
-}
-
-async fn audit_sqlite(
-    c: &mut SqliteConnection,
-    audit: &mut Audit<'_>,
-    rows: u64,
-    batches: u64,
-) -> Result<(), sqlx::Error> {
-    let (rows, batches) = (count(rows), count(batches));
-    if rows + batches == 0 {
-        return Ok(());
-    }
-    match audit.id {
-        None => {
-            audit.id = Some(
-                sqlx::query_scalar(
-                    "INSERT INTO prism_audit (actor, action, filter, rows)
-                     VALUES (?1, 'purge', json_set(?2, '$.batches', ?4), ?3) RETURNING id",
-                )
-                .bind(audit.actor)
-                .bind(&audit.filter)
-                .bind(rows)
-                .bind(batches)
-                .fetch_one(&mut *c)
-                .await?,
-            )
-        }
-        Some(id) => {
-            sqlx::query(
-                "UPDATE prism_audit SET rows = rows + ?2,
-                   filter = json_set(filter, '$.batches', json_extract(filter, '$.batches') + ?3)
-                 WHERE id = ?1",
-            )
-            .bind(id)
-            .bind(rows)
-            .bind(batches)
-            .execute(&mut *c)
-            .await?;
-        }
-    }
-    Ok(())
-}
-
-async fn audit_pg(
-    c: &mut PgConnection,
-    audit: &mut Audit<'_>,
-    rows: u64,
-    batches: u64,
-) -> Result<(), sqlx::Error> {
-    let (rows, batches) = (count(rows), count(batches));
-    if rows + batches == 0 {
-        return Ok(());
-    }
-    match audit.id {
-        None => {
-            audit.id = Some(
-                sqlx::query_scalar(
-                    "INSERT INTO prism_audit (actor, action, filter, rows)
-                     VALUES ($1, 'purge', jsonb_set($2::jsonb, '{batches}', to_jsonb($4::bigint)), $3)
-                     RETURNING id",
-                )
-                .bind(audit.actor)
-                .bind(&audit.filter)
-                .bind(rows)
-                .bind(batches)
-                .fetch_one(&mut *c)
-                .await?,
-            )
-        }
-        Some(id) => {
-            sqlx::query(
-                "UPDATE prism_audit SET rows = rows + $2,
-                   filter = jsonb_set(filter, '{batches}', to_jsonb((filter->>'batches')::bigint + $3))
-                 WHERE id = $1",
-            )
-            .bind(id)
-            .bind(rows)
-            .bind(batches)
-            .execute(&mut *c)
-            .await?;
-        }
-    }
-    Ok(())
-}
-
-fn count(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Deletes rows in `states` finished more than `older_than` ago, and the batches left with no
@@ -508,6 +202,57 @@ pub async fn retention_loop(store: Store, retention: RetentionSettings, stop: Ca
             _ = tokio::time::sleep(retention.interval) => {},
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PurgeState {
+    Succeeded,
+    Dead,
+}
+
+/// `prism-sync purge`'s command line.
+#[derive(Debug, clap::Args)]
+pub struct PurgeArgs {
+    /// Delete rows finished longer ago than this (e.g. 7d, 12h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub older_than: std::time::Duration,
+    /// Only this state (default: both succeeded and dead).
+    #[arg(long)]
+    pub state: Option<PurgeState>,
+    /// Show what would be deleted; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Who is purging, for the audit log (default: PRISM_SYNC_ACTOR or the login name).
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// One JSON object on stdout (the preview and the question, if asked, go to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `prism-sync purge` from its command line: the cutoff fixed now, then [`command`].
+pub async fn run(
+    store: &Store,
+    args: &PurgeArgs,
+    out: &mut impl std::io::Write,
+    input: &mut impl std::io::BufRead,
+) -> Result<u8, PurgeCommandError> {
+    let states = match args.state {
+        Some(PurgeState::Succeeded) => vec![RowState::Succeeded],
+        Some(PurgeState::Dead) => vec![RowState::Dead],
+        None => vec![RowState::Succeeded, RowState::Dead],
+    };
+    let scope = scope(store, &states, args.older_than).await?;
+    let options = PurgeOptions {
+        dry_run: args.dry_run,
+        yes: args.yes,
+        json: args.json,
+        actor: super::actor(args.actor.as_deref()),
+    };
+    command(store, &scope, &options, out, &mut std::io::stderr(), input).await
 }
 
 /// How `prism-sync purge` runs.

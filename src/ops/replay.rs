@@ -7,19 +7,15 @@
 
 use std::collections::HashMap;
 
-use futures_util::TryStreamExt;
 use serde::Serialize;
 use serde_json::{Map, Value};
-use sqlx::Row;
-use sqlx::postgres::PgConnection;
-use sqlx::sqlite::SqliteConnection;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::status::AnyRow;
 use super::supersede::{self, NewerChange, Verdict};
-use crate::model::{ObjectType, Operation};
-use crate::store::{OpsTx, Store, StoreError, StoreKind};
+use crate::model::{ObjectType, Operation, RowState};
+use crate::store::views::{NewerRow, RowFilter, RowSummary};
+use crate::store::{OpsTx, Store, StoreError};
 
 /// Which rows to replay. At least one criterion (or `all`) is required.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -53,6 +49,32 @@ impl ReplayFilter {
             && self.until.is_none()
             && !self.all
     }
+
+    /// The states a replay takes rows from: `dead`, and `retrying` if asked.
+    fn states(&self) -> Vec<RowState> {
+        if self.include_retrying {
+            vec![RowState::Dead, RowState::Retrying]
+        } else {
+            vec![RowState::Dead]
+        }
+    }
+
+    /// The rows this filter names, as the store reads them.
+    pub fn rows(&self) -> RowFilter {
+        RowFilter {
+            states: self.states(),
+            ids: self.ids.clone(),
+            batch: self.batch,
+            error_code: self.error_code.clone(),
+            record_id: self.record_id,
+            object_type: self.object_type,
+            teams: self.teams.clone(),
+            operation: self.operation,
+            since: self.since,
+            until: self.until,
+            message_contains: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,64 +85,6 @@ pub enum ReplayError {
     NoFilter,
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl From<sqlx::Error> for ReplayError {
-    fn from(e: sqlx::Error) -> Self {
-        ReplayError::Store(e.into())
-    }
-}
-
-const WHERE_SQLITE: &str = " WHERE (state = 'dead' OR (?1 AND state = 'retrying'))
-    AND (?2 IS NULL OR id IN (SELECT value FROM json_each(?2)))
-    AND (?3 IS NULL OR batch_id = ?3)
-    AND (?4 IS NULL OR last_error_code = ?4)
-    AND (?5 IS NULL OR lower(record_id) = ?5)
-    AND (?6 IS NULL OR object_type = ?6)
-    AND (?7 IS NULL OR enqueued_at >= ?7)
-    AND (?8 IS NULL OR enqueued_at < ?8)
-    AND (?9 IS NULL OR team_id IN (SELECT value FROM json_each(?9)))
-    AND (?10 IS NULL OR operation = ?10)";
-
-const WHERE_PG: &str = " WHERE (state = 'dead' OR ($1 AND state = 'retrying'))
-    AND ($2::bigint[] IS NULL OR id = ANY($2))
-    AND ($3::uuid IS NULL OR batch_id = $3)
-    AND ($4::text IS NULL OR last_error_code = $4)
-    AND ($5::uuid IS NULL OR record_id = $5)
-    AND ($6::text IS NULL OR object_type = $6)
-    AND ($7::timestamptz IS NULL OR enqueued_at >= $7)
-    AND ($8::timestamptz IS NULL OR enqueued_at < $8)
-    AND ($9::text[] IS NULL OR team_id = ANY($9))
-    AND ($10::text IS NULL OR operation = $10)";
-
-macro_rules! bind_filter {
-    (sqlite, $q:expr, $f:expr) => {
-        $q.bind($f.include_retrying)
-            .bind((!$f.ids.is_empty()).then(|| serde_json::to_string(&$f.ids).expect("serialises")))
-            .bind($f.batch.map(|b| b.to_string()))
-            .bind($f.error_code.clone())
-            .bind($f.record_id.map(|r| r.to_string()))
-            .bind($f.object_type.map(|t| t.as_str()))
-            .bind($f.since.map(super::sqlite_time))
-            .bind($f.until.map(super::sqlite_time))
-            .bind(
-                (!$f.teams.is_empty())
-                    .then(|| serde_json::to_string(&$f.teams).expect("serialises")),
-            )
-            .bind($f.operation.map(|o| o.as_str()))
-    };
-    (pg, $q:expr, $f:expr) => {
-        $q.bind($f.include_retrying)
-            .bind((!$f.ids.is_empty()).then(|| $f.ids.clone()))
-            .bind($f.batch)
-            .bind($f.error_code.clone())
-            .bind($f.record_id)
-            .bind($f.object_type.map(|t| t.as_str()))
-            .bind($f.since)
-            .bind($f.until)
-            .bind((!$f.teams.is_empty()).then(|| $f.teams.clone()))
-            .bind($f.operation.map(|o| o.as_str()))
-    };
 }
 
 /// One selected row, as the preview lists it.
@@ -239,15 +203,10 @@ pub async fn preview(
         return Err(ReplayError::NoFilter);
     }
     // A read transaction: one consistent view of the rows and their records' newer changes.
-    match store.sqlx_kind() {
-        StoreKind::Sqlite(pool) => plan_sqlite(&mut *pool.begin().await?, f, limit).await,
-        StoreKind::Postgres(pool) => {
-            let mut tx = pool
-                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                .await?;
-            plan_pg(&mut tx, f, limit, false).await
-        }
-    }
+    let mut tx = store.begin_ops_read().await?;
+    let plan = plan(&mut tx, f, limit).await?;
+    tx.commit().await?;
+    Ok(plan)
 }
 
 /// Requeues the selected rows (rebased where newer changes of their records applied, superseded
@@ -272,213 +231,77 @@ pub async fn replay(
     // are left out or count as in flight), so no claim or outcome write changes them between
     // the judgement and the update.
     let mut tx = store.begin_ops_write().await?;
-    let (replayed, plan) = match &mut tx {
-        OpsTx::Sqlite(tx) => {
-            let plan = plan_sqlite(tx, f, limit).await?;
-            (requeue_sqlite(tx, f, &plan, actor).await?, plan)
-        }
-        OpsTx::Postgres(tx) => {
-            let plan = plan_pg(tx, f, limit, true).await?;
-            (requeue_pg(tx, f, &plan, actor).await?, plan)
-        }
-    };
+    let plan = plan(&mut tx, f, limit).await?;
+    let replayed = requeue(&mut tx, f, &plan, actor).await?;
     tx.commit().await?;
     Ok(ReplayOutcome { replayed, plan })
 }
 
-async fn plan_sqlite(
-    c: &mut SqliteConnection,
-    f: &ReplayFilter,
-    limit: usize,
-) -> Result<ReplayPlan, ReplayError> {
-    let mut selected = Vec::new();
+/// Reads the selected rows, the newer changes of their records and the patches that need
+/// judging, and decides row by row.
+async fn plan(tx: &mut OpsTx, f: &ReplayFilter, limit: usize) -> Result<ReplayPlan, ReplayError> {
+    let rows = tx.select_rows(&f.rows()).await?;
+    let mut selected = Vec::with_capacity(rows.len());
     let mut sample = Vec::new();
-    {
-        let mut rows = bind_filter!(
-            sqlite,
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT id, CAST(record_id AS BLOB), CAST(object_type AS BLOB), state, attempts,
-                        last_error_code, enqueued_at, CAST(team_id AS BLOB), CAST(operation AS BLOB)
-                 FROM prism_outbox{WHERE_SQLITE} ORDER BY id"
-            ))),
-            f
-        )
-        .fetch(&mut *c);
-        while let Some(row) = rows.try_next().await? {
-            take_selected(&AnyRow::Sqlite(row), limit, &mut selected, &mut sample)?;
-        }
+    for r in rows {
+        take_selected(r, limit, &mut selected, &mut sample);
     }
     let Some(oldest) = selected.first().map(|s| s.id) else {
         return Ok(ReplayPlan::default());
     };
     let records: Vec<&str> = selected.iter().map(|s| s.lane.record_id.as_str()).collect();
-    let newer = sqlx::query(
-        "SELECT id, CAST(record_id AS BLOB), CAST(object_type AS BLOB), CAST(team_id AS BLOB),
-                CAST(operation AS BLOB), state, CAST(patch AS BLOB)
-         FROM prism_outbox
-         WHERE record_id IN (SELECT value FROM json_each(?1)) AND id > ?2 AND state <> 'dead'
-         ORDER BY id",
-    )
-    .bind(serde_json::to_string(&records).expect("serialises"))
-    .bind(oldest)
-    .fetch_all(&mut *c)
-    .await?;
-    let newer = newer_rows(newer.into_iter().map(AnyRow::Sqlite))?;
+    let newer = newer_rows(tx.newer_rows(&records, oldest).await?);
     let contested = contested(&selected, &newer);
-    let patches = sqlx::query(
-        "SELECT id, CAST(patch AS BLOB) FROM prism_outbox WHERE id IN (SELECT value FROM json_each(?1))",
-    )
-    .bind(serde_json::to_string(&contested).expect("serialises"))
-    .fetch_all(&mut *c)
-    .await?;
-    let patches = id_patches(patches.into_iter().map(AnyRow::Sqlite))?;
+    let patches = tx.patches(&contested).await?;
     Ok(decide(selected, sample, &newer, &patches))
 }
 
-async fn plan_pg(
-    c: &mut PgConnection,
-    f: &ReplayFilter,
-    limit: usize,
-    lock: bool,
-) -> Result<ReplayPlan, ReplayError> {
-    // Never waits for a row lock: a claim holds its heads while it waits for their followers'
-    // locks, so waiting here could deadlock with it. A selected row someone holds is being
-    // claimed right now (it is about to be in flight): it is not replayed.
-    let skip_locked = if lock { " FOR UPDATE SKIP LOCKED" } else { "" };
-    let mut selected = Vec::new();
-    let mut sample = Vec::new();
-    {
-        let mut rows = bind_filter!(
-            pg,
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT id, record_id::text, object_type, state, attempts::bigint, last_error_code,
-                        enqueued_at::text, team_id, operation
-                 FROM prism_outbox{WHERE_PG} ORDER BY id{skip_locked}"
-            ))),
-            f
-        )
-        .fetch(&mut *c);
-        while let Some(row) = rows.try_next().await? {
-            take_selected(&AnyRow::Postgres(row), limit, &mut selected, &mut sample)?;
-        }
-    }
-    let Some(oldest) = selected.first().map(|s| s.id) else {
-        return Ok(ReplayPlan::default());
-    };
-    let records: Vec<&str> = selected.iter().map(|s| s.lane.record_id.as_str()).collect();
-    let newer = sqlx::query(
-        "SELECT id, record_id::text, object_type, team_id, operation, state, patch::text
-         FROM prism_outbox
-         WHERE record_id = ANY($1::text[]::uuid[]) AND id > $2 AND state <> 'dead'
-         ORDER BY id",
-    )
-    .bind(&records)
-    .bind(oldest)
-    .fetch_all(&mut *c)
-    .await?;
-    let mut newer = newer_rows(newer.into_iter().map(AnyRow::Postgres))?;
-    if lock {
-        lock_newer(c, &mut newer).await?;
-    }
-    let contested = contested(&selected, &newer);
-    let patches = sqlx::query("SELECT id, patch::text FROM prism_outbox WHERE id = ANY($1)")
-        .bind(&contested)
-        .fetch_all(&mut *c)
-        .await?;
-    let patches = id_patches(patches.into_iter().map(AnyRow::Postgres))?;
-    Ok(decide(selected, sample, &newer, &patches))
-}
-
-/// Locks the records' newer rows, without waiting, and reads their state again as locked: a
-/// claim skips them (SKIP LOCKED) until this transaction ends, and by then the replayed rows
-/// hold them back. A row someone else holds is being claimed or its outcome written right now
-/// (or it is gone): its outcome is not known, so it counts as in flight.
-async fn lock_newer(c: &mut PgConnection, newer: &mut NewerRows) -> Result<(), sqlx::Error> {
-    let ids: Vec<i64> = newer.values().flatten().map(|n| n.id).collect();
-    let locked: HashMap<i64, String> = sqlx::query_as(
-        "SELECT id, state FROM prism_outbox WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED",
-    )
-    .bind(&ids)
-    .fetch_all(&mut *c)
-    .await?
-    .into_iter()
-    .collect();
-    for n in newer.values_mut().flatten() {
-        n.state = locked
-            .get(&n.id)
-            .cloned()
-            .unwrap_or_else(|| "in_flight".into());
-    }
-    Ok(())
-}
-
-/// Reads one selected row (`id, record, type, state, attempts, code, enqueued, team, operation`).
 fn take_selected(
-    r: &AnyRow,
+    r: RowSummary,
     limit: usize,
     selected: &mut Vec<Selected>,
     sample: &mut Vec<Candidate>,
-) -> Result<(), sqlx::Error> {
-    let s = Selected {
-        id: r.int(0)?.unwrap_or(0),
-        lane: RecordLane {
-            record_id: r.lossy(1)?.unwrap_or_default(),
-            object_type: r.lossy(2)?.unwrap_or_default(),
-            team: r.lossy(7)?.unwrap_or_default(),
-        },
-        operation: r.lossy(8)?.unwrap_or_default(),
-    };
+) {
     if sample.len() < limit {
         sample.push(Candidate {
-            id: s.id,
-            record_id: s.lane.record_id.clone(),
-            object_type: s.lane.object_type.clone(),
-            state: r.text(3)?.unwrap_or_default(),
-            attempts: r.int(4)?.unwrap_or(0),
-            last_error_code: r.text(5)?,
-            enqueued_at: r.text(6)?.unwrap_or_default(),
+            id: r.id,
+            record_id: r.record_id.clone(),
+            object_type: r.object_type.clone(),
+            state: r.state,
+            attempts: r.attempts,
+            last_error_code: r.last_error_code,
+            enqueued_at: r.enqueued_at,
             replay_as: "as is",
         });
     }
-    selected.push(s);
-    Ok(())
+    selected.push(Selected {
+        id: r.id,
+        lane: RecordLane {
+            record_id: r.record_id,
+            object_type: r.object_type,
+            team: r.team_id,
+        },
+        operation: r.operation,
+    });
 }
 
-/// Reads `id, record, type, team, operation, state, patch` rows into per-record lists.
-fn newer_rows(rows: impl Iterator<Item = AnyRow>) -> Result<NewerRows, sqlx::Error> {
+/// The newer rows as per-record lists, in id order.
+fn newer_rows(rows: Vec<NewerRow>) -> NewerRows {
     let mut newer = NewerRows::new();
     for r in rows {
         let lane = RecordLane {
-            record_id: r.lossy(1)?.unwrap_or_default(),
-            object_type: r.lossy(2)?.unwrap_or_default(),
-            team: r.lossy(3)?.unwrap_or_default(),
+            record_id: r.record_id,
+            object_type: r.object_type,
+            team: r.team_id,
         };
         newer.entry(lane).or_default().push(NewerChange {
-            id: r.int(0)?.unwrap_or(0),
-            operation: r.lossy(4)?.unwrap_or_default(),
-            state: r.text(5)?.unwrap_or_default(),
-            patch: patch_bytes(&r, 6)?,
+            id: r.id,
+            operation: r.operation,
+            state: r.state,
+            patch: r.patch,
         });
     }
-    Ok(newer)
-}
-
-fn id_patches(rows: impl Iterator<Item = AnyRow>) -> Result<HashMap<i64, Vec<u8>>, sqlx::Error> {
-    let mut patches = HashMap::new();
-    for r in rows {
-        if let (Some(id), Some(patch)) = (r.int(0)?, patch_bytes(&r, 1)?) {
-            patches.insert(id, patch);
-        }
-    }
-    Ok(patches)
-}
-
-/// A stored patch as bytes (SQLite keeps whatever an application wrote).
-fn patch_bytes(r: &AnyRow, i: usize) -> Result<Option<Vec<u8>>, sqlx::Error> {
-    match r {
-        AnyRow::Sqlite(r) => r.try_get(i),
-        AnyRow::Postgres(r) => Ok(r.try_get::<Option<String>, _>(i)?.map(String::into_bytes)),
-    }
+    newer
 }
 
 /// The newer rows of `s`'s record that are not dead.
@@ -560,84 +383,20 @@ fn decide(
 
 /// The `dead` (or, if asked, `retrying`) rows of the plan back to pending, the rebased ones
 /// with their new patch; then the audit entry. Rows that left those states meanwhile are kept.
-async fn requeue_sqlite(
-    c: &mut SqliteConnection,
+async fn requeue(
+    tx: &mut OpsTx,
     f: &ReplayFilter,
     plan: &ReplayPlan,
     actor: &str,
 ) -> Result<u64, ReplayError> {
-    // A replayed row starts afresh: no attempts, and retry.give_up_after counts from its next
-    // first attempt.
-    const REQUEUE: &str = "UPDATE prism_outbox SET state = 'pending', attempts = 0,
-           next_attempt_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), completed_at = NULL,
-           first_attempt_at = NULL";
-    const STILL: &str = "(state = 'dead' OR (?2 AND state = 'retrying'))";
-    let mut changed = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "{REQUEUE} WHERE id IN (SELECT value FROM json_each(?1)) AND {STILL}"
-    )))
-    .bind(serde_json::to_string(&plan.as_is_ids).expect("serialises"))
-    .bind(f.include_retrying)
-    .execute(&mut *c)
-    .await?
-    .rows_affected();
-    for r in &plan.rebased {
-        changed += sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{REQUEUE}, patch = ?3 WHERE id = ?1 AND {STILL}"
-        )))
-        .bind(r.id)
-        .bind(f.include_retrying)
-        .bind(serde_json::to_string(&r.patch).expect("serialises"))
-        .execute(&mut *c)
-        .await?
-        .rows_affected();
-    }
-    sqlx::query(
-        "INSERT INTO prism_audit (actor, action, filter, rows) VALUES (?1, 'replay', ?2, ?3)",
-    )
-    .bind(actor)
-    .bind(audit_note(f, plan))
-    .bind(i64::try_from(changed).unwrap_or(i64::MAX))
-    .execute(&mut *c)
-    .await?;
-    Ok(changed)
-}
-
-async fn requeue_pg(
-    c: &mut PgConnection,
-    f: &ReplayFilter,
-    plan: &ReplayPlan,
-    actor: &str,
-) -> Result<u64, ReplayError> {
-    const REQUEUE: &str = "UPDATE prism_outbox SET state = 'pending', attempts = 0,
-           next_attempt_at = now(), completed_at = NULL, first_attempt_at = NULL";
-    const STILL: &str = "(state = 'dead' OR ($2 AND state = 'retrying'))";
-    let mut changed = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "{REQUEUE} WHERE id = ANY($1) AND {STILL}"
-    )))
-    .bind(&plan.as_is_ids)
-    .bind(f.include_retrying)
-    .execute(&mut *c)
-    .await?
-    .rows_affected();
-    for r in &plan.rebased {
-        changed += sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{REQUEUE}, patch = $3::jsonb WHERE id = $1 AND {STILL}"
-        )))
-        .bind(r.id)
-        .bind(f.include_retrying)
-        .bind(serde_json::to_string(&r.patch).expect("serialises"))
-        .execute(&mut *c)
-        .await?
-        .rows_affected();
-    }
-    sqlx::query(
-        "INSERT INTO prism_audit (actor, action, filter, rows) VALUES ($1, 'replay', $2::jsonb, $3)",
-    )
-    .bind(actor)
-    .bind(audit_note(f, plan))
-    .bind(i64::try_from(changed).unwrap_or(i64::MAX))
-    .execute(&mut *c)
-    .await?;
+    let rebased: Vec<(i64, String)> = plan
+        .rebased
+        .iter()
+        .map(|r| (r.id, serde_json::to_string(&r.patch).expect("serialises")))
+        .collect();
+    let changed = tx.requeue(&plan.as_is_ids, &rebased, &f.states()).await?;
+    tx.audit(actor, "replay", &audit_note(f, plan), changed)
+        .await?;
     Ok(changed)
 }
 
@@ -752,6 +511,73 @@ fn more(total: usize, out: &mut impl std::io::Write) -> std::io::Result<()> {
         writeln!(out, "  … and {} more", total - EXAMPLES)?;
     }
     Ok(())
+}
+
+/// `prism-sync replay`'s command line.
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub rows: super::select::RowSelection,
+    /// Also requeue rows waiting to retry (their attempts are reset).
+    #[arg(long)]
+    pub include_retrying: bool,
+    /// Every dead row (needed when no other filter is given).
+    #[arg(long)]
+    pub all: bool,
+    /// Show what would change; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Who is replaying, for the audit log (default: PRISM_SYNC_ACTOR or the login name).
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// One JSON object on stdout (the preview and the question, if asked, go to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ReplayArgs {
+    /// The filter these arguments name; `default_team` is `micro.team_id`.
+    pub fn filter(&self, default_team: &str) -> ReplayFilter {
+        let r = &self.rows;
+        ReplayFilter {
+            ids: r.ids.clone(),
+            batch: r.batch,
+            error_code: r.error_code.clone(),
+            record_id: r.record_id,
+            object_type: r.object_type,
+            teams: r.teams(default_team),
+            operation: r.operation,
+            since: r.since,
+            until: r.until,
+            include_retrying: self.include_retrying,
+            all: self.all,
+        }
+    }
+
+    pub fn options(&self) -> ReplayOptions {
+        ReplayOptions {
+            dry_run: self.dry_run,
+            yes: self.yes,
+            json: self.json,
+            actor: super::actor(self.actor.as_deref()),
+        }
+    }
+}
+
+/// `prism-sync replay` from its command line; the exit code as [`command`] returns it.
+pub async fn run(
+    store: &Store,
+    args: &ReplayArgs,
+    default_team: &str,
+    out: &mut impl std::io::Write,
+    input: &mut impl std::io::BufRead,
+) -> Result<u8, ReplayCommandError> {
+    let filter = args.filter(default_team);
+    let options = args.options();
+    command(store, &filter, &options, out, &mut std::io::stderr(), input).await
 }
 
 /// How `prism-sync replay` runs.

@@ -7,34 +7,18 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use sqlx::Row;
 
 use super::{human_age, table};
 use crate::model::RowState;
-use crate::store::{Store, StoreError, StoreKind};
+use crate::store::{Store, StoreError};
 
 pub const EXIT_DEAD: u8 = 3;
 pub const EXIT_STUCK: u8 = 4;
 /// A batch key this old is within four hours of the server's 24 h idempotency window.
 const KEY_AGE_STUCK_SECONDS: f64 = 20.0 * 3600.0;
 
-#[derive(Debug, Clone, Serialize)]
-pub struct InFlightBatch {
-    pub id: String,
-    pub idempotency_key: String,
-    /// `default` for the configured default team.
-    pub team: String,
-    pub object_type: String,
-    pub operation: String,
-    pub items: i64,
-    pub rows: i64,
-    pub attempts: i64,
-    pub age_seconds: f64,
-    pub lease_owner: Option<String>,
-    pub next_attempt_in_seconds: f64,
-    pub last_status: Option<i64>,
-    pub last_error: Option<String>,
-}
+/// An open batch as `status` lists it (`team`: `default` for the configured default team).
+pub use crate::store::views::OpenBatch as InFlightBatch;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DeadCode {
@@ -42,14 +26,7 @@ pub struct DeadCode {
     pub sample_message: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct AuditEntry {
-    pub at: String,
-    pub actor: String,
-    pub action: String,
-    pub filter: String,
-    pub rows: i64,
-}
+pub use crate::store::views::AuditEntry;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusReport {
@@ -87,61 +64,6 @@ impl StatusReport {
     }
 }
 
-macro_rules! fetch_all {
-    ($store:expr, $sqlite:expr, $pg:expr) => {
-        match $store.sqlx_kind() {
-            StoreKind::Sqlite(pool) => sqlx::query($sqlite)
-                .fetch_all(pool)
-                .await?
-                .into_iter()
-                .map(AnyRow::Sqlite)
-                .collect::<Vec<_>>(),
-            StoreKind::Postgres(pool) => sqlx::query($pg)
-                .fetch_all(pool)
-                .await?
-                .into_iter()
-                .map(AnyRow::Postgres)
-                .collect::<Vec<_>>(),
-        }
-    };
-}
-
-/// A row from either engine, read by column index.
-pub(crate) enum AnyRow {
-    Sqlite(sqlx::sqlite::SqliteRow),
-    Postgres(sqlx::postgres::PgRow),
-}
-
-impl AnyRow {
-    pub fn text(&self, i: usize) -> Result<Option<String>, sqlx::Error> {
-        match self {
-            AnyRow::Sqlite(r) => r.try_get(i),
-            AnyRow::Postgres(r) => r.try_get(i),
-        }
-    }
-    pub fn int(&self, i: usize) -> Result<Option<i64>, sqlx::Error> {
-        match self {
-            AnyRow::Sqlite(r) => r.try_get(i),
-            AnyRow::Postgres(r) => r.try_get(i),
-        }
-    }
-    /// Text that may not be valid UTF-8 (SQLite stores whatever an application wrote).
-    pub fn lossy(&self, i: usize) -> Result<Option<String>, sqlx::Error> {
-        match self {
-            AnyRow::Sqlite(r) => Ok(r
-                .try_get::<Option<Vec<u8>>, _>(i)?
-                .map(|b| String::from_utf8_lossy(&b).into_owned())),
-            AnyRow::Postgres(r) => r.try_get(i),
-        }
-    }
-    pub fn float(&self, i: usize) -> Result<Option<f64>, sqlx::Error> {
-        match self {
-            AnyRow::Sqlite(r) => r.try_get(i),
-            AnyRow::Postgres(r) => r.try_get(i),
-        }
-    }
-}
-
 pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
     let mut rows: BTreeMap<String, i64> = RowState::ALL
         .iter()
@@ -150,100 +72,41 @@ pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
     let mut by_type: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
     let mut by_team: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
     let mut by_operation: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
-    let counted = fetch_all!(
-        store,
-        "SELECT CAST(object_type AS BLOB), state, count(*), CAST(team_id AS BLOB), CAST(operation AS BLOB)
-         FROM prism_outbox GROUP BY 1, 2, 4, 5",
-        "SELECT object_type, state, count(*), team_id, operation
-         FROM prism_outbox GROUP BY 1, 2, 4, 5"
-    );
-    for r in &counted {
-        let (t, s, n) = (
-            r.lossy(0)?.unwrap_or_default(),
-            r.text(1)?.unwrap_or_default(),
-            r.int(2)?.unwrap_or(0),
-        );
-        let team = super::team_name(&r.lossy(3)?.unwrap_or_default()).to_owned();
-        let operation = r.lossy(4)?.unwrap_or_default();
-        *rows.entry(s.clone()).or_default() += n;
-        *by_type.entry(t).or_default().entry(s.clone()).or_default() += n;
-        *by_team
-            .entry(team)
-            .or_default()
-            .entry(s.clone())
-            .or_default() += n;
-        *by_operation
-            .entry(operation)
-            .or_default()
-            .entry(s)
-            .or_default() += n;
+    for c in store.count_rows().await? {
+        let team = super::team_name(&c.team_id).to_owned();
+        *rows.entry(c.state.clone()).or_default() += c.rows;
+        for (group, key) in [
+            (&mut by_type, c.object_type),
+            (&mut by_team, team),
+            (&mut by_operation, c.operation),
+        ] {
+            *group
+                .entry(key)
+                .or_default()
+                .entry(c.state.clone())
+                .or_default() += c.rows;
+        }
     }
-    let mut dead_codes = BTreeMap::new();
-    let dead = fetch_all!(
-        store,
-        "SELECT COALESCE(last_error_code, 'unknown'), count(*), max(last_error_message)
-         FROM prism_outbox WHERE state = 'dead' GROUP BY 1",
-        "SELECT COALESCE(last_error_code, 'unknown'), count(*), max(last_error_message)
-         FROM prism_outbox WHERE state = 'dead' GROUP BY 1"
-    );
-    for r in &dead {
-        dead_codes.insert(
-            r.text(0)?.unwrap_or_default(),
-            DeadCode {
-                rows: r.int(1)?.unwrap_or(0),
-                sample_message: r.text(2)?,
-            },
-        );
-    }
+    let dead_codes: BTreeMap<String, DeadCode> = store
+        .dead_codes()
+        .await?
+        .into_iter()
+        .map(|d| {
+            (
+                d.code,
+                DeadCode {
+                    rows: d.rows,
+                    sample_message: d.sample_message,
+                },
+            )
+        })
+        .collect();
     let gauges = store.gauges().await?;
-    let in_flight = fetch_all!(
-        store,
-        "SELECT id, idempotency_key, object_type, item_count, row_count, attempts,
-                (julianday('now') - julianday(created_at)) * 86400.0, lease_owner,
-                max(0.0, (julianday(next_attempt_at) - julianday('now')) * 86400.0), last_status, last_error,
-                team_id, operation
-         FROM prism_batches WHERE state = 'open' ORDER BY created_at LIMIT 20",
-        "SELECT id::text, idempotency_key, object_type, item_count::bigint, row_count::bigint, attempts::bigint,
-                extract(epoch FROM now() - created_at)::float8, lease_owner,
-                greatest(0, extract(epoch FROM next_attempt_at - now()))::float8, last_status::bigint, last_error,
-                team_id, operation
-         FROM prism_batches WHERE state = 'open' ORDER BY created_at LIMIT 20"
-    )
-    .iter()
-    .map(|r| {
-        Ok(InFlightBatch {
-            id: r.text(0)?.unwrap_or_default(),
-            idempotency_key: r.text(1)?.unwrap_or_default(),
-            team: super::team_name(&r.text(11)?.unwrap_or_default()).to_owned(),
-            object_type: r.text(2)?.unwrap_or_default(),
-            operation: r.text(12)?.unwrap_or_default(),
-            items: r.int(3)?.unwrap_or(0),
-            rows: r.int(4)?.unwrap_or(0),
-            attempts: r.int(5)?.unwrap_or(0),
-            age_seconds: r.float(6)?.unwrap_or(0.0),
-            lease_owner: r.text(7)?,
-            next_attempt_in_seconds: r.float(8)?.unwrap_or(0.0),
-            last_status: r.int(9)?,
-            last_error: r.text(10)?,
-        })
-    })
-    .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    let recent_audit = fetch_all!(
-        store,
-        "SELECT at, actor, action, filter, rows FROM prism_audit ORDER BY id DESC LIMIT 5",
-        "SELECT at::text, actor, action, filter::text, rows FROM prism_audit ORDER BY id DESC LIMIT 5"
-    )
-    .iter()
-    .map(|r| {
-        Ok(AuditEntry {
-            at: r.text(0)?.unwrap_or_default(),
-            actor: r.text(1)?.unwrap_or_default(),
-            action: r.text(2)?.unwrap_or_default(),
-            filter: r.text(3)?.unwrap_or_default(),
-            rows: r.int(4)?.unwrap_or(0),
-        })
-    })
-    .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let mut in_flight = store.open_batches(20).await?;
+    for b in &mut in_flight {
+        b.team = super::team_name(&b.team).to_owned();
+    }
+    let recent_audit = store.audit_entries(5, None).await?;
     Ok(StatusReport {
         database: store.kind().to_owned(),
         rows,
@@ -264,6 +127,44 @@ pub async fn status(store: &Store) -> Result<StatusReport, StoreError> {
         paused: store.pauses().await?,
         replicas: store.replicas().await?,
     })
+}
+
+/// `prism-sync status`'s command line.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// An unfinished change older than this counts as stuck (exit code 4).
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    pub stuck_after: std::time::Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusCommandError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("writing the output: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// `prism-sync status`: the report as a table or JSON; returns the exit code (see the module).
+pub async fn run(
+    store: &Store,
+    args: &StatusArgs,
+    out: &mut impl std::io::Write,
+) -> Result<u8, StatusCommandError> {
+    let report = status(store).await?;
+    if args.json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&report).expect("a report serialises")
+        )?;
+    } else {
+        render(&report, out)?;
+    }
+    Ok(report.exit_code(args.stuck_after.as_secs_f64()))
 }
 
 /// The readable view.
@@ -346,6 +247,14 @@ pub fn render(report: &StatusReport, out: &mut impl std::io::Write) -> std::io::
         writeln!(out)?;
         super::pause::render(&report.paused, out)?;
     }
+    render_in_flight(report, out)?;
+    crate::fleet::top::render_replicas(&report.replicas, out)?;
+    render_dead_codes(report, out)?;
+    render_recent_audit(report, out)
+}
+
+/// The open batches, oldest first.
+fn render_in_flight(report: &StatusReport, out: &mut impl std::io::Write) -> std::io::Result<()> {
     if !report.in_flight.is_empty() {
         writeln!(out)?;
         let rows: Vec<Vec<String>> = report
@@ -385,7 +294,11 @@ pub fn render(report: &StatusReport, out: &mut impl std::io::Write) -> std::io::
             &rows,
         )?;
     }
-    crate::fleet::top::render_replicas(&report.replicas, out)?;
+    Ok(())
+}
+
+/// Dead rows by error code, with what to do next.
+fn render_dead_codes(report: &StatusReport, out: &mut impl std::io::Write) -> std::io::Result<()> {
     if !report.dead_codes.is_empty() {
         writeln!(out)?;
         writeln!(out, "  dead rows by error code:")?;
@@ -407,6 +320,14 @@ pub fn render(report: &StatusReport, out: &mut impl std::io::Write) -> std::io::
             "  see one: prism-sync inspect ROW_ID; requeue after fixing the cause: prism-sync replay --error-code CODE --dry-run"
         )?;
     }
+    Ok(())
+}
+
+/// The last operator actions.
+fn render_recent_audit(
+    report: &StatusReport,
+    out: &mut impl std::io::Write,
+) -> std::io::Result<()> {
     if !report.recent_audit.is_empty() {
         writeln!(out)?;
         writeln!(out, "  recent operator actions:")?;

@@ -19,9 +19,11 @@ mod controls;
 mod dialect;
 pub mod fleet;
 mod lease;
+mod ops_api;
 mod postgres;
 mod record;
 mod sqlite;
+pub mod views;
 
 use std::time::Duration;
 
@@ -35,6 +37,7 @@ pub use controls::{
     HistoryAttempt, HistoryBatch, HistoryChange, KeptResponse, Pause, PauseTarget, RecordHistory,
     StoredResponse,
 };
+pub use ops_api::{OpsTx, RawPool};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -474,43 +477,6 @@ impl Store {
 
     pub async fn gauges(&self) -> StoreResult<Gauges> {
         dispatch!(self, s => s.gauges().await)
-    }
-
-    /// A write transaction for the operator commands' own SQL: on SQLite on the store's one
-    /// writer connection, queued with the daemon's writes; on Postgres a pool transaction.
-    pub(crate) async fn begin_ops_write(&self) -> StoreResult<OpsTx> {
-        Ok(match self {
-            Store::Sqlite(s) => OpsTx::Sqlite(s.begin_write().await?),
-            Store::Postgres(s) => OpsTx::Postgres(s.pool().begin().await?),
-        })
-    }
-
-    pub fn sqlx_kind(&self) -> StoreKind<'_> {
-        match self {
-            Store::Sqlite(s) => StoreKind::Sqlite(s.pool()),
-            Store::Postgres(s) => StoreKind::Postgres(s.pool()),
-        }
-    }
-}
-
-/// Direct pool access for the operator commands, which run their own SQL per engine.
-pub enum StoreKind<'a> {
-    Sqlite(&'a sqlx::SqlitePool),
-    Postgres(&'a sqlx::PgPool),
-}
-
-/// A write transaction of an operator command, from [`Store::begin_ops_write`].
-pub(crate) enum OpsTx {
-    Sqlite(sqlite::WriteTx),
-    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
-}
-
-impl OpsTx {
-    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
-        match self {
-            OpsTx::Sqlite(tx) => tx.commit().await,
-            OpsTx::Postgres(tx) => tx.commit().await,
-        }
     }
 }
 

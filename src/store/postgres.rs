@@ -21,6 +21,7 @@ use crate::settings::DatabaseSettings;
 mod controls;
 mod fleet;
 mod migrate;
+pub(super) mod ops;
 
 mod nodelay {
     //! sqlx 0.9.0 stopped setting `TCP_NODELAY` on its sockets (launchbadge/sqlx#4335; fixed

@@ -25,6 +25,7 @@ use crate::settings::DatabaseSettings;
 
 mod controls;
 mod fleet;
+pub(super) mod ops;
 
 /// The database's clock, in the text form every timestamp column uses.
 macro_rules! now {

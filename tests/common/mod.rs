@@ -11,7 +11,7 @@ use prism_sync::engine::{Engine, EngineConfig};
 use prism_sync::health::Health;
 use prism_sync::settings::Settings;
 use prism_sync::sim::{FaultProfile, SimConfig, SimHandle, Simulator};
-use prism_sync::store::{Store, StoreKind};
+use prism_sync::store::{RawPool, Store};
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -213,14 +213,14 @@ pub async fn start_engine(settings: &Settings) -> RunningEngine {
 pub async fn insert_rows(store: &Store, rows: &[(String, String)]) -> Vec<i64> {
     let mut ids = Vec::new();
     for (record, patch) in rows {
-        let id: i64 = match store.sqlx_kind() {
-            StoreKind::Sqlite(p) => sqlx::query_scalar("INSERT INTO prism_outbox (record_id, patch) VALUES (?1, ?2) RETURNING id")
+        let id: i64 = match store.raw_pool_for_tests() {
+            RawPool::Sqlite(p) => sqlx::query_scalar("INSERT INTO prism_outbox (record_id, patch) VALUES (?1, ?2) RETURNING id")
                 .bind(record)
                 .bind(patch)
                 .fetch_one(p)
                 .await
                 .expect("insert"),
-            StoreKind::Postgres(p) => {
+            RawPool::Postgres(p) => {
                 sqlx::query_scalar("INSERT INTO prism_outbox (record_id, patch) VALUES ($1::uuid, $2::jsonb) RETURNING id")
                     .bind(record)
                     .bind(patch)
@@ -236,14 +236,14 @@ pub async fn insert_rows(store: &Store, rows: &[(String, String)]) -> Vec<i64> {
 
 /// Runs raw SQL on either engine (test set-up of odd rows).
 pub async fn exec(store: &Store, sql: &str) {
-    match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => {
+    match store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => {
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
                 .execute(p)
                 .await
                 .expect("sql");
         }
-        StoreKind::Postgres(p) => {
+        RawPool::Postgres(p) => {
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
                 .execute(p)
                 .await
@@ -262,8 +262,8 @@ pub struct RowState {
 }
 
 pub async fn rows(store: &Store) -> Vec<RowState> {
-    match store.sqlx_kind() {
-        StoreKind::Sqlite(p) => sqlx::query("SELECT id, state, attempts, last_error_code, batch_id FROM prism_outbox ORDER BY id")
+    match store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => sqlx::query("SELECT id, state, attempts, last_error_code, batch_id FROM prism_outbox ORDER BY id")
             .fetch_all(p)
             .await
             .unwrap()
@@ -276,7 +276,7 @@ pub async fn rows(store: &Store) -> Vec<RowState> {
                 batch_id: r.get(4),
             })
             .collect(),
-        StoreKind::Postgres(p) => sqlx::query(
+        RawPool::Postgres(p) => sqlx::query(
             "SELECT id, state, attempts::bigint, last_error_code, batch_id::text FROM prism_outbox ORDER BY id",
         )
         .fetch_all(p)
@@ -514,7 +514,7 @@ pub async fn verb(
 
 /// Postgres: waits until every row is below the visibility watermark (claimable). SQLite has none.
 pub async fn wait_below_watermark(store: &Store) {
-    let StoreKind::Postgres(p) = store.sqlx_kind() else {
+    let RawPool::Postgres(p) = store.raw_pool_for_tests() else {
         return;
     };
     for _ in 0..500 {

@@ -9,7 +9,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use prism_sync::sim::{FaultProfile, SimConfig, SimHandle, Simulator};
-use prism_sync::store::{Store, StoreKind};
+use prism_sync::store::{RawPool, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -682,8 +682,8 @@ impl Db {
 
     /// Inserts rows in one transaction, with plain SQL as an application would.
     pub async fn insert(&self, rows: &[PlannedRow]) -> Result<(), sqlx::Error> {
-        match self.store.sqlx_kind() {
-            StoreKind::Sqlite(p) => {
+        match self.store.raw_pool_for_tests() {
+            RawPool::Sqlite(p) => {
                 let mut tx = p.begin().await?;
                 for row in rows {
                     sqlx::query("INSERT INTO prism_outbox (record_id, patch) VALUES (?1, ?2)")
@@ -694,7 +694,7 @@ impl Db {
                 }
                 tx.commit().await
             }
-            StoreKind::Postgres(p) => {
+            RawPool::Postgres(p) => {
                 let mut tx = p.begin().await?;
                 for row in rows {
                     sqlx::query(
@@ -730,9 +730,9 @@ impl Db {
         let sql = "SELECT count(*) FILTER (WHERE state IN ('succeeded', 'dead')), count(*),
                           count(*) FILTER (WHERE state = 'succeeded')
                    FROM prism_outbox";
-        match self.store.sqlx_kind() {
-            StoreKind::Sqlite(p) => sqlx::query_as(sql).fetch_one(p).await.ok(),
-            StoreKind::Postgres(p) => sqlx::query_as(sql).fetch_one(p).await.ok(),
+        match self.store.raw_pool_for_tests() {
+            RawPool::Sqlite(p) => sqlx::query_as(sql).fetch_one(p).await.ok(),
+            RawPool::Postgres(p) => sqlx::query_as(sql).fetch_one(p).await.ok(),
         }
     }
 
@@ -740,13 +740,13 @@ impl Db {
     pub async fn leased_by(&self, pid: u32) -> i64 {
         let pattern = format!("%:{pid}:%");
         let sql = "SELECT count(*) FROM prism_batches WHERE state = 'open' AND lease_owner LIKE $1";
-        match self.store.sqlx_kind() {
-            StoreKind::Sqlite(p) => sqlx::query_scalar(sql)
+        match self.store.raw_pool_for_tests() {
+            RawPool::Sqlite(p) => sqlx::query_scalar(sql)
                 .bind(pattern)
                 .fetch_one(p)
                 .await
                 .unwrap_or(0),
-            StoreKind::Postgres(p) => sqlx::query_scalar(sql)
+            RawPool::Postgres(p) => sqlx::query_scalar(sql)
                 .bind(pattern)
                 .fetch_one(p)
                 .await
@@ -758,9 +758,9 @@ impl Db {
     pub async fn keys_answered(&self, status: i32) -> Vec<String> {
         let sql = "SELECT DISTINCT b.idempotency_key FROM prism_batch_attempts a
                    JOIN prism_batches b ON b.id = a.batch_id WHERE a.http_status = $1";
-        match self.store.sqlx_kind() {
-            StoreKind::Sqlite(p) => sqlx::query_scalar(sql).bind(status).fetch_all(p).await,
-            StoreKind::Postgres(p) => sqlx::query_scalar(sql).bind(status).fetch_all(p).await,
+        match self.store.raw_pool_for_tests() {
+            RawPool::Sqlite(p) => sqlx::query_scalar(sql).bind(status).fetch_all(p).await,
+            RawPool::Postgres(p) => sqlx::query_scalar(sql).bind(status).fetch_all(p).await,
         }
         .expect("read batch attempts")
     }
@@ -770,8 +770,8 @@ impl Db {
     pub async fn diagnose(&self) -> String {
         let states = "SELECT state || ':' || count(*) FROM prism_outbox GROUP BY state";
         let batches = "SELECT state || ':' || count(*) FROM prism_batches GROUP BY state";
-        match self.store.sqlx_kind() {
-            StoreKind::Sqlite(p) => {
+        match self.store.raw_pool_for_tests() {
+            RawPool::Sqlite(p) => {
                 let a: Vec<String> = sqlx::query_scalar(states)
                     .fetch_all(p)
                     .await
@@ -782,7 +782,7 @@ impl Db {
                     .unwrap_or_default();
                 format!("rows {a:?}, batches {b:?}")
             }
-            StoreKind::Postgres(p) => {
+            RawPool::Postgres(p) => {
                 let a: Vec<String> = sqlx::query_scalar(states)
                     .fetch_all(p)
                     .await
@@ -847,8 +847,8 @@ impl Db {
     /// Rows and batches as the checker reads them.
     pub async fn snapshot(&self) -> DbSnapshot {
         use sqlx::Row;
-        let (rows, batches) = match self.store.sqlx_kind() {
-            StoreKind::Sqlite(p) => {
+        let (rows, batches) = match self.store.raw_pool_for_tests() {
+            RawPool::Sqlite(p) => {
                 let rows = sqlx::query(
                     "SELECT id, CAST(record_id AS BLOB),
                             CASE WHEN length(CAST(patch AS BLOB)) > 65536 THEN NULL ELSE CAST(patch AS BLOB) END,
@@ -886,7 +886,7 @@ impl Db {
                         .collect();
                 (rows, batches)
             }
-            StoreKind::Postgres(p) => {
+            RawPool::Postgres(p) => {
                 let rows = sqlx::query(
                     "SELECT id, record_id::text,
                             CASE WHEN octet_length(patch::text) > 65536 THEN NULL ELSE patch::text END,

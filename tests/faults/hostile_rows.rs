@@ -13,7 +13,7 @@ use prism_sync::sim::FaultProfile;
 use crate::checker::Expect;
 use crate::common::Backend;
 use crate::harness::*;
-use prism_sync::store::StoreKind;
+use prism_sync::store::RawPool;
 
 /// Peak resident memory the daemon (a debug build) may reach in this scenario, with 80 MB of
 /// oversized patches in the outbox. Measured: about 30 MiB without them; 60-133 MiB with 8,
@@ -136,13 +136,13 @@ fn hostile(backend: Backend) -> Vec<(&'static str, &'static str, &'static str, &
 async fn insert_returning(db: &Db, sql: &str) -> i64 {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let inserted: Result<i64, sqlx::Error> = match db.store.sqlx_kind() {
-            StoreKind::Sqlite(p) => {
+        let inserted: Result<i64, sqlx::Error> = match db.store.raw_pool_for_tests() {
+            RawPool::Sqlite(p) => {
                 sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
                     .fetch_one(p)
                     .await
             }
-            StoreKind::Postgres(p) => {
+            RawPool::Postgres(p) => {
                 sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
                     .fetch_one(p)
                     .await

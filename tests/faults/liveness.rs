@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use prism_sync::batch::{PlanLimits, TeamSet};
 use prism_sync::sim::FaultProfile;
-use prism_sync::store::{ClaimRequest, Lane, StoreKind};
+use prism_sync::store::{ClaimRequest, Lane, RawPool};
 use rand::Rng;
 use uuid::Uuid;
 
@@ -114,14 +114,14 @@ fn rows_of(record: &str, from: u64, n: u64) -> Vec<PlannedRow> {
 /// the team and then stopped: open, its lease lapsing, its rows in flight.
 async fn strand_batch_of_removed_team(db: &Db, rows: &[PlannedRow]) -> Result<Vec<i64>, String> {
     db.insert(rows).await.map_err(|e| e.to_string())?;
-    let moved: Vec<i64> = match db.store.sqlx_kind() {
-        StoreKind::Sqlite(p) => sqlx::query_scalar(
+    let moved: Vec<i64> = match db.store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => sqlx::query_scalar(
             "UPDATE prism_outbox SET team_id = 'gone' WHERE state = 'pending' RETURNING id",
         )
         .fetch_all(p)
         .await
         .map_err(|e| e.to_string())?,
-        StoreKind::Postgres(p) => sqlx::query_scalar(
+        RawPool::Postgres(p) => sqlx::query_scalar(
             "UPDATE prism_outbox SET team_id = 'gone' WHERE state = 'pending' RETURNING id",
         )
         .fetch_all(p)
@@ -159,15 +159,15 @@ async fn unreadable_batches(db: &Db) -> Result<(BTreeSet<String>, BatchOf), Stri
                WHERE a.outcome = 'unreadable_response' AND EXISTS (
                    SELECT 1 FROM prism_batch_attempts b
                    WHERE b.batch_id = a.batch_id AND b.http_status BETWEEN 200 AND 299)";
-    let ids: Vec<String> = match db.store.sqlx_kind() {
-        StoreKind::Sqlite(p) => sqlx::query_scalar(sql).fetch_all(p).await,
-        StoreKind::Postgres(p) => sqlx::query_scalar(sql).fetch_all(p).await,
+    let ids: Vec<String> = match db.store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => sqlx::query_scalar(sql).fetch_all(p).await,
+        RawPool::Postgres(p) => sqlx::query_scalar(sql).fetch_all(p).await,
     }
     .map_err(|e| e.to_string())?;
     let sql = "SELECT id, CAST(batch_id AS TEXT) FROM prism_outbox";
-    let rows: Vec<(i64, Option<String>)> = match db.store.sqlx_kind() {
-        StoreKind::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await,
-        StoreKind::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await,
+    let rows: Vec<(i64, Option<String>)> = match db.store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await,
+        RawPool::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await,
     }
     .map_err(|e| e.to_string())?;
     Ok((ids.into_iter().collect(), rows.into_iter().collect()))

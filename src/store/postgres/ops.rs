@@ -1,0 +1,705 @@
+//! The operator commands' statements on Postgres (see `store/ops_api.rs` for what each means).
+//! An operator's write transaction never waits for a row lock (`SKIP LOCKED`): a claim holds
+//! its heads while it waits for their followers' locks, so waiting here could deadlock with it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnection, PgRow};
+use sqlx::{Postgres, QueryBuilder, Row, Transaction};
+use uuid::Uuid;
+
+use super::PgStore;
+use crate::model::RowState;
+use crate::store::StoreResult;
+use crate::store::views::{
+    AttemptView, AuditEntry, BatchView, Change, DeadCodeCount, NewerRow, OpenBatch, Page,
+    PurgeAudit, PurgeCut, RowFilter, RowSummary, RowView, StateCount,
+};
+
+/// See the SQLite store's `no_dead_before`: a succeeded row stays while an older row of its
+/// record is dead, so that a replay of that row can still be judged against it.
+macro_rules! no_dead_before {
+    () => {
+        "NOT (prism_outbox.state = 'succeeded' AND EXISTS (
+             SELECT 1 FROM prism_outbox AS d
+             WHERE d.record_id = prism_outbox.record_id AND d.id < prism_outbox.id
+               AND d.state = 'dead' AND d.object_type = prism_outbox.object_type
+               AND d.team_id = prism_outbox.team_id))"
+    };
+}
+
+const ROW_COLUMNS: &str = "SELECT id, record_id::text, object_type, state, attempts::bigint,
+    enqueued_at::text, next_attempt_at::text, completed_at::text, batch_id::text, last_error_code,
+    last_error_message, left(patch::text, 65536), operation, team_id FROM prism_outbox";
+
+/// A `timestamptz` as RFC 3339 text in UTC, the form SQLite stores: exports read alike from
+/// either engine.
+macro_rules! utc_text {
+    ($column:literal) => {
+        concat!(
+            "to_char(",
+            $column,
+            " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+        )
+    };
+}
+
+const SUMMARY_COLUMNS: &str = concat!(
+    "SELECT id, record_id::text, object_type, operation, team_id, state, attempts::bigint,
+     last_error_code, last_error_message, ",
+    utc_text!("enqueued_at"),
+    ", ",
+    utc_text!("completed_at"),
+    ", batch_id::text FROM prism_outbox"
+);
+
+fn states(from: &[RowState]) -> Vec<&'static str> {
+    from.iter().map(|s| s.as_str()).collect()
+}
+
+impl PgStore {
+    /// A read-only transaction with one snapshot for all its statements.
+    pub(crate) async fn begin_read_only(&self) -> StoreResult<Transaction<'static, Postgres>> {
+        Ok(self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?)
+    }
+
+    pub(crate) async fn count_rows(&self) -> StoreResult<Vec<StateCount>> {
+        let rows: Vec<(String, String, i64, String, String)> = sqlx::query_as(
+            "SELECT object_type, state, count(*), team_id, operation
+             FROM prism_outbox GROUP BY 1, 2, 4, 5",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(object_type, state, rows, team_id, operation)| StateCount {
+                    object_type,
+                    state,
+                    team_id,
+                    operation,
+                    rows,
+                },
+            )
+            .collect())
+    }
+
+    pub(crate) async fn dead_codes(&self) -> StoreResult<Vec<DeadCodeCount>> {
+        let rows: Vec<(String, i64, Option<String>)> = sqlx::query_as(
+            "SELECT COALESCE(last_error_code, 'unknown'), count(*), max(last_error_message)
+             FROM prism_outbox WHERE state = 'dead' GROUP BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(code, rows, sample_message)| DeadCodeCount {
+                code,
+                rows,
+                sample_message,
+            })
+            .collect())
+    }
+
+    pub(crate) async fn open_batches(&self, limit: u32) -> StoreResult<Vec<OpenBatch>> {
+        let rows = sqlx::query(
+            "SELECT id::text, idempotency_key, object_type, item_count::bigint, row_count::bigint, attempts::bigint,
+                    extract(epoch FROM now() - created_at)::float8, lease_owner,
+                    greatest(0, extract(epoch FROM next_attempt_at - now()))::float8, last_status::bigint, last_error,
+                    team_id, operation
+             FROM prism_batches WHERE state = 'open' ORDER BY created_at LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OpenBatch {
+                    id: r.try_get(0)?,
+                    idempotency_key: r.try_get(1)?,
+                    object_type: r.try_get(2)?,
+                    items: r.try_get(3)?,
+                    rows: r.try_get(4)?,
+                    attempts: r.try_get(5)?,
+                    age_seconds: r.try_get(6)?,
+                    lease_owner: r.try_get(7)?,
+                    next_attempt_in_seconds: r.try_get(8)?,
+                    last_status: r.try_get(9)?,
+                    last_error: r.try_get(10)?,
+                    team: r.try_get(11)?,
+                    operation: r.try_get(12)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
+    pub(crate) async fn audit_entries(
+        &self,
+        limit: u32,
+        before_id: Option<i64>,
+    ) -> StoreResult<Vec<AuditEntry>> {
+        let rows: Vec<(i64, String, String, String, String, i64)> = sqlx::query_as(concat!(
+            "SELECT id, ",
+            utc_text!("at"),
+            ", actor, action, filter::text, rows FROM prism_audit
+                 WHERE $1::bigint IS NULL OR id < $1 ORDER BY id DESC LIMIT $2"
+        ))
+        .bind(before_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, at, actor, action, filter, rows)| AuditEntry {
+                id,
+                at,
+                actor,
+                action,
+                filter,
+                rows,
+            })
+            .collect())
+    }
+
+    pub(crate) async fn row(&self, id: i64) -> StoreResult<Option<RowView>> {
+        let found = sqlx::query(sqlx::AssertSqlSafe(format!("{ROW_COLUMNS} WHERE id = $1")))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(found.as_ref().map(row_view).transpose()?)
+    }
+
+    pub(crate) async fn batch(&self, id: Uuid) -> StoreResult<Option<BatchView>> {
+        let Some(h) = sqlx::query(
+            "SELECT id::text, idempotency_key, object_type, state, attempts::bigint, item_count::bigint,
+                    row_count::bigint, created_at::text, completed_at::text, next_attempt_at::text, lease_owner,
+                    lease_expires_at::text, parent_id::text, last_status::bigint, last_error, body, items,
+                    operation, team_id
+             FROM prism_batches WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let attempts = sqlx::query(
+            "SELECT attempt::bigint, owner, finished_at::text, http_status::bigint, outcome, detail,
+                    replay, duration_ms::bigint
+             FROM prism_batch_attempts WHERE batch_id = $1 ORDER BY attempt",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        let children: Vec<String> =
+            sqlx::query_scalar("SELECT id::text FROM prism_batches WHERE parent_id = $1")
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?;
+        let row_ids = BatchView::row_ids(&h.try_get::<String, _>(16)?);
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{ROW_COLUMNS} WHERE id = ANY($1) ORDER BY id"
+        )))
+        .bind(&row_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Some(BatchView {
+            id: h.try_get(0)?,
+            idempotency_key: h.try_get(1)?,
+            object_type: h.try_get(2)?,
+            state: h.try_get(3)?,
+            attempts: h.try_get(4)?,
+            item_count: h.try_get(5)?,
+            row_count: h.try_get(6)?,
+            created_at: h.try_get(7)?,
+            completed_at: h.try_get(8)?,
+            next_attempt_at: h.try_get(9)?,
+            lease_owner: h.try_get(10)?,
+            lease_expires_at: h.try_get(11)?,
+            parent_id: h.try_get(12)?,
+            last_status: h.try_get(13)?,
+            last_error: h.try_get(14)?,
+            body: BatchView::body_value(&h.try_get::<Vec<u8>, _>(15)?),
+            operation: h.try_get(17)?,
+            team_id: h.try_get(18)?,
+            children,
+            http_attempts: attempts
+                .iter()
+                .map(attempt_view)
+                .collect::<Result<_, _>>()?,
+            rows: rows.iter().map(row_view).collect::<Result<_, _>>()?,
+        }))
+    }
+
+    pub(crate) async fn find_rows(
+        &self,
+        filter: &RowFilter,
+        page: Page,
+    ) -> StoreResult<Vec<RowSummary>> {
+        let mut c = self.pool.acquire().await?;
+        select_rows(&mut c, filter, page, false).await
+    }
+
+    pub(crate) async fn stored_patch_bytes(&self, patches: &[&str]) -> StoreResult<Vec<usize>> {
+        let mut sizes = Vec::with_capacity(patches.len());
+        for chunk in patches.chunks(5000) {
+            let chunk_sizes: Vec<i64> = sqlx::query_scalar(
+                "SELECT octet_length(p.patch::jsonb::text)::bigint
+                 FROM unnest($1::text[]) WITH ORDINALITY AS p(patch, n) ORDER BY p.n",
+            )
+            .bind(chunk)
+            .fetch_all(&self.pool)
+            .await?;
+            sizes.extend(
+                chunk_sizes
+                    .into_iter()
+                    .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            );
+        }
+        Ok(sizes)
+    }
+
+    pub(crate) async fn insert_changes(&self, changes: &[Change]) -> StoreResult<()> {
+        const CHUNK: usize = 5000;
+        let mut tx = self.pool.begin().await?;
+        for chunk in changes.chunks(CHUNK) {
+            let ids: Vec<Uuid> = chunk.iter().map(|c| c.record_id).collect();
+            let patches: Vec<&str> = chunk.iter().map(|c| c.patch.as_str()).collect();
+            let types: Vec<&str> = chunk.iter().map(|c| c.object_type.as_str()).collect();
+            let operations: Vec<&str> = chunk.iter().map(|c| c.operation.as_str()).collect();
+            let teams: Vec<&str> = chunk.iter().map(|c| c.team_id.as_str()).collect();
+            sqlx::query(
+                "INSERT INTO prism_outbox (record_id, patch, object_type, operation, team_id)
+                 SELECT u.record_id, u.patch::jsonb, u.object_type, u.operation, u.team_id
+                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+                      WITH ORDINALITY AS u(record_id, patch, object_type, operation, team_id, n)
+                 ORDER BY u.n",
+            )
+            .bind(&ids)
+            .bind(&patches)
+            .bind(&types)
+            .bind(&operations)
+            .bind(&teams)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(crate) async fn purge_cutoff(&self, older_than: Duration) -> StoreResult<String> {
+        Ok(sqlx::query_scalar(
+            "SELECT to_char((now() - make_interval(secs => $1)) AT TIME ZONE 'UTC',
+                            'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+        )
+        .bind(older_than.as_secs_f64())
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub(crate) async fn purge_counts(
+        &self,
+        cut: PurgeCut<'_>,
+    ) -> StoreResult<(Vec<(String, i64)>, i64)> {
+        let by_state = sqlx::query_as(concat!(
+            "SELECT state, count(*) FROM prism_outbox
+             WHERE completed_at < $1::timestamptz AND state = ANY($2) AND ",
+            no_dead_before!(),
+            " GROUP BY state"
+        ))
+        .bind(cut.cutoff)
+        .bind(cut.states)
+        .fetch_all(&self.pool)
+        .await?;
+        let batches = sqlx::query_scalar(
+            "SELECT count(*) FROM prism_batches b
+             WHERE b.state <> 'open' AND b.completed_at < $1::timestamptz
+               AND NOT EXISTS (SELECT 1 FROM prism_outbox o WHERE o.batch_id = b.id
+                                 AND (o.completed_at IS NULL OR o.completed_at >= $1::timestamptz
+                                      OR o.state <> ALL($2)))",
+        )
+        .bind(cut.cutoff)
+        .bind(cut.states)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((by_state, batches))
+    }
+
+    pub(crate) async fn finished_before(
+        &self,
+        cut: PurgeCut<'_>,
+        limit: i64,
+    ) -> StoreResult<Vec<i64>> {
+        Ok(sqlx::query_scalar(concat!(
+            "SELECT id FROM prism_outbox
+             WHERE completed_at < $1::timestamptz AND state = ANY($2) AND ",
+            no_dead_before!(),
+            " LIMIT $3"
+        ))
+        .bind(cut.cutoff)
+        .bind(cut.states)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub(crate) async fn delete_finished_rows(
+        &self,
+        cut: PurgeCut<'_>,
+        ids: &[i64],
+        audit: &mut PurgeAudit,
+    ) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        // The state is checked on the row as it is when the DELETE locks it: a row a replay
+        // committed as `pending` meanwhile fails it and stays.
+        let n = sqlx::query(concat!(
+            "DELETE FROM prism_outbox
+             WHERE id = ANY($1)
+               AND state IN ('succeeded', 'dead') AND state = ANY($2)
+               AND completed_at IS NOT NULL AND completed_at < $3::timestamptz AND ",
+            no_dead_before!()
+        ))
+        .bind(ids)
+        .bind(cut.states)
+        .bind(cut.cutoff)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        purge_audit(&mut tx, audit, n, 0).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    pub(crate) async fn delete_orphan_batches(
+        &self,
+        cutoff: &str,
+        limit: i64,
+        audit: &mut PurgeAudit,
+    ) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "DELETE FROM prism_batches WHERE id IN (
+               SELECT b.id FROM prism_batches b
+               WHERE b.state <> 'open' AND b.completed_at < $1::timestamptz
+                 AND NOT EXISTS (SELECT 1 FROM prism_outbox o WHERE o.batch_id = b.id)
+               LIMIT $2)
+             RETURNING id",
+        )
+        .bind(cutoff)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM prism_batch_attempts WHERE batch_id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        let n = ids.len() as u64;
+        purge_audit(&mut tx, audit, 0, n).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+}
+
+/// Writes the purge's audit entry with its first deletion, and grows it with each after.
+async fn purge_audit(
+    c: &mut PgConnection,
+    audit: &mut PurgeAudit,
+    rows: u64,
+    batches: u64,
+) -> Result<(), sqlx::Error> {
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let (rows, batches) = (count(rows), count(batches));
+    if rows + batches == 0 {
+        return Ok(());
+    }
+    match audit.id {
+        None => {
+            audit.id = Some(
+                sqlx::query_scalar(
+                    "INSERT INTO prism_audit (actor, action, filter, rows)
+                     VALUES ($1, 'purge', jsonb_set($2::jsonb, '{batches}', to_jsonb($4::bigint)), $3)
+                     RETURNING id",
+                )
+                .bind(&audit.actor)
+                .bind(&audit.filter)
+                .bind(rows)
+                .bind(batches)
+                .fetch_one(&mut *c)
+                .await?,
+            )
+        }
+        Some(id) => {
+            sqlx::query(
+                "UPDATE prism_audit SET rows = rows + $2,
+                   filter = jsonb_set(filter, '{batches}', to_jsonb((filter->>'batches')::bigint + $3))
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(rows)
+            .bind(batches)
+            .execute(&mut *c)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+fn row_view(r: &PgRow) -> Result<RowView, sqlx::Error> {
+    Ok(RowView {
+        id: r.try_get(0)?,
+        record_id: r.try_get(1)?,
+        object_type: r.try_get(2)?,
+        state: r.try_get(3)?,
+        attempts: r.try_get(4)?,
+        enqueued_at: r.try_get(5)?,
+        next_attempt_at: r.try_get(6)?,
+        completed_at: r.try_get(7)?,
+        batch_id: r.try_get(8)?,
+        last_error_code: r.try_get(9)?,
+        last_error_message: r.try_get(10)?,
+        patch: r.try_get(11)?,
+        operation: r.try_get(12)?,
+        team_id: r.try_get(13)?,
+    })
+}
+
+fn attempt_view(a: &PgRow) -> Result<AttemptView, sqlx::Error> {
+    Ok(AttemptView {
+        attempt: a.try_get(0)?,
+        owner: a.try_get(1)?,
+        finished_at: a.try_get(2)?,
+        http_status: a.try_get(3)?,
+        outcome: a.try_get(4)?,
+        detail: a.try_get(5)?,
+        replay: a.try_get(6)?,
+        duration_ms: a.try_get(7)?,
+    })
+}
+
+fn summary(r: &PgRow) -> Result<RowSummary, sqlx::Error> {
+    Ok(RowSummary {
+        id: r.try_get(0)?,
+        record_id: r.try_get(1)?,
+        object_type: r.try_get(2)?,
+        operation: r.try_get(3)?,
+        team_id: r.try_get(4)?,
+        state: r.try_get(5)?,
+        attempts: r.try_get(6)?,
+        last_error_code: r.try_get(7)?,
+        last_error_message: r.try_get(8)?,
+        enqueued_at: r.try_get(9)?,
+        completed_at: r.try_get(10)?,
+        batch_id: r.try_get(11)?,
+    })
+}
+
+/// `WHERE …` for `filter` and `page`: only the criteria given, so that the planner sees each
+/// as it is and uses the index that serves it (see README, "rows": which filters scan).
+fn push_filter(q: &mut QueryBuilder<Postgres>, f: &RowFilter, page: Page) {
+    q.push(" WHERE id > ").push_bind(page.after_id);
+    if !f.states.is_empty() {
+        q.push(" AND state = ANY(")
+            .push_bind(states(&f.states))
+            .push(")");
+    }
+    if !f.ids.is_empty() {
+        q.push(" AND id = ANY(").push_bind(&f.ids).push(")");
+    }
+    if let Some(b) = f.batch {
+        q.push(" AND batch_id = ").push_bind(b);
+    }
+    if let Some(code) = &f.error_code {
+        q.push(" AND last_error_code = ").push_bind(code.as_str());
+    }
+    if let Some(r) = f.record_id {
+        q.push(" AND record_id = ").push_bind(r);
+    }
+    if let Some(t) = f.object_type {
+        q.push(" AND object_type = ").push_bind(t.as_str());
+    }
+    if !f.teams.is_empty() {
+        q.push(" AND team_id = ANY(").push_bind(&f.teams).push(")");
+    }
+    if let Some(o) = f.operation {
+        q.push(" AND operation = ").push_bind(o.as_str());
+    }
+    if let Some(t) = f.since {
+        q.push(" AND enqueued_at >= ").push_bind(t);
+    }
+    if let Some(t) = f.until {
+        q.push(" AND enqueued_at < ").push_bind(t);
+    }
+    if let Some(text) = &f.message_contains {
+        q.push(" AND strpos(lower(last_error_message), lower(")
+            .push_bind(text.as_str())
+            .push(")) > 0");
+    }
+    q.push(" ORDER BY id");
+    if let Some(limit) = page.limit {
+        q.push(" LIMIT ")
+            .push_bind(i64::try_from(limit).unwrap_or(i64::MAX));
+    }
+}
+
+/// `lock`: each row is locked without waiting; a row someone else holds is left out.
+pub(crate) async fn select_rows(
+    c: &mut PgConnection,
+    f: &RowFilter,
+    page: Page,
+    lock: bool,
+) -> StoreResult<Vec<RowSummary>> {
+    let mut q = QueryBuilder::new(SUMMARY_COLUMNS);
+    push_filter(&mut q, f, page);
+    if lock {
+        q.push(" FOR UPDATE SKIP LOCKED");
+    }
+    let rows = q.build().fetch_all(&mut *c).await?;
+    Ok(rows.iter().map(summary).collect::<Result<_, _>>()?)
+}
+
+/// `id, record_id, object_type, team_id, operation, state, patch`.
+type NewerColumns = (i64, String, String, String, String, String, Option<String>);
+
+/// `lock`: the rows are then locked without waiting and their state read again as locked: a
+/// claim skips them (SKIP LOCKED) until the transaction ends. A row someone else holds is
+/// being claimed or its outcome written right now (or it is gone): it reads as `in_flight`.
+pub(crate) async fn newer_rows(
+    c: &mut PgConnection,
+    records: &[&str],
+    after_id: i64,
+    lock: bool,
+) -> StoreResult<Vec<NewerRow>> {
+    let rows: Vec<NewerColumns> = sqlx::query_as(
+        "SELECT id, record_id::text, object_type, team_id, operation, state, patch::text
+             FROM prism_outbox
+             WHERE record_id = ANY($1::text[]::uuid[]) AND id > $2 AND state <> 'dead'
+             ORDER BY id",
+    )
+    .bind(records)
+    .bind(after_id)
+    .fetch_all(&mut *c)
+    .await?;
+    let mut newer: Vec<NewerRow> = rows
+        .into_iter()
+        .map(
+            |(id, record_id, object_type, team_id, operation, state, patch)| NewerRow {
+                id,
+                record_id,
+                object_type,
+                team_id,
+                operation,
+                state,
+                patch: patch.map(String::into_bytes),
+            },
+        )
+        .collect();
+    if lock {
+        let ids: Vec<i64> = newer.iter().map(|n| n.id).collect();
+        let locked: HashMap<i64, String> = sqlx::query_as(
+            "SELECT id, state FROM prism_outbox WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *c)
+        .await?
+        .into_iter()
+        .collect();
+        for n in &mut newer {
+            n.state = locked
+                .get(&n.id)
+                .cloned()
+                .unwrap_or_else(|| "in_flight".into());
+        }
+    }
+    Ok(newer)
+}
+
+pub(crate) async fn patches(
+    c: &mut PgConnection,
+    ids: &[i64],
+) -> StoreResult<HashMap<i64, Vec<u8>>> {
+    let rows: Vec<(i64, Option<String>)> =
+        sqlx::query_as("SELECT id, patch::text FROM prism_outbox WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(&mut *c)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(id, p)| Some((id, p?.into_bytes())))
+        .collect())
+}
+
+pub(crate) async fn requeue(
+    c: &mut PgConnection,
+    as_is: &[i64],
+    rebased: &[(i64, String)],
+    from: &[RowState],
+) -> StoreResult<u64> {
+    const REQUEUE: &str = "UPDATE prism_outbox SET state = 'pending', attempts = 0,
+           next_attempt_at = now(), completed_at = NULL, first_attempt_at = NULL";
+    const STILL: &str = "state = ANY($2)";
+    let from = states(from);
+    let mut changed = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "{REQUEUE} WHERE id = ANY($1) AND {STILL}"
+    )))
+    .bind(as_is)
+    .bind(&from)
+    .execute(&mut *c)
+    .await?
+    .rows_affected();
+    for (id, patch) in rebased {
+        changed += sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{REQUEUE}, patch = $3::jsonb WHERE id = $1 AND {STILL}"
+        )))
+        .bind(id)
+        .bind(&from)
+        .bind(patch)
+        .execute(&mut *c)
+        .await?
+        .rows_affected();
+    }
+    Ok(changed)
+}
+
+pub(crate) async fn discard(
+    c: &mut PgConnection,
+    ids: &[i64],
+    from: &[RowState],
+    code: &str,
+    message: &str,
+) -> StoreResult<u64> {
+    Ok(sqlx::query(
+        "UPDATE prism_outbox SET state = 'dead', last_error_code = $3, last_error_message = $4,
+                completed_at = now()
+         WHERE id = ANY($1) AND state = ANY($2) AND state <> 'in_flight'",
+    )
+    .bind(ids)
+    .bind(states(from))
+    .bind(code)
+    .bind(message)
+    .execute(&mut *c)
+    .await?
+    .rows_affected())
+}
+
+pub(crate) async fn audit(
+    c: &mut PgConnection,
+    actor: &str,
+    action: &str,
+    filter: &str,
+    rows: i64,
+) -> StoreResult<i64> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO prism_audit (actor, action, filter, rows) VALUES ($1, $2, $3::jsonb, $4) RETURNING id",
+    )
+    .bind(actor)
+    .bind(action)
+    .bind(filter)
+    .bind(rows)
+    .fetch_one(&mut *c)
+    .await?)
+}
