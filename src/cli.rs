@@ -94,26 +94,8 @@ pub async fn execute(
     out: &mut impl Write,
     input: &mut impl BufRead,
 ) -> anyhow::Result<ExitCode> {
-    match &cli.command {
-        Command::Simulate(args) => {
-            crate::telemetry::init_logging(&Default::default());
-            let token = CancellationToken::new();
-            crate::daemon::cancel_on_signals(token.clone());
-            crate::sim::run_simulate((**args).clone(), token).await?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        Command::Demo(args) => {
-            return crate::demo::run(args.clone(), out).await;
-        }
-        Command::Completions(args) => {
-            ops::completions::completions(args.shell, out)?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        Command::Man(args) => {
-            ops::completions::run_man(args, out)?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        _ => {}
+    if let Some(code) = execute_without_settings(&cli.command, out).await? {
+        return Ok(code);
     }
     let settings = load_settings(&cli)?;
     crate::telemetry::init_logging(&settings.log);
@@ -193,8 +175,29 @@ pub async fn execute(
             crate::fleet::top::run(&store, &args, out).await?;
         }
         Command::Simulate(_) | Command::Demo(_) | Command::Completions(_) | Command::Man(_) => {
-            unreachable!("handled above")
+            unreachable!("handled by execute_without_settings")
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The verbs that need no configuration (the simulator, the demo, completions and man pages):
+/// `Some` exit code when `command` is one of them and has run.
+async fn execute_without_settings(
+    command: &Command,
+    out: &mut impl Write,
+) -> anyhow::Result<Option<ExitCode>> {
+    match command {
+        Command::Simulate(args) => {
+            crate::telemetry::init_logging(&Default::default());
+            let token = CancellationToken::new();
+            crate::daemon::cancel_on_signals(token.clone());
+            crate::sim::run_simulate((**args).clone(), token).await?;
+        }
+        Command::Demo(args) => return Ok(Some(crate::demo::run(args.clone(), out).await?)),
+        Command::Completions(args) => ops::completions::completions(args.shell, out)?,
+        Command::Man(args) => ops::completions::run_man(args, out)?,
+        _ => return Ok(None),
+    }
+    Ok(Some(ExitCode::SUCCESS))
 }

@@ -121,6 +121,14 @@ fn describe() {
         "Batches built and stored by claims."
     );
     describe_gauge!(
+        "prism_sync_fleet_replicas",
+        "Replicas in the registry (prism_replicas) as this replica read it on its last heartbeat: state=live, or silent (not seen for three of its heartbeats)."
+    );
+    describe_counter!(
+        "prism_sync_fleet_slot_reservations_total",
+        "Round trips to the database for request slots under a fleet-wide max_requests_per_second (each reserves a small chunk)."
+    );
+    describe_gauge!(
         "prism_sync_concurrency_limit",
         "Requests allowed on the wire now (adaptive, at most sync.max_in_flight)."
     );

@@ -232,8 +232,10 @@ impl SqliteStore {
         &self.pool
     }
 
+    /// Applies the migrations on the writer connection, under the gate like every other write.
     pub async fn migrate(&self) -> StoreResult<()> {
-        MIGRATOR.run(&self.pool).await?;
+        let _gate = self.write_gate.lock().await;
+        MIGRATOR.run(&self.writer).await?;
         Ok(())
     }
 
