@@ -50,6 +50,15 @@ async fn store_batch_of_dead_process(store: &Store, team: &str) {
     )
     .await;
     assert_eq!(claimed.batches.len(), 1, "one batch stored");
+    let waiting = rows(store)
+        .await
+        .iter()
+        .filter(|r| r.state == "pending")
+        .count();
+    assert_eq!(
+        waiting, 0,
+        "the dead process's batch took every waiting row"
+    );
 }
 
 /// Holds the outbox's write lock on a connection of its own (SQLite: the database's write lock;
@@ -245,7 +254,7 @@ both_backends! {
     async fn a_batch_of_a_team_removed_from_the_configuration_ends_dead_as_unknown_team(db) {
         let sim = sim(FaultProfile::default()).await;
         let store = db.store().await;
-        insert_rows(&store, &distinct_records(3)).await;
+        insert_rows_together(&store, &distinct_records(3)).await;
         exec(&store, "UPDATE prism_outbox SET team_id = 'gone'").await;
         wait_below_watermark(&store).await;
         // The previous configuration had team `gone`; its process stored a batch and stopped.
@@ -284,7 +293,7 @@ both_backends! {
     async fn a_failing_claim_does_not_hold_back_batches_leased_just_before_it(db) {
         let sim = sim(FaultProfile::default()).await;
         let store = db.store().await;
-        insert_rows(&store, &distinct_records(5)).await;
+        insert_rows_together(&store, &distinct_records(5)).await;
         wait_below_watermark(&store).await;
         store_batch_of_dead_process(&store, "").await;
         insert_rows(&store, &distinct_records(5)).await;
@@ -325,7 +334,7 @@ both_backends! {
     async fn a_stored_batch_that_cannot_be_read_back_ends_alone_and_the_rest_flows(db) {
         let sim = sim(FaultProfile::default()).await;
         let store = db.store().await;
-        insert_rows(&store, &distinct_records(3)).await;
+        insert_rows_together(&store, &distinct_records(3)).await;
         wait_below_watermark(&store).await;
         store_batch_of_dead_process(&store, "").await;
         exec(&store, "UPDATE prism_batches SET items = 'not what prism-sync wrote'").await;

@@ -234,6 +234,47 @@ pub async fn insert_rows(store: &Store, rows: &[(String, String)]) -> Vec<i64> {
     ids
 }
 
+/// [`insert_rows`] in one transaction: on Postgres the rows share one `txid`, so the visibility
+/// watermark shows all of them or none (rows inserted one transaction each can be split by a
+/// transaction of another database that is committing meanwhile, which the watermark holds back
+/// to be safe: a claim then takes only the first of them).
+pub async fn insert_rows_together(store: &Store, rows: &[(String, String)]) -> Vec<i64> {
+    let mut ids = Vec::new();
+    match store.raw_pool_for_tests() {
+        RawPool::Sqlite(p) => {
+            let mut tx = p.begin().await.expect("begin");
+            for (record, patch) in rows {
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO prism_outbox (record_id, patch) VALUES (?1, ?2) RETURNING id",
+                )
+                .bind(record)
+                .bind(patch)
+                .fetch_one(&mut *tx)
+                .await
+                .expect("insert");
+                ids.push(id);
+            }
+            tx.commit().await.expect("commit");
+        }
+        RawPool::Postgres(p) => {
+            let mut tx = p.begin().await.expect("begin");
+            for (record, patch) in rows {
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO prism_outbox (record_id, patch) VALUES ($1::uuid, $2::jsonb) RETURNING id",
+                )
+                .bind(record)
+                .bind(patch)
+                .fetch_one(&mut *tx)
+                .await
+                .expect("insert");
+                ids.push(id);
+            }
+            tx.commit().await.expect("commit");
+        }
+    }
+    ids
+}
+
 /// Runs raw SQL on either engine (test set-up of odd rows).
 pub async fn exec(store: &Store, sql: &str) {
     match store.raw_pool_for_tests() {
