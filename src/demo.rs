@@ -332,6 +332,10 @@ async fn write_next_steps(
     )?;
     writeln!(
         out,
+        "  {env} cargo run --release -- rows --state dead --csv     # export them for whoever owns the data"
+    )?;
+    writeln!(
+        out,
         "  cargo run --release -- simulate --help     # the simulator and its fault flags"
     )?;
     Ok(())

@@ -267,6 +267,26 @@ async fn the_demo_syncs_its_sample_and_proves_the_guarantees() {
         "{text}"
     );
     assert!(dir.path().join("prism-sync-demo.db").exists());
+    // The export it suggests works on its database: a header, then only dead rows.
+    assert!(text.contains("rows --state dead --csv"), "{text}");
+    let csv = tokio::process::Command::new(bin())
+        .args(["rows", "--state", "dead", "--csv", "--limit", "0"])
+        .env("DATABASE_URL", "sqlite://prism-sync-demo.db")
+        .current_dir(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        csv.status.success(),
+        "{}",
+        String::from_utf8_lossy(&csv.stderr)
+    );
+    let csv = String::from_utf8_lossy(&csv.stdout);
+    let mut lines = csv.lines();
+    assert!(lines.next().is_some_and(|h| h.starts_with("id,")), "{csv}");
+    let rows: Vec<&str> = lines.collect();
+    assert!(!rows.is_empty(), "the demo leaves dead rows: {csv}");
+    assert!(rows.iter().all(|r| r.contains(",dead,")), "{csv}");
 }
 
 /// The SQLite file holds contact data: prism-sync creates it owner-only, whatever the umask,
