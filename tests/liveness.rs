@@ -271,6 +271,28 @@ both_backends! {
         assert!(sim.requests().len() == 1, "nothing of the removed team was sent");
     }
 
+    async fn a_chain_of_strays_of_one_record_ends_in_rounds_not_sweeps(db) {
+        // Rows of a team no longer configured, all of one record: each waits for the one before
+        // it (per-record order), so a sweep can end only the oldest. The sweep that ended one is
+        // followed by another at once; before, each waited for the next 30 s sweep (4 rows: 90 s).
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        let record = uuid();
+        let chain: Vec<(String, String)> = (0..4)
+            .map(|i| (record.clone(), format!(r#"{{"default": {{"n": {i}}}}}"#)))
+            .collect();
+        insert_rows_together(&store, &chain).await;
+        exec(&store, "UPDATE prism_outbox SET team_id = 'gone'").await;
+        wait_below_watermark(&store).await;
+        let engine = start_engine(&settings(&db, &sim)).await;
+        // Well inside one 30 s sweep interval: only sweeps that follow each other at once end
+        // all four in time.
+        let all = wait_until_finished(&store, Duration::from_secs(20)).await;
+        engine.stop().await;
+        assert!(all.iter().all(|r| r.state == "dead" && r.code.as_deref() == Some("unknown_team")), "{all:?}");
+        assert!(sim.requests().is_empty(), "nothing of the removed team was sent");
+    }
+
     async fn a_refused_team_with_nothing_stored_probes_with_a_new_batch(db) {
         let sim = sim(FaultProfile::default()).await;
         sim.set_api_key("rotated");

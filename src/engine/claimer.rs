@@ -37,18 +37,28 @@ pub(super) async fn run(shared: &Arc<Shared>, shutdown: &CancellationToken) {
         for batch in batches {
             dispatch(shared, batch);
         }
-        if let Err(e) = filled {
-            db_failures += 1;
-            wait_for_database(shared, &e, db_failures, shutdown).await;
-            continue;
-        }
+        let strays_ended = match filled {
+            Ok(n) => n,
+            Err(e) => {
+                db_failures += 1;
+                wait_for_database(shared, &e, db_failures, shutdown).await;
+                continue;
+            }
+        };
         if db_failures > 0 {
             info!("database reachable again");
         }
         db_failures = 0;
         shared.health.set_db_ok(true);
         if strays {
-            strays_due = Instant::now() + STRAYS_EVERY;
+            // A stray's later rows of the same record wait for it (per-record order), so a
+            // sweep that ended strays is followed by another at once, until one ends none: a
+            // chain of N strays ends in N rounds, not N × STRAYS_EVERY.
+            strays_due = if strays_ended > 0 {
+                Instant::now()
+            } else {
+                Instant::now() + STRAYS_EVERY
+            };
         }
         if found > 0 && shared.teams.iter().any(|t| wants_work(shared, t)) {
             continue;
@@ -112,12 +122,12 @@ fn dispatch(shared: &Shared, batch: LeasedBatch) {
 /// left of each team's free room, into `batches`. A team whose key is refused gets one probe at
 /// a time (see [`probe_refused`]) and no other claims. Batches leased before a step failed stay
 /// in `batches`: they are ours, and dropping them would leave them waiting for their lease to
-/// lapse.
+/// lapse. Returns how many strays (rows of no lane) went dead.
 async fn fill(
     shared: &Shared,
     strays: bool,
     batches: &mut Vec<LeasedBatch>,
-) -> Result<(), StoreError> {
+) -> Result<usize, StoreError> {
     let cfg = &shared.cfg;
     shared.pauses.refresh(&shared.store).await;
     probe_refused(shared, batches).await?;
@@ -130,7 +140,7 @@ async fn fill(
         .filter(|t| wants_work(shared, t) && !paused(shared, t))
         .collect();
     if open.is_empty() && !strays {
-        return Ok(());
+        return Ok(0);
     }
     let keys: Vec<String> = open.iter().flat_map(|t| t.keys.iter().cloned()).collect();
     let (lanes, skip_lanes) = lanes_of(shared, &open);
@@ -149,9 +159,11 @@ async fn fill(
     batches.extend(due);
     if left > 0 || strays {
         let max_records = left.max(1) * cfg.limits.batch_size;
-        batches.extend(claim(shared, &lanes, max_records, strays).await?);
+        let (claimed, strays_ended) = claim(shared, &lanes, max_records, strays).await?;
+        batches.extend(claimed);
+        return Ok(strays_ended);
     }
-    Ok(())
+    Ok(0)
 }
 
 /// A refused team with nothing unanswered gets one probe of its key: a stored batch of its
@@ -178,7 +190,7 @@ async fn probe_refused(shared: &Shared, batches: &mut Vec<LeasedBatch>) -> Resul
             })
             .await?;
         if probe.is_empty() && team.take_probe(cfg.auth_probe_interval) {
-            batches.extend(claim(shared, &lanes, cfg.limits.batch_size, false).await?);
+            batches.extend(claim(shared, &lanes, cfg.limits.batch_size, false).await?.0);
         }
         batches.extend(probe);
     }
@@ -213,13 +225,14 @@ fn lanes_of(shared: &Shared, teams: &[&Arc<Team>]) -> (Vec<Lane>, Vec<Lane>) {
 }
 
 /// Claims new rows of `lanes` (and, with `strays`, rows of no lane, which go dead) into stored
-/// batches leased to us.
+/// batches leased to us; also returns how many strays went dead (an unknown team or object
+/// type: no lane holds such a row).
 async fn claim(
     shared: &Shared,
     lanes: &[Lane],
     max_records: usize,
     strays: bool,
-) -> Result<Vec<LeasedBatch>, StoreError> {
+) -> Result<(Vec<LeasedBatch>, usize), StoreError> {
     let cfg = &shared.cfg;
     let started = Instant::now();
     let claimed = shared
@@ -244,7 +257,12 @@ async fn claim(
         metrics::counter!("prism_sync_item_errors_total", "code" => dead.code).increment(1);
     }
     Health::count(&shared.health.rows_dead, claimed.dead.len() as u64);
-    Ok(claimed.batches)
+    let strays_ended = claimed
+        .dead
+        .iter()
+        .filter(|d| d.code == codes::UNKNOWN_TEAM || d.code == codes::INVALID_OBJECT_TYPE)
+        .count();
+    Ok((claimed.batches, strays_ended))
 }
 
 /// Ends the open batches of teams no longer configured (see
