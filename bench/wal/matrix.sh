@@ -9,7 +9,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 echo "| variant | fillfactor | fill (insert) B/row | drain B/row, no checkpoint | HOT share | drain B/row, checkpoint after fill |"
 echo "|---|---|---|---|---|---|"
 for spec in v0_current:100 v0_current:80 v2_hot:100 v2_hot:80 v2_hot:50 v3_batch_success:100 \
-            v4_hot_batch_success:80 v4_hot_batch_success:50 v5_claims_table:100 v6_claims_lane_lock:100; do
+            v4_hot_batch_success:80 v4_hot_batch_success:50 v5_claims_table:100 v6_claims_lane_lock:100 \
+            v7_batch_lane:85 v7_batch_lane:50; do
     v=${spec%:*}; ff=${spec#*:}
     for _ in $(seq "$runs"); do
         a=$("$here/run_variant.sh" "$admin" "$v" "$rows" 0 "$ff")

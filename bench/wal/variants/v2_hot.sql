@@ -11,7 +11,7 @@
 DROP INDEX prism_outbox_lane, prism_outbox_record, prism_outbox_batch, prism_outbox_completed,
            prism_outbox_dead_record;
 CREATE INDEX prism_outbox_lane_all ON prism_outbox (team_id, object_type, id);
-CREATE INDEX prism_outbox_record_all ON prism_outbox (record_id, id);
+CREATE INDEX IF NOT EXISTS prism_outbox_record_all ON prism_outbox (record_id, id);
 CREATE TABLE prism_lane_floor (
     team_id text NOT NULL, object_type text NOT NULL, floor_id bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (team_id, object_type));
