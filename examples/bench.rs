@@ -204,6 +204,9 @@ struct WalMark {
     hot: i64,
     /// Checkpoints so far: after one, each page's first change is logged as a full-page image.
     checkpoints: i64,
+    /// The server's CPU time so far, when it runs on this machine and its processes are
+    /// readable (see [`server_cpu_ms`]).
+    cpu_ms: Option<u64>,
 }
 
 impl WalMark {
@@ -217,19 +220,22 @@ impl WalMark {
 
     async fn read(p: &sqlx::PgPool) -> anyhow::Result<WalMark> {
         // pg_stat_clear_snapshot: this backend's earlier reads of the counters are not reused.
-        let (lsn, updates, hot, checkpoints): (String, i64, i64, i64) = sqlx::query_as(
-            "SELECT pg_current_wal_lsn()::text, COALESCE(n_tup_upd, 0), COALESCE(n_tup_hot_upd, 0),
-                    (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter)
-             FROM (SELECT pg_stat_clear_snapshot()) c
-             LEFT JOIN pg_stat_user_tables t ON t.relname = 'prism_outbox'",
-        )
-        .fetch_one(p)
-        .await?;
+        let (lsn, updates, hot, checkpoints, data): (String, i64, i64, i64, Option<String>) =
+            sqlx::query_as(
+                "SELECT pg_current_wal_lsn()::text, COALESCE(n_tup_upd, 0), COALESCE(n_tup_hot_upd, 0),
+                        (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter),
+                        current_setting('data_directory', true)
+                 FROM (SELECT pg_stat_clear_snapshot()) c
+                 LEFT JOIN pg_stat_user_tables t ON t.relname = 'prism_outbox'",
+            )
+            .fetch_one(p)
+            .await?;
         Ok(WalMark {
             lsn,
             updates,
             hot,
             checkpoints,
+            cpu_ms: data.and_then(|d| server_cpu_ms(std::path::Path::new(&d))),
         })
     }
 
@@ -247,6 +253,13 @@ impl WalMark {
             .await?;
         p.close().await;
         let updates = now.updates - self.updates;
+        if let (Some(before), Some(after)) = (self.cpu_ms, now.cpu_ms) {
+            println!(
+                "  {what} server CPU: {:.0} µs per row ({:.1} s, all of the server's processes; bench/pg_cpu.sh)",
+                after.saturating_sub(before) as f64 * 1000.0 / rows.max(1) as f64,
+                after.saturating_sub(before) as f64 / 1000.0
+            );
+        }
         println!(
             "  {what} WAL: {:.0} bytes per row ({:.1} MB for {rows} rows, server-wide; {} checkpoint(s) began meanwhile), outbox updates {updates}, {:.0} % HOT",
             bytes / rows.max(1) as f64,
@@ -256,6 +269,44 @@ impl WalMark {
         );
         Ok(())
     }
+}
+
+/// The CPU time, in milliseconds, that the Postgres server with data directory `data` has spent:
+/// the postmaster's own, its exited children's (backends of closed connections, reaped) and every
+/// live child's. `None` when the server is not on this machine or not readable (as
+/// bench/pg_cpu.sh). Like WAL, it counts every session of the server.
+fn server_cpu_ms(data: &std::path::Path) -> Option<u64> {
+    // utime, stime, cutime, cstime: fields 14-17 of /proc/PID/stat, 12-15 after the ")" that
+    // ends the command name; in USER_HZ (100 a second on Linux).
+    let ticks = |pid: &str, children: bool| -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let f: Vec<u64> = stat
+            .rsplit_once(") ")?
+            .1
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        let own = f.get(11)? + f.get(12)?;
+        Some(if children {
+            own + f.get(13)? + f.get(14)?
+        } else {
+            own
+        })
+    };
+    let pid_file = std::fs::read_to_string(data.join("postmaster.pid")).ok()?;
+    let pm = pid_file.lines().next()?.trim().to_owned();
+    let mut total = ticks(&pm, true)?;
+    for task in std::fs::read_dir(format!("/proc/{pm}/task"))
+        .ok()?
+        .flatten()
+    {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        total += children
+            .split_whitespace()
+            .filter_map(|c| ticks(c, false))
+            .sum::<u64>();
+    }
+    Some(total * 10)
 }
 
 /// What a daemon run left behind, once checked against the simulator's apply log.

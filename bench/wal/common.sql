@@ -1,13 +1,20 @@
 -- Shared by every variant: the per-statement WAL tally of a drain.
 -- wal_steps is UNLOGGED: its own writes add nothing to the WAL it counts.
-CREATE UNLOGGED TABLE wal_steps (step text PRIMARY KEY, bytes numeric NOT NULL DEFAULT 0);
+CREATE UNLOGGED TABLE wal_steps (step text PRIMARY KEY, bytes numeric NOT NULL DEFAULT 0,
+                                 ms numeric NOT NULL DEFAULT 0);
 
 -- Adds the WAL inserted since `since` to step `what`, and returns the position now.
 CREATE FUNCTION wal_tally(what text, since pg_lsn) RETURNS pg_lsn LANGUAGE plpgsql AS $$
 DECLARE now_at pg_lsn := pg_current_wal_insert_lsn();
+        now_t timestamptz := clock_timestamp();
+        -- The time since the previous tally (wall clock of this backend: the step's statements).
+        took numeric := COALESCE(extract(epoch FROM now_t - NULLIF(current_setting('wal.t', true), '')::timestamptz)
+                                 * 1000, 0);
 BEGIN
-    INSERT INTO wal_steps VALUES (what, now_at - since)
-    ON CONFLICT ON CONSTRAINT wal_steps_pkey DO UPDATE SET bytes = wal_steps.bytes + EXCLUDED.bytes;
+    INSERT INTO wal_steps VALUES (what, now_at - since, took)
+    ON CONFLICT ON CONSTRAINT wal_steps_pkey DO UPDATE SET bytes = wal_steps.bytes + EXCLUDED.bytes,
+                                                           ms = wal_steps.ms + EXCLUDED.ms;
+    PERFORM set_config('wal.t', clock_timestamp()::text, false);
     RETURN pg_current_wal_insert_lsn();
 END $$;
 
@@ -16,7 +23,8 @@ CREATE PROCEDURE wal_report(nrows bigint) LANGUAGE plpgsql AS $$
 DECLARE s record;
 BEGIN
     FOR s IN SELECT * FROM wal_steps ORDER BY bytes DESC LOOP
-        RAISE NOTICE '%', rpad(s.step, 34) || round(s.bytes / nrows);
+        RAISE NOTICE '%', rpad(s.step, 34) || rpad(round(s.bytes / nrows)::text, 8)
+                          || round(s.ms * 1000 / nrows) || ' µs';
     END LOOP;
 END $$;
 
@@ -74,7 +82,7 @@ BEGIN
     SET enable_seqscan = off; SET enable_bitmapscan = off; SET enable_sort = off;
     SET enable_hashjoin = off; SET enable_mergejoin = off;
     LOOP
-        t := pg_current_wal_insert_lsn();
+        t := pg_current_wal_insert_lsn(); PERFORM set_config('wal.t', clock_timestamp()::text, false);
         IF use_floor THEN
             IF lane_lock THEN
                 -- The lane's row is the lane's claim lock (another claimer would skip the lane).

@@ -34,7 +34,14 @@ q -c "INSERT INTO prism_outbox (record_id, patch)
 fill=$(q -c "SELECT round((pg_current_wal_lsn() - '$fill0'::pg_lsn) / $rows)")
 [ "$ckpt" = 1 ] && q -c 'CHECKPOINT' >/dev/null
 read -r lsn0 upd0 hot0 < <(q -F' ' -c "SELECT pg_current_wal_lsn(), n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'prism_outbox'")
+# The server's CPU during the drain (bench/pg_cpu.sh), where its data directory is known: the
+# private cluster's (private_pg.sh, from the URL's port), or PGDATA_DIR.
+port=$(echo "$admin" | sed -n 's/.*:\([0-9]*\)\/.*/\1/p')
+cpu_data=${PGDATA_DIR:-${TMPDIR:-/tmp}/prism-wal-pg-$port/data}
+cpu() { [ -r "$cpu_data/postmaster.pid" ] && "$here/../pg_cpu.sh" "$cpu_data" || echo -; }
+cpu0=$(cpu)
 steps=$(q -c "CALL wal_drain(800, 100)" 2>&1 | sed -n 's/^.*NOTICE:  //p')
+cpu1=$(cpu)
 sleep 1  # the cumulative statistics are published when the backend goes idle
 read -r lsn1 upd1 hot1 left < <(q -F' ' -c "SELECT pg_current_wal_lsn(), n_tup_upd, n_tup_hot_upd,
     (SELECT count(*) FROM prism_outbox_state WHERE state NOT IN ('succeeded', 'dead')) FROM pg_stat_user_tables WHERE relname = 'prism_outbox'")
@@ -43,7 +50,8 @@ total=$(q -c "SELECT round(('$lsn1'::pg_lsn - '$lsn0'::pg_lsn) / $rows)")
 echo "== $variant, fillfactor $ff, $rows rows, checkpoint after fill: $ckpt"
 echo "drain WAL bytes/row: $total   (fill, the application's insert: $fill bytes/row)"
 echo "outbox updates: $((upd1 - upd0)), HOT: $((hot1 - hot0))"
-echo "by statement (bytes/row):"; echo "$steps" | sed 's/^/  /'
+[ "$cpu0" = - ] || echo "server CPU: $(( (cpu1 - cpu0) * 1000 / rows )) µs/row (bench/pg_cpu.sh; the drain procedure's own tally included)"
+echo "by statement (bytes/row, then the backend's time per row):"; echo "$steps" | sed 's/^/  /'
 echo "by WAL record type (bytes/row, of which full-page images):"
 q -F' ' -c "SELECT '  ' || rpad(\"resource_manager/record_type\", 28), round(combined_size::numeric / $rows),
                   '(fpi ' || round(fpi_size::numeric / $rows) || ')'
