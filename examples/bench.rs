@@ -1068,8 +1068,8 @@ async fn fill(args: &Args) -> anyhow::Result<()> {
     .await?;
     let after = sim.stats();
     let requests = after.requests_total - before.requests_total;
-    let items = (after.items_applied + after.items_failed)
-        - (before.items_applied + before.items_failed);
+    let items =
+        (after.items_applied + after.items_failed) - (before.items_applied + before.items_failed);
     println!(
         "  trickle {:.0} changes/s ({} changes): {requests} requests, {items} items, {:.1} items per request; latency p50 {:.1} ms, p99 {:.1} ms",
         trickle.len() as f64 / 20.0,
@@ -1077,6 +1077,27 @@ async fn fill(args: &Args) -> anyhow::Result<()> {
         items as f64 / requests.max(1) as f64,
         percentile(&trickle, 0.5),
         percentile(&trickle, 0.99)
+    );
+    let mut sizes = [0usize; 4];
+    for r in sim
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/batch/update"))
+    {
+        sizes[match r.items {
+            0..10 => 0,
+            10..50 => 1,
+            50..90 => 2,
+            _ => 3,
+        }] += 1;
+    }
+    println!(
+        "  requests by items (last {} logged): 1-9: {}, 10-49: {}, 50-89: {}, 90-100: {}",
+        prism_sync::sim::REQUEST_LOG_CAPACITY,
+        sizes[0],
+        sizes[1],
+        sizes[2],
+        sizes[3]
     );
     sim.set_faults(FaultProfile {
         latency: args.latency,

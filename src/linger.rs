@@ -78,6 +78,20 @@ pub fn decide(backlog: Backlog, linger: Duration, batch_size: usize, cap: usize)
     }
 }
 
+/// After the lock, in a flowing lane: `rows` (fewer than a batch) were all that was left to this
+/// claim, the longest-due of them due for `oldest`. When another replica took the lane's due
+/// tail between this claim's look and its lock, these are rows that came after it: they wait
+/// until the oldest has been due for `linger` (`Some(wait)`), rather than go as a small request
+/// of their own. `None`: they go now.
+pub fn left_short(
+    rows: usize,
+    oldest: Duration,
+    linger: Duration,
+    batch_size: usize,
+) -> Option<Duration> {
+    (rows > 0 && rows < batch_size && oldest < linger).then(|| linger - oldest)
+}
+
 /// The decision for one lane: a lane that is not flowing takes everything now; a flowing one
 /// as [`decide`] says. `backlog` is read only for flowing lanes (`None`: not read).
 pub fn for_lane(
@@ -205,6 +219,14 @@ mod tests {
                 wait: LINGER
             }
         );
+    }
+
+    #[test]
+    fn rows_left_after_another_replica_took_the_tail_wait_unless_due_or_a_batch() {
+        assert_eq!(left_short(5, ms(20), LINGER, 100), Some(ms(280)));
+        assert_eq!(left_short(5, ms(300), LINGER, 100), None);
+        assert_eq!(left_short(100, ms(0), LINGER, 100), None);
+        assert_eq!(left_short(0, ms(0), LINGER, 100), None);
     }
 
     #[test]

@@ -59,9 +59,9 @@ async fn take_heads<D: Dialect>(
 ) -> StoreResult<(Vec<CandidateRow>, Option<Duration>)> {
     // Which of the lanes hold waiting rows at all: one index probe each, one statement.
     let busy = db.busy_lanes(tx, req.lanes).await?;
-    let (takes, lingering) = lane_takes(db, tx, &busy, req, linger).await?;
+    let (takes, flowing, mut lingering) = lane_takes(db, tx, &busy, req, linger).await?;
     let mut per_lane = Vec::with_capacity(busy.len() + 1);
-    for (lane, take) in busy.iter().zip(takes) {
+    for ((lane, take), flowing) in busy.iter().zip(takes).zip(flowing) {
         if take == 0 {
             continue;
         }
@@ -69,7 +69,22 @@ async fn take_heads<D: Dialect>(
             max_records: take,
             ..*req
         };
-        per_lane.push(db.lane_heads(tx, lane, &lane_req).await?);
+        let heads = db.lane_heads(tx, lane, &lane_req).await?;
+        // Another replica may have taken the lane's due tail between the look and the lock
+        // (`SKIP LOCKED`): what is left to us is then the rows that came after it. Less than a
+        // batch of rows not yet due for the linger waits too (unlocked when this transaction
+        // ends), instead of going as a request of its own.
+        if flowing && !heads.is_empty() && heads.len() < req.limits.batch_size {
+            let ids: Vec<i64> = heads.iter().map(|h| h.id).collect();
+            let oldest = db.oldest_due(tx, &ids).await?;
+            if let Some(wait) =
+                linger::left_short(heads.len(), oldest, linger, req.limits.batch_size)
+            {
+                lingering = Some(lingering.map_or(wait, |w| w.min(wait)));
+                continue;
+            }
+        }
+        per_lane.push(heads);
     }
     if req.strays {
         // Rows no lane holds (an unknown team or object type): a scan of every waiting row, so
@@ -80,18 +95,19 @@ async fn take_heads<D: Dialect>(
 }
 
 /// How many rows each of the `busy` lanes gives this claim (`req.max_records` for all of them
-/// without a linger), and the soonest a lingering tail must be looked at again. Reads only: no
-/// row is locked for a tail that waits.
+/// without a linger), which of them are flowing, and the soonest a lingering tail must be looked
+/// at again. Reads only: no row is locked for a tail that waits.
 async fn lane_takes<D: Dialect>(
     db: &D,
     tx: &mut D::Tx,
     busy: &[(String, String)],
     req: &ClaimRequest<'_>,
     linger: Duration,
-) -> StoreResult<(Vec<usize>, Option<Duration>)> {
+) -> StoreResult<(Vec<usize>, Vec<bool>, Option<Duration>)> {
     let mut takes = vec![req.max_records; busy.len()];
+    let mut is_flowing = vec![false; busy.len()];
     if linger.is_zero() || busy.is_empty() {
-        return Ok((takes, None));
+        return Ok((takes, is_flowing, None));
     }
     let batch_size = req.limits.batch_size.max(1);
     let fills = db.lane_fill(tx, busy, linger::RECENT_BATCHES).await?;
@@ -102,7 +118,10 @@ async fn lane_takes<D: Dialect>(
         .map(|(i, _)| i)
         .collect();
     if flowing.is_empty() {
-        return Ok((takes, None));
+        return Ok((takes, is_flowing, None));
+    }
+    for &i in &flowing {
+        is_flowing[i] = true;
     }
     // Two batches' worth tells a tail from a deep backlog; counting further would cost as much
     // as the claim itself when the outbox is full.
@@ -116,7 +135,7 @@ async fn lane_takes<D: Dialect>(
             lingering = Some(lingering.map_or(wait, |w| w.min(wait)));
         }
     }
-    Ok((takes, lingering))
+    Ok((takes, is_flowing, lingering))
 }
 
 /// The later rows of the heads whose patch may merge with them (`default`-only updates), when

@@ -58,6 +58,9 @@ pub(super) trait Dialect: Sync {
         cap: usize,
     ) -> StoreResult<Vec<Backlog>>;
 
+    /// How long the longest-due of the rows `ids` (just locked by this claim) has been due.
+    async fn oldest_due(&self, tx: &mut Self::Tx, ids: &[i64]) -> StoreResult<Duration>;
+
     /// One busy lane's claimable rows, oldest first, at most `req.max_records`: due, and no
     /// older row of their record waiting or in flight.
     async fn lane_heads(

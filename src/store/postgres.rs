@@ -465,6 +465,17 @@ impl Dialect for PgStore {
         Ok(out)
     }
 
+    async fn oldest_due(&self, tx: &mut Self::Tx, ids: &[i64]) -> StoreResult<Duration> {
+        let age: f64 = sqlx::query_scalar(
+            "SELECT COALESCE(extract(epoch FROM now() - min(next_attempt_at)), 0)::float8
+             FROM prism_outbox WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(seconds(age))
+    }
+
     async fn lane_heads(
         &self,
         tx: &mut Self::Tx,

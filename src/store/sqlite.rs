@@ -533,6 +533,19 @@ impl Dialect for SqliteStore {
         Ok(out)
     }
 
+    async fn oldest_due(&self, tx: &mut Self::Tx, ids: &[i64]) -> StoreResult<Duration> {
+        let age: Option<f64> = sqlx::query_scalar(concat!(
+            "SELECT (julianday(",
+            now!(),
+            ") - julianday(min(next_attempt_at))) * 86400.0
+             FROM prism_outbox WHERE id IN (SELECT value FROM json_each(?1))"
+        ))
+        .bind(serde_json::to_string(ids).expect("serialises"))
+        .fetch_one(&mut ***tx)
+        .await?;
+        Ok(seconds(age.unwrap_or(0.0)))
+    }
+
     async fn lane_heads(
         &self,
         tx: &mut Self::Tx,
