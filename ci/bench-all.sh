@@ -27,6 +27,9 @@ sync; sleep 5
 run --db sqlite --mode latency
 sync; sleep 5
 run --db postgres --mode latency
+# Batch fill: three replicas, a trickle with 5 % retryable item errors; without and with the linger.
+run --db postgres --mode fill --replicas 3 --linger 0s
+run --db postgres --mode fill --replicas 3
 run --db sqlite --rows $big --no-limit
 run --db postgres --mode claim-cost --finished-rows $finished
 run --db sqlite --mode claim-cost --finished-rows $finished

@@ -10,6 +10,10 @@
 //!   ... --mode latency      (commit to visible outcome: lone changes, and a steady moderate rate)
 //!   ... --mode claim-cost   (claim cost with 10k and with 5M finished rows, claim for claim)
 //!   ... --mode limit        (the bookkeeping limit alone, claim and outcome times apart)
+//!   ... --mode fill --db postgres --replicas 3 [--linger 0s]
+//!                           (batch fill: 300 changes/s in transactions of 5 for 20 s, 5 %
+//!                            retryable item errors; items per request, trickle and lone-change
+//!                            latency)
 //!
 //! Every daemon run is checked afterwards against the simulator's apply log: each change must
 //! have succeeded and been applied exactly once (alone or coalesced into a later change of its
@@ -41,6 +45,8 @@ enum Mode {
     ClaimCost,
     /// Only the bookkeeping limit, with its claim and outcome times apart (for tuning SQL).
     Limit,
+    /// Batch fill under a trickle (see [`fill`]).
+    Fill,
 }
 
 #[derive(Debug, Parser)]
@@ -73,6 +79,9 @@ struct Args {
     /// Finished rows for the large side of --mode claim-cost.
     #[arg(long, default_value_t = 5_000_000)]
     finished_rows: usize,
+    /// The daemons' `batch.linger` (default: theirs; `0s` turns it off, as before it existed).
+    #[arg(long)]
+    linger: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq)]
@@ -592,6 +601,11 @@ fn spawn_daemons(args: &Args, db: &Database, sim: &SimHandle) -> Vec<Daemon> {
                 .env("PRISM_SYNC__RETRY__BASE_DELAY", "50ms")
                 .env("PRISM_SYNC__RETRY__MAX_DELAY", "1s")
                 .env("PRISM_SYNC__LOG__LEVEL", "warn")
+                .envs(
+                    args.linger
+                        .iter()
+                        .map(|l| ("PRISM_SYNC__BATCH__LINGER", l.as_str())),
+                )
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())
                 .kill_on_drop(true)
@@ -1007,6 +1021,111 @@ where
     Ok(seen)
 }
 
+/// Batch fill: `--replicas` daemons (3 for the scenario) while changes trickle in at
+/// 300 a second, in transactions of 5, for 20 s, and the simulator fails 5 % of items with a
+/// retryable code (their rows come due again one by one, jittered). Prints the mean items per
+/// update request (from the simulator's counters) and the trickle's latency; then, on a fresh
+/// database and without item errors, lone changes after quiet (each after the previous one's
+/// outcome and a random 30-80 ms gap), whose latency a linger must not raise.
+async fn fill(args: &Args) -> anyhow::Result<()> {
+    let trickle_faults = FaultProfile {
+        latency: args.latency,
+        item_error_rate: 0.05,
+        item_error_codes: vec!["rate_limited".into(), "internal_error".into()],
+        ..FaultProfile::default()
+    };
+    let sim = Simulator::start(
+        SimConfig {
+            faults: trickle_faults,
+            ..SimConfig::default()
+        },
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+    println!(
+        "prism-sync bench: fill, {:?}, {} replicas, batch.linger {}, API latency {:?}",
+        args.db,
+        args.replicas,
+        args.linger.as_deref().unwrap_or("(default)"),
+        args.latency
+    );
+    let before = sim.stats();
+    let trickle = latency_run(args, &sim, |store, watch| async move {
+        let started = Instant::now();
+        let mut sent = 0;
+        while started.elapsed() < Duration::from_secs(20) {
+            let batch = changes(5, 5);
+            insert(&store, &batch).await?;
+            watch.committed(batch.iter().map(|c| c.record_id));
+            sent += 5;
+            let due = Duration::from_secs_f64(sent as f64 / 300.0);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        Ok(sent)
+    })
+    .await?;
+    let after = sim.stats();
+    let requests = after.requests_total - before.requests_total;
+    let items =
+        (after.items_applied + after.items_failed) - (before.items_applied + before.items_failed);
+    println!(
+        "  trickle {:.0} changes/s ({} changes): {requests} requests, {items} items, {:.1} items per request; latency p50 {:.1} ms, p99 {:.1} ms",
+        trickle.len() as f64 / 20.0,
+        trickle.len(),
+        items as f64 / requests.max(1) as f64,
+        percentile(&trickle, 0.5),
+        percentile(&trickle, 0.99)
+    );
+    let mut sizes = [0usize; 4];
+    for r in sim
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/batch/update"))
+    {
+        sizes[match r.items {
+            0..10 => 0,
+            10..50 => 1,
+            50..90 => 2,
+            _ => 3,
+        }] += 1;
+    }
+    println!(
+        "  requests by items (last {} logged): 1-9: {}, 10-49: {}, 50-89: {}, 90-100: {}",
+        prism_sync::sim::REQUEST_LOG_CAPACITY,
+        sizes[0],
+        sizes[1],
+        sizes[2],
+        sizes[3]
+    );
+    sim.set_faults(FaultProfile {
+        latency: args.latency,
+        ..FaultProfile::default()
+    });
+    let lone = latency_run(args, &sim, |store, watch| async move {
+        for _ in 0..200 {
+            let change = changes(1, 1);
+            insert(&store, &change).await?;
+            watch.committed(change.iter().map(|c| c.record_id));
+            while watch.waiting() > 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(rand::random_range(30..80))).await;
+        }
+        Ok(200)
+    })
+    .await?;
+    println!(
+        "  lone changes after quiet ({}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        lone.len(),
+        percentile(&lone, 0.5),
+        percentile(&lone, 0.99),
+        lone.last().copied().unwrap_or(0.0)
+    );
+    Ok(())
+}
+
 async fn fill_finished(store: &Store, n: usize) -> anyhow::Result<()> {
     match store.raw_pool_for_tests() {
         RawPool::Sqlite(p) => {
@@ -1111,6 +1230,7 @@ async fn main() -> anyhow::Result<()> {
         Mode::Throughput => throughput(&args).await,
         Mode::Latency => latency(&args).await,
         Mode::Limit => limit_only(&args).await,
+        Mode::Fill => fill(&args).await,
         Mode::ClaimCost => {
             let (small, large) = claim_cost(args.db, args.finished_rows).await?;
             println!(

@@ -6,6 +6,7 @@
 //! - [`settings`]: layered configuration.
 //! - [`store`]: the outbox on SQLite or Postgres: claim → store batch → lease → record outcomes.
 //! - [`batch`]: validation, coalescing and the request bytes (pure).
+//! - [`linger`]: whether a claim lane's partial tail may wait to fill its batch (pure).
 //! - [`client`]: one HTTP send of a stored batch.
 //! - [`classify`]: what an answer means for the batch and each item (pure).
 //! - [`backoff`]: retry times as a function of the attempt count (pure).
@@ -41,6 +42,7 @@ pub mod demo;
 pub mod engine;
 pub mod fleet;
 pub mod health;
+pub mod linger;
 pub mod model;
 pub mod ops;
 pub mod pauses;

@@ -211,6 +211,10 @@ pub struct BatchSettings {
     /// Release an unanswered batch to new keys before the server forgets its key (24 h).
     #[serde(with = "humantime_serde")]
     pub max_key_age: Duration,
+    /// How long a flowing lane's partial batch may wait for more rows (see [`crate::linger`]);
+    /// zero turns the wait off.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
 }
 
 impl Default for BatchSettings {
@@ -222,6 +226,7 @@ impl Default for BatchSettings {
             max_patch_bytes: 256 * 1024,
             max_attempts: 12,
             max_key_age: Duration::from_secs(23 * 3600),
+            linger: Duration::from_millis(300),
         }
     }
 }
@@ -593,6 +598,16 @@ impl Settings {
                 "must stay below the server's 24h key lifetime".into(),
             );
         }
+        if self.batch.linger > crate::linger::MAX_LINGER {
+            return invalid(
+                "batch.linger",
+                format!(
+                    "{} is longer than {}: a partial batch of a busy lane would wait that long; use 0s to turn the linger off",
+                    humantime::format_duration(self.batch.linger),
+                    humantime::format_duration(crate::linger::MAX_LINGER)
+                ),
+            );
+        }
         if self.poll.interval.is_zero() {
             return invalid("poll.interval", "must be above zero".into());
         }
@@ -714,6 +729,26 @@ mod tests {
         let err =
             Settings::load_from(None, env(&[("PRISM_SYNC__BATCH__SIZE", "101")])).unwrap_err();
         assert!(err.to_string().contains("batch.size"), "{err}");
+    }
+
+    #[test]
+    fn batch_linger_defaults_to_300ms_turns_off_with_0s_and_is_refused_past_30s() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.batch.linger, Duration::from_millis(300));
+        let s = Settings::load_from(None, env(&[("PRISM_SYNC__BATCH__LINGER", "0s")])).unwrap();
+        assert!(s.batch.linger.is_zero());
+        let s = Settings::load_from(None, env(&[("PRISM_SYNC__BATCH__LINGER", "30s")])).unwrap();
+        assert_eq!(s.batch.linger, Duration::from_secs(30));
+        let err =
+            Settings::load_from(None, env(&[("PRISM_SYNC__BATCH__LINGER", "31s")])).unwrap_err();
+        let shown = err.to_string();
+        assert!(
+            shown.contains("batch.linger") && shown.contains("0s"),
+            "{shown}"
+        );
+        let err =
+            Settings::load_from(None, env(&[("PRISM_SYNC__BATCH__LINGER", "soon")])).unwrap_err();
+        assert!(err.to_string().contains("linger"), "{err}");
     }
 
     #[test]

@@ -66,8 +66,35 @@ pub(super) async fn run(shared: &Arc<Shared>, shutdown: &CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => {},
             _ = shared.wake.notified() => {},
-            _ = tokio::time::sleep(shared.cfg.poll_interval) => {},
+            _ = tokio::time::sleep(next_look(shared)) => {},
         }
+    }
+}
+
+/// Notes when the soonest lane a claim left lingering must be looked at again (`None`: no
+/// lane lingers).
+fn note_lingering(shared: &Shared, lingering: Option<Duration>) {
+    *shared
+        .lingering_until
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = lingering.map(|d| Instant::now() + d);
+}
+
+/// How long an idle claimer sleeps: the poll interval, or less when a lingering tail comes due
+/// sooner, so that it goes on time and never waits for ever. The note is used once: the next
+/// claim notes again what still lingers, and a round that claimed nothing cannot spin on it.
+fn next_look(shared: &Shared) -> Duration {
+    let until = shared
+        .lingering_until
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    match until {
+        Some(at) => shared
+            .cfg
+            .poll_interval
+            .min(at.saturating_duration_since(Instant::now())),
+        None => shared.cfg.poll_interval,
     }
 }
 
@@ -159,7 +186,8 @@ async fn fill(
     batches.extend(due);
     if left > 0 || strays {
         let max_records = left.max(1) * cfg.limits.batch_size;
-        let (claimed, strays_ended) = claim(shared, &lanes, max_records, strays).await?;
+        let (claimed, strays_ended) =
+            claim(shared, &lanes, max_records, strays, cfg.linger).await?;
         batches.extend(claimed);
         return Ok(strays_ended);
     }
@@ -190,7 +218,9 @@ async fn probe_refused(shared: &Shared, batches: &mut Vec<LeasedBatch>) -> Resul
             })
             .await?;
         if probe.is_empty() && team.take_probe(cfg.auth_probe_interval) {
-            batches.extend(claim(shared, &lanes, cfg.limits.batch_size, false).await?.0);
+            // A probe goes at once: it asks whether the key is accepted again.
+            let probe = claim(shared, &lanes, cfg.limits.batch_size, false, Duration::ZERO);
+            batches.extend(probe.await?.0);
         }
         batches.extend(probe);
     }
@@ -226,27 +256,35 @@ fn lanes_of(shared: &Shared, teams: &[&Arc<Team>]) -> (Vec<Lane>, Vec<Lane>) {
 
 /// Claims new rows of `lanes` (and, with `strays`, rows of no lane, which go dead) into stored
 /// batches leased to us; also returns how many strays went dead (an unknown team or object
-/// type: no lane holds such a row).
+/// type: no lane holds such a row). A flowing lane's partial tail may wait `linger` to fill
+/// (see [`crate::linger`]); when one does, the soonest is noted for [`next_look`].
 async fn claim(
     shared: &Shared,
     lanes: &[Lane],
     max_records: usize,
     strays: bool,
+    linger: Duration,
 ) -> Result<(Vec<LeasedBatch>, usize), StoreError> {
     let cfg = &shared.cfg;
     let started = Instant::now();
     let claimed = shared
         .store
-        .claim(&ClaimRequest {
-            owner: &cfg.owner,
-            lease: cfg.lease,
-            max_records,
-            limits: cfg.limits,
-            lanes,
-            teams: &shared.team_set,
-            strays,
-        })
+        .claim_filled(
+            &ClaimRequest {
+                owner: &cfg.owner,
+                lease: cfg.lease,
+                max_records,
+                limits: cfg.limits,
+                lanes,
+                teams: &shared.team_set,
+                strays,
+            },
+            linger,
+        )
         .await?;
+    if !linger.is_zero() {
+        note_lingering(shared, claimed.lingering);
+    }
     metrics::histogram!("prism_sync_db_duration_seconds", "op" => "claim")
         .record(started.elapsed().as_secs_f64());
     metrics::counter!("prism_sync_batches_claimed_total").increment(claimed.batches.len() as u64);

@@ -59,6 +59,8 @@ pub struct EngineConfig {
     pub max_in_flight: usize,
     pub limits: PlanLimits,
     pub poll_interval: Duration,
+    /// `batch.linger`: how long a flowing lane's partial batch may wait to fill (zero: never).
+    pub linger: Duration,
     pub retry: RetryPolicy,
     pub codes: CodePolicy,
     pub batch_max_attempts: u32,
@@ -85,6 +87,7 @@ impl EngineConfig {
                 max_patch_bytes: s.batch.max_patch_bytes,
             },
             poll_interval: s.poll.interval,
+            linger: s.batch.linger,
             retry: RetryPolicy {
                 base_delay: s.retry.base_delay,
                 max_delay: s.retry.max_delay,
@@ -178,6 +181,9 @@ struct Shared {
     wake: Arc<Notify>,
     /// Batch ends go through one recorder task (see [`recorder`]).
     recorder: mpsc::UnboundedSender<recorder::Recording>,
+    /// When the soonest lane whose partial tail the last claim left lingering (`batch.linger`)
+    /// must be looked at again; the claimer sleeps no longer than that (see `claimer`).
+    lingering_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 pub struct Engine {
@@ -246,6 +252,7 @@ impl Engine {
                 holdings,
                 wake,
                 recorder,
+                lingering_until: std::sync::Mutex::new(None),
             }),
             recordings,
             buffers,

@@ -1,19 +1,35 @@
 //! The claim, once for both engines: take due rows lane by lane in per-record order, plan their
 //! batches, store them leased to the claimer and put their rows in flight, all in one
 //! transaction (stored before sent). The statements are the engine's ([`Dialect`]).
+//!
+//! With a linger (`batch.linger`), a flowing lane's partial tail is left waiting to fill its
+//! batch: before any row is locked, the claim reads each busy lane's recent batches and, for
+//! flowing lanes, a count of its claimable rows, and [`crate::linger`] decides how many rows
+//! each lane gives now.
+
+use std::time::Duration;
 
 use super::dialect::Dialect;
 use super::{ClaimOutcome, ClaimRequest, LeasedBatch, StoreResult};
 use crate::batch::{self, CandidateRow};
+use crate::linger::{self, Decision};
 
 /// Claims due rows, stores their batches and leases them to `req.owner`; malformed rows go dead
-/// in the same transaction. Nothing is written when there is nothing to take.
-pub(super) async fn claim<D: Dialect>(db: &D, req: &ClaimRequest<'_>) -> StoreResult<ClaimOutcome> {
+/// in the same transaction. Nothing is written when there is nothing to take. A flowing lane's
+/// partial tail waits while `linger` allows (zero: nothing waits).
+pub(super) async fn claim<D: Dialect>(
+    db: &D,
+    req: &ClaimRequest<'_>,
+    linger: Duration,
+) -> StoreResult<ClaimOutcome> {
     let mut tx = db.begin().await?;
-    let heads = take_heads(db, &mut tx, req).await?;
+    let (heads, lingering) = take_heads(db, &mut tx, req, linger).await?;
     if heads.is_empty() {
         db.rollback(tx).await?;
-        return Ok(ClaimOutcome::default());
+        return Ok(ClaimOutcome {
+            lingering,
+            ..ClaimOutcome::default()
+        });
     }
     let followers = take_followers(db, &mut tx, &heads, req).await?;
     let chains = batch::record_chains(heads, followers);
@@ -28,28 +44,98 @@ pub(super) async fn claim<D: Dialect>(db: &D, req: &ClaimRequest<'_>) -> StoreRe
     Ok(ClaimOutcome {
         batches: plan.batches.into_iter().map(LeasedBatch::fresh).collect(),
         dead: plan.dead,
+        lingering,
     })
 }
 
 /// The claim's heads: one row from each busy lane in turn (`fair_share`), up to the claim's
-/// size, with the strays as one more lane when the claim asks for them.
+/// size, with the strays as one more lane when the claim asks for them; and, when a lane's
+/// tail was left lingering, the soonest it must be looked at again.
 async fn take_heads<D: Dialect>(
     db: &D,
     tx: &mut D::Tx,
     req: &ClaimRequest<'_>,
-) -> StoreResult<Vec<CandidateRow>> {
+    linger: Duration,
+) -> StoreResult<(Vec<CandidateRow>, Option<Duration>)> {
     // Which of the lanes hold waiting rows at all: one index probe each, one statement.
     let busy = db.busy_lanes(tx, req.lanes).await?;
+    let (takes, flowing, mut lingering) = lane_takes(db, tx, &busy, req, linger).await?;
     let mut per_lane = Vec::with_capacity(busy.len() + 1);
-    for lane in &busy {
-        per_lane.push(db.lane_heads(tx, lane, req).await?);
+    for ((lane, take), flowing) in busy.iter().zip(takes).zip(flowing) {
+        if take == 0 {
+            continue;
+        }
+        let lane_req = ClaimRequest {
+            max_records: take,
+            ..*req
+        };
+        let heads = db.lane_heads(tx, lane, &lane_req).await?;
+        // Another replica may have taken the lane's due tail between the look and the lock
+        // (`SKIP LOCKED`): what is left to us is then the rows that came after it. Less than a
+        // batch of rows not yet due for the linger waits too (unlocked when this transaction
+        // ends), instead of going as a request of its own.
+        if flowing && !heads.is_empty() && heads.len() < req.limits.batch_size {
+            let ids: Vec<i64> = heads.iter().map(|h| h.id).collect();
+            let oldest = db.oldest_due(tx, &ids).await?;
+            if let Some(wait) =
+                linger::left_short(heads.len(), oldest, linger, req.limits.batch_size)
+            {
+                lingering = Some(lingering.map_or(wait, |w| w.min(wait)));
+                continue;
+            }
+        }
+        per_lane.push(heads);
     }
     if req.strays {
         // Rows no lane holds (an unknown team or object type): a scan of every waiting row, so
         // the engine asks for it only now and then. They go dead in this claim.
         per_lane.push(db.strays(tx, req).await?);
     }
-    Ok(batch::fair_share(per_lane, req.max_records))
+    Ok((batch::fair_share(per_lane, req.max_records), lingering))
+}
+
+/// How many rows each of the `busy` lanes gives this claim (`req.max_records` for all of them
+/// without a linger), which of them are flowing, and the soonest a lingering tail must be looked
+/// at again. Reads only: no row is locked for a tail that waits.
+async fn lane_takes<D: Dialect>(
+    db: &D,
+    tx: &mut D::Tx,
+    busy: &[(String, String)],
+    req: &ClaimRequest<'_>,
+    linger: Duration,
+) -> StoreResult<(Vec<usize>, Vec<bool>, Option<Duration>)> {
+    let mut takes = vec![req.max_records; busy.len()];
+    let mut is_flowing = vec![false; busy.len()];
+    if linger.is_zero() || busy.is_empty() {
+        return Ok((takes, is_flowing, None));
+    }
+    let batch_size = req.limits.batch_size.max(1);
+    let fills = db.lane_fill(tx, busy, linger::RECENT_BATCHES).await?;
+    let flowing: Vec<usize> = fills
+        .iter()
+        .enumerate()
+        .filter(|(_, recent)| linger::flowing(recent, linger, batch_size))
+        .map(|(i, _)| i)
+        .collect();
+    if flowing.is_empty() {
+        return Ok((takes, is_flowing, None));
+    }
+    for &i in &flowing {
+        is_flowing[i] = true;
+    }
+    // Two batches' worth tells a tail from a deep backlog; counting further would cost as much
+    // as the claim itself when the outbox is full.
+    let cap = (2 * batch_size).min(req.max_records.max(batch_size));
+    let lanes: Vec<(String, String)> = flowing.iter().map(|&i| busy[i].clone()).collect();
+    let backlogs = db.lane_backlog(tx, &lanes, cap).await?;
+    let mut lingering: Option<Duration> = None;
+    for (&i, backlog) in flowing.iter().zip(backlogs) {
+        if let Decision::Tail { full, wait } = linger::decide(backlog, linger, batch_size, cap) {
+            takes[i] = full.min(req.max_records);
+            lingering = Some(lingering.map_or(wait, |w| w.min(wait)));
+        }
+    }
+    Ok((takes, is_flowing, lingering))
 }
 
 /// The later rows of the heads whose patch may merge with them (`default`-only updates), when

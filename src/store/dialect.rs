@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use super::{ClaimRequest, DueRequest, FinishBatch, Lane, LeasedBatch, StoreResult};
 use crate::batch::{CandidateRow, DeadRow, NewBatch};
+use crate::linger::{Backlog, RecentBatch};
 
 /// One engine's statements. Private to the store: the engine and the operators see
 /// [`super::Store`].
@@ -36,6 +37,29 @@ pub(super) trait Dialect: Sync {
         tx: &mut Self::Tx,
         lanes: &[Lane],
     ) -> StoreResult<Vec<(String, String)>>;
+
+    /// The newest (at most `recent`) batches of each of `lanes`, newest first: what the linger's
+    /// flowing test reads (`crate::linger::flowing`). One entry per lane, in `lanes` order.
+    async fn lane_fill(
+        &self,
+        tx: &mut Self::Tx,
+        lanes: &[(String, String)],
+        recent: usize,
+    ) -> StoreResult<Vec<Vec<RecentBatch>>>;
+
+    /// A look at each of `lanes`' claimable rows before anything is locked (no row lock, no
+    /// write): how many there are, counted up to `cap`, and how long the longest-due of them has
+    /// been due. Claimable as in [`Dialect::lane_heads`] (due, below the watermark, no older row
+    /// of the record waiting or in flight). One entry per lane, in `lanes` order.
+    async fn lane_backlog(
+        &self,
+        tx: &mut Self::Tx,
+        lanes: &[(String, String)],
+        cap: usize,
+    ) -> StoreResult<Vec<Backlog>>;
+
+    /// How long the longest-due of the rows `ids` (just locked by this claim) has been due.
+    async fn oldest_due(&self, tx: &mut Self::Tx, ids: &[i64]) -> StoreResult<Duration>;
 
     /// One busy lane's claimable rows, oldest first, at most `req.max_records`: due, and no
     /// older row of their record waiting or in flight.

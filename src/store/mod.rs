@@ -214,6 +214,9 @@ pub struct ClaimOutcome {
     pub batches: Vec<LeasedBatch>,
     /// Rows that went dead at once (malformed).
     pub dead: Vec<crate::batch::DeadRow>,
+    /// A claim with a linger ([`Store::claim_filled`]) left the partial tail of a flowing lane
+    /// waiting: the soonest any such lane must be looked at again.
+    pub lingering: Option<Duration>,
 }
 
 /// A row's new state after its batch was answered or given up.
@@ -419,7 +422,19 @@ impl Store {
     /// Claims due rows in per-record order, stores their batches and leases them to `owner`,
     /// all in one transaction; malformed rows go dead in the same transaction.
     pub async fn claim(&self, req: &ClaimRequest<'_>) -> StoreResult<ClaimOutcome> {
-        dispatch!(self, s => claim::claim(s, req).await)
+        self.claim_filled(req, Duration::ZERO).await
+    }
+
+    /// [`Store::claim`] with a `linger` (`batch.linger`, see [`crate::linger`]): the partial
+    /// tail of a flowing lane is left waiting until its oldest row has been due for `linger`
+    /// (the outcome's `lingering` says when to look again); full batches, and lanes that are not
+    /// flowing, are claimed at once. A zero linger claims as [`Store::claim`].
+    pub async fn claim_filled(
+        &self,
+        req: &ClaimRequest<'_>,
+        linger: Duration,
+    ) -> StoreResult<ClaimOutcome> {
+        dispatch!(self, s => claim::claim(s, req, linger).await)
     }
 
     /// Leases stored batches that are due for a (re)send: retries, and batches whose owner's

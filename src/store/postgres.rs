@@ -15,6 +15,7 @@ use super::{
     RowUpdate, StoreResult, lease,
 };
 use crate::batch::{CandidateRow, DeadRow, NewBatch};
+use crate::linger::{Backlog, RecentBatch};
 use crate::model::codes;
 use crate::settings::DatabaseSettings;
 
@@ -378,6 +379,103 @@ impl Dialect for PgStore {
         .await?)
     }
 
+    async fn lane_fill(
+        &self,
+        tx: &mut Self::Tx,
+        lanes: &[(String, String)],
+        recent: usize,
+    ) -> StoreResult<Vec<Vec<RecentBatch>>> {
+        let (teams, types): (Vec<&str>, Vec<&str>) =
+            lanes.iter().map(|(t, o)| (t.as_str(), o.as_str())).unzip();
+        // The newest batches of each lane, through prism_batches_lane (team, type, created_at).
+        let rows = sqlx::query(
+            "SELECT l.n, b.row_count, extract(epoch FROM now() - b.created_at)::float8 AS age
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS l(team_id, object_type, n)
+             CROSS JOIN LATERAL (
+                 SELECT row_count, created_at FROM prism_batches
+                 WHERE team_id = l.team_id AND object_type = l.object_type
+                 ORDER BY created_at DESC LIMIT $3) b",
+        )
+        .bind(&teams)
+        .bind(&types)
+        .bind(i64::try_from(recent).unwrap_or(i64::MAX))
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut out = vec![Vec::new(); lanes.len()];
+        for row in &rows {
+            let n: i64 = row.try_get(0)?;
+            let rows: i32 = row.try_get(1)?;
+            let age: f64 = row.try_get(2)?;
+            if let Some(lane) = usize::try_from(n - 1).ok().and_then(|i| out.get_mut(i)) {
+                lane.push(RecentBatch {
+                    rows: usize::try_from(rows).unwrap_or(0),
+                    age: seconds(age),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn lane_backlog(
+        &self,
+        tx: &mut Self::Tx,
+        lanes: &[(String, String)],
+        cap: usize,
+    ) -> StoreResult<Vec<Backlog>> {
+        let (teams, types): (Vec<&str>, Vec<&str>) =
+            lanes.iter().map(|(t, o)| (t.as_str(), o.as_str())).unzip();
+        // lane_heads' conditions without its lock: a plain read that leaves no trace.
+        let rows = sqlx::query(concat!(
+            "SELECT l.n, d.due, d.oldest
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS l(team_id, object_type, n)
+             CROSS JOIN LATERAL (
+                 SELECT count(*) AS due,
+                        COALESCE(extract(epoch FROM now() - min(c.next_attempt_at)), 0)::float8 AS oldest
+                 FROM (SELECT o.next_attempt_at FROM prism_outbox o
+                       WHERE o.team_id = l.team_id AND o.object_type = l.object_type
+                         AND o.state IN ('pending', 'retrying') AND o.next_attempt_at <= now()
+                         AND o.txid < (SELECT prism_outbox_watermark(pg_current_snapshot()))
+                         AND ",
+            record_guard!(),
+            " ORDER BY o.id LIMIT $3) c) d"
+        ))
+        .bind(&teams)
+        .bind(&types)
+        .bind(i64::try_from(cap).unwrap_or(i64::MAX))
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut out = vec![
+            Backlog {
+                due: 0,
+                oldest_due: Duration::ZERO,
+            };
+            lanes.len()
+        ];
+        for row in &rows {
+            let n: i64 = row.try_get(0)?;
+            let due: i64 = row.try_get(1)?;
+            let oldest: f64 = row.try_get(2)?;
+            if let Some(lane) = usize::try_from(n - 1).ok().and_then(|i| out.get_mut(i)) {
+                *lane = Backlog {
+                    due: usize::try_from(due).unwrap_or(0),
+                    oldest_due: seconds(oldest),
+                };
+            }
+        }
+        Ok(out)
+    }
+
+    async fn oldest_due(&self, tx: &mut Self::Tx, ids: &[i64]) -> StoreResult<Duration> {
+        let age: f64 = sqlx::query_scalar(
+            "SELECT COALESCE(extract(epoch FROM now() - min(next_attempt_at)), 0)::float8
+             FROM prism_outbox WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(seconds(age))
+    }
+
     async fn lane_heads(
         &self,
         tx: &mut Self::Tx,
@@ -676,6 +774,11 @@ impl Dialect for PgStore {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// A number of seconds the database computed as a duration (negative: zero).
+fn seconds(s: f64) -> Duration {
+    Duration::from_secs_f64(s.clamp(0.0, 1e9))
 }
 
 /// How many heads a lane statement may return.

@@ -20,6 +20,7 @@ use super::{
     StoreError, StoreResult, lease,
 };
 use crate::batch::{CandidateRow, DeadRow, NewBatch};
+use crate::linger::{Backlog, RecentBatch};
 use crate::model::codes;
 use crate::settings::DatabaseSettings;
 
@@ -466,6 +467,85 @@ impl Dialect for SqliteStore {
         .await?)
     }
 
+    async fn lane_fill(
+        &self,
+        tx: &mut Self::Tx,
+        lanes: &[(String, String)],
+        recent: usize,
+    ) -> StoreResult<Vec<Vec<RecentBatch>>> {
+        // One statement a lane (SQLite has no LATERAL): a few index entries each, through
+        // prism_batches_lane (team, type, created_at).
+        let mut out = Vec::with_capacity(lanes.len());
+        for (team, object_type) in lanes {
+            let rows: Vec<(i64, f64)> = sqlx::query_as(concat!(
+                "SELECT row_count, (julianday(",
+                now!(),
+                ") - julianday(created_at)) * 86400.0
+                 FROM prism_batches INDEXED BY prism_batches_lane
+                 WHERE team_id = ?1 AND object_type = ?2
+                 ORDER BY created_at DESC LIMIT ?3"
+            ))
+            .bind(team)
+            .bind(object_type)
+            .bind(i64::try_from(recent).unwrap_or(i64::MAX))
+            .fetch_all(&mut ***tx)
+            .await?;
+            out.push(
+                rows.into_iter()
+                    .map(|(rows, age)| RecentBatch {
+                        rows: usize::try_from(rows).unwrap_or(0),
+                        age: seconds(age),
+                    })
+                    .collect(),
+            );
+        }
+        Ok(out)
+    }
+
+    async fn lane_backlog(
+        &self,
+        tx: &mut Self::Tx,
+        lanes: &[(String, String)],
+        cap: usize,
+    ) -> StoreResult<Vec<Backlog>> {
+        let mut out = Vec::with_capacity(lanes.len());
+        for (team, object_type) in lanes {
+            // lane_heads' rows (`lane_from!`), counted, with how long the longest-due has waited.
+            let (due, oldest): (i64, Option<f64>) = sqlx::query_as(concat!(
+                "SELECT count(*), (julianday(",
+                now!(),
+                ") - julianday(min(next_attempt_at))) * 86400.0
+                 FROM (SELECT o.next_attempt_at ",
+                lane_from!(),
+                ")"
+            ))
+            .bind(i64::try_from(cap).unwrap_or(i64::MAX))
+            .bind(0_i64)
+            .bind(team)
+            .bind(object_type)
+            .fetch_one(&mut ***tx)
+            .await?;
+            out.push(Backlog {
+                due: usize::try_from(due).unwrap_or(0),
+                oldest_due: seconds(oldest.unwrap_or(0.0)),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn oldest_due(&self, tx: &mut Self::Tx, ids: &[i64]) -> StoreResult<Duration> {
+        let age: Option<f64> = sqlx::query_scalar(concat!(
+            "SELECT (julianday(",
+            now!(),
+            ") - julianday(min(next_attempt_at))) * 86400.0
+             FROM prism_outbox WHERE id IN (SELECT value FROM json_each(?1))"
+        ))
+        .bind(serde_json::to_string(ids).expect("serialises"))
+        .fetch_one(&mut ***tx)
+        .await?;
+        Ok(seconds(age.unwrap_or(0.0)))
+    }
+
     async fn lane_heads(
         &self,
         tx: &mut Self::Tx,
@@ -723,6 +803,11 @@ impl Dialect for SqliteStore {
 /// How many heads a lane statement may return.
 fn claim_limit(req: &ClaimRequest<'_>) -> i64 {
     i64::try_from(req.max_records).unwrap_or(i64::MAX)
+}
+
+/// A number of seconds the database computed as a duration (negative: zero).
+fn seconds(s: f64) -> Duration {
+    Duration::from_secs_f64(s.clamp(0.0, 1e9))
 }
 
 /// The largest patch a claim reads (a larger one is read as NULL, and goes dead).
