@@ -57,6 +57,9 @@ pub struct EngineConfig {
     pub owner: String,
     pub lease: Duration,
     pub max_in_flight: usize,
+    /// `sync.claims_in_flight`: claim rounds at once; `None` leaves it to the database (see
+    /// [`crate::settings::SyncSettings::claims_in_flight_for`]).
+    pub claims_in_flight: Option<usize>,
     pub limits: PlanLimits,
     pub poll_interval: Duration,
     pub retry: RetryPolicy,
@@ -78,6 +81,7 @@ impl EngineConfig {
             owner: owner_name(),
             lease: s.sync.lease,
             max_in_flight: s.sync.max_in_flight,
+            claims_in_flight: s.sync.claims_in_flight,
             limits: PlanLimits {
                 batch_size: s.batch.size,
                 coalesce: s.batch.coalesce,
@@ -174,6 +178,8 @@ struct Shared {
     health: Arc<Health>,
     /// The batches this process holds; only these get their leases extended.
     holdings: Arc<Holdings>,
+    /// Claim rounds that may run at once (`sync.claims_in_flight`, resolved for the database).
+    claims_in_flight: usize,
     /// Wakes the claimer: room in a buffer, a `NOTIFY`, a team's key accepted again.
     wake: Arc<Notify>,
     /// Batch ends go through one recorder task (see [`recorder`]).
@@ -234,6 +240,12 @@ impl Engine {
         let wake = Arc::new(Notify::new());
         // Answered batches whose outcome write may wait at once: twice what can be on the wire.
         let holdings = Holdings::new(teams.len(), 2 * in_flight.max(1), wake.clone());
+        let claims_in_flight = cfg
+            .claims_in_flight
+            .unwrap_or_else(|| {
+                crate::settings::default_claims_in_flight(matches!(store, Store::Postgres(_)))
+            })
+            .clamp(1, crate::settings::MAX_CLAIMS_IN_FLIGHT);
         Engine {
             shared: Arc::new(Shared {
                 store,
@@ -244,6 +256,7 @@ impl Engine {
                 cfg,
                 health,
                 holdings,
+                claims_in_flight,
                 wake,
                 recorder,
             }),
@@ -282,7 +295,7 @@ impl Engine {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), EngineError> {
         let shared = self.shared;
         let cfg = &shared.cfg;
-        info!(owner = %cfg.owner, database = shared.store.kind(), max_in_flight = cfg.max_in_flight, "sync engine started");
+        info!(owner = %cfg.owner, database = shared.store.kind(), max_in_flight = cfg.max_in_flight, claims_in_flight = shared.claims_in_flight, "sync engine started");
         let recorder_stop = CancellationToken::new();
         let recorder = tokio::spawn(recorder::run(
             shared.store.clone(),
