@@ -51,7 +51,7 @@ async fn start_with_probe(
     settings: &Settings,
 ) -> (
     RunningEngine,
-    impl Fn() -> prism_sync::fleet::Load + Send + Sync + 'static,
+    impl Fn() -> prism_sync::fleet::Load + Send + Sync + 'static + use<>,
 ) {
     let mut store_settings = settings.database.clone();
     store_settings.max_connections = 4;
@@ -218,7 +218,8 @@ mod postgres_only {
 
     /// With one claim round at a time, the round that took x's first row waits for the lock of
     /// its second, and nothing else is claimed until the lock goes; with two, the other round
-    /// keeps claiming every other record meanwhile.
+    /// keeps claiming every other record meanwhile, except the heads the waiting round holds
+    /// (its share: at most half of the 8 buffer places, 400 rows).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_claim_held_up_in_the_database_does_not_hold_up_the_others() {
         let Some(db) = TestDb::new(Backend::Postgres).await else {
@@ -232,10 +233,7 @@ mod postgres_only {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let all = rows(&store).await;
-            let others_done = all
-                .iter()
-                .filter(|r| r.id != x1 && r.id != x2)
-                .all(|r| r.state == "succeeded");
+            let others_done = all.iter().filter(|r| r.state == "succeeded").count() >= 1100;
             if others_done {
                 assert_eq!(
                     state_of(&all, x1).state,
@@ -277,7 +275,7 @@ mod postgres_only {
         };
         let sim = sim(FaultProfile::default()).await;
         let store = db.store().await;
-        let (_, [x1, x2]) = held_up_record(&store, 300).await;
+        let (_, [x1, x2]) = held_up_record(&store, 1500).await;
         let lock = RowLock::take(&db, x2).await;
         let s = overlapping(&db, &sim);
         let engine = start_engine(&s).await;
@@ -287,7 +285,7 @@ mod postgres_only {
             .iter()
             .filter(|r| r.state == "succeeded")
             .count()
-            < 300
+            < 1100
         {
             assert!(Instant::now() < deadline, "the other records were synced");
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -271,7 +271,7 @@ impl Engine {
 
     /// What this process holds right now (batches, each team's concurrency), read by the
     /// fleet registry's heartbeat (`fleet.rs`); it outlives [`Engine::run`].
-    pub fn load_probe(&self) -> impl Fn() -> crate::fleet::Load + Send + Sync + 'static {
+    pub fn load_probe(&self) -> impl Fn() -> crate::fleet::Load + Send + Sync + use<> {
         let shared = self.shared.clone();
         move || crate::fleet::Load {
             batches_held: shared.holdings.len(),
