@@ -336,8 +336,9 @@ fn start_helpers(shared: &Arc<Shared>, stop: &CancellationToken) -> JoinSet<()> 
 
 /// Each team's workers (its `max_in_flight` of them) take batches from the team's buffer,
 /// which the claimer keeps topped up. A worker that finishes a batch starts the next one at
-/// once, without waiting for a claim in progress; claims are large (up to the free room of
-/// every team) because the claimer refills a team only once its buffer is half empty.
+/// once, without waiting for a claim in progress; claims are large (up to each team's free
+/// room, shared among the `sync.claims_in_flight` rounds that run at once) because the claimer
+/// refills a team only once its buffer is half empty.
 /// Buffered batches are leased and kept alive by the heartbeat like those on the wire.
 fn start_workers(
     shared: &Arc<Shared>,
