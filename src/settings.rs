@@ -239,6 +239,26 @@ pub struct SyncSettings {
     /// How long a batch stays ours without a heartbeat; must exceed `http.timeout`.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
+    /// Claim rounds that may run at once (1..=4); unset: 2 on Postgres, 1 on SQLite (one
+    /// writer: its claims take turns anyway). See [`SyncSettings::claims_in_flight_for`].
+    pub claims_in_flight: Option<usize>,
+}
+
+/// The most claim rounds `sync.claims_in_flight` may ask for.
+pub const MAX_CLAIMS_IN_FLIGHT: usize = 4;
+
+impl SyncSettings {
+    /// `sync.claims_in_flight`, or its default for the database: 2 on Postgres (claims of one
+    /// process overlap like those of two replicas, `FOR UPDATE SKIP LOCKED`), 1 on SQLite.
+    pub fn claims_in_flight_for(&self, postgres: bool) -> usize {
+        self.claims_in_flight
+            .unwrap_or_else(|| default_claims_in_flight(postgres))
+    }
+}
+
+/// `sync.claims_in_flight` when it is unset: 2 on Postgres, 1 on SQLite.
+pub fn default_claims_in_flight(postgres: bool) -> usize {
+    if postgres { 2 } else { 1 }
 }
 
 impl Default for SyncSettings {
@@ -246,6 +266,7 @@ impl Default for SyncSettings {
         Self {
             max_in_flight: 8,
             lease: Duration::from_secs(45),
+            claims_in_flight: None,
         }
     }
 }
@@ -567,6 +588,16 @@ impl Settings {
         if self.sync.max_in_flight == 0 {
             return invalid("sync.max_in_flight", "must be at least 1".into());
         }
+        if let Some(n) = self.sync.claims_in_flight
+            && !(1..=MAX_CLAIMS_IN_FLIGHT).contains(&n)
+        {
+            return invalid(
+                "sync.claims_in_flight",
+                format!(
+                    "{n} is not within 1..={MAX_CLAIMS_IN_FLIGHT} (claim rounds at once; unset: 2 on Postgres, 1 on SQLite)"
+                ),
+            );
+        }
         if self.sync.lease < self.http.timeout + Duration::from_secs(5) {
             return invalid(
                 "sync.lease",
@@ -749,6 +780,35 @@ mod tests {
         let err =
             Settings::load_from(None, env(&[("PRISM_SYNC__BATCH__LINGER", "soon")])).unwrap_err();
         assert!(err.to_string().contains("linger"), "{err}");
+    }
+
+    #[test]
+    fn claims_in_flight_is_within_one_to_four_and_defaults_by_database() {
+        for bad in ["0", "5"] {
+            let err =
+                Settings::load_from(None, env(&[("PRISM_SYNC__SYNC__CLAIMS_IN_FLIGHT", bad)]))
+                    .unwrap_err();
+            let shown = err.to_string();
+            assert!(shown.contains("sync.claims_in_flight"), "{shown}");
+            assert!(shown.contains("1..=4"), "{shown}");
+        }
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(
+            (
+                s.sync.claims_in_flight_for(true),
+                s.sync.claims_in_flight_for(false)
+            ),
+            (2, 1)
+        );
+        let s =
+            Settings::load_from(None, env(&[("PRISM_SYNC__SYNC__CLAIMS_IN_FLIGHT", "3")])).unwrap();
+        assert_eq!(
+            (
+                s.sync.claims_in_flight_for(true),
+                s.sync.claims_in_flight_for(false)
+            ),
+            (3, 3)
+        );
     }
 
     #[test]

@@ -2,15 +2,19 @@
 //! keeps each team's buffer of up to `max_in_flight` ready batches, refilling it once it is
 //! half empty, so that claims are large and a worker never waits for one. A team whose key is
 //! refused, or whose buffer is full, is left out of claims and leases (a refused team gets one
-//! probe batch at a time), so it never holds the others back.
+//! probe batch at a time), so it never holds the others back. Up to `sync.claims_in_flight`
+//! claim rounds run at once while there is a backlog, each for its share of the free room
+//! (set aside in [`super::holdings::Holdings`] before it claims, so buffers never overfill).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::Shared;
+use super::holdings::Reserved;
 use super::team::Team;
 use crate::backoff::RetryPolicy;
 use crate::health::Health;
@@ -20,28 +24,110 @@ use crate::store::{ClaimRequest, DueRequest, Lane, LeasedBatch, StoreError};
 /// How often a claim also looks for rows outside every lane (unknown team or object type).
 const STRAYS_EVERY: Duration = Duration::from_secs(30);
 
-/// The claim loop: one round per wake-up (a batch moved on, a `NOTIFY`, a key accepted again)
-/// or poll interval, until `shutdown`.
+/// What one claim round may do, settled when it starts.
+struct Round {
+    /// It sweeps strays and stranded batches (one round at a time does).
+    strays: bool,
+    /// It probes the refused teams' keys (one round at a time does).
+    probe: bool,
+    /// Its share of the teams' free buffer room, set aside until its batches are buffered.
+    share: Reserved,
+}
+
+/// What a round that ended tells the loop.
+struct RoundEnd {
+    strays: bool,
+    probe: bool,
+    /// Batches it leased or claimed (all of them buffered by now).
+    found: usize,
+    /// How many strays went dead, or why the round failed.
+    filled: Result<usize, StoreError>,
+}
+
+/// The claim loop: rounds start on a wake-up (a batch moved on, a `NOTIFY`, a key accepted
+/// again) or the poll interval, until `shutdown`. While rounds find work, up to
+/// `sync.claims_in_flight` of them run at once (one while any team's key is refused), each
+/// claiming for its share of the teams' free buffer room, so the next claim is under way while
+/// the previous one's transaction commits; an idle loop runs one round at a time. A failed
+/// round lets the others end, then waits for the database. At shutdown the rounds in flight
+/// are awaited, so every batch they claimed is buffered (or, once the workers have stopped,
+/// left to its lease).
 pub(super) async fn run(shared: &Arc<Shared>, shutdown: &CancellationToken) {
+    let mut rounds = FuturesUnordered::new();
     let mut db_failures: u32 = 0;
     let mut strays_due = Instant::now();
+    // A round in flight sweeps strays; a round in flight probes refused keys.
+    let (mut sweeping, mut probing) = (false, false);
+    // The last round that ended found work (at start: assume a backlog).
+    let mut busy = true;
+    let mut due = true;
     loop {
         shared.health.tick();
         if shutdown.is_cancelled() {
-            return;
+            break;
         }
-        let strays = Instant::now() >= strays_due;
-        let mut batches = Vec::new();
-        let filled = fill(shared, strays, &mut batches).await;
-        let found = batches.len();
-        for batch in batches {
-            dispatch(shared, batch);
+        if due {
+            let width = if shared.teams.iter().any(|t| t.refused()) {
+                1
+            } else if busy {
+                shared.claims_in_flight
+            } else {
+                1
+            };
+            // With every slot taken, the look is owed: the next round that ends is followed by
+            // another (a `NOTIFY` that arrives during a claim is not lost until the poll).
+            due = rounds.len() >= width;
+            while rounds.len() < width {
+                let lone = rounds.is_empty();
+                let share = share_of_room(shared, width - rounds.len());
+                // Beyond the first, a round starts only to claim; the first also looks after
+                // refused keys, strays and pauses when there is nothing to claim.
+                if share.is_empty() && !lone {
+                    break;
+                }
+                let strays = !sweeping && Instant::now() >= strays_due;
+                let probe = !probing;
+                let empty = share.is_empty();
+                sweeping |= strays;
+                probing |= probe;
+                rounds.push(round(
+                    shared,
+                    Round {
+                        strays,
+                        probe,
+                        share,
+                    },
+                ));
+                if empty {
+                    break;
+                }
+            }
         }
-        let strays_ended = match filled {
-            Ok(n) => n,
+        let end = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => continue,
+            Some(end) = rounds.next(), if !rounds.is_empty() => end,
+            _ = shared.wake.notified() => {
+                due = true;
+                continue;
+            }
+            _ = tokio::time::sleep(next_look(shared)) => {
+                looked(shared);
+                due = true;
+                continue;
+            }
+        };
+        let found = match ended(end, &mut sweeping, &mut probing, &mut strays_due) {
+            Ok(found) => found,
             Err(e) => {
+                // The other rounds end first (their batches are buffered); then nothing new
+                // is claimed until the database answers again.
+                while let Some(other) = rounds.next().await {
+                    let _ = ended(other, &mut sweeping, &mut probing, &mut strays_due);
+                }
                 db_failures += 1;
                 wait_for_database(shared, &e, db_failures, shutdown).await;
+                due = true;
                 continue;
             }
         };
@@ -50,51 +136,124 @@ pub(super) async fn run(shared: &Arc<Shared>, shutdown: &CancellationToken) {
         }
         db_failures = 0;
         shared.health.set_db_ok(true);
-        if strays {
+        busy = found > 0;
+        due = due || (busy && shared.teams.iter().any(|t| wants_work(shared, t)));
+    }
+    // Shutdown: no new round; those in flight end, and their batches are buffered.
+    while let Some(end) = rounds.next().await {
+        let _ = ended(end, &mut sweeping, &mut probing, &mut strays_due);
+    }
+}
+
+/// Sets aside the share of the teams' free buffer room for a round that starts while
+/// `slots - 1` more may still start: of each team that wants work, its free room divided among
+/// the slots (rounded up). Empty when no team wants work.
+fn share_of_room(shared: &Shared, slots: usize) -> Reserved {
+    let open: Vec<bool> = shared
+        .teams
+        .iter()
+        .map(|t| may_claim(t) && !paused(shared, t))
+        .collect();
+    let teams = &shared.teams;
+    shared.holdings.reserve(
+        |team| teams[team].max_in_flight,
+        |team, room| {
+            if open[team] && room >= teams[team].max_in_flight.div_ceil(2) {
+                room.div_ceil(slots.max(1))
+            } else {
+                0
+            }
+        },
+    )
+}
+
+/// One claim round: [`fill`] for its share, then its batches go to their teams' buffers, then
+/// its share of the room is let go (the buffered batches take their places).
+async fn round(shared: &Shared, round: Round) -> RoundEnd {
+    let mut batches = Vec::new();
+    let filled = fill(shared, &round, &mut batches).await;
+    let found = batches.len();
+    for batch in batches {
+        dispatch(shared, batch);
+    }
+    drop(round.share);
+    RoundEnd {
+        strays: round.strays,
+        probe: round.probe,
+        found,
+        filled,
+    }
+}
+
+/// Takes note of a round that ended: whether a sweep or a probe is still in flight and when
+/// strays are next due. Returns the batches it found, or its failure.
+fn ended(
+    end: RoundEnd,
+    sweeping: &mut bool,
+    probing: &mut bool,
+    strays_due: &mut Instant,
+) -> Result<usize, StoreError> {
+    if end.probe {
+        *probing = false;
+    }
+    if end.strays {
+        *sweeping = false;
+    }
+    match end.filled {
+        Ok(strays_ended) if end.strays => {
             // A stray's later rows of the same record wait for it (per-record order), so a
             // sweep that ended strays is followed by another at once, until one ends none: a
             // chain of N strays ends in N rounds, not N × STRAYS_EVERY.
-            strays_due = if strays_ended > 0 {
+            *strays_due = if strays_ended > 0 {
                 Instant::now()
             } else {
                 Instant::now() + STRAYS_EVERY
             };
+            Ok(end.found)
         }
-        if found > 0 && shared.teams.iter().any(|t| wants_work(shared, t)) {
-            continue;
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => {},
-            _ = shared.wake.notified() => {},
-            _ = tokio::time::sleep(next_look(shared)) => {},
-        }
+        Ok(_) => Ok(end.found),
+        // A failed sweep is due again at once (`strays_due` unchanged).
+        Err(e) => Err(e),
     }
 }
 
-/// Notes when the soonest lane a claim left lingering must be looked at again (`None`: no
-/// lane lingers).
+/// Notes when a lane a claim left lingering must be looked at again. Rounds overlap, so the
+/// soonest of their notes is kept, until the claimer's timer reaches it ([`looked`]).
 fn note_lingering(shared: &Shared, lingering: Option<Duration>) {
-    *shared
+    let Some(wait) = lingering else { return };
+    let at = Instant::now() + wait;
+    let mut until = shared
         .lingering_until
         .lock()
-        .unwrap_or_else(|e| e.into_inner()) = lingering.map(|d| Instant::now() + d);
+        .unwrap_or_else(|e| e.into_inner());
+    *until = Some(until.map_or(at, |noted| noted.min(at)));
 }
 
-/// How long an idle claimer sleeps: the poll interval, or less when a lingering tail comes due
-/// sooner, so that it goes on time and never waits for ever. The note is used once: the next
-/// claim notes again what still lingers, and a round that claimed nothing cannot spin on it.
+/// How long the claimer waits for a wake-up: the poll interval, or less when a lingering tail
+/// comes due sooner, so that it goes on time and never waits for ever.
 fn next_look(shared: &Shared) -> Duration {
-    let until = shared
+    let until = *shared
         .lingering_until
         .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
+        .unwrap_or_else(|e| e.into_inner());
     match until {
         Some(at) => shared
             .cfg
             .poll_interval
             .min(at.saturating_duration_since(Instant::now())),
         None => shared.cfg.poll_interval,
+    }
+}
+
+/// The timer went off: a note it reached is used up (the round it starts claims what is due
+/// and notes again what still lingers), so an empty claim cannot spin on it.
+fn looked(shared: &Shared) {
+    let mut until = shared
+        .lingering_until
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if until.is_some_and(|at| at <= Instant::now()) {
+        *until = None;
     }
 }
 
@@ -119,19 +278,21 @@ async fn wait_for_database(
     }
 }
 
-/// Free places in the team's buffer.
+/// Free places in the team's buffer (not taken by a buffered batch nor set aside by a round).
 fn room(shared: &Shared, team: &Team) -> usize {
-    team.max_in_flight
-        .saturating_sub(shared.holdings.buffered(team.index))
+    shared.holdings.room(team.index, team.max_in_flight)
 }
 
-/// Whether the claimer should fetch more for `team`: its key is accepted, the API has not asked
-/// it to pause (a 429 storm does not turn its whole backlog into waiting batches), and at least
-/// half of its buffer is free.
+/// Whether the claimer may fetch for `team` at all: its key is accepted and the API has not
+/// asked it to pause (a 429 storm does not turn its whole backlog into waiting batches).
+fn may_claim(team: &Team) -> bool {
+    !team.refused() && !team.client.is_paused()
+}
+
+/// Whether the claimer should fetch more for `team`: it may claim, and at least half of its
+/// buffer is free.
 fn wants_work(shared: &Shared, team: &Team) -> bool {
-    !team.refused()
-        && !team.client.is_paused()
-        && room(shared, team) >= team.max_in_flight.div_ceil(2)
+    may_claim(team) && room(shared, team) >= team.max_in_flight.div_ceil(2)
 }
 
 /// Hands a leased batch to its team's workers. A batch of a team this process does not know
@@ -146,32 +307,36 @@ fn dispatch(shared: &Shared, batch: LeasedBatch) {
 }
 
 /// Takes due stored batches first (retries, lapsed leases), then claims new rows for what is
-/// left of each team's free room, into `batches`. A team whose key is refused gets one probe at
-/// a time (see [`probe_refused`]) and no other claims. Batches leased before a step failed stay
-/// in `batches`: they are ours, and dropping them would leave them waiting for their lease to
-/// lapse. Returns how many strays (rows of no lane) went dead.
+/// left of the round's share of each team's free room, into `batches`. A team whose key is
+/// refused gets one probe at a time (see [`probe_refused`], in the one round that probes) and
+/// no other claims. Batches leased before a step failed stay in `batches`: they are ours, and
+/// dropping them would leave them waiting for their lease to lapse. Returns how many strays
+/// (rows of no lane) went dead.
 async fn fill(
     shared: &Shared,
-    strays: bool,
+    round: &Round,
     batches: &mut Vec<LeasedBatch>,
 ) -> Result<usize, StoreError> {
     let cfg = &shared.cfg;
+    let strays = round.strays;
     shared.pauses.refresh(&shared.store).await;
-    probe_refused(shared, batches).await?;
+    if round.probe {
+        probe_refused(shared, batches).await?;
+    }
     if strays {
         end_stranded(shared).await?;
     }
     let open: Vec<&Arc<Team>> = shared
         .teams
         .iter()
-        .filter(|t| wants_work(shared, t) && !paused(shared, t))
+        .filter(|t| round.share.places(t.index) > 0 && may_claim(t) && !paused(shared, t))
         .collect();
     if open.is_empty() && !strays {
         return Ok(0);
     }
     let keys: Vec<String> = open.iter().flat_map(|t| t.keys.iter().cloned()).collect();
     let (lanes, skip_lanes) = lanes_of(shared, &open);
-    let free: usize = open.iter().map(|t| room(shared, t)).sum();
+    let free: usize = open.iter().map(|t| round.share.places(t.index)).sum();
     let due = shared
         .store
         .lease_due_batches(&DueRequest {

@@ -7,6 +7,9 @@
 //! **Invariant:** everything the engine counts about held batches (a team's free buffer room,
 //! whether a refused team may probe, the leases the heartbeat extends, what a drain waits for)
 //! is read from [`Holdings`], which only `Held` changes; so the counts cannot drift apart.
+//! Buffer room a claim round has set aside for the batches it is claiming is counted there too,
+//! as a [`Reserved`] (taken by the round before it claims, let go once its batches are
+//! buffered), so that claim rounds running at once never fill a buffer past `max_in_flight`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -55,6 +58,8 @@ struct State {
     entries: HashMap<u64, Entry>,
     /// Per team, how many entries are at each stage.
     counts: Vec<[usize; STAGES]>,
+    /// Per team, buffer places claim rounds in progress have set aside ([`Reserved`]).
+    reserved: Vec<usize>,
     next_ticket: u64,
 }
 
@@ -81,6 +86,7 @@ impl Holdings {
             state: Mutex::new(State {
                 entries: HashMap::new(),
                 counts: vec![[0; STAGES]; teams],
+                reserved: vec![0; teams],
                 next_ticket: 0,
             }),
             recording: Arc::new(Semaphore::new(recording_slots.max(1))),
@@ -127,8 +133,44 @@ impl Holdings {
     }
 
     /// Batches of team `team` waiting in its buffer.
+    #[cfg(test)]
     pub(super) fn buffered(&self, team: usize) -> usize {
         self.state().counts[team][Stage::Buffered.index()]
+    }
+
+    /// Free places in team `team`'s buffer of `capacity`: neither taken by a buffered batch nor
+    /// set aside by a claim round in progress.
+    pub(super) fn room(&self, team: usize, capacity: usize) -> usize {
+        let state = self.state();
+        capacity
+            .saturating_sub(state.counts[team][Stage::Buffered.index()])
+            .saturating_sub(state.reserved[team])
+    }
+
+    /// Sets aside places in the teams' buffers for one claim round: `places(team, room)` says
+    /// how many of team `team`'s free places (`room`, of `capacity(team)`) the round takes; the
+    /// reading of the room and the setting aside are one step, so two rounds never take the same
+    /// place. The places stay taken until the [`Reserved`] is dropped (after the round's batches
+    /// are buffered, which count in their own right).
+    pub(super) fn reserve(
+        self: &Arc<Self>,
+        capacity: impl Fn(usize) -> usize,
+        mut places: impl FnMut(usize, usize) -> usize,
+    ) -> Reserved {
+        let mut state = self.state();
+        let teams = state.reserved.len();
+        let mut taken = vec![0; teams];
+        for (team, slot) in taken.iter_mut().enumerate() {
+            let room = capacity(team)
+                .saturating_sub(state.counts[team][Stage::Buffered.index()])
+                .saturating_sub(state.reserved[team]);
+            *slot = places(team, room).min(room);
+            state.reserved[team] += *slot;
+        }
+        Reserved {
+            taken,
+            holdings: Arc::clone(self),
+        }
     }
 
     /// Batches of team `team` not yet answered: buffered or with a worker.
@@ -147,6 +189,36 @@ impl Holdings {
 
     pub(super) fn len(&self) -> usize {
         self.state().entries.len()
+    }
+}
+
+/// Buffer places one claim round set aside, per team (see [`Holdings::reserve`]); dropping it
+/// gives them back.
+pub(super) struct Reserved {
+    taken: Vec<usize>,
+    holdings: Arc<Holdings>,
+}
+
+impl Reserved {
+    /// The places set aside in team `team`'s buffer.
+    pub(super) fn places(&self, team: usize) -> usize {
+        self.taken.get(team).copied().unwrap_or(0)
+    }
+
+    /// Whether no place was set aside at all.
+    pub(super) fn is_empty(&self) -> bool {
+        self.taken.iter().all(|&n| n == 0)
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        // No wake-up: the claimer itself drops a round's reservation, and looks again then.
+        if let Ok(mut state) = self.holdings.state.lock() {
+            for (team, n) in self.taken.iter().enumerate() {
+                state.reserved[team] -= n;
+            }
+        }
     }
 }
 
@@ -231,6 +303,25 @@ mod tests {
         assert_eq!(holdings.batch_ids(), vec![held.batch().id]);
         drop(held);
         assert_eq!((holdings.len(), holdings.batch_ids().len()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn reserved_places_are_not_free_until_let_go_and_never_exceed_the_room() {
+        let holdings = Holdings::new(2, 1, Arc::new(Notify::new()));
+        let _held = holdings.buffer(leased(), 0);
+        assert_eq!(holdings.room(0, 8), 7);
+        let first = holdings.reserve(|_| 8, |_, room| room.div_ceil(2));
+        assert_eq!((first.places(0), first.places(1)), (4, 4));
+        assert_eq!((holdings.room(0, 8), holdings.room(1, 8)), (3, 4));
+        let second = holdings.reserve(|_| 8, |_, room| room + 5);
+        assert_eq!((second.places(0), second.places(1)), (3, 4));
+        assert_eq!(holdings.room(0, 8), 0);
+        let none = holdings.reserve(|_| 8, |_, room| room);
+        assert!(none.is_empty());
+        drop(first);
+        assert_eq!((holdings.room(0, 8), holdings.room(1, 8)), (4, 4));
+        drop(second);
+        assert_eq!((holdings.room(0, 8), holdings.room(1, 8)), (7, 8));
     }
 
     #[tokio::test]

@@ -57,6 +57,9 @@ pub struct EngineConfig {
     pub owner: String,
     pub lease: Duration,
     pub max_in_flight: usize,
+    /// `sync.claims_in_flight`: claim rounds at once; `None` leaves it to the database (see
+    /// [`crate::settings::SyncSettings::claims_in_flight_for`]).
+    pub claims_in_flight: Option<usize>,
     pub limits: PlanLimits,
     pub poll_interval: Duration,
     /// `batch.linger`: how long a flowing lane's partial batch may wait to fill (zero: never).
@@ -80,6 +83,7 @@ impl EngineConfig {
             owner: owner_name(),
             lease: s.sync.lease,
             max_in_flight: s.sync.max_in_flight,
+            claims_in_flight: s.sync.claims_in_flight,
             limits: PlanLimits {
                 batch_size: s.batch.size,
                 coalesce: s.batch.coalesce,
@@ -177,6 +181,8 @@ struct Shared {
     health: Arc<Health>,
     /// The batches this process holds; only these get their leases extended.
     holdings: Arc<Holdings>,
+    /// Claim rounds that may run at once (`sync.claims_in_flight`, resolved for the database).
+    claims_in_flight: usize,
     /// Wakes the claimer: room in a buffer, a `NOTIFY`, a team's key accepted again.
     wake: Arc<Notify>,
     /// Batch ends go through one recorder task (see [`recorder`]).
@@ -240,6 +246,12 @@ impl Engine {
         let wake = Arc::new(Notify::new());
         // Answered batches whose outcome write may wait at once: twice what can be on the wire.
         let holdings = Holdings::new(teams.len(), 2 * in_flight.max(1), wake.clone());
+        let claims_in_flight = cfg
+            .claims_in_flight
+            .unwrap_or_else(|| {
+                crate::settings::default_claims_in_flight(matches!(store, Store::Postgres(_)))
+            })
+            .clamp(1, crate::settings::MAX_CLAIMS_IN_FLIGHT);
         Engine {
             shared: Arc::new(Shared {
                 store,
@@ -250,6 +262,7 @@ impl Engine {
                 cfg,
                 health,
                 holdings,
+                claims_in_flight,
                 wake,
                 recorder,
                 lingering_until: std::sync::Mutex::new(None),
@@ -265,7 +278,7 @@ impl Engine {
 
     /// What this process holds right now (batches, each team's concurrency), read by the
     /// fleet registry's heartbeat (`fleet.rs`); it outlives [`Engine::run`].
-    pub fn load_probe(&self) -> impl Fn() -> crate::fleet::Load + Send + Sync + 'static {
+    pub fn load_probe(&self) -> impl Fn() -> crate::fleet::Load + Send + Sync + use<> {
         let shared = self.shared.clone();
         move || crate::fleet::Load {
             batches_held: shared.holdings.len(),
@@ -289,7 +302,7 @@ impl Engine {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), EngineError> {
         let shared = self.shared;
         let cfg = &shared.cfg;
-        info!(owner = %cfg.owner, database = shared.store.kind(), max_in_flight = cfg.max_in_flight, "sync engine started");
+        info!(owner = %cfg.owner, database = shared.store.kind(), max_in_flight = cfg.max_in_flight, claims_in_flight = shared.claims_in_flight, "sync engine started");
         let recorder_stop = CancellationToken::new();
         let recorder = tokio::spawn(recorder::run(
             shared.store.clone(),
@@ -330,8 +343,9 @@ fn start_helpers(shared: &Arc<Shared>, stop: &CancellationToken) -> JoinSet<()> 
 
 /// Each team's workers (its `max_in_flight` of them) take batches from the team's buffer,
 /// which the claimer keeps topped up. A worker that finishes a batch starts the next one at
-/// once, without waiting for a claim in progress; claims are large (up to the free room of
-/// every team) because the claimer refills a team only once its buffer is half empty.
+/// once, without waiting for a claim in progress; claims are large (up to each team's free
+/// room, shared among the `sync.claims_in_flight` rounds that run at once) because the claimer
+/// refills a team only once its buffer is half empty.
 /// Buffered batches are leased and kept alive by the heartbeat like those on the wire.
 fn start_workers(
     shared: &Arc<Shared>,

@@ -179,6 +179,15 @@ pub struct RunningEngine {
 }
 
 impl RunningEngine {
+    /// An engine a test started itself (e.g. to keep its load probe).
+    pub fn from_parts(
+        stop: CancellationToken,
+        health: Arc<Health>,
+        task: tokio::task::JoinHandle<()>,
+    ) -> RunningEngine {
+        RunningEngine { stop, health, task }
+    }
+
     pub async fn stop(self) {
         self.stop.cancel();
         tokio::time::timeout(Duration::from_secs(30), self.task)
