@@ -67,6 +67,7 @@ pub(super) async fn run(shared: &Arc<Shared>, shutdown: &CancellationToken) {
             break;
         }
         if due {
+            due = false;
             let width = if shared.teams.iter().any(|t| t.refused()) {
                 1
             } else if busy {
@@ -74,9 +75,6 @@ pub(super) async fn run(shared: &Arc<Shared>, shutdown: &CancellationToken) {
             } else {
                 1
             };
-            // With every slot taken, the look is owed: the next round that ends is followed by
-            // another (a `NOTIFY` that arrives during a claim is not lost until the poll).
-            due = rounds.len() >= width;
             while rounds.len() < width {
                 let lone = rounds.is_empty();
                 let share = share_of_room(shared, width - rounds.len());
@@ -137,7 +135,7 @@ pub(super) async fn run(shared: &Arc<Shared>, shutdown: &CancellationToken) {
         db_failures = 0;
         shared.health.set_db_ok(true);
         busy = found > 0;
-        due = due || (busy && shared.teams.iter().any(|t| wants_work(shared, t)));
+        due = busy && shared.teams.iter().any(|t| wants_work(shared, t));
     }
     // Shutdown: no new round; those in flight end, and their batches are buffered.
     while let Some(end) = rounds.next().await {
