@@ -244,7 +244,9 @@ fn next_look(shared: &Shared) -> Duration {
 }
 
 /// The timer went off: a note it reached is used up (the round it starts claims what is due
-/// and notes again what still lingers), so an empty claim cannot spin on it.
+/// and notes again what still lingers), so an empty claim cannot spin on it. When every claim
+/// slot is taken no round starts, but the rounds in flight claim and note again; a tail whose
+/// note they missed waits at most one more poll interval.
 fn looked(shared: &Shared) {
     let mut until = shared
         .lingering_until
