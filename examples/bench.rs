@@ -1083,7 +1083,10 @@ async fn fill(args: &Args) -> anyhow::Result<()> {
         let log = sim.requests();
         let start = log.first().map(|r| r.at.clone()).unwrap_or_default();
         for r in log.iter().filter(|r| r.items < 10) {
-            println!("  small request at {} (first at {start}): {} items", r.at, r.items);
+            println!(
+                "  small request at {} (first at {start}): {} items",
+                r.at, r.items
+            );
         }
     }
     let mut sizes = [0usize; 4];
