@@ -134,8 +134,9 @@ async fn lane_takes<D: Dialect>(
     let backlogs = db.lane_backlog(tx, &lanes, cap).await?;
     let mut lingering: Option<Duration> = None;
     for (&i, backlog) in flowing.iter().zip(backlogs) {
-        // A deep backlog is claimed as without a linger, by every replica at once.
-        is_flowing[i] = backlog.due < cap;
+        // A deep backlog, or whole batches only, is claimed as without a linger, by every
+        // replica at once: only a partial tail is worth taking alone.
+        is_flowing[i] = backlog.due < cap && backlog.due % batch_size != 0;
         if let Decision::Tail { full, wait } = linger::decide(backlog, linger, batch_size, cap) {
             takes[i] = full.min(req.max_records);
             lingering = Some(lingering.map_or(wait, |w| w.min(wait)));
