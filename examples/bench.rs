@@ -1026,7 +1026,8 @@ where
 /// retryable code (their rows come due again one by one, jittered). Prints the mean items per
 /// update request (from the simulator's counters) and the trickle's latency; then, on a fresh
 /// database and without item errors, lone changes after quiet (each after the previous one's
-/// outcome and a random 30-80 ms gap), whose latency a linger must not raise.
+/// outcome and a random 30-80 ms gap), whose latency a linger must not raise. With
+/// `PRISM_BENCH_SHOW_SMALL` set it also lists the trickle's requests of fewer than 10 items.
 async fn fill(args: &Args) -> anyhow::Result<()> {
     let trickle_faults = FaultProfile {
         latency: args.latency,
@@ -1078,6 +1079,16 @@ async fn fill(args: &Args) -> anyhow::Result<()> {
         percentile(&trickle, 0.5),
         percentile(&trickle, 0.99)
     );
+    if std::env::var_os("PRISM_BENCH_SHOW_SMALL").is_some() {
+        let log = sim.requests();
+        let start = log.first().map(|r| r.at.clone()).unwrap_or_default();
+        for r in log.iter().filter(|r| r.items < 10) {
+            println!(
+                "  small request at {} (first at {start}): {} items",
+                r.at, r.items
+            );
+        }
+    }
     let mut sizes = [0usize; 4];
     for r in sim
         .requests()

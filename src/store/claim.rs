@@ -65,6 +65,12 @@ async fn take_heads<D: Dialect>(
         if take == 0 {
             continue;
         }
+        // Replicas that look at a flowing lane's tail at once would split it between them (each
+        // locks what the others have not, `SKIP LOCKED`): one takes it, the others leave the lane
+        // to it this round (it is being claimed, so nothing is left waiting).
+        if flowing && !db.try_lock_lane(tx, lane).await? {
+            continue;
+        }
         let lane_req = ClaimRequest {
             max_records: take,
             ..*req
@@ -95,7 +101,8 @@ async fn take_heads<D: Dialect>(
 }
 
 /// How many rows each of the `busy` lanes gives this claim (`req.max_records` for all of them
-/// without a linger), which of them are flowing, and the soonest a lingering tail must be looked
+/// without a linger), which of them are flowing with less than a deep backlog (their tail is
+/// what is claimed), and the soonest a lingering tail must be looked
 /// at again. Reads only: no row is locked for a tail that waits.
 async fn lane_takes<D: Dialect>(
     db: &D,
@@ -120,9 +127,6 @@ async fn lane_takes<D: Dialect>(
     if flowing.is_empty() {
         return Ok((takes, is_flowing, None));
     }
-    for &i in &flowing {
-        is_flowing[i] = true;
-    }
     // Two batches' worth tells a tail from a deep backlog; counting further would cost as much
     // as the claim itself when the outbox is full.
     let cap = (2 * batch_size).min(req.max_records.max(batch_size));
@@ -130,6 +134,9 @@ async fn lane_takes<D: Dialect>(
     let backlogs = db.lane_backlog(tx, &lanes, cap).await?;
     let mut lingering: Option<Duration> = None;
     for (&i, backlog) in flowing.iter().zip(backlogs) {
+        // A deep backlog, or whole batches only, is claimed as without a linger, by every
+        // replica at once: only a partial tail is worth taking alone.
+        is_flowing[i] = backlog.due < cap && backlog.due % batch_size != 0;
         if let Decision::Tail { full, wait } = linger::decide(backlog, linger, batch_size, cap) {
             takes[i] = full.min(req.max_records);
             lingering = Some(lingering.map_or(wait, |w| w.min(wait)));

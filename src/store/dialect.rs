@@ -58,6 +58,10 @@ pub(super) trait Dialect: Sync {
         cap: usize,
     ) -> StoreResult<Vec<Backlog>>;
 
+    /// Takes the right to claim `lane`'s tail for the rest of this transaction; `false` when
+    /// another claim holds it (another replica is taking the same tail at this moment).
+    async fn try_lock_lane(&self, tx: &mut Self::Tx, lane: &(String, String)) -> StoreResult<bool>;
+
     /// How long the longest-due of the rows `ids` (just locked by this claim) has been due.
     async fn oldest_due(&self, tx: &mut Self::Tx, ids: &[i64]) -> StoreResult<Duration>;
 

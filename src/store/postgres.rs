@@ -135,6 +135,9 @@ macro_rules! record_guard {
     };
 }
 
+/// The advisory lock class of a lane's tail claim (`b"pris"`), see `try_lock_lane`.
+const LANE_TAIL_LOCK_CLASS: i32 = 0x7072_6973;
+
 /// The channel the outbox's insert trigger notifies.
 pub const NOTIFY_CHANNEL: &str = "prism_outbox";
 
@@ -463,6 +466,23 @@ impl Dialect for PgStore {
             }
         }
         Ok(out)
+    }
+
+    async fn try_lock_lane(
+        &self,
+        tx: &mut Self::Tx,
+        (team, object_type): &(String, String),
+    ) -> StoreResult<bool> {
+        // A transaction-level advisory lock in a class of prism-sync's own (two-key form: it
+        // cannot meet the migrators' one-key lock or an application's bigint locks).
+        Ok(sqlx::query_scalar(
+            "SELECT pg_try_advisory_xact_lock($1, hashtext($2 || chr(31) || $3))",
+        )
+        .bind(LANE_TAIL_LOCK_CLASS)
+        .bind(team)
+        .bind(object_type)
+        .fetch_one(&mut **tx)
+        .await?)
     }
 
     async fn oldest_due(&self, tx: &mut Self::Tx, ids: &[i64]) -> StoreResult<Duration> {

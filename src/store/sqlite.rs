@@ -533,6 +533,11 @@ impl Dialect for SqliteStore {
         Ok(out)
     }
 
+    async fn try_lock_lane(&self, _: &mut Self::Tx, _: &(String, String)) -> StoreResult<bool> {
+        // A claim is a write transaction (`BEGIN IMMEDIATE`): it already holds the database alone.
+        Ok(true)
+    }
+
     async fn oldest_due(&self, tx: &mut Self::Tx, ids: &[i64]) -> StoreResult<Duration> {
         let age: Option<f64> = sqlx::query_scalar(concat!(
             "SELECT (julianday(",
