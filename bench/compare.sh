@@ -14,7 +14,8 @@
 #   DIR holds `prism-sync` and `examples/bench` (a cargo release folder, or a copy of one):
 #     cargo build --release --example bench --bin prism-sync
 #     mkdir -p /tmp/before/examples && cp target/release/prism-sync /tmp/before/ \
-#       && cp target/release/examples/bench /tmp/before/examples/
+#       && cp target/release/examples/bench /tmp/before/examples/ && cp -r config /tmp/before/
+#   (config/: the build's own default configuration, which it is run beside)
 #     bench/compare.sh --prism before=/tmp/before --prism after=target/release
 #   Default: --prism this=${CARGO_TARGET_DIR:-target}/release.
 #   --refs: the references' folder (default ../shared/bench next to the repository, or
@@ -66,7 +67,11 @@ record() { # round system rows/s wal/row
 
 run_prism() { # round label dir
   local out rate wal
-  out=$("$3/examples/bench" --db postgres --rows "$rows" --no-limit --bin "$3/prism-sync" 2>&1) \
+  # A build reads its default configuration from ./config: a folder with its own config/ (the
+  # source's, copied beside the binaries) is run from there, so an older build is not handed a
+  # newer build's settings, which it refuses.
+  out=$(cd "$([ -d "$3/config" ] && echo "$3" || pwd)" &&
+        "$3/examples/bench" --db postgres --rows "$rows" --no-limit --bin "$3/prism-sync" 2>&1) \
     || { echo "$out" >&2; echo "prism-sync bench ($2) failed" >&2; exit 1; }
   rate=$(echo "$out" | sed -n 's/^ *daemon: *\([0-9]*\) rows\/s.*/\1/p' | head -n1)
   wal=$(echo "$out" | sed -n 's/^ *daemon WAL: \([0-9]*\) bytes per row.*/\1/p' | head -n1)

@@ -619,6 +619,19 @@ fn spawn_daemons(args: &Args, db: &Database, sim: &SimHandle) -> Vec<Daemon> {
         .collect()
 }
 
+/// Fails the run when a daemon has exited before its end (it refused its configuration, say):
+/// the run would otherwise wait for rows nobody syncs. Its own error is on stderr above.
+fn all_running(daemons: &mut [Daemon]) -> anyhow::Result<()> {
+    for d in daemons.iter_mut() {
+        if let Some(status) = d.child.try_wait()? {
+            anyhow::bail!(
+                "a prism-sync daemon exited before the run ended ({status}); its error is above"
+            );
+        }
+    }
+    Ok(())
+}
+
 fn peak_rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -835,6 +848,7 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
         if !unfinished(&store).await? {
             break;
         }
+        all_running(&mut daemons)?;
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(1800),
             "did not finish in 30 minutes"
@@ -1005,6 +1019,7 @@ where
             )
         })???;
     while unfinished(&store).await? {
+        all_running(&mut daemons)?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop(&mut daemons).await?;
