@@ -944,27 +944,7 @@ async fn latency(args: &Args) -> anyhow::Result<()> {
         args.db, args.latency
     );
     // Lone changes on an idle daemon, one at a time.
-    let lone = latency_run(args, &sim, |store, watch| async move {
-        for _ in 0..200 {
-            let change = changes(1, 1);
-            insert(&store, &change).await?;
-            watch.committed(change.iter().map(|c| c.record_id));
-            while watch.waiting() > 0 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            // A random gap, so that the inserts do not fall into step with the daemon's poll.
-            tokio::time::sleep(Duration::from_millis(rand::random_range(30..80))).await;
-        }
-        Ok(200)
-    })
-    .await?;
-    println!(
-        "  lone changes on an idle daemon ({}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        lone.len(),
-        percentile(&lone, 0.5),
-        percentile(&lone, 0.99),
-        lone.last().copied().unwrap_or(0.0)
-    );
+    lone_changes(args, &sim, "lone changes on an idle daemon").await?;
     // A steady moderate rate: 2,000 changes/s in transactions of 10 for 10 s.
     let steady = latency_run(args, &sim, |store, watch| async move {
         let started = Instant::now();
@@ -995,6 +975,32 @@ async fn latency(args: &Args) -> anyhow::Result<()> {
 /// One latency run on a fresh database: daemons started, `load` inserting changes and telling
 /// the watch when each commit returned, then every change checked applied exactly once.
 /// Returns the sorted latencies (ms).
+/// 200 lone changes, one at a time, each after a random quiet gap (so that the inserts do not
+/// fall into step with the daemon's poll); prints their latency.
+async fn lone_changes(args: &Args, sim: &SimHandle, what: &str) -> anyhow::Result<()> {
+    let lone = latency_run(args, sim, |store, watch| async move {
+        for _ in 0..200 {
+            let change = changes(1, 1);
+            insert(&store, &change).await?;
+            watch.committed(change.iter().map(|c| c.record_id));
+            while watch.waiting() > 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(rand::random_range(30..80))).await;
+        }
+        Ok(200)
+    })
+    .await?;
+    println!(
+        "  {what} ({}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        lone.len(),
+        percentile(&lone, 0.5),
+        percentile(&lone, 0.99),
+        lone.last().copied().unwrap_or(0.0)
+    );
+    Ok(())
+}
+
 async fn latency_run<F, Fut>(args: &Args, sim: &SimHandle, load: F) -> anyhow::Result<Vec<f64>>
 where
     F: FnOnce(Store, OutcomeWatch) -> Fut,
@@ -1129,26 +1135,7 @@ async fn fill(args: &Args) -> anyhow::Result<()> {
         latency: args.latency,
         ..FaultProfile::default()
     });
-    let lone = latency_run(args, &sim, |store, watch| async move {
-        for _ in 0..200 {
-            let change = changes(1, 1);
-            insert(&store, &change).await?;
-            watch.committed(change.iter().map(|c| c.record_id));
-            while watch.waiting() > 0 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            tokio::time::sleep(Duration::from_millis(rand::random_range(30..80))).await;
-        }
-        Ok(200)
-    })
-    .await?;
-    println!(
-        "  lone changes after quiet ({}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        lone.len(),
-        percentile(&lone, 0.5),
-        percentile(&lone, 0.99),
-        lone.last().copied().unwrap_or(0.0)
-    );
+    lone_changes(args, &sim, "lone changes after quiet").await?;
     Ok(())
 }
 

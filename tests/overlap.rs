@@ -6,16 +6,13 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use prism_sync::engine::{Engine, EngineConfig};
-use prism_sync::health::Health;
+use prism_sync::engine::Engine;
 use prism_sync::settings::Settings;
 use prism_sync::sim::FaultProfile;
 use prism_sync::store::{RawPool, Store};
-use tokio_util::sync::CancellationToken;
 
 const FINISH: Duration = Duration::from_secs(90);
 
@@ -44,34 +41,6 @@ fn chains(records: usize, per_record: usize) -> (Vec<String>, Vec<(String, Strin
         rows.push((record, p));
     }
     (ids, rows)
-}
-
-/// An engine like `common::start_engine`, also handing out its load probe (batches held).
-async fn start_with_probe(
-    settings: &Settings,
-) -> (
-    RunningEngine,
-    impl Fn() -> prism_sync::fleet::Load + Send + Sync + 'static + use<>,
-) {
-    let mut store_settings = settings.database.clone();
-    store_settings.max_connections = 4;
-    let store = Store::connect(&store_settings).await.expect("connect");
-    store.migrate().await.expect("migrate");
-    let clients = prism_sync::daemon::team_clients(settings).expect("team clients");
-    let health = Arc::new(Health::default());
-    let engine = Engine::with_teams(
-        store,
-        clients,
-        EngineConfig::from_settings(settings),
-        health.clone(),
-    );
-    let probe = engine.load_probe();
-    let stop = CancellationToken::new();
-    let token = stop.clone();
-    let task = tokio::spawn(async move {
-        engine.run(token).await.expect("engine run");
-    });
-    (RunningEngine::from_parts(stop, health, task), probe)
 }
 
 both_backends! {
@@ -117,7 +86,7 @@ both_backends! {
         let mut s = overlapping(&db, &sim);
         s.sync.max_in_flight = 2;
         s.batch.coalesce = false;
-        let (engine, probe) = start_with_probe(&s).await;
+        let (engine, probe) = start_engine_with(&s, Engine::load_probe).await;
         // Batches held = on the wire (2) + buffered (at most 2) + answered ones waiting for
         // their outcome write (a few milliseconds after each answer). The least held over each
         // 150 ms window leaves those moments out.

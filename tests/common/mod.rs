@@ -180,14 +180,6 @@ pub struct RunningEngine {
 
 impl RunningEngine {
     /// An engine a test started itself (e.g. to keep its load probe).
-    pub fn from_parts(
-        stop: CancellationToken,
-        health: Arc<Health>,
-        task: tokio::task::JoinHandle<()>,
-    ) -> RunningEngine {
-        RunningEngine { stop, health, task }
-    }
-
     pub async fn stop(self) {
         self.stop.cancel();
         tokio::time::timeout(Duration::from_secs(30), self.task)
@@ -198,6 +190,15 @@ impl RunningEngine {
 }
 
 pub async fn start_engine(settings: &Settings) -> RunningEngine {
+    start_engine_with(settings, |_| ()).await.0
+}
+
+/// [`start_engine`], also returning what `before` takes from the engine before it runs (e.g.
+/// its load probe).
+pub async fn start_engine_with<T>(
+    settings: &Settings,
+    before: impl FnOnce(&Engine) -> T,
+) -> (RunningEngine, T) {
     let mut store_settings = settings.database.clone();
     store_settings.max_connections = 4;
     let store = Store::connect(&store_settings).await.expect("connect");
@@ -210,12 +211,13 @@ pub async fn start_engine(settings: &Settings) -> RunningEngine {
         EngineConfig::from_settings(settings),
         health.clone(),
     );
+    let taken = before(&engine);
     let stop = CancellationToken::new();
     let token = stop.clone();
     let task = tokio::spawn(async move {
         engine.run(token).await.expect("engine run");
     });
-    RunningEngine { stop, health, task }
+    (RunningEngine { stop, health, task }, taken)
 }
 
 /// Inserts rows with plain SQL, as an application would. Returns their ids.
