@@ -15,6 +15,9 @@
 //!                            retryable item errors; items per request, trickle and lone-change
 //!                            latency)
 //!
+//! `PRISM_BENCH_KEEP_DB=1` leaves each Postgres database in place (its name is printed) for a
+//! look at its batches and rows afterwards.
+//!
 //! Every daemon run is checked afterwards against the simulator's apply log: each change must
 //! have succeeded and been applied exactly once (alone or coalesced into a later change of its
 //! record), in order. A dead row, a change applied twice or one never applied makes the bench
@@ -142,6 +145,12 @@ impl Database {
     }
 
     async fn drop_pg(&mut self) {
+        if std::env::var_os("PRISM_BENCH_KEEP_DB").is_some() {
+            if let Some((_, name)) = self.pg.take() {
+                println!("  kept database {name} (PRISM_BENCH_KEEP_DB)");
+            }
+            return;
+        }
         if let Some((server, name)) = self.pg.take()
             && let Ok(admin) = sqlx::PgPool::connect(&server).await
         {

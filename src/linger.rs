@@ -78,11 +78,11 @@ pub fn decide(backlog: Backlog, linger: Duration, batch_size: usize, cap: usize)
     }
 }
 
-/// After the lock, in a flowing lane: `rows` (fewer than a batch) were all that was left to this
-/// claim, the longest-due of them due for `oldest`. When another replica took the lane's due
-/// tail between this claim's look and its lock, these are rows that came after it: they wait
-/// until the oldest has been due for `linger` (`Some(wait)`), rather than go as a small request
-/// of their own. `None`: they go now.
+/// After the lock, in a flowing lane: `rows` (fewer than a batch) are what a claim would send
+/// past the lane's whole batches, the longest-due of them due for `oldest`. Unless that is the
+/// linger, they wait until it is (`Some(wait)`) and ride with the rows that come meanwhile,
+/// rather than go as a small request of their own (a tail that grew just past a batch as its
+/// linger ran out; the rows left after another replica took the due tail). `None`: they go now.
 pub fn left_short(
     rows: usize,
     oldest: Duration,

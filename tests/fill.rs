@@ -63,6 +63,30 @@ async fn seed_batch(store: &Store, rows: i32, ago: Duration) {
     exec(store, &sql).await;
 }
 
+/// Makes rows `ids` retries that come due `after` from now (no wake-up announces them).
+async fn come_due_in(store: &Store, ids: &[i64], after: Duration) {
+    let ids = ids
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let due = match store.kind() {
+        "postgres" => format!("now() + interval '{} milliseconds'", after.as_millis()),
+        _ => format!(
+            "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+{:.3} seconds')",
+            after.as_secs_f64()
+        ),
+    };
+    exec(
+        store,
+        &format!(
+            "UPDATE prism_outbox SET state = 'retrying', attempts = 1, next_attempt_at = {due}
+             WHERE id IN ({ids})"
+        ),
+    )
+    .await;
+}
+
 both_backends! {
     async fn a_trickle_into_a_flowing_lane_is_sent_in_full_batches(db) {
         let sim = sim(FaultProfile::default()).await;
@@ -175,5 +199,33 @@ both_backends! {
                 "record {record} ends at its newest change"
             );
         }
+    }
+
+    async fn rows_past_a_whole_batch_when_a_tail_is_due_wait_for_their_own_linger(db) {
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        // A flowing lane with a tail of 7; 5 retries come due just before the tail's 2 s linger
+        // runs out, with no wake-up, so the look at the due tail finds 12 rows: a whole batch
+        // and 2 retries due for 0.1 s. Those 2 wait for their own linger and ride with the 5
+        // changes inserted meanwhile: [10, 7], not [10, 2] and then [5].
+        seed_batch(&store, 10, Duration::ZERO).await;
+        insert_rows_together(&store, &distinct_records(7)).await;
+        let retries = insert_rows_together(&store, &distinct_records(5)).await;
+        come_due_in(&store, &retries, Duration::from_millis(1900)).await;
+        let due_from = Instant::now();
+        wait_below_watermark(&store).await;
+        let mut s = fill_settings(&db, &sim, Duration::from_secs(2));
+        s.poll.interval = Duration::from_secs(60);
+        let engine = start_engine(&s).await;
+        tokio::time::sleep((due_from + Duration::from_millis(2900)).saturating_duration_since(Instant::now())).await;
+        insert_rows_together(&store, &distinct_records(5)).await;
+        wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        assert_eq!(assert_applied_in_order_once(&sim), 17, "every change applied once");
+        assert_eq!(
+            request_items(&sim),
+            vec![10, 7],
+            "the rows past the whole batch were sent alone instead of waiting for the next tail"
+        );
     }
 }

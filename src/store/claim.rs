@@ -75,20 +75,25 @@ async fn take_heads<D: Dialect>(
             max_records: take,
             ..*req
         };
-        let heads = db.lane_heads(tx, lane, &lane_req).await?;
-        // Another replica may have taken the lane's due tail between the look and the lock
-        // (`SKIP LOCKED`): what is left to us is then the rows that came after it. Less than a
-        // batch of rows not yet due for the linger waits too (unlocked when this transaction
-        // ends), instead of going as a request of its own.
-        if flowing && !heads.is_empty() && heads.len() < req.limits.batch_size {
-            let ids: Vec<i64> = heads.iter().map(|h| h.id).collect();
+        let mut heads = db.lane_heads(tx, lane, &lane_req).await?;
+        // The rows past this lane's whole batches (in claim order) would go as a partial
+        // request. Two ways they can be young while the look said the tail was due: the tail
+        // grew past a batch in the last moments of its linger (its oldest rows fill a whole
+        // batch, the newest few would ride alone), or another replica took the due tail
+        // between the look and the lock (`SKIP LOCKED`) and what is left to us came after it.
+        // Unless one of them has been due for the linger, they wait (unlocked when this
+        // transaction ends) for the next tail.
+        let rest = heads.len() % req.limits.batch_size.max(1);
+        if flowing && rest > 0 {
+            let ids: Vec<i64> = heads[heads.len() - rest..].iter().map(|h| h.id).collect();
             let oldest = db.oldest_due(tx, &ids).await?;
-            if let Some(wait) =
-                linger::left_short(heads.len(), oldest, linger, req.limits.batch_size)
-            {
+            if let Some(wait) = linger::left_short(rest, oldest, linger, req.limits.batch_size) {
                 lingering = Some(lingering.map_or(wait, |w| w.min(wait)));
-                continue;
+                heads.truncate(heads.len() - rest);
             }
+        }
+        if heads.is_empty() {
+            continue;
         }
         per_lane.push(heads);
     }
