@@ -59,32 +59,32 @@ async fn take_heads<D: Dialect>(
 ) -> StoreResult<(Vec<CandidateRow>, Option<Duration>)> {
     // Which of the lanes hold waiting rows at all: one index probe each, one statement.
     let busy = db.busy_lanes(tx, req.lanes).await?;
-    let (takes, flowing, mut lingering) = lane_takes(db, tx, &busy, req, linger).await?;
+    let (takes, mut lingering) = lane_takes(db, tx, &busy, req, linger).await?;
     let mut per_lane = Vec::with_capacity(busy.len() + 1);
-    for ((lane, take), flowing) in busy.iter().zip(takes).zip(flowing) {
-        if take == 0 {
+    for (lane, t) in busy.iter().zip(takes) {
+        if t.take == 0 {
             continue;
         }
-        // Replicas that look at a flowing lane's tail at once would split it between them (each
-        // locks what the others have not, `SKIP LOCKED`): one takes it, the others leave the lane
-        // to it this round (it is being claimed, so nothing is left waiting).
-        if flowing && !db.try_lock_lane(tx, lane).await? {
+        // Replicas that look at a flowing lane's shallow tail at once would split it between
+        // them (each locks what the others have not, `SKIP LOCKED`): one takes it, the others
+        // leave the lane to it this round (it is being claimed, so nothing is left waiting).
+        if t.alone && !db.try_lock_lane(tx, lane).await? {
             continue;
         }
         let lane_req = ClaimRequest {
-            max_records: take,
+            max_records: t.take,
             ..*req
         };
         let mut heads = db.lane_heads(tx, lane, &lane_req).await?;
         // The rows past this lane's whole batches (in claim order) would go as a partial
         // request. Two ways they can be young while the look said the tail was due: the tail
         // grew past a batch in the last moments of its linger (its oldest rows fill a whole
-        // batch, the newest few would ride alone), or another replica took the due tail
-        // between the look and the lock (`SKIP LOCKED`) and what is left to us came after it.
+        // batch, the newest few would ride alone), or another claimer took the lane's due rows
+        // between the look and the lock (`SKIP LOCKED`) and what is left to us came after them.
         // Unless one of them has been due for the linger, they wait (unlocked when this
         // transaction ends) for the next tail.
         let rest = heads.len() % req.limits.batch_size.max(1);
-        if flowing && rest > 0 {
+        if t.flowing && rest > 0 {
             let ids: Vec<i64> = heads[heads.len() - rest..].iter().map(|h| h.id).collect();
             let oldest = db.oldest_due(tx, &ids).await?;
             if let Some(wait) = linger::left_short(rest, oldest, linger, req.limits.batch_size) {
@@ -105,21 +105,39 @@ async fn take_heads<D: Dialect>(
     Ok((batch::fair_share(per_lane, req.max_records), lingering))
 }
 
-/// How many rows each of the `busy` lanes gives this claim (`req.max_records` for all of them
-/// without a linger), which of them are flowing with less than a deep backlog (their tail is
-/// what is claimed), and the soonest a lingering tail must be looked
-/// at again. Reads only: no row is locked for a tail that waits.
+/// What a claim does with one busy lane.
+#[derive(Debug, Clone, Copy)]
+struct LaneTake {
+    /// Rows it gives this claim at most.
+    take: usize,
+    /// Flowing (see [`linger::flowing`]): rows past its whole batches wait unless one of them
+    /// has been due for the linger.
+    flowing: bool,
+    /// A flowing lane with a shallow backlog (less than the two batches counted, batches of
+    /// more than one row): claimed by one claimer at a time, under the lane's lock.
+    alone: bool,
+}
+
+/// What each of the `busy` lanes gives this claim (`req.max_records` from every lane, and no
+/// step of the linger's, without a linger), and the soonest a lingering tail must be looked at
+/// again. Reads only: no row is locked for a tail that waits.
 async fn lane_takes<D: Dialect>(
     db: &D,
     tx: &mut D::Tx,
     busy: &[(String, String)],
     req: &ClaimRequest<'_>,
     linger: Duration,
-) -> StoreResult<(Vec<usize>, Vec<bool>, Option<Duration>)> {
-    let mut takes = vec![req.max_records; busy.len()];
-    let mut is_flowing = vec![false; busy.len()];
+) -> StoreResult<(Vec<LaneTake>, Option<Duration>)> {
+    let mut takes = vec![
+        LaneTake {
+            take: req.max_records,
+            flowing: false,
+            alone: false,
+        };
+        busy.len()
+    ];
     if linger.is_zero() || busy.is_empty() {
-        return Ok((takes, is_flowing, None));
+        return Ok((takes, None));
     }
     let batch_size = req.limits.batch_size.max(1);
     let fills = db.lane_fill(tx, busy, linger::RECENT_BATCHES).await?;
@@ -130,7 +148,7 @@ async fn lane_takes<D: Dialect>(
         .map(|(i, _)| i)
         .collect();
     if flowing.is_empty() {
-        return Ok((takes, is_flowing, None));
+        return Ok((takes, None));
     }
     // Two batches' worth tells a tail from a deep backlog; counting further would cost as much
     // as the claim itself when the outbox is full.
@@ -139,15 +157,16 @@ async fn lane_takes<D: Dialect>(
     let backlogs = db.lane_backlog(tx, &lanes, cap).await?;
     let mut lingering: Option<Duration> = None;
     for (&i, backlog) in flowing.iter().zip(backlogs) {
-        // A deep backlog, or whole batches only, is claimed as without a linger, by every
-        // replica at once: only a partial tail is worth taking alone.
-        is_flowing[i] = backlog.due < cap && backlog.due % batch_size != 0;
+        takes[i].flowing = true;
+        // A deep backlog is claimed as without a linger, by every replica at once, and so are
+        // batches of one row (nothing to split): only a shallow tail is worth taking alone.
+        takes[i].alone = backlog.due < cap && batch_size > 1;
         if let Decision::Tail { full, wait } = linger::decide(backlog, linger, batch_size, cap) {
-            takes[i] = full.min(req.max_records);
+            takes[i].take = full.min(req.max_records);
             lingering = Some(lingering.map_or(wait, |w| w.min(wait)));
         }
     }
-    Ok((takes, is_flowing, lingering))
+    Ok((takes, lingering))
 }
 
 /// The later rows of the heads whose patch may merge with them (`default`-only updates), when
