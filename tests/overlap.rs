@@ -235,6 +235,52 @@ mod postgres_only {
         );
     }
 
+    /// Two claims of one process at once over one lane: each takes a run of the lane's rows in
+    /// order, the second starting where the first stopped, so 250 due rows go as 100 + 100 and
+    /// 50 however the two meet. (Scanning side by side under `SKIP LOCKED`, they would lock
+    /// alternate rows and cut them at random, 130 + 120 as 100 + 30 and 100 + 20.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_claims_at_once_cut_a_lane_into_whole_batches() {
+        let Some(db) = TestDb::new(Backend::Postgres).await else {
+            return;
+        };
+        let store = db.store().await;
+        for round in 0..6 {
+            let ids = insert_rows_together(&store, &distinct_records(2550)).await;
+            wait_below_watermark(&store).await;
+            let lease = Duration::from_secs(600);
+            let (a, b) = tokio::join!(
+                claim_as(&store, "a", lease, "", 2000, 100),
+                claim_as(&store, "b", lease, "", 2000, 100)
+            );
+            let mut sizes: Vec<usize> = a
+                .batches
+                .iter()
+                .chain(&b.batches)
+                .map(|batch| batch.items.len())
+                .collect();
+            sizes.sort_unstable();
+            let mut whole = vec![100; 25];
+            whole.insert(0, 50);
+            assert_eq!(sizes, whole, "round {round}");
+            // Each claim holds one run of the rows, in id order.
+            let all = rows(&store).await;
+            let claim_of = |id: i64| {
+                let row = all.iter().find(|r| r.id == id).expect("row");
+                let batch = row.batch_id.as_deref().expect("claimed");
+                a.batches.iter().any(|x| x.id.to_string() == batch)
+            };
+            let switches = ids
+                .windows(2)
+                .filter(|w| claim_of(w[0]) != claim_of(w[1]))
+                .count();
+            assert_eq!(
+                switches, 1,
+                "round {round}: one claim's rows, then the other's"
+            );
+        }
+    }
+
     /// Stopped while a round waits in the database: the stop waits for it, and its batch (stored
     /// and leased when the lock goes) is kept and sent by the next start under its own key.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,7 +23,14 @@ pub(super) async fn claim<D: Dialect>(
     linger: Duration,
 ) -> StoreResult<ClaimOutcome> {
     let mut tx = db.begin().await?;
+    let gate = match db.scan_gate() {
+        Some(gate) => Some(gate.lock().await),
+        None => None,
+    };
     let (heads, lingering) = take_heads(db, &mut tx, req, linger).await?;
+    // The followers may wait for a row lock (a record's later row locked elsewhere): not under
+    // the gate, which would hold up every other claim of this process behind it.
+    drop(gate);
     if heads.is_empty() {
         db.rollback(tx).await?;
         return Ok(ClaimOutcome {
@@ -84,7 +91,7 @@ async fn take_heads<D: Dialect>(
         // Unless one of them has been due for the linger, they wait (unlocked when this
         // transaction ends) for the next tail.
         let rest = heads.len() % req.limits.batch_size.max(1);
-        if t.flowing && rest > 0 {
+        if t.alone && rest > 0 {
             let ids: Vec<i64> = heads[heads.len() - rest..].iter().map(|h| h.id).collect();
             let oldest = db.oldest_due(tx, &ids).await?;
             if let Some(wait) = linger::left_short(rest, oldest, linger, req.limits.batch_size) {
@@ -110,11 +117,11 @@ async fn take_heads<D: Dialect>(
 struct LaneTake {
     /// Rows it gives this claim at most.
     take: usize,
-    /// Flowing (see [`linger::flowing`]): rows past its whole batches wait unless one of them
-    /// has been due for the linger.
-    flowing: bool,
     /// A flowing lane with a shallow backlog (less than the two batches counted, batches of
-    /// more than one row): claimed by one claimer at a time, under the lane's lock.
+    /// more than one row): claimed by one claimer at a time, under the lane's lock, and the
+    /// rows past its whole batches wait unless one of them has been due for the linger. (In a
+    /// deep backlog, claimed by every claimer at once, they are what the others left: holding
+    /// them back there only hands them to another claimer.)
     alone: bool,
 }
 
@@ -131,7 +138,6 @@ async fn lane_takes<D: Dialect>(
     let mut takes = vec![
         LaneTake {
             take: req.max_records,
-            flowing: false,
             alone: false,
         };
         busy.len()
@@ -157,7 +163,6 @@ async fn lane_takes<D: Dialect>(
     let backlogs = db.lane_backlog(tx, &lanes, cap).await?;
     let mut lingering: Option<Duration> = None;
     for (&i, backlog) in flowing.iter().zip(backlogs) {
-        takes[i].flowing = true;
         // A deep backlog is claimed as without a linger, by every replica at once, and so are
         // batches of one row (nothing to split): only a shallow tail is worth taking alone.
         takes[i].alone = backlog.due < cap && batch_size > 1;

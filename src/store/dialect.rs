@@ -31,6 +31,14 @@ pub(super) trait Dialect: Sync {
 
     // ── The claim ───────────────────────────────────────────────────────────────────────
 
+    /// Held by one claim of this process at a time while it locks its heads (from the look at
+    /// the lanes to the last lane's heads; never over a wait for a row lock), when the engine's transactions can run side by side
+    /// (Postgres; SQLite's writes are one at a time already). Two overlapping claims that scan
+    /// one lane at once would interleave under `SKIP LOCKED` and cut its rows at random
+    /// (100 + 150 due rows claimed as 100 + 100 + 4 and 46); one after the other, the second
+    /// starts where the first stopped. Only the scans wait: their writes and commits overlap.
+    fn scan_gate(&self) -> Option<&tokio::sync::Mutex<()>>;
+
     /// Which of `lanes` hold waiting rows at all, as `(team_id, object_type)` as stored.
     async fn busy_lanes(
         &self,

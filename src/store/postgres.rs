@@ -3,6 +3,7 @@
 //! owner extends and another replica takes over when it lapses.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
@@ -144,6 +145,8 @@ pub const NOTIFY_CHANNEL: &str = "prism_outbox";
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// One claim of this process at a time locks its rows ([`Dialect::scan_gate`]).
+    scan_gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl PgStore {
@@ -165,7 +168,10 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;
-        Ok(PgStore { pool })
+        Ok(PgStore {
+            pool,
+            scan_gate: Arc::default(),
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -348,6 +354,10 @@ impl PgStore {
 /// a round of batch ends costs a fixed number of round trips whatever its size.
 impl Dialect for PgStore {
     type Tx = Transaction<'static, Postgres>;
+
+    fn scan_gate(&self) -> Option<&tokio::sync::Mutex<()>> {
+        Some(&self.scan_gate)
+    }
 
     async fn begin(&self) -> StoreResult<Self::Tx> {
         Ok(begin(&self.pool).await?)

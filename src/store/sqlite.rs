@@ -434,6 +434,10 @@ impl SqliteStore {
 impl Dialect for SqliteStore {
     type Tx = WriteTx;
 
+    fn scan_gate(&self) -> Option<&tokio::sync::Mutex<()>> {
+        None
+    }
+
     async fn begin(&self) -> StoreResult<Self::Tx> {
         self.begin_write().await
     }
