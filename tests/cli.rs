@@ -111,6 +111,20 @@ both_backends! {
         assert!(out.contains("not_found") && out.contains("succeeded"), "{out}");
     }
 
+    async fn the_oldest_waiting_age_counts_a_row_whose_batch_is_in_flight(db) {
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        insert_rows(&store, &[(uuid(), patch(1))]).await;
+        wait_below_watermark(&store).await;
+        let claimed = claim_as(&store, "held", Duration::from_secs(3600), "", 100, 100).await;
+        assert_eq!(claimed.batches.len(), 1, "the row is in flight, unanswered");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (code, out, _) = verb(&db, &sim, &["status", "--json", "--stuck-after", "1s"], "").await;
+        assert_eq!(json(&out)["rows"]["in_flight"], 1, "{out}");
+        assert!(json(&out)["oldest_pending_age_seconds"].as_f64().unwrap() >= 1.0, "{out}");
+        assert_eq!(code, 4, "a change in flight longer than --stuck-after: {out}");
+    }
+
     async fn status_exits_4_while_a_change_or_a_batch_key_is_stuck(db) {
         let sim = sim(FaultProfile::default()).await;
         let store = db.store().await;

@@ -316,8 +316,13 @@ impl PgStore {
                                   AND state IN ('pending', 'retrying')))
                     FROM teams, unnest($1::text[]) AS ty WHERE teams.t IS NOT NULL)) AS t
                   UNION ALL
-                  SELECT min(o.enqueued_at) FROM prism_batches b JOIN prism_outbox o ON o.batch_id = b.id
-                  WHERE b.state = 'open' AND o.state = 'in_flight') AS ages),
+                  -- Per open batch, through its rows' index: bounded by the rows in flight.
+                  -- `IS TRUE` keeps the planner off prism_outbox_record (its predicate names
+                  -- in_flight), whose bitmap it would AND in, reading every waiting row's entry
+                  -- once per batch; as a join it chose a scan of the whole outbox instead.
+                  SELECT min((SELECT min(o.enqueued_at) FROM prism_outbox o
+                              WHERE o.batch_id = b.id AND (o.state = 'in_flight') IS TRUE))
+                  FROM prism_batches b WHERE b.state = 'open') AS ages),
                (SELECT COALESCE(extract(epoch FROM now() - min(created_at)), 0)::float8
                   FROM prism_batches WHERE state = 'open'),
                (SELECT count(*) FROM prism_batches WHERE state = 'open'),
