@@ -607,6 +607,44 @@ async fn a_retry_while_the_first_request_still_runs_gets_409_in_use() {
 }
 
 #[tokio::test]
+async fn slow_work_holds_the_key_so_a_resend_gets_409_in_use_without_waiting_it() {
+    let api = start(with_faults(FaultProfile {
+        slow_work_rate: 1.0,
+        slow_work: Duration::from_secs(2),
+        ..FaultProfile::default()
+    }))
+    .await;
+    let items = fresh_items(3);
+    let timed_out = api
+        .request("contact", Some("slow-work"), body(&items))
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(timed_out.expect_err("the client gives up").is_timeout());
+    // The re-send is answered while the first request still works: it does no work, so it
+    // does not wait the slow work out.
+    let resent = api.update(Some("slow-work"), &items).await;
+    assert_eq!(resent.status, StatusCode::CONFLICT);
+    assert_eq!(resent.error_code(), "idempotency_key_in_use");
+    assert_eq!(api.sim.stats().idempotency_keys_in_progress, 1);
+    assert!(api.sim.applied_log().is_empty());
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.sim.stats().idempotency_keys_in_progress > 0 {
+        assert!(Instant::now() < deadline, "the slow work never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let replayed = api.update(Some("slow-work"), &items).await;
+    assert!(replayed.is_replay());
+    assert_eq!(replayed.json()["summary"]["succeeded"], 3);
+    assert_eq!(api.sim.applied_log().len(), 3);
+    let stats = api.sim.stats();
+    assert_eq!(stats.faults(FaultKind::SlowWork), 1, "only the work waits");
+    assert_eq!(stats.idempotency_in_progress, 1);
+    api.sim.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_key_is_forgotten_after_its_ttl() {
     let api = start(SimConfig {
         idempotency_ttl: Duration::from_millis(150),

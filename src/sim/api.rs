@@ -12,7 +12,8 @@
 //! 4. the idempotency claim: a replay, `409 idempotency_key_mismatch` or `409 idempotency_key_in_use`
 //!    waits out the latency and is answered; otherwise the request now owns the key;
 //! 5. the work, in a task of its own so that it finishes (and is cached) even if the client has gone:
-//!    the latency (while the key is held, so a concurrent retry sees `idempotency_key_in_use`), body
+//!    the latency and any slow work (while the key is held, so a concurrent retry sees
+//!    `idempotency_key_in_use`; slow work is waited only here, by the request that does it), body
 //!    validation, poison check, per-item validation and injected item errors, apply, results (with
 //!    injected omissions, duplicates, unknown ids, wrong summaries), then the cache entry;
 //! 6. wire faults on the way out: a slow answer, a dropped connection, a truncated or non-JSON body.
@@ -150,11 +151,12 @@ async fn batch(
     let team = admitted.team;
     // Step 3.
     let faults = sim.faults_for(team);
-    let (request_fault, latency) = {
+    let (request_fault, latency, slow_work) = {
         let mut rng = sim.rng();
         (
             faults.draw_request_fault(&mut rng),
             faults.draw_latency(&mut rng),
+            faults.draw_slow_work(&mut rng),
         )
     };
     let mut fault_kinds = Vec::new();
@@ -192,6 +194,7 @@ async fn batch(
             operation,
         },
         latency,
+        slow_work,
         bytes: admitted.bytes,
         faults,
         key: scoped_key.map(|(_, key)| Arc::from(key.as_str())),
@@ -427,6 +430,8 @@ async fn claim_key(
 struct Work {
     target: Target,
     latency: Duration,
+    /// Extra work time under `slow_work_rate`, waited only by the request that does the work.
+    slow_work: Option<Duration>,
     bytes: Bytes,
     faults: Arc<ActiveFaults>,
     key: Option<Arc<str>>,
@@ -445,6 +450,10 @@ impl Work {
         tokio::spawn(async move {
             let mut work = self;
             sim.pause(work.latency).await;
+            if let Some(slow) = work.slow_work {
+                work.fault_kinds.push((FaultKind::SlowWork, 1));
+                sim.pause(slow).await;
+            }
             let processed = process_batch(
                 &sim,
                 &work.faults,

@@ -66,6 +66,12 @@ pub struct SimulateArgs {
     /// Random extra latency, uniformly in 0..JITTER.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub latency_jitter: Option<Duration>,
+    /// Rate of requests whose work takes --slow-work longer while their idempotency key is held
+    /// (a re-send meanwhile is answered 409 idempotency_key_in_use).
+    #[arg(long, value_name = "RATE")]
+    pub slow_work_rate: Option<f64>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub slow_work: Option<Duration>,
     /// Rate of responses held back (after the work is done) for --slow-response.
     #[arg(long, value_name = "RATE")]
     pub slow_response_rate: Option<f64>,
@@ -143,6 +149,7 @@ impl SimulateArgs {
             (self.error_rate, &mut p.error_500_rate),
             (self.error_503_rate, &mut p.error_503_rate),
             (self.rate_limit_rate, &mut p.rate_limit_rate),
+            (self.slow_work_rate, &mut p.slow_work_rate),
             (self.slow_response_rate, &mut p.slow_response_rate),
             (self.drop_after_apply_rate, &mut p.drop_after_apply_rate),
             (self.truncated_body_rate, &mut p.truncated_body_rate),
@@ -161,6 +168,7 @@ impl SimulateArgs {
         let durations = [
             (self.latency, &mut p.latency),
             (self.latency_jitter, &mut p.latency_jitter),
+            (self.slow_work, &mut p.slow_work),
             (self.slow_response, &mut p.slow_response),
         ];
         for (flag, field) in durations {

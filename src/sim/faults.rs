@@ -58,6 +58,13 @@ pub struct FaultProfile {
     /// A uniformly random extra delay in `0..latency_jitter` on top of `latency`.
     #[serde(with = "humantime_serde")]
     pub latency_jitter: Duration,
+    /// The work of a request takes `slow_work` longer (after `latency`), while its idempotency key
+    /// is held: a re-send under that key meanwhile is answered `409 idempotency_key_in_use`, and
+    /// one after it gets the cached answer. Unlike `latency`, only the request that does the work
+    /// waits it, so a 409 or a replay comes as quickly as the latency lets it.
+    pub slow_work_rate: f64,
+    #[serde(with = "humantime_serde")]
+    pub slow_work: Duration,
     /// The work is done and cached, then the response is held for `slow_response`, so a client with a
     /// shorter timeout gives up on a request that in fact succeeded.
     pub slow_response_rate: f64,
@@ -112,6 +119,8 @@ impl Default for FaultProfile {
             should_retry: None,
             latency: Duration::ZERO,
             latency_jitter: Duration::ZERO,
+            slow_work_rate: 0.0,
+            slow_work: Duration::from_secs(5),
             slow_response_rate: 0.0,
             slow_response: Duration::from_secs(5),
             drop_after_apply_rate: 0.0,
@@ -158,6 +167,7 @@ impl FaultProfile {
             ("error_500_rate", self.error_500_rate),
             ("error_503_rate", self.error_503_rate),
             ("rate_limit_rate", self.rate_limit_rate),
+            ("slow_work_rate", self.slow_work_rate),
             ("slow_response_rate", self.slow_response_rate),
             ("drop_after_apply_rate", self.drop_after_apply_rate),
             ("truncated_body_rate", self.truncated_body_rate),
@@ -230,6 +240,7 @@ pub enum FaultKind {
     Error503,
     RateLimit,
     Latency,
+    SlowWork,
     SlowResponse,
     DropAfterApply,
     TruncatedBody,
@@ -250,6 +261,7 @@ impl FaultKind {
             Self::Error503 => "error_503",
             Self::RateLimit => "rate_limit",
             Self::Latency => "latency",
+            Self::SlowWork => "slow_work",
             Self::SlowResponse => "slow_response",
             Self::DropAfterApply => "drop_after_apply",
             Self::TruncatedBody => "truncated_body",
@@ -367,6 +379,12 @@ impl ActiveFaults {
             Duration::from_nanos(rng.random_range(0..nanos))
         };
         p.latency + jitter
+    }
+
+    /// How much longer the work of this request takes under `slow_work_rate`, if it does.
+    pub fn draw_slow_work(&self, rng: &mut StdRng) -> Option<Duration> {
+        let p = &self.profile;
+        chance(rng, p.slow_work_rate).then_some(p.slow_work)
     }
 
     /// The code an item fails with under `item_error_rate`, if it does.

@@ -46,15 +46,21 @@ struct Phase {
     effect: Effect,
 }
 
-/// Before a 429 phase the faults heal for this long: longer than any phase's latency (2.2 s),
-/// so that every answer of the phase before is logged before it begins (and a 429 logged up to
-/// this long after its phase ended belongs to it).
+/// Before a 429 phase the faults heal for this long: longer than any phase's latency (0.8 s)
+/// and any 429 phase's answer, so that a 429 logged up to this long after its phase ended
+/// belongs to it. Then the phase also waits until no request is still at work (the slow work of
+/// `timeouts_while_working` runs for [`SLOW_WORK`]), so that every answer of the phase before is
+/// logged before it begins.
 const DRAIN: Duration = Duration::from_millis(2500);
 
-/// How long a phase may take to show its faults and its effect before the scenario fails. The
-/// 409 of `timeouts_while_working` needs a re-send to meet its first request still at work, a
-/// matter of chance per timed-out request: on a loaded machine (a newcomer's cold `cargo test`)
-/// 20 s once passed without one.
+/// How long the work of a slow request of `timeouts_while_working` takes, while its key is held:
+/// longer than the daemon's request timeout (1 s), its retry backoff (at most 250 ms) and a
+/// queue of the process's other batches in flight at one each (at most 3 more, under
+/// `sync.max_in_flight = 4`, each answered or timed out within 1 s), so that a re-send of a
+/// timed-out batch meets its first request still at work.
+const SLOW_WORK: Duration = Duration::from_secs(5);
+
+/// How long a phase may take to show its faults and its effect before the scenario fails.
 const PHASE_BUDGET: Duration = Duration::from_secs(45);
 
 const PHASES: &[Phase] = &[
@@ -112,15 +118,20 @@ const PHASES: &[Phase] = &[
         effect: Effect::None,
     },
     Phase {
-        // The server often works longer than the client waits (0.2-2.2 s against a 1 s
-        // timeout); the work still completes, and the re-send meanwhile finds the key in use:
-        // a 409, which the daemon reads when that answer is quick enough, or times out on.
+        // Half the requests work longer than the client waits (SLOW_WORK against a 1 s timeout);
+        // the work still completes, and the re-send of the timed-out batch meets it at work:
+        // a 409 for the key in use (answered within the latency, 0.2-0.8 s, so the daemon reads
+        // it), then, once the work is done, the cached answer. The others are answered in time.
+        // The overlap is forced, not left to chance: every slow request's re-send comes while
+        // it works (see SLOW_WORK).
         name: "timeouts_while_working",
         faults: |p| {
             p.latency = Duration::from_millis(200);
-            p.latency_jitter = Duration::from_millis(2000);
+            p.latency_jitter = Duration::from_millis(600);
+            p.slow_work_rate = 0.5;
+            p.slow_work = SLOW_WORK;
         },
-        kinds: &["latency"],
+        kinds: &["slow_work"],
         revoke_key: false,
         effect: Effect::KeyInUse,
     },
@@ -258,6 +269,13 @@ async fn api_faults(backend: Backend, round: u64) {
             // Healed since the last phase: let its slowest answers be logged before a pause
             // phase begins, so that none of them looks like a request sent during a pause.
             tokio::time::sleep(DRAIN).await;
+            let at_work = until("no request at work", SLOW_WORK * 3, || async {
+                sim.stats().await["idempotency_keys_in_progress"].as_u64() == Some(0)
+            })
+            .await;
+            if let Err(e) = at_work {
+                sc.fail(format!("before phase {}: {e}", phase.name));
+            }
         }
         let mut profile = base.clone();
         (phase.faults)(&mut profile);
