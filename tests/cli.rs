@@ -125,6 +125,28 @@ both_backends! {
         assert_eq!(code, 4, "a change in flight longer than --stuck-after: {out}");
     }
 
+    async fn the_row_gauges_count_each_state_and_the_succeeded_rows_apart(db) {
+        let store = db.store().await;
+        insert_rows(&store, &[(uuid(), patch(1)), (uuid(), patch(2))]).await;
+        wait_below_watermark(&store).await;
+        let claimed = claim_as(&store, "held", Duration::from_secs(3600), "", 100, 100).await;
+        assert_eq!(claimed.batches.len(), 1, "rows 1 and 2 are in flight");
+        let more: Vec<_> = (3..=8).map(|n| (uuid(), patch(n))).collect();
+        insert_rows(&store, &more).await;
+        exec(&store, "UPDATE prism_outbox SET state = 'retrying', attempts = 1 WHERE id = 3").await;
+        exec(&store, "UPDATE prism_outbox SET state = 'dead', last_error_code = 'not_found' WHERE id = 4").await;
+        exec(&store, "UPDATE prism_outbox SET state = 'dead' WHERE id = 5").await;
+        exec(&store, "UPDATE prism_outbox SET state = 'succeeded' WHERE id IN (6, 7)").await;
+        let g = store.gauges().await.expect("gauges");
+        let count = |state: &str| g.rows_by_state.iter().find(|(s, _)| s == state).map(|(_, n)| *n);
+        assert_eq!(count("pending"), Some(1), "{g:?}");
+        assert_eq!(count("retrying"), Some(1), "{g:?}");
+        assert_eq!(count("in_flight"), Some(2), "{g:?}");
+        assert_eq!(count("dead"), Some(2), "{g:?}");
+        assert_eq!(count("succeeded"), None, "counted apart: {g:?}");
+        assert_eq!(store.succeeded_rows().await.expect("succeeded rows"), 2);
+    }
+
     async fn status_exits_4_while_a_change_or_a_batch_key_is_stuck(db) {
         let sim = sim(FaultProfile::default()).await;
         let store = db.store().await;

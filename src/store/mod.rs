@@ -361,6 +361,7 @@ pub struct DeferBatch<'a> {
 /// Numbers sampled for metrics and `status`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Gauges {
+    /// Rows by state, but for `succeeded` (counted apart: [`Store::succeeded_rows`]).
     pub rows_by_state: Vec<(String, i64)>,
     pub dead_by_code: Vec<(String, i64)>,
     pub oldest_pending_age_seconds: f64,
@@ -369,6 +370,14 @@ pub struct Gauges {
     pub rows_held_back: i64,
     pub watermark_lag_seconds: f64,
     pub operator_replayed_rows: i64,
+}
+
+impl Gauges {
+    /// The dead rows' count, from their count by code (one walk of the dead rows, not two).
+    pub(crate) fn count_dead(&mut self) {
+        let dead: i64 = self.dead_by_code.iter().map(|(_, n)| n).sum();
+        self.rows_by_state.push(("dead".to_owned(), dead));
+    }
 }
 
 /// The outbox, on one of the two engines.
@@ -492,6 +501,12 @@ impl Store {
 
     pub async fn gauges(&self) -> StoreResult<Gauges> {
         dispatch!(self, s => s.gauges().await)
+    }
+
+    /// The succeeded rows kept. Unlike [`Store::gauges`], which walks only unfinished and dead
+    /// rows, this reads the whole outbox.
+    pub async fn succeeded_rows(&self) -> StoreResult<i64> {
+        dispatch!(self, s => s.succeeded_rows().await)
     }
 }
 

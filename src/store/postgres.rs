@@ -285,11 +285,27 @@ impl PgStore {
         Ok(dead)
     }
 
+    /// The succeeded rows kept: a scan of the whole outbox, so the gauge sampler runs it on a
+    /// budget of its own (`telemetry::next_full_count`).
+    pub async fn succeeded_rows(&self) -> StoreResult<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM prism_outbox WHERE state = 'succeeded'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     pub async fn gauges(&self) -> StoreResult<Gauges> {
         let mut g = Gauges::default();
-        let rows = sqlx::query("SELECT state, count(*) FROM prism_outbox GROUP BY state")
-            .fetch_all(&self.pool)
-            .await?;
+        // Unfinished rows through prism_outbox_record (its predicate is exactly these states)
+        // and dead ones through prism_outbox_dead_record: bounded by the backlog and the dead,
+        // not by the finished rows kept (see `succeeded_rows`).
+        let rows = sqlx::query(
+            "SELECT state, count(*) FROM prism_outbox
+             WHERE state IN ('pending', 'retrying', 'in_flight') GROUP BY state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         g.rows_by_state = super::text_counts(&rows)?;
         let rows = sqlx::query(
             "SELECT COALESCE(last_error_code, 'unknown'), count(*) FROM prism_outbox
@@ -298,6 +314,7 @@ impl PgStore {
         .fetch_all(&self.pool)
         .await?;
         g.dead_by_code = super::text_counts(&rows)?;
+        g.count_dead();
         let row = sqlx::query(
             "SELECT
                (SELECT COALESCE(extract(epoch FROM now() - min(t)), 0)::float8 FROM (

@@ -366,11 +366,31 @@ impl SqliteStore {
         Ok(dead)
     }
 
+    /// The succeeded rows kept: a scan of the whole outbox, so the gauge sampler runs it on a
+    /// budget of its own (`telemetry::next_full_count`).
+    pub async fn succeeded_rows(&self) -> StoreResult<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM prism_outbox WHERE state = 'succeeded'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     pub async fn gauges(&self) -> StoreResult<Gauges> {
         let mut g = Gauges::default();
-        let rows = sqlx::query("SELECT state, count(*) FROM prism_outbox GROUP BY state")
-            .fetch_all(&self.pool)
-            .await?;
+        // Waiting rows through the lanes' index, rows in flight through the open batches, dead
+        // rows through prism_outbox_dead: bounded by the backlog and the dead, not by the
+        // finished rows kept (see `succeeded_rows`).
+        let rows = sqlx::query(
+            "SELECT state, count(*) FROM prism_outbox INDEXED BY prism_outbox_lane
+             WHERE state IN ('pending', 'retrying') GROUP BY state
+             UNION ALL
+             SELECT 'in_flight', count(*) FROM prism_batches b
+               JOIN prism_outbox o INDEXED BY prism_outbox_batch ON o.batch_id = b.id
+             WHERE b.state = 'open' AND o.state = 'in_flight'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         g.rows_by_state = super::text_counts(&rows)?;
         let rows = sqlx::query(
             "SELECT COALESCE(last_error_code, 'unknown'), count(*) FROM prism_outbox
@@ -379,6 +399,7 @@ impl SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         g.dead_by_code = super::text_counts(&rows)?;
+        g.count_dead();
         let row = sqlx::query(
             // Index walks only, so sampling stays cheap with a million-row backlog: the oldest
             // waiting row is the oldest of the lanes' first rows (teams found by a skip scan), the oldest in-flight one is among the
