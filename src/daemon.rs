@@ -93,7 +93,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut clients = team_clients(&settings)?;
     let health = Arc::new(Health::default());
-    let watchdog = spawn_watchdog(health.clone(), settings.poll.interval, shutdown.clone());
+    let watchdog = spawn_watchdog(health.clone(), settings.poll.longest(), shutdown.clone());
     let Some(store) = connect_with_retry(&settings, &shutdown).await? else {
         return Ok(());
     };
@@ -110,7 +110,7 @@ pub async fn run(
             )
         })?;
         info!(address = %listener.local_addr()?, "serving /metrics, /livez, /healthz, /readyz");
-        let stuck_after = (settings.poll.interval * 20).max(Duration::from_secs(30))
+        let stuck_after = (settings.poll.longest() * 20).max(Duration::from_secs(30))
             + settings.database.busy_timeout;
         let (store, health, stop) = (store.clone(), health.clone(), background.clone());
         tasks.spawn(async move {

@@ -277,13 +277,28 @@ pub struct PollSettings {
     /// How often an idle daemon looks for new rows (Postgres also listens for NOTIFY).
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    /// On Postgres, while the daemon listens for NOTIFY: how far its polling slows down, from
+    /// `interval`, doubling with every claim round that finds nothing. A NOTIFY (a change
+    /// committed), a batch moving on, or a retry or lingering tail coming due wakes it at once.
+    /// Below `interval` it counts as `interval` (so a slower `interval` alone still works).
+    #[serde(with = "humantime_serde")]
+    pub idle_interval: Duration,
 }
 
 impl Default for PollSettings {
     fn default() -> Self {
         Self {
             interval: Duration::from_millis(50),
+            idle_interval: Duration::from_secs(1),
         }
+    }
+}
+
+impl PollSettings {
+    /// The longest the claim loop may wait between two turns: the idle interval, or the
+    /// interval if that is longer.
+    pub fn longest(&self) -> Duration {
+        self.interval.max(self.idle_interval)
     }
 }
 

@@ -626,3 +626,59 @@ async fn completions_and_man_pages_name_every_verb() {
         assert!(listed.contains(file.to_str().unwrap()), "{listed}");
     }
 }
+
+/// `resume` and `replay` make rows claimable without inserting any, so on Postgres they notify
+/// the channel the outbox's insert trigger uses: an idle daemon, whose polls stretch to
+/// `poll.idle_interval` while it listens, takes those rows up at once. `pause` frees nothing
+/// and sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_resume_and_replay_wake_the_listening_daemons() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let sim =
+        prism_sync::sim::Simulator::start(SimConfig::default(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .expect("simulator");
+    let store = db.store().await;
+    let RawPool::Postgres(pool) = store.raw_pool_for_tests() else {
+        unreachable!("a Postgres test database")
+    };
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool)
+        .await
+        .expect("listener");
+    listener.listen("prism_outbox").await.expect("LISTEN");
+    let mut notified = async || -> bool {
+        tokio::time::timeout(Duration::from_millis(500), listener.recv())
+            .await
+            .is_ok_and(|n| n.is_ok())
+    };
+    insert(&store, &changes(ObjectType::Contact, "", 1))
+        .await
+        .unwrap();
+    assert!(notified().await, "an insert notifies (the trigger)");
+    exec(&store, "UPDATE prism_outbox SET state = 'dead', last_error_code = 'not_found', completed_at = now()").await;
+    assert!(!notified().await, "a plain update does not");
+
+    let (code, out, err) = verb(
+        &db,
+        &sim,
+        &["pause", "--team", "default", "--actor", "t"],
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!notified().await, "a pause frees no row and notifies none");
+    let (code, out, err) = verb(
+        &db,
+        &sim,
+        &["resume", "--team", "default", "--actor", "t"],
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(notified().await, "a resume notifies");
+    let (code, out, err) = verb(&db, &sim, &["replay", "--all", "--yes", "--actor", "t"], "").await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(notified().await, "a replay notifies");
+}

@@ -263,3 +263,71 @@ both_backends! {
         assert!(!logs.contains("r999@example.com"), "patch contents are not logged");
     }
 }
+
+/// Claim rounds the daemon ran in `window`, read from its claim-duration histogram.
+async fn claim_rounds_in(daemon: &Daemon, window: Duration) -> f64 {
+    let claims = |text: &str| metric(text, "prism_sync_db_duration_seconds_count{op=\"claim\"}");
+    let before = claims(&daemon.get("/metrics").await.1);
+    tokio::time::sleep(window).await;
+    claims(&daemon.get("/metrics").await.1) - before
+}
+
+/// On Postgres an idle daemon listens for NOTIFY, so it polls less often the longer its claims
+/// find nothing (up to `poll.idle_interval`, 1 s by default), where it used to run a claim every
+/// `poll.interval` (20 ms here); a change committed meanwhile is still synced (the NOTIFY wakes
+/// it), and a retry it wrote comes due on its own clock. With the idle interval set to the
+/// interval, the same measure sees it poll at the interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_idle_daemon_polls_less_often_and_still_syncs_what_comes() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let retried = uuid();
+    let sim = sim(FaultProfile::default()).await;
+    let store = db.store().await;
+    let mut daemon = spawn_daemon(&db, &sim, &[]);
+    insert_rows(&store, &[(uuid(), patch(1))]).await;
+    wait_until_finished(&store, FINISH).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = claim_rounds_in(&daemon, Duration::from_secs(3)).await;
+    assert!(
+        idle <= 12.0,
+        "an idle daemon that listens ran {idle} claims in 3 s (every 20 ms would be ~150)"
+    );
+
+    // Idle still: a change committed now is synced, and so is one whose item fails once with a
+    // retryable code (its retry is due in 20-200 ms, sooner than the stretched poll).
+    sim.set_faults(FaultProfile {
+        item_errors_for_ids: std::collections::BTreeMap::from([(
+            retried.clone(),
+            "rate_limited".to_owned(),
+        )]),
+        ..FaultProfile::default()
+    });
+    insert_rows(&store, &[(retried.clone(), patch(2))]).await;
+    let deadline = std::time::Instant::now() + FINISH;
+    while sim.stats().items_failed == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change was never sent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sim.set_faults(FaultProfile::default());
+    let states = wait_until_finished(&store, FINISH).await;
+    assert!(states.iter().all(|r| r.state == "succeeded"), "{states:?}");
+    daemon.signal("TERM");
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(20)).await.code(),
+        Some(0)
+    );
+
+    let daemon = spawn_daemon(&db, &sim, &[("PRISM_SYNC__POLL__IDLE_INTERVAL", "20ms")]);
+    insert_rows(&store, &[(uuid(), patch(3))]).await;
+    wait_until_finished(&store, FINISH).await;
+    let polling = claim_rounds_in(&daemon, Duration::from_secs(3)).await;
+    assert!(
+        polling >= 40.0,
+        "with poll.idle_interval = poll.interval it polls every 20 ms: {polling} claims in 3 s"
+    );
+}

@@ -61,6 +61,8 @@ pub(super) async fn run(shared: &Arc<Shared>, shutdown: &CancellationToken) {
     // The last round that ended found work (at start: assume a backlog).
     let mut busy = true;
     let mut due = true;
+    // Rounds in a row that found nothing: an idle claimer that listens polls less often.
+    let mut empty_rounds: u32 = 0;
     loop {
         shared.health.tick();
         if shutdown.is_cancelled() {
@@ -109,7 +111,7 @@ pub(super) async fn run(shared: &Arc<Shared>, shutdown: &CancellationToken) {
                 due = true;
                 continue;
             }
-            _ = tokio::time::sleep(next_look(shared)) => {
+            _ = tokio::time::sleep(next_look(shared, empty_rounds)) => {
                 looked(shared);
                 due = true;
                 continue;
@@ -135,6 +137,11 @@ pub(super) async fn run(shared: &Arc<Shared>, shutdown: &CancellationToken) {
         db_failures = 0;
         shared.health.set_db_ok(true);
         busy = found > 0;
+        empty_rounds = if busy {
+            0
+        } else {
+            empty_rounds.saturating_add(1)
+        };
         due = busy && shared.teams.iter().any(|t| wants_work(shared, t));
     }
     // Shutdown: no new round; those in flight end, and their batches are buffered.
@@ -215,41 +222,57 @@ fn ended(
     }
 }
 
-/// Notes when a lane a claim left lingering must be looked at again. Rounds overlap, so the
-/// soonest of their notes is kept, until the claimer's timer reaches it ([`looked`]).
-fn note_lingering(shared: &Shared, lingering: Option<Duration>) {
-    let Some(wait) = lingering else { return };
-    let at = Instant::now() + wait;
-    let mut until = shared
-        .lingering_until
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    *until = Some(until.map_or(at, |noted| noted.min(at)));
+impl Shared {
+    /// Notes that the claimer must look again within `wait` at the latest: a lane a claim left
+    /// lingering, or a retry this process wrote, comes due then. Rounds and workers overlap,
+    /// so the soonest of their notes is kept, until the claimer's timer reaches it ([`looked`]).
+    pub(super) fn look_again_in(&self, wait: Duration) {
+        let at = Instant::now() + wait;
+        let mut until = self.look_again_at.lock().unwrap_or_else(|e| e.into_inner());
+        *until = Some(until.map_or(at, |noted| noted.min(at)));
+    }
 }
 
-/// How long the claimer waits for a wake-up: the poll interval, or less when a lingering tail
-/// comes due sooner, so that it goes on time and never waits for ever.
-fn next_look(shared: &Shared) -> Duration {
+/// How long an idle claimer sleeps between polls after `empty_rounds` claim rounds in a row
+/// found nothing: `interval`, doubled with each such round up to `idle` while a `LISTEN` wakes
+/// it on every committed change (`listening`), and `interval` otherwise (SQLite, or a lost
+/// listener connection: nothing else would tell it of new rows).
+fn poll_wait(interval: Duration, idle: Duration, empty_rounds: u32, listening: bool) -> Duration {
+    if !listening {
+        return interval;
+    }
+    let doubled = interval.saturating_mul(1u32 << empty_rounds.min(16));
+    doubled.min(idle.max(interval))
+}
+
+/// How long the claimer waits for a wake-up: the poll wait, or less when a lingering tail or
+/// a retry comes due sooner, so that it goes on time and never waits for ever.
+fn next_look(shared: &Shared, empty_rounds: u32) -> Duration {
+    let cfg = &shared.cfg;
+    let listening = shared.listening.load(std::sync::atomic::Ordering::Relaxed);
+    let wait = poll_wait(
+        cfg.poll_interval,
+        cfg.poll_idle_interval,
+        empty_rounds,
+        listening,
+    );
     let until = *shared
-        .lingering_until
+        .look_again_at
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     match until {
-        Some(at) => shared
-            .cfg
-            .poll_interval
-            .min(at.saturating_duration_since(Instant::now())),
-        None => shared.cfg.poll_interval,
+        Some(at) => wait.min(at.saturating_duration_since(Instant::now())),
+        None => wait,
     }
 }
 
 /// The timer went off: a note it reached is used up (the round it starts claims what is due
 /// and notes again what still lingers), so an empty claim cannot spin on it. When every claim
 /// slot is taken no round starts, but the rounds in flight claim and note again; a tail whose
-/// note they missed waits at most one more poll interval.
+/// note they missed waits at most one more poll wait.
 fn looked(shared: &Shared) {
     let mut until = shared
-        .lingering_until
+        .look_again_at
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     if until.is_some_and(|at| at <= Instant::now()) {
@@ -447,8 +470,8 @@ async fn claim(
             linger,
         )
         .await?;
-    if !linger.is_zero() {
-        note_lingering(shared, claimed.lingering);
+    if let Some(wait) = claimed.lingering.filter(|_| !linger.is_zero()) {
+        shared.look_again_in(wait);
     }
     metrics::histogram!("prism_sync_db_duration_seconds", "op" => "claim")
         .record(started.elapsed().as_secs_f64());
@@ -483,4 +506,34 @@ async fn end_stranded(shared: &Shared) -> Result<(), StoreError> {
         Health::count(&shared.health.rows_dead, dead);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn an_idle_claimer_that_listens_polls_less_often_up_to_the_idle_interval() {
+        let (interval, idle) = (50 * MS, 1000 * MS);
+        let waits: Vec<Duration> = (0..8).map(|n| poll_wait(interval, idle, n, true)).collect();
+        assert_eq!(
+            waits,
+            [50, 100, 200, 400, 800, 1000, 1000, 1000].map(|ms| ms * MS),
+        );
+        // However long it has been idle: no overflow, and never past the idle interval.
+        assert_eq!(poll_wait(interval, idle, u32::MAX, true), idle);
+    }
+
+    #[test]
+    fn without_a_listener_or_with_work_the_claimer_polls_at_the_interval() {
+        let (interval, idle) = (50 * MS, 1000 * MS);
+        // SQLite, or a lost LISTEN: nothing else tells it of new rows.
+        assert_eq!(poll_wait(interval, idle, 10, false), interval);
+        // The last round found work.
+        assert_eq!(poll_wait(interval, idle, 0, true), interval);
+        // An idle interval below the interval counts as the interval.
+        assert_eq!(poll_wait(interval, 10 * MS, 10, true), interval);
+    }
 }

@@ -62,6 +62,9 @@ pub struct EngineConfig {
     pub claims_in_flight: Option<usize>,
     pub limits: PlanLimits,
     pub poll_interval: Duration,
+    /// `poll.idle_interval` (at least `poll_interval`): how far an idle claimer that listens
+    /// for NOTIFY stretches its polling.
+    pub poll_idle_interval: Duration,
     /// `batch.linger`: how long a flowing lane's partial batch may wait to fill (zero: never).
     pub linger: Duration,
     pub retry: RetryPolicy,
@@ -91,6 +94,7 @@ impl EngineConfig {
                 max_patch_bytes: s.batch.max_patch_bytes,
             },
             poll_interval: s.poll.interval,
+            poll_idle_interval: s.poll.longest(),
             linger: s.batch.linger,
             retry: RetryPolicy {
                 base_delay: s.retry.base_delay,
@@ -187,9 +191,13 @@ struct Shared {
     wake: Arc<Notify>,
     /// Batch ends go through one recorder task (see [`recorder`]).
     recorder: mpsc::UnboundedSender<recorder::Recording>,
-    /// When the soonest lane whose partial tail the last claim left lingering (`batch.linger`)
-    /// must be looked at again; the claimer sleeps no longer than that (see `claimer`).
-    lingering_until: std::sync::Mutex<Option<std::time::Instant>>,
+    /// When the claimer must look again at the latest: the soonest of a lane whose partial tail
+    /// a claim left lingering (`batch.linger`) and a retry this process wrote coming due. The
+    /// claimer sleeps no longer than that (see `claimer`).
+    look_again_at: std::sync::Mutex<Option<std::time::Instant>>,
+    /// On Postgres: the listener holds a live `LISTEN`, so a committed change wakes the claimer
+    /// and an idle claimer may poll less often (`poll.idle_interval`).
+    listening: std::sync::atomic::AtomicBool,
 }
 
 pub struct Engine {
@@ -265,7 +273,8 @@ impl Engine {
                 claims_in_flight,
                 wake,
                 recorder,
-                lingering_until: std::sync::Mutex::new(None),
+                look_again_at: std::sync::Mutex::new(None),
+                listening: std::sync::atomic::AtomicBool::new(false),
             }),
             recordings,
             buffers,

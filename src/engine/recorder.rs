@@ -13,6 +13,7 @@ use tracing::{error, warn};
 
 use super::Shared;
 use super::settle::Answered;
+use crate::model::RowState;
 use crate::store::{FinishBatch, Store, StoreError};
 
 /// One batch end for the recorder, and who hears how it went.
@@ -60,6 +61,16 @@ impl Shared {
     }
 
     fn enqueue(&self, end: FinishBatch, reply: Reply) {
+        // Rows it leaves retrying come due by the claimer's clock, not its next idle poll.
+        let retry_in = end
+            .rows
+            .iter()
+            .filter(|r| r.state == RowState::Retrying)
+            .map(|r| r.retry_in)
+            .fold(f64::INFINITY, f64::min);
+        if retry_in.is_finite() {
+            self.look_again_in(Duration::try_from_secs_f64(retry_in.max(0.0)).unwrap_or_default());
+        }
         if let Err(mpsc::error::SendError(refused)) = self.recorder.send(Recording { end, reply }) {
             // The recorder has stopped (only after every worker has): nothing was written.
             refused.reply.deliver(None);

@@ -153,6 +153,7 @@ async fn retry(
         attempt,
     };
     let _ = must_write("deferring a batch", || shared.store.defer_batch(&d)).await;
+    shared.look_again_in(d.retry_in);
 }
 
 /// 401/403: pause the team's sends (no attempts burned) and probe its key on an interval.
@@ -177,6 +178,7 @@ async fn auth_refused(shared: &Shared, team: &Team, batch: &LeasedBatch, attempt
         attempt,
     };
     let _ = must_write("deferring a refused batch", || shared.store.defer_batch(&d)).await;
+    shared.look_again_in(d.retry_in);
 }
 
 /// A 2xx whose body could not be read: the API applied the request, so the same bytes go
@@ -209,6 +211,7 @@ async fn unreadable(shared: &Shared, team: &Team, batch: &LeasedBatch, attempt: 
         shared.store.defer_batch(&d)
     })
     .await;
+    shared.look_again_in(d.retry_in);
 }
 
 /// 400/413/422 for the whole batch: bisect it into two children under new keys (sent at once,

@@ -72,6 +72,9 @@ impl PgStore {
             .into_iter()
             .map(|(t, o, a, s)| Pause::from_stored(t, o, a, s))
             .collect();
+        if !lifted.is_empty() {
+            super::ops::notify_claimers(&mut tx).await?;
+        }
         audit(
             &mut tx,
             actor,

@@ -633,6 +633,17 @@ pub(crate) async fn patches(
         .collect())
 }
 
+/// Tells every listening daemon, at this transaction's commit, that rows may be claimable now
+/// (the channel the outbox's insert trigger notifies): an idle daemon then looks at once
+/// rather than at its next, stretched, poll.
+pub(crate) async fn notify_claimers(c: &mut PgConnection) -> StoreResult<()> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(super::NOTIFY_CHANNEL)
+        .execute(&mut *c)
+        .await?;
+    Ok(())
+}
+
 pub(crate) async fn requeue(
     c: &mut PgConnection,
     as_is: &[i64],
@@ -661,6 +672,9 @@ pub(crate) async fn requeue(
         .execute(&mut *c)
         .await?
         .rows_affected();
+    }
+    if changed > 0 {
+        notify_claimers(c).await?;
     }
     Ok(changed)
 }
