@@ -88,6 +88,28 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     })
 }
 
+/// The store for a verb that reads or writes prism-sync's tables. A database that lacks this
+/// version's migrations (a `DATABASE_URL` naming the wrong database, or an upgrade not migrated
+/// yet) gets one error that says so and what to do, not the SQL error of the first missing
+/// table or column.
+async fn open_migrated_store(settings: &Settings) -> anyhow::Result<Store> {
+    let store = open_store(settings).await?;
+    let current = store
+        .migrations_current()
+        .await
+        .context("reading the database's applied migrations")?;
+    if !current {
+        anyhow::bail!(
+            "the database {} lacks prism-sync's tables, or migrations of this version ({}): \
+             run `prism-sync migrate` (or `prism-sync run`, which migrates first), or check \
+             DATABASE_URL",
+            crate::store::redact_url(&settings.database.url),
+            env!("CARGO_PKG_VERSION")
+        );
+    }
+    Ok(store)
+}
+
 /// Runs a verb. Output goes to `out` (stdout in production); logs go to stderr.
 pub async fn execute(
     cli: Cli,
@@ -118,60 +140,60 @@ pub async fn execute(
             writeln!(out, "migrations applied ({})", store.kind())?;
         }
         Command::Enqueue(args) => {
-            let store = open_store(&settings).await?;
+            let store = open_migrated_store(&settings).await?;
             let max_patch_bytes = settings.batch.max_patch_bytes;
             ops::enqueue::run(&store, &args, max_patch_bytes, out, input).await?;
         }
         Command::Status(args) => {
-            let store = open_store(&settings).await?;
+            let store = open_migrated_store(&settings).await?;
             let code = ops::status::run(&store, &args, out).await?;
             return Ok(ExitCode::from(code));
         }
         Command::Inspect(args) => {
-            let store = open_store(&settings).await?;
+            let store = open_migrated_store(&settings).await?;
             ops::inspect::run(&store, &args, out).await?;
         }
         Command::Replay(args) => {
-            let store = open_store(&settings).await?;
+            let store = open_migrated_store(&settings).await?;
             let team = &settings.micro.team_id;
             let code = ops::replay::run(&store, &args, team, out, input).await?;
             return Ok(ExitCode::from(code));
         }
         Command::Purge(args) => {
-            let store = open_store(&settings).await?;
+            let store = open_migrated_store(&settings).await?;
             let code = ops::purge::run(&store, &args, out, input).await?;
             return Ok(ExitCode::from(code));
         }
         Command::Rows(args) => {
-            let store = open_store(&settings).await?;
+            let store = open_migrated_store(&settings).await?;
             let team = &settings.micro.team_id;
             ops::rows::run(&store, &args, team, out, &mut std::io::stderr()).await?;
         }
         Command::Discard(args) => {
-            let store = open_store(&settings).await?;
+            let store = open_migrated_store(&settings).await?;
             let team = &settings.micro.team_id;
             let notes = &mut std::io::stderr();
             let code = ops::discard::run(&store, &args, team, out, notes, input).await?;
             return Ok(ExitCode::from(code));
         }
         Command::Audit(args) => {
-            let store = open_store(&settings).await?;
+            let store = open_migrated_store(&settings).await?;
             ops::audit::run(&store, &args, out).await?;
         }
         Command::Pause(args) => {
-            let store = open_store(&settings).await?;
+            let store = open_migrated_store(&settings).await?;
             ops::pause::run_pause(&store, &args, &settings, out).await?;
         }
         Command::Resume(args) => {
-            let store = open_store(&settings).await?;
+            let store = open_migrated_store(&settings).await?;
             ops::pause::run_resume(&store, &args, &settings, out).await?;
         }
         Command::History(args) => {
-            let store = open_store(&settings).await?;
+            let store = open_migrated_store(&settings).await?;
             ops::history::run(&store, &args, out).await?;
         }
         Command::Top(args) => {
-            let store = open_store(&settings).await?;
+            let store = open_migrated_store(&settings).await?;
             crate::fleet::top::run(&store, &args, out).await?;
         }
         Command::Simulate(_) | Command::Demo(_) | Command::Completions(_) | Command::Man(_) => {

@@ -125,6 +125,23 @@ both_backends! {
         assert_eq!(code, 4, "a change in flight longer than --stuck-after: {out}");
     }
 
+    async fn a_verb_on_a_database_without_the_schema_says_to_migrate(db) {
+        let sim = sim(FaultProfile::default()).await;
+        let verbs: [&[&str]; 3] = [&["status"], &["rows"], &["replay", "--all", "--yes"]];
+        for args in verbs {
+            let (code, out, err) = verb(&db, &sim, args, "").await;
+            assert_eq!(code, 1, "{args:?}: {out}{err}");
+            assert!(
+                err.contains("lacks prism-sync's tables") && err.contains("run `prism-sync migrate`"),
+                "{args:?}: one clear error, not a missing table's: {err}"
+            );
+        }
+        let (code, out, err) = verb(&db, &sim, &["migrate"], "").await;
+        assert_eq!(code, 0, "{out}{err}");
+        let (code, out, err) = verb(&db, &sim, &["status"], "").await;
+        assert_eq!(code, 0, "{out}{err}");
+    }
+
     async fn the_row_gauges_count_each_state_and_the_succeeded_rows_apart(db) {
         let store = db.store().await;
         insert_rows(&store, &[(uuid(), patch(1)), (uuid(), patch(2))]).await;
