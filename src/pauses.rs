@@ -48,12 +48,20 @@ impl PauseBoard {
         }
     }
 
-    /// Reads the pauses again unless they were read less than a poll interval ago. A failed
-    /// read keeps the last known pauses (the claim that follows meets the same database).
+    /// Reads the pauses again unless they were read (or a read began) less than a poll interval
+    /// ago. A failed read keeps the last known pauses (the claim that follows meets the same
+    /// database).
     pub async fn refresh(&self, store: &Store) {
         let due = {
-            let board = self.state.lock().expect("pause lock");
-            board.read_at.is_none_or(|at| at.elapsed() >= self.every)
+            let mut board = self.state.lock().expect("pause lock");
+            let due = board.read_at.is_none_or(|at| at.elapsed() >= self.every);
+            // Once the pauses have been read, one reader at a time: the claim rounds and the
+            // workers that come meanwhile use them as last read (at most a read's time older).
+            // Before the first read every caller reads: none may act on an empty board.
+            if due && board.read_at.is_some() {
+                board.read_at = Some(Instant::now());
+            }
+            due
         };
         if !due {
             return;

@@ -111,6 +111,10 @@ async fn send_and_settle(
     held: Held,
     halves: &mut Vec<Held>,
 ) {
+    // The pauses as of at most one poll interval ago (one small read, shared with the claim
+    // rounds): an idle claimer's rounds are further apart than that, and a batch buffered
+    // before a pause must still go back unsent.
+    shared.pauses.refresh(&shared.store).await;
     if lane_paused(shared, team, held.batch()) {
         hand_back(shared, held.batch()).await;
         return;
