@@ -272,11 +272,11 @@ async fn claim_rounds_in(daemon: &Daemon, window: Duration) -> f64 {
     claims(&daemon.get("/metrics").await.1) - before
 }
 
-/// On Postgres an idle daemon listens for NOTIFY, so it polls less often the longer its claims
-/// find nothing (up to `poll.idle_interval`, 1 s by default), where it used to run a claim every
+/// On Postgres an idle daemon listens for NOTIFY, so with `poll.idle_interval = 1s` it polls
+/// less often the longer its claims find nothing, where it would run a claim every
 /// `poll.interval` (20 ms here); a change committed meanwhile is still synced (the NOTIFY wakes
 /// it), and a retry it wrote comes due on its own clock. With the idle interval set to the
-/// interval, the same measure sees it poll at the interval.
+/// interval (the default), the same measure sees it poll at the interval.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_an_idle_daemon_polls_less_often_and_still_syncs_what_comes() {
     let Some(db) = TestDb::new(Backend::Postgres).await else {
@@ -285,7 +285,7 @@ async fn postgres_an_idle_daemon_polls_less_often_and_still_syncs_what_comes() {
     let retried = uuid();
     let sim = sim(FaultProfile::default()).await;
     let store = db.store().await;
-    let mut daemon = spawn_daemon(&db, &sim, &[]);
+    let mut daemon = spawn_daemon(&db, &sim, &[("PRISM_SYNC__POLL__IDLE_INTERVAL", "1s")]);
     insert_rows(&store, &[(uuid(), patch(1))]).await;
     wait_until_finished(&store, FINISH).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
