@@ -504,9 +504,11 @@ impl Store {
     }
 
     /// The succeeded rows kept. Unlike [`Store::gauges`], which walks only unfinished and dead
-    /// rows, this reads the whole outbox.
+    /// rows, this reads the whole outbox, so the gauge sampler runs it on a budget of its own
+    /// (`telemetry::next_full_count`). One statement for both engines.
     pub async fn succeeded_rows(&self) -> StoreResult<i64> {
-        dispatch!(self, s => s.succeeded_rows().await)
+        const SUCCEEDED: &str = "SELECT count(*) FROM prism_outbox WHERE state = 'succeeded'";
+        dispatch!(self, s => Ok(sqlx::query_scalar(SUCCEEDED).fetch_one(s.pool()).await?))
     }
 }
 

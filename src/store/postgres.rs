@@ -285,16 +285,6 @@ impl PgStore {
         Ok(dead)
     }
 
-    /// The succeeded rows kept: a scan of the whole outbox, so the gauge sampler runs it on a
-    /// budget of its own (`telemetry::next_full_count`).
-    pub async fn succeeded_rows(&self) -> StoreResult<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT count(*) FROM prism_outbox WHERE state = 'succeeded'")
-                .fetch_one(&self.pool)
-                .await?,
-        )
-    }
-
     pub async fn gauges(&self) -> StoreResult<Gauges> {
         let mut g = Gauges::default();
         // Unfinished rows through prism_outbox_record (its predicate is exactly these states)

@@ -366,16 +366,6 @@ impl SqliteStore {
         Ok(dead)
     }
 
-    /// The succeeded rows kept: a scan of the whole outbox, so the gauge sampler runs it on a
-    /// budget of its own (`telemetry::next_full_count`).
-    pub async fn succeeded_rows(&self) -> StoreResult<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT count(*) FROM prism_outbox WHERE state = 'succeeded'")
-                .fetch_one(&self.pool)
-                .await?,
-        )
-    }
-
     pub async fn gauges(&self) -> StoreResult<Gauges> {
         let mut g = Gauges::default();
         // Waiting rows through the lanes' index, rows in flight through the open batches, dead
