@@ -290,11 +290,11 @@ pub async fn sample_gauges(
     let mut known_codes: Vec<String> = Vec::new();
     let mut full_count_due = Instant::now();
     loop {
+        let mut succeeded = None;
         if Instant::now() >= full_count_due {
             match store.succeeded_rows().await {
                 Ok(n) => {
-                    metrics::gauge!("prism_sync_rows", "state" => RowState::Succeeded.as_str())
-                        .set(n as f64);
+                    succeeded = Some(n);
                     full_count_due = next_full_count(Instant::now(), n);
                 }
                 Err(e) => {
@@ -303,7 +303,14 @@ pub async fn sample_gauges(
                 }
             }
         }
-        match store.gauges().await {
+        let gauges = store.gauges().await;
+        // Set with the sample's other row counts, not a read earlier: a scrape between the two
+        // reads would see this sample's succeeded rows beside the last sample's dead ones.
+        if let Some(n) = succeeded {
+            metrics::gauge!("prism_sync_rows", "state" => RowState::Succeeded.as_str())
+                .set(n as f64);
+        }
+        match gauges {
             Ok(g) => {
                 // Reads succeed while another process holds SQLite's write lock: only the
                 // engine's claims (writes) may say the database is usable again.
