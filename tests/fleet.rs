@@ -244,8 +244,23 @@ both_backends! {
             .unwrap();
         assert!(busiest <= RATE as usize + BURST, "{busiest} turns in one second");
 
-        // A pause one gate was told of holds the other back, through the database.
-        a.share_pause(Duration::from_secs(2));
+        // A pause one gate was told of holds the other back, through the database. a writes it
+        // in the background; once the database holds it, b (which knows nothing of a) must
+        // learn it within the slots it reserved before, and wait out exactly what remains of
+        // it: no more than the database held when read, no less than that minus the time since.
+        // The pause is long, so that a loaded machine cannot let it lapse before b asks.
+        const SHARED: Duration = Duration::from_secs(30);
+        a.share_pause(SHARED);
+        let deadline = std::time::Instant::now() + FINISH;
+        let remaining = loop {
+            let pauses = store.throttle_pauses().await.unwrap();
+            if let Some(p) = pauses.iter().find(|p| p.team == "team-1") {
+                break Duration::from_secs_f64(p.remaining_seconds);
+            }
+            assert!(std::time::Instant::now() < deadline, "a's pause never reached the database");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let read_at = std::time::Instant::now();
         let mut waited = None;
         for _ in 0..10 {
             if let Turn::Wait(d) = b.take_turn().await {
@@ -253,8 +268,13 @@ both_backends! {
                 break;
             }
         }
+        let since = read_at.elapsed();
         let waited = waited.expect("b learns a's pause from its next reservation");
-        assert!(waited > Duration::from_secs(1) && waited <= Duration::from_secs(2), "{waited:?}");
+        // The database's clock reads to the millisecond: allow a few either side.
+        let slack = Duration::from_millis(10);
+        assert!(remaining <= SHARED + slack, "{remaining:?}");
+        assert!(waited <= remaining + slack, "b waits {waited:?}, more than the {remaining:?} left");
+        assert!(waited + since + slack >= remaining, "b waits {waited:?}, {since:?} after {remaining:?} were left");
 
         // Without the database no slot can be reserved, and nothing may be sent.
         let other = TeamGate::new(store.clone(), "team-2", RATE);
