@@ -641,6 +641,29 @@ async fn slow_work_holds_the_key_so_a_resend_gets_409_in_use_without_waiting_it(
     let stats = api.sim.stats();
     assert_eq!(stats.faults(FaultKind::SlowWork), 1, "only the work waits");
     assert_eq!(stats.idempotency_in_progress, 1);
+    // The log says when each request arrived besides when it was answered: the slow one was
+    // sent first and answered after the re-send it made wait.
+    let parse = |t: &str| {
+        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).unwrap()
+    };
+    let log = api.sim.requests();
+    let slow = log
+        .iter()
+        .find(|r| r.faults.iter().any(|f| f == "slow_work"))
+        .expect("the slow request is logged");
+    let in_use = log
+        .iter()
+        .find(|r| r.status == 409)
+        .expect("the 409 is logged");
+    assert!(
+        parse(&slow.at) - parse(&slow.received_at) >= time::Duration::seconds(2),
+        "{slow:?}"
+    );
+    assert!(
+        parse(&slow.received_at) <= parse(&in_use.received_at),
+        "{log:?}"
+    );
+    assert!(parse(&slow.at) > parse(&in_use.at), "{log:?}");
     api.sim.shutdown().await;
 }
 

@@ -132,6 +132,7 @@ async fn batch(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let received = time::OffsetDateTime::now_utc();
     let path = uri.path().to_owned();
     let shown_key = headers
         .get(IDEMPOTENCY_KEY)
@@ -142,6 +143,7 @@ async fn batch(
         key: shown_key.as_deref(),
         team: sim.find_team(team),
         operation,
+        received,
     };
     // Steps 1 and 2.
     let admitted = match admit(&sim, meta.team, team, object_type, &headers, body).await {
@@ -202,6 +204,7 @@ async fn batch(
         fault_kinds,
         path: path.clone(),
         shown_key: shown_key.clone(),
+        received,
     };
     let (response, wire) = match work.run(&sim).await {
         Some(done) => done,
@@ -440,6 +443,8 @@ struct Work {
     fault_kinds: Vec<(FaultKind, u64)>,
     path: String,
     shown_key: Option<String>,
+    /// When the request arrived (for the request log).
+    received: time::OffsetDateTime,
 }
 
 impl Work {
@@ -472,6 +477,7 @@ impl Work {
                 key: work.shown_key.as_deref(),
                 team: Some(work.target.team),
                 operation: work.target.operation,
+                received: work.received,
             };
             sim.observe(&meta, outcome);
             (processed.response, processed.wire)

@@ -463,8 +463,13 @@ impl SimStats {
 /// One request as `GET /_sim/requests` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestLogEntry {
+    /// When the request was answered (or, for one whose client went away, its work ended):
     /// RFC 3339, UTC.
     pub at: String,
+    /// When the request arrived, before any latency or work: RFC 3339, UTC. A slow request is
+    /// answered seconds after it was sent; this says when it was sent.
+    #[serde(default)]
+    pub received_at: String,
     pub method: String,
     pub path: String,
     pub idempotency_key: Option<String>,
@@ -504,6 +509,8 @@ pub(crate) struct RequestMeta<'a> {
     /// The team the path named, if the simulator knows it.
     pub team: Option<TeamIndex>,
     pub operation: Operation,
+    /// When the request arrived.
+    pub received: time::OffsetDateTime,
 }
 
 impl SimStats {
@@ -555,6 +562,7 @@ impl Observations {
         }
         self.recent.push_back(RequestLogEntry {
             at: now_rfc3339(),
+            received_at: rfc3339(meta.received),
             method: method.to_owned(),
             path: meta.path.to_owned(),
             idempotency_key: meta.key.map(str::to_owned),
@@ -590,8 +598,11 @@ impl Observations {
 }
 
 fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
+    rfc3339(time::OffsetDateTime::now_utc())
+}
+
+fn rfc3339(at: time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
 

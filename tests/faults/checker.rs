@@ -110,7 +110,11 @@ pub struct Applied {
 /// One entry of `GET /_sim/requests`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Request {
+    /// When the simulator answered it.
     pub at: String,
+    /// When it arrived (empty from a simulator that does not say).
+    #[serde(default)]
+    pub received_at: String,
     pub idempotency_key: Option<String>,
     pub status: u16,
     /// The team the path named (`null` for a team the simulator does not know).
@@ -552,6 +556,7 @@ mod self_test {
     fn request(key: &str) -> Request {
         Request {
             at: "2026-01-01T00:00:00Z".into(),
+            received_at: "2026-01-01T00:00:00Z".into(),
             idempotency_key: Some(key.into()),
             status: 200,
             team: Some("team".into()),

@@ -29,9 +29,21 @@ pub const CAP_SLACK: Duration = Duration::from_millis(1500);
 /// After a pause ends, a request of another batch within this long shows that batch was waiting.
 pub const RELEASE_WINDOW: Duration = Duration::from_millis(300);
 
-/// A log entry's time, or `None` if the simulator wrote something unreadable.
+/// A log entry's time (when it was answered), or `None` if the simulator wrote something
+/// unreadable.
 pub fn at(r: &Request) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(&r.at, &time::format_description::well_known::Rfc3339).ok()
+}
+
+/// When a logged request arrived (sent, give or take the network), or when it was answered if
+/// the log does not say. A request whose work was slow is answered seconds after it was sent.
+fn received(r: &Request) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(
+        &r.received_at,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .ok()
+    .or_else(|| at(r))
 }
 
 fn span(d: Duration) -> time::Duration {
@@ -91,9 +103,10 @@ pub fn requests_during_pauses(
 }
 
 /// For a 429 logged in `[from, to)` that asked for more than `cap`: the team's next request
-/// (logged later than [`IN_FLIGHT`] after it) must come within `cap` + [`CAP_SLACK`], not after
-/// the server's huge delay. `log_end` is when the log was read: a 429 too close to it to tell
-/// is skipped.
+/// (arriving later than [`IN_FLIGHT`] after it) must arrive within `cap` + [`CAP_SLACK`], not
+/// after the server's huge delay. Arrival, not answer: the phase after may make the server's
+/// work slow, and a request sent on time would then be answered late. `log_end` is when the log
+/// was read: a 429 too close to it to tell is skipped.
 pub fn stalls_past_the_cap(
     log: &[Request],
     from: OffsetDateTime,
@@ -111,7 +124,7 @@ pub fn stalls_past_the_cap(
         let next = log
             .iter()
             .filter(|r| r.team.as_deref() == team)
-            .filter_map(at)
+            .filter_map(received)
             .filter(|sent| *sent > t + span(IN_FLIGHT))
             .min();
         match next {
@@ -198,10 +211,12 @@ mod self_test {
     fn req(ms: i64, key: &str, status: u16, faults: &[&str]) -> Request {
         let t = OffsetDateTime::parse(T0, &time::format_description::well_known::Rfc3339).unwrap()
             + time::Duration::milliseconds(ms);
+        let at = t
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
         Request {
-            at: t
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap(),
+            received_at: at.clone(),
+            at,
             idempotency_key: Some(key.into()),
             status,
             team: Some("team".into()),
@@ -268,6 +283,23 @@ mod self_test {
         assert!(v[0].contains("sent nothing for 8.000s"), "{v:?}");
         let v = stalls_past_the_cap(&log[..1], t(0), t(5000), PAUSE, t(20_000));
         assert!(v[0].contains("never sent again"), "{v:?}");
+    }
+
+    #[test]
+    fn a_request_sent_in_time_whose_answer_was_slow_is_no_stall() {
+        // Sent 1.1 s after the 429, answered 5 s later (the next phase's slow work).
+        let mut slow = req(6100, "a", 200, &["slow_work"]);
+        slow.received_at = req(1100, "a", 200, &[]).at;
+        let log = vec![req(0, "a", 429, &["rate_limit"]), slow.clone()];
+        assert_eq!(
+            stalls_past_the_cap(&log, t(-1), t(5000), PAUSE, t(20_000)),
+            Vec::<String>::new()
+        );
+        // Sent late, it is caught whenever it was answered.
+        slow.received_at = req(4000, "a", 200, &[]).at;
+        let log = vec![req(0, "a", 429, &["rate_limit"]), slow];
+        let v = stalls_past_the_cap(&log, t(-1), t(5000), PAUSE, t(20_000));
+        assert!(v[0].contains("sent nothing for 4.000s"), "{v:?}");
     }
 
     #[test]
