@@ -281,10 +281,10 @@ pub struct PollSettings {
     /// `interval`, doubling with every claim round that finds nothing. A NOTIFY (a change
     /// committed), a batch moving on, or a retry or lingering tail coming due wakes it at once.
     /// Below `interval` it counts as `interval` (so a slower `interval` alone still works).
-    /// Off by default (50ms, as `interval`): with several replicas, a busy one (its claims run
-    /// back to back, and its own retries wake it when due) then wins nearly every claim and an
-    /// idle one can go without work for as long as there is any (the fault suite's
-    /// kill-while-holding scenario found it); one replica loses nothing by raising it.
+    /// Only while no row waits in the daemon's lanes: a claim that took nothing while rows wait
+    /// (locked by another replica's claim, held back by their record's earlier row, a retry
+    /// not yet due) keeps the poll at `interval`, since no NOTIFY says when they can be taken
+    /// (a replica that waited longer than the others would leave them a fleet's work).
     #[serde(with = "humantime_serde")]
     pub idle_interval: Duration,
 }
@@ -293,8 +293,7 @@ impl Default for PollSettings {
     fn default() -> Self {
         Self {
             interval: Duration::from_millis(50),
-            // Off by default (as `interval`): see the field's comment.
-            idle_interval: Duration::from_millis(50),
+            idle_interval: Duration::from_secs(1),
         }
     }
 }

@@ -275,8 +275,9 @@ async fn claim_rounds_in(daemon: &Daemon, window: Duration) -> f64 {
 /// On Postgres an idle daemon listens for NOTIFY, so with `poll.idle_interval = 1s` it polls
 /// less often the longer its claims find nothing, where it would run a claim every
 /// `poll.interval` (20 ms here); a change committed meanwhile is still synced (the NOTIFY wakes
-/// it), and a retry it wrote comes due on its own clock. With the idle interval set to the
-/// interval (the default), the same measure sees it poll at the interval.
+/// it), and a retry it wrote comes due on its own clock. While a row waits that it cannot take
+/// yet (another replica's retry), it polls at the interval. With the idle interval set to the
+/// interval, the same measure sees it poll at the interval.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_an_idle_daemon_polls_less_often_and_still_syncs_what_comes() {
     let Some(db) = TestDb::new(Backend::Postgres).await else {
@@ -316,6 +317,40 @@ async fn postgres_an_idle_daemon_polls_less_often_and_still_syncs_what_comes() {
     sim.set_faults(FaultProfile::default());
     let states = wait_until_finished(&store, FINISH).await;
     assert!(states.iter().all(|r| r.state == "succeeded"), "{states:?}");
+
+    // A row another replica put back to retry (an hour from now) is waiting, though not for
+    // this daemon's claims yet, and no NOTIFY will say when it comes due: so the daemon polls
+    // at the interval while it waits (a stretched poll here is what left a fleet's idle
+    // replicas without work), and takes it once it is due, without a wake-up.
+    let other = uuid();
+    exec(
+        &store,
+        &format!(
+            "INSERT INTO prism_outbox (record_id, patch, state, attempts, next_attempt_at)
+             VALUES ('{other}', '{}', 'retrying', 1, now() + interval '1 hour')",
+            patch(4)
+        ),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiting = claim_rounds_in(&daemon, Duration::from_secs(3)).await;
+    assert!(
+        waiting >= 40.0,
+        "while a row waits the daemon polls every 20 ms: {waiting} claims in 3 s"
+    );
+    exec(
+        &store,
+        &format!("UPDATE prism_outbox SET next_attempt_at = now() WHERE record_id = '{other}'"),
+    )
+    .await;
+    let states = wait_until_finished(&store, FINISH).await;
+    assert!(states.iter().all(|r| r.state == "succeeded"), "{states:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = claim_rounds_in(&daemon, Duration::from_secs(3)).await;
+    assert!(
+        idle <= 12.0,
+        "idle again, the daemon polls less often: {idle} claims in 3 s"
+    );
     daemon.signal("TERM");
     assert_eq!(
         daemon.wait_exit(Duration::from_secs(20)).await.code(),

@@ -40,8 +40,25 @@ struct RoundEnd {
     probe: bool,
     /// Batches it leased or claimed (all of them buffered by now).
     found: usize,
-    /// How many strays went dead, or why the round failed.
-    filled: Result<usize, StoreError>,
+    /// What its claim saw, or why the round failed.
+    filled: Result<Filled, StoreError>,
+}
+
+/// What a round's [`fill`] saw besides the batches it took.
+#[derive(Debug, Default, Clone, Copy)]
+struct Filled {
+    /// Strays (rows of no lane) that went dead.
+    strays_ended: usize,
+    /// A lane it claimed from held a row waiting to be claimed, taken or not
+    /// ([`crate::store::ClaimOutcome::waiting`]).
+    waiting: bool,
+}
+
+/// How a round that ended went, for the loop.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    found: usize,
+    waiting: bool,
 }
 
 /// The claim loop: rounds start on a wake-up (a batch moved on, a `NOTIFY`, a key accepted
@@ -117,8 +134,8 @@ pub(super) async fn run(shared: &Arc<Shared>, shutdown: &CancellationToken) {
                 continue;
             }
         };
-        let found = match ended(end, &mut sweeping, &mut probing, &mut strays_due) {
-            Ok(found) => found,
+        let seen = match ended(end, &mut sweeping, &mut probing, &mut strays_due) {
+            Ok(seen) => seen,
             Err(e) => {
                 // The other rounds end first (their batches are buffered); then nothing new
                 // is claimed until the database answers again.
@@ -136,12 +153,8 @@ pub(super) async fn run(shared: &Arc<Shared>, shutdown: &CancellationToken) {
         }
         db_failures = 0;
         shared.health.set_db_ok(true);
-        busy = found > 0;
-        empty_rounds = if busy {
-            0
-        } else {
-            empty_rounds.saturating_add(1)
-        };
+        busy = seen.found > 0;
+        empty_rounds = idle_rounds(empty_rounds, seen);
         due = busy && shared.teams.iter().any(|t| wants_work(shared, t));
     }
     // Shutdown: no new round; those in flight end, and their batches are buffered.
@@ -191,32 +204,36 @@ async fn round(shared: &Shared, round: Round) -> RoundEnd {
 }
 
 /// Takes note of a round that ended: whether a sweep or a probe is still in flight and when
-/// strays are next due. Returns the batches it found, or its failure.
+/// strays are next due. Returns what it found, or its failure.
 fn ended(
     end: RoundEnd,
     sweeping: &mut bool,
     probing: &mut bool,
     strays_due: &mut Instant,
-) -> Result<usize, StoreError> {
+) -> Result<Seen, StoreError> {
     if end.probe {
         *probing = false;
     }
     if end.strays {
         *sweeping = false;
     }
+    let seen = |filled: &Filled| Seen {
+        found: end.found,
+        waiting: filled.waiting,
+    };
     match end.filled {
-        Ok(strays_ended) if end.strays => {
+        Ok(filled) if end.strays => {
             // A stray's later rows of the same record wait for it (per-record order), so a
             // sweep that ended strays is followed by another at once, until one ends none: a
             // chain of N strays ends in N rounds, not N × STRAYS_EVERY.
-            *strays_due = if strays_ended > 0 {
+            *strays_due = if filled.strays_ended > 0 {
                 Instant::now()
             } else {
                 Instant::now() + STRAYS_EVERY
             };
-            Ok(end.found)
+            Ok(seen(&filled))
         }
-        Ok(_) => Ok(end.found),
+        Ok(filled) => Ok(seen(&filled)),
         // A failed sweep is due again at once (`strays_due` unchanged).
         Err(e) => Err(e),
     }
@@ -230,6 +247,20 @@ impl Shared {
         let at = Instant::now() + wait;
         let mut until = self.look_again_at.lock().unwrap_or_else(|e| e.into_inner());
         *until = Some(until.map_or(at, |noted| noted.min(at)));
+    }
+}
+
+/// The rounds in a row that found nothing to do, after one that saw `seen`. A round that took
+/// nothing while rows wait (another replica's claim locked them, their records' earlier rows
+/// are in flight, or their retry is not yet due) counts as busy: no NOTIFY tells of such a row
+/// becoming claimable, and a claimer that waited longer than the others for it would leave them
+/// nearly all of a fleet's work. Only an outbox with nothing waiting in this claimer's lanes
+/// lets the poll stretch.
+fn idle_rounds(empty_rounds: u32, seen: Seen) -> u32 {
+    if seen.found > 0 || seen.waiting {
+        0
+    } else {
+        empty_rounds.saturating_add(1)
     }
 }
 
@@ -334,12 +365,12 @@ fn dispatch(shared: &Shared, batch: LeasedBatch) {
 /// refused gets one probe at a time (see [`probe_refused`], in the one round that probes) and
 /// no other claims. Batches leased before a step failed stay in `batches`: they are ours, and
 /// dropping them would leave them waiting for their lease to lapse. Returns how many strays
-/// (rows of no lane) went dead.
+/// (rows of no lane) went dead, and whether the claim saw rows waiting.
 async fn fill(
     shared: &Shared,
     round: &Round,
     batches: &mut Vec<LeasedBatch>,
-) -> Result<usize, StoreError> {
+) -> Result<Filled, StoreError> {
     let cfg = &shared.cfg;
     let strays = round.strays;
     shared.pauses.refresh(&shared.store).await;
@@ -355,7 +386,7 @@ async fn fill(
         .filter(|t| round.share.places(t.index) > 0 && may_claim(t) && !paused(shared, t))
         .collect();
     if open.is_empty() && !strays {
-        return Ok(0);
+        return Ok(Filled::default());
     }
     let keys: Vec<String> = open.iter().flat_map(|t| t.keys.iter().cloned()).collect();
     let (lanes, skip_lanes) = lanes_of(shared, &open);
@@ -374,12 +405,11 @@ async fn fill(
     batches.extend(due);
     if left > 0 || strays {
         let max_records = left.max(1) * cfg.limits.batch_size;
-        let (claimed, strays_ended) =
-            claim(shared, &lanes, max_records, strays, cfg.linger).await?;
+        let (claimed, filled) = claim(shared, &lanes, max_records, strays, cfg.linger).await?;
         batches.extend(claimed);
-        return Ok(strays_ended);
+        return Ok(filled);
     }
-    Ok(0)
+    Ok(Filled::default())
 }
 
 /// A refused team with nothing unanswered gets one probe of its key: a stored batch of its
@@ -444,7 +474,7 @@ fn lanes_of(shared: &Shared, teams: &[&Arc<Team>]) -> (Vec<Lane>, Vec<Lane>) {
 
 /// Claims new rows of `lanes` (and, with `strays`, rows of no lane, which go dead) into stored
 /// batches leased to us; also returns how many strays went dead (an unknown team or object
-/// type: no lane holds such a row). A flowing lane's partial tail may wait `linger` to fill
+/// type: no lane holds such a row) and whether a lane held rows waiting. A flowing lane's partial tail may wait `linger` to fill
 /// (see [`crate::linger`]); when one does, the soonest is noted for [`next_look`].
 async fn claim(
     shared: &Shared,
@@ -452,7 +482,7 @@ async fn claim(
     max_records: usize,
     strays: bool,
     linger: Duration,
-) -> Result<(Vec<LeasedBatch>, usize), StoreError> {
+) -> Result<(Vec<LeasedBatch>, Filled), StoreError> {
     let cfg = &shared.cfg;
     let started = Instant::now();
     let claimed = shared
@@ -488,7 +518,11 @@ async fn claim(
         .iter()
         .filter(|d| d.code == codes::UNKNOWN_TEAM || d.code == codes::INVALID_OBJECT_TYPE)
         .count();
-    Ok((claimed.batches, strays_ended))
+    let filled = Filled {
+        strays_ended,
+        waiting: claimed.waiting,
+    };
+    Ok((claimed.batches, filled))
 }
 
 /// Ends the open batches of teams no longer configured (see
@@ -524,6 +558,28 @@ mod tests {
         );
         // However long it has been idle: no overflow, and never past the idle interval.
         assert_eq!(poll_wait(interval, idle, u32::MAX, true), idle);
+    }
+
+    #[test]
+    fn only_rounds_that_see_nothing_waiting_count_as_idle() {
+        let nothing = Seen {
+            found: 0,
+            waiting: false,
+        };
+        let took = Seen {
+            found: 2,
+            waiting: true,
+        };
+        let left_waiting = Seen {
+            found: 0,
+            waiting: true,
+        };
+        assert_eq!(idle_rounds(0, nothing), 1);
+        assert_eq!(idle_rounds(5, nothing), 6);
+        assert_eq!(idle_rounds(u32::MAX, nothing), u32::MAX);
+        assert_eq!(idle_rounds(5, took), 0);
+        // Rows wait that this claimer could not take (locked elsewhere, held back, not due).
+        assert_eq!(idle_rounds(5, left_waiting), 0);
     }
 
     #[test]

@@ -27,7 +27,11 @@ pub(super) async fn claim<D: Dialect>(
         Some(gate) => Some(gate.lock().await),
         None => None,
     };
-    let (heads, lingering) = take_heads(db, &mut tx, req, linger).await?;
+    let Heads {
+        heads,
+        lingering,
+        waiting,
+    } = take_heads(db, &mut tx, req, linger).await?;
     // The followers may wait for a row lock (a record's later row locked elsewhere): not under
     // the gate, which would hold up every other claim of this process behind it.
     drop(gate);
@@ -35,6 +39,7 @@ pub(super) async fn claim<D: Dialect>(
         db.rollback(tx).await?;
         return Ok(ClaimOutcome {
             lingering,
+            waiting,
             ..ClaimOutcome::default()
         });
     }
@@ -52,7 +57,17 @@ pub(super) async fn claim<D: Dialect>(
         batches: plan.batches.into_iter().map(LeasedBatch::fresh).collect(),
         dead: plan.dead,
         lingering,
+        waiting,
     })
+}
+
+/// What [`take_heads`] found.
+struct Heads {
+    heads: Vec<CandidateRow>,
+    /// When a lane's tail was left lingering, the soonest it must be looked at again.
+    lingering: Option<Duration>,
+    /// A lane held a waiting row (see [`ClaimOutcome::waiting`]).
+    waiting: bool,
 }
 
 /// The claim's heads: one row from each busy lane in turn (`fair_share`), up to the claim's
@@ -63,7 +78,7 @@ async fn take_heads<D: Dialect>(
     tx: &mut D::Tx,
     req: &ClaimRequest<'_>,
     linger: Duration,
-) -> StoreResult<(Vec<CandidateRow>, Option<Duration>)> {
+) -> StoreResult<Heads> {
     // Which of the lanes hold waiting rows at all: one index probe each, one statement.
     let busy = db.busy_lanes(tx, req.lanes).await?;
     let (takes, mut lingering) = lane_takes(db, tx, &busy, req, linger).await?;
@@ -109,7 +124,11 @@ async fn take_heads<D: Dialect>(
         // the engine asks for it only now and then. They go dead in this claim.
         per_lane.push(db.strays(tx, req).await?);
     }
-    Ok((batch::fair_share(per_lane, req.max_records), lingering))
+    Ok(Heads {
+        heads: batch::fair_share(per_lane, req.max_records),
+        lingering,
+        waiting: !busy.is_empty(),
+    })
 }
 
 /// What a claim does with one busy lane.

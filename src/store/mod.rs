@@ -217,6 +217,11 @@ pub struct ClaimOutcome {
     /// A claim with a linger ([`Store::claim_filled`]) left the partial tail of a flowing lane
     /// waiting: the soonest any such lane must be looked at again.
     pub lingering: Option<Duration>,
+    /// A lane the claim asked for held a row waiting to be claimed (`pending`, or `retrying`
+    /// whether due or not), whether or not this claim could take it: it may have been locked
+    /// by another claimer, held back by its record's earlier row, or not yet due. False when
+    /// every lane asked for was empty (the claimer may then poll less often).
+    pub waiting: bool,
 }
 
 /// A row's new state after its batch was answered or given up.
