@@ -185,8 +185,9 @@ impl MicroClient {
         }
     }
 
-    /// Waits for the shared pause and the rate ceiling, then reserves this request's slot.
-    async fn wait_turn(&self) {
+    /// Waits for the shared pause and the rate ceiling, then reserves this request's slot: call
+    /// it right before [`MicroClient::send_to`], which does not wait.
+    pub async fn wait_turn(&self) {
         enum Turn {
             Paused(Duration),
             At(Instant),
@@ -225,19 +226,22 @@ impl MicroClient {
         }
     }
 
-    /// [`MicroClient::send_to`] for `batch/update`.
+    /// [`MicroClient::wait_turn`], then [`MicroClient::send_to`] for `batch/update`.
     pub async fn send(
         &self,
         object_type: ObjectType,
         idempotency_key: &str,
         body: Bytes,
     ) -> Exchange {
+        self.wait_turn().await;
         self.send_to(object_type, Operation::Update, idempotency_key, body)
             .await
     }
 
-    /// Sends the stored bytes once to `batch/update` or `batch/delete`. Never retries by itself:
-    /// the caller records the outcome durably first, then decides.
+    /// Sends the stored bytes once to `batch/update` or `batch/delete`, at once: the caller
+    /// waited its turn ([`MicroClient::wait_turn`]) and checked what else must hold it back
+    /// (an operator's pause). Never retries by itself: the caller records the outcome durably
+    /// first, then decides.
     pub async fn send_to(
         &self,
         object_type: ObjectType,
@@ -245,7 +249,6 @@ impl MicroClient {
         idempotency_key: &str,
         body: Bytes,
     ) -> Exchange {
-        self.wait_turn().await;
         let mut key = match HeaderValue::from_str(self.api_key.expose_secret()) {
             Ok(k) => k,
             Err(_) => {

@@ -199,6 +199,40 @@ both_backends! {
         assert_eq!(log.len(), 10);
     }
 
+    async fn a_batch_waiting_for_its_turn_when_its_team_is_paused_is_not_sent_after_the_pause(db) {
+        // Two requests a second for twelve batches of one: the buffered batches wait their
+        // turn (the request ceiling) after their pause check. An operator's pause must still
+        // hold them back: nothing reaches the API later than a poll interval after it (1 s
+        // allowed here, for a loaded machine; without the check the ceiling lets one through
+        // every half second).
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        insert(&store, &changes(ObjectType::Contact, "", 12)).await.unwrap();
+        let mut s = settings(&db, &sim);
+        s.batch.size = 1;
+        s.sync.max_in_flight = 8;
+        s.http.max_requests_per_second = 2.0;
+        let engine = start_engine(&s).await;
+        wait_for("two requests", FINISH, || sim.requests().len() >= 2).await;
+        let everything = PauseTarget { team_id: String::new(), object_type: None };
+        assert!(store.pause(&everything, "test").await.unwrap());
+        let paused_at = time::OffsetDateTime::now_utc();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let received = |r: &prism_sync::sim::RequestLogEntry| {
+            time::OffsetDateTime::parse(&r.received_at, &time::format_description::well_known::Rfc3339).unwrap()
+        };
+        let log = sim.requests();
+        let late: Vec<_> = log.iter().filter(|r| received(r) > paused_at + time::Duration::seconds(1)).collect();
+        assert!(late.is_empty(), "sent after the pause: {late:?}");
+        assert!(log.len() < 12, "the pause held some batches back: {log:?}");
+
+        assert_eq!(store.resume(&everything, "test").await.unwrap().len(), 1);
+        let done = wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        assert!(done.iter().all(|r| r.state == "succeeded" && r.attempts == 1), "{done:?}");
+        assert_eq!(sim.requests().len(), 12, "each batch went out once");
+    }
+
     async fn history_shows_each_change_its_batches_keys_and_attempts_as_the_api_saw_them(db) {
         history_case(&db, false).await;
     }

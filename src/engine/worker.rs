@@ -125,8 +125,10 @@ async fn send_and_settle(
     }
     crash_point!("before_send");
     let started = Instant::now();
-    Health::count(&shared.health.sends, 1);
-    let exchange = send(team, held.batch()).await;
+    let Some(exchange) = send(shared, team, held.batch()).await else {
+        hand_back(shared, held.batch()).await;
+        return;
+    };
     let took = started.elapsed();
     crash_point!("after_response");
     let sent = Sent::of(&exchange, took, team);
@@ -189,9 +191,20 @@ fn resume_if_refused(shared: &Shared, team: &Team) {
 }
 
 /// One send of the batch's stored bytes under its key, within the team's concurrency limit,
-/// which learns from the answer. The team's client applies its key, rate ceiling and 429 pause.
-async fn send(team: &Team, batch: &LeasedBatch) -> Exchange {
+/// which learns from the answer, once the team's 429 pause and request ceiling let it go.
+/// `None`: an operator paused the batch's lane while it waited for its turn; it was not sent.
+async fn send(shared: &Shared, team: &Team, batch: &LeasedBatch) -> Option<Exchange> {
     let _slot = team.concurrency.acquire().await;
+    team.client.wait_turn().await;
+    // The waits above can be long (a concurrency slot behind slow requests, a 429's pause of
+    // up to `http.max_retry_after`, the request ceiling): an operator's pause that came
+    // meanwhile still holds the batch back, and nothing goes out later than one poll interval
+    // after it.
+    shared.pauses.refresh(&shared.store).await;
+    if lane_paused(shared, team, batch) {
+        return None;
+    }
+    Health::count(&shared.health.sends, 1);
     let exchange = team
         .client
         .send_to(
@@ -211,5 +224,5 @@ async fn send(team: &Team, batch: &LeasedBatch) -> Exchange {
         } => Signal::Pushback,
         _ => Signal::Neutral,
     });
-    exchange
+    Some(exchange)
 }
