@@ -278,7 +278,7 @@ pub struct PollSettings {
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
     /// On Postgres, while the daemon listens for NOTIFY: how far its polling slows down, from
-    /// `interval`, doubling with every claim round that finds nothing. A NOTIFY (a change
+    /// `interval`, doubling with every claim round that finds no row waiting. A NOTIFY (a change
     /// committed), a batch moving on, or a retry or lingering tail coming due wakes it at once.
     /// Below `interval` it counts as `interval` (so a slower `interval` alone still works).
     /// Only while no row waits in the daemon's lanes: a claim that took nothing while rows wait

@@ -474,8 +474,9 @@ fn lanes_of(shared: &Shared, teams: &[&Arc<Team>]) -> (Vec<Lane>, Vec<Lane>) {
 
 /// Claims new rows of `lanes` (and, with `strays`, rows of no lane, which go dead) into stored
 /// batches leased to us; also returns how many strays went dead (an unknown team or object
-/// type: no lane holds such a row) and whether a lane held rows waiting. A flowing lane's partial tail may wait `linger` to fill
-/// (see [`crate::linger`]); when one does, the soonest is noted for [`next_look`].
+/// type: no lane holds such a row) and whether a lane held rows waiting. A flowing lane's
+/// partial tail may wait `linger` to fill (see [`crate::linger`]); when one does, the soonest
+/// is noted for [`next_look`].
 async fn claim(
     shared: &Shared,
     lanes: &[Lane],

@@ -5,8 +5,8 @@
 //! it they mean the primary team, or for stats and faults, everything; an unknown `T` is 404
 //! `team_not_found`.
 //! - `GET /_sim/stats` → [`SimStats`] over every request; `?team=T` → counted for team `T` only
-//! - `GET /_sim/requests?limit=N` → recent [`RequestLogEntry`]s (with `team`, `operation`, and `received_at` beside `at`), oldest
-//!   first
+//! - `GET /_sim/requests?limit=N` → recent [`RequestLogEntry`]s (with `team`, `operation`, and
+//!   `received_at`, when it arrived, beside `at`, when it was answered), oldest first
 //! - `GET /_sim/applied?record=ID&object_type=T&after_seq=N&team=T` → [`AppliedChange`]s in apply order
 //!   (updates and deletes); the primary team's unless `team` is given, every team's with `team=*`
 //! - `GET /_sim/records/{objectType}/{id}?team=T` → the record, or 404
