@@ -45,6 +45,14 @@ $$;
 --                      instead of updating prism_outbox (whose rows then never change).
 --   lane_lock:         no row locks: a claim locks its lane's floor row (SKIP LOCKED: another
 --                      claimer skips the lane) and the claimed rows are told by their claim rows.
+--   queue:             a trigger on prism_outbox copies every new row into prism_outbox_queue (the
+--                      variant's file makes both), which holds exactly the unfinished rows: a claim
+--                      walks the queue (lane index WHERE batch_id IS NULL, no floor), locks and sets
+--                      batch_id on its queue rows, and a success deletes them; prism_outbox is
+--                      written only by the application's INSERT and locked by nothing.
+--   queue_history:     with queue, a claim also inserts a claim row per claimed row into
+--                      prism_outbox_claims (id, batch_id, first_attempt_at), so that a row's batch is
+--                      known after it leaves the queue; without it, only the batch's item map says so.
 -- The narrow per-row table of the claims_table variants (empty in the others). A row appears when
 -- its outbox row is first claimed. state NULL: the row follows its batch (in flight while the batch
 -- is open, succeeded once it is done); 'retrying', 'succeeded' or 'dead' are written per row, for
@@ -65,7 +73,9 @@ CREATE INDEX prism_outbox_claims_retrying ON prism_outbox_claims (next_attempt_a
 
 CREATE UNLOGGED TABLE wal_config (floor_walk bool NOT NULL, success_per_batch bool NOT NULL,
                                   claims_table bool NOT NULL DEFAULT false,
-                                  lane_lock bool NOT NULL DEFAULT false);
+                                  lane_lock bool NOT NULL DEFAULT false,
+                                  queue bool NOT NULL DEFAULT false,
+                                  queue_history bool NOT NULL DEFAULT false);
 
 -- The drain: claim up to claim_rows rows in batches of batch_rows, store the batches, mark the rows
 -- in flight (one transaction), then record every batch's success (another), until nothing waits.
@@ -77,6 +87,8 @@ DECLARE
     batch_success bool := (SELECT success_per_batch FROM wal_config);
     use_claims bool := (SELECT claims_table FROM wal_config);
     lane_lock bool := (SELECT lane_lock FROM wal_config);
+    use_queue bool := (SELECT queue FROM wal_config);
+    queue_history bool := (SELECT queue_history FROM wal_config);
     ids bigint[]; recs uuid[]; patches jsonb[]; bids uuid[]; owners uuid[];
 BEGIN
     SET enable_seqscan = off; SET enable_bitmapscan = off; SET enable_sort = off;
@@ -92,6 +104,22 @@ BEGIN
                 SELECT floor_id INTO fl FROM prism_lane_floor WHERE team_id = '' AND object_type = 'contact';
             END IF;
         END IF;
+        IF use_queue THEN
+            -- The queue's claim: its waiting rows of the lane (batch_id IS NULL: the lane index's
+            -- predicate) below the watermark, none with an older row of its record still queued
+            -- (waiting, retrying or in flight), the patch from prism_outbox; only queue rows locked.
+            SELECT coalesce(array_agg(c.id ORDER BY c.id), '{}'), array_agg(c.record_id ORDER BY c.id),
+                   array_agg(c.patch ORDER BY c.id)
+            INTO ids, recs, patches
+            FROM (SELECT q.id, q.record_id, o.patch
+                  FROM prism_outbox_queue q JOIN prism_outbox o ON o.id = q.id
+                  WHERE q.team_id = '' AND q.object_type = 'contact' AND q.batch_id IS NULL
+                    AND q.next_attempt_at <= now()
+                    AND q.txid < (SELECT prism_outbox_watermark(pg_current_snapshot()))
+                    AND NOT EXISTS (SELECT 1 FROM prism_outbox_queue p
+                                    WHERE p.record_id = q.record_id AND p.id < q.id)
+                  ORDER BY q.id LIMIT claim_rows FOR UPDATE OF q SKIP LOCKED) c;
+        ELSE
         -- Dynamic only so that the row locks can be left out (lane_lock); the statement is
         -- prism-sync's claim.
         EXECUTE format('SELECT coalesce(array_agg(c.id ORDER BY c.id), ''{}''), array_agg(c.record_id ORDER BY c.id),
@@ -115,6 +143,7 @@ BEGIN
                      LIMIT 1) IS NULL
               ORDER BY o.id LIMIT $2 %s) c', CASE WHEN lane_lock THEN '' ELSE 'FOR UPDATE OF o SKIP LOCKED' END)
         INTO ids, recs, patches USING fl, claim_rows, use_claims, batch_success;
+        END IF;
         EXIT WHEN cardinality(ids) = 0;
         t := wal_tally('claim: select (row locks)', t);
         SELECT array_agg(gen_random_uuid()) INTO bids
@@ -130,7 +159,17 @@ BEGIN
                      array_agg(recs[g] ORDER BY g) AS r, array_agg(patches[g] ORDER BY g) AS p
               FROM generate_series(1, cardinality(ids)) g GROUP BY 1) b;
         t := wal_tally('claim: insert batches', t);
-        IF use_claims THEN
+        IF use_queue THEN
+            -- The claimed rows leave the lane index (non-HOT: its predicate names batch_id).
+            UPDATE prism_outbox_queue q SET batch_id = u.batch_id
+            FROM unnest(ids, owners) AS u(id, batch_id) WHERE q.id = u.id;
+            t := wal_tally('claim: queue rows in flight', t);
+            IF queue_history THEN
+                INSERT INTO prism_outbox_claims (id, batch_id, first_attempt_at)
+                SELECT u.id, u.batch_id, now() FROM unnest(ids, owners) AS u(id, batch_id);
+                t := wal_tally('claim: history (claim rows)', t);
+            END IF;
+        ELSIF use_claims THEN
             INSERT INTO prism_outbox_claims (id, batch_id, first_attempt_at)
             SELECT u.id, u.batch_id, now() FROM unnest(ids, owners) AS u(id, batch_id);
         ELSE
@@ -138,7 +177,7 @@ BEGIN
                    first_attempt_at = COALESCE(o.first_attempt_at, now())
             FROM unnest(ids, owners) AS u(id, batch_id) WHERE o.id = u.id;
         END IF;
-        t := wal_tally('claim: rows in flight', t);
+        IF NOT use_queue THEN t := wal_tally('claim: rows in flight', t); END IF;
         IF use_floor THEN
             -- The lane's floor: its first row still waiting (here: the next after this claim).
             UPDATE prism_lane_floor SET floor_id = COALESCE(
@@ -164,6 +203,12 @@ BEGIN
                'bench', 200, 'ok', NULL, false, 3
         FROM unnest(bids) AS u(id);
         t := wal_tally('outcome: insert attempts', t);
+        IF use_queue THEN
+            -- The batch's rows are finished: they leave the queue (their success is the batch's).
+            DELETE FROM prism_outbox_queue q USING unnest(ids, owners) AS u(id, batch_id)
+            WHERE q.id = u.id AND q.batch_id = u.batch_id;
+            t := wal_tally('outcome: queue rows deleted', t);
+        END IF;
         IF batch_success THEN
             -- Every row of these batches succeeded: the batches' state says so, no row is written.
             COMMIT;

@@ -10,7 +10,7 @@ echo "| variant | fillfactor | fill (insert) B/row | drain B/row, no checkpoint 
 echo "|---|---|---|---|---|---|"
 for spec in v0_current:100 v0_current:80 v2_hot:100 v2_hot:80 v2_hot:50 v3_batch_success:100 \
             v4_hot_batch_success:80 v4_hot_batch_success:50 v5_claims_table:100 v6_claims_lane_lock:100 \
-            v7_batch_lane:85 v7_batch_lane:50; do
+            v7_batch_lane:85 v7_batch_lane:50 v8_queue:100 v8n_queue_no_history:100; do
     v=${spec%:*}; ff=${spec#*:}
     for _ in $(seq "$runs"); do
         a=$("$here/run_variant.sh" "$admin" "$v" "$rows" 0 "$ff")

@@ -27,10 +27,11 @@ q -f "$here/common.sql" >/dev/null
 q -f "$here/variants/$variant.sql" >/dev/null
 q -c "ALTER TABLE prism_outbox SET (fillfactor = $ff)" >/dev/null
 fill0=$(q -c 'SELECT pg_current_wal_lsn()')
-# The application's insert, as examples/bench.rs makes it: one change per record.
-q -c "INSERT INTO prism_outbox (record_id, patch)
+# The application's insert, as examples/bench.rs makes it: one change per record. One statement
+# (psql's \timing: its round trip, commit included).
+fill_ms=$(q -c '\timing on' -c "INSERT INTO prism_outbox (record_id, patch)
       SELECT gen_random_uuid(), jsonb_build_object('default', jsonb_build_object('revision', g, 'email', 'r' || g || '@example.com'))
-      FROM generate_series(0, $rows - 1) g" >/dev/null
+      FROM generate_series(0, $rows - 1) g" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p')
 fill=$(q -c "SELECT round((pg_current_wal_lsn() - '$fill0'::pg_lsn) / $rows)")
 [ "$ckpt" = 1 ] && q -c 'CHECKPOINT' >/dev/null
 read -r lsn0 upd0 hot0 < <(q -F' ' -c "SELECT pg_current_wal_lsn(), n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'prism_outbox'")
@@ -41,15 +42,25 @@ cpu_data=${PGDATA_DIR:-${TMPDIR:-/tmp}/prism-wal-pg-$port/data}
 cpu() { [ -r "$cpu_data/postmaster.pid" ] && "$here/../pg_cpu.sh" "$cpu_data" || echo -; }
 cpu0=$(cpu)
 steps=$(q -c "CALL wal_drain(800, 100)" 2>&1 | sed -n 's/^.*NOTICE:  //p')
-cpu1=$(cpu)
 sleep 1  # the cumulative statistics are published when the backend goes idle
+cpu1=$(cpu)  # after the sleep: the drain's backend has exited and been reaped (counted in cutime)
 read -r lsn1 upd1 hot1 left < <(q -F' ' -c "SELECT pg_current_wal_lsn(), n_tup_upd, n_tup_hot_upd,
     (SELECT count(*) FROM prism_outbox_state WHERE state NOT IN ('succeeded', 'dead')) FROM pg_stat_user_tables WHERE relname = 'prism_outbox'")
 [ "$left" = 0 ] || { echo "$variant: $left rows not terminal" >&2; exit 1; }
+# Every row went out exactly once, in a batch that is done; a queue (v8) is empty.
+read -r sent open < <(q -F' ' -c "SELECT COALESCE(sum(row_count), 0), count(*) FILTER (WHERE state <> 'done') FROM prism_batches")
+[ "$sent" = "$rows" ] && [ "$open" = 0 ] || { echo "$variant: batches hold $sent rows, $open not done" >&2; exit 1; }
+queued=-
+if [ "$(q -c "SELECT to_regclass('prism_outbox_queue') IS NOT NULL")" = t ]; then
+    queued=$(q -c 'SELECT count(*) FROM prism_outbox_queue')
+    [ "$queued" = 0 ] || { echo "$variant: $queued rows left in prism_outbox_queue" >&2; exit 1; }
+fi
 total=$(q -c "SELECT round(('$lsn1'::pg_lsn - '$lsn0'::pg_lsn) / $rows)")
 echo "== $variant, fillfactor $ff, $rows rows, checkpoint after fill: $ckpt"
 echo "drain WAL bytes/row: $total   (fill, the application's insert: $fill bytes/row)"
+echo "fill time: $fill_ms ms, $(echo "$fill_ms * 1000 / $rows" | bc -l | xargs printf '%.1f') µs/row (one INSERT of $rows rows, commit included)"
 echo "outbox updates: $((upd1 - upd0)), HOT: $((hot1 - hot0))"
+echo "checked: batches hold $sent rows, all done; queue rows left: $queued"
 [ "$cpu0" = - ] || echo "server CPU: $(( (cpu1 - cpu0) * 1000 / rows )) µs/row (bench/pg_cpu.sh; the drain procedure's own tally included)"
 echo "by statement (bytes/row, then the backend's time per row):"; echo "$steps" | sed 's/^/  /'
 echo "by WAL record type (bytes/row, of which full-page images):"

@@ -8,8 +8,10 @@
 --   can walk ids (or the batches' completed_at).
 -- What this leaves out (see docs/database-cost.md): rows that go retrying live in a small side
 -- table (failures only), and the floor must not pass a row of a transaction still in progress.
-DROP INDEX prism_outbox_lane, prism_outbox_record, prism_outbox_batch, prism_outbox_completed,
-           prism_outbox_dead_record;
+-- IF EXISTS and _batched: 0012-0013 replaced prism_outbox_batch with prism_outbox_batched; either way
+-- the outbox keeps no batch index here.
+DROP INDEX IF EXISTS prism_outbox_lane, prism_outbox_record, prism_outbox_batch, prism_outbox_batched,
+           prism_outbox_completed, prism_outbox_dead_record;
 CREATE INDEX prism_outbox_lane_all ON prism_outbox (team_id, object_type, id);
 CREATE INDEX IF NOT EXISTS prism_outbox_record_all ON prism_outbox (record_id, id);
 CREATE TABLE prism_lane_floor (

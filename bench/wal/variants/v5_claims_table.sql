@@ -4,8 +4,10 @@
 -- its state. Per-row writes after the claim only for rows whose outcome is not their batch's.
 -- prism_outbox keeps only indexes of columns nothing updates (v2's), and claims walk each lane
 -- from its floor. The state SQL users read is prism_outbox_state (below).
-DROP INDEX prism_outbox_lane, prism_outbox_record, prism_outbox_batch, prism_outbox_completed,
-           prism_outbox_dead_record;
+-- IF EXISTS and _batched: 0012-0013 replaced prism_outbox_batch with prism_outbox_batched; either way
+-- the outbox keeps no batch index here.
+DROP INDEX IF EXISTS prism_outbox_lane, prism_outbox_record, prism_outbox_batch, prism_outbox_batched,
+           prism_outbox_completed, prism_outbox_dead_record;
 CREATE INDEX prism_outbox_lane_all ON prism_outbox (team_id, object_type, id);
 CREATE INDEX IF NOT EXISTS prism_outbox_record_all ON prism_outbox (record_id, id);
 CREATE TABLE prism_lane_floor (

@@ -3,8 +3,10 @@
 -- rows into prism_outbox_claims, so prism_outbox pages are never written after the application's
 -- INSERT (no lock records, no full-page images after a checkpoint). A batch whose rows all
 -- succeeded is recorded once, by its state. The state SQL users read is prism_outbox_state.
-DROP INDEX prism_outbox_lane, prism_outbox_record, prism_outbox_batch, prism_outbox_completed,
-           prism_outbox_dead_record;
+-- IF EXISTS and _batched: 0012-0013 replaced prism_outbox_batch with prism_outbox_batched; either way
+-- the outbox keeps no batch index here.
+DROP INDEX IF EXISTS prism_outbox_lane, prism_outbox_record, prism_outbox_batch, prism_outbox_batched,
+           prism_outbox_completed, prism_outbox_dead_record;
 CREATE INDEX prism_outbox_lane_all ON prism_outbox (team_id, object_type, id);
 CREATE INDEX IF NOT EXISTS prism_outbox_record_all ON prism_outbox (record_id, id);
 CREATE TABLE prism_lane_floor (
