@@ -52,14 +52,14 @@ async fn audit(store: &Store) -> Vec<(String, String, serde_json::Value)> {
 async fn states_of(store: &Store, object_type: &str) -> Vec<(String, i64)> {
     match store.raw_pool_for_tests() {
         RawPool::Sqlite(p) => sqlx::query_as(
-            "SELECT state, count(*) FROM prism_outbox WHERE object_type = ?1 GROUP BY 1 ORDER BY 1",
+            "SELECT state, count(*) FROM prism_outbox_rows WHERE object_type = ?1 GROUP BY 1 ORDER BY 1",
         )
         .bind(object_type)
         .fetch_all(p)
         .await
         .unwrap(),
         RawPool::Postgres(p) => sqlx::query_as(
-            "SELECT state, count(*) FROM prism_outbox WHERE object_type = $1 GROUP BY 1 ORDER BY 1",
+            "SELECT state, count(*) FROM prism_outbox_rows WHERE object_type = $1 GROUP BY 1 ORDER BY 1",
         )
         .bind(object_type)
         .fetch_all(p)
@@ -575,7 +575,7 @@ async fn states_by_team(store: &Store, team: &str) -> Vec<(String, i64)> {
     let RawPool::Postgres(p) = store.raw_pool_for_tests() else {
         unreachable!("postgres only")
     };
-    sqlx::query_as("SELECT state, count(*) FROM prism_outbox WHERE team_id = $1 GROUP BY 1")
+    sqlx::query_as("SELECT state, count(*) FROM prism_outbox_rows WHERE team_id = $1 GROUP BY 1")
         .bind(team)
         .fetch_all(p)
         .await

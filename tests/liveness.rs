@@ -17,7 +17,8 @@ const FINISH: Duration = Duration::from_secs(60);
 
 /// `(id, state, code, message)` of every row, in id order.
 async fn outcomes(store: &Store) -> Vec<(i64, String, Option<String>, Option<String>)> {
-    let sql = "SELECT id, state, last_error_code, last_error_message FROM prism_outbox ORDER BY id";
+    let sql =
+        "SELECT id, state, last_error_code, last_error_message FROM prism_outbox_rows ORDER BY id";
     let map = |r: &dyn Fn(usize) -> Option<String>, id: i64, state: String| (id, state, r(2), r(3));
     match store.raw_pool_for_tests() {
         RawPool::Sqlite(p) => sqlx::query(sql)

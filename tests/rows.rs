@@ -33,7 +33,7 @@ struct Stored {
 async fn stored(store: &Store) -> Vec<Stored> {
     let sql = "SELECT id, CAST(record_id AS TEXT), object_type, operation, team_id, state,
                       CAST(attempts AS BIGINT), last_error_code, last_error_message
-               FROM prism_outbox ORDER BY id";
+               FROM prism_outbox_rows ORDER BY id";
     let read = |r: &dyn Fn(usize) -> Option<String>, id: i64, attempts: i64| Stored {
         id,
         record_id: r(1).unwrap(),

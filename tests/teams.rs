@@ -82,7 +82,7 @@ fn with_teams(mut s: Settings) -> Settings {
 
 /// `(team_id, state, count)` of every row.
 async fn states_by_team(store: &Store) -> Vec<(String, String, i64)> {
-    let sql = "SELECT team_id, state, count(*) FROM prism_outbox GROUP BY 1, 2 ORDER BY 1, 2";
+    let sql = "SELECT team_id, state, count(*) FROM prism_outbox_rows GROUP BY 1, 2 ORDER BY 1, 2";
     match store.raw_pool_for_tests() {
         RawPool::Sqlite(p) => sqlx::query(sql)
             .fetch_all(p)

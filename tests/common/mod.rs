@@ -315,7 +315,7 @@ pub struct RowState {
 
 pub async fn rows(store: &Store) -> Vec<RowState> {
     match store.raw_pool_for_tests() {
-        RawPool::Sqlite(p) => sqlx::query("SELECT id, state, attempts, last_error_code, batch_id FROM prism_outbox ORDER BY id")
+        RawPool::Sqlite(p) => sqlx::query("SELECT id, state, attempts, last_error_code, batch_id FROM prism_outbox_rows ORDER BY id")
             .fetch_all(p)
             .await
             .unwrap()
@@ -329,7 +329,7 @@ pub async fn rows(store: &Store) -> Vec<RowState> {
             })
             .collect(),
         RawPool::Postgres(p) => sqlx::query(
-            "SELECT id, state, attempts::bigint, last_error_code, batch_id::text FROM prism_outbox ORDER BY id",
+            "SELECT id, state, attempts::bigint, last_error_code, batch_id::text FROM prism_outbox_rows ORDER BY id",
         )
         .fetch_all(p)
         .await

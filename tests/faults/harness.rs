@@ -729,7 +729,7 @@ impl Db {
     pub async fn progress(&self) -> Option<(i64, i64, i64)> {
         let sql = "SELECT count(*) FILTER (WHERE state IN ('succeeded', 'dead')), count(*),
                           count(*) FILTER (WHERE state = 'succeeded')
-                   FROM prism_outbox";
+                   FROM prism_outbox_rows";
         match self.store.raw_pool_for_tests() {
             RawPool::Sqlite(p) => sqlx::query_as(sql).fetch_one(p).await.ok(),
             RawPool::Postgres(p) => sqlx::query_as(sql).fetch_one(p).await.ok(),
@@ -768,7 +768,7 @@ impl Db {
     /// Rows by state, open batches and (Postgres) the visibility watermark and the oldest
     /// transactions of the cluster, for failure messages.
     pub async fn diagnose(&self) -> String {
-        let states = "SELECT state || ':' || count(*) FROM prism_outbox GROUP BY state";
+        let states = "SELECT state || ':' || count(*) FROM prism_outbox_rows GROUP BY state";
         let batches = "SELECT state || ':' || count(*) FROM prism_batches GROUP BY state";
         match self.store.raw_pool_for_tests() {
             RawPool::Sqlite(p) => {
@@ -853,7 +853,7 @@ impl Db {
                     "SELECT id, CAST(record_id AS BLOB),
                             CASE WHEN length(CAST(patch AS BLOB)) > 65536 THEN NULL ELSE CAST(patch AS BLOB) END,
                             state, last_error_code
-                     FROM prism_outbox ORDER BY id",
+                     FROM prism_outbox_rows ORDER BY id",
                 )
                 .fetch_all(p)
                 .await
@@ -891,7 +891,7 @@ impl Db {
                     "SELECT id, record_id::text,
                             CASE WHEN octet_length(patch::text) > 65536 THEN NULL ELSE patch::text END,
                             state, last_error_code
-                     FROM prism_outbox ORDER BY id",
+                     FROM prism_outbox_rows ORDER BY id",
                 )
                 .fetch_all(p)
                 .await

@@ -164,7 +164,7 @@ async fn unreadable_batches(db: &Db) -> Result<(BTreeSet<String>, BatchOf), Stri
         RawPool::Postgres(p) => sqlx::query_scalar(sql).fetch_all(p).await,
     }
     .map_err(|e| e.to_string())?;
-    let sql = "SELECT id, CAST(batch_id AS TEXT) FROM prism_outbox";
+    let sql = "SELECT id, CAST(batch_id AS TEXT) FROM prism_outbox_rows";
     let rows: Vec<(i64, Option<String>)> = match db.store.raw_pool_for_tests() {
         RawPool::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await,
         RawPool::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await,
