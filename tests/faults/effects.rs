@@ -1,5 +1,6 @@
 //! What the API fault phases promise beyond "nothing lost", checked on the simulator's request
-//! log (`GET /_sim/requests`: each entry logged when the simulator decided its answer):
+//! log (`GET /_sim/requests`: each entry logged when the simulator decided its answer, with when
+//! the request arrived):
 //!
 //! - a 429 holds back every request of its team for the pause it asked for (`retry-after`,
 //!   `retry-after-ms`), capped at `http.max_retry_after`; requests already on the wire when it
@@ -17,9 +18,9 @@ use time::OffsetDateTime;
 
 use crate::checker::Request;
 
-/// How late after a 429 an answer to a request that was already on the wire may be logged: the
-/// simulator's latency jitter in the pause phases (10 ms) and its processing, with room for a
-/// loaded machine. Requests logged later than this were sent after the 429 arrived.
+/// How late after a 429 was answered a request that the daemon sent before reading it may
+/// arrive: the network, the daemon's and the simulator's processing, with room for a loaded
+/// machine. Requests arriving later than this were sent after the 429 arrived.
 pub const IN_FLIGHT: Duration = Duration::from_millis(200);
 
 /// How much later than the end of its capped pause a stalled team may send again (the deferred
@@ -63,7 +64,9 @@ fn rate_limits(
         .collect()
 }
 
-/// Requests of `team` logged in `(after, before)`.
+/// Requests of `team` that arrived in `(after, before)`, with their arrival. Arrival, not
+/// answer: a request sent before a 429 whose work was slow is answered well inside the pause
+/// without having broken it, and one sent inside the pause may be answered after it.
 fn team_requests_between<'a>(
     log: &'a [Request],
     team: Option<&'a str>,
@@ -72,13 +75,13 @@ fn team_requests_between<'a>(
 ) -> impl Iterator<Item = (OffsetDateTime, &'a Request)> {
     log.iter()
         .filter(move |r| r.team.as_deref() == team)
-        .filter_map(|r| at(r).map(|t| (t, r)))
+        .filter_map(|r| received(r).map(|t| (t, r)))
         .filter(move |(t, _)| *t > after && *t < before)
 }
 
-/// Every request of a team sent while a 429 logged in `[from, to)` held it back: logged more
-/// than [`IN_FLIGHT`] after the 429 and before the 429's `pause` ended. Returns how many 429s
-/// were checked and the violations.
+/// Every request of a team sent while a 429 logged in `[from, to)` held it back: arrived more
+/// than [`IN_FLIGHT`] after the 429 was answered and before the 429's `pause` ended. Returns how
+/// many 429s were checked and the violations.
 pub fn requests_during_pauses(
     log: &[Request],
     from: OffsetDateTime,
@@ -91,7 +94,7 @@ pub fn requests_during_pauses(
         let team = limit.team.as_deref();
         for (sent, r) in team_requests_between(log, team, *t + span(IN_FLIGHT), *t + span(pause)) {
             violations.push(format!(
-                "a request of team {team:?} (key {:?}, answered {}) came {:.3}s after a 429 (key {:?}) that asked for a pause of {pause:?}: a 429 must hold back every batch of the team",
+                "a request of team {team:?} (key {:?}, answered {}) arrived {:.3}s after a 429 (key {:?}) that asked for a pause of {pause:?}: a 429 must hold back every batch of the team",
                 r.idempotency_key,
                 r.status,
                 (sent - *t).as_seconds_f64(),
@@ -144,8 +147,8 @@ pub fn stalls_past_the_cap(
 }
 
 /// How many 429s logged in `[from, to)` were followed, right as their `pause` ended, by a
-/// request of *another* batch of the team: evidence that the pause held back a batch that was
-/// ready (without it, [`requests_during_pauses`] would pass having tested nothing).
+/// request of *another* batch of the team arriving: evidence that the pause held back a batch
+/// that was ready (without it, [`requests_during_pauses`] would pass having tested nothing).
 pub fn batches_held_back(
     log: &[Request],
     from: OffsetDateTime,
@@ -259,6 +262,24 @@ mod self_test {
     fn another_batch_sent_during_the_pause_is_caught() {
         let mut log = obeyed();
         log.insert(3, req(1400, "d", 200, &[]));
+        let (_, v) = requests_during_pauses(&log, t(0), t(5000), PAUSE);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].contains("key Some(\"d\")"), "{v:?}");
+    }
+
+    #[test]
+    fn a_pause_is_judged_by_when_requests_arrived_not_when_they_were_answered() {
+        // c went out before the 429 was answered and its slow work ended inside the pause: no
+        // violation.
+        let mut log = obeyed();
+        log[2].received_at = req(950, "c", 200, &[]).at;
+        log[2].at = req(1600, "c", 200, &["slow_work"]).at;
+        let (_, v) = requests_during_pauses(&log, t(0), t(5000), PAUSE);
+        assert_eq!(v, Vec::<String>::new());
+        // d went out inside the pause and was answered after it ended: caught.
+        let mut d = req(2500, "d", 200, &["slow_work"]);
+        d.received_at = req(1500, "d", 200, &[]).at;
+        log.push(d);
         let (_, v) = requests_during_pauses(&log, t(0), t(5000), PAUSE);
         assert_eq!(v.len(), 1, "{v:?}");
         assert!(v[0].contains("key Some(\"d\")"), "{v:?}");
