@@ -123,13 +123,10 @@ async fn send_and_settle(
         settle::worn_out(shared, team, held.batch(), why).await;
         return;
     }
-    crash_point!("before_send");
-    let started = Instant::now();
-    let Some(exchange) = send(shared, team, held.batch()).await else {
+    let Some((exchange, took)) = send(shared, team, held.batch()).await else {
         hand_back(shared, held.batch()).await;
         return;
     };
-    let took = started.elapsed();
     crash_point!("after_response");
     let sent = Sent::of(&exchange, took, team);
     let verdict = classify::classify(&exchange, &held.batch().items, &shared.cfg.codes);
@@ -191,9 +188,10 @@ fn resume_if_refused(shared: &Shared, team: &Team) {
 }
 
 /// One send of the batch's stored bytes under its key, within the team's concurrency limit,
-/// which learns from the answer, once the team's 429 pause and request ceiling let it go.
-/// `None`: an operator paused the batch's lane while it waited for its turn; it was not sent.
-async fn send(shared: &Shared, team: &Team, batch: &LeasedBatch) -> Option<Exchange> {
+/// which learns from the answer, once the team's 429 pause and request ceiling let it go. With
+/// how long the request took (its waits for a turn left out). `None`: an operator paused the
+/// batch's lane while it waited for its turn; it was not sent.
+async fn send(shared: &Shared, team: &Team, batch: &LeasedBatch) -> Option<(Exchange, Duration)> {
     let _slot = team.concurrency.acquire().await;
     team.client.wait_turn().await;
     // The waits above can be long (a concurrency slot behind slow requests, a 429's pause of
@@ -204,7 +202,11 @@ async fn send(shared: &Shared, team: &Team, batch: &LeasedBatch) -> Option<Excha
     if lane_paused(shared, team, batch) {
         return None;
     }
+    // Right before the request, after every wait: a process killed here leaves a stored batch
+    // that was never sent.
+    crash_point!("before_send");
     Health::count(&shared.health.sends, 1);
+    let started = Instant::now();
     let exchange = team
         .client
         .send_to(
@@ -214,6 +216,7 @@ async fn send(shared: &Shared, team: &Team, batch: &LeasedBatch) -> Option<Excha
             batch.body.clone(),
         )
         .await;
+    let took = started.elapsed();
     team.concurrency.observe(match &exchange {
         Exchange::Answered(a) if a.status == 429 || a.status == 503 => Signal::Pushback,
         Exchange::Answered(a) if a.status < 500 => Signal::Fine,
@@ -224,5 +227,5 @@ async fn send(shared: &Shared, team: &Team, batch: &LeasedBatch) -> Option<Excha
         } => Signal::Pushback,
         _ => Signal::Neutral,
     });
-    Some(exchange)
+    Some((exchange, took))
 }
