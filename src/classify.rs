@@ -339,7 +339,19 @@ fn answered(response: BulkResponse, items: &[BatchItem], policy: &CodePolicy) ->
 }
 
 /// Reads `retry-after-ms`, then `retry-after` (delta-seconds or an HTTP date).
+///
+/// A hint under a millisecond (`0`, or a date already past, as when this host's clock runs
+/// ahead of the server's) is no hint: the caller's own backoff applies, as when the header is
+/// absent. Honoured as "now", a 429 that says it to every request would be re-sent at once,
+/// burning no attempt, for as long as the API keeps saying it.
 pub fn retry_after(
+    headers: &reqwest::header::HeaderMap,
+    now: std::time::SystemTime,
+) -> Option<Duration> {
+    read_retry_after(headers, now).filter(|d| *d >= Duration::from_millis(1))
+}
+
+fn read_retry_after(
     headers: &reqwest::header::HeaderMap,
     now: std::time::SystemTime,
 ) -> Option<Duration> {
@@ -678,6 +690,28 @@ mod tests {
         assert_eq!(retry_after(&d, now), None);
         d.insert("retry-after", HeaderValue::from_static("-4"));
         assert_eq!(retry_after(&d, now), None);
+    }
+
+    #[test]
+    fn a_retry_after_of_zero_or_in_the_past_is_no_hint() {
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        for (name, value) in [
+            ("retry-after", "0".to_owned()),
+            ("retry-after", "0.0004".to_owned()),
+            ("retry-after-ms", "0".to_owned()),
+            (
+                "retry-after",
+                httpdate::fmt_http_date(now - Duration::from_secs(2)),
+            ),
+            ("retry-after", httpdate::fmt_http_date(now)),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_str(&value).unwrap());
+            assert_eq!(retry_after(&h, now), None, "{name}: {value}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("retry-after-ms", HeaderValue::from_static("1"));
+        assert_eq!(retry_after(&h, now), Some(Duration::from_millis(1)));
     }
 
     proptest! {

@@ -96,6 +96,34 @@ async fn while_outbox_locked<F: std::future::Future<Output = ()>>(db: &TestDb, r
     }
 }
 
+/// A 429 storm (`profile`) ends its new rows `dead` as `http_429` at `retry.give_up_after`
+/// (4 s), and the team backs off meanwhile: a handful of requests, not a hot loop.
+async fn storm_backs_off(db: &TestDb, profile: FaultProfile) {
+    let sim = sim(profile).await;
+    let store = db.store().await;
+    insert_rows(&store, &distinct_records(5)).await;
+    wait_below_watermark(&store).await;
+    let mut s = settings(&db, &sim);
+    s.retry.base_delay = Duration::from_millis(50);
+    s.retry.max_delay = Duration::from_secs(5);
+    s.retry.give_up_after = Duration::from_secs(4);
+    let started = Instant::now();
+    let engine = start_engine(&s).await;
+    let all = wait_until_finished(&store, FINISH).await;
+    let took = started.elapsed();
+    engine.stop().await;
+    assert!(
+        all.iter()
+            .all(|r| r.state == "dead" && r.code.as_deref() == Some("http_429")),
+        "{all:?}"
+    );
+    let sent = sim.requests().len();
+    // Pauses from 25-50 ms doubling per 429: about eight sends in four seconds. A pause
+    // that never grows (0-50 ms) sends ~80.
+    assert!(sent <= 20, "{sent} requests in {took:?}: no backoff");
+    assert!(sent >= 3, "{sent} requests: it kept trying");
+}
+
 both_backends! {
     async fn an_api_message_with_nul_and_bytes_that_are_not_utf8_is_stored_and_every_row_ends(db) {
         // Every other item fails with a hostile message: a NUL (Postgres `text` refuses it), an
@@ -174,25 +202,16 @@ both_backends! {
     async fn a_429_storm_without_retry_after_backs_off_and_its_rows_still_end(db) {
         // 429s burn no attempt, so without a growing pause the same batch was sent ~13 times a
         // second, and its rows never ended.
-        let sim = sim(FaultProfile { rate_limit_rate: 1.0, ..FaultProfile::default() }).await;
-        let store = db.store().await;
-        insert_rows(&store, &distinct_records(5)).await;
-        wait_below_watermark(&store).await;
-        let mut s = settings(&db, &sim);
-        s.retry.base_delay = Duration::from_millis(50);
-        s.retry.max_delay = Duration::from_secs(5);
-        s.retry.give_up_after = Duration::from_secs(4);
-        let started = Instant::now();
-        let engine = start_engine(&s).await;
-        let all = wait_until_finished(&store, FINISH).await;
-        let took = started.elapsed();
-        engine.stop().await;
-        assert!(all.iter().all(|r| r.state == "dead" && r.code.as_deref() == Some("http_429")), "{all:?}");
-        let sent = sim.requests().len();
-        // Pauses from 25-50 ms doubling per 429: about eight sends in four seconds. A pause
-        // that never grows (0-50 ms) sends ~80.
-        assert!(sent <= 20, "{sent} requests in {took:?}: no backoff");
-        assert!(sent >= 3, "{sent} requests: it kept trying");
+        storm_backs_off(&db, FaultProfile { rate_limit_rate: 1.0, ..FaultProfile::default() }).await;
+    }
+
+    async fn a_429_storm_that_says_retry_after_0_backs_off_as_without_it(db) {
+        // `retry-after: 0` (or `retry-after-ms: 0`, or a date already past, as from a clock a
+        // second ahead of the server's) was honoured as "now": no pause, no attempt burned,
+        // the batch due at once and the claimer woken at once: hundreds of requests in four
+        // seconds, each with a database write.
+        storm_backs_off(&db, FaultProfile { rate_limit_rate: 1.0, retry_after: Some(0), ..FaultProfile::default() }).await;
+        storm_backs_off(&db, FaultProfile { rate_limit_rate: 1.0, retry_after_ms: Some(0), ..FaultProfile::default() }).await;
     }
 
     async fn a_2xx_that_cannot_be_read_is_never_sent_under_a_new_key(db) {
