@@ -103,7 +103,7 @@ async fn storm_backs_off(db: &TestDb, profile: FaultProfile) {
     let store = db.store().await;
     insert_rows(&store, &distinct_records(5)).await;
     wait_below_watermark(&store).await;
-    let mut s = settings(&db, &sim);
+    let mut s = settings(db, &sim);
     s.retry.base_delay = Duration::from_millis(50);
     s.retry.max_delay = Duration::from_secs(5);
     s.retry.give_up_after = Duration::from_secs(4);
