@@ -193,14 +193,22 @@ fn resume_if_refused(shared: &Shared, team: &Team) {
 /// batch's lane while it waited for its turn; it was not sent.
 async fn send(shared: &Shared, team: &Team, batch: &LeasedBatch) -> Option<(Exchange, Duration)> {
     let _slot = team.concurrency.acquire().await;
-    team.client.wait_turn().await;
-    // The waits above can be long (a concurrency slot behind slow requests, a 429's pause of
-    // up to `http.max_retry_after`, the request ceiling): an operator's pause that came
-    // meanwhile still holds the batch back, and nothing goes out later than one poll interval
-    // after it.
-    shared.pauses.refresh(&shared.store).await;
-    if lane_paused(shared, team, batch) {
-        return None;
+    loop {
+        team.client.wait_turn().await;
+        // The waits above can be long (a concurrency slot behind slow requests, a 429's pause
+        // of up to `http.max_retry_after`, the request ceiling): an operator's pause that came
+        // meanwhile still holds the batch back, and nothing goes out later than one poll
+        // interval after it.
+        shared.pauses.refresh(&shared.store).await;
+        if lane_paused(shared, team, batch) {
+            return None;
+        }
+        // That read is a database round trip: a 429 answered to another batch of the team
+        // meanwhile has paused it, and this batch waits its turn again rather than go out
+        // inside the pause.
+        if !team.client.is_paused() {
+            break;
+        }
     }
     // Right before the request, after every wait: a process killed here leaves a stored batch
     // that was never sent.
