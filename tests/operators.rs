@@ -413,3 +413,68 @@ async fn a_replay_never_waits_for_a_row_a_claim_holds() {
         "once the claim let go, the pending newer row goes after it"
     );
 }
+
+/// A claim reads the outbox from its statement's snapshot and locks rows after: a claim that
+/// started while a replay was putting a record's older row back to `pending` read that row as
+/// `dead`, took the record's newer row (only locked by the replay, never updated, so nothing
+/// made the claim look again) and sent it first; the replayed older row then overwrote it. The
+/// replay's transaction now holds the claim gate: the claim waits for its commit, and then sees
+/// the older row waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_during_a_replay_waits_for_it_and_sends_the_replayed_older_change_first() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let store = db.store().await;
+    let record = uuid();
+    let ids = insert_rows(
+        &store,
+        &[(record.clone(), patch(1)), (record.clone(), patch(2))],
+    )
+    .await;
+    set_row(
+        &store,
+        ids[0],
+        "state = 'dead', last_error_code = 'not_found', completed_at = now()",
+    )
+    .await;
+    set_row(&store, ids[1], "state = 'succeeded', completed_at = now()").await;
+    // The replay's transaction, as `replay::replay` runs it, held open between its reads and
+    // its update.
+    let mut tx = store.begin_ops_write().await.unwrap();
+    let filter = prism_sync::store::views::RowFilter {
+        ids: vec![ids[0]],
+        ..Default::default()
+    };
+    assert_eq!(tx.select_rows(&filter).await.unwrap().len(), 1);
+    tx.newer_rows(&[record.as_str()], ids[0]).await.unwrap();
+    // Meanwhile the application commits a newer change of the record, and a daemon claims.
+    let newer = insert_rows(&store, &[(record.clone(), patch(3))]).await[0];
+    wait_below_watermark(&store).await;
+    let claim = tokio::spawn({
+        let store = store.clone();
+        async move { claim_as(&store, "daemon", Duration::from_secs(60), "", 10, 10).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let claimed_during_the_replay = claim.is_finished();
+    tx.requeue(&[ids[0]], &[], &[prism_sync::model::RowState::Dead])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    claim.await.unwrap();
+    let states: Vec<(i64, String)> = rows(&store)
+        .await
+        .into_iter()
+        .map(|r| (r.id, r.state))
+        .collect();
+    let state = |id: i64| states.iter().find(|(i, _)| *i == id).unwrap().1.clone();
+    assert!(
+        state(newer) != "in_flight" || state(ids[0]) == "in_flight",
+        "the newer change was claimed while the replayed older one waited: {states:?}"
+    );
+    assert!(
+        !claimed_during_the_replay,
+        "the claim waited for the replay"
+    );
+    assert_eq!(state(ids[0]), "in_flight", "{states:?}");
+}

@@ -22,7 +22,7 @@ pub(super) async fn claim<D: Dialect>(
     req: &ClaimRequest<'_>,
     linger: Duration,
 ) -> StoreResult<ClaimOutcome> {
-    let mut tx = db.begin().await?;
+    let mut tx = db.begin_claim().await?;
     let gate = match db.scan_gate() {
         Some(gate) => Some(gate.lock().await),
         None => None,

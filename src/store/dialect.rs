@@ -26,6 +26,14 @@ pub(super) trait Dialect: Sync {
 
     /// Opens the transaction a claim or a group of batch ends is written in.
     async fn begin(&self) -> StoreResult<Self::Tx>;
+
+    /// Opens a claim's transaction. On Postgres the claim also holds the claim gate (shared):
+    /// an operator's write transaction (replay, discard) takes it exclusively, so that no claim
+    /// reads the outbox from a snapshot taken before the operator's change and locks rows after
+    /// it (see `PgStore::begin_claim`).
+    async fn begin_claim(&self) -> StoreResult<Self::Tx> {
+        self.begin().await
+    }
     async fn commit(&self, tx: Self::Tx) -> StoreResult<()>;
     async fn rollback(&self, tx: Self::Tx) -> StoreResult<()>;
 

@@ -137,13 +137,15 @@ impl Store {
     }
 
     /// A write transaction for an operator's change: on SQLite on the store's one writer
-    /// connection, queued with the daemon's writes; on Postgres a pool transaction in which
-    /// the rows read are locked without waiting (rows others hold are left out).
+    /// connection, queued with the daemon's writes; on Postgres a pool transaction that holds
+    /// the claim gate (no claim runs until it commits; it waits up to 10 s for the claims in
+    /// progress, then gives up having changed nothing) and in which the rows read are locked
+    /// without waiting (rows others hold are left out).
     pub async fn begin_ops_write(&self) -> StoreResult<OpsTx> {
         Ok(OpsTx(match self {
             Store::Sqlite(s) => Tx::SqliteWrite(s.begin_write().await?),
             Store::Postgres(s) => Tx::Postgres {
-                tx: s.pool().begin().await?,
+                tx: s.begin_ops_write().await?,
                 write: true,
             },
         }))

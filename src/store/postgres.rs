@@ -111,6 +111,22 @@ async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Er
     Ok(tx)
 }
 
+/// The claim gate, an advisory lock in a class of prism-sync's own (`b"prcg"`, key 0). Every
+/// claim holds it shared for its transaction; an operator's write transaction (`replay`,
+/// `discard`) takes it exclusively before it reads anything. A claim's statements see the
+/// outbox as of their start (READ COMMITTED) and a row lock taken on a row that was only
+/// locked, never updated, re-checks nothing: a claim that read a record's older row as `dead`
+/// before a replay committed it back to `pending` could otherwise lock and send the record's
+/// newer row first, and the replayed older one would then overwrite it. With the gate no claim
+/// runs while an operator's change is being made: the operator waits for the claims in
+/// progress (milliseconds), and new claims wait for the operator's commit.
+pub(crate) const CLAIM_GATE: (i32, i32) = (0x7072_6367, 0);
+
+/// How long an operator's write transaction waits for the claims in progress before it gives
+/// up (nothing changed). Claims queue behind a waiting operator, so this also bounds how long
+/// an operator can hold every claim back before its own work starts.
+pub(crate) const CLAIM_GATE_WAIT: &str = "10s";
+
 /// The columns a claim reads of a candidate row.
 macro_rules! head_columns {
     () => {
@@ -373,6 +389,18 @@ impl Dialect for PgStore {
 
     async fn begin(&self) -> StoreResult<Self::Tx> {
         Ok(begin(&self.pool).await?)
+    }
+
+    async fn begin_claim(&self) -> StoreResult<Self::Tx> {
+        let mut tx = begin(&self.pool).await?;
+        // Before the claim's first statement, so that every snapshot it reads from is taken
+        // with the gate held (see CLAIM_GATE).
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1, $2)")
+            .bind(CLAIM_GATE.0)
+            .bind(CLAIM_GATE.1)
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
     }
 
     async fn commit(&self, tx: Self::Tx) -> StoreResult<()> {

@@ -11,11 +11,11 @@ use uuid::Uuid;
 
 use super::PgStore;
 use crate::model::RowState;
-use crate::store::StoreResult;
 use crate::store::views::{
     AttemptView, AuditEntry, BatchView, Change, DeadCodeCount, NewerRow, OpenBatch, Page,
     PurgeAudit, PurgeCut, RowFilter, RowSummary, RowView, StateCount,
 };
+use crate::store::{StoreError, StoreResult};
 
 /// See the SQLite store's `no_dead_before`: a succeeded row stays while an older row of its
 /// record is dead, so that a replay of that row can still be judged against it.
@@ -65,6 +65,38 @@ impl PgStore {
             .pool
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await?)
+    }
+
+    /// An operator's write transaction, holding the claim gate exclusively (see
+    /// `super::CLAIM_GATE`) from its first statement to its commit.
+    pub(crate) async fn begin_ops_write(&self) -> StoreResult<Transaction<'static, Postgres>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL lock_timeout = '{}'",
+            super::CLAIM_GATE_WAIT
+        )))
+        .execute(&mut *tx)
+        .await?;
+        let gate = sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+            .bind(super::CLAIM_GATE.0)
+            .bind(super::CLAIM_GATE.1)
+            .execute(&mut *tx)
+            .await;
+        if let Err(e) = gate {
+            let timed_out =
+                matches!(&e, sqlx::Error::Database(d) if d.code().as_deref() == Some("55P03"));
+            if timed_out {
+                return Err(StoreError::Invalid(format!(
+                    "the daemons' claims in progress did not finish within {}: nothing was changed; try again",
+                    super::CLAIM_GATE_WAIT
+                )));
+            }
+            return Err(e.into());
+        }
+        sqlx::raw_sql("SET LOCAL lock_timeout = 0")
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
     }
 
     pub(crate) async fn count_rows(&self) -> StoreResult<Vec<StateCount>> {
@@ -568,6 +600,8 @@ type NewerColumns = (i64, String, String, String, String, String, Option<String>
 /// `lock`: the rows are then locked without waiting and their state read again as locked: a
 /// claim skips them (SKIP LOCKED) until the transaction ends. A row someone else holds is
 /// being claimed or its outcome written right now (or it is gone): it reads as `in_flight`.
+/// Rows in flight are not locked (they read as `in_flight` either way): their batch's outcome
+/// write would wait for the operator, and the process's lease heartbeat behind it.
 pub(crate) async fn newer_rows(
     c: &mut PgConnection,
     records: &[&str],
@@ -601,7 +635,8 @@ pub(crate) async fn newer_rows(
     if lock {
         let ids: Vec<i64> = newer.iter().map(|n| n.id).collect();
         let locked: HashMap<i64, String> = sqlx::query_as(
-            "SELECT id, state FROM prism_outbox WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED",
+            "SELECT id, state FROM prism_outbox WHERE id = ANY($1) AND state <> 'in_flight'
+             ORDER BY id FOR UPDATE SKIP LOCKED",
         )
         .bind(&ids)
         .fetch_all(&mut *c)
