@@ -139,6 +139,20 @@ macro_rules! head_columns {
           LIMIT 1) IS NOT NULL AS has_later"
     };
 }
+/// Whether the candidate `o` may be claimed as far as visibility goes: inserted below the
+/// watermark (no transaction that may still commit an older row is open), or inserted on
+/// another cluster. A row restored with `pg_dump` or copied by logical replication keeps the
+/// `txid` its first cluster gave it, which can lie past every xid this cluster has handed out:
+/// compared with this cluster's watermark it would wait until this cluster had used as many.
+/// A row this statement can see was committed before its snapshot, so a `txid` at or past the
+/// snapshot's `xmax` cannot be this cluster's: it is old, and claimable.
+macro_rules! below_watermark {
+    () => {
+        "(o.txid < (SELECT prism_outbox_watermark(pg_current_snapshot()))
+          OR o.txid >= (SELECT pg_snapshot_xmax(pg_current_snapshot())))"
+    };
+}
+
 /// The per-record order guard as a scalar subquery, not NOT EXISTS: the planner cannot turn it
 /// into an anti-join, so it stays one index probe per candidate however stale the statistics
 /// are (as an anti-join it degraded to a full index scan per candidate on a freshly loaded
@@ -487,7 +501,9 @@ impl Dialect for PgStore {
                  FROM (SELECT o.next_attempt_at FROM prism_outbox o
                        WHERE o.team_id = l.team_id AND o.object_type = l.object_type
                          AND o.state IN ('pending', 'retrying') AND o.next_attempt_at <= now()
-                         AND o.txid < (SELECT prism_outbox_watermark(pg_current_snapshot()))
+                         AND ",
+                         below_watermark!(),
+                         "
                          AND ",
             record_guard!(),
             " ORDER BY o.id LIMIT $3) c) d"
@@ -558,7 +574,9 @@ impl Dialect for PgStore {
             " FROM prism_outbox o
              WHERE o.team_id = $3 AND o.object_type = $4
                AND o.state IN ('pending', 'retrying') AND o.next_attempt_at <= now()
-               AND o.txid < (SELECT prism_outbox_watermark(pg_current_snapshot()))
+               AND ",
+            below_watermark!(),
+            "
                AND ",
             record_guard!(),
             " ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
@@ -583,7 +601,9 @@ impl Dialect for PgStore {
             head_columns!(),
             " FROM prism_outbox o
              WHERE o.state IN ('pending', 'retrying') AND o.next_attempt_at <= now()
-               AND o.txid < (SELECT prism_outbox_watermark(pg_current_snapshot()))
+               AND ",
+            below_watermark!(),
+            "
                AND NOT (o.team_id = ANY($3) AND o.object_type = ANY($4))
                AND ",
             record_guard!(),
@@ -620,7 +640,7 @@ impl Dialect for PgStore {
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query(
+        let rows = sqlx::query(concat!(
             "SELECT f.id, f.record_id, f.patch, f.object_type, f.operation, f.team_id, f.attempts,
                     true AS has_later
              FROM unnest($1::uuid[], $2::bigint[]) AS h(record_id, head_id)
@@ -634,11 +654,13 @@ impl Dialect for PgStore {
                  -- walked every waiting row for every head (1 ms a head).
                  WHERE o.record_id = h.record_id AND o.id > h.head_id
                    AND o.state IN ('pending', 'retrying', 'in_flight') AND (o.state || '') <> 'in_flight'
-                   AND o.txid < (SELECT prism_outbox_watermark(pg_current_snapshot()))
+                   AND ",
+               below_watermark!(),
+               "
                  ORDER BY o.record_id, o.id
                  LIMIT $4
-                 FOR UPDATE OF o) f",
-        )
+                 FOR UPDATE OF o) f"
+        ))
         .bind(&records)
         .bind(&head_ids)
         .bind(max_patch(req))
