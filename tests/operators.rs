@@ -89,6 +89,55 @@ fn record(sim: &prism_sync::sim::SimHandle, id: Uuid) -> Option<Value> {
     sim.record(ObjectType::Contact, id)
 }
 
+/// Runs a verb that asks for confirmation, runs `meanwhile` once the question is on screen,
+/// then answers `y`; returns its stdout.
+async fn answer_when_asked(
+    db: &TestDb,
+    sim: &prism_sync::sim::SimHandle,
+    args: &[&str],
+    meanwhile: impl std::future::Future<Output = ()>,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(bin())
+        .args(args)
+        .current_dir(dir.path())
+        .envs(child_env(db, sim))
+        .env("PRISM_SYNC__TELEMETRY__LISTEN", "")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn verb");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut shown = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&shown).contains("[y/N]") {
+        let n = tokio::time::timeout(Duration::from_secs(30), stdout.read(&mut chunk))
+            .await
+            .expect("the verb asks")
+            .unwrap();
+        assert!(
+            n > 0,
+            "the verb ended without asking: {}",
+            String::from_utf8_lossy(&shown)
+        );
+        shown.extend_from_slice(&chunk[..n]);
+    }
+    meanwhile.await;
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"y\n").await.unwrap();
+    drop(stdin);
+    stdout.read_to_end(&mut shown).await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the verb ends")
+        .unwrap();
+    let text = String::from_utf8_lossy(&shown).into_owned();
+    assert_eq!(status.code(), Some(0), "{text}");
+    text
+}
+
 both_backends! {
     async fn replaying_updates_superseded_by_applied_changes_never_puts_a_record_back(db) {
         // Ten contacts whose first change died; then newer changes of nine of them succeeded.
@@ -356,6 +405,40 @@ both_backends! {
         assert!(!entries.is_empty(), "retention purges are audited");
         assert!(entries.iter().all(|(actor, action, filter, _)| actor == "retention" && action == "purge" && filter["states"] == json!(["succeeded"])), "{entries:?}");
         assert_eq!(entries.iter().map(|e| e.3).sum::<i64>(), 5);
+    }
+
+    async fn a_confirmed_discard_takes_only_the_rows_its_preview_showed(db) {
+        // The application enqueues another change of the record while the operator reads the
+        // preview: `discard --record-id` used to choose again after the answer, and dropped
+        // the new change too, unseen.
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        let record = uuid();
+        let first = insert_rows(&store, &[(record.clone(), patch(1))]).await[0];
+        let mut later = 0;
+        let out = answer_when_asked(&db, &sim, &["discard", "--record-id", &record], async {
+            later = insert_rows(&store, &[(record.clone(), patch(2))]).await[0];
+        })
+        .await;
+        assert!(out.contains("discarded 1 row(s)"), "{out}");
+        let states: Vec<(i64, String)> = rows(&store).await.into_iter().map(|r| (r.id, r.state)).collect();
+        assert_eq!(states, [(first, "dead".to_owned()), (later, "pending".to_owned())]);
+        assert_eq!(audit(&store).await[0].3, 1, "the audit entry counts what was discarded");
+    }
+
+    async fn a_confirmed_replay_takes_only_the_rows_its_preview_showed(db) {
+        // A row that dies after the preview, with the same code, waits for a replay of its own.
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        let ids = insert_rows(&store, &[(uuid(), patch(1)), (uuid(), patch(1))]).await;
+        set_row(&store, ids[0], "state = 'dead', last_error_code = 'timeout', completed_at = CURRENT_TIMESTAMP").await;
+        let out = answer_when_asked(&db, &sim, &["replay", "--error-code", "timeout"], async {
+            set_row(&store, ids[1], "state = 'dead', last_error_code = 'timeout', completed_at = CURRENT_TIMESTAMP").await;
+        })
+        .await;
+        assert!(out.contains("replayed 1 row(s)"), "{out}");
+        let states: Vec<(i64, String)> = rows(&store).await.into_iter().map(|r| (r.id, r.state)).collect();
+        assert_eq!(states, [(ids[0], "pending".to_owned()), (ids[1], "dead".to_owned())]);
     }
 }
 

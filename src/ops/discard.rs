@@ -5,6 +5,8 @@
 //!
 //! Filters, preview (`--dry-run`) and confirmation work as `replay`'s.
 
+use std::collections::HashSet;
+
 use serde::Serialize;
 
 use super::select::RowSelection;
@@ -127,6 +129,9 @@ pub struct DiscardPreview {
     pub rows: u64,
     /// The first of them.
     pub sample: Vec<RowSummary>,
+    /// All of them: what a confirmed discard may touch.
+    #[serde(skip)]
+    ids: Vec<i64>,
 }
 
 /// The rows a discard of `f` would move to `dead` now.
@@ -139,6 +144,7 @@ pub async fn preview(store: &Store, f: &DiscardFilter) -> Result<DiscardPreview,
     tx.commit().await?;
     Ok(DiscardPreview {
         rows: rows.len() as u64,
+        ids: rows.iter().map(|r| r.id).collect(),
         sample: rows.into_iter().take(SAMPLE).collect(),
     })
 }
@@ -151,17 +157,41 @@ pub async fn discard(store: &Store, f: &DiscardFilter, actor: &str) -> Result<u6
         return Err(DiscardError::NoFilter);
     }
     let mut tx = store.begin_ops_write().await?;
-    let discarded = discard_in(&mut tx, f, actor).await?;
+    let discarded = discard_in(&mut tx, f, actor, None).await?;
     tx.commit().await?;
     Ok(discarded)
 }
 
-async fn discard_in(tx: &mut OpsTx, f: &DiscardFilter, actor: &str) -> Result<u64, DiscardError> {
+/// [`discard`] of the rows `previewed` showed, and only those: a change the application
+/// enqueued after the operator saw the preview is left waiting, whatever the filter says now.
+pub async fn discard_previewed(
+    store: &Store,
+    f: &DiscardFilter,
+    previewed: &DiscardPreview,
+    actor: &str,
+) -> Result<u64, DiscardError> {
+    if f.is_empty() {
+        return Err(DiscardError::NoFilter);
+    }
+    let only: HashSet<i64> = previewed.ids.iter().copied().collect();
+    let mut tx = store.begin_ops_write().await?;
+    let discarded = discard_in(&mut tx, f, actor, Some(&only)).await?;
+    tx.commit().await?;
+    Ok(discarded)
+}
+
+async fn discard_in(
+    tx: &mut OpsTx,
+    f: &DiscardFilter,
+    actor: &str,
+    only: Option<&HashSet<i64>>,
+) -> Result<u64, DiscardError> {
     let ids: Vec<i64> = tx
         .select_rows(&f.rows())
         .await?
         .iter()
         .map(|r| r.id)
+        .filter(|id| only.is_none_or(|only| only.contains(id)))
         .collect();
     let message = format!("discarded by {actor}: never sent");
     let n = tx.discard(&ids, &WAITING, DISCARDED, &message).await?;
@@ -217,7 +247,7 @@ pub async fn run(
         writeln!(shown, "not confirmed: nothing changed")?;
         return Ok(1);
     }
-    let n = discard(store, &f, &actor).await?;
+    let n = discard_previewed(store, &f, &plan, &actor).await?;
     if args.json {
         writeln!(
             out,

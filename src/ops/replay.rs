@@ -5,7 +5,7 @@
 //! Replay never puts a record back to older values: a row whose record has a newer change that
 //! already succeeded is rebased or left dead as superseded ([`super::supersede`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -138,6 +138,9 @@ pub struct ReplayPlan {
     as_is_ids: Vec<i64>,
     /// Every selected row.
     pub selected: u64,
+    /// The ids of every selected row: what a confirmed replay may touch.
+    #[serde(skip)]
+    selected_ids: Vec<i64>,
 }
 
 impl ReplayPlan {
@@ -204,7 +207,7 @@ pub async fn preview(
     }
     // A read transaction: one consistent view of the rows and their records' newer changes.
     let mut tx = store.begin_ops_read().await?;
-    let plan = plan(&mut tx, f, limit).await?;
+    let plan = plan(&mut tx, f, limit, None).await?;
     tx.commit().await?;
     Ok(plan)
 }
@@ -223,27 +226,59 @@ pub async fn replay(
     actor: &str,
     limit: usize,
 ) -> Result<ReplayOutcome, ReplayError> {
+    replay_in(store, f, actor, limit, None).await
+}
+
+/// [`replay`] of the rows `previewed` showed, and only those: a row that came to match the
+/// filter after the operator saw the preview (a row that died meanwhile) is left as it is. The
+/// judgement is made again (newer changes may have been applied since).
+pub async fn replay_previewed(
+    store: &Store,
+    f: &ReplayFilter,
+    previewed: &ReplayPlan,
+    actor: &str,
+    limit: usize,
+) -> Result<ReplayOutcome, ReplayError> {
+    let only: HashSet<i64> = previewed.selected_ids.iter().copied().collect();
+    replay_in(store, f, actor, limit, Some(&only)).await
+}
+
+async fn replay_in(
+    store: &Store,
+    f: &ReplayFilter,
+    actor: &str,
+    limit: usize,
+    only: Option<&HashSet<i64>>,
+) -> Result<ReplayOutcome, ReplayError> {
     if f.is_empty() {
         return Err(ReplayError::NoFilter);
     }
     // The plan is made inside the write transaction: on SQLite under the write lock, on
     // Postgres with the selected rows and their records' newer rows locked (rows others hold
-    // are left out or count as in flight), so no claim or outcome write changes them between
-    // the judgement and the update.
+    // are left out or count as in flight), and the claims held back (the claim gate), so no
+    // claim or outcome write changes them between the judgement and the update.
     let mut tx = store.begin_ops_write().await?;
-    let plan = plan(&mut tx, f, limit).await?;
+    let plan = plan(&mut tx, f, limit, only).await?;
     let replayed = requeue(&mut tx, f, &plan, actor).await?;
     tx.commit().await?;
     Ok(ReplayOutcome { replayed, plan })
 }
 
-/// Reads the selected rows, the newer changes of their records and the patches that need
-/// judging, and decides row by row.
-async fn plan(tx: &mut OpsTx, f: &ReplayFilter, limit: usize) -> Result<ReplayPlan, ReplayError> {
+/// Reads the selected rows (of `only`, when given), the newer changes of their records and the
+/// patches that need judging, and decides row by row.
+async fn plan(
+    tx: &mut OpsTx,
+    f: &ReplayFilter,
+    limit: usize,
+    only: Option<&HashSet<i64>>,
+) -> Result<ReplayPlan, ReplayError> {
     let rows = tx.select_rows(&f.rows()).await?;
     let mut selected = Vec::with_capacity(rows.len());
     let mut sample = Vec::new();
     for r in rows {
+        if only.is_some_and(|only| !only.contains(&r.id)) {
+            continue;
+        }
         take_selected(r, limit, &mut selected, &mut sample);
     }
     let Some(oldest) = selected.first().map(|s| s.id) else {
@@ -333,6 +368,7 @@ fn decide(
 ) -> ReplayPlan {
     let mut plan = ReplayPlan {
         selected: selected.len() as u64,
+        selected_ids: selected.iter().map(|s| s.id).collect(),
         ..ReplayPlan::default()
     };
     for s in selected {
@@ -627,7 +663,9 @@ pub async fn command(
         writeln!(shown, "not confirmed: nothing changed")?;
         return Ok(1);
     }
-    let done = replay(store, f, &o.actor, 0).await?;
+    // Only the rows the operator was shown (and agreed to): a row that died after the preview
+    // waits for a replay of its own.
+    let done = replay_previewed(store, f, &plan, &o.actor, 0).await?;
     if o.json {
         writeln!(
             out,
