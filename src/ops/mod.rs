@@ -26,7 +26,10 @@ pub fn parse_time(text: &str) -> Result<OffsetDateTime, String> {
         return Ok(t.to_offset(time::UtcOffset::UTC));
     }
     match humantime::parse_duration(text) {
-        Ok(d) => Ok(OffsetDateTime::now_utc() - d),
+        Ok(d) => time::Duration::try_from(d)
+            .ok()
+            .and_then(|d| OffsetDateTime::now_utc().checked_sub(d))
+            .ok_or_else(|| format!("{text:?} ago is before any time this tool can name")),
         Err(_) => Err(format!(
             "{text:?} is neither an RFC 3339 time (2026-11-28T10:00:00Z) nor a duration ago (2h, 30m)"
         )),
@@ -134,5 +137,29 @@ pub(crate) fn team_name(team_id: &str) -> &str {
         "default"
     } else {
         team_id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_time_is_rfc_3339_or_a_duration_ago_and_a_duration_too_long_is_an_error() {
+        let t = parse_time("2026-11-28T12:00:00+02:00").unwrap();
+        assert_eq!(
+            t,
+            OffsetDateTime::parse("2026-11-28T10:00:00Z", &Rfc3339).unwrap()
+        );
+        let then = parse_time("2h").unwrap();
+        let ago = OffsetDateTime::now_utc() - then;
+        assert!(ago >= time::Duration::hours(2) && ago < time::Duration::hours(3));
+        // Further back than the year -9999: an error, not a panic.
+        assert!(
+            parse_time("20000y")
+                .unwrap_err()
+                .contains("before any time")
+        );
+        assert!(parse_time("soon").is_err());
     }
 }
