@@ -371,13 +371,23 @@ both_backends! {
         let (x, y) = (uuid(), uuid());
         let ids = insert_rows(&store, &[(x.clone(), patch(1)), (x.clone(), patch(2)), (y, patch(1))]).await;
         let old = "completed_at = '2020-01-01T00:00:00.000Z'";
+        // Each succeeded row came in a batch of its own, finished long ago.
+        let (kept_batch, gone_batch) = (Uuid::new_v4(), Uuid::new_v4());
+        for (batch, key) in [(kept_batch, "k1"), (gone_batch, "k2")] {
+            let body = match db.backend { Backend::Sqlite => "CAST('{}' AS BLOB)", Backend::Postgres => "'\\x7b7d'::bytea" };
+            exec(&store, &format!(
+                "INSERT INTO prism_batches (id, idempotency_key, object_type, body, items, item_count, row_count, state, completed_at)
+                 VALUES ('{batch}', '{key}', 'contact', {body}, '[]', 1, 1, 'done', '2020-01-01T00:00:00.000Z')")).await;
+        }
         set_row(&store, ids[0], &format!("state = 'dead', last_error_code = 'validation_error', {old}")).await;
-        set_row(&store, ids[1], &format!("state = 'succeeded', {old}")).await;
-        set_row(&store, ids[2], &format!("state = 'succeeded', {old}")).await;
+        set_row(&store, ids[1], &format!("state = 'succeeded', batch_id = '{kept_batch}', {old}")).await;
+        set_row(&store, ids[2], &format!("state = 'succeeded', batch_id = '{gone_batch}', {old}")).await;
         let (code, out, _) = verb(&db, &sim, &["purge", "--older-than", "1h", "--state", "succeeded", "--dry-run", "--json"], "").await;
         assert_eq!(code, 0, "{out}");
         assert_eq!(json(&out)["would_purge"]["rows"], 1, "the preview counts only what goes: {out}");
-        verb_ok(&db, &sim, &["purge", "--older-than", "1h", "--state", "succeeded", "--yes"]).await;
+        assert_eq!(json(&out)["would_purge"]["batches"], 1, "and only the batches that go: {out}");
+        let (_, out, _) = verb(&db, &sim, &["purge", "--older-than", "1h", "--state", "succeeded", "--yes", "--json"], "").await;
+        assert_eq!((json(&out)["rows"].clone(), json(&out)["batches"].clone()), (json!(1), json!(1)), "{out}");
         let left: Vec<i64> = rows(&store).await.iter().map(|r| r.id).collect();
         assert_eq!(left, ids[..2], "the succeeded row behind the dead one stays");
         verb_ok(&db, &sim, &["purge", "--older-than", "1h", "--state", "dead", "--yes"]).await;

@@ -353,7 +353,13 @@ impl PgStore {
              WHERE b.state <> 'open' AND b.completed_at < $1::timestamptz
                AND NOT EXISTS (SELECT 1 FROM prism_outbox o WHERE o.batch_id = b.id
                                  AND (o.completed_at IS NULL OR o.completed_at >= $1::timestamptz
-                                      OR o.state <> ALL($2)))",
+                                      OR o.state <> ALL($2)
+                                      -- kept while an older row of its record is dead
+                                      OR (o.state = 'succeeded' AND EXISTS (
+                                          SELECT 1 FROM prism_outbox d
+                                          WHERE d.record_id = o.record_id AND d.id < o.id
+                                            AND d.state = 'dead' AND d.object_type = o.object_type
+                                            AND d.team_id = o.team_id))))",
         )
         .bind(cut.cutoff)
         .bind(cut.states)
