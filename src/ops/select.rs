@@ -39,10 +39,15 @@ pub struct RowSelection {
 
 impl RowSelection {
     /// The stored `team_id` values `--team` names: the configured default team (by its id,
-    /// `default` or an empty name) is also every row with an empty `team_id`.
+    /// `default` in any case, or an empty name, as `pause --team` reads them) is also every row
+    /// with an empty `team_id`.
     pub fn teams(&self, default_team: &str) -> Vec<String> {
-        match self.team.as_deref() {
-            Some(team) if team == default_team || team.is_empty() || team == "default" => {
+        match self.team.as_deref().map(str::trim) {
+            Some(team)
+                if team == default_team
+                    || team.is_empty()
+                    || team.eq_ignore_ascii_case("default") =>
+            {
                 team_id_values(default_team, true)
             }
             Some(team) => team_id_values(team, false),
@@ -64,5 +69,27 @@ impl RowSelection {
             until: self.until,
             ..RowFilter::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn team(name: &str) -> RowSelection {
+        RowSelection {
+            team: Some(name.to_owned()),
+            ..RowSelection::default()
+        }
+    }
+
+    #[test]
+    fn the_default_team_is_named_as_pause_names_it() {
+        let default = team("default").teams("team-1");
+        assert!(default.contains(&String::new()), "{default:?}");
+        for name in ["DEFAULT", " Default ", "", "team-1"] {
+            assert_eq!(team(name).teams("team-1"), default, "{name:?}");
+        }
+        assert!(!team("team-2").teams("team-1").contains(&String::new()));
     }
 }
