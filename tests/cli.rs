@@ -57,6 +57,25 @@ both_backends! {
         assert_eq!(rows(&store).await.len(), 2);
     }
 
+    async fn a_line_that_is_not_utf8_is_named_or_skipped_like_any_bad_line(db) {
+        // It used to end the whole input as "stream did not contain valid UTF-8", with no line
+        // named, even with --skip-invalid.
+        use prism_sync::ops::enqueue::enqueue;
+        let store = db.store().await;
+        let good = format!(r#"{{"record_id": "{}", "patch": {{"default": {{"a": 1}}}}}}"#, uuid());
+        let mut input = format!("{good}\r\n").into_bytes();
+        input.extend_from_slice(b"{\"record_id\": \"\xff\", \"patch\": {}}\n");
+        input.extend_from_slice(format!("{good}\n").as_bytes());
+        let err = enqueue(&store, &input[..], 1 << 20, false).await.unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("not UTF-8"), "{err}");
+        assert!(rows(&store).await.is_empty(), "nothing half-written");
+        let report = enqueue(&store, &input[..], 1 << 20, true).await.unwrap();
+        assert_eq!(report.enqueued, 2);
+        assert_eq!(report.skipped.len(), 1);
+        assert_eq!(report.skipped[0].0, 2, "{:?}", report.skipped);
+        assert_eq!(rows(&store).await.len(), 2);
+    }
+
     async fn what_enqueue_accepts_never_goes_dead_as_too_large(db) {
         let sim = sim(FaultProfile::default()).await;
         let dir = tempfile::tempdir().unwrap();

@@ -152,12 +152,23 @@ pub async fn enqueue(
 ) -> Result<EnqueueReport, EnqueueError> {
     let mut parsed = Vec::new();
     let mut report = EnqueueReport::default();
-    for (i, line) in input.lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
+    // Lines as bytes: one that is not UTF-8 is that line's fault (named, or skipped with
+    // `--skip-invalid`), not a failure to read the input.
+    for (i, line) in input.split(b'\n').enumerate() {
+        let mut line = line?;
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        let line = String::from_utf8(line).map_err(|e| {
+            format!(
+                "not UTF-8 (an invalid byte at column {})",
+                e.utf8_error().valid_up_to() + 1
+            )
+        });
+        if line.as_deref().is_ok_and(|l| l.trim().is_empty()) {
             continue;
         }
-        match parse_line(&line) {
+        match line.and_then(|l| parse_line(&l)) {
             Ok(c) => parsed.push((i + 1, c)),
             Err(reason) if skip_invalid => report.skipped.push((i + 1, reason)),
             Err(reason) => {
