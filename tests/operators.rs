@@ -417,6 +417,21 @@ both_backends! {
         assert_eq!(entries.iter().map(|e| e.3).sum::<i64>(), 5);
     }
 
+    async fn replay_counts_a_newer_change_answered_2xx_but_unreadable_as_applied(db) {
+        // The API answered the newer change's batch 2xx (its body could not be read): it most
+        // likely applied it. Replaying the older change as it is would put the record back.
+        let store = db.store().await;
+        let record = uuid();
+        let ids = insert_rows(&store, &[(record.clone(), patch(1)), (record.clone(), patch(2))]).await;
+        set_row(&store, ids[0], "state = 'dead', last_error_code = 'validation_error', completed_at = CURRENT_TIMESTAMP").await;
+        set_row(&store, ids[1], "state = 'dead', last_error_code = 'unreadable_response', completed_at = CURRENT_TIMESTAMP").await;
+        let filter = replay::ReplayFilter { ids: vec![ids[0]], ..Default::default() };
+        let done = replay::replay(&store, &filter, "oncall", 10).await.unwrap();
+        assert_eq!(done.replayed, 0, "{:?}", done.plan);
+        assert_eq!(done.plan.superseded.len(), 1, "every key it sets was set again: {:?}", done.plan);
+        assert!(rows(&store).await.iter().all(|r| r.state == "dead"));
+    }
+
     async fn a_confirmed_discard_takes_only_the_rows_its_preview_showed(db) {
         // The application enqueues another change of the record while the operator reads the
         // preview: `discard --record-id` used to choose again after the answer, and dropped

@@ -615,9 +615,11 @@ pub(crate) async fn newer_rows(
     lock: bool,
 ) -> StoreResult<Vec<NewerRow>> {
     let rows: Vec<NewerColumns> = sqlx::query_as(
-        "SELECT id, record_id::text, object_type, team_id, operation, state, patch::text
+        "SELECT id, record_id::text, object_type, team_id, operation,
+                CASE WHEN state = 'dead' THEN 'succeeded' ELSE state END, patch::text
              FROM prism_outbox
-             WHERE record_id = ANY($1::text[]::uuid[]) AND id > $2 AND state <> 'dead'
+             WHERE record_id = ANY($1::text[]::uuid[]) AND id > $2
+               AND (state <> 'dead' OR last_error_code = 'unreadable_response')
              ORDER BY id",
     )
     .bind(records)
@@ -641,7 +643,8 @@ pub(crate) async fn newer_rows(
     if lock {
         let ids: Vec<i64> = newer.iter().map(|n| n.id).collect();
         let locked: HashMap<i64, String> = sqlx::query_as(
-            "SELECT id, state FROM prism_outbox WHERE id = ANY($1) AND state <> 'in_flight'
+            "SELECT id, CASE WHEN state = 'dead' THEN 'succeeded' ELSE state END
+             FROM prism_outbox WHERE id = ANY($1) AND state <> 'in_flight'
              ORDER BY id FOR UPDATE SKIP LOCKED",
         )
         .bind(&ids)

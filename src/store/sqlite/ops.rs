@@ -570,9 +570,11 @@ pub(crate) async fn newer_rows(
 ) -> StoreResult<Vec<NewerRow>> {
     let rows = sqlx::query(
         "SELECT id, CAST(record_id AS BLOB), CAST(object_type AS BLOB), CAST(team_id AS BLOB),
-                CAST(operation AS BLOB), state, CAST(patch AS BLOB)
+                CAST(operation AS BLOB), CASE WHEN state = 'dead' THEN 'succeeded' ELSE state END,
+                CAST(patch AS BLOB)
          FROM prism_outbox
-         WHERE record_id IN (SELECT value FROM json_each(?1)) AND id > ?2 AND state <> 'dead'
+         WHERE record_id IN (SELECT value FROM json_each(?1)) AND id > ?2
+           AND (state <> 'dead' OR last_error_code = 'unreadable_response')
          ORDER BY id",
     )
     .bind(json(records))
