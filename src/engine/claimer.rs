@@ -388,21 +388,31 @@ async fn fill(
     if open.is_empty() && !strays {
         return Ok(Filled::default());
     }
-    let keys: Vec<String> = open.iter().flat_map(|t| t.keys.iter().cloned()).collect();
-    let (lanes, skip_lanes) = lanes_of(shared, &open);
-    let free: usize = open.iter().map(|t| round.share.places(t.index)).sum();
-    let due = shared
-        .store
-        .lease_due_batches(&DueRequest {
-            owner: &cfg.owner,
-            lease: cfg.lease,
-            limit: free,
-            teams: &keys,
-            skip_lanes: &skip_lanes,
-        })
-        .await?;
-    let left = free.saturating_sub(due.len());
-    batches.extend(due);
+    // Stored batches due again, team by team up to each team's free places: leased together
+    // under one limit, a team with many due retries took the whole round's share and filled
+    // its buffer past `max_in_flight` while another team's waited for the next round.
+    let mut left = 0;
+    let mut claiming: Vec<&Arc<Team>> = Vec::with_capacity(open.len());
+    for team in &open {
+        let places = round.share.places(team.index);
+        let (_, skip_lanes) = lanes_of(shared, &[team]);
+        let due = shared
+            .store
+            .lease_due_batches(&DueRequest {
+                owner: &cfg.owner,
+                lease: cfg.lease,
+                limit: places,
+                teams: &team.keys,
+                skip_lanes: &skip_lanes,
+            })
+            .await?;
+        if due.len() < places {
+            left += places - due.len();
+            claiming.push(team);
+        }
+        batches.extend(due);
+    }
+    let (lanes, _) = lanes_of(shared, &claiming);
     if left > 0 || strays {
         let max_records = left.max(1) * cfg.limits.batch_size;
         let (claimed, filled) = claim(shared, &lanes, max_records, strays, cfg.linger).await?;
