@@ -110,6 +110,25 @@ async fn open_migrated_store(settings: &Settings) -> anyhow::Result<Store> {
     Ok(store)
 }
 
+/// Whether `e` says the command was asked wrongly (a replay or discard without any filter):
+/// exit code 2, as clap gives a wrong flag, apart from 1 ("not confirmed", or a failure).
+pub fn is_usage_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<ops::replay::ReplayError>(),
+            Some(ops::replay::ReplayError::NoFilter)
+        ) || matches!(
+            cause.downcast_ref::<ops::replay::ReplayCommandError>(),
+            Some(ops::replay::ReplayCommandError::Replay(
+                ops::replay::ReplayError::NoFilter
+            ))
+        ) || matches!(
+            cause.downcast_ref::<ops::discard::DiscardError>(),
+            Some(ops::discard::DiscardError::NoFilter)
+        )
+    })
+}
+
 /// Runs a verb. Output goes to `out` (stdout in production); logs go to stderr.
 pub async fn execute(
     cli: Cli,

@@ -15,7 +15,12 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            if prism_sync::cli::is_usage_error(&e) {
+                // As clap does for a wrong flag: the command was not run as written.
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

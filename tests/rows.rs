@@ -297,7 +297,7 @@ both_backends! {
         assert!(out.contains("Discard these 3 row(s)?"), "{out}");
         assert_eq!(stored(&store).await, before, "nothing changed without a yes");
         let (code, out, err) = verb(&db, &sim, &["discard"], "").await;
-        assert_ne!(code, 0, "no filter, no discard: {out}");
+        assert_eq!(code, 2, "no filter, no discard, a usage error: {out}");
         assert!(err.contains("choose the rows to discard"), "{err}");
 
         let (code, out, err) = verb(&db, &sim, &["discard", "--object-type", "contact", "--actor", "alice", "--json"], "y\n").await;
