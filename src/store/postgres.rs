@@ -406,14 +406,15 @@ impl Dialect for PgStore {
     }
 
     async fn begin_claim(&self) -> StoreResult<Self::Tx> {
-        let mut tx = begin(&self.pool).await?;
+        let mut tx = self.pool.begin().await?;
         // Before the claim's first statement, so that every snapshot it reads from is taken
-        // with the gate held (see CLAIM_GATE).
-        sqlx::query("SELECT pg_advisory_xact_lock_shared($1, $2)")
-            .bind(CLAIM_GATE.0)
-            .bind(CLAIM_GATE.1)
-            .execute(&mut *tx)
-            .await?;
+        // with the gate held (see CLAIM_GATE); in the same round trip as the settings.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "{INDEX_WALKS_ONLY}; SELECT pg_advisory_xact_lock_shared({}, {})",
+            CLAIM_GATE.0, CLAIM_GATE.1
+        )))
+        .execute(&mut *tx)
+        .await?;
         Ok(tx)
     }
 
