@@ -240,9 +240,18 @@ fn validate(
                 ),
             )
         })?;
+    // Only the canonical form (lowercase, hyphenated) as stored: the per-record order guard
+    // compares record ids as stored, so an id taken for the UUID it spells in some other form
+    // would make one record two. Postgres stores a uuid; SQLite's trigger (migrations 0003,
+    // 0009) rewrites every spelling it can read (case, braces, hyphens, urn:uuid:, surrounding
+    // whitespace, a BLOB) as it is inserted; what is left is no UUID it could read.
     let record_id = std::str::from_utf8(&row.record_id_raw)
         .ok()
-        .and_then(|s| Uuid::try_parse(s.trim()).ok())
+        .and_then(|s| {
+            Uuid::try_parse(s)
+                .ok()
+                .filter(|u| u.hyphenated().encode_lower(&mut Uuid::encode_buffer()) == s)
+        })
         .ok_or_else(|| {
             dead(
                 codes::INVALID_RECORD_ID,

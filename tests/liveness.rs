@@ -256,6 +256,11 @@ both_backends! {
             insert_rows(&store, &rows[..4]).await;
         } else {
             insert_rows(&store, &rows).await;
+            // Surrounding whitespace (a line of a CRLF file, a padded column) and a BLOB: each
+            // used to be stored as written and taken as a record of its own.
+            let n = rows.len();
+            insert_rows(&store, &[(format!(" {canonical}\r\n"), patch(n))]).await;
+            exec(&store, &format!("INSERT INTO prism_outbox (record_id, patch) VALUES (CAST('{}' AS BLOB), '{}')", id.simple(), patch(n + 1))).await;
         }
         wait_below_watermark(&store).await;
         let mut s = settings(&db, &sim);
