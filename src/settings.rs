@@ -642,6 +642,21 @@ impl Settings {
                 "must be above zero (a row is always tried at least once)".into(),
             );
         }
+        // Both are read before a batch's first send ("has this key been used up?"): zero would
+        // release every new batch unsent, and every row would end dead without a request.
+        if self.batch.max_attempts == 0 {
+            return invalid(
+                "batch.max_attempts",
+                "must be at least 1 (sends of one batch under its key)".into(),
+            );
+        }
+        if self.batch.max_key_age.is_zero() {
+            return invalid(
+                "batch.max_key_age",
+                "must be above zero (how long a key is used before its rows go under new keys)"
+                    .into(),
+            );
+        }
         if self.batch.max_key_age >= Duration::from_secs(24 * 3600) {
             return invalid(
                 "batch.max_key_age",
@@ -772,6 +787,18 @@ mod tests {
             s.micro.resolve_api_key().unwrap().unwrap().expose_secret(),
             "k-123"
         );
+    }
+
+    #[test]
+    fn a_batch_limit_of_zero_is_refused_rather_than_ending_every_row_unsent() {
+        for (key, name) in [
+            ("PRISM_SYNC__BATCH__MAX_ATTEMPTS", "batch.max_attempts"),
+            ("PRISM_SYNC__BATCH__MAX_KEY_AGE", "batch.max_key_age"),
+        ] {
+            let value = if key.ends_with("AGE") { "0s" } else { "0" };
+            let e = Settings::load_from(None, env(&[(key, value)])).unwrap_err();
+            assert!(e.to_string().contains(name), "{key}: {e}");
+        }
     }
 
     #[test]
