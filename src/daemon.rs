@@ -28,7 +28,12 @@ pub async fn connect_with_retry(
 ) -> anyhow::Result<Option<Store>> {
     let mut failures = 0u32;
     loop {
-        match Store::connect(&settings.database).await {
+        // An attempt can take the pool's whole acquire timeout (10 s): a signal ends it.
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            attempt = Store::connect(&settings.database) => attempt,
+        };
+        match attempt {
             Ok(store) => return Ok(Some(store)),
             Err(e @ crate::store::StoreError::UnsupportedUrl(_)) => return Err(e.into()),
             Err(e) => {
@@ -94,15 +99,13 @@ pub async fn run(
     let mut clients = team_clients(&settings)?;
     let health = Arc::new(Health::default());
     let watchdog = spawn_watchdog(health.clone(), settings.poll.longest(), shutdown.clone());
-    let Some(store) = connect_with_retry(&settings, &shutdown).await? else {
-        return Ok(());
-    };
-    if !options.no_migrate {
-        store.migrate().await.context("applying migrations")?;
-    }
     telemetry::metrics_handle();
     let background = shutdown.child_token();
     let mut tasks = tokio::task::JoinSet::new();
+    // The endpoints answer from the start: while the database does not answer yet, or a long
+    // migration runs, `/livez` says "starting" (a probe must not restart a process that is
+    // waiting, as systemd's watchdog is fed meanwhile) and `/readyz` 503.
+    let slot = telemetry::StoreSlot::default();
     if let Some(addr) = settings.telemetry.listen_addr()? {
         let listener = telemetry::bind(addr).await.with_context(|| {
             format!(
@@ -112,13 +115,25 @@ pub async fn run(
         info!(address = %listener.local_addr()?, "serving /metrics, /livez, /healthz, /readyz");
         let stuck_after = (settings.poll.longest() * 20).max(Duration::from_secs(30))
             + settings.database.busy_timeout;
-        let (store, health, stop) = (store.clone(), health.clone(), background.clone());
+        let (slot, health, stop) = (slot.clone(), health.clone(), background.clone());
         tasks.spawn(async move {
-            if let Err(e) = telemetry::serve(listener, store, health, stuck_after, stop).await {
+            if let Err(e) = telemetry::serve(listener, slot, health, stuck_after, stop).await {
                 warn!(error = %e, "telemetry server stopped");
             }
         });
     }
+    let store = match start_store(&settings, &options, &shutdown).await {
+        Ok(Some(store)) => store,
+        stopped_or_failed => {
+            background.cancel();
+            while tasks.join_next().await.is_some() {}
+            if let Some(w) = watchdog {
+                w.abort();
+            }
+            return stopped_or_failed.map(|_| ());
+        }
+    };
+    let _ = slot.set(store.clone());
     tasks.spawn(telemetry::sample_gauges(
         store.clone(),
         health.clone(),
@@ -171,6 +186,22 @@ pub async fn run(
     Ok(())
 }
 
+/// Connects (waiting for the database as long as it takes) and migrates unless told not to;
+/// `None` when a signal came first.
+async fn start_store(
+    settings: &Settings,
+    options: &RunOptions,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Store>> {
+    let Some(store) = connect_with_retry(settings, shutdown).await? else {
+        return Ok(None);
+    };
+    if !options.no_migrate {
+        store.migrate().await.context("applying migrations")?;
+    }
+    Ok(Some(store))
+}
+
 fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
     // Outside systemd NOTIFY_SOCKET is unset and this does nothing.
     let _ = sd_notify::notify(states);
@@ -217,6 +248,9 @@ pub fn cancel_on_signals(token: CancellationToken) {
             _ = tokio::signal::ctrl_c() => info!("SIGINT: draining (press Ctrl-C again to stop at once)"),
         }
         token.cancel();
+        // Now, not once the drain is over: a drain can outlast systemd's watchdog interval,
+        // and the watchdog is not fed once shutdown begins.
+        notify_systemd(&[sd_notify::NotifyState::Stopping]);
         tokio::select! {
             _ = term.recv() => {},
             _ = tokio::signal::ctrl_c() => {},

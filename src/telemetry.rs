@@ -360,9 +360,14 @@ pub async fn sample_gauges(
     }
 }
 
+/// The store once the daemon has connected to it and migrated: the endpoints answer before
+/// (`/livez` "starting", `/readyz` 503), so that a probe does not restart a process that is
+/// waiting for its database or running a long migration.
+pub type StoreSlot = Arc<std::sync::OnceLock<Store>>;
+
 #[derive(Clone)]
 struct Probe {
-    store: Store,
+    store: StoreSlot,
     health: Arc<Health>,
     handle: Option<PrometheusHandle>,
     /// The loop counts as stuck when it has not turned for this long.
@@ -372,7 +377,7 @@ struct Probe {
 /// Serves the telemetry endpoints on `listener` until `stop`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    store: Store,
+    store: StoreSlot,
     health: Arc<Health>,
     stuck_after: Duration,
     stop: CancellationToken,
@@ -425,8 +430,15 @@ async fn livez(State(p): State<Probe>) -> Response {
 /// operators (a load balancer, a status page), so the database's own error text (host names,
 /// database and role names, SQL) goes to the log, never into the answer.
 async fn readyz(State(p): State<Probe>) -> Response {
+    let Some(store) = p.store.get() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: starting (connecting to the database, or migrating; the log says which)\n",
+        )
+            .into_response();
+    };
     let mut problems = Vec::new();
-    match tokio::time::timeout(Duration::from_secs(2), p.store.ping()).await {
+    match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             warn!(error = %e, "readiness: the database does not answer");
@@ -435,7 +447,7 @@ async fn readyz(State(p): State<Probe>) -> Response {
         Err(_) => problems.push("database did not answer within 2s".to_owned()),
     }
     if problems.is_empty() {
-        match p.store.migrations_current().await {
+        match store.migrations_current().await {
             Ok(true) => {}
             Ok(false) => {
                 problems.push("migrations not applied (run prism-sync migrate)".to_owned())

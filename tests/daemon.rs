@@ -366,3 +366,41 @@ async fn postgres_an_idle_daemon_polls_less_often_and_still_syncs_what_comes() {
         "with poll.idle_interval = poll.interval it polls every 20 ms: {polling} claims in 3 s"
     );
 }
+
+/// A daemon waiting for its database (down at start: a failover, a cluster restart) answers its
+/// probes: `/livez` "starting" (a Kubernetes startup probe must not restart a process that is
+/// doing what it should), `/readyz` 503 saying why. The endpoints used to be served only once
+/// the database had answered and the migrations were done: two minutes of an unreachable
+/// database, or a long migration, and the probe killed the pod, over and over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_waiting_for_its_database_answers_its_probes_and_stops_on_sigterm() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let sim = sim(FaultProfile::default()).await;
+    let mut daemon = spawn_daemon(
+        &db,
+        &sim,
+        &[("DATABASE_URL", "postgres://prism@127.0.0.1:1/unreachable")],
+    );
+    let mut live = (0, String::new());
+    for _ in 0..100 {
+        live = daemon.get("/livez").await;
+        if live.0 != 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(live, (200, "starting\n".to_owned()), "{}", daemon.logs());
+    let (status, body) = daemon.get("/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("starting"), "{body}");
+    // At once, not when the connection attempt in progress gives up (up to 10 s).
+    daemon.signal("TERM");
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(3)).await.code(),
+        Some(0),
+        "{}",
+        daemon.logs()
+    );
+}
