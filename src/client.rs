@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
+use tracing::{info, warn};
 
 use crate::classify::{self, Answer, Exchange, TransportFailure};
 use crate::fleet::{TeamGate, Turn as FleetTurn};
@@ -49,7 +50,11 @@ pub struct MicroClient {
     http: reqwest::Client,
     base_url: String,
     team_id: String,
-    api_key: SecretString,
+    api_key: std::sync::RwLock<SecretString>,
+    /// Where the key was read from, when it came from a file: read again while the API refuses
+    /// the key ([`MicroClient::reload_key`]), so that a rotated Kubernetes Secret is taken up
+    /// without a restart.
+    key_file: Option<std::path::PathBuf>,
     max_response_bytes: usize,
     max_retry_after: Duration,
     min_interval: Option<Duration>,
@@ -99,7 +104,8 @@ impl MicroClient {
             http: client,
             base_url: base_url.trim_end_matches('/').to_owned(),
             team_id: team_id.to_owned(),
-            api_key,
+            api_key: std::sync::RwLock::new(api_key),
+            key_file: None,
             max_response_bytes: http.max_response_bytes,
             max_retry_after: http.max_retry_after,
             min_interval,
@@ -238,6 +244,42 @@ impl MicroClient {
             .await
     }
 
+    /// Reads the key again from the file it came from (`micro.api_key_file`, a team's
+    /// `api_key_file`) and uses it from the next request on, when it changed: called while the
+    /// API refuses the key, so that a key rotated in a Kubernetes Secret (its mounted file
+    /// changes in place) is taken up by the next probe, without a restart. `true` when the key
+    /// changed. A file that cannot be read, or holds no usable key, leaves the key as it is.
+    pub fn reload_key(&self) -> bool {
+        let Some(path) = &self.key_file else {
+            return false;
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => {
+                warn!(team = %self.team_id, path = %path.display(), error = %e, "cannot read the API key file again; keeping the key in use");
+                return false;
+            }
+        };
+        let fresh = text.trim();
+        if fresh.is_empty() || HeaderValue::from_str(fresh).is_err() {
+            warn!(team = %self.team_id, path = %path.display(), "the API key file holds no usable key; keeping the key in use");
+            return false;
+        }
+        let mut key = self.api_key.write().expect("api key lock");
+        if key.expose_secret() == fresh {
+            return false;
+        }
+        *key = SecretString::from(fresh.to_owned());
+        info!(team = %self.team_id, path = %path.display(), "the API key file changed: using the new key");
+        true
+    }
+
+    /// Remembers that the key came from `path` (see [`MicroClient::reload_key`]).
+    pub fn with_key_file(mut self, path: Option<&std::path::Path>) -> Self {
+        self.key_file = path.map(std::path::Path::to_owned);
+        self
+    }
+
     /// Sends the stored bytes once to `batch/update` or `batch/delete`, at once: the caller
     /// waited its turn ([`MicroClient::wait_turn`]) and checked what else must hold it back
     /// (an operator's pause). Never retries by itself: the caller records the outcome durably
@@ -249,15 +291,17 @@ impl MicroClient {
         idempotency_key: &str,
         body: Bytes,
     ) -> Exchange {
-        let mut key = match HeaderValue::from_str(self.api_key.expose_secret()) {
-            Ok(k) => k,
-            Err(_) => {
-                return Exchange::Failed {
-                    kind: TransportFailure::Connect,
-                    detail: "unusable API key".into(),
-                };
-            }
-        };
+        let mut key =
+            match HeaderValue::from_str(self.api_key.read().expect("api key lock").expose_secret())
+            {
+                Ok(k) => k,
+                Err(_) => {
+                    return Exchange::Failed {
+                        kind: TransportFailure::Connect,
+                        detail: "unusable API key".into(),
+                    };
+                }
+            };
         key.set_sensitive(true);
         let started = Instant::now();
         let request = self

@@ -62,7 +62,8 @@ pub fn team_clients(settings: &Settings) -> anyhow::Result<Vec<TeamClient>> {
         settings.micro.resolve_api_key()?,
         &settings.http,
     )
-    .context("configuring the Micro API client")?;
+    .context("configuring the Micro API client")?
+    .with_key_file(settings.micro.key_file_in_use());
     let mut clients = vec![TeamClient {
         client: default,
         max_in_flight: settings.sync.max_in_flight,
@@ -81,7 +82,8 @@ pub fn team_clients(settings: &Settings) -> anyhow::Result<Vec<TeamClient>> {
             ..settings.http.clone()
         };
         let client = MicroClient::new(&settings.micro.base_url, team, t.resolve_api_key()?, &http)
-            .with_context(|| format!("configuring the Micro API client of team {team}"))?;
+            .with_context(|| format!("configuring the Micro API client of team {team}"))?
+            .with_key_file(t.key_file_in_use());
         clients.push(TeamClient {
             client,
             max_in_flight: t.max_in_flight.unwrap_or(settings.sync.max_in_flight),

@@ -81,6 +81,18 @@ impl TeamSettings {
     pub fn resolve_api_key(&self) -> Result<Option<SecretString>, SettingsError> {
         resolve_key(self.api_key.as_ref(), self.api_key_file.as_deref())
     }
+
+    /// The key file the key is read from (none when a key is given inline, which wins).
+    pub fn key_file_in_use(&self) -> Option<&Path> {
+        key_file_in_use(self.api_key.as_ref(), self.api_key_file.as_deref())
+    }
+}
+
+fn key_file_in_use<'a>(key: Option<&SecretString>, file: Option<&'a Path>) -> Option<&'a Path> {
+    match key {
+        Some(key) if !key.expose_secret().is_empty() => None,
+        _ => file,
+    }
 }
 
 /// A key given inline wins over a key file (trailing newline trimmed).
@@ -162,6 +174,11 @@ impl MicroSettings {
     /// The key from `api_key`, else from `api_key_file` (trailing newline trimmed).
     pub fn resolve_api_key(&self) -> Result<Option<SecretString>, SettingsError> {
         resolve_key(self.api_key.as_ref(), self.api_key_file.as_deref())
+    }
+
+    /// The key file the key is read from (none when a key is given inline, which wins).
+    pub fn key_file_in_use(&self) -> Option<&Path> {
+        key_file_in_use(self.api_key.as_ref(), self.api_key_file.as_deref())
     }
 }
 

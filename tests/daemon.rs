@@ -404,3 +404,54 @@ async fn a_daemon_waiting_for_its_database_answers_its_probes_and_stops_on_sigte
         daemon.logs()
     );
 }
+
+/// The API refuses the key; the operator rotates it in the key file (a Kubernetes Secret's
+/// mounted file changes in place), as the alert's runbook says. The daemon used to keep probing
+/// with the key it read at start until someone restarted it, while the backlog grew towards
+/// `retry.give_up_after`; it now reads the file again when the key is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rotated_in_its_file_is_taken_up_without_a_restart() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let sim = sim(FaultProfile::default()).await;
+    let store = db.store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("micro-api-key");
+    std::fs::write(&key_file, "revoked-key\n").unwrap();
+    insert_rows(&store, &[(uuid(), patch(1))]).await;
+    let mut daemon = spawn_daemon(
+        &db,
+        &sim,
+        &[
+            ("MICRO_API_KEY", ""),
+            (
+                "PRISM_SYNC__MICRO__API_KEY_FILE",
+                key_file.to_str().unwrap(),
+            ),
+        ],
+    );
+    let mut refused = String::new();
+    for _ in 0..200 {
+        refused = daemon.get("/readyz").await.1;
+        if refused.contains("refuses the API key") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused.contains("refuses the API key"), "{refused}");
+    std::fs::write(&key_file, format!("{}\n", prism_sync::sim::DEFAULT_API_KEY)).unwrap();
+    let rows = wait_until_finished(&store, Duration::from_secs(30)).await;
+    assert!(rows.iter().all(|r| r.state == "succeeded"), "{rows:?}");
+    assert_eq!(readyz_until(&daemon, 200).await.0, 200);
+    assert!(
+        daemon.logs().contains("the API key file changed"),
+        "{}",
+        daemon.logs()
+    );
+    daemon.signal("TERM");
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(20)).await.code(),
+        Some(0)
+    );
+}

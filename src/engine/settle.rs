@@ -163,6 +163,9 @@ async fn auth_refused(shared: &Shared, team: &Team, batch: &LeasedBatch, attempt
         error!(team = %team.id, status = ?attempt.http_status, probe_every = ?cfg.auth_probe_interval, "the API refuses the team's key: pausing its sends (no attempts are used) and probing; other teams go on");
     }
     team.set_refused(true, &shared.health, &shared.teams, cfg.auth_probe_interval);
+    // A key rotated in its file (a Kubernetes Secret's mounted file changes in place) is what
+    // the next probe sends.
+    team.client.reload_key();
     metrics::counter!("prism_sync_batches_total", "result" => "auth_refused").increment(1);
     let past = past_give_up(shared, batch);
     if past && !batch.answered {
