@@ -14,6 +14,9 @@ pub struct AdaptiveLimit {
     state: Mutex<State>,
     freed: Notify,
     max: usize,
+    /// The team's `team` label, when the process has several teams (each its own limit, each
+    /// its own series of `prism_sync_concurrency_limit`).
+    team: Option<String>,
 }
 
 #[derive(Debug)]
@@ -55,7 +58,14 @@ impl AdaptiveLimit {
             }),
             freed: Notify::new(),
             max,
+            team: None,
         }
+    }
+
+    /// Labels the limit's gauge with `team` (see [`AdaptiveLimit::team`]).
+    pub fn for_team(mut self, team: Option<String>) -> AdaptiveLimit {
+        self.team = team;
+        self
     }
 
     /// The current limit, rounded down.
@@ -86,7 +96,11 @@ impl AdaptiveLimit {
             Signal::Pushback => s.limit = (s.limit / 2.0).max(1.0),
             Signal::Neutral => {}
         }
-        metrics::gauge!("prism_sync_concurrency_limit").set(s.limit.floor());
+        match &self.team {
+            Some(team) => metrics::gauge!("prism_sync_concurrency_limit", "team" => team.clone())
+                .set(s.limit.floor()),
+            None => metrics::gauge!("prism_sync_concurrency_limit").set(s.limit.floor()),
+        }
         drop(s);
         self.freed.notify_waiters();
     }

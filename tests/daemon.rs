@@ -96,6 +96,12 @@ both_backends! {
         let done = wait_until_finished(&store, FINISH).await;
         assert!(done.iter().all(|r| r.state == "succeeded"), "{done:?} {}", daemon.logs());
         assert_eq!(readyz_until(&daemon, 200).await, (200, "ready\n".to_owned()), "every team's key works");
+        // Each team's adaptive limit is its own series (it was one unlabelled gauge that every
+        // team overwrote).
+        let metrics = daemon.get("/metrics").await.1;
+        for team in [sim.team_id(), TEAM_B] {
+            assert!(metrics.contains(&format!("prism_sync_concurrency_limit{{team=\"{team}\"}}")), "{team}: {metrics}");
+        }
 
         sim.set_api_key_for_team(TEAM_B, "rotated").unwrap();
         insert(&store, &team_changes(TEAM_B, 3)).await.unwrap();

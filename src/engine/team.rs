@@ -59,7 +59,8 @@ impl Team {
             label: labelled.then(|| id.clone()),
             id,
             index,
-            concurrency: AdaptiveLimit::new(tc.max_in_flight),
+            concurrency: AdaptiveLimit::new(tc.max_in_flight)
+                .for_team(labelled.then(|| tc.client.team_id().to_owned())),
             max_in_flight: tc.max_in_flight.max(1),
             client: tc.client,
             refused: AtomicBool::new(false),
