@@ -28,6 +28,9 @@ struct Board {
     exported: BTreeSet<(String, String)>,
     /// The last read failed (logged once until a read succeeds again).
     failing: bool,
+    /// A read has succeeded: before that the board knows nothing, and nothing may be claimed
+    /// or leased on it (a paused lane would look open).
+    known: bool,
 }
 
 impl PauseBoard {
@@ -71,7 +74,10 @@ impl PauseBoard {
             Err(e) => {
                 let mut board = self.state.lock().expect("pause lock");
                 // Read again after a poll interval, but say so once per outage, not each time.
-                board.read_at = Some(Instant::now());
+                // Until one read has succeeded, every caller reads again.
+                if board.known {
+                    board.read_at = Some(Instant::now());
+                }
                 if !std::mem::replace(&mut board.failing, true) {
                     warn!(error = %e, "cannot read the operators' pauses; keeping the last known");
                 }
@@ -79,10 +85,16 @@ impl PauseBoard {
         }
     }
 
+    /// Whether the pauses have been read at least once (see [`PauseBoard::refresh`]).
+    pub fn known(&self) -> bool {
+        self.state.lock().expect("pause lock").known
+    }
+
     fn set(&self, pauses: Vec<Pause>) {
         let mut board = self.state.lock().expect("pause lock");
         board.read_at = Some(Instant::now());
         board.failing = false;
+        board.known = true;
         if board.pauses != pauses {
             for p in pauses.iter().filter(|p| !board.pauses.contains(p)) {
                 info!(team = %p.team, object_type = p.object_type.as_deref().unwrap_or("all"), actor = %p.actor, "paused by an operator: nothing of it is sent until it is resumed");

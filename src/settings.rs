@@ -721,6 +721,16 @@ impl Settings {
                     format!("{team:?} is not a team id (empty, or with spaces around it)"),
                 );
             }
+            // The command line's `--team default` names the default team (micro.team_id):
+            // a team of that id could never be named apart from it.
+            if team.eq_ignore_ascii_case("default") {
+                return invalid(
+                    "teams",
+                    format!(
+                        "{team:?}: `default` names micro.team_id's team on the command line; give the team its own id"
+                    ),
+                );
+            }
             if t.max_in_flight == Some(0) {
                 return invalid(
                     "teams.*.max_in_flight",
@@ -919,6 +929,18 @@ mod tests {
         }
         let s = Settings::load_from(None, env(&[("MICRO_BASE_URL", "https://api.example/v")]));
         assert!(s.is_ok(), "a URL without user-info loads: {s:?}");
+    }
+
+    #[test]
+    fn a_team_called_default_is_refused() {
+        for team in ["default", "DEFAULT"] {
+            let key = format!("PRISM_SYNC__TEAMS__{team}__API_KEY");
+            let err = Settings::load_from(None, env(&[(key.as_str(), "k")])).unwrap_err();
+            assert!(
+                err.to_string().contains("names micro.team_id"),
+                "{team}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -374,6 +374,10 @@ async fn fill(
     let cfg = &shared.cfg;
     let strays = round.strays;
     shared.pauses.refresh(&shared.store).await;
+    if !shared.pauses.known() {
+        // The operators' pauses could not be read yet: a paused lane would look open.
+        return Ok(Filled::default());
+    }
     if round.probe {
         probe_refused(shared, batches).await?;
     }
