@@ -109,6 +109,25 @@ fn requests_for(sim: &SimHandle, object_type: &str) -> usize {
 }
 
 both_backends! {
+    async fn a_pause_stored_under_the_default_teams_id_is_lifted_by_resuming_the_default_team(db) {
+        // A command line without micro.team_id (a jump box with only DATABASE_URL) stores
+        // `--team acme` as `acme`; the daemons, whose default team is acme, obey it. Resumed
+        // from their own configuration, `--team acme` means the default team, stored as ''
+        // and only that was lifted: "was not paused; nothing changed", and acme stayed paused.
+        let store = db.store().await;
+        let from_jump_box = prism_sync::ops::pause::target("acme", None, "");
+        assert_eq!(from_jump_box.team_id, "acme");
+        assert!(store.pause(&from_jump_box, "jump-box").await.unwrap());
+        for name in ["acme", "default"] {
+            let from_the_daemons_config = prism_sync::ops::pause::target(name, None, "acme");
+            let lifted = store.resume(&from_the_daemons_config, "oncall").await.unwrap();
+            if name == "acme" {
+                assert_eq!(lifted.len(), 1, "{lifted:?}");
+            }
+        }
+        assert!(store.pauses().await.unwrap().is_empty());
+    }
+
     async fn a_paused_lane_sends_nothing_until_resumed_while_the_teams_other_lanes_flow(db) {
         let sim = sim(FaultProfile::default()).await;
         let store = db.store().await;
@@ -174,7 +193,7 @@ both_backends! {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let everything = PauseTarget { team_id: String::new(), object_type: None };
+        let everything = PauseTarget { team_id: String::new(), object_type: None, also: Vec::new() };
         assert!(store.pause(&everything, "test").await.unwrap());
         // The batches on the wire are answered; the buffered ones go back unsent.
         tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -214,7 +233,7 @@ both_backends! {
         s.http.max_requests_per_second = 2.0;
         let engine = start_engine(&s).await;
         wait_for("two requests", FINISH, || sim.requests().len() >= 2).await;
-        let everything = PauseTarget { team_id: String::new(), object_type: None };
+        let everything = PauseTarget { team_id: String::new(), object_type: None, also: Vec::new() };
         assert!(store.pause(&everything, "test").await.unwrap());
         let paused_at = time::OffsetDateTime::now_utc();
         tokio::time::sleep(Duration::from_secs(3)).await;

@@ -77,6 +77,11 @@ pub fn target(team: &str, object_type: Option<ObjectType>, default_team_id: &str
         } else {
             team.to_owned()
         },
+        also: if default && !default_team_id.is_empty() {
+            vec![default_team_id.to_owned()]
+        } else {
+            Vec::new()
+        },
         object_type,
     }
 }
@@ -144,7 +149,7 @@ pub async fn resume(
             .pauses()
             .await?
             .into_iter()
-            .any(|p| p.team_id == t.team_id && p.object_type.is_none());
+            .any(|p| t.team_ids().contains(&p.team_id.as_str()) && p.object_type.is_none());
         if team_wide {
             writeln!(
                 out,

@@ -51,9 +51,20 @@ pub struct PauseTarget {
     /// As stored in the outbox: `''` for the configured default team.
     pub team_id: String,
     pub object_type: Option<ObjectType>,
+    /// Other stored spellings of the same team that a resume lifts too: for the default team,
+    /// its id (`micro.team_id`), under which a pause from a command line that did not know it
+    /// as the default was stored, and which the daemons obey as theirs.
+    pub also: Vec<String>,
 }
 
 impl PauseTarget {
+    /// Every stored `team_id` this target names.
+    pub(crate) fn team_ids(&self) -> Vec<&str> {
+        std::iter::once(self.team_id.as_str())
+            .chain(self.also.iter().map(String::as_str))
+            .collect()
+    }
+
     /// `prism_pauses.object_type`: `''` for the whole team.
     pub(crate) fn stored_type(&self) -> &'static str {
         self.object_type.map_or("", ObjectType::as_str)

@@ -60,11 +60,11 @@ impl PgStore {
         let mut tx = self.pool.begin().await?;
         // A team's resume (object type NULL) lifts the team and every lane of it.
         let lifted: Vec<(String, String, String, String)> = sqlx::query_as(concat!(
-            "DELETE FROM prism_pauses WHERE team_id = $1 AND ($2::text IS NULL OR object_type = $2)
+            "DELETE FROM prism_pauses WHERE team_id = ANY($1) AND ($2::text IS NULL OR object_type = $2)
              RETURNING team_id, object_type, actor, ",
             utc!("since")
         ))
-        .bind(&target.team_id)
+        .bind(target.team_ids())
         .bind(target.object_type.map(|t| t.as_str()))
         .fetch_all(&mut *tx)
         .await?;

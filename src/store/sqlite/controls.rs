@@ -54,10 +54,11 @@ impl SqliteStore {
         let mut tx = self.begin_write().await?;
         // A team's resume (object type NULL) lifts the team and every lane of it.
         let lifted: Vec<(String, String, String, String)> = sqlx::query_as(
-            "DELETE FROM prism_pauses WHERE team_id = ?1 AND (?2 IS NULL OR object_type = ?2)
+            "DELETE FROM prism_pauses WHERE team_id IN (SELECT value FROM json_each(?1))
+               AND (?2 IS NULL OR object_type = ?2)
              RETURNING team_id, object_type, actor, since",
         )
-        .bind(&target.team_id)
+        .bind(serde_json::to_string(&target.team_ids()).expect("names serialise"))
         .bind(target.object_type.map(|t| t.as_str()))
         .fetch_all(&mut **tx)
         .await?;
