@@ -14,8 +14,8 @@ pub struct AdaptiveLimit {
     state: Mutex<State>,
     freed: Notify,
     max: usize,
-    /// The team's `team` label, when the process has several teams (each its own limit, each
-    /// its own series of `prism_sync_concurrency_limit`).
+    /// The team's `team` label, where `telemetry.team_label` gives per-team metrics (each team
+    /// its own limit, and its own series of `prism_sync_concurrency_limit`).
     team: Option<String>,
 }
 

@@ -1,5 +1,6 @@
-//! `prism-sync run`: connects (waiting for the database if it is not up yet), migrates, serves
-//! telemetry, tells systemd it is ready, and runs the engine until a signal asks it to drain.
+//! `prism-sync run`: serves telemetry (answering `starting` until the store is ready), connects
+//! (waiting for the database if it is not up yet; a signal ends the wait), migrates, tells
+//! systemd it is ready, and runs the engine until a signal asks it to drain.
 
 use std::sync::Arc;
 use std::time::Duration;

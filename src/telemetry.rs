@@ -130,7 +130,7 @@ fn describe() {
     );
     describe_gauge!(
         "prism_sync_concurrency_limit",
-        "Requests allowed on the wire now (adaptive, at most sync.max_in_flight); with several teams, one series per team (label team)."
+        "Requests allowed on the wire now (adaptive, at most sync.max_in_flight); per team (label team) where telemetry.team_label gives per-team metrics."
     );
     describe_counter!(
         "prism_sync_items_total",

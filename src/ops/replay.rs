@@ -193,7 +193,8 @@ struct RecordLane {
     team: String,
 }
 
-/// The newer, not dead, rows of each selected record, in id order.
+/// The newer rows of each selected record that are not dead, and the dead ones answered 2xx
+/// (`unreadable_response`, read as succeeded), in id order.
 type NewerRows = HashMap<RecordLane, Vec<NewerChange>>;
 
 /// What a replay of the filter's rows would do now, the first `limit` of them listed.
@@ -339,7 +340,7 @@ fn newer_rows(rows: Vec<NewerRow>) -> NewerRows {
     newer
 }
 
-/// The newer rows of `s`'s record that are not dead.
+/// The newer rows of `s`'s record (not dead, or dead but answered 2xx: see [`newer_rows`]).
 fn newer_than<'n>(s: &Selected, newer: &'n NewerRows) -> &'n [NewerChange] {
     let all = newer.get(&s.lane).map(Vec::as_slice).unwrap_or_default();
     let first = all.partition_point(|n| n.id <= s.id);

@@ -24,7 +24,8 @@ pub(super) trait Dialect: Sync {
     /// A write transaction (on SQLite, the one writer connection under the in-process gate).
     type Tx: Send;
 
-    /// Opens the transaction a claim or a group of batch ends is written in.
+    /// Opens the transaction a group of batch ends is written in (a claim's is
+    /// [`Dialect::begin_claim`]).
     async fn begin(&self) -> StoreResult<Self::Tx>;
 
     /// Opens a claim's transaction. On Postgres the claim also holds the claim gate (shared):

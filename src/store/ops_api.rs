@@ -187,8 +187,8 @@ impl OpsTx {
     /// The rows of `records` with an id above `after_id` that are not dead, in id order, and the
     /// dead ones the API most likely applied (`unreadable_response`: it answered 2xx, the body
     /// could not be read), which read as `succeeded`. In a write transaction on Postgres they
-    /// are locked without waiting, and a row someone else holds reads as `in_flight`: its
-    /// outcome is not known.
+    /// are locked without waiting (rows in flight are not locked; they read as `in_flight`),
+    /// and a row someone else holds reads as `in_flight`: its outcome is not known.
     pub async fn newer_rows(
         &mut self,
         records: &[&str],
