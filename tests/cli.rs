@@ -183,6 +183,26 @@ both_backends! {
         assert_eq!(store.succeeded_rows().await.expect("succeeded rows"), 2);
     }
 
+    async fn status_tells_a_lapsed_lease_from_a_batch_being_sent(db) {
+        // A replica killed while it held a batch leaves its name on it; until another leases
+        // it (its lane paused, say), status used to call it "sending".
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        let (lapsed, live) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let (body, past, future) = match db.backend {
+            Backend::Sqlite => ("CAST('{}' AS BLOB)", "'2020-01-01T00:00:00.000Z'", "'2999-01-01T00:00:00.000Z'"),
+            Backend::Postgres => ("'\\x7b7d'::bytea", "now() - interval '2 hours'", "now() + interval '1 hour'"),
+        };
+        for (batch, key, owner, until) in [(lapsed, "k1", "deadhost:1:x", past), (live, "k2", "livehost:2:y", future)] {
+            exec(&store, &format!(
+                "INSERT INTO prism_batches (id, idempotency_key, object_type, body, items, item_count, row_count, lease_owner, lease_expires_at)
+                 VALUES ('{batch}', '{key}', 'contact', {body}, '[]', 1, 1, '{owner}', {until})")).await;
+        }
+        let (_, out, err) = verb(&db, &sim, &["status"], "").await;
+        assert!(out.contains("lease lapsed (deadhost:1:x)"), "{out}{err}");
+        assert_eq!(out.matches("sending").count(), 1, "only the live lease is sending: {out}");
+    }
+
     async fn status_exits_4_while_a_change_or_a_batch_key_is_stuck(db) {
         let sim = sim(FaultProfile::default()).await;
         let store = db.store().await;

@@ -271,7 +271,9 @@ fn render_in_flight(report: &StatusReport, out: &mut impl std::io::Write) -> std
                     format!("{}/{}", b.items, b.rows),
                     b.attempts.to_string(),
                     human_age(b.age_seconds),
-                    if b.lease_owner.is_some() {
+                    if let Some(owner) = b.lease_owner.as_ref().filter(|_| b.lease_lapsed) {
+                        format!("lease lapsed ({owner})")
+                    } else if b.lease_owner.is_some() {
                         "sending".into()
                     } else {
                         format!("in {}", human_age(b.next_attempt_in_seconds))

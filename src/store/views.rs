@@ -45,6 +45,9 @@ pub struct OpenBatch {
     pub attempts: i64,
     pub age_seconds: f64,
     pub lease_owner: Option<String>,
+    /// The lease has lapsed (its owner died, or let it go without clearing its name): nobody
+    /// is sending it until a replica leases it again.
+    pub lease_lapsed: bool,
     pub next_attempt_in_seconds: f64,
     pub last_status: Option<i64>,
     pub last_error: Option<String>,

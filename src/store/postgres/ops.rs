@@ -142,7 +142,8 @@ impl PgStore {
             "SELECT id::text, idempotency_key, object_type, item_count::bigint, row_count::bigint, attempts::bigint,
                     extract(epoch FROM now() - created_at)::float8, lease_owner,
                     greatest(0, extract(epoch FROM next_attempt_at - now()))::float8, last_status::bigint, last_error,
-                    team_id, operation
+                    team_id, operation,
+                    lease_owner IS NOT NULL AND (lease_expires_at IS NULL OR lease_expires_at <= now())
              FROM prism_batches WHERE state = 'open' ORDER BY created_at LIMIT $1",
         )
         .bind(i64::from(limit))
@@ -164,6 +165,7 @@ impl PgStore {
                     last_error: r.try_get(10)?,
                     team: r.try_get(11)?,
                     operation: r.try_get(12)?,
+                    lease_lapsed: r.try_get(13)?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()

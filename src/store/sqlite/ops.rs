@@ -116,7 +116,9 @@ impl SqliteStore {
             "SELECT id, idempotency_key, object_type, item_count, row_count, attempts,
                     (julianday('now') - julianday(created_at)) * 86400.0, lease_owner,
                     max(0.0, (julianday(next_attempt_at) - julianday('now')) * 86400.0), last_status, last_error,
-                    team_id, operation
+                    team_id, operation,
+                    lease_owner IS NOT NULL AND (lease_expires_at IS NULL
+                        OR lease_expires_at <= strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
              FROM prism_batches WHERE state = 'open' ORDER BY created_at LIMIT ?1",
         )
         .bind(i64::from(limit))
@@ -138,6 +140,7 @@ impl SqliteStore {
                     last_error: r.try_get(10)?,
                     team: r.try_get(11)?,
                     operation: r.try_get(12)?,
+                    lease_lapsed: r.try_get(13)?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
