@@ -98,17 +98,7 @@ async fn answer_when_asked(
     meanwhile: impl std::future::Future<Output = ()>,
 ) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::new(bin())
-        .args(args)
-        .current_dir(dir.path())
-        .envs(child_env(db, sim))
-        .env("PRISM_SYNC__TELEMETRY__LISTEN", "")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn verb");
+    let (mut child, _dir) = spawn_verb(db, sim, args);
     let mut stdout = child.stdout.take().unwrap();
     let mut shown = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -467,6 +457,23 @@ both_backends! {
     }
 }
 
+/// Two changes of one record, the first `dead` as `not_found`: (the record, their ids).
+async fn a_dead_change_and_a_newer_one(store: &Store) -> (String, Vec<i64>) {
+    let record = uuid();
+    let ids = insert_rows(
+        store,
+        &[(record.clone(), patch(1)), (record.clone(), patch(2))],
+    )
+    .await;
+    set_row(
+        store,
+        ids[0],
+        "state = 'dead', last_error_code = 'not_found', completed_at = CURRENT_TIMESTAMP",
+    )
+    .await;
+    (record, ids)
+}
+
 /// A claim holds its heads while it waits for their followers' locks: a replay that waited for a
 /// row lock could deadlock with it. It never waits; a newer row someone holds counts as in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -475,18 +482,7 @@ async fn a_replay_never_waits_for_a_row_a_claim_holds() {
         return;
     };
     let store = db.store().await;
-    let record = uuid();
-    let ids = insert_rows(
-        &store,
-        &[(record.clone(), patch(1)), (record.clone(), patch(2))],
-    )
-    .await;
-    set_row(
-        &store,
-        ids[0],
-        "state = 'dead', last_error_code = 'not_found'",
-    )
-    .await;
+    let (_, ids) = a_dead_change_and_a_newer_one(&store).await;
     let RawPool::Postgres(pool) = store.raw_pool_for_tests() else {
         unreachable!()
     };
@@ -534,18 +530,7 @@ async fn a_claim_during_a_replay_waits_for_it_and_sends_the_replayed_older_chang
         return;
     };
     let store = db.store().await;
-    let record = uuid();
-    let ids = insert_rows(
-        &store,
-        &[(record.clone(), patch(1)), (record.clone(), patch(2))],
-    )
-    .await;
-    set_row(
-        &store,
-        ids[0],
-        "state = 'dead', last_error_code = 'not_found', completed_at = now()",
-    )
-    .await;
+    let (record, ids) = a_dead_change_and_a_newer_one(&store).await;
     set_row(&store, ids[1], "state = 'succeeded', completed_at = now()").await;
     // The replay's transaction, as `replay::replay` runs it, held open between its reads and
     // its update.

@@ -531,16 +531,15 @@ impl Daemon {
     }
 }
 
-/// Runs a verb to completion: (exit code, stdout, stderr).
-pub async fn verb(
+/// Starts a verb with piped stdin, stdout and stderr, in a directory of its own (kept while
+/// the returned guard lives).
+pub fn spawn_verb(
     db: &TestDb,
     sim: &SimHandle,
     args: &[&str],
-    stdin: &str,
-) -> (i32, String, String) {
-    use tokio::io::AsyncWriteExt;
+) -> (tokio::process::Child, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::new(bin())
+    let child = tokio::process::Command::new(bin())
         .args(args)
         .current_dir(dir.path())
         .envs(child_env(db, sim))
@@ -550,6 +549,18 @@ pub async fn verb(
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn verb");
+    (child, dir)
+}
+
+/// Runs a verb to completion: (exit code, stdout, stderr).
+pub async fn verb(
+    db: &TestDb,
+    sim: &SimHandle,
+    args: &[&str],
+    stdin: &str,
+) -> (i32, String, String) {
+    use tokio::io::AsyncWriteExt;
+    let (mut child, _dir) = spawn_verb(db, sim, args);
     let mut input = child.stdin.take().unwrap();
     input.write_all(stdin.as_bytes()).await.unwrap();
     drop(input);
