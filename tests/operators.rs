@@ -420,6 +420,14 @@ both_backends! {
         assert_eq!(done.replayed, 0, "{:?}", done.plan);
         assert_eq!(done.plan.superseded.len(), 1, "every key it sets was set again: {:?}", done.plan);
         assert!(rows(&store).await.iter().all(|r| r.state == "dead"));
+        // Nor may purge take the newer row away while the older can still be replayed.
+        set_row(&store, ids[1], "completed_at = '2020-01-01T00:00:00.000Z'").await;
+        let scope = purge::scope(&store, &[prism_sync::model::RowState::Dead], Duration::from_secs(3600)).await.unwrap();
+        let chosen = purge::finished_before(&store, &scope, 100).await.unwrap();
+        assert!(!chosen.contains(&ids[1]), "{chosen:?}");
+        // A newer row that died of a real rejection was never applied: replayed as it is.
+        set_row(&store, ids[1], "last_error_code = 'validation_error'").await;
+        assert_eq!(replay::replay(&store, &filter, "oncall", 10).await.unwrap().replayed, 1);
     }
 
     async fn a_confirmed_discard_takes_only_the_rows_its_preview_showed(db) {

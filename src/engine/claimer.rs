@@ -375,7 +375,10 @@ async fn fill(
     let strays = round.strays;
     shared.pauses.refresh(&shared.store).await;
     if !shared.pauses.known() {
-        // The operators' pauses could not be read yet: a paused lane would look open.
+        // The operators' pauses could not be read yet: a paused lane would look open, so
+        // nothing is claimed. The read's error is this round's (readiness and the database
+        // backoff then say so), not a quiet round.
+        shared.store.pauses().await?;
         return Ok(Filled::default());
     }
     if round.probe {

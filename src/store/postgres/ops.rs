@@ -17,11 +17,14 @@ use crate::store::views::{
 };
 use crate::store::{StoreError, StoreResult};
 
-/// See the SQLite store's `no_dead_before`: a succeeded row stays while an older row of its
-/// record is dead, so that a replay of that row can still be judged against it.
+/// See the SQLite store's `no_dead_before`: a succeeded row (or one dead as
+/// `unreadable_response`) stays while an older row of its record is dead, so that a replay of
+/// that row can still be judged against it.
 macro_rules! no_dead_before {
     () => {
-        "NOT (prism_outbox.state = 'succeeded' AND EXISTS (
+        "NOT ((prism_outbox.state = 'succeeded'
+                  OR (prism_outbox.state = 'dead'
+                      AND prism_outbox.last_error_code = 'unreadable_response')) AND EXISTS (
              SELECT 1 FROM prism_outbox AS d
              WHERE d.record_id = prism_outbox.record_id AND d.id < prism_outbox.id
                AND d.state = 'dead' AND d.object_type = prism_outbox.object_type
@@ -357,7 +360,9 @@ impl PgStore {
                                  AND (o.completed_at IS NULL OR o.completed_at >= $1::timestamptz
                                       OR o.state <> ALL($2)
                                       -- kept while an older row of its record is dead
-                                      OR (o.state = 'succeeded' AND EXISTS (
+                                      OR ((o.state = 'succeeded'
+                                           OR (o.state = 'dead' AND o.last_error_code = 'unreadable_response'))
+                                          AND EXISTS (
                                           SELECT 1 FROM prism_outbox d
                                           WHERE d.record_id = o.record_id AND d.id < o.id
                                             AND d.state = 'dead' AND d.object_type = o.object_type
@@ -618,7 +623,8 @@ pub(crate) async fn newer_rows(
 ) -> StoreResult<Vec<NewerRow>> {
     let rows: Vec<NewerColumns> = sqlx::query_as(
         "SELECT id, record_id::text, object_type, team_id, operation,
-                CASE WHEN state = 'dead' THEN 'succeeded' ELSE state END, patch::text
+                CASE WHEN state = 'dead' AND last_error_code = 'unreadable_response'
+                     THEN 'succeeded' ELSE state END, patch::text
              FROM prism_outbox
              WHERE record_id = ANY($1::text[]::uuid[]) AND id > $2
                AND (state <> 'dead' OR last_error_code = 'unreadable_response')
@@ -645,7 +651,8 @@ pub(crate) async fn newer_rows(
     if lock {
         let ids: Vec<i64> = newer.iter().map(|n| n.id).collect();
         let locked: HashMap<i64, String> = sqlx::query_as(
-            "SELECT id, CASE WHEN state = 'dead' THEN 'succeeded' ELSE state END
+            "SELECT id, CASE WHEN state = 'dead' AND last_error_code = 'unreadable_response'
+                             THEN 'succeeded' ELSE state END
              FROM prism_outbox WHERE id = ANY($1) AND state <> 'in_flight'
              ORDER BY id FOR UPDATE SKIP LOCKED",
         )

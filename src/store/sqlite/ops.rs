@@ -19,13 +19,15 @@ use crate::store::views::{
     PurgeAudit, PurgeCut, RowFilter, RowSummary, RowView, StateCount,
 };
 
-/// A succeeded row is kept while an older row of its record is dead: that row may still be
-/// replayed, and replay judges it against the newer changes the API applied (rebased or left
-/// dead as superseded). With the newer change gone, a replay would put the record back to older
+/// A succeeded row (or one dead as `unreadable_response`: answered 2xx, counted as applied) is
+/// kept while an older row of its record is dead: that row may still be replayed, and replay
+/// judges it against the newer changes the API applied (rebased or left dead as superseded). With the newer change gone, a replay would put the record back to older
 /// values. The row goes once the dead row is purged (or replayed and through).
 macro_rules! no_dead_before {
     () => {
-        "NOT (prism_outbox.state = 'succeeded' AND EXISTS (
+        "NOT ((prism_outbox.state = 'succeeded'
+                  OR (prism_outbox.state = 'dead'
+                      AND prism_outbox.last_error_code = 'unreadable_response')) AND EXISTS (
              SELECT 1 FROM prism_outbox AS d
              WHERE d.record_id = prism_outbox.record_id AND d.id < prism_outbox.id
                AND d.state = 'dead' AND d.object_type = prism_outbox.object_type
@@ -312,7 +314,9 @@ impl SqliteStore {
                                  AND (o.completed_at IS NULL OR o.completed_at >= ?1
                                       OR o.state NOT IN (SELECT value FROM json_each(?2))
                                       -- kept while an older row of its record is dead
-                                      OR (o.state = 'succeeded' AND EXISTS (
+                                      OR ((o.state = 'succeeded'
+                                           OR (o.state = 'dead' AND o.last_error_code = 'unreadable_response'))
+                                          AND EXISTS (
                                           SELECT 1 FROM prism_outbox AS d
                                           WHERE d.record_id = o.record_id AND d.id < o.id
                                             AND d.state = 'dead' AND d.object_type = o.object_type
@@ -573,7 +577,9 @@ pub(crate) async fn newer_rows(
 ) -> StoreResult<Vec<NewerRow>> {
     let rows = sqlx::query(
         "SELECT id, CAST(record_id AS BLOB), CAST(object_type AS BLOB), CAST(team_id AS BLOB),
-                CAST(operation AS BLOB), CASE WHEN state = 'dead' THEN 'succeeded' ELSE state END,
+                CAST(operation AS BLOB),
+                CASE WHEN state = 'dead' AND last_error_code = 'unreadable_response'
+                     THEN 'succeeded' ELSE state END,
                 CAST(patch AS BLOB)
          FROM prism_outbox
          WHERE record_id IN (SELECT value FROM json_each(?1)) AND id > ?2
