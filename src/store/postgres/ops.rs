@@ -17,18 +17,47 @@ use crate::store::views::{
 };
 use crate::store::{StoreError, StoreResult};
 
-/// See the SQLite store's `no_dead_before`: a succeeded row (or one dead as
-/// `unreadable_response`) stays while an older row of its record is dead, so that a replay of
-/// that row can still be judged against it.
+/// As in the SQLite store. Whether the row `$t` counts as applied by the API: `succeeded`, or `dead` as
+/// `unreadable_response` (answered 2xx, its body unreadable). Replay judges a dead row against
+/// the newer rows of its record that count as applied, and purge keeps those (below).
+macro_rules! applied {
+    ($t:literal) => {
+        concat!(
+            "(",
+            $t,
+            ".state = 'succeeded' OR (",
+            $t,
+            ".state = 'dead' AND ",
+            $t,
+            ".last_error_code = 'unreadable_response'))"
+        )
+    };
+}
+
+/// A row `$t` that counts as applied is kept while an older row of its record is dead: that
+/// row may still be replayed, and replay judges it against the newer changes the API applied
+/// (rebased or left dead as superseded). With the newer change gone, a replay would put the
+/// record back to older values. The row goes once the dead row is purged (or replayed and
+/// through).
 macro_rules! no_dead_before {
-    () => {
-        "NOT ((prism_outbox.state = 'succeeded'
-                  OR (prism_outbox.state = 'dead'
-                      AND prism_outbox.last_error_code = 'unreadable_response')) AND EXISTS (
+    ($t:literal) => {
+        concat!(
+            "NOT (",
+            applied!($t),
+            " AND EXISTS (
              SELECT 1 FROM prism_outbox AS d
-             WHERE d.record_id = prism_outbox.record_id AND d.id < prism_outbox.id
-               AND d.state = 'dead' AND d.object_type = prism_outbox.object_type
-               AND d.team_id = prism_outbox.team_id))"
+             WHERE d.record_id = ",
+            $t,
+            ".record_id AND d.id < ",
+            $t,
+            ".id
+               AND d.state = 'dead' AND d.object_type = ",
+            $t,
+            ".object_type
+               AND d.team_id = ",
+            $t,
+            ".team_id))"
+        )
     };
 }
 
@@ -346,28 +375,23 @@ impl PgStore {
         let by_state = sqlx::query_as(concat!(
             "SELECT state, count(*) FROM prism_outbox
              WHERE completed_at < $1::timestamptz AND state = ANY($2) AND ",
-            no_dead_before!(),
+            no_dead_before!("prism_outbox"),
             " GROUP BY state"
         ))
         .bind(cut.cutoff)
         .bind(cut.states)
         .fetch_all(&self.pool)
         .await?;
-        let batches = sqlx::query_scalar(
+        let batches = sqlx::query_scalar(concat!(
             "SELECT count(*) FROM prism_batches b
              WHERE b.state <> 'open' AND b.completed_at < $1::timestamptz
                AND NOT EXISTS (SELECT 1 FROM prism_outbox o WHERE o.batch_id = b.id
                                  AND (o.completed_at IS NULL OR o.completed_at >= $1::timestamptz
                                       OR o.state <> ALL($2)
-                                      -- kept while an older row of its record is dead
-                                      OR ((o.state = 'succeeded'
-                                           OR (o.state = 'dead' AND o.last_error_code = 'unreadable_response'))
-                                          AND EXISTS (
-                                          SELECT 1 FROM prism_outbox d
-                                          WHERE d.record_id = o.record_id AND d.id < o.id
-                                            AND d.state = 'dead' AND d.object_type = o.object_type
-                                            AND d.team_id = o.team_id))))",
-        )
+                                      OR NOT ",
+            no_dead_before!("o"),
+            "))"
+        ))
         .bind(cut.cutoff)
         .bind(cut.states)
         .fetch_one(&self.pool)
@@ -383,7 +407,7 @@ impl PgStore {
         Ok(sqlx::query_scalar(concat!(
             "SELECT id FROM prism_outbox
              WHERE completed_at < $1::timestamptz AND state = ANY($2) AND ",
-            no_dead_before!(),
+            no_dead_before!("prism_outbox"),
             " LIMIT $3"
         ))
         .bind(cut.cutoff)
@@ -407,7 +431,7 @@ impl PgStore {
              WHERE id = ANY($1)
                AND state IN ('succeeded', 'dead') AND state = ANY($2)
                AND completed_at IS NOT NULL AND completed_at < $3::timestamptz AND ",
-            no_dead_before!()
+            no_dead_before!("prism_outbox")
         ))
         .bind(ids)
         .bind(cut.states)
@@ -621,15 +645,17 @@ pub(crate) async fn newer_rows(
     after_id: i64,
     lock: bool,
 ) -> StoreResult<Vec<NewerRow>> {
-    let rows: Vec<NewerColumns> = sqlx::query_as(
-        "SELECT id, record_id::text, object_type, team_id, operation,
-                CASE WHEN state = 'dead' AND last_error_code = 'unreadable_response'
-                     THEN 'succeeded' ELSE state END, patch::text
+    let rows: Vec<NewerColumns> = sqlx::query_as(concat!(
+        "SELECT id, record_id::text, object_type, team_id, operation, CASE WHEN ",
+        applied!("prism_outbox"),
+        " THEN 'succeeded' ELSE state END, patch::text
              FROM prism_outbox
              WHERE record_id = ANY($1::text[]::uuid[]) AND id > $2
-               AND (state <> 'dead' OR last_error_code = 'unreadable_response')
-             ORDER BY id",
-    )
+               AND (state <> 'dead' OR ",
+        applied!("prism_outbox"),
+        ")
+             ORDER BY id"
+    ))
     .bind(records)
     .bind(after_id)
     .fetch_all(&mut *c)
@@ -650,12 +676,13 @@ pub(crate) async fn newer_rows(
         .collect();
     if lock {
         let ids: Vec<i64> = newer.iter().map(|n| n.id).collect();
-        let locked: HashMap<i64, String> = sqlx::query_as(
-            "SELECT id, CASE WHEN state = 'dead' AND last_error_code = 'unreadable_response'
-                             THEN 'succeeded' ELSE state END
+        let locked: HashMap<i64, String> = sqlx::query_as(concat!(
+            "SELECT id, CASE WHEN ",
+            applied!("prism_outbox"),
+            " THEN 'succeeded' ELSE state END
              FROM prism_outbox WHERE id = ANY($1) AND state <> 'in_flight'
-             ORDER BY id FOR UPDATE SKIP LOCKED",
-        )
+             ORDER BY id FOR UPDATE SKIP LOCKED"
+        ))
         .bind(&ids)
         .fetch_all(&mut *c)
         .await?

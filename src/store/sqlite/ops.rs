@@ -19,19 +19,47 @@ use crate::store::views::{
     PurgeAudit, PurgeCut, RowFilter, RowSummary, RowView, StateCount,
 };
 
-/// A succeeded row (or one dead as `unreadable_response`: answered 2xx, counted as applied) is
-/// kept while an older row of its record is dead: that row may still be replayed, and replay
-/// judges it against the newer changes the API applied (rebased or left dead as superseded). With the newer change gone, a replay would put the record back to older
-/// values. The row goes once the dead row is purged (or replayed and through).
+/// Whether the row `$t` counts as applied by the API: `succeeded`, or `dead` as
+/// `unreadable_response` (answered 2xx, its body unreadable). Replay judges a dead row against
+/// the newer rows of its record that count as applied, and purge keeps those (below).
+macro_rules! applied {
+    ($t:literal) => {
+        concat!(
+            "(",
+            $t,
+            ".state = 'succeeded' OR (",
+            $t,
+            ".state = 'dead' AND ",
+            $t,
+            ".last_error_code = 'unreadable_response'))"
+        )
+    };
+}
+
+/// A row `$t` that counts as applied is kept while an older row of its record is dead: that
+/// row may still be replayed, and replay judges it against the newer changes the API applied
+/// (rebased or left dead as superseded). With the newer change gone, a replay would put the
+/// record back to older values. The row goes once the dead row is purged (or replayed and
+/// through).
 macro_rules! no_dead_before {
-    () => {
-        "NOT ((prism_outbox.state = 'succeeded'
-                  OR (prism_outbox.state = 'dead'
-                      AND prism_outbox.last_error_code = 'unreadable_response')) AND EXISTS (
+    ($t:literal) => {
+        concat!(
+            "NOT (",
+            applied!($t),
+            " AND EXISTS (
              SELECT 1 FROM prism_outbox AS d
-             WHERE d.record_id = prism_outbox.record_id AND d.id < prism_outbox.id
-               AND d.state = 'dead' AND d.object_type = prism_outbox.object_type
-               AND d.team_id = prism_outbox.team_id))"
+             WHERE d.record_id = ",
+            $t,
+            ".record_id AND d.id < ",
+            $t,
+            ".id
+               AND d.state = 'dead' AND d.object_type = ",
+            $t,
+            ".object_type
+               AND d.team_id = ",
+            $t,
+            ".team_id))"
+        )
     };
 }
 
@@ -300,28 +328,23 @@ impl SqliteStore {
         let by_state = sqlx::query_as(concat!(
             "SELECT state, count(*) FROM prism_outbox INDEXED BY prism_outbox_completed
              WHERE completed_at < ?1 AND state IN (SELECT value FROM json_each(?2)) AND ",
-            no_dead_before!(),
+            no_dead_before!("prism_outbox"),
             " GROUP BY state"
         ))
         .bind(cut.cutoff)
         .bind(&states)
         .fetch_all(&self.pool)
         .await?;
-        let batches = sqlx::query_scalar(
+        let batches = sqlx::query_scalar(concat!(
             "SELECT count(*) FROM prism_batches b
              WHERE b.state <> 'open' AND b.completed_at < ?1
                AND NOT EXISTS (SELECT 1 FROM prism_outbox o WHERE o.batch_id = b.id
                                  AND (o.completed_at IS NULL OR o.completed_at >= ?1
                                       OR o.state NOT IN (SELECT value FROM json_each(?2))
-                                      -- kept while an older row of its record is dead
-                                      OR ((o.state = 'succeeded'
-                                           OR (o.state = 'dead' AND o.last_error_code = 'unreadable_response'))
-                                          AND EXISTS (
-                                          SELECT 1 FROM prism_outbox AS d
-                                          WHERE d.record_id = o.record_id AND d.id < o.id
-                                            AND d.state = 'dead' AND d.object_type = o.object_type
-                                            AND d.team_id = o.team_id))))",
-        )
+                                      OR NOT ",
+            no_dead_before!("o"),
+            "))"
+        ))
         .bind(cut.cutoff)
         .bind(&states)
         .fetch_one(&self.pool)
@@ -337,7 +360,7 @@ impl SqliteStore {
         Ok(sqlx::query_scalar(concat!(
             "SELECT id FROM prism_outbox INDEXED BY prism_outbox_completed
              WHERE completed_at < ?1 AND state IN (SELECT value FROM json_each(?2)) AND ",
-            no_dead_before!(),
+            no_dead_before!("prism_outbox"),
             " LIMIT ?3"
         ))
         .bind(cut.cutoff)
@@ -359,7 +382,7 @@ impl SqliteStore {
              WHERE id IN (SELECT value FROM json_each(?1))
                AND state IN ('succeeded', 'dead') AND state IN (SELECT value FROM json_each(?2))
                AND completed_at IS NOT NULL AND completed_at < ?3 AND ",
-            no_dead_before!()
+            no_dead_before!("prism_outbox")
         ))
         .bind(json(ids))
         .bind(json(cut.states))
@@ -575,17 +598,18 @@ pub(crate) async fn newer_rows(
     records: &[&str],
     after_id: i64,
 ) -> StoreResult<Vec<NewerRow>> {
-    let rows = sqlx::query(
+    let rows = sqlx::query(concat!(
         "SELECT id, CAST(record_id AS BLOB), CAST(object_type AS BLOB), CAST(team_id AS BLOB),
-                CAST(operation AS BLOB),
-                CASE WHEN state = 'dead' AND last_error_code = 'unreadable_response'
-                     THEN 'succeeded' ELSE state END,
-                CAST(patch AS BLOB)
+                CAST(operation AS BLOB), CASE WHEN ",
+        applied!("prism_outbox"),
+        " THEN 'succeeded' ELSE state END, CAST(patch AS BLOB)
          FROM prism_outbox
          WHERE record_id IN (SELECT value FROM json_each(?1)) AND id > ?2
-           AND (state <> 'dead' OR last_error_code = 'unreadable_response')
-         ORDER BY id",
-    )
+           AND (state <> 'dead' OR ",
+        applied!("prism_outbox"),
+        ")
+         ORDER BY id"
+    ))
     .bind(json(records))
     .bind(after_id)
     .fetch_all(&mut *c)
