@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::model::ObjectType;
-use crate::store::{Pause, Store};
+use crate::store::{Pause, Store, StoreError};
 
 /// The pauses in force as last read, and when to read them again.
 pub struct PauseBoard {
@@ -53,8 +53,9 @@ impl PauseBoard {
 
     /// Reads the pauses again unless they were read (or a read began) less than a poll interval
     /// ago. A failed read keeps the last known pauses (the claim that follows meets the same
-    /// database).
-    pub async fn refresh(&self, store: &Store) {
+    /// database), is logged once per outage, and is returned, for a caller that cannot act
+    /// without the pauses ([`PauseBoard::known`]).
+    pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
         let due = {
             let mut board = self.state.lock().expect("pause lock");
             let due = board.read_at.is_none_or(|at| at.elapsed() >= self.every);
@@ -67,10 +68,13 @@ impl PauseBoard {
             due
         };
         if !due {
-            return;
+            return Ok(());
         }
         match store.pauses().await {
-            Ok(pauses) => self.set(pauses),
+            Ok(pauses) => {
+                self.set(pauses);
+                Ok(())
+            }
             Err(e) => {
                 let mut board = self.state.lock().expect("pause lock");
                 // Read again after a poll interval, but say so once per outage, not each time.
@@ -81,6 +85,7 @@ impl PauseBoard {
                 if !std::mem::replace(&mut board.failing, true) {
                     warn!(error = %e, "cannot read the operators' pauses; keeping the last known");
                 }
+                Err(e)
             }
         }
     }

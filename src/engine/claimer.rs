@@ -373,12 +373,12 @@ async fn fill(
 ) -> Result<Filled, StoreError> {
     let cfg = &shared.cfg;
     let strays = round.strays;
-    shared.pauses.refresh(&shared.store).await;
+    let read = shared.pauses.refresh(&shared.store).await;
     if !shared.pauses.known() {
         // The operators' pauses could not be read yet: a paused lane would look open, so
         // nothing is claimed. The read's error is this round's (readiness and the database
         // backoff then say so), not a quiet round.
-        shared.store.pauses().await?;
+        read?;
         return Ok(Filled::default());
     }
     if round.probe {

@@ -113,8 +113,9 @@ async fn send_and_settle(
 ) {
     // The pauses as of at most one poll interval ago (one small read, shared with the claim
     // rounds): an idle claimer's rounds are further apart than that, and a batch buffered
-    // before a pause must still go back unsent.
-    shared.pauses.refresh(&shared.store).await;
+    // before a pause must still go back unsent. A failed read is logged, and the pauses as
+    // last read hold (a batch exists only once they have been read).
+    let _ = shared.pauses.refresh(&shared.store).await;
     if lane_paused(shared, team, held.batch()) {
         hand_back(shared, held.batch()).await;
         return;
@@ -198,8 +199,8 @@ async fn send(shared: &Shared, team: &Team, batch: &LeasedBatch) -> Option<(Exch
         // The waits above can be long (a concurrency slot behind slow requests, a 429's pause
         // of up to `http.max_retry_after`, the request ceiling): an operator's pause that came
         // meanwhile still holds the batch back, and nothing goes out later than one poll
-        // interval after it.
-        shared.pauses.refresh(&shared.store).await;
+        // interval after it. A failed read is logged, and the pauses as last read hold.
+        let _ = shared.pauses.refresh(&shared.store).await;
         if lane_paused(shared, team, batch) {
             return None;
         }
