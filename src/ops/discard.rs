@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::select::RowSelection;
 use crate::model::RowState;
 use crate::store::views::{RowFilter, RowSummary};
-use crate::store::{OpsTx, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// The code a discarded row carries.
 pub const DISCARDED: &str = "discarded";
@@ -153,13 +153,7 @@ pub async fn preview(store: &Store, f: &DiscardFilter) -> Result<DiscardPreview,
 /// in one transaction. Rows that were claimed meanwhile (in flight now) are left to their
 /// batch. Returns how many went.
 pub async fn discard(store: &Store, f: &DiscardFilter, actor: &str) -> Result<u64, DiscardError> {
-    if f.is_empty() {
-        return Err(DiscardError::NoFilter);
-    }
-    let mut tx = store.begin_ops_write().await?;
-    let discarded = discard_in(&mut tx, f, actor, None).await?;
-    tx.commit().await?;
-    Ok(discarded)
+    discard_in(store, f, actor, None).await
 }
 
 /// [`discard`] of the rows `previewed` showed, and only those: a change the application
@@ -170,22 +164,22 @@ pub async fn discard_previewed(
     previewed: &DiscardPreview,
     actor: &str,
 ) -> Result<u64, DiscardError> {
-    if f.is_empty() {
-        return Err(DiscardError::NoFilter);
-    }
     let only: HashSet<i64> = previewed.ids.iter().copied().collect();
-    let mut tx = store.begin_ops_write().await?;
-    let discarded = discard_in(&mut tx, f, actor, Some(&only)).await?;
-    tx.commit().await?;
-    Ok(discarded)
+    discard_in(store, f, actor, Some(&only)).await
 }
 
+/// The rows `f` names (of `only`, when given) to `dead`, with the audit entry, in one write
+/// transaction.
 async fn discard_in(
-    tx: &mut OpsTx,
+    store: &Store,
     f: &DiscardFilter,
     actor: &str,
     only: Option<&HashSet<i64>>,
 ) -> Result<u64, DiscardError> {
+    if f.is_empty() {
+        return Err(DiscardError::NoFilter);
+    }
+    let mut tx = store.begin_ops_write().await?;
     let ids: Vec<i64> = tx
         .select_rows(&f.rows())
         .await?
@@ -197,6 +191,7 @@ async fn discard_in(
     let n = tx.discard(&ids, &WAITING, DISCARDED, &message).await?;
     let note = serde_json::to_string(f).expect("a filter serialises");
     tx.audit(actor, "discard", &note, n).await?;
+    tx.commit().await?;
     Ok(n)
 }
 
