@@ -399,10 +399,10 @@ async fn fill(
     // under one limit, a team with many due retries took the whole round's share and filled
     // its buffer past `max_in_flight` while another team's waited for the next round.
     let mut left = 0;
-    let mut claiming: Vec<&Arc<Team>> = Vec::with_capacity(open.len());
+    let mut lanes = Vec::new();
     for team in &open {
         let places = round.share.places(team.index);
-        let (_, skip_lanes) = lanes_of(shared, &[team]);
+        let (team_lanes, skip_lanes) = lanes_of(shared, &[team]);
         let due = shared
             .store
             .lease_due_batches(&DueRequest {
@@ -415,11 +415,10 @@ async fn fill(
             .await?;
         if due.len() < places {
             left += places - due.len();
-            claiming.push(team);
+            lanes.extend(team_lanes);
         }
         batches.extend(due);
     }
-    let (lanes, _) = lanes_of(shared, &claiming);
     if left > 0 || strays {
         let max_records = left.max(1) * cfg.limits.batch_size;
         let (claimed, filled) = claim(shared, &lanes, max_records, strays, cfg.linger).await?;
