@@ -125,7 +125,7 @@ impl PgStore {
             }
             return Err(e.into());
         }
-        sqlx::raw_sql("SET LOCAL lock_timeout = 0")
+        sqlx::raw_sql("SET LOCAL lock_timeout TO DEFAULT")
             .execute(&mut *tx)
             .await?;
         Ok(tx)
