@@ -7,6 +7,7 @@
 //! flowing lanes, a count of its claimable rows, and [`crate::linger`] decides how many rows
 //! each lane gives now.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use super::dialect::Dialect;
@@ -35,6 +36,7 @@ pub(super) async fn claim<D: Dialect>(
     // The followers may wait for a row lock (a record's later row locked elsewhere): not under
     // the gate, which would hold up every other claim of this process behind it.
     drop(gate);
+    let heads = still_waiting(db, &mut tx, heads).await?;
     if heads.is_empty() {
         db.rollback(tx).await?;
         return Ok(ClaimOutcome {
@@ -44,6 +46,14 @@ pub(super) async fn claim<D: Dialect>(
         });
     }
     let followers = take_followers(db, &mut tx, &heads, req).await?;
+    let taken_meanwhile = waiting_ids(db, &mut tx, &followers).await?;
+    let followers = unbroken_followers(followers, taken_meanwhile.as_ref());
+    let mut lanes: Vec<(Vec<u8>, Vec<u8>)> = heads
+        .iter()
+        .map(|h| (h.team_id.clone(), h.object_type.clone()))
+        .collect();
+    lanes.sort_unstable();
+    lanes.dedup();
     let chains = batch::record_chains(heads, followers);
     let plan = batch::plan_batches(chains, req.limits, req.teams);
     db.insert_batches(&mut tx, &plan.batches, req.owner, req.lease, None)
@@ -53,12 +63,67 @@ pub(super) async fn claim<D: Dialect>(
         db.mark_dead(&mut tx, &plan.dead).await?;
     }
     db.commit(tx).await?;
+    // After the commit, so that the floor passes the rows just claimed. Only what the next
+    // claims walk depends on it: a floor left behind costs a longer walk, never a row.
+    if let Err(e) = db.advance_floors(&lanes).await {
+        tracing::warn!(error = %e, "could not move the claimed lanes' floors on (the next claim walks further)");
+    }
     Ok(ClaimOutcome {
         batches: plan.batches.into_iter().map(LeasedBatch::fresh).collect(),
         dead: plan.dead,
         lingering,
         waiting,
     })
+}
+
+/// Which of `rows` no other claim took after this claim's statements read them
+/// ([`Dialect::still_waiting`]); `None`: all of them.
+async fn waiting_ids<D: Dialect>(
+    db: &D,
+    tx: &mut D::Tx,
+    rows: &[CandidateRow],
+) -> StoreResult<Option<HashSet<i64>>> {
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    db.still_waiting(tx, &ids).await
+}
+
+/// `heads` less those another claim took meanwhile.
+async fn still_waiting<D: Dialect>(
+    db: &D,
+    tx: &mut D::Tx,
+    heads: Vec<CandidateRow>,
+) -> StoreResult<Vec<CandidateRow>> {
+    Ok(match waiting_ids(db, tx, &heads).await? {
+        None => heads,
+        Some(waiting) => heads
+            .into_iter()
+            .filter(|r| waiting.contains(&r.id))
+            .collect(),
+    })
+}
+
+/// The followers that still follow their head without a gap: from a follower that another
+/// claim took meanwhile on, none of its record's later followers go either, so that no change
+/// of a record goes before an older one.
+fn unbroken_followers(
+    followers: Vec<CandidateRow>,
+    waiting: Option<&HashSet<i64>>,
+) -> Vec<CandidateRow> {
+    let Some(waiting) = waiting else {
+        return followers;
+    };
+    let mut broken: HashMap<Vec<u8>, i64> = HashMap::new();
+    for f in followers.iter().filter(|f| !waiting.contains(&f.id)) {
+        let at = broken.entry(f.record_id_raw.clone()).or_insert(f.id);
+        *at = (*at).min(f.id);
+    }
+    followers
+        .into_iter()
+        .filter(|f| broken.get(&f.record_id_raw).is_none_or(|&at| f.id < at))
+        .collect()
 }
 
 /// What [`take_heads`] found.

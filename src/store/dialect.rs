@@ -107,6 +107,27 @@ pub(super) trait Dialect: Sync {
         req: &ClaimRequest<'_>,
     ) -> StoreResult<Vec<CandidateRow>>;
 
+    /// Which of `ids` (rows this claim has locked) still wait as this claim read them: none
+    /// taken by another claim that committed after this claim's statements read the outbox.
+    /// `None`: all of them (an engine whose claims run one at a time). On Postgres a claim
+    /// locks an outbox row it does not update, and a lock on a row that was only locked
+    /// re-checks nothing: another claim that took the row and committed between this claim's
+    /// read and its lock has left only a claim row, which this statement reads afresh.
+    async fn still_waiting(
+        &self,
+        _tx: &mut Self::Tx,
+        _ids: &[i64],
+    ) -> StoreResult<Option<HashSet<i64>>> {
+        Ok(None)
+    }
+
+    /// Moves the floors of `lanes` (team, object type, as stored) on past the rows claimed so
+    /// far, in a transaction of its own, after a claim's commit. Only the cost of later claims
+    /// depends on it (a floor left behind is walked from); engines without floors do nothing.
+    async fn advance_floors(&self, _lanes: &[(Vec<u8>, Vec<u8>)]) -> StoreResult<()> {
+        Ok(())
+    }
+
     /// Stores `batches` (key, body, items) leased to `owner` for `lease`; `parent` for the
     /// children of a split.
     async fn insert_batches(

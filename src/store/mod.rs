@@ -512,7 +512,7 @@ impl Store {
     /// rows, this reads the whole outbox, so the gauge sampler runs it on a budget of its own
     /// (`telemetry::next_full_count`). One statement for both engines.
     pub async fn succeeded_rows(&self) -> StoreResult<i64> {
-        const SUCCEEDED: &str = "SELECT count(*) FROM prism_outbox WHERE state = 'succeeded'";
+        const SUCCEEDED: &str = "SELECT count(*) FROM prism_outbox_rows WHERE state = 'succeeded'";
         dispatch!(self, s => Ok(sqlx::query_scalar(SUCCEEDED).fetch_one(s.pool()).await?))
     }
 }

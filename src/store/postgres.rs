@@ -12,12 +12,12 @@ use uuid::Uuid;
 
 use super::dialect::Dialect;
 use super::{
-    ClaimRequest, DeferBatch, DueRequest, FinishBatch, Gauges, Lane, LeasedBatch, RowColumns,
+    BatchEnd, ClaimRequest, DeferBatch, DueRequest, FinishBatch, Gauges, Lane, LeasedBatch, RowColumns,
     RowUpdate, StoreResult, lease,
 };
 use crate::batch::{CandidateRow, DeadRow, NewBatch};
 use crate::linger::{Backlog, RecentBatch};
-use crate::model::codes;
+use crate::model::{RowState, codes};
 use crate::settings::DatabaseSettings;
 
 mod controls;
@@ -127,18 +127,36 @@ pub(crate) const CLAIM_GATE: (i32, i32) = (0x7072_6367, 0);
 /// an operator can hold every claim back before its own work starts.
 pub(crate) const CLAIM_GATE_WAIT: &str = "10s";
 
-/// The columns a claim reads of a candidate row.
+/// The columns a claim reads of a candidate row `o`; `$attempts` is where its tries are counted
+/// (the outbox row's own until it is first claimed, its claim row's after).
 macro_rules! head_columns {
-    () => {
-        "o.id, o.record_id::text AS record_id,
-         CASE WHEN octet_length(o.patch::text) > $2 THEN NULL ELSE o.patch::text END AS patch,
-         o.object_type, o.operation, o.team_id, o.attempts,
-         (SELECT 1 FROM prism_outbox q
-          WHERE q.record_id = o.record_id AND q.id > o.id
-            AND q.state IN ('pending', 'retrying', 'in_flight') AND (q.state || '') <> 'in_flight'
-          LIMIT 1) IS NOT NULL AS has_later"
+    ($attempts:literal) => {
+        concat!(
+            "o.id, o.record_id::text AS record_id,
+             CASE WHEN octet_length(o.patch::text) > $2 THEN NULL ELSE o.patch::text END AS patch,
+             o.object_type, o.operation, o.team_id, ",
+            $attempts,
+            " AS attempts,
+             (SELECT 1 FROM prism_outbox q LEFT JOIN prism_outbox_claims qc ON qc.id = q.id
+              WHERE q.record_id = o.record_id AND q.id > o.id
+                AND q.state IN ('pending', 'retrying', 'in_flight') AND (q.state || '') <> 'in_flight'
+                AND ",
+            waiting!("qc"),
+            "
+              LIMIT 1) IS NOT NULL AS has_later"
+        )
     };
 }
+
+/// Whether an outbox row with the claim row `$c` (NULL columns when it has none) still waits
+/// to be sent: never claimed (its stored state is then a waiting one), or waiting again after
+/// its claim (replayed, or retrying).
+macro_rules! waiting {
+    ($c:literal) => {
+        concat!("(", $c, ".id IS NULL OR ", $c, ".state IN ('pending', 'retrying'))")
+    };
+}
+
 /// Whether the candidate `o` may be claimed as far as visibility goes: inserted below the
 /// watermark (no transaction that may still commit an older row is open), or inserted on
 /// another cluster. A row restored with `pg_dump` or copied by logical replication keeps the
@@ -156,13 +174,115 @@ macro_rules! below_watermark {
 /// The per-record order guard as a scalar subquery, not NOT EXISTS: the planner cannot turn it
 /// into an anti-join, so it stays one index probe per candidate however stale the statistics
 /// are (as an anti-join it degraded to a full index scan per candidate on a freshly loaded
-/// table: 1.2 s instead of 1 ms per claim).
+/// table: 1.2 s instead of 1 ms per claim). An older row of the record is unfinished when it
+/// waits (never claimed, or waiting again), or follows a batch that has not ended `done` (in
+/// flight). `prism_outbox_record` holds every row whose stored state is not final, which
+/// since migration 0015 is every row inserted since: the probe reads the record's older rows.
 macro_rules! record_guard {
     () => {
         "(SELECT 1 FROM prism_outbox p
+            LEFT JOIN prism_outbox_claims pc ON pc.id = p.id
+            LEFT JOIN prism_batches pb ON pb.id = pc.batch_id AND pc.state IS NULL
           WHERE p.record_id = o.record_id AND p.id < o.id
             AND p.state IN ('pending', 'retrying', 'in_flight')
+            AND (pc.id IS NULL OR pc.state IN ('pending', 'retrying')
+                 OR (pc.state IS NULL AND pb.state IS DISTINCT FROM 'done'))
           LIMIT 1) IS NULL"
+    };
+}
+
+/// A lane's floor and late txid (see `prism_lane_floors`, migration 0015) as the columns
+/// `floor_id` and `late_txid` of a one-row subquery, for the lane `$t`, `$y`: (0, 0) before
+/// its first claim.
+macro_rules! lane_floor {
+    ($t:literal, $y:literal) => {
+        concat!(
+            "(SELECT COALESCE(max(f.floor_id), 0) AS floor_id,
+                     COALESCE(max(f.late_txid), '0'::xid8) AS late_txid
+              FROM prism_lane_floors f WHERE f.team_id = ",
+            $t,
+            " AND f.object_type = ",
+            $y,
+            ")"
+        )
+    };
+}
+
+/// The rows a claim of the lane `$t`, `$y` may take, from its three sources, each a `FROM ...
+/// WHERE ...` over the outbox row `o` (and `c`, its claim row, in the third); `$floor` and
+/// `$late` are the lane's floor and late txid (from a [`lane_floor!`]). Due, below the watermark, and no older row of the record unfinished.
+///
+/// 1. `fresh`: rows never claimed, walked in the lane from its floor;
+/// 2. `late`: rows never claimed below the floor whose transaction is at or past the floor's
+///    late txid (they committed after the floor passed them; a short range of the txid index);
+/// 3. `again`: rows waiting again (replayed, retrying), from their claim rows.
+macro_rules! source_fresh {
+    ($t:literal, $y:literal, $floor:literal) => {
+        concat!(
+            " FROM prism_outbox o
+             WHERE o.team_id = ",
+            $t,
+            " AND o.object_type = ",
+            $y,
+            " AND o.state IN ('pending', 'retrying') AND o.id >= ",
+            $floor,
+            "
+               AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
+               AND o.next_attempt_at <= now() AND ",
+            below_watermark!(),
+            " AND ",
+            record_guard!()
+        )
+    };
+}
+macro_rules! source_late {
+    ($t:literal, $y:literal, $floor:literal, $late:literal) => {
+        concat!(
+            " FROM prism_outbox o
+             WHERE o.team_id = ",
+            $t,
+            " AND o.object_type = ",
+            $y,
+            " AND o.txid >= ",
+            $late,
+            " AND o.id < ",
+            $floor,
+            " AND o.state IN ('pending', 'retrying')
+               AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
+               AND o.next_attempt_at <= now() AND ",
+            below_watermark!(),
+            " AND ",
+            record_guard!()
+        )
+    };
+}
+macro_rules! source_again {
+    ($t:literal, $y:literal) => {
+        concat!(
+            " FROM prism_outbox_claims c JOIN prism_outbox o ON o.id = c.id
+             WHERE c.team_id = ",
+            $t,
+            " AND c.object_type = ",
+            $y,
+            " AND c.state IN ('pending', 'retrying') AND c.next_attempt_at <= now() AND ",
+            record_guard!()
+        )
+    };
+}
+
+/// `lanes(team_id, object_type)`: every lane that holds rows, by a skip scan of the lane index
+/// (a few index probes a lane, however many rows it holds), in a `WITH RECURSIVE`.
+macro_rules! lanes_cte {
+    () => {
+        "lanes(team_id, object_type) AS (
+             (SELECT team_id, object_type FROM prism_outbox
+              WHERE state IN ('pending', 'retrying') ORDER BY team_id, object_type LIMIT 1)
+             UNION ALL
+             SELECT n.team_id, n.object_type FROM lanes CROSS JOIN LATERAL (
+                 SELECT o.team_id, o.object_type FROM prism_outbox o
+                 WHERE o.state IN ('pending', 'retrying')
+                   AND (o.team_id, o.object_type) > (lanes.team_id, lanes.object_type)
+                 ORDER BY o.team_id, o.object_type LIMIT 1) n)"
     };
 }
 
@@ -317,58 +437,108 @@ impl PgStore {
 
     pub async fn gauges(&self) -> StoreResult<Gauges> {
         let mut g = Gauges::default();
-        // Unfinished rows through prism_outbox_record (its predicate is exactly these states)
-        // and dead ones through prism_outbox_dead_record: bounded by the backlog and the dead,
-        // not by the finished rows kept (see `succeeded_rows`).
-        let rows = sqlx::query(
-            "SELECT state, count(*) FROM prism_outbox
-             WHERE state IN ('pending', 'retrying', 'in_flight') GROUP BY state",
-        )
+        // Bounded by the backlog, not by the finished rows kept (see `succeeded_rows`): rows
+        // never claimed from each lane's floor (and late below it), rows waiting again and
+        // retrying through their claim rows' index, rows in flight through the open batches.
+        let rows = sqlx::query(concat!(
+            "WITH RECURSIVE ",
+            lanes_cte!(),
+            ", fl AS (SELECT l.team_id, l.object_type, COALESCE(f.floor_id, 0) AS floor_id,
+                            COALESCE(f.late_txid, '0'::xid8) AS late_txid
+                     FROM lanes l LEFT JOIN prism_lane_floors f
+                          ON f.team_id = l.team_id AND f.object_type = l.object_type)
+             SELECT 'pending', (SELECT count(*) FROM fl CROSS JOIN LATERAL (
+                                    SELECT 1 FROM prism_outbox o
+                                    WHERE o.team_id = fl.team_id AND o.object_type = fl.object_type
+                                      AND o.state IN ('pending', 'retrying') AND o.id >= fl.floor_id
+                                      AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
+                                    UNION ALL
+                                    SELECT 1 FROM prism_outbox o
+                                    WHERE o.team_id = fl.team_id AND o.object_type = fl.object_type
+                                      AND o.txid >= fl.late_txid AND o.id < fl.floor_id
+                                      AND o.state IN ('pending', 'retrying')
+                                      AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)) x)
+                               + (SELECT count(*) FROM prism_outbox_claims WHERE state = 'pending')
+             UNION ALL
+             SELECT 'retrying', count(*) FROM prism_outbox_claims WHERE state = 'retrying'
+             UNION ALL
+             SELECT 'in_flight', count(*) FROM prism_batches b
+                 JOIN prism_outbox_claims c ON c.batch_id = b.id
+             WHERE b.state = 'open' AND c.state IS NULL"
+        ))
         .fetch_all(&self.pool)
         .await?;
-        g.rows_by_state = super::text_counts(&rows)?;
+        g.rows_by_state = super::text_counts(&rows)?
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        // Dead rows: claim rows, and rows that died before migration 0015 (no claim row).
         let rows = sqlx::query(
-            "SELECT COALESCE(last_error_code, 'unknown'), count(*) FROM prism_outbox
-             WHERE state = 'dead' GROUP BY 1 ORDER BY 2 DESC",
+            "SELECT code, count(*) FROM (
+                 SELECT COALESCE(last_error_code, 'unknown') AS code FROM prism_outbox_claims
+                 WHERE state = 'dead'
+                 UNION ALL
+                 SELECT COALESCE(o.last_error_code, 'unknown') FROM prism_outbox o
+                 WHERE o.state = 'dead'
+                   AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)) d
+             GROUP BY 1 ORDER BY 2 DESC",
         )
         .fetch_all(&self.pool)
         .await?;
         g.dead_by_code = super::text_counts(&rows)?;
         g.count_dead();
-        let row = sqlx::query(
-            "SELECT
+        let row = sqlx::query(concat!(
+            "WITH RECURSIVE ",
+            lanes_cte!(),
+            ", fl AS (SELECT l.team_id, l.object_type, COALESCE(f.floor_id, 0) AS floor_id,
+                            COALESCE(f.late_txid, '0'::xid8) AS late_txid
+                     FROM lanes l LEFT JOIN prism_lane_floors f
+                          ON f.team_id = l.team_id AND f.object_type = l.object_type
+                     WHERE l.object_type = ANY($1))
+             SELECT
                (SELECT COALESCE(extract(epoch FROM now() - min(t)), 0)::float8 FROM (
-                  SELECT (SELECT enqueued_at FROM prism_outbox WHERE id = (
-                    -- The oldest of the lanes' first rows, teams found by a skip scan.
-                    WITH RECURSIVE teams(t) AS (
-                        (SELECT team_id FROM prism_outbox WHERE state IN ('pending', 'retrying')
-                         ORDER BY team_id LIMIT 1)
-                        UNION ALL
-                        SELECT (SELECT team_id FROM prism_outbox
-                                WHERE state IN ('pending', 'retrying') AND team_id > teams.t
-                                ORDER BY team_id LIMIT 1)
-                        FROM teams WHERE teams.t IS NOT NULL)
-                    SELECT min((SELECT min(id) FROM prism_outbox
-                                WHERE team_id = teams.t AND object_type = ty
-                                  AND state IN ('pending', 'retrying')))
-                    FROM teams, unnest($1::text[]) AS ty WHERE teams.t IS NOT NULL)) AS t
+                  -- Each lane's first row never claimed, and its late rows.
+                  SELECT (SELECT o.enqueued_at FROM prism_outbox o
+                          WHERE o.team_id = fl.team_id AND o.object_type = fl.object_type
+                            AND o.state IN ('pending', 'retrying') AND o.id >= fl.floor_id
+                            AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
+                          ORDER BY o.id LIMIT 1) AS t FROM fl
                   UNION ALL
-                  -- Per open batch, through its rows' index: bounded by the rows in flight.
-                  -- `IS TRUE` keeps the planner off prism_outbox_record (its predicate names
-                  -- in_flight), whose bitmap it would AND in, reading every waiting row's entry
-                  -- once per batch; as a join it chose a scan of the whole outbox instead.
-                  SELECT min((SELECT min(o.enqueued_at) FROM prism_outbox o
-                              WHERE o.batch_id = b.id AND (o.state = 'in_flight') IS TRUE))
+                  SELECT (SELECT min(o.enqueued_at) FROM prism_outbox o
+                          WHERE o.team_id = fl.team_id AND o.object_type = fl.object_type
+                            AND o.txid >= fl.late_txid AND o.id < fl.floor_id
+                            AND o.state IN ('pending', 'retrying')
+                            AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id))
+                  FROM fl
+                  UNION ALL
+                  -- Rows waiting again: the oldest change of them.
+                  SELECT (SELECT o.enqueued_at FROM prism_outbox o WHERE o.id = (
+                              SELECT min(c.id) FROM prism_outbox_claims c
+                              WHERE c.state IN ('pending', 'retrying')))
+                  UNION ALL
+                  -- Per open batch, through its claim rows: bounded by the rows in flight.
+                  SELECT min((SELECT min(o.enqueued_at) FROM prism_outbox_claims c
+                              JOIN prism_outbox o ON o.id = c.id
+                              WHERE c.batch_id = b.id AND c.state IS NULL))
                   FROM prism_batches b WHERE b.state = 'open') AS ages),
                (SELECT COALESCE(extract(epoch FROM now() - min(created_at)), 0)::float8
                   FROM prism_batches WHERE state = 'open'),
                (SELECT count(*) FROM prism_batches WHERE state = 'open'),
                (SELECT count(*) FROM (
-                  SELECT o.id, o.record_id FROM prism_outbox o WHERE o.state IN ('pending', 'retrying')
-                  LIMIT 10000) w
-                WHERE EXISTS (
-                    SELECT 1 FROM prism_outbox p WHERE p.record_id = w.record_id AND p.id < w.id
-                      AND p.state IN ('pending', 'retrying', 'in_flight'))),
+                  SELECT w.id, w.record_id FROM (
+                      SELECT x.id, x.record_id FROM fl CROSS JOIN LATERAL (
+                          SELECT o.id, o.record_id FROM prism_outbox o
+                          WHERE o.team_id = fl.team_id AND o.object_type = fl.object_type
+                            AND o.state IN ('pending', 'retrying') AND o.id >= fl.floor_id
+                            AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
+                          LIMIT 10000) x
+                      UNION ALL
+                      SELECT o.id, o.record_id FROM prism_outbox_claims c
+                      JOIN prism_outbox o ON o.id = c.id WHERE c.state IN ('pending', 'retrying')) w
+                  LIMIT 10000) o
+                WHERE NOT ",
+            record_guard!(),
+            "),
                (SELECT COALESCE(sum(rows), 0)::bigint FROM prism_audit WHERE action = 'replay'),
                -- How long the transaction the watermark waits for (an open outbox writer) has run.
                (SELECT COALESCE(extract(epoch FROM now() - min(held.since)), 0)::float8
@@ -377,8 +547,8 @@ impl PgStore {
                                 WHERE a.backend_xid = w.xid
                                 UNION ALL
                                 SELECT p.prepared FROM pg_prepared_xacts p
-                                WHERE p.transaction = w.xid) held)",
-        )
+                                WHERE p.transaction = w.xid) held)"
+        ))
         .bind(ClaimRequest::known_types())
         .fetch_one(&self.pool)
         .await?;
@@ -435,12 +605,26 @@ impl Dialect for PgStore {
             .iter()
             .map(|l| (l.team.as_str(), l.object_type.as_str()))
             .unzip();
-        Ok(sqlx::query_as(
+        // Waiting: never claimed (from the floor, or late below it), or waiting again; due or
+        // not, as the claimer's idle rule wants (`ClaimOutcome::waiting`).
+        Ok(sqlx::query_as(concat!(
             "SELECT l.team_id, l.object_type FROM unnest($1::text[], $2::text[]) AS l(team_id, object_type)
+             CROSS JOIN LATERAL ",
+            lane_floor!("l.team_id", "l.object_type"),
+            " fl
              WHERE EXISTS (SELECT 1 FROM prism_outbox o
                            WHERE o.team_id = l.team_id AND o.object_type = l.object_type
-                             AND o.state IN ('pending', 'retrying'))",
-        )
+                             AND o.state IN ('pending', 'retrying') AND o.id >= fl.floor_id
+                             AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id))
+                OR EXISTS (SELECT 1 FROM prism_outbox_claims c
+                           WHERE c.team_id = l.team_id AND c.object_type = l.object_type
+                             AND c.state IN ('pending', 'retrying'))
+                OR EXISTS (SELECT 1 FROM prism_outbox o
+                           WHERE o.team_id = l.team_id AND o.object_type = l.object_type
+                             AND o.txid >= fl.late_txid AND o.id < fl.floor_id
+                             AND o.state IN ('pending', 'retrying')
+                             AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id))"
+        ))
         .bind(&teams)
         .bind(&types)
         .fetch_all(&mut **tx)
@@ -496,18 +680,24 @@ impl Dialect for PgStore {
         let rows = sqlx::query(concat!(
             "SELECT l.n, d.due, d.oldest
              FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS l(team_id, object_type, n)
+             CROSS JOIN LATERAL ",
+            lane_floor!("l.team_id", "l.object_type"),
+            " fl
              CROSS JOIN LATERAL (
                  SELECT count(*) AS due,
-                        COALESCE(extract(epoch FROM now() - min(c.next_attempt_at)), 0)::float8 AS oldest
-                 FROM (SELECT o.next_attempt_at FROM prism_outbox o
-                       WHERE o.team_id = l.team_id AND o.object_type = l.object_type
-                         AND o.state IN ('pending', 'retrying') AND o.next_attempt_at <= now()
-                         AND ",
-                         below_watermark!(),
-                         "
-                         AND ",
-            record_guard!(),
-            " ORDER BY o.id LIMIT $3) c) d"
+                        COALESCE(extract(epoch FROM now() - min(r.due_at)), 0)::float8 AS oldest
+                 FROM ((SELECT o.id, o.next_attempt_at AS due_at",
+            source_fresh!("l.team_id", "l.object_type", "fl.floor_id"),
+            " ORDER BY o.id LIMIT $3)
+                       UNION ALL
+                       (SELECT o.id, o.next_attempt_at",
+            source_late!("l.team_id", "l.object_type", "fl.floor_id", "fl.late_txid"),
+            " ORDER BY o.txid LIMIT $3)
+                       UNION ALL
+                       (SELECT c.id, c.next_attempt_at",
+            source_again!("l.team_id", "l.object_type"),
+            " ORDER BY c.id LIMIT $3)
+                       ORDER BY 1 LIMIT $3) r) d"
         ))
         .bind(&teams)
         .bind(&types)
@@ -554,8 +744,8 @@ impl Dialect for PgStore {
 
     async fn oldest_due(&self, tx: &mut Self::Tx, ids: &[i64]) -> StoreResult<Duration> {
         let age: f64 = sqlx::query_scalar(
-            "SELECT COALESCE(extract(epoch FROM now() - min(next_attempt_at)), 0)::float8
-             FROM prism_outbox WHERE id = ANY($1)",
+            "SELECT COALESCE(extract(epoch FROM now() - min(COALESCE(c.next_attempt_at, o.next_attempt_at))), 0)::float8
+             FROM prism_outbox o LEFT JOIN prism_outbox_claims c ON c.id = o.id WHERE o.id = ANY($1)",
         )
         .bind(ids)
         .fetch_one(&mut **tx)
@@ -569,18 +759,27 @@ impl Dialect for PgStore {
         (team, object_type): &(String, String),
         req: &ClaimRequest<'_>,
     ) -> StoreResult<Vec<CandidateRow>> {
+        // Each source locks what it takes (SKIP LOCKED: another claimer's rows are left to it);
+        // the three are merged in id order. A row a source locked past the merge's limit stays
+        // unclaimed, locked until this transaction ends.
         let heads = sqlx::query(concat!(
-            "SELECT ",
-            head_columns!(),
-            " FROM prism_outbox o
-             WHERE o.team_id = $3 AND o.object_type = $4
-               AND o.state IN ('pending', 'retrying') AND o.next_attempt_at <= now()
-               AND ",
-            below_watermark!(),
-            "
-               AND ",
-            record_guard!(),
-            " ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
+            "WITH fl AS ",
+            lane_floor!("$3", "$4"),
+            ",
+             fresh AS (SELECT ",
+            head_columns!("o.attempts"),
+            source_fresh!("$3", "$4", "(SELECT floor_id FROM fl)"),
+            " ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED),
+             late AS (SELECT ",
+            head_columns!("o.attempts"),
+            source_late!("$3", "$4", "(SELECT floor_id FROM fl)", "(SELECT late_txid FROM fl)"),
+            " ORDER BY o.txid LIMIT $1 FOR UPDATE OF o SKIP LOCKED),
+             again AS (SELECT ",
+            head_columns!("c.attempts"),
+            source_again!("$3", "$4"),
+            " ORDER BY c.id LIMIT $1 FOR UPDATE OF o, c SKIP LOCKED)
+             SELECT * FROM fresh UNION ALL SELECT * FROM late UNION ALL SELECT * FROM again
+             ORDER BY id LIMIT $1"
         ))
         .bind(claim_limit(req))
         .bind(max_patch(req))
@@ -596,30 +795,33 @@ impl Dialect for PgStore {
         tx: &mut Self::Tx,
         req: &ClaimRequest<'_>,
     ) -> StoreResult<Vec<CandidateRow>> {
-        let known_teams: Vec<&str> = req.teams.iter().collect();
-        let strays = sqlx::query(concat!(
-            "SELECT ",
-            head_columns!(),
-            " FROM prism_outbox o
-             WHERE o.state IN ('pending', 'retrying') AND o.next_attempt_at <= now()
-               AND ",
-            below_watermark!(),
-            "
-               AND NOT (o.team_id = ANY($3) AND o.object_type = ANY($4))
-               AND ",
-            record_guard!(),
-            " LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
+        // The lanes that hold rows at all, by a skip scan of the lane index (a lane is a few
+        // index probes, however many rows it has), and those with rows waiting again.
+        let lanes: Vec<(String, String)> = sqlx::query_as(concat!(
+            "WITH RECURSIVE ",
+            lanes_cte!(),
+            " SELECT team_id, object_type FROM lanes
+             UNION
+             SELECT DISTINCT team_id, object_type FROM prism_outbox_claims
+             WHERE state IN ('pending', 'retrying')"
         ))
-        .bind(claim_limit(req))
-        .bind(max_patch(req))
-        .bind(&known_teams)
-        .bind(ClaimRequest::known_types())
         .fetch_all(&mut **tx)
         .await?;
-        Ok(strays
-            .iter()
-            .map(candidate)
-            .collect::<Result<Vec<_>, _>>()?)
+        let known_types = ClaimRequest::known_types();
+        let mut strays = Vec::new();
+        for lane in lanes {
+            let known = req.teams.iter().any(|t| t == lane.0)
+                && known_types.iter().any(|y| *y == lane.1);
+            if known || strays.len() >= req.max_records {
+                continue;
+            }
+            let left = ClaimRequest {
+                max_records: req.max_records - strays.len(),
+                ..*req
+            };
+            strays.extend(self.lane_heads(tx, &lane, &left).await?);
+        }
+        Ok(strays)
     }
 
     async fn followers(
@@ -648,14 +850,16 @@ impl Dialect for PgStore {
              CROSS JOIN LATERAL (
                  SELECT o.id, o.record_id::text AS record_id,
                         CASE WHEN octet_length(o.patch::text) > $3 THEN NULL ELSE o.patch::text END AS patch,
-                        o.object_type, o.operation, o.team_id, o.attempts
-                 FROM prism_outbox o
+                        o.object_type, o.operation, o.team_id, COALESCE(fc.attempts, o.attempts) AS attempts
+                 FROM prism_outbox o LEFT JOIN prism_outbox_claims fc ON fc.id = o.id
                  -- The state test is spelt so that it implies the record index's predicate
                  -- but not the lane index's: with stale statistics the planner otherwise
                  -- walked every waiting row for every head (1 ms a head).
                  WHERE o.record_id = h.record_id AND o.id > h.head_id
                    AND o.state IN ('pending', 'retrying', 'in_flight') AND (o.state || '') <> 'in_flight'
                    AND ",
+               waiting!("fc"),
+               " AND ",
                below_watermark!(),
                "
                  ORDER BY o.record_id, o.id
@@ -669,6 +873,94 @@ impl Dialect for PgStore {
         .fetch_all(&mut **tx)
         .await?;
         Ok(rows.iter().map(candidate).collect::<Result<Vec<_>, _>>()?)
+    }
+
+    async fn still_waiting(
+        &self,
+        tx: &mut Self::Tx,
+        ids: &[i64],
+    ) -> StoreResult<Option<HashSet<i64>>> {
+        // A statement of its own: its snapshot is taken after this claim's locks, so it sees
+        // every claim that took one of these rows before the lock was granted.
+        let waiting: Vec<i64> = sqlx::query_scalar(concat!(
+            "SELECT u.id FROM unnest($1::bigint[]) AS u(id)
+             LEFT JOIN prism_outbox_claims c ON c.id = u.id
+             WHERE ",
+            waiting!("c")
+        ))
+        .bind(ids)
+        .fetch_all(&mut **tx)
+        .await?;
+        Ok(Some(waiting.into_iter().collect()))
+    }
+
+    async fn advance_floors(&self, lanes: &[(Vec<u8>, Vec<u8>)]) -> StoreResult<()> {
+        if lanes.is_empty() {
+            return Ok(());
+        }
+        let (teams, types): (Vec<String>, Vec<String>) = lanes
+            .iter()
+            .map(|(t, y)| {
+                (
+                    String::from_utf8_lossy(t).into_owned(),
+                    String::from_utf8_lossy(y).into_owned(),
+                )
+            })
+            .unzip();
+        // The proposal (ARCHITECTURE.md, "The lane floor"), from this statement's snapshot S
+        // and watermark W: the new floor is the lane's first row from the old floor on that S
+        // shows, that has no claim row and that a claim could take as far as visibility goes
+        // (below W, or from another cluster), else the lane's last row + 1; the new late txid
+        // is the least of W and the txids of the rows below the new floor that still have no
+        // claim row (through the txid index, from the old late txid). A floor row only moves
+        // forward: (floor, late) as a pair, so a proposal behind another claimer's is dropped.
+        let mut tx = begin(&self.pool).await?;
+        sqlx::query(
+            "WITH s AS (SELECT prism_outbox_watermark(pg_current_snapshot()) AS w,
+                               pg_snapshot_xmax(pg_current_snapshot()) AS xmax),
+             cur AS (
+                 SELECT l.team_id, l.object_type, COALESCE(f.floor_id, 0) AS floor_id,
+                        COALESCE(f.late_txid, '0'::xid8) AS late_txid
+                 FROM unnest($1::text[], $2::text[]) AS l(team_id, object_type)
+                 LEFT JOIN prism_lane_floors f
+                        ON f.team_id = l.team_id AND f.object_type = l.object_type),
+             next_floor AS (
+                 SELECT cur.*, COALESCE(
+                     (SELECT o.id FROM prism_outbox o
+                      WHERE o.team_id = cur.team_id AND o.object_type = cur.object_type
+                        AND o.state IN ('pending', 'retrying') AND o.id >= cur.floor_id
+                        AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
+                        AND (o.txid < s.w OR o.txid >= s.xmax)
+                      ORDER BY o.id LIMIT 1),
+                     (SELECT max(o.id) + 1 FROM prism_outbox o
+                      WHERE o.team_id = cur.team_id AND o.object_type = cur.object_type
+                        AND o.state IN ('pending', 'retrying')),
+                     cur.floor_id) AS floor_next
+                 FROM cur, s),
+             proposal AS (
+                 SELECT n.team_id, n.object_type, greatest(n.floor_next, n.floor_id) AS floor_id,
+                        least(s.w, (SELECT min(o.txid) FROM prism_outbox o
+                                    WHERE o.team_id = n.team_id AND o.object_type = n.object_type
+                                      AND o.txid >= n.late_txid
+                                      AND o.id < greatest(n.floor_next, n.floor_id)
+                                      AND o.state IN ('pending', 'retrying')
+                                      AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c
+                                                      WHERE c.id = o.id))) AS late_txid
+                 FROM next_floor n, s)
+             INSERT INTO prism_lane_floors (team_id, object_type, floor_id, late_txid)
+             SELECT team_id, object_type, floor_id, late_txid FROM proposal
+             ORDER BY team_id, object_type
+             ON CONFLICT (team_id, object_type) DO UPDATE
+                 SET floor_id = EXCLUDED.floor_id, late_txid = EXCLUDED.late_txid
+                 WHERE (prism_lane_floors.floor_id, prism_lane_floors.late_txid)
+                     < (EXCLUDED.floor_id, EXCLUDED.late_txid)",
+        )
+        .bind(&teams)
+        .bind(&types)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn insert_batches(
@@ -730,10 +1022,19 @@ impl Dialect for PgStore {
         if rows.is_empty() {
             return Ok(());
         }
+        // A row's first claim inserts its claim row; a claim row that exists (a row waiting
+        // again, or a split's rows moving to its children) follows the new batch.
         sqlx::query(
-            "UPDATE prism_outbox o SET state = 'in_flight', batch_id = u.batch_id,
-                    first_attempt_at = COALESCE(o.first_attempt_at, now())
-             FROM unnest($1::bigint[], $2::uuid[]) AS u(id, batch_id) WHERE o.id = u.id",
+            "WITH u AS (SELECT * FROM unnest($1::bigint[], $2::uuid[]) AS u(id, batch_id)),
+             moved AS (
+                 UPDATE prism_outbox_claims c SET batch_id = u.batch_id, state = NULL,
+                        first_attempt_at = COALESCE(c.first_attempt_at, now())
+                 FROM u WHERE c.id = u.id
+                 RETURNING c.id)
+             INSERT INTO prism_outbox_claims (id, team_id, object_type, batch_id, attempts, first_attempt_at)
+             SELECT o.id, o.team_id, o.object_type, u.batch_id, o.attempts, now()
+             FROM u JOIN prism_outbox o ON o.id = u.id
+             WHERE NOT EXISTS (SELECT 1 FROM moved WHERE moved.id = u.id)",
         )
         .bind(&rows)
         .bind(&owners)
@@ -747,10 +1048,17 @@ impl Dialect for PgStore {
         let codes: Vec<&str> = rows.iter().map(|d| d.code).collect();
         let messages: Vec<&str> = rows.iter().map(|d| d.message.as_str()).collect();
         sqlx::query(
-            "UPDATE prism_outbox o SET state = 'dead', completed_at = now(),
-                    last_error_code = u.code, last_error_message = u.message
-             FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u(id, code, message)
-             WHERE o.id = u.id",
+            "WITH u AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u(id, code, message)),
+             ended AS (
+                 UPDATE prism_outbox_claims c SET state = 'dead', completed_at = now(),
+                        last_error_code = u.code, last_error_message = u.message
+                 FROM u WHERE c.id = u.id
+                 RETURNING c.id)
+             INSERT INTO prism_outbox_claims (id, team_id, object_type, state, attempts, completed_at,
+                                              last_error_code, last_error_message)
+             SELECT o.id, o.team_id, o.object_type, 'dead', o.attempts, now(), u.code, u.message
+             FROM u JOIN prism_outbox o ON o.id = u.id
+             WHERE NOT EXISTS (SELECT 1 FROM ended WHERE ended.id = u.id)",
         )
         .bind(&ids)
         .bind(&codes)
@@ -818,10 +1126,17 @@ impl Dialect for PgStore {
     }
 
     async fn write_rows(&self, tx: &mut Self::Tx, ends: &[&FinishBatch]) -> StoreResult<()> {
+        // A row that succeeded in a batch that ended `done` is written by nothing: its claim
+        // row follows the batch, and the batch's state says it (`prism_outbox_rows`). Only the
+        // rows whose outcome is not their batch's are written, one by one.
         let rows: Vec<(&FinishBatch, &RowUpdate)> = ends
             .iter()
             .flat_map(|f| f.rows.iter().map(move |r| (*f, r)))
+            .filter(|(f, r)| !(f.end == BatchEnd::Done && r.state == RowState::Succeeded))
             .collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
         let c = RowColumns::of(rows.iter().map(|(f, r)| (*r, f.give_up_after)));
         let batch_ids: Vec<Uuid> = rows.iter().map(|(f, _)| f.batch_id).collect();
         update_rows(tx, &c, &batch_ids).await
@@ -845,7 +1160,7 @@ impl Dialect for PgStore {
                        EXISTS (SELECT 1 FROM prism_batch_attempts a
                                WHERE a.batch_id = b.id AND a.http_status BETWEEN 200 AND 299) AS answered,
                        (SELECT COALESCE(extract(epoch FROM now() - min(o.first_attempt_at)), 0)::float8
-                        FROM prism_outbox o WHERE o.batch_id = b.id AND o.state = 'in_flight') AS oldest_row_age",
+                        FROM prism_outbox_claims c WHERE c.batch_id = b.id AND c.state IS NULL) AS oldest_row_age",
         )
         .bind(req.owner)
         .bind(req.lease.as_secs_f64())
@@ -911,9 +1226,9 @@ async fn end_batches_dead(
         return Ok(0);
     }
     let dead = sqlx::query(
-        "UPDATE prism_outbox SET state = 'dead', completed_at = now(),
+        "UPDATE prism_outbox_claims SET state = 'dead', completed_at = now(),
                 last_error_code = $2, last_error_message = $3
-         WHERE state = 'in_flight' AND batch_id = ANY($1)",
+         WHERE state IS NULL AND batch_id = ANY($1)",
     )
     .bind(batches)
     .bind(code)
@@ -970,7 +1285,7 @@ async fn update_rows(
         };
     }
     sqlx::query(concat!(
-        "UPDATE prism_outbox o SET
+        "UPDATE prism_outbox_claims o SET
             state = CASE WHEN ",
         gave_up!(),
         " THEN 'dead' ELSE u.state END,
@@ -988,7 +1303,7 @@ async fn update_rows(
          FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::uuid[],
                      $7::float8[])
               AS u(id, state, code, message, retry_in, batch_id, give_up)
-         WHERE o.id = u.id AND o.batch_id = u.batch_id AND o.state = 'in_flight'",
+         WHERE o.id = u.id AND o.batch_id = u.batch_id AND o.state IS NULL",
     ))
     .bind(&c.ids)
     .bind(&c.states)

@@ -142,7 +142,7 @@ impl PgStore {
             utc!("completed_at"),
             ", last_error_code, last_error_message, left(patch::text, 65536),
                     extract(epoch FROM enqueued_at)::float8
-             FROM prism_outbox WHERE record_id = $1 ORDER BY id"
+             FROM prism_outbox_rows WHERE record_id = $1 ORDER BY id"
         ))
         .bind(record)
         .fetch_all(&self.pool)

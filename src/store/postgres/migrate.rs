@@ -27,12 +27,13 @@ const RELEASED_0002_CHECKSUM: &str = "871a241441a799773933f9a7dd4bfda88b3d12b5fd
 
 /// Indexes that a migration builds `CONCURRENTLY ... IF NOT EXISTS`. An interrupted build
 /// leaves the index behind, marked invalid, and `IF NOT EXISTS` would then keep it as it is.
-const CONCURRENT_INDEXES: [&str; 5] = [
+const CONCURRENT_INDEXES: [&str; 6] = [
     "prism_outbox_lane",
     "prism_outbox_dead_record",
     "prism_outbox_record_all",
     "prism_batches_lane",
     "prism_outbox_batched",
+    "prism_outbox_lane_txid",
 ];
 
 /// Applies `migrator` on a connection of its own, which is closed afterwards (releasing the

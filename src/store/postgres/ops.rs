@@ -45,7 +45,7 @@ macro_rules! no_dead_before {
             "NOT (",
             applied!($t),
             " AND EXISTS (
-             SELECT 1 FROM prism_outbox AS d
+             SELECT 1 FROM prism_outbox_rows AS d
              WHERE d.record_id = ",
             $t,
             ".record_id AND d.id < ",
@@ -61,9 +61,38 @@ macro_rules! no_dead_before {
     };
 }
 
+/// The ids of the rows of batch `$b` (an expression): its claim rows, and rows stored with it
+/// before migration 0015; read `prism_outbox_rows`' `batch_id` to keep those still of it.
+macro_rules! batch_row_ids {
+    ($b:literal) => {
+        concat!(
+            "SELECT c.id FROM prism_outbox_claims c WHERE c.batch_id = ",
+            $b,
+            " UNION ALL SELECT o.id FROM prism_outbox o WHERE o.batch_id = ",
+            $b
+        )
+    };
+}
+
+/// The ids of rows that may have finished before `$1` (a timestamptz), through indexes: the
+/// rows of batches that ended before it, the dead claim rows, and rows that finished before
+/// migration 0015 (stored state, no claim row). Read their state in `prism_outbox_rows`.
+macro_rules! finished_candidates {
+    () => {
+        "SELECT c.id FROM prism_batches b JOIN prism_outbox_claims c ON c.batch_id = b.id
+         WHERE b.state <> 'open' AND b.completed_at < $1::timestamptz
+         UNION ALL
+         SELECT c.id FROM prism_outbox_claims c WHERE c.state = 'dead'
+         UNION ALL
+         SELECT o.id FROM prism_outbox o
+         WHERE o.completed_at < $1::timestamptz
+           AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)"
+    };
+}
+
 const ROW_COLUMNS: &str = "SELECT id, record_id::text, object_type, state, attempts::bigint,
     enqueued_at::text, next_attempt_at::text, completed_at::text, batch_id::text, last_error_code,
-    last_error_message, left(patch::text, 65536), operation, team_id FROM prism_outbox";
+    last_error_message, left(patch::text, 65536), operation, team_id FROM prism_outbox_rows";
 
 /// A `timestamptz` as RFC 3339 text in UTC, the form SQLite stores: exports read alike from
 /// either engine.
@@ -83,7 +112,7 @@ const SUMMARY_COLUMNS: &str = concat!(
     utc_text!("enqueued_at"),
     ", ",
     utc_text!("completed_at"),
-    ", batch_id::text FROM prism_outbox"
+    ", batch_id::text FROM prism_outbox_rows"
 );
 
 fn states(from: &[RowState]) -> Vec<&'static str> {
@@ -134,7 +163,7 @@ impl PgStore {
     pub(crate) async fn count_rows(&self) -> StoreResult<Vec<StateCount>> {
         let rows: Vec<(String, String, i64, String, String)> = sqlx::query_as(
             "SELECT object_type, state, count(*), team_id, operation
-             FROM prism_outbox GROUP BY 1, 2, 4, 5",
+             FROM prism_outbox_rows GROUP BY 1, 2, 4, 5",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -154,8 +183,15 @@ impl PgStore {
 
     pub(crate) async fn dead_codes(&self) -> StoreResult<Vec<DeadCodeCount>> {
         let rows: Vec<(String, i64, Option<String>)> = sqlx::query_as(
-            "SELECT COALESCE(last_error_code, 'unknown'), count(*), max(last_error_message)
-             FROM prism_outbox WHERE state = 'dead' GROUP BY 1",
+            "SELECT code, count(*), max(message) FROM (
+                 SELECT COALESCE(last_error_code, 'unknown') AS code, last_error_message AS message
+                 FROM prism_outbox_claims WHERE state = 'dead'
+                 UNION ALL
+                 SELECT COALESCE(o.last_error_code, 'unknown'), o.last_error_message
+                 FROM prism_outbox o
+                 WHERE o.state = 'dead'
+                   AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)) d
+             GROUP BY 1",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -373,10 +409,11 @@ impl PgStore {
         cut: PurgeCut<'_>,
     ) -> StoreResult<(Vec<(String, i64)>, i64)> {
         let by_state = sqlx::query_as(concat!(
-            "SELECT state, count(*) FROM prism_outbox
-             WHERE completed_at < $1::timestamptz AND state = ANY($2) AND ",
-            no_dead_before!("prism_outbox"),
-            " GROUP BY state"
+            "SELECT r.state, count(*) FROM prism_outbox_rows r WHERE r.id IN (",
+            finished_candidates!(),
+            ") AND r.completed_at < $1::timestamptz AND r.state = ANY($2) AND ",
+            no_dead_before!("r"),
+            " GROUP BY r.state"
         ))
         .bind(cut.cutoff)
         .bind(cut.states)
@@ -385,7 +422,10 @@ impl PgStore {
         let batches = sqlx::query_scalar(concat!(
             "SELECT count(*) FROM prism_batches b
              WHERE b.state <> 'open' AND b.completed_at < $1::timestamptz
-               AND NOT EXISTS (SELECT 1 FROM prism_outbox o WHERE o.batch_id = b.id
+               AND NOT EXISTS (SELECT 1 FROM prism_outbox_rows o
+                               WHERE o.id IN (",
+            batch_row_ids!("b.id"),
+            ") AND o.batch_id = b.id
                                  AND (o.completed_at IS NULL OR o.completed_at >= $1::timestamptz
                                       OR o.state <> ALL($2)
                                       OR NOT ",
@@ -405,9 +445,10 @@ impl PgStore {
         limit: i64,
     ) -> StoreResult<Vec<i64>> {
         Ok(sqlx::query_scalar(concat!(
-            "SELECT id FROM prism_outbox
-             WHERE completed_at < $1::timestamptz AND state = ANY($2) AND ",
-            no_dead_before!("prism_outbox"),
+            "SELECT r.id FROM prism_outbox_rows r WHERE r.id IN (",
+            finished_candidates!(),
+            ") AND r.completed_at < $1::timestamptz AND r.state = ANY($2) AND ",
+            no_dead_before!("r"),
             " LIMIT $3"
         ))
         .bind(cut.cutoff)
@@ -423,22 +464,29 @@ impl PgStore {
         ids: &[i64],
         audit: &mut PurgeAudit,
     ) -> StoreResult<u64> {
-        let mut tx = self.pool.begin().await?;
-        // The state is checked on the row as it is when the DELETE locks it: a row a replay
-        // committed as `pending` meanwhile fails it and stays.
-        let n = sqlx::query(concat!(
-            "DELETE FROM prism_outbox
-             WHERE id = ANY($1)
-               AND state IN ('succeeded', 'dead') AND state = ANY($2)
-               AND completed_at IS NOT NULL AND completed_at < $3::timestamptz AND ",
-            no_dead_before!("prism_outbox")
+        // With the claim gate held, as a replay or a discard: a row's state is its claim row's
+        // (and its batch's), which the DELETE below does not lock, so a replay committing
+        // meanwhile is kept out instead; what is deleted is finished as of this transaction.
+        let mut tx = self.begin_ops_write().await?;
+        let deleted: Vec<i64> = sqlx::query_scalar(concat!(
+            "DELETE FROM prism_outbox WHERE id IN (
+                 SELECT r.id FROM prism_outbox_rows r
+                 WHERE r.id = ANY($1)
+                   AND r.state IN ('succeeded', 'dead') AND r.state = ANY($2)
+                   AND r.completed_at IS NOT NULL AND r.completed_at < $3::timestamptz AND ",
+            no_dead_before!("r"),
+            ") RETURNING id"
         ))
         .bind(ids)
         .bind(cut.states)
         .bind(cut.cutoff)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM prism_outbox_claims WHERE id = ANY($1)")
+            .bind(&deleted)
+            .execute(&mut *tx)
+            .await?;
+        let n = deleted.len() as u64;
         purge_audit(&mut tx, audit, n, 0).await?;
         tx.commit().await?;
         Ok(n)
@@ -455,6 +503,7 @@ impl PgStore {
             "DELETE FROM prism_batches WHERE id IN (
                SELECT b.id FROM prism_batches b
                WHERE b.state <> 'open' AND b.completed_at < $1::timestamptz
+                 AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.batch_id = b.id)
                  AND NOT EXISTS (SELECT 1 FROM prism_outbox o WHERE o.batch_id = b.id)
                LIMIT $2)
              RETURNING id",
@@ -571,6 +620,17 @@ fn summary(r: &PgRow) -> Result<RowSummary, sqlx::Error> {
 /// as it is and uses the index that serves it (see README, "rows": which filters scan).
 fn push_filter(q: &mut QueryBuilder<Postgres>, f: &RowFilter, page: Page) {
     q.push(" WHERE id > ").push_bind(page.after_id);
+    push_conditions(q, f);
+    q.push(" ORDER BY id");
+    if let Some(limit) = page.limit {
+        q.push(" LIMIT ")
+            .push_bind(i64::try_from(limit).unwrap_or(i64::MAX));
+    }
+}
+
+/// The filter's criteria, each as ` AND …`. A batch is looked up through its rows' ids (the
+/// view's `batch_id` is derived, and no index serves it).
+fn push_conditions(q: &mut QueryBuilder<Postgres>, f: &RowFilter) {
     if !f.states.is_empty() {
         q.push(" AND state = ANY(")
             .push_bind(states(&f.states))
@@ -580,7 +640,12 @@ fn push_filter(q: &mut QueryBuilder<Postgres>, f: &RowFilter, page: Page) {
         q.push(" AND id = ANY(").push_bind(&f.ids).push(")");
     }
     if let Some(b) = f.batch {
-        q.push(" AND batch_id = ").push_bind(b);
+        q.push(" AND id IN (SELECT c.id FROM prism_outbox_claims c WHERE c.batch_id = ")
+            .push_bind(b)
+            .push(" UNION ALL SELECT o.id FROM prism_outbox o WHERE o.batch_id = ")
+            .push_bind(b)
+            .push(") AND batch_id = ")
+            .push_bind(b);
     }
     if let Some(code) = &f.error_code {
         q.push(" AND last_error_code = ").push_bind(code.as_str());
@@ -608,11 +673,6 @@ fn push_filter(q: &mut QueryBuilder<Postgres>, f: &RowFilter, page: Page) {
             .push_bind(text.as_str())
             .push(")) > 0");
     }
-    q.push(" ORDER BY id");
-    if let Some(limit) = page.limit {
-        q.push(" LIMIT ")
-            .push_bind(i64::try_from(limit).unwrap_or(i64::MAX));
-    }
 }
 
 /// `lock`: each row is locked without waiting; a row someone else holds is left out.
@@ -624,10 +684,23 @@ pub(crate) async fn select_rows(
 ) -> StoreResult<Vec<RowSummary>> {
     let mut q = QueryBuilder::new(SUMMARY_COLUMNS);
     push_filter(&mut q, f, page);
-    if lock {
-        q.push(" FOR UPDATE SKIP LOCKED");
+    let mut rows = q.build().fetch_all(&mut *c).await?;
+    if lock && !rows.is_empty() {
+        // The rows' outbox rows are locked without waiting (the view's outer joins cannot be
+        // locked through it), and the rows read again as locked.
+        let ids: Vec<i64> = rows
+            .iter()
+            .map(|r| r.try_get::<i64, _>(0))
+            .collect::<Result<_, _>>()?;
+        let mut again = QueryBuilder::new(SUMMARY_COLUMNS);
+        again
+            .push(" WHERE id IN (SELECT o.id FROM prism_outbox o WHERE o.id = ANY(")
+            .push_bind(ids)
+            .push(") ORDER BY o.id FOR UPDATE SKIP LOCKED)");
+        push_conditions(&mut again, f);
+        again.push(" ORDER BY id");
+        rows = again.build().fetch_all(&mut *c).await?;
     }
-    let rows = q.build().fetch_all(&mut *c).await?;
     Ok(rows.iter().map(summary).collect::<Result<_, _>>()?)
 }
 
@@ -649,7 +722,7 @@ pub(crate) async fn newer_rows(
         "SELECT id, record_id::text, object_type, team_id, operation, CASE WHEN ",
         applied!("prism_outbox"),
         " THEN 'succeeded' ELSE state END, patch::text
-             FROM prism_outbox
+             FROM prism_outbox_rows prism_outbox
              WHERE record_id = ANY($1::text[]::uuid[]) AND id > $2
                AND (state <> 'dead' OR ",
         applied!("prism_outbox"),
@@ -676,12 +749,16 @@ pub(crate) async fn newer_rows(
         .collect();
     if lock {
         let ids: Vec<i64> = newer.iter().map(|n| n.id).collect();
+        // The outbox rows are locked (a row's state is read from the view, which cannot be
+        // locked through its outer joins), then their state read again as locked.
         let locked: HashMap<i64, String> = sqlx::query_as(concat!(
-            "SELECT id, CASE WHEN ",
+            "SELECT prism_outbox.id, CASE WHEN ",
             applied!("prism_outbox"),
             " THEN 'succeeded' ELSE state END
-             FROM prism_outbox WHERE id = ANY($1) AND state <> 'in_flight'
-             ORDER BY id FOR UPDATE SKIP LOCKED"
+             FROM prism_outbox_rows prism_outbox
+             WHERE prism_outbox.id IN (SELECT o.id FROM prism_outbox o WHERE o.id = ANY($1)
+                                       ORDER BY o.id FOR UPDATE SKIP LOCKED)
+               AND state <> 'in_flight'"
         ))
         .bind(&ids)
         .fetch_all(&mut *c)
@@ -730,29 +807,36 @@ pub(crate) async fn requeue(
     rebased: &[(i64, String)],
     from: &[RowState],
 ) -> StoreResult<u64> {
-    const REQUEUE: &str = "UPDATE prism_outbox SET state = 'pending', attempts = 0,
-           next_attempt_at = now(), completed_at = NULL, first_attempt_at = NULL";
-    const STILL: &str = "state = ANY($2)";
+    // A row waits again through its claim row (the claims' third source), whether or not it
+    // had one: an outbox row below its lane's floor is not walked again. Its stored state is
+    // left as it is; `prism_outbox_rows` reads the claim row's.
     let from = states(from);
-    let mut changed = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "{REQUEUE} WHERE id = ANY($1) AND {STILL}"
-    )))
-    .bind(as_is)
+    let mut ids: Vec<i64> = as_is.to_vec();
+    ids.extend(rebased.iter().map(|(id, _)| *id));
+    let changed: Vec<i64> = sqlx::query_scalar(
+        "WITH r AS (SELECT o.id, o.team_id, o.object_type, v.last_error_code, v.last_error_message
+                    FROM prism_outbox_rows v JOIN prism_outbox o ON o.id = v.id
+                    WHERE v.id = ANY($1) AND v.state = ANY($2))
+         INSERT INTO prism_outbox_claims AS c (id, team_id, object_type, state, attempts,
+                                               next_attempt_at, last_error_code, last_error_message)
+         SELECT id, team_id, object_type, 'pending', 0, now(), last_error_code, last_error_message
+         FROM r
+         ON CONFLICT (id) DO UPDATE SET state = 'pending', attempts = 0, next_attempt_at = now(),
+             completed_at = NULL, first_attempt_at = NULL
+         RETURNING c.id",
+    )
+    .bind(&ids)
     .bind(&from)
-    .execute(&mut *c)
-    .await?
-    .rows_affected();
-    for (id, patch) in rebased {
-        changed += sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{REQUEUE}, patch = $3::jsonb WHERE id = $1 AND {STILL}"
-        )))
-        .bind(id)
-        .bind(&from)
-        .bind(patch)
-        .execute(&mut *c)
-        .await?
-        .rows_affected();
+    .fetch_all(&mut *c)
+    .await?;
+    for (id, patch) in rebased.iter().filter(|(id, _)| changed.contains(id)) {
+        sqlx::query("UPDATE prism_outbox SET patch = $2::jsonb WHERE id = $1")
+            .bind(id)
+            .bind(patch)
+            .execute(&mut *c)
+            .await?;
     }
+    let changed = changed.len() as u64;
     if changed > 0 {
         notify_claimers(c).await?;
     }
@@ -767,9 +851,13 @@ pub(crate) async fn discard(
     message: &str,
 ) -> StoreResult<u64> {
     Ok(sqlx::query(
-        "UPDATE prism_outbox SET state = 'dead', last_error_code = $3, last_error_message = $4,
-                completed_at = now()
-         WHERE id = ANY($1) AND state = ANY($2) AND state <> 'in_flight'",
+        "INSERT INTO prism_outbox_claims AS c (id, team_id, object_type, batch_id, state, attempts,
+                                               last_error_code, last_error_message, completed_at)
+         SELECT o.id, o.team_id, o.object_type, v.batch_id, 'dead', v.attempts, $3, $4, now()
+         FROM prism_outbox_rows v JOIN prism_outbox o ON o.id = v.id
+         WHERE v.id = ANY($1) AND v.state = ANY($2) AND v.state <> 'in_flight'
+         ON CONFLICT (id) DO UPDATE SET state = 'dead', last_error_code = $3,
+             last_error_message = $4, completed_at = now()",
     )
     .bind(ids)
     .bind(states(from))

@@ -1,0 +1,95 @@
+-- Half the database cost per synced change (issue 16): the hot path stops rewriting outbox rows.
+--
+-- Before, a claim rewrote every claimed row (state, batch) and its outcome rewrote it again, each
+-- a non-HOT update (a whole new tuple and an entry in every index): about 1,500 bytes of WAL
+-- per synced change. From this migration on, prism_outbox is written by the application's
+-- INSERT only (and by an operator's rebasing replay, which changes a patch):
+--
+-- * A claim inserts one narrow row per claimed row into prism_outbox_claims (its batch) and
+--   locks the outbox row as before (FOR UPDATE SKIP LOCKED).
+-- * A batch whose rows succeed is recorded once, by its own state ('done'): such rows keep
+--   state NULL on their claim row, which reads "my batch's outcome". Only rows whose outcome is
+--   not their batch's (an item error, a release, dead at the claim, a replay, a discard) are
+--   written per row, on the claim row.
+-- * A new row's prism_outbox.state stays 'pending' for good; its state is derived. Read it in
+--   prism_outbox_rows (redefined below), as the README says; rows finished before this
+--   migration keep their stored state, which the view falls back to.
+-- * Each lane (team_id, object_type) keeps a floor (prism_lane_floors): claims walk the lane
+--   from it, so the rows claimed before it are not walked again. ARCHITECTURE.md, "The lane
+--   floor", has the invariant and why a row that commits late below the floor is still found
+--   (late_txid, and the (team_id, object_type, txid) index built in 0016).
+--
+-- Every replica must be stopped before this migration runs: a replica of an earlier version
+-- claims by prism_outbox.state and would send again rows a new one has claimed.
+--
+-- The tables are new, so creating them holds nothing back; the copy below reads the outbox's
+-- in-flight and retrying rows through prism_outbox_record (bounded by the backlog, not the
+-- history) and takes no lock that holds back the application's inserts.
+
+CREATE TABLE prism_outbox_claims (
+    id                 bigint      PRIMARY KEY,   -- prism_outbox.id
+    team_id            text        NOT NULL,      -- the outbox row's lane, as stored
+    object_type        text        NOT NULL,
+    batch_id           uuid,
+    -- NULL: the outcome of its batch (in flight while the batch is open, succeeded once it is
+    -- done); otherwise the row's own: waiting again (a replay), retrying, succeeded, dead.
+    state              text        CHECK (state IN ('pending', 'retrying', 'succeeded', 'dead')),
+    attempts           integer     NOT NULL DEFAULT 0,
+    next_attempt_at    timestamptz NOT NULL DEFAULT now(),
+    first_attempt_at   timestamptz,
+    last_error_code    text,
+    last_error_message text,
+    completed_at       timestamptz
+);
+
+-- The rows waiting again (replayed or retrying), per lane in id order: a claim's third source.
+CREATE INDEX prism_outbox_claims_waiting ON prism_outbox_claims (team_id, object_type, id)
+    WHERE state IN ('pending', 'retrying');
+-- A batch's rows: its end when nothing answered (dead at once), a lease's oldest row, purge.
+CREATE INDEX prism_outbox_claims_batch ON prism_outbox_claims (batch_id);
+-- Dead rows: the gauges' count by code and `rows --state dead`.
+CREATE INDEX prism_outbox_claims_dead ON prism_outbox_claims (id) WHERE state = 'dead';
+
+CREATE TABLE prism_lane_floors (
+    team_id     text   NOT NULL,
+    object_type text   NOT NULL,
+    -- Every committed row of the lane with id < floor_id has a claim row, or its txid is at or
+    -- past late_txid (it committed after the floor was set, or is still to commit).
+    floor_id    bigint NOT NULL,
+    late_txid   xid8   NOT NULL,
+    PRIMARY KEY (team_id, object_type)
+);
+
+-- Rows in flight or retrying carry their progress over into claim rows. Waiting ('pending')
+-- rows have none: the claims find them in the lanes, from floor 0.
+INSERT INTO prism_outbox_claims (id, team_id, object_type, batch_id, state, attempts,
+                                 next_attempt_at, first_attempt_at, last_error_code,
+                                 last_error_message)
+SELECT id, team_id, object_type, batch_id, NULLIF(state, 'in_flight'), attempts, next_attempt_at,
+       COALESCE(first_attempt_at, now()), last_error_code, last_error_message
+FROM prism_outbox WHERE state IN ('in_flight', 'retrying');
+
+-- The same columns as 0014's view, derived: from the claim row when there is one (and its
+-- batch while it follows it), else as stored. A row its batch's success finished counts that
+-- try in attempts, as the per-row write used to.
+CREATE OR REPLACE VIEW prism_outbox_rows AS
+SELECT o.id, o.record_id, o.patch, o.object_type, o.operation, o.team_id, o.enqueued_at,
+       CASE WHEN c.id IS NULL THEN o.state
+            WHEN c.state IS NOT NULL THEN c.state
+            WHEN b.state = 'done' THEN 'succeeded'
+            ELSE 'in_flight' END AS state,
+       CASE WHEN c.id IS NULL THEN o.attempts
+            WHEN c.state IS NULL AND b.state = 'done' THEN c.attempts + 1
+            ELSE c.attempts END AS attempts,
+       CASE WHEN c.id IS NULL THEN o.next_attempt_at ELSE c.next_attempt_at END AS next_attempt_at,
+       CASE WHEN c.id IS NULL THEN o.first_attempt_at ELSE c.first_attempt_at END AS first_attempt_at,
+       CASE WHEN c.id IS NULL THEN o.batch_id ELSE c.batch_id END AS batch_id,
+       CASE WHEN c.id IS NULL THEN o.last_error_code ELSE c.last_error_code END AS last_error_code,
+       CASE WHEN c.id IS NULL THEN o.last_error_message ELSE c.last_error_message END
+           AS last_error_message,
+       CASE WHEN c.id IS NULL THEN o.completed_at
+            WHEN c.state IS NULL AND b.state = 'done' THEN b.completed_at
+            ELSE c.completed_at END AS completed_at
+FROM prism_outbox o
+LEFT JOIN prism_outbox_claims c ON c.id = o.id
+LEFT JOIN prism_batches b ON b.id = c.batch_id AND c.state IS NULL;
