@@ -1159,7 +1159,7 @@ impl Dialect for PgStore {
                        extract(epoch FROM now() - b.created_at)::float8 AS key_age,
                        EXISTS (SELECT 1 FROM prism_batch_attempts a
                                WHERE a.batch_id = b.id AND a.http_status BETWEEN 200 AND 299) AS answered,
-                       (SELECT COALESCE(extract(epoch FROM now() - min(o.first_attempt_at)), 0)::float8
+                       (SELECT COALESCE(extract(epoch FROM now() - min(c.first_attempt_at)), 0)::float8
                         FROM prism_outbox_claims c WHERE c.batch_id = b.id AND c.state IS NULL) AS oldest_row_age",
         )
         .bind(req.owner)
