@@ -83,7 +83,8 @@ async fn while_outbox_locked<F: std::future::Future<Output = ()>>(db: &TestDb, r
         }
         Backend::Postgres => {
             let mut c = sqlx::PgConnection::connect(&db.url).await.expect("connect");
-            sqlx::raw_sql("BEGIN; LOCK TABLE prism_outbox IN EXCLUSIVE MODE")
+            // The outcome of a row is written on its claim row (Postgres migration 0015).
+            sqlx::raw_sql("BEGIN; LOCK TABLE prism_outbox, prism_outbox_claims IN EXCLUSIVE MODE")
                 .execute(&mut c)
                 .await
                 .expect("lock");
@@ -349,10 +350,11 @@ both_backends! {
         let refuse = match db.backend {
             Backend::Sqlite => "CREATE TRIGGER refuse_claims BEFORE UPDATE OF state ON prism_outbox
                 WHEN NEW.state = 'in_flight' BEGIN SELECT RAISE(ABORT, 'claims refused by the test'); END;",
+            // A claim puts a row in flight on its claim row (migration 0015): state NULL.
             Backend::Postgres => "CREATE FUNCTION refuse_claims() RETURNS trigger LANGUAGE plpgsql AS $$
                 BEGIN RAISE EXCEPTION 'claims refused by the test'; END $$;
-                CREATE TRIGGER refuse_claims BEFORE UPDATE ON prism_outbox FOR EACH ROW
-                WHEN (NEW.state = 'in_flight') EXECUTE FUNCTION refuse_claims();",
+                CREATE TRIGGER refuse_claims BEFORE INSERT OR UPDATE ON prism_outbox_claims FOR EACH ROW
+                WHEN (NEW.state IS NULL) EXECUTE FUNCTION refuse_claims();",
         };
         exec(&store, refuse).await;
         let mut s = settings(&db, &sim);
@@ -370,7 +372,7 @@ both_backends! {
         }
         exec(&store, match db.backend {
             Backend::Sqlite => "DROP TRIGGER refuse_claims",
-            Backend::Postgres => "DROP TRIGGER refuse_claims ON prism_outbox; DROP FUNCTION refuse_claims()",
+            Backend::Postgres => "DROP TRIGGER refuse_claims ON prism_outbox_claims; DROP FUNCTION refuse_claims()",
         })
         .await;
         wait_until_finished(&store, FINISH).await;
@@ -416,10 +418,16 @@ both_backends! {
             Backend::Sqlite => format!("CREATE TRIGGER refuse_outcome BEFORE UPDATE ON prism_outbox
                 WHEN NEW.record_id = '{poison}' AND NEW.last_error_message IS NOT NULL
                 BEGIN SELECT RAISE(ABORT, 'outcome refused by the test'); END;"),
+            // A row's outcome is written on its claim row (migration 0015).
             Backend::Postgres => format!("CREATE FUNCTION refuse_outcome() RETURNS trigger LANGUAGE plpgsql AS $$
-                BEGIN RAISE EXCEPTION 'outcome refused by the test'; END $$;
-                CREATE TRIGGER refuse_outcome BEFORE UPDATE ON prism_outbox FOR EACH ROW
-                WHEN (NEW.record_id = '{poison}' AND NEW.last_error_message IS NOT NULL)
+                BEGIN
+                    IF (SELECT record_id FROM prism_outbox WHERE id = NEW.id) = '{poison}' THEN
+                        RAISE EXCEPTION 'outcome refused by the test';
+                    END IF;
+                    RETURN NEW;
+                END $$;
+                CREATE TRIGGER refuse_outcome BEFORE UPDATE ON prism_outbox_claims FOR EACH ROW
+                WHEN (NEW.last_error_message IS NOT NULL)
                 EXECUTE FUNCTION refuse_outcome();"),
         })
         .await;

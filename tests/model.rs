@@ -1400,9 +1400,13 @@ impl<'s> Case<'s> {
                 let back = |c: &str| format!("{c} = {c} - interval '1 hour'");
                 format!(
                     "UPDATE prism_outbox SET {}, {}, {}, {};
+                     UPDATE prism_outbox_claims SET {}, {}, {};
                      UPDATE prism_batches SET {}, {}, {};",
                     back("next_attempt_at"),
                     back("enqueued_at"),
+                    back("completed_at"),
+                    back("first_attempt_at"),
+                    back("next_attempt_at"),
                     back("completed_at"),
                     back("first_attempt_at"),
                     back("next_attempt_at"),

@@ -447,20 +447,21 @@ impl PgStore {
                             COALESCE(f.late_txid, '0'::xid8) AS late_txid
                      FROM lanes l LEFT JOIN prism_lane_floors f
                           ON f.team_id = l.team_id AND f.object_type = l.object_type)
-             SELECT 'pending', (SELECT count(*) FROM fl CROSS JOIN LATERAL (
-                                    SELECT 1 FROM prism_outbox o
-                                    WHERE o.team_id = fl.team_id AND o.object_type = fl.object_type
-                                      AND o.state IN ('pending', 'retrying') AND o.id >= fl.floor_id
-                                      AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
-                                    UNION ALL
-                                    SELECT 1 FROM prism_outbox o
-                                    WHERE o.team_id = fl.team_id AND o.object_type = fl.object_type
-                                      AND o.txid >= fl.late_txid AND o.id < fl.floor_id
-                                      AND o.state IN ('pending', 'retrying')
-                                      AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)) x)
-                               + (SELECT count(*) FROM prism_outbox_claims WHERE state = 'pending')
+             SELECT x.state, count(*) FROM fl CROSS JOIN LATERAL (
+                 SELECT o.state FROM prism_outbox o
+                 WHERE o.team_id = fl.team_id AND o.object_type = fl.object_type
+                   AND o.state IN ('pending', 'retrying') AND o.id >= fl.floor_id
+                   AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
+                 UNION ALL
+                 SELECT o.state FROM prism_outbox o
+                 WHERE o.team_id = fl.team_id AND o.object_type = fl.object_type
+                   AND o.txid >= fl.late_txid AND o.id < fl.floor_id
+                   AND o.state IN ('pending', 'retrying')
+                   AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)) x
+             GROUP BY 1
              UNION ALL
-             SELECT 'retrying', count(*) FROM prism_outbox_claims WHERE state = 'retrying'
+             SELECT state, count(*) FROM prism_outbox_claims
+             WHERE state IN ('pending', 'retrying') GROUP BY 1
              UNION ALL
              SELECT 'in_flight', count(*) FROM prism_batches b
                  JOIN prism_outbox_claims c ON c.batch_id = b.id
@@ -468,10 +469,16 @@ impl PgStore {
         ))
         .fetch_all(&self.pool)
         .await?;
-        g.rows_by_state = super::text_counts(&rows)?
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
-            .collect();
+        // A state counted from two places (never claimed, and through claim rows) is summed.
+        let mut by_state: Vec<(String, i64)> = Vec::new();
+        for (state, n) in super::text_counts(&rows)? {
+            match by_state.iter_mut().find(|(s, _)| *s == state) {
+                Some((_, sum)) => *sum += n,
+                None if n > 0 => by_state.push((state, n)),
+                None => {}
+            }
+        }
+        g.rows_by_state = by_state;
         // Dead rows: claim rows, and rows that died before migration 0015 (no claim row).
         let rows = sqlx::query(
             "SELECT code, count(*) FROM (
@@ -915,6 +922,48 @@ impl Dialect for PgStore {
         // claim row (through the txid index, from the old late txid). A floor row only moves
         // forward: (floor, late) as a pair, so a proposal behind another claimer's is dropped.
         let mut tx = begin(&self.pool).await?;
+        // First the rows that would hold the floor back for as long as an older change of
+        // their record is unfinished (retrying for hours, say): the rows from the floor up to
+        // the first one a claim could take, that have no claim row and that the per-record
+        // guard holds. They are parked: a claim row `pending`, found again by the claims'
+        // third source once their record's older change has ended. (A claim that takes one
+        // meanwhile follows its claim row, `mark_in_flight`.)
+        sqlx::query(concat!(
+            "WITH s AS (SELECT prism_outbox_watermark(pg_current_snapshot()) AS w,
+                               pg_snapshot_xmax(pg_current_snapshot()) AS xmax),
+             cur AS (
+                 SELECT l.team_id, l.object_type, COALESCE(f.floor_id, 0) AS floor_id
+                 FROM unnest($1::text[], $2::text[]) AS l(team_id, object_type)
+                 LEFT JOIN prism_lane_floors f
+                        ON f.team_id = l.team_id AND f.object_type = l.object_type),
+             stop AS (
+                 SELECT cur.*, (SELECT o.id FROM prism_outbox o
+                                WHERE o.team_id = cur.team_id AND o.object_type = cur.object_type
+                                  AND o.state IN ('pending', 'retrying') AND o.id >= cur.floor_id
+                                  AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
+                                  AND (o.txid < s.w OR o.txid >= s.xmax) AND ",
+            record_guard!(),
+            "
+                                ORDER BY o.id LIMIT 1) AS first_free
+                 FROM cur, s)
+             INSERT INTO prism_outbox_claims (id, team_id, object_type, state, attempts, next_attempt_at)
+             SELECT o.id, o.team_id, o.object_type, 'pending', o.attempts, o.next_attempt_at
+             FROM stop, s, LATERAL (
+                 SELECT o.* FROM prism_outbox o
+                 WHERE o.team_id = stop.team_id AND o.object_type = stop.object_type
+                   AND o.state IN ('pending', 'retrying') AND o.id >= stop.floor_id
+                   AND (stop.first_free IS NULL OR o.id < stop.first_free)
+                   AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
+                   AND (o.txid < s.w OR o.txid >= s.xmax) AND NOT ",
+            record_guard!(),
+            "
+                 ORDER BY o.id LIMIT 1000) o
+             ON CONFLICT (id) DO NOTHING"
+        ))
+        .bind(&teams)
+        .bind(&types)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "WITH s AS (SELECT prism_outbox_watermark(pg_current_snapshot()) AS w,
                                pg_snapshot_xmax(pg_current_snapshot()) AS xmax),
@@ -1023,7 +1072,8 @@ impl Dialect for PgStore {
             return Ok(());
         }
         // A row's first claim inserts its claim row; a claim row that exists (a row waiting
-        // again, or a split's rows moving to its children) follows the new batch.
+        // again, or a split's rows moving to its children) follows the new batch. (ON
+        // CONFLICT: a held row parked by `advance_floors` between this claim's read and now.)
         sqlx::query(
             "WITH u AS (SELECT * FROM unnest($1::bigint[], $2::uuid[]) AS u(id, batch_id)),
              moved AS (
@@ -1034,7 +1084,9 @@ impl Dialect for PgStore {
              INSERT INTO prism_outbox_claims (id, team_id, object_type, batch_id, attempts, first_attempt_at)
              SELECT o.id, o.team_id, o.object_type, u.batch_id, o.attempts, now()
              FROM u JOIN prism_outbox o ON o.id = u.id
-             WHERE NOT EXISTS (SELECT 1 FROM moved WHERE moved.id = u.id)",
+             WHERE NOT EXISTS (SELECT 1 FROM moved WHERE moved.id = u.id)
+             ON CONFLICT (id) DO UPDATE SET batch_id = EXCLUDED.batch_id, state = NULL,
+                 first_attempt_at = COALESCE(prism_outbox_claims.first_attempt_at, now())",
         )
         .bind(&rows)
         .bind(&owners)

@@ -808,8 +808,8 @@ pub(crate) async fn requeue(
     from: &[RowState],
 ) -> StoreResult<u64> {
     // A row waits again through its claim row (the claims' third source), whether or not it
-    // had one: an outbox row below its lane's floor is not walked again. Its stored state is
-    // left as it is; `prism_outbox_rows` reads the claim row's.
+    // had one: an outbox row below its lane's floor is not walked again. `prism_outbox_rows`
+    // reads the claim row's state.
     let from = states(from);
     let mut ids: Vec<i64> = as_is.to_vec();
     ids.extend(rebased.iter().map(|(id, _)| *id));
@@ -829,6 +829,13 @@ pub(crate) async fn requeue(
     .bind(&from)
     .fetch_all(&mut *c)
     .await?;
+    // A row that finished before migration 0015 keeps its final state stored; stored as
+    // waiting again, it is back in `prism_outbox_record`, where the claims' per-record guard
+    // looks for a record's unfinished older rows.
+    sqlx::query("UPDATE prism_outbox SET state = 'pending' WHERE id = ANY($1) AND state <> 'pending'")
+        .bind(&changed)
+        .execute(&mut *c)
+        .await?;
     for (id, patch) in rebased.iter().filter(|(id, _)| changed.contains(id)) {
         sqlx::query("UPDATE prism_outbox SET patch = $2::jsonb WHERE id = $1")
             .bind(id)
