@@ -202,8 +202,15 @@ async fn unfinished(store: &Store) -> anyhow::Result<bool> {
             .await?
         }
         RawPool::Postgres(p) => {
+            // Since migration 0015 a row's progress is on its claim row: a row never claimed
+            // lies at or past its lane's floor (the bench's rows are all committed before the
+            // drain, so none is late below it), rows waiting again are claim rows.
             sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM prism_outbox WHERE state IN ('pending', 'retrying'))
+                "SELECT EXISTS (SELECT 1 FROM prism_outbox o
+                                WHERE o.state IN ('pending', 'retrying')
+                                  AND o.id >= COALESCE((SELECT min(floor_id) FROM prism_lane_floors), 0)
+                                  AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id))
+                     OR EXISTS (SELECT 1 FROM prism_outbox_claims WHERE state IN ('pending', 'retrying'))
                      OR EXISTS (SELECT 1 FROM prism_batches WHERE state = 'open')",
             )
             .fetch_one(p)
@@ -379,7 +386,7 @@ async fn outbox_rows(
         RawPool::Postgres(p) => {
             sqlx::query_as(
                 "SELECT record_id::text, (patch->'default'->>'revision')::bigint, state, last_error_code
-                 FROM prism_outbox ORDER BY id",
+                 FROM prism_outbox_rows ORDER BY id",
             )
             .fetch_all(p)
             .await?
@@ -566,7 +573,7 @@ async fn finished_among(store: &Store, records: &[Uuid]) -> anyhow::Result<Vec<U
         }
         RawPool::Postgres(p) => {
             sqlx::query_scalar(
-                "SELECT record_id FROM prism_outbox
+                "SELECT record_id FROM prism_outbox_rows
                  WHERE record_id = ANY($1) AND state IN ('succeeded', 'dead')",
             )
             .bind(records)
@@ -1163,15 +1170,29 @@ async fn fill_finished(store: &Store, n: usize) -> anyhow::Result<()> {
             .await?;
         }
         RawPool::Postgres(p) => {
+            // As prism-sync leaves them since migration 0015: the outbox row as inserted, a
+            // claim row, and the lane's floor past them.
             sqlx::query(
-                "INSERT INTO prism_outbox (record_id, patch, state, attempts, completed_at)
-                 SELECT gen_random_uuid(), '{\"default\": {\"old\": true}}', 'succeeded', 1, now()
-                 FROM generate_series(1, $1)",
+                "WITH o AS (INSERT INTO prism_outbox (record_id, patch)
+                            SELECT gen_random_uuid(), '{\"default\": {\"old\": true}}'
+                            FROM generate_series(1, $1)
+                            RETURNING id, team_id, object_type)
+                 INSERT INTO prism_outbox_claims (id, team_id, object_type, state, attempts, completed_at)
+                 SELECT id, team_id, object_type, 'succeeded', 1, now() FROM o",
             )
             .bind(n as i64)
             .execute(p)
             .await?;
-            sqlx::query("VACUUM ANALYZE prism_outbox")
+            sqlx::query(
+                "INSERT INTO prism_lane_floors (team_id, object_type, floor_id, late_txid)
+                 SELECT team_id, object_type, max(id) + 1, pg_current_xact_id()
+                 FROM prism_outbox GROUP BY 1, 2
+                 ON CONFLICT (team_id, object_type) DO UPDATE
+                     SET floor_id = EXCLUDED.floor_id, late_txid = EXCLUDED.late_txid",
+            )
+            .execute(p)
+            .await?;
+            sqlx::query("VACUUM ANALYZE prism_outbox, prism_outbox_claims")
                 .execute(p)
                 .await?;
         }

@@ -43,7 +43,10 @@ where
 {
     let deadline = std::time::Instant::now() + within;
     while !cond().await {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -109,12 +112,19 @@ async fn a_change_that_commits_after_the_floor_passed_it_is_still_sent() {
         || applied(&sim, &other) == [1],
     )
     .await;
-    wait_for_async("the floor to pass the late row", Duration::from_secs(10), || {
-        let store = store.clone();
-        async move { floor(&store).await > late }
-    })
+    wait_for_async(
+        "the floor to pass the late row",
+        Duration::from_secs(10),
+        || {
+            let store = store.clone();
+            async move { floor(&store).await > late }
+        },
+    )
     .await;
-    assert!(applied(&sim, &record).is_empty(), "nothing of the record before T_A commits");
+    assert!(
+        applied(&sim, &record).is_empty(),
+        "nothing of the record before T_A commits"
+    );
     t_a.commit().await.expect("commit T_A");
     let rows = wait_until_finished(&store, Duration::from_secs(30)).await;
     engine.stop().await;
@@ -141,24 +151,36 @@ async fn a_change_held_behind_a_failing_older_one_does_not_hold_the_floor() {
     let mut s = settings(&db, &sim);
     s.batch.coalesce = false;
     let engine = start_engine(&s).await;
-    let ids = insert_rows(&store, &[(record.clone(), patch(1)), (record.clone(), patch(2))]).await;
+    let ids = insert_rows(
+        &store,
+        &[(record.clone(), patch(1)), (record.clone(), patch(2))],
+    )
+    .await;
     let older = ids[0];
-    wait_for_async("the older change to be retrying", Duration::from_secs(10), || {
-        let store = store.clone();
-        async move {
-            rows(&store)
-                .await
-                .iter()
-                .any(|r| r.id == older && r.state == "retrying")
-        }
-    })
+    wait_for_async(
+        "the older change to be retrying",
+        Duration::from_secs(10),
+        || {
+            let store = store.clone();
+            async move {
+                rows(&store)
+                    .await
+                    .iter()
+                    .any(|r| r.id == older && r.state == "retrying")
+            }
+        },
+    )
     .await;
     let later = insert_rows(&store, &distinct_records(5)).await;
-    wait_for_async("the floor to pass the held change", Duration::from_secs(10), || {
-        let store = store.clone();
-        let last = *later.last().unwrap();
-        async move { floor(&store).await > last }
-    })
+    wait_for_async(
+        "the floor to pass the held change",
+        Duration::from_secs(10),
+        || {
+            let store = store.clone();
+            let last = *later.last().unwrap();
+            async move { floor(&store).await > last }
+        },
+    )
     .await;
     let parked = scalar_i64(
         &store,
@@ -197,7 +219,15 @@ async fn overlapping_claims_of_one_lane_never_take_a_row_twice() {
                 .map(|n| {
                     let store = store.clone();
                     tokio::spawn(async move {
-                        claim_as(&store, &format!("c{n}"), Duration::from_secs(600), "", 60, 20).await
+                        claim_as(
+                            &store,
+                            &format!("c{n}"),
+                            Duration::from_secs(600),
+                            "",
+                            60,
+                            20,
+                        )
+                        .await
                     })
                 })
                 .collect();
@@ -211,10 +241,20 @@ async fn overlapping_claims_of_one_lane_never_take_a_row_twice() {
                         .flat_map(|b| b.items.iter().flat_map(|i| i.rows.iter().copied())),
                 );
             }
-            assert!(taken.len() > before, "round {round}: claims took nothing with rows left");
+            assert!(
+                taken.len() > before,
+                "round {round}: claims took nothing with rows left"
+            );
         }
         let distinct: HashSet<i64> = taken.iter().copied().collect();
-        assert_eq!(distinct.len(), taken.len(), "round {round}: a row was taken twice");
-        assert!(inserted.iter().all(|id| distinct.contains(id)), "round {round}: a row was left");
+        assert_eq!(
+            distinct.len(),
+            taken.len(),
+            "round {round}: a row was taken twice"
+        );
+        assert!(
+            inserted.iter().all(|id| distinct.contains(id)),
+            "round {round}: a row was left"
+        );
     }
 }

@@ -494,7 +494,8 @@ async fn postgres_index_migrations_run_concurrently_outside_a_transaction() {
                     .and_then(|rest| rest.split_whitespace().next())
                     .is_some_and(|table| sql.contains(&format!("CREATE TABLE {table} ")))
             });
-        if (sql.contains("CREATE INDEX") || sql.contains("CREATE UNIQUE INDEX")) && on_new_tables
+        if (sql.contains("CREATE INDEX") || sql.contains("CREATE UNIQUE INDEX"))
+            && on_new_tables
             && !sql.contains("DROP INDEX")
         {
             continue;

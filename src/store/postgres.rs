@@ -12,8 +12,8 @@ use uuid::Uuid;
 
 use super::dialect::Dialect;
 use super::{
-    BatchEnd, ClaimRequest, DeferBatch, DueRequest, FinishBatch, Gauges, Lane, LeasedBatch, RowColumns,
-    RowUpdate, StoreResult, lease,
+    BatchEnd, ClaimRequest, DeferBatch, DueRequest, FinishBatch, Gauges, Lane, LeasedBatch,
+    RowColumns, RowUpdate, StoreResult, lease,
 };
 use crate::batch::{CandidateRow, DeadRow, NewBatch};
 use crate::linger::{Backlog, RecentBatch};
@@ -153,7 +153,13 @@ macro_rules! head_columns {
 /// its claim (replayed, or retrying).
 macro_rules! waiting {
     ($c:literal) => {
-        concat!("(", $c, ".id IS NULL OR ", $c, ".state IN ('pending', 'retrying'))")
+        concat!(
+            "(",
+            $c,
+            ".id IS NULL OR ",
+            $c,
+            ".state IN ('pending', 'retrying'))"
+        )
     };
 }
 
@@ -779,7 +785,12 @@ impl Dialect for PgStore {
             " ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED),
              late AS (SELECT ",
             head_columns!("o.attempts"),
-            source_late!("$3", "$4", "(SELECT floor_id FROM fl)", "(SELECT late_txid FROM fl)"),
+            source_late!(
+                "$3",
+                "$4",
+                "(SELECT floor_id FROM fl)",
+                "(SELECT late_txid FROM fl)"
+            ),
             " ORDER BY o.txid LIMIT $1 FOR UPDATE OF o SKIP LOCKED),
              again AS (SELECT ",
             head_columns!("c.attempts"),
@@ -817,8 +828,8 @@ impl Dialect for PgStore {
         let known_types = ClaimRequest::known_types();
         let mut strays = Vec::new();
         for lane in lanes {
-            let known = req.teams.iter().any(|t| t == lane.0)
-                && known_types.iter().any(|y| *y == lane.1);
+            let known =
+                req.teams.iter().any(|t| t == lane.0) && known_types.iter().any(|y| *y == lane.1);
             if known || strays.len() >= req.max_records {
                 continue;
             }

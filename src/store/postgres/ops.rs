@@ -628,13 +628,21 @@ fn push_filter(q: &mut QueryBuilder<Postgres>, f: &RowFilter, page: Page) {
     }
 }
 
-/// The filter's criteria, each as ` AND …`. A batch is looked up through its rows' ids (the
-/// view's `batch_id` is derived, and no index serves it).
+/// The filter's criteria, each as ` AND …`. A batch, and the dead rows, are looked up through
+/// their rows' ids (the view's columns are derived, and no index serves them).
 fn push_conditions(q: &mut QueryBuilder<Postgres>, f: &RowFilter) {
     if !f.states.is_empty() {
         q.push(" AND state = ANY(")
             .push_bind(states(&f.states))
             .push(")");
+    }
+    if f.states == [RowState::Dead] {
+        // Dead rows through their indexes: claim rows (`prism_outbox_claims_dead`) and rows
+        // that died before migration 0015 (`prism_outbox_dead_record`).
+        q.push(
+            " AND id IN (SELECT c.id FROM prism_outbox_claims c WHERE c.state = 'dead'
+                         UNION ALL SELECT o.id FROM prism_outbox o WHERE o.state = 'dead')",
+        );
     }
     if !f.ids.is_empty() {
         q.push(" AND id = ANY(").push_bind(&f.ids).push(")");
@@ -832,10 +840,12 @@ pub(crate) async fn requeue(
     // A row that finished before migration 0015 keeps its final state stored; stored as
     // waiting again, it is back in `prism_outbox_record`, where the claims' per-record guard
     // looks for a record's unfinished older rows.
-    sqlx::query("UPDATE prism_outbox SET state = 'pending' WHERE id = ANY($1) AND state <> 'pending'")
-        .bind(&changed)
-        .execute(&mut *c)
-        .await?;
+    sqlx::query(
+        "UPDATE prism_outbox SET state = 'pending' WHERE id = ANY($1) AND state <> 'pending'",
+    )
+    .bind(&changed)
+    .execute(&mut *c)
+    .await?;
     for (id, patch) in rebased.iter().filter(|(id, _)| changed.contains(id)) {
         sqlx::query("UPDATE prism_outbox SET patch = $2::jsonb WHERE id = $1")
             .bind(id)
