@@ -1176,9 +1176,10 @@ async fn fill_finished(store: &Store, n: usize) -> anyhow::Result<()> {
                 "WITH o AS (INSERT INTO prism_outbox (record_id, patch)
                             SELECT gen_random_uuid(), '{\"default\": {\"old\": true}}'
                             FROM generate_series(1, $1)
-                            RETURNING id, team_id, object_type)
-                 INSERT INTO prism_outbox_claims (id, team_id, object_type, state, attempts, completed_at)
-                 SELECT id, team_id, object_type, 'succeeded', 1, now() FROM o",
+                            RETURNING id, team_id, object_type, record_id)
+                 INSERT INTO prism_outbox_claims (id, team_id, object_type, record_id, state, attempts,
+                                                  completed_at)
+                 SELECT id, team_id, object_type, record_id, 'succeeded', 1, now() FROM o",
             )
             .bind(n as i64)
             .execute(p)

@@ -258,3 +258,49 @@ async fn overlapping_claims_of_one_lane_never_take_a_row_twice() {
         );
     }
 }
+
+/// A row that arrives below its lane's floor with an old `txid` (a restore, logical
+/// replication, an explicit id) is reached by no claim source; the floor audit, which every
+/// daemon runs now and then, moves the floor back to it and it is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_arrives_below_the_floor_out_of_id_order_is_found_by_the_audit() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let store = db.store().await;
+    let sim = sim(FaultProfile::default()).await;
+    let engine = start_engine(&settings(&db, &sim)).await;
+    insert_rows(&store, &distinct_records(3)).await;
+    exec(
+        &store,
+        &format!(
+            "INSERT INTO prism_outbox (id, record_id, patch) VALUES (1000, '{}', '{}')",
+            uuid(),
+            patch(1)
+        ),
+    )
+    .await;
+    wait_until_finished(&store, Duration::from_secs(30)).await;
+    wait_for_async("the floor to pass id 1000", Duration::from_secs(10), || {
+        let store = store.clone();
+        async move { floor(&store).await > 1000 }
+    })
+    .await;
+    let restored = uuid();
+    exec(
+        &store,
+        &format!(
+            "INSERT INTO prism_outbox (id, record_id, patch, txid) VALUES (500, '{restored}', '{}', '3'::xid8)",
+            patch(1)
+        ),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(applied(&sim, &restored).is_empty(), "no claim source reaches it");
+    assert_eq!(store.audit_floors().await.expect("audit"), 1, "one lane moved back");
+    let rows = wait_until_finished(&store, Duration::from_secs(30)).await;
+    engine.stop().await;
+    assert!(rows.iter().all(|r| r.state == "succeeded"), "{rows:?}");
+    assert_eq!(applied(&sim, &restored), [1]);
+    assert_eq!(store.audit_floors().await.expect("audit"), 0, "at most once per period");
+}

@@ -26,10 +26,16 @@
 -- in-flight and retrying rows through prism_outbox_record (bounded by the backlog, not the
 -- history) and takes no lock that holds back the application's inserts.
 
+-- The trigger below and the new column take their tables' locks for an instant; while one
+-- waits for an application transaction that holds the outbox, the application's next inserts
+-- queue behind it. So it waits at most 2 s; the migrator tries again a moment later.
+SET LOCAL lock_timeout = '2s';
+
 CREATE TABLE prism_outbox_claims (
     id                 bigint      PRIMARY KEY,   -- prism_outbox.id
     team_id            text        NOT NULL,      -- the outbox row's lane, as stored
     object_type        text        NOT NULL,
+    record_id          uuid        NOT NULL,      -- the outbox row's record
     batch_id           uuid,
     -- NULL: the outcome of its batch (in flight while the batch is open, succeeded once it is
     -- done); otherwise the row's own: waiting again (a replay), retrying, succeeded, dead.
@@ -47,8 +53,9 @@ CREATE INDEX prism_outbox_claims_waiting ON prism_outbox_claims (team_id, object
     WHERE state IN ('pending', 'retrying');
 -- A batch's rows: its end when nothing answered (dead at once), a lease's oldest row, purge.
 CREATE INDEX prism_outbox_claims_batch ON prism_outbox_claims (batch_id);
--- Dead rows: the gauges' count by code and `rows --state dead`.
-CREATE INDEX prism_outbox_claims_dead ON prism_outbox_claims (id) WHERE state = 'dead';
+-- Dead rows: the gauges' count by code, `rows --state dead`, and purge and replay asking
+-- whether a record has an older dead change (without reading the record's history).
+CREATE INDEX prism_outbox_claims_dead ON prism_outbox_claims (record_id, id) WHERE state = 'dead';
 
 CREATE TABLE prism_lane_floors (
     team_id     text   NOT NULL,
@@ -62,12 +69,69 @@ CREATE TABLE prism_lane_floors (
 
 -- Rows in flight or retrying carry their progress over into claim rows. Waiting ('pending')
 -- rows have none: the claims find them in the lanes, from floor 0.
-INSERT INTO prism_outbox_claims (id, team_id, object_type, batch_id, state, attempts,
+SET LOCAL enable_seqscan = off;
+INSERT INTO prism_outbox_claims (id, team_id, object_type, record_id, batch_id, state, attempts,
                                  next_attempt_at, first_attempt_at, last_error_code,
                                  last_error_message)
-SELECT id, team_id, object_type, batch_id, NULLIF(state, 'in_flight'), attempts, next_attempt_at,
+SELECT id, team_id, object_type, record_id, batch_id, NULLIF(state, 'in_flight'), attempts, next_attempt_at,
        COALESCE(first_attempt_at, now()), last_error_code, last_error_message
 FROM prism_outbox WHERE state IN ('in_flight', 'retrying');
+
+-- Their stored state goes back to 'pending' (what every row inserted from now on keeps): the
+-- claims' statements read a row's progress from its claim row, and a stored 'in_flight' would
+-- keep a row that waits again out of its record's followers. Bounded by the backlog.
+UPDATE prism_outbox SET state = 'pending' WHERE state IN ('in_flight', 'retrying');
+
+-- Each batch's lowest row id, stored with it: the open batches' lowest is part of the bound
+-- below which every row has finished (prism_unfinished_bound, below). NULL for batches stored
+-- before this migration (their claim rows are read instead).
+ALTER TABLE prism_batches ADD COLUMN first_row_id bigint;
+
+-- A replica of an earlier version claims by prism_outbox.state, which prism-sync no longer
+-- writes: it would send again rows a current replica has claimed. Its claim puts rows
+-- 'in_flight' in prism_outbox; that now fails, loudly, instead.
+CREATE FUNCTION prism_outbox_refuse_old_claims() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'prism-sync: this outbox keeps claims in prism_outbox_claims since migration 0015; stop replicas of earlier versions (they would send rows twice) and run the current version';
+END $$;
+CREATE TRIGGER prism_outbox_refuse_old_claims BEFORE UPDATE ON prism_outbox
+    FOR EACH ROW WHEN (NEW.state = 'in_flight') EXECUTE FUNCTION prism_outbox_refuse_old_claims();
+
+-- The lowest row id that may be unfinished: below it every row has succeeded or is dead. The
+-- per-record order guard reads a record's older rows only from here on, so that a record's
+-- history does not lengthen it. The least of: every lane's floor (a lane's rows from its floor
+-- on may never have been claimed), every lane's late rows (below the floor, never claimed),
+-- the rows waiting again, and the open batches' rows. Lanes are found by a skip scan of the
+-- lane index. STABLE: one value per statement that calls it as (SELECT prism_unfinished_bound()).
+CREATE FUNCTION prism_unfinished_bound() RETURNS bigint LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE lanes(team_id, object_type) AS (
+        (SELECT team_id, object_type FROM prism_outbox
+         WHERE state IN ('pending', 'retrying') ORDER BY team_id, object_type LIMIT 1)
+        UNION ALL
+        SELECT n.team_id, n.object_type FROM lanes CROSS JOIN LATERAL (
+            SELECT o.team_id, o.object_type FROM prism_outbox o
+            WHERE o.state IN ('pending', 'retrying')
+              AND (o.team_id, o.object_type) > (lanes.team_id, lanes.object_type)
+            ORDER BY o.team_id, o.object_type LIMIT 1) n),
+    fl AS (
+        SELECT l.team_id, l.object_type, COALESCE(f.floor_id, 0) AS floor_id,
+               COALESCE(f.late_txid, '0'::xid8) AS late_txid
+        FROM lanes l LEFT JOIN prism_lane_floors f
+             ON f.team_id = l.team_id AND f.object_type = l.object_type)
+    SELECT least(
+        (SELECT min(floor_id) FROM fl),
+        (SELECT min((SELECT min(o.id) FROM prism_outbox o
+                     WHERE o.team_id = fl.team_id AND o.object_type = fl.object_type
+                       AND o.txid >= fl.late_txid AND o.id < fl.floor_id
+                       AND o.state IN ('pending', 'retrying')
+                       AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)))
+         FROM fl),
+        (SELECT min(c.id) FROM prism_outbox_claims c WHERE c.state IN ('pending', 'retrying')),
+        (SELECT min(COALESCE(b.first_row_id,
+                             (SELECT min(c.id) FROM prism_outbox_claims c WHERE c.batch_id = b.id)))
+         FROM prism_batches b WHERE b.state = 'open'),
+        (SELECT COALESCE(max(id), 0) + 1 FROM prism_outbox))
+$$;
 
 -- The same columns as 0014's view, derived: from the claim row when there is one (and its
 -- batch while it follows it), else as stored. A row its batch's success finished counts that

@@ -545,6 +545,8 @@ async fn claim(
 /// Ends the open batches of teams no longer configured (see
 /// [`crate::store::Store::end_stranded_batches`]).
 async fn end_stranded(shared: &Shared) -> Result<(), StoreError> {
+    // Rows below a lane's floor that no claim reaches (Postgres; rarely, see the call).
+    shared.store.audit_floors().await?;
     let dead = shared.store.end_stranded_batches(&shared.team_set).await?;
     if dead > 0 {
         warn!(

@@ -392,6 +392,11 @@ pub enum Store {
     Postgres(PgStore),
 }
 
+/// How often a process checks the lanes' floors for rows below them that no claim reaches
+/// ([`Store::audit_floors`]): the check reads each lane's rows below its floor, the whole
+/// history kept, so it runs rarely; such a row waits at most this long.
+pub const FLOOR_AUDIT_EVERY: Duration = Duration::from_secs(600);
+
 macro_rules! dispatch {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
@@ -506,6 +511,17 @@ impl Store {
 
     pub async fn gauges(&self) -> StoreResult<Gauges> {
         dispatch!(self, s => s.gauges().await)
+    }
+
+    /// Postgres: moves a lane's floor back under any row below it that no claim can reach (a
+    /// row that arrived out of id order: restored, copied by logical replication, or moved
+    /// into the lane by an `UPDATE`), at most once every [`FLOOR_AUDIT_EVERY`] per process;
+    /// returns how many lanes it moved back. SQLite has no floors: 0.
+    pub async fn audit_floors(&self) -> StoreResult<u64> {
+        match self {
+            Store::Sqlite(_) => Ok(0),
+            Store::Postgres(s) => s.audit_floors(FLOOR_AUDIT_EVERY).await,
+        }
     }
 
     /// The succeeded rows kept. Unlike [`Store::gauges`], which walks only unfinished and dead

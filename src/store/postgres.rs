@@ -183,13 +183,15 @@ macro_rules! below_watermark {
 /// table: 1.2 s instead of 1 ms per claim). An older row of the record is unfinished when it
 /// waits (never claimed, or waiting again), or follows a batch that has not ended `done` (in
 /// flight). `prism_outbox_record` holds every row whose stored state is not final, which
-/// since migration 0015 is every row inserted since: the probe reads the record's older rows.
+/// since migration 0015 is every row inserted since: the probe reads the record's older rows
+/// from `prism_unfinished_bound()` on (below it every row has finished), not its history.
 macro_rules! record_guard {
     () => {
         "(SELECT 1 FROM prism_outbox p
             LEFT JOIN prism_outbox_claims pc ON pc.id = p.id
             LEFT JOIN prism_batches pb ON pb.id = pc.batch_id AND pc.state IS NULL
           WHERE p.record_id = o.record_id AND p.id < o.id
+            AND p.id >= (SELECT prism_unfinished_bound())
             AND p.state IN ('pending', 'retrying', 'in_flight')
             AND (pc.id IS NULL OR pc.state IN ('pending', 'retrying')
                  OR (pc.state IS NULL AND pb.state IS DISTINCT FROM 'done'))
@@ -303,6 +305,8 @@ pub struct PgStore {
     pool: PgPool,
     /// One claim of this process at a time locks its rows ([`Dialect::scan_gate`]).
     scan_gate: Arc<tokio::sync::Mutex<()>>,
+    /// When this process last checked the floors ([`PgStore::audit_floors`]).
+    floor_audit: Arc<tokio::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl PgStore {
@@ -327,6 +331,7 @@ impl PgStore {
         Ok(PgStore {
             pool,
             scan_gate: Arc::default(),
+            floor_audit: Arc::default(),
         })
     }
 
@@ -439,6 +444,49 @@ impl PgStore {
         .await?;
         tx.commit().await?;
         Ok(dead)
+    }
+
+    /// See [`super::Store::audit_floors`]. Runs when `every` has passed since this process
+    /// last ran it (the first call runs it).
+    pub async fn audit_floors(&self, every: Duration) -> StoreResult<u64> {
+        {
+            let mut last = self.floor_audit.lock().await;
+            if last.is_some_and(|t| t.elapsed() < every) {
+                return Ok(0);
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        // Per floor, the lowest row below it with no claim row and a txid below the late txid
+        // (the rows source two does not read): none can exist when ids are drawn in commit
+        // order on this cluster. The floor goes back to it, so that the lane's walk (and the
+        // record guard's bound) covers it again; the next claims move the floor on.
+        let moved: Vec<(String, String, i64)> = sqlx::query_as(
+            "WITH lost AS (
+                 SELECT f.team_id, f.object_type,
+                        (SELECT o.id FROM prism_outbox o
+                         WHERE o.team_id = f.team_id AND o.object_type = f.object_type
+                           AND o.state IN ('pending', 'retrying') AND o.id < f.floor_id
+                           AND o.txid < f.late_txid
+                           AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
+                         ORDER BY o.id LIMIT 1) AS id
+                 FROM prism_lane_floors f)
+             UPDATE prism_lane_floors f SET floor_id = lost.id
+             FROM lost
+             WHERE f.team_id = lost.team_id AND f.object_type = lost.object_type
+               AND lost.id IS NOT NULL AND lost.id < f.floor_id
+             RETURNING f.team_id, f.object_type, lost.id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for (team, object_type, id) in &moved {
+            tracing::warn!(
+                team,
+                object_type,
+                row = id,
+                "a change lay below its lane's floor where no claim reached it (it arrived out of id order: restored, copied by replication, or moved between lanes by an UPDATE); the floor is moved back to it"
+            );
+        }
+        Ok(moved.len() as u64)
     }
 
     pub async fn gauges(&self) -> StoreResult<Gauges> {
@@ -943,7 +991,8 @@ impl Dialect for PgStore {
             "WITH s AS (SELECT prism_outbox_watermark(pg_current_snapshot()) AS w,
                                pg_snapshot_xmax(pg_current_snapshot()) AS xmax),
              cur AS (
-                 SELECT l.team_id, l.object_type, COALESCE(f.floor_id, 0) AS floor_id
+                 SELECT l.team_id, l.object_type, COALESCE(f.floor_id, 0) AS floor_id,
+                        COALESCE(f.late_txid, '0'::xid8) AS late_txid
                  FROM unnest($1::text[], $2::text[]) AS l(team_id, object_type)
                  LEFT JOIN prism_lane_floors f
                         ON f.team_id = l.team_id AND f.object_type = l.object_type),
@@ -957,18 +1006,33 @@ impl Dialect for PgStore {
             "
                                 ORDER BY o.id LIMIT 1) AS first_free
                  FROM cur, s)
-             INSERT INTO prism_outbox_claims (id, team_id, object_type, state, attempts, next_attempt_at)
-             SELECT o.id, o.team_id, o.object_type, 'pending', o.attempts, o.next_attempt_at
-             FROM stop, s, LATERAL (
-                 SELECT o.* FROM prism_outbox o
-                 WHERE o.team_id = stop.team_id AND o.object_type = stop.object_type
-                   AND o.state IN ('pending', 'retrying') AND o.id >= stop.floor_id
-                   AND (stop.first_free IS NULL OR o.id < stop.first_free)
-                   AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
-                   AND (o.txid < s.w OR o.txid >= s.xmax) AND NOT ",
+             INSERT INTO prism_outbox_claims (id, team_id, object_type, record_id, state, attempts,
+                                              next_attempt_at)
+             SELECT o.id, o.team_id, o.object_type, o.record_id, 'pending', o.attempts, o.next_attempt_at
+             FROM (SELECT o.* FROM stop, s, LATERAL (
+                       SELECT o.* FROM prism_outbox o
+                       WHERE o.team_id = stop.team_id AND o.object_type = stop.object_type
+                         AND o.state IN ('pending', 'retrying') AND o.id >= stop.floor_id
+                         AND (stop.first_free IS NULL OR o.id < stop.first_free)
+                         AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
+                         AND (o.txid < s.w OR o.txid >= s.xmax) AND NOT ",
             record_guard!(),
             "
-                 ORDER BY o.id LIMIT 1000) o
+                       ORDER BY o.id LIMIT 1000) o
+                   UNION ALL
+                   -- Held late rows too (below the floor, never claimed): each would hold the
+                   -- lane's late txid back, and every claim would read the rows since.
+                   SELECT o.* FROM stop, s, LATERAL (
+                       SELECT o.* FROM prism_outbox o
+                       WHERE o.team_id = stop.team_id AND o.object_type = stop.object_type
+                         AND o.txid >= stop.late_txid AND o.id < stop.floor_id
+                         AND o.state IN ('pending', 'retrying')
+                         AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
+                         AND (o.txid < s.w OR o.txid >= s.xmax) AND NOT ",
+            record_guard!(),
+            "
+                       ORDER BY o.txid LIMIT 1000) o) o
+             ORDER BY o.id
              ON CONFLICT (id) DO NOTHING"
         ))
         .bind(&teams)
@@ -1049,15 +1113,20 @@ impl Dialect for PgStore {
             .iter()
             .map(|b| i32::try_from(b.row_count()).unwrap_or(i32::MAX))
             .collect();
+        let first_rows: Vec<Option<i64>> = batches
+            .iter()
+            .map(|b| b.items.iter().flat_map(|i| i.rows.iter().copied()).min())
+            .collect();
         sqlx::query(
             "INSERT INTO prism_batches
                (id, idempotency_key, object_type, body, items, item_count, row_count, lease_owner, lease_expires_at, parent_id,
-                team_id, operation)
+                team_id, operation, first_row_id)
              SELECT b.id, b.key, b.object_type, b.body, b.items, b.item_count, b.row_count,
-                    $8, now() + make_interval(secs => $9), $10, b.team_id, b.operation
+                    $8, now() + make_interval(secs => $9), $10, b.team_id, b.operation, b.first_row_id
              FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::int[], $7::int[],
-                         $11::text[], $12::text[])
-                  AS b(id, key, object_type, body, items, item_count, row_count, team_id, operation)",
+                         $11::text[], $12::text[], $13::bigint[])
+                  AS b(id, key, object_type, body, items, item_count, row_count, team_id, operation,
+                       first_row_id)",
         )
         .bind(&ids)
         .bind(&keys)
@@ -1071,6 +1140,7 @@ impl Dialect for PgStore {
         .bind(parent)
         .bind(&teams)
         .bind(&operations)
+        .bind(&first_rows)
         .execute(&mut **tx)
         .await?;
         Ok(())
@@ -1092,10 +1162,12 @@ impl Dialect for PgStore {
                         first_attempt_at = COALESCE(c.first_attempt_at, now())
                  FROM u WHERE c.id = u.id
                  RETURNING c.id)
-             INSERT INTO prism_outbox_claims (id, team_id, object_type, batch_id, attempts, first_attempt_at)
-             SELECT o.id, o.team_id, o.object_type, u.batch_id, o.attempts, now()
+             INSERT INTO prism_outbox_claims (id, team_id, object_type, record_id, batch_id, attempts,
+                                              first_attempt_at)
+             SELECT o.id, o.team_id, o.object_type, o.record_id, u.batch_id, o.attempts, now()
              FROM u JOIN prism_outbox o ON o.id = u.id
              WHERE NOT EXISTS (SELECT 1 FROM moved WHERE moved.id = u.id)
+             ORDER BY o.id
              ON CONFLICT (id) DO UPDATE SET batch_id = EXCLUDED.batch_id, state = NULL,
                  first_attempt_at = COALESCE(prism_outbox_claims.first_attempt_at, now())",
         )
@@ -1117,11 +1189,16 @@ impl Dialect for PgStore {
                         last_error_code = u.code, last_error_message = u.message
                  FROM u WHERE c.id = u.id
                  RETURNING c.id)
-             INSERT INTO prism_outbox_claims (id, team_id, object_type, state, attempts, completed_at,
-                                              last_error_code, last_error_message)
-             SELECT o.id, o.team_id, o.object_type, 'dead', o.attempts, now(), u.code, u.message
+             INSERT INTO prism_outbox_claims (id, team_id, object_type, record_id, state, attempts,
+                                              completed_at, last_error_code, last_error_message)
+             SELECT o.id, o.team_id, o.object_type, o.record_id, 'dead', o.attempts, now(), u.code,
+                    u.message
              FROM u JOIN prism_outbox o ON o.id = u.id
-             WHERE NOT EXISTS (SELECT 1 FROM ended WHERE ended.id = u.id)",
+             WHERE NOT EXISTS (SELECT 1 FROM ended WHERE ended.id = u.id)
+             ORDER BY o.id
+             ON CONFLICT (id) DO UPDATE SET state = 'dead', completed_at = now(),
+                 last_error_code = EXCLUDED.last_error_code,
+                 last_error_message = EXCLUDED.last_error_message",
         )
         .bind(&ids)
         .bind(&codes)

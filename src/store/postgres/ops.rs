@@ -38,14 +38,15 @@ macro_rules! applied {
 /// row may still be replayed, and replay judges it against the newer changes the API applied
 /// (rebased or left dead as superseded). With the newer change gone, a replay would put the
 /// record back to older values. The row goes once the dead row is purged (or replayed and
-/// through).
+/// through). Both probes are index ranges of the record's dead rows (claim rows, and rows that
+/// died before migration 0015), not of its history.
 macro_rules! no_dead_before {
     ($t:literal) => {
         concat!(
             "NOT (",
             applied!($t),
-            " AND EXISTS (
-             SELECT 1 FROM prism_outbox_rows AS d
+            " AND (EXISTS (
+             SELECT 1 FROM prism_outbox_claims AS d
              WHERE d.record_id = ",
             $t,
             ".record_id AND d.id < ",
@@ -56,7 +57,21 @@ macro_rules! no_dead_before {
             ".object_type
                AND d.team_id = ",
             $t,
-            ".team_id))"
+            ".team_id)
+             OR EXISTS (
+             SELECT 1 FROM prism_outbox AS d
+             WHERE d.record_id = ",
+            $t,
+            ".record_id AND d.id < ",
+            $t,
+            ".id
+               AND d.state = 'dead' AND d.object_type = ",
+            $t,
+            ".object_type
+               AND d.team_id = ",
+            $t,
+            ".team_id
+               AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims AS dc WHERE dc.id = d.id))))"
         )
     };
 }
@@ -822,12 +837,14 @@ pub(crate) async fn requeue(
     let mut ids: Vec<i64> = as_is.to_vec();
     ids.extend(rebased.iter().map(|(id, _)| *id));
     let changed: Vec<i64> = sqlx::query_scalar(
-        "WITH r AS (SELECT o.id, o.team_id, o.object_type, v.last_error_code, v.last_error_message
+        "WITH r AS (SELECT o.id, o.team_id, o.object_type, o.record_id, v.last_error_code,
+                           v.last_error_message
                     FROM prism_outbox_rows v JOIN prism_outbox o ON o.id = v.id
                     WHERE v.id = ANY($1) AND v.state = ANY($2))
-         INSERT INTO prism_outbox_claims AS c (id, team_id, object_type, state, attempts,
+         INSERT INTO prism_outbox_claims AS c (id, team_id, object_type, record_id, state, attempts,
                                                next_attempt_at, last_error_code, last_error_message)
-         SELECT id, team_id, object_type, 'pending', 0, now(), last_error_code, last_error_message
+         SELECT id, team_id, object_type, record_id, 'pending', 0, now(), last_error_code,
+                last_error_message
          FROM r
          ON CONFLICT (id) DO UPDATE SET state = 'pending', attempts = 0, next_attempt_at = now(),
              completed_at = NULL, first_attempt_at = NULL
@@ -868,9 +885,11 @@ pub(crate) async fn discard(
     message: &str,
 ) -> StoreResult<u64> {
     Ok(sqlx::query(
-        "INSERT INTO prism_outbox_claims AS c (id, team_id, object_type, batch_id, state, attempts,
-                                               last_error_code, last_error_message, completed_at)
-         SELECT o.id, o.team_id, o.object_type, v.batch_id, 'dead', v.attempts, $3, $4, now()
+        "INSERT INTO prism_outbox_claims AS c (id, team_id, object_type, record_id, batch_id, state,
+                                               attempts, last_error_code, last_error_message,
+                                               completed_at)
+         SELECT o.id, o.team_id, o.object_type, o.record_id, v.batch_id, 'dead', v.attempts, $3, $4,
+                now()
          FROM prism_outbox_rows v JOIN prism_outbox o ON o.id = v.id
          WHERE v.id = ANY($1) AND v.state = ANY($2) AND v.state <> 'in_flight'
          ON CONFLICT (id) DO UPDATE SET state = 'dead', last_error_code = $3,
