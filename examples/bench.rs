@@ -1171,15 +1171,19 @@ async fn fill_finished(store: &Store, n: usize) -> anyhow::Result<()> {
         }
         RawPool::Postgres(p) => {
             // As prism-sync leaves them since migration 0015: the outbox row as inserted, a
-            // claim row, and the lane's floor past them.
+            // claim row that follows a batch that ended `done`, and the lane's floor past them.
             sqlx::query(
-                "WITH o AS (INSERT INTO prism_outbox (record_id, patch)
-                            SELECT gen_random_uuid(), '{\"default\": {\"old\": true}}'
-                            FROM generate_series(1, $1)
-                            RETURNING id, team_id, object_type, record_id)
-                 INSERT INTO prism_outbox_claims (id, team_id, object_type, record_id, state, attempts,
-                                                  completed_at)
-                 SELECT id, team_id, object_type, record_id, 'succeeded', 1, now() FROM o",
+                "WITH b AS (INSERT INTO prism_batches (id, idempotency_key, object_type, body, items,
+                                                       item_count, row_count, state, completed_at)
+                            VALUES (gen_random_uuid(), gen_random_uuid()::text, 'contact',
+                                    '\\x7b7d'::bytea, '[]', 1, 1, 'done', now())
+                            RETURNING id),
+                 o AS (INSERT INTO prism_outbox (record_id, patch)
+                       SELECT gen_random_uuid(), '{\"default\": {\"old\": true}}'
+                       FROM generate_series(1, $1)
+                       RETURNING id, team_id, object_type, record_id)
+                 INSERT INTO prism_outbox_claims (id, team_id, object_type, record_id, batch_id)
+                 SELECT o.id, o.team_id, o.object_type, o.record_id, b.id FROM o, b",
             )
             .bind(n as i64)
             .execute(p)

@@ -296,11 +296,22 @@ async fn a_change_that_arrives_below_the_floor_out_of_id_order_is_found_by_the_a
     )
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(applied(&sim, &restored).is_empty(), "no claim source reaches it");
-    assert_eq!(store.audit_floors().await.expect("audit"), 1, "one lane moved back");
+    assert!(
+        applied(&sim, &restored).is_empty(),
+        "no claim source reaches it"
+    );
+    assert_eq!(
+        store.audit_floors().await.expect("audit"),
+        1,
+        "one lane moved back"
+    );
     let rows = wait_until_finished(&store, Duration::from_secs(30)).await;
     engine.stop().await;
     assert!(rows.iter().all(|r| r.state == "succeeded"), "{rows:?}");
     assert_eq!(applied(&sim, &restored), [1]);
-    assert_eq!(store.audit_floors().await.expect("audit"), 0, "at most once per period");
+    assert_eq!(
+        store.audit_floors().await.expect("audit"),
+        0,
+        "at most once per period"
+    );
 }

@@ -2019,7 +2019,8 @@ async fn reset(store: &Store) {
             "DELETE FROM prism_outbox; DELETE FROM prism_batches; DELETE FROM prism_batch_attempts; DELETE FROM prism_audit;"
         }
         RawPool::Postgres(_) => {
-            "TRUNCATE prism_outbox, prism_batches, prism_batch_attempts, prism_audit"
+            "TRUNCATE prism_outbox, prism_outbox_claims, prism_lane_floors, prism_batches,
+                      prism_batch_attempts, prism_audit"
         }
     };
     common::exec(store, sql).await;

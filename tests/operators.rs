@@ -76,13 +76,90 @@ async fn audit(store: &Store) -> Vec<(String, String, Value, i64)> {
         .collect()
 }
 
-/// Sets one row's columns by hand, as the daemon would have left them.
+/// Sets one row's columns by hand, as the daemon would have left them: on Postgres, where
+/// the daemon keeps a row's progress on its claim row (migration 0015), there (`in_flight` is
+/// a claim row that follows its batch), and `enqueued_at` on the outbox row.
 async fn set_row(store: &Store, id: i64, set: &str) {
+    if matches!(
+        store.raw_pool_for_tests(),
+        prism_sync::store::RawPool::Sqlite(_)
+    ) {
+        exec(
+            store,
+            &format!("UPDATE prism_outbox SET {set} WHERE id = {id}"),
+        )
+        .await;
+        return;
+    }
+    let (mut claim, mut outbox) = (Vec::new(), Vec::new());
+    let (mut succeeded, mut batch, mut completed) = (false, None, "now()".to_owned());
+    for assignment in set.split(',').map(str::trim) {
+        let value = assignment.split_once('=').map_or("", |(_, v)| v.trim());
+        if assignment.starts_with("enqueued_at") {
+            outbox.push(assignment.to_owned());
+        } else if assignment == "state = 'in_flight'" {
+            claim.push("state = NULL".to_owned());
+        } else if assignment == "state = 'succeeded'" {
+            // A success is its batch's: the claim row follows a batch that ended `done`.
+            succeeded = true;
+            claim.push("state = NULL".to_owned());
+        } else {
+            if assignment.starts_with("batch_id") {
+                batch = Some(value.to_owned());
+            }
+            if assignment.starts_with("completed_at") {
+                completed = value.to_owned();
+            }
+            claim.push(assignment.to_owned());
+        }
+    }
+    if succeeded {
+        let given = batch.is_some();
+        let batch = batch.unwrap_or_else(|| format!("'{}'", uuid::Uuid::new_v4()));
+        exec(
+            store,
+            &format!(
+                "INSERT INTO prism_batches (id, idempotency_key, object_type, body, items, item_count,
+                                            row_count, state, completed_at)
+                 VALUES ({batch}, gen_random_uuid()::text, 'contact', '\\x7b7d'::bytea, '[]', 1, 1,
+                         'done', {completed})
+                 ON CONFLICT (id) DO UPDATE SET state = 'done', completed_at = {completed}"
+            ),
+        )
+        .await;
+        if !given {
+            claim.push(format!("batch_id = {batch}"));
+        }
+    }
     exec(
         store,
-        &format!("UPDATE prism_outbox SET {set} WHERE id = {id}"),
+        &format!(
+            "INSERT INTO prism_outbox_claims (id, team_id, object_type, record_id)
+             SELECT id, team_id, object_type, record_id FROM prism_outbox WHERE id = {id}
+             ON CONFLICT (id) DO NOTHING"
+        ),
     )
     .await;
+    if !claim.is_empty() {
+        exec(
+            store,
+            &format!(
+                "UPDATE prism_outbox_claims SET {} WHERE id = {id}",
+                claim.join(", ")
+            ),
+        )
+        .await;
+    }
+    if !outbox.is_empty() {
+        exec(
+            store,
+            &format!(
+                "UPDATE prism_outbox SET {} WHERE id = {id}",
+                outbox.join(", ")
+            ),
+        )
+        .await;
+    }
 }
 
 fn record(sim: &prism_sync::sim::SimHandle, id: Uuid) -> Option<Value> {

@@ -32,14 +32,17 @@
 SET LOCAL lock_timeout = '2s';
 
 CREATE TABLE prism_outbox_claims (
-    id                 bigint      PRIMARY KEY,   -- prism_outbox.id
+    -- The outbox row's id. A row deleted from the outbox (purge, or an application's own
+    -- clean-up) takes its claim row with it.
+    id                 bigint      PRIMARY KEY REFERENCES prism_outbox (id) ON DELETE CASCADE,
     team_id            text        NOT NULL,      -- the outbox row's lane, as stored
     object_type        text        NOT NULL,
     record_id          uuid        NOT NULL,      -- the outbox row's record
     batch_id           uuid,
     -- NULL: the outcome of its batch (in flight while the batch is open, succeeded once it is
-    -- done); otherwise the row's own: waiting again (a replay), retrying, succeeded, dead.
-    state              text        CHECK (state IN ('pending', 'retrying', 'succeeded', 'dead')),
+    -- done: a success is only ever its batch's); otherwise the row's own: waiting again
+    -- (replayed, or parked behind an older change of its record), retrying, dead.
+    state              text        CHECK (state IN ('pending', 'retrying', 'dead')),
     attempts           integer     NOT NULL DEFAULT 0,
     next_attempt_at    timestamptz NOT NULL DEFAULT now(),
     first_attempt_at   timestamptz,
