@@ -105,7 +105,8 @@ CREATE TRIGGER prism_outbox_refuse_old_claims BEFORE UPDATE ON prism_outbox
 -- history does not lengthen it. The least of: every lane's floor (a lane's rows from its floor
 -- on may never have been claimed), every lane's late rows (below the floor, never claimed),
 -- the rows waiting again, and the open batches' rows. Lanes are found by a skip scan of the
--- lane index. STABLE: one value per statement that calls it as (SELECT prism_unfinished_bound()).
+-- lane index and in the floors; each lane's part is a probe or two of an index, so the bound
+-- costs the same however many rows have finished or wait. STABLE: one value per statement that calls it as (SELECT prism_unfinished_bound()).
 CREATE FUNCTION prism_unfinished_bound() RETURNS bigint LANGUAGE sql STABLE AS $$
     WITH RECURSIVE lanes(team_id, object_type) AS (
         (SELECT team_id, object_type FROM prism_outbox
@@ -119,7 +120,9 @@ CREATE FUNCTION prism_unfinished_bound() RETURNS bigint LANGUAGE sql STABLE AS $
     fl AS (
         SELECT l.team_id, l.object_type, COALESCE(f.floor_id, 0) AS floor_id,
                COALESCE(f.late_txid, '0'::xid8) AS late_txid
-        FROM lanes l LEFT JOIN prism_lane_floors f
+        FROM (SELECT team_id, object_type FROM lanes
+              UNION SELECT team_id, object_type FROM prism_lane_floors) l
+        LEFT JOIN prism_lane_floors f
              ON f.team_id = l.team_id AND f.object_type = l.object_type)
     SELECT least(
         (SELECT min(floor_id) FROM fl),
@@ -129,7 +132,11 @@ CREATE FUNCTION prism_unfinished_bound() RETURNS bigint LANGUAGE sql STABLE AS $
                        AND o.state IN ('pending', 'retrying')
                        AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)))
          FROM fl),
-        (SELECT min(c.id) FROM prism_outbox_claims c WHERE c.state IN ('pending', 'retrying')),
+        (SELECT min((SELECT c.id FROM prism_outbox_claims c
+                     WHERE c.team_id = fl.team_id AND c.object_type = fl.object_type
+                       AND c.state IN ('pending', 'retrying')
+                     ORDER BY c.id LIMIT 1))
+         FROM fl),
         (SELECT min(COALESCE(b.first_row_id,
                              (SELECT min(c.id) FROM prism_outbox_claims c WHERE c.batch_id = b.id)))
          FROM prism_batches b WHERE b.state = 'open'),
