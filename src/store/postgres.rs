@@ -1147,8 +1147,13 @@ impl Dialect for PgStore {
     }
 
     async fn mark_in_flight(&self, tx: &mut Self::Tx, batches: &[NewBatch]) -> StoreResult<()> {
-        let (rows, owners): (Vec<i64>, Vec<Uuid>) =
-            batches.iter().flat_map(|b| b.row_assignments()).unzip();
+        // In id order, as every writer of claim rows inserts them (parking too), so that two
+        // inserting at once wait for each other in one order and never deadlock. Sorted here:
+        // the statement's plan keeps the array's order (an ORDER BY would be planned as a walk
+        // of the whole outbox in id order, the transaction's sorts being off).
+        let mut assigned: Vec<(i64, Uuid)> = batches.iter().flat_map(|b| b.row_assignments()).collect();
+        assigned.sort_unstable_by_key(|(id, _)| *id);
+        let (rows, owners): (Vec<i64>, Vec<Uuid>) = assigned.into_iter().unzip();
         if rows.is_empty() {
             return Ok(());
         }
@@ -1167,7 +1172,6 @@ impl Dialect for PgStore {
              SELECT o.id, o.team_id, o.object_type, o.record_id, u.batch_id, o.attempts, now()
              FROM u JOIN prism_outbox o ON o.id = u.id
              WHERE NOT EXISTS (SELECT 1 FROM moved WHERE moved.id = u.id)
-             ORDER BY o.id
              ON CONFLICT (id) DO UPDATE SET batch_id = EXCLUDED.batch_id, state = NULL,
                  first_attempt_at = COALESCE(prism_outbox_claims.first_attempt_at, now())",
         )
@@ -1179,6 +1183,9 @@ impl Dialect for PgStore {
     }
 
     async fn mark_dead(&self, tx: &mut Self::Tx, rows: &[DeadRow]) -> StoreResult<()> {
+        // In id order, as `mark_in_flight` (and for the same reason, sorted here).
+        let mut rows: Vec<&DeadRow> = rows.iter().collect();
+        rows.sort_unstable_by_key(|d| d.id);
         let ids: Vec<i64> = rows.iter().map(|d| d.id).collect();
         let codes: Vec<&str> = rows.iter().map(|d| d.code).collect();
         let messages: Vec<&str> = rows.iter().map(|d| d.message.as_str()).collect();
@@ -1195,7 +1202,6 @@ impl Dialect for PgStore {
                     u.message
              FROM u JOIN prism_outbox o ON o.id = u.id
              WHERE NOT EXISTS (SELECT 1 FROM ended WHERE ended.id = u.id)
-             ORDER BY o.id
              ON CONFLICT (id) DO UPDATE SET state = 'dead', completed_at = now(),
                  last_error_code = EXCLUDED.last_error_code,
                  last_error_message = EXCLUDED.last_error_message",
