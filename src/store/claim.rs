@@ -62,12 +62,9 @@ pub(super) async fn claim<D: Dialect>(
     if !plan.dead.is_empty() {
         db.mark_dead(&mut tx, &plan.dead).await?;
     }
+    // Before the commit, so that the next claim walks from after these rows.
+    db.advance_floors(&mut tx, &lanes).await?;
     db.commit(tx).await?;
-    // After the commit, so that the floor passes the rows just claimed. Only what the next
-    // claims walk depends on it: a floor left behind costs a longer walk, never a row.
-    if let Err(e) = db.advance_floors(&lanes).await {
-        tracing::warn!(error = %e, "could not move the claimed lanes' floors on (the next claim walks further)");
-    }
     Ok(ClaimOutcome {
         batches: plan.batches.into_iter().map(LeasedBatch::fresh).collect(),
         dead: plan.dead,

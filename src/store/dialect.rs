@@ -122,9 +122,14 @@ pub(super) trait Dialect: Sync {
     }
 
     /// Moves the floors of `lanes` (team, object type, as stored) on past the rows claimed so
-    /// far, in a transaction of its own, after a claim's commit. Only the cost of later claims
-    /// depends on it (a floor left behind is walked from); engines without floors do nothing.
-    async fn advance_floors(&self, _lanes: &[(Vec<u8>, Vec<u8>)]) -> StoreResult<()> {
+    /// far, this claim's included, in the claim's transaction right before its commit. Only
+    /// the cost of later claims depends on it (a floor left behind is walked from); engines
+    /// without floors do nothing.
+    async fn advance_floors(
+        &self,
+        _tx: &mut Self::Tx,
+        _lanes: &[(Vec<u8>, Vec<u8>)],
+    ) -> StoreResult<()> {
         Ok(())
     }
 

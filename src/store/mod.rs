@@ -516,7 +516,8 @@ impl Store {
     /// Postgres: moves a lane's floor back under any row below it that no claim can reach (a
     /// row that arrived out of id order: restored, copied by logical replication, or moved
     /// into the lane by an `UPDATE`), at most once every [`FLOOR_AUDIT_EVERY`] per process;
-    /// returns how many lanes it moved back. SQLite has no floors: 0.
+    /// returns how many lanes it moved back. It also deletes the claim rows left by outbox
+    /// rows deleted outside prism-sync. SQLite has no floors: 0.
     pub async fn audit_floors(&self) -> StoreResult<u64> {
         match self {
             Store::Sqlite(_) => Ok(0),

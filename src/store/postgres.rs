@@ -446,8 +446,9 @@ impl PgStore {
         Ok(dead)
     }
 
-    /// See [`super::Store::audit_floors`]. Runs when `every` has passed since this process
-    /// last ran it (the first call runs it).
+    /// See [`super::Store::audit_floors`]; also deletes the claim rows of outbox rows an
+    /// application deleted itself. Runs when `every` has passed since this process last ran
+    /// it (the first call runs it).
     pub async fn audit_floors(&self, every: Duration) -> StoreResult<u64> {
         {
             let mut last = self.floor_audit.lock().await;
@@ -478,6 +479,21 @@ impl PgStore {
         )
         .fetch_all(&self.pool)
         .await?;
+        // Claim rows whose outbox row an application deleted itself (purge deletes both):
+        // they would count as dead or waiting rows that are not there.
+        let orphans = sqlx::query(
+            "DELETE FROM prism_outbox_claims c
+             WHERE NOT EXISTS (SELECT 1 FROM prism_outbox o WHERE o.id = c.id)",
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if orphans > 0 {
+            tracing::info!(
+                claim_rows = orphans,
+                "deleted the claim rows of outbox rows deleted outside prism-sync"
+            );
+        }
         for (team, object_type, id) in &moved {
             tracing::warn!(
                 team,
@@ -960,7 +976,11 @@ impl Dialect for PgStore {
         Ok(Some(waiting.into_iter().collect()))
     }
 
-    async fn advance_floors(&self, lanes: &[(Vec<u8>, Vec<u8>)]) -> StoreResult<()> {
+    async fn advance_floors(
+        &self,
+        tx: &mut Self::Tx,
+        lanes: &[(Vec<u8>, Vec<u8>)],
+    ) -> StoreResult<()> {
         if lanes.is_empty() {
             return Ok(());
         }
@@ -980,7 +1000,11 @@ impl Dialect for PgStore {
         // is the least of W and the txids of the rows below the new floor that still have no
         // claim row (through the txid index, from the old late txid). A floor row only moves
         // forward: (floor, late) as a pair, so a proposal behind another claimer's is dropped.
-        let mut tx = begin(&self.pool).await?;
+        // In the claim's transaction, before its commit: the proposal passes this claim's own
+        // rows (its claim rows are visible to it), so the next claim walks from after them; a
+        // floor row another claim is moving right now is skipped (SKIP LOCKED), never waited
+        // for. If the claim rolls back, so does the floor.
+        //
         // First the rows that would hold the floor back for as long as an older change of
         // their record is unfinished (retrying for hours, say): the rows from the floor up to
         // the first one a claim could take, that have no claim row and that the per-record
@@ -1013,7 +1037,7 @@ impl Dialect for PgStore {
                        SELECT o.* FROM prism_outbox o
                        WHERE o.team_id = stop.team_id AND o.object_type = stop.object_type
                          AND o.state IN ('pending', 'retrying') AND o.id >= stop.floor_id
-                         AND (stop.first_free IS NULL OR o.id < stop.first_free)
+                         AND o.id < COALESCE(stop.first_free, 9223372036854775807)
                          AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
                          AND (o.txid < s.w OR o.txid >= s.xmax) AND NOT ",
             record_guard!(),
@@ -1037,7 +1061,7 @@ impl Dialect for PgStore {
         ))
         .bind(&teams)
         .bind(&types)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         sqlx::query(
             "WITH s AS (SELECT prism_outbox_watermark(pg_current_snapshot()) AS w,
@@ -1070,20 +1094,30 @@ impl Dialect for PgStore {
                                       AND o.state IN ('pending', 'retrying')
                                       AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c
                                                       WHERE c.id = o.id))) AS late_txid
-                 FROM next_floor n, s)
+                 FROM next_floor n, s),
+             free AS (
+                 SELECT f.team_id, f.object_type FROM prism_lane_floors f
+                 JOIN proposal p ON p.team_id = f.team_id AND p.object_type = f.object_type
+                 ORDER BY f.team_id, f.object_type
+                 FOR UPDATE OF f SKIP LOCKED),
+             moved AS (
+                 UPDATE prism_lane_floors f SET floor_id = p.floor_id, late_txid = p.late_txid
+                 FROM proposal p, free
+                 WHERE f.team_id = free.team_id AND f.object_type = free.object_type
+                   AND p.team_id = f.team_id AND p.object_type = f.object_type
+                   AND (f.floor_id, f.late_txid) < (p.floor_id, p.late_txid)
+                 RETURNING f.team_id)
              INSERT INTO prism_lane_floors (team_id, object_type, floor_id, late_txid)
-             SELECT team_id, object_type, floor_id, late_txid FROM proposal
-             ORDER BY team_id, object_type
-             ON CONFLICT (team_id, object_type) DO UPDATE
-                 SET floor_id = EXCLUDED.floor_id, late_txid = EXCLUDED.late_txid
-                 WHERE (prism_lane_floors.floor_id, prism_lane_floors.late_txid)
-                     < (EXCLUDED.floor_id, EXCLUDED.late_txid)",
+             SELECT p.team_id, p.object_type, p.floor_id, p.late_txid FROM proposal p
+             WHERE NOT EXISTS (SELECT 1 FROM prism_lane_floors f
+                               WHERE f.team_id = p.team_id AND f.object_type = p.object_type)
+             ORDER BY p.team_id, p.object_type
+             ON CONFLICT (team_id, object_type) DO NOTHING",
         )
         .bind(&teams)
         .bind(&types)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 
@@ -1151,7 +1185,8 @@ impl Dialect for PgStore {
         // inserting at once wait for each other in one order and never deadlock. Sorted here:
         // the statement's plan keeps the array's order (an ORDER BY would be planned as a walk
         // of the whole outbox in id order, the transaction's sorts being off).
-        let mut assigned: Vec<(i64, Uuid)> = batches.iter().flat_map(|b| b.row_assignments()).collect();
+        let mut assigned: Vec<(i64, Uuid)> =
+            batches.iter().flat_map(|b| b.row_assignments()).collect();
         assigned.sort_unstable_by_key(|(id, _)| *id);
         let (rows, owners): (Vec<i64>, Vec<Uuid>) = assigned.into_iter().unzip();
         if rows.is_empty() {

@@ -490,13 +490,17 @@ impl PgStore {
                    AND r.state IN ('succeeded', 'dead') AND r.state = ANY($2)
                    AND r.completed_at IS NOT NULL AND r.completed_at < $3::timestamptz AND ",
             no_dead_before!("r"),
-            ") RETURNING id" // their claim rows go with them (ON DELETE CASCADE)
+            ") RETURNING id"
         ))
         .bind(ids)
         .bind(cut.states)
         .bind(cut.cutoff)
         .fetch_all(&mut *tx)
         .await?;
+        sqlx::query("DELETE FROM prism_outbox_claims WHERE id = ANY($1)")
+            .bind(&deleted)
+            .execute(&mut *tx)
+            .await?;
         let n = deleted.len() as u64;
         purge_audit(&mut tx, audit, n, 0).await?;
         tx.commit().await?;
