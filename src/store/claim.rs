@@ -46,8 +46,8 @@ pub(super) async fn claim<D: Dialect>(
         });
     }
     let followers = take_followers(db, &mut tx, &heads, req).await?;
-    let taken_meanwhile = waiting_ids(db, &mut tx, &followers).await?;
-    let followers = unbroken_followers(followers, taken_meanwhile.as_ref());
+    let still = waiting_ids(db, &mut tx, &followers).await?;
+    let followers = unbroken_followers(followers, still.as_ref());
     let mut lanes: Vec<(Vec<u8>, Vec<u8>)> = heads
         .iter()
         .map(|h| (h.team_id.clone(), h.object_type.clone()))
