@@ -129,9 +129,11 @@ BEGIN
              ON f.team_id = l.team_id AND f.object_type = l.object_type)
     SELECT least(
         (SELECT min(floor_id) FROM fl),
-        (SELECT min((SELECT min(o.id) FROM prism_outbox o
+        -- o.id + 0: through the txid index (a short range), not a walk of the lane's ids
+        -- below its floor (its history), which min(o.id) would otherwise be planned as.
+        (SELECT min((SELECT min(o.id + 0) FROM prism_outbox o
                      WHERE o.team_id = fl.team_id AND o.object_type = fl.object_type
-                       AND o.txid >= fl.late_txid AND o.id < fl.floor_id
+                       AND o.txid >= fl.late_txid AND o.id + 0 < fl.floor_id
                        AND o.state IN ('pending', 'retrying')
                        AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)))
          FROM fl),

@@ -222,7 +222,8 @@ macro_rules! lane_floor {
 ///
 /// 1. `fresh`: rows never claimed, walked in the lane from its floor;
 /// 2. `late`: rows never claimed below the floor whose transaction is at or past the floor's
-///    late txid (they committed after the floor passed them; a short range of the txid index);
+///    late txid (they committed after the floor passed them; a short range of the txid index:
+///    `o.id + 0` keeps the planner off a walk of the lane's ids below the floor, its history);
 /// 3. `again`: rows waiting again (replayed, retrying), from their claim rows.
 macro_rules! source_fresh {
     ($t:literal, $y:literal, $floor:literal) => {
@@ -253,7 +254,7 @@ macro_rules! source_late {
             $y,
             " AND o.txid >= ",
             $late,
-            " AND o.id < ",
+            " AND o.id + 0 < ",
             $floor,
             " AND o.state IN ('pending', 'retrying')
                AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
@@ -525,7 +526,7 @@ impl PgStore {
                  UNION ALL
                  SELECT o.state FROM prism_outbox o
                  WHERE o.team_id = fl.team_id AND o.object_type = fl.object_type
-                   AND o.txid >= fl.late_txid AND o.id < fl.floor_id
+                   AND o.txid >= fl.late_txid AND o.id + 0 < fl.floor_id
                    AND o.state IN ('pending', 'retrying')
                    AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)) x
              GROUP BY 1
@@ -583,7 +584,7 @@ impl PgStore {
                   UNION ALL
                   SELECT (SELECT min(o.enqueued_at) FROM prism_outbox o
                           WHERE o.team_id = fl.team_id AND o.object_type = fl.object_type
-                            AND o.txid >= fl.late_txid AND o.id < fl.floor_id
+                            AND o.txid >= fl.late_txid AND o.id + 0 < fl.floor_id
                             AND o.state IN ('pending', 'retrying')
                             AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id))
                   FROM fl
@@ -698,7 +699,7 @@ impl Dialect for PgStore {
                              AND c.state IN ('pending', 'retrying'))
                 OR EXISTS (SELECT 1 FROM prism_outbox o
                            WHERE o.team_id = l.team_id AND o.object_type = l.object_type
-                             AND o.txid >= fl.late_txid AND o.id < fl.floor_id
+                             AND o.txid >= fl.late_txid AND o.id + 0 < fl.floor_id
                              AND o.state IN ('pending', 'retrying')
                              AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id))"
         ))
@@ -1049,7 +1050,7 @@ impl Dialect for PgStore {
                    SELECT o.* FROM stop, s, LATERAL (
                        SELECT o.* FROM prism_outbox o
                        WHERE o.team_id = stop.team_id AND o.object_type = stop.object_type
-                         AND o.txid >= stop.late_txid AND o.id < stop.floor_id
+                         AND o.txid >= stop.late_txid AND o.id + 0 < stop.floor_id
                          AND o.state IN ('pending', 'retrying')
                          AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
                          AND (o.txid < s.w OR o.txid >= s.xmax) AND NOT ",
@@ -1090,7 +1091,7 @@ impl Dialect for PgStore {
                         least(s.w, (SELECT min(o.txid) FROM prism_outbox o
                                     WHERE o.team_id = n.team_id AND o.object_type = n.object_type
                                       AND o.txid >= n.late_txid
-                                      AND o.id < greatest(n.floor_next, n.floor_id)
+                                      AND o.id + 0 < greatest(n.floor_next, n.floor_id)
                                       AND o.state IN ('pending', 'retrying')
                                       AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c
                                                       WHERE c.id = o.id))) AS late_txid
