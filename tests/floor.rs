@@ -315,3 +315,31 @@ async fn a_change_that_arrives_below_the_floor_out_of_id_order_is_found_by_the_a
         "at most once per period"
     );
 }
+
+/// A replica of an earlier version, left running after migration 0015, claims by setting
+/// `prism_outbox.state = 'in_flight'`: refused, with a message that says what to do, rather
+/// than sending again rows a current replica has claimed.
+#[tokio::test]
+async fn a_claim_by_an_earlier_version_is_refused() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let store = db.store().await;
+    let id = insert_rows(&store, &distinct_records(1)).await[0];
+    let RawPool::Postgres(pool) = store.raw_pool_for_tests() else {
+        unreachable!()
+    };
+    let refused = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE prism_outbox SET state = 'in_flight', batch_id = gen_random_uuid() WHERE id = {id}"
+    )))
+    .execute(pool)
+    .await
+    .expect_err("an earlier version's claim is refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("stop replicas of earlier versions"),
+        "{refused}"
+    );
+    assert_eq!(rows(&store).await[0].state, "pending");
+}
