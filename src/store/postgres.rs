@@ -216,6 +216,21 @@ macro_rules! lane_floor {
     };
 }
 
+/// The conditions the two sources of never-claimed rows share: waiting as stored, no claim
+/// row, due, below the watermark, and no older row of the record unfinished.
+macro_rules! takable_unclaimed {
+    () => {
+        concat!(
+            " AND o.state IN ('pending', 'retrying')
+               AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
+               AND o.next_attempt_at <= now() AND ",
+            below_watermark!(),
+            " AND ",
+            record_guard!()
+        )
+    };
+}
+
 /// The rows a claim of the lane `$t`, `$y` may take, from its three sources, each a `FROM ...
 /// WHERE ...` over the outbox row `o` (and `c`, its claim row, in the third); `$floor` and
 /// `$late` are the lane's floor and late txid (from a [`lane_floor!`]). Due, below the watermark, and no older row of the record unfinished.
@@ -233,14 +248,9 @@ macro_rules! source_fresh {
             $t,
             " AND o.object_type = ",
             $y,
-            " AND o.state IN ('pending', 'retrying') AND o.id >= ",
+            " AND o.id >= ",
             $floor,
-            "
-               AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
-               AND o.next_attempt_at <= now() AND ",
-            below_watermark!(),
-            " AND ",
-            record_guard!()
+            takable_unclaimed!()
         )
     };
 }
@@ -256,12 +266,7 @@ macro_rules! source_late {
             $late,
             " AND o.id + 0 < ",
             $floor,
-            " AND o.state IN ('pending', 'retrying')
-               AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
-               AND o.next_attempt_at <= now() AND ",
-            below_watermark!(),
-            " AND ",
-            record_guard!()
+            takable_unclaimed!()
         )
     };
 }
