@@ -143,6 +143,7 @@ async fn take_heads<D: Dialect>(
 ) -> StoreResult<Heads> {
     // Which of the lanes hold waiting rows at all: one index probe each, one statement.
     let busy = db.busy_lanes(tx, req.lanes).await?;
+    db.park_held(tx, &busy).await?;
     let (takes, mut lingering) = lane_takes(db, tx, &busy, req, linger).await?;
     let mut per_lane = Vec::with_capacity(busy.len() + 1);
     for (lane, t) in busy.iter().zip(takes) {

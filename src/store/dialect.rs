@@ -121,6 +121,14 @@ pub(super) trait Dialect: Sync {
         Ok(None)
     }
 
+    /// Parks the rows at the floors of `lanes` that an older change of their record holds back
+    /// (see the Postgres implementation), so that they do not hold the floor; at the start of
+    /// a claim, where a lane's floor is near its first waiting row. Engines without floors do
+    /// nothing.
+    async fn park_held(&self, _tx: &mut Self::Tx, _lanes: &[(String, String)]) -> StoreResult<()> {
+        Ok(())
+    }
+
     /// Moves the floors of `lanes` (team, object type, as stored) on past the rows claimed so
     /// far, this claim's included, in the claim's transaction right before its commit. Only
     /// the cost of later claims depends on it (a floor left behind is walked from); engines

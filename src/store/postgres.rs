@@ -231,14 +231,37 @@ macro_rules! takable_unclaimed {
     };
 }
 
+/// The outbox rows `o` of the lane `$t`, `$y` below its floor `$floor` whose transaction is at
+/// or past its late txid `$late`, waiting as stored: a short range of the txid index
+/// (`prism_outbox_lane_txid`), however long the lane's history. Both steers keep the planner
+/// off a walk of the lane index from the lane's first row, which it otherwise picks on a table
+/// whose statistics say it is small (every row the lane ever had, 5 ms a walk at 30,000 rows):
+/// `o.id + 0` so that the floor is no range of it, and the state test spelt so that it does not
+/// imply that partial index's predicate. (No claim-row test: each use adds its own.)
+macro_rules! late_rows {
+    ($t:literal, $y:literal, $floor:literal, $late:literal) => {
+        concat!(
+            "o.team_id = ",
+            $t,
+            " AND o.object_type = ",
+            $y,
+            " AND o.txid >= ",
+            $late,
+            " AND o.id + 0 < ",
+            $floor,
+            " AND (o.state || '') IN ('pending', 'retrying')"
+        )
+    };
+}
+
 /// The rows a claim of the lane `$t`, `$y` may take, from its three sources, each a `FROM ...
 /// WHERE ...` over the outbox row `o` (and `c`, its claim row, in the third); `$floor` and
-/// `$late` are the lane's floor and late txid (from a [`lane_floor!`]). Due, below the watermark, and no older row of the record unfinished.
+/// `$late` are the lane's floor and late txid (from a [`lane_floor!`]). Due, below the
+/// watermark, and no older row of the record unfinished.
 ///
 /// 1. `fresh`: rows never claimed, walked in the lane from its floor;
 /// 2. `late`: rows never claimed below the floor whose transaction is at or past the floor's
-///    late txid (they committed after the floor passed them; a short range of the txid index:
-///    `o.id + 0` keeps the planner off a walk of the lane's ids below the floor, its history);
+///    late txid (they committed after the floor passed them; [`late_rows!`]);
 /// 3. `again`: rows waiting again (replayed, retrying), from their claim rows.
 macro_rules! source_fresh {
     ($t:literal, $y:literal, $floor:literal) => {
@@ -257,15 +280,8 @@ macro_rules! source_fresh {
 macro_rules! source_late {
     ($t:literal, $y:literal, $floor:literal, $late:literal) => {
         concat!(
-            " FROM prism_outbox o
-             WHERE o.team_id = ",
-            $t,
-            " AND o.object_type = ",
-            $y,
-            " AND o.txid >= ",
-            $late,
-            " AND o.id + 0 < ",
-            $floor,
+            " FROM prism_outbox o WHERE ",
+            late_rows!($t, $y, $floor, $late),
             takable_unclaimed!()
         )
     };
@@ -530,9 +546,9 @@ impl PgStore {
                    AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
                  UNION ALL
                  SELECT o.state FROM prism_outbox o
-                 WHERE o.team_id = fl.team_id AND o.object_type = fl.object_type
-                   AND o.txid >= fl.late_txid AND o.id + 0 < fl.floor_id
-                   AND o.state IN ('pending', 'retrying')
+                 WHERE ",
+            late_rows!("fl.team_id", "fl.object_type", "fl.floor_id", "fl.late_txid"),
+            "
                    AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)) x
              GROUP BY 1
              UNION ALL
@@ -588,9 +604,9 @@ impl PgStore {
                           ORDER BY o.id LIMIT 1) AS t FROM fl
                   UNION ALL
                   SELECT (SELECT min(o.enqueued_at) FROM prism_outbox o
-                          WHERE o.team_id = fl.team_id AND o.object_type = fl.object_type
-                            AND o.txid >= fl.late_txid AND o.id + 0 < fl.floor_id
-                            AND o.state IN ('pending', 'retrying')
+                          WHERE ",
+            late_rows!("fl.team_id", "fl.object_type", "fl.floor_id", "fl.late_txid"),
+            "
                             AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id))
                   FROM fl
                   UNION ALL
@@ -663,7 +679,7 @@ impl Dialect for PgStore {
         // Before the claim's first statement, so that every snapshot it reads from is taken
         // with the gate held (see CLAIM_GATE); in the same round trip as the settings.
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "{INDEX_WALKS_ONLY}; SELECT pg_advisory_xact_lock_shared({}, {})",
+            "{INDEX_WALKS_ONLY}; SET LOCAL plan_cache_mode = force_generic_plan; SELECT pg_advisory_xact_lock_shared({}, {})",
             CLAIM_GATE.0, CLAIM_GATE.1
         )))
         .execute(&mut *tx)
@@ -689,23 +705,26 @@ impl Dialect for PgStore {
             .map(|l| (l.team.as_str(), l.object_type.as_str()))
             .unzip();
         // Waiting: never claimed (from the floor, or late below it), or waiting again; due or
-        // not, as the claimer's idle rule wants (`ClaimOutcome::waiting`).
+        // not, as the claimer's idle rule wants (`ClaimOutcome::waiting`). The first source in
+        // id order, not EXISTS: an EXISTS was planned on a table with stale statistics as a
+        // walk of the lane's every row through the txid index (8 ms a claim at 50,000 rows);
+        // an order only the lane index gives keeps it on that index.
         Ok(sqlx::query_as(concat!(
             "SELECT l.team_id, l.object_type FROM unnest($1::text[], $2::text[]) AS l(team_id, object_type)
              CROSS JOIN LATERAL ",
             lane_floor!("l.team_id", "l.object_type"),
             " fl
-             WHERE EXISTS (SELECT 1 FROM prism_outbox o
-                           WHERE o.team_id = l.team_id AND o.object_type = l.object_type
-                             AND o.state IN ('pending', 'retrying') AND o.id >= fl.floor_id
-                             AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id))
+             WHERE (SELECT o.id FROM prism_outbox o
+                    WHERE o.team_id = l.team_id AND o.object_type = l.object_type
+                      AND o.state IN ('pending', 'retrying') AND o.id >= fl.floor_id
+                      AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
+                    ORDER BY o.id LIMIT 1) IS NOT NULL
                 OR EXISTS (SELECT 1 FROM prism_outbox_claims c
                            WHERE c.team_id = l.team_id AND c.object_type = l.object_type
                              AND c.state IN ('pending', 'retrying'))
-                OR EXISTS (SELECT 1 FROM prism_outbox o
-                           WHERE o.team_id = l.team_id AND o.object_type = l.object_type
-                             AND o.txid >= fl.late_txid AND o.id + 0 < fl.floor_id
-                             AND o.state IN ('pending', 'retrying')
+                OR EXISTS (SELECT 1 FROM prism_outbox o WHERE ",
+            late_rows!("l.team_id", "l.object_type", "fl.floor_id", "fl.late_txid"),
+            "
                              AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id))"
         ))
         .bind(&teams)
@@ -982,41 +1001,23 @@ impl Dialect for PgStore {
         Ok(Some(waiting.into_iter().collect()))
     }
 
-    async fn advance_floors(
-        &self,
-        tx: &mut Self::Tx,
-        lanes: &[(Vec<u8>, Vec<u8>)],
-    ) -> StoreResult<()> {
+    async fn park_held(&self, tx: &mut Self::Tx, lanes: &[(String, String)]) -> StoreResult<()> {
         if lanes.is_empty() {
             return Ok(());
         }
-        let (teams, types): (Vec<String>, Vec<String>) = lanes
-            .iter()
-            .map(|(t, y)| {
-                (
-                    String::from_utf8_lossy(t).into_owned(),
-                    String::from_utf8_lossy(y).into_owned(),
-                )
-            })
-            .unzip();
-        // The proposal (ARCHITECTURE.md, "The lane floor"), from this statement's snapshot S
-        // and watermark W: the new floor is the lane's first row from the old floor on that S
-        // shows, that has no claim row and that a claim could take as far as visibility goes
-        // (below W, or from another cluster), else the lane's last row + 1; the new late txid
-        // is the least of W and the txids of the rows below the new floor that still have no
-        // claim row (through the txid index, from the old late txid). A floor row only moves
-        // forward: (floor, late) as a pair, so a proposal behind another claimer's is dropped.
-        // In the claim's transaction, before its commit: the proposal passes this claim's own
-        // rows (its claim rows are visible to it), so the next claim walks from after them; a
-        // floor row another claim is moving right now is skipped (SKIP LOCKED), never waited
-        // for. If the claim rolls back, so does the floor.
-        //
-        // First the rows that would hold the floor back for as long as an older change of
-        // their record is unfinished (retrying for hours, say): the rows from the floor up to
-        // the first one a claim could take, that have no claim row and that the per-record
-        // guard holds. They are parked: a claim row `pending`, found again by the claims'
-        // third source once their record's older change has ended. (A claim that takes one
-        // meanwhile follows its claim row, `mark_in_flight`.)
+        let (teams, types): (Vec<&str>, Vec<&str>) =
+            lanes.iter().map(|(t, y)| (t.as_str(), y.as_str())).unzip();
+        // The rows that would hold the floor back for as long as an older change of their
+        // record is unfinished (retrying for hours, say): the rows from the floor up to the
+        // first one a claim could take, that have no claim row and that the per-record guard
+        // holds. They are parked: a claim row `pending`, found again by the claims' third
+        // source once their record's older change has ended. At the start of the claim, where
+        // the floor is near (the previous claim moved it): after this claim's own rows it
+        // would walk them all, twice. Each parked row is locked (`SKIP LOCKED`: a row another
+        // claim is taking is left to it), so that no claim takes a row this one parks before
+        // it commits, and so that two claims' claim-row inserts never wait for each other in
+        // opposite orders. (A claim that takes one later follows its claim row,
+        // `mark_in_flight`.) This claim's `advance_floors` then passes them.
         sqlx::query(concat!(
             "WITH s AS (SELECT prism_outbox_watermark(pg_current_snapshot()) AS w,
                                pg_snapshot_xmax(pg_current_snapshot()) AS xmax),
@@ -1048,20 +1049,19 @@ impl Dialect for PgStore {
                          AND (o.txid < s.w OR o.txid >= s.xmax) AND NOT ",
             record_guard!(),
             "
-                       ORDER BY o.id LIMIT 1000) o
+                       ORDER BY o.id LIMIT 1000 FOR UPDATE OF o SKIP LOCKED) o
                    UNION ALL
                    -- Held late rows too (below the floor, never claimed): each would hold the
                    -- lane's late txid back, and every claim would read the rows since.
                    SELECT o.* FROM stop, s, LATERAL (
-                       SELECT o.* FROM prism_outbox o
-                       WHERE o.team_id = stop.team_id AND o.object_type = stop.object_type
-                         AND o.txid >= stop.late_txid AND o.id + 0 < stop.floor_id
-                         AND o.state IN ('pending', 'retrying')
+                       SELECT o.* FROM prism_outbox o WHERE ",
+            late_rows!("stop.team_id", "stop.object_type", "stop.floor_id", "stop.late_txid"),
+            "
                          AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
                          AND (o.txid < s.w OR o.txid >= s.xmax) AND NOT ",
             record_guard!(),
             "
-                       ORDER BY o.txid LIMIT 1000) o) o
+                       ORDER BY o.txid LIMIT 1000 FOR UPDATE OF o SKIP LOCKED) o) o
              ORDER BY o.id
              ON CONFLICT (id) DO NOTHING"
         ))
@@ -1069,7 +1069,39 @@ impl Dialect for PgStore {
         .bind(&types)
         .execute(&mut **tx)
         .await?;
-        sqlx::query(
+        Ok(())
+    }
+
+    async fn advance_floors(
+        &self,
+        tx: &mut Self::Tx,
+        lanes: &[(Vec<u8>, Vec<u8>)],
+    ) -> StoreResult<()> {
+        if lanes.is_empty() {
+            return Ok(());
+        }
+        let (teams, types): (Vec<String>, Vec<String>) = lanes
+            .iter()
+            .map(|(t, y)| {
+                (
+                    String::from_utf8_lossy(t).into_owned(),
+                    String::from_utf8_lossy(y).into_owned(),
+                )
+            })
+            .unzip();
+        // The proposal (ARCHITECTURE.md, "The lane floor"), from this statement's snapshot S
+        // and watermark W: the new floor is the lane's first row from the old floor on that S
+        // shows, that has no claim row and that a claim could take as far as visibility goes
+        // (below W, or from another cluster), else the lane's last row + 1; the new late txid
+        // is the least of W and the txids of the rows below the new floor that still have no
+        // claim row (through the txid index, from the old late txid). A floor row only moves
+        // forward: (floor, late) as a pair, so a proposal behind another claimer's is dropped.
+        // In the claim's transaction, before its commit: the proposal passes this claim's own
+        // rows (its claim rows are visible to it), so the next claim walks from after them; a
+        // floor row another claim is moving right now is skipped (SKIP LOCKED), never waited
+        // for. If the claim rolls back, so does the floor. The rows held at the floor were
+        // parked at the claim's start (`park_held`), so the proposal passes them.
+        sqlx::query(concat!(
             "WITH s AS (SELECT prism_outbox_watermark(pg_current_snapshot()) AS w,
                                pg_snapshot_xmax(pg_current_snapshot()) AS xmax),
              cur AS (
@@ -1093,11 +1125,9 @@ impl Dialect for PgStore {
                  FROM cur, s),
              proposal AS (
                  SELECT n.team_id, n.object_type, greatest(n.floor_next, n.floor_id) AS floor_id,
-                        least(s.w, (SELECT min(o.txid) FROM prism_outbox o
-                                    WHERE o.team_id = n.team_id AND o.object_type = n.object_type
-                                      AND o.txid >= n.late_txid
-                                      AND o.id + 0 < greatest(n.floor_next, n.floor_id)
-                                      AND o.state IN ('pending', 'retrying')
+                        least(s.w, (SELECT min(o.txid) FROM prism_outbox o WHERE ",
+            late_rows!("n.team_id", "n.object_type", "greatest(n.floor_next, n.floor_id)", "n.late_txid"),
+            "
                                       AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c
                                                       WHERE c.id = o.id))) AS late_txid
                  FROM next_floor n, s),
@@ -1118,8 +1148,8 @@ impl Dialect for PgStore {
              WHERE NOT EXISTS (SELECT 1 FROM prism_lane_floors f
                                WHERE f.team_id = p.team_id AND f.object_type = p.object_type)
              ORDER BY p.team_id, p.object_type
-             ON CONFLICT (team_id, object_type) DO NOTHING",
-        )
+             ON CONFLICT (team_id, object_type) DO NOTHING"
+        ))
         .bind(&teams)
         .bind(&types)
         .execute(&mut **tx)
@@ -1199,20 +1229,12 @@ impl Dialect for PgStore {
             return Ok(());
         }
         // A row's first claim inserts its claim row; a claim row that exists (a row waiting
-        // again, or a split's rows moving to its children) follows the new batch. (ON
-        // CONFLICT: a held row parked by `advance_floors` between this claim's read and now.)
+        // again or parked, or a split's rows moving to its children) follows the new batch.
         sqlx::query(
-            "WITH u AS (SELECT * FROM unnest($1::bigint[], $2::uuid[]) AS u(id, batch_id)),
-             moved AS (
-                 UPDATE prism_outbox_claims c SET batch_id = u.batch_id, state = NULL,
-                        first_attempt_at = COALESCE(c.first_attempt_at, now())
-                 FROM u WHERE c.id = u.id
-                 RETURNING c.id)
-             INSERT INTO prism_outbox_claims (id, team_id, object_type, record_id, batch_id, attempts,
+            "INSERT INTO prism_outbox_claims (id, team_id, object_type, record_id, batch_id, attempts,
                                               first_attempt_at)
              SELECT o.id, o.team_id, o.object_type, o.record_id, u.batch_id, o.attempts, now()
-             FROM u JOIN prism_outbox o ON o.id = u.id
-             WHERE NOT EXISTS (SELECT 1 FROM moved WHERE moved.id = u.id)
+             FROM unnest($1::bigint[], $2::uuid[]) AS u(id, batch_id) JOIN prism_outbox o ON o.id = u.id
              ON CONFLICT (id) DO UPDATE SET batch_id = EXCLUDED.batch_id, state = NULL,
                  first_attempt_at = COALESCE(prism_outbox_claims.first_attempt_at, now())",
         )
