@@ -101,9 +101,13 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres")
 /// lookup. A queue table changes faster than its statistics (a bulk load of a million rows is
 /// planned as if the table were empty until autovacuum analyses it), and the planner then picks
 /// bitmap scans, sorts of the whole backlog and hash joins that cost 50-100× more. These
-/// settings hold for the one transaction only.
+/// settings hold for the one transaction only. Plans are kept generic: the statements take
+/// `unnest` arrays, whose custom plans the plan cache judged cheaper than a generic one, so it
+/// planned several of a claim's statements again at every claim, at about the cost of running
+/// them (ARCHITECTURE.md, "Performance notes").
 const INDEX_WALKS_ONLY: &str = "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
-    SET LOCAL enable_sort = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
+    SET LOCAL enable_sort = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
+    SET LOCAL plan_cache_mode = force_generic_plan";
 
 async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
     let mut tx = pool.begin().await?;
@@ -679,7 +683,7 @@ impl Dialect for PgStore {
         // Before the claim's first statement, so that every snapshot it reads from is taken
         // with the gate held (see CLAIM_GATE); in the same round trip as the settings.
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "{INDEX_WALKS_ONLY}; SET LOCAL plan_cache_mode = force_generic_plan; SELECT pg_advisory_xact_lock_shared({}, {})",
+            "{INDEX_WALKS_ONLY}; SELECT pg_advisory_xact_lock_shared({}, {})",
             CLAIM_GATE.0, CLAIM_GATE.1
         )))
         .execute(&mut *tx)
