@@ -256,8 +256,8 @@ pub struct SyncSettings {
     /// How long a batch stays ours without a heartbeat; must exceed `http.timeout`.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
-    /// Claim rounds that may run at once (1..=4); unset: [`DEFAULT_CLAIMS_IN_FLIGHT`]. See
-    /// [`SyncSettings::claims_in_flight`].
+    /// Claim rounds that may run at once (1..=4); unset: 2 on Postgres, 1 on SQLite (one
+    /// writer: its claims take turns anyway). See [`SyncSettings::claims_in_flight_for`].
     pub claims_in_flight: Option<usize>,
 }
 
@@ -265,18 +265,18 @@ pub struct SyncSettings {
 pub const MAX_CLAIMS_IN_FLIGHT: usize = 4;
 
 impl SyncSettings {
-    /// `sync.claims_in_flight`, or its default.
-    pub fn claims_in_flight(&self) -> usize {
-        self.claims_in_flight.unwrap_or(DEFAULT_CLAIMS_IN_FLIGHT)
+    /// `sync.claims_in_flight`, or its default for the database: 2 on Postgres (claims of one
+    /// process overlap like those of two replicas, `FOR UPDATE SKIP LOCKED`), 1 on SQLite.
+    pub fn claims_in_flight_for(&self, postgres: bool) -> usize {
+        self.claims_in_flight
+            .unwrap_or_else(|| default_claims_in_flight(postgres))
     }
 }
 
-/// `sync.claims_in_flight` when it is unset: 1, on both databases. SQLite has one writer, so
-/// its claims take turns anyway. On Postgres a second claim in flight walks the first one's
-/// rows (locked, not yet claimed as far as it can see) before it skips them: since claims
-/// cost half what they did (2026-12-07), it bought no throughput on this machine's two cores
-/// and cost 10-20 % more server CPU per synced change (README, "Database cost").
-pub const DEFAULT_CLAIMS_IN_FLIGHT: usize = 1;
+/// `sync.claims_in_flight` when it is unset: 2 on Postgres, 1 on SQLite.
+pub fn default_claims_in_flight(postgres: bool) -> usize {
+    if postgres { 2 } else { 1 }
+}
 
 impl Default for SyncSettings {
     fn default() -> Self {
@@ -866,10 +866,22 @@ mod tests {
             assert!(shown.contains("1..=4"), "{shown}");
         }
         let s = Settings::load_from(None, env(&[])).unwrap();
-        assert_eq!(s.sync.claims_in_flight(), 1);
+        assert_eq!(
+            (
+                s.sync.claims_in_flight_for(true),
+                s.sync.claims_in_flight_for(false)
+            ),
+            (2, 1)
+        );
         let s =
             Settings::load_from(None, env(&[("PRISM_SYNC__SYNC__CLAIMS_IN_FLIGHT", "3")])).unwrap();
-        assert_eq!(s.sync.claims_in_flight(), 3);
+        assert_eq!(
+            (
+                s.sync.claims_in_flight_for(true),
+                s.sync.claims_in_flight_for(false)
+            ),
+            (3, 3)
+        );
     }
 
     #[test]

@@ -57,8 +57,8 @@ pub struct EngineConfig {
     pub owner: String,
     pub lease: Duration,
     pub max_in_flight: usize,
-    /// `sync.claims_in_flight`: claim rounds at once; `None`: the default
-    /// ([`crate::settings::DEFAULT_CLAIMS_IN_FLIGHT`]).
+    /// `sync.claims_in_flight`: claim rounds at once; `None` leaves it to the database (see
+    /// [`crate::settings::SyncSettings::claims_in_flight_for`]).
     pub claims_in_flight: Option<usize>,
     pub limits: PlanLimits,
     pub poll_interval: Duration,
@@ -256,7 +256,9 @@ impl Engine {
         let holdings = Holdings::new(teams.len(), 2 * in_flight.max(1), wake.clone());
         let claims_in_flight = cfg
             .claims_in_flight
-            .unwrap_or(crate::settings::DEFAULT_CLAIMS_IN_FLIGHT)
+            .unwrap_or_else(|| {
+                crate::settings::default_claims_in_flight(matches!(store, Store::Postgres(_)))
+            })
             .clamp(1, crate::settings::MAX_CLAIMS_IN_FLIGHT);
         Engine {
             shared: Arc::new(Shared {
