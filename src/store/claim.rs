@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use super::dialect::Dialect;
+use super::dialect::{ClaimSpans, Dialect};
 use super::{ClaimOutcome, ClaimRequest, LeasedBatch, StoreResult};
 use crate::batch::{self, CandidateRow};
 use crate::linger::{self, Decision};
@@ -24,6 +24,8 @@ pub(super) async fn claim<D: Dialect>(
     linger: Duration,
 ) -> StoreResult<ClaimOutcome> {
     let mut tx = db.begin_claim().await?;
+    // Dropped when this function returns: after the commit or the rollback.
+    let spans = db.in_flight_spans().map(ClaimSpans::open);
     let gate = match db.scan_gate() {
         Some(gate) => Some(gate.lock().await),
         None => None,
@@ -32,7 +34,7 @@ pub(super) async fn claim<D: Dialect>(
         heads,
         lingering,
         waiting,
-    } = take_heads(db, &mut tx, req, linger).await?;
+    } = take_heads(db, &mut tx, req, linger, spans.as_ref()).await?;
     // The followers may wait for a row lock (a record's later row locked elsewhere): not under
     // the gate, which would hold up every other claim of this process behind it.
     drop(gate);
@@ -140,6 +142,7 @@ async fn take_heads<D: Dialect>(
     tx: &mut D::Tx,
     req: &ClaimRequest<'_>,
     linger: Duration,
+    spans: Option<&ClaimSpans>,
 ) -> StoreResult<Heads> {
     // Which of the lanes hold waiting rows at all: one index probe each, one statement.
     let busy = db.busy_lanes(tx, req.lanes).await?;
@@ -160,7 +163,7 @@ async fn take_heads<D: Dialect>(
             max_records: t.take,
             ..*req
         };
-        let mut heads = db.lane_heads(tx, lane, &lane_req).await?;
+        let mut heads = db.lane_heads(tx, lane, &lane_req, spans).await?;
         // The rows past this lane's whole batches (in claim order) would go as a partial
         // request. Two ways they can be young while the look said the tail was due: the tail
         // grew past a batch in the last moments of its linger (its oldest rows fill a whole

@@ -10,6 +10,7 @@
 //! Adding a database means implementing this trait, not touching the algorithms.
 
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use uuid::Uuid;
@@ -17,6 +18,62 @@ use uuid::Uuid;
 use super::{ClaimRequest, DueRequest, FinishBatch, Lane, LeasedBatch, StoreResult};
 use crate::batch::{CandidateRow, DeadRow, NewBatch};
 use crate::linger::{Backlog, RecentBatch};
+
+/// The never-claimed rows that a process's claims in flight have locked, as one id span per
+/// claim and lane (Postgres). A claim walks a lane from its floor; the rows another claim of
+/// this process has locked there, and not yet committed, look unclaimed to it, so it would
+/// test each of them (the guard's probe and the rest) before `SKIP LOCKED` passes it over:
+/// with two claims in flight, every claim walked the other's rows too. A claim skips the span
+/// of the others' instead (one comparison a row). Rows in a span that its claim did not take
+/// are walked again by the first claim that starts after that claim has ended, whose floor
+/// is no further than the first of them: they are passed over, never lost.
+#[derive(Debug, Default)]
+pub(crate) struct InFlightSpans {
+    next: u64,
+    held: Vec<(u64, (String, String), i64, i64)>,
+}
+
+/// One claim's place in [`InFlightSpans`], for as long as it is in flight: dropped (after its
+/// commit or rollback, or with the claim), its spans go.
+pub(super) struct ClaimSpans {
+    all: Arc<Mutex<InFlightSpans>>,
+    claim: u64,
+}
+
+impl ClaimSpans {
+    pub(super) fn open(all: &Arc<Mutex<InFlightSpans>>) -> ClaimSpans {
+        let mut spans = all.lock().unwrap_or_else(PoisonError::into_inner);
+        spans.next += 1;
+        ClaimSpans {
+            all: Arc::clone(all),
+            claim: spans.next,
+        }
+    }
+
+    /// The span covering the other claims' spans in `lane`, if any.
+    pub(super) fn others(&self, lane: &(String, String)) -> Option<(i64, i64)> {
+        let spans = self.all.lock().unwrap_or_else(PoisonError::into_inner);
+        spans
+            .held
+            .iter()
+            .filter(|(claim, l, ..)| *claim != self.claim && l == lane)
+            .map(|&(_, _, lo, hi)| (lo, hi))
+            .reduce(|(a, b), (c, d)| (a.min(c), b.max(d)))
+    }
+
+    /// This claim has locked never-claimed rows from `lo` to `hi` in `lane`.
+    pub(super) fn hold(&self, lane: &(String, String), lo: i64, hi: i64) {
+        let mut spans = self.all.lock().unwrap_or_else(PoisonError::into_inner);
+        spans.held.push((self.claim, lane.clone(), lo, hi));
+    }
+}
+
+impl Drop for ClaimSpans {
+    fn drop(&mut self) {
+        let mut spans = self.all.lock().unwrap_or_else(PoisonError::into_inner);
+        spans.held.retain(|(claim, ..)| *claim != self.claim);
+    }
+}
 
 /// One engine's statements. Private to the store: the engine and the operators see
 /// [`super::Store`].
@@ -83,13 +140,20 @@ pub(super) trait Dialect: Sync {
     async fn oldest_due(&self, tx: &mut Self::Tx, ids: &[i64]) -> StoreResult<Duration>;
 
     /// One busy lane's claimable rows, oldest first, at most `req.max_records`: due, and no
-    /// older row of their record waiting or in flight.
+    /// older row of their record waiting or in flight. With `spans` (engines that keep
+    /// [`InFlightSpans`]), it skips the other claims' spans and holds its own.
     async fn lane_heads(
         &self,
         tx: &mut Self::Tx,
         lane: &(String, String),
         req: &ClaimRequest<'_>,
+        spans: Option<&ClaimSpans>,
     ) -> StoreResult<Vec<CandidateRow>>;
+
+    /// The spans of this process's claims in flight, where the engine keeps them.
+    fn in_flight_spans(&self) -> Option<&Arc<Mutex<InFlightSpans>>> {
+        None
+    }
 
     /// Claimable rows that no lane of `req.teams` holds (an unknown team or object type).
     async fn strays(
@@ -180,4 +244,36 @@ pub(super) trait Dialect: Sync {
     /// Ends one stored batch for good in a transaction of its own: its rows in flight go `dead`
     /// with `code` and `message`, the batch ends `released`.
     async fn end_batch_dead(&self, batch: Uuid, code: &str, message: &str) -> StoreResult<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lane(t: &str) -> (String, String) {
+        (t.to_owned(), "contact".to_owned())
+    }
+
+    #[test]
+    fn a_claim_skips_the_spans_of_the_other_claims_in_flight_in_its_lane_until_they_end() {
+        let all = Arc::new(Mutex::new(InFlightSpans::default()));
+        let first = ClaimSpans::open(&all);
+        let second = ClaimSpans::open(&all);
+        assert_eq!(second.others(&lane("a")), None);
+        first.hold(&lane("a"), 10, 20);
+        first.hold(&lane("b"), 1, 5);
+        // Its own span is not skipped; another lane's is not either.
+        assert_eq!(first.others(&lane("a")), None);
+        assert_eq!(second.others(&lane("a")), Some((10, 20)));
+        assert_eq!(second.others(&lane("c")), None);
+        let third = ClaimSpans::open(&all);
+        second.hold(&lane("a"), 30, 40);
+        assert_eq!(third.others(&lane("a")), Some((10, 40)));
+        // The first claim ends (committed or rolled back): its rows are walked again.
+        drop(first);
+        assert_eq!(third.others(&lane("a")), Some((30, 40)));
+        assert_eq!(third.others(&lane("b")), None);
+        drop(second);
+        assert_eq!(third.others(&lane("a")), None);
+    }
 }

@@ -337,6 +337,8 @@ pub struct PgStore {
     scan_gate: Arc<tokio::sync::Mutex<()>>,
     /// When this process last checked the floors ([`PgStore::audit_floors`]).
     floor_audit: Arc<tokio::sync::Mutex<Option<std::time::Instant>>>,
+    /// The rows this process's claims in flight have locked ([`Dialect::in_flight_spans`]).
+    in_flight: Arc<std::sync::Mutex<super::dialect::InFlightSpans>>,
 }
 
 impl PgStore {
@@ -362,6 +364,7 @@ impl PgStore {
             pool,
             scan_gate: Arc::default(),
             floor_audit: Arc::default(),
+            in_flight: Arc::default(),
         })
     }
 
@@ -555,7 +558,12 @@ impl PgStore {
                  UNION ALL
                  SELECT o.state FROM prism_outbox o
                  WHERE ",
-            late_rows!("fl.team_id", "fl.object_type", "fl.floor_id", "fl.late_txid"),
+            late_rows!(
+                "fl.team_id",
+                "fl.object_type",
+                "fl.floor_id",
+                "fl.late_txid"
+            ),
             "
                    AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)) x
              GROUP BY 1
@@ -613,7 +621,12 @@ impl PgStore {
                   UNION ALL
                   SELECT (SELECT min(o.enqueued_at) FROM prism_outbox o
                           WHERE ",
-            late_rows!("fl.team_id", "fl.object_type", "fl.floor_id", "fl.late_txid"),
+            late_rows!(
+                "fl.team_id",
+                "fl.object_type",
+                "fl.floor_id",
+                "fl.late_txid"
+            ),
             "
                             AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id))
                   FROM fl
@@ -676,6 +689,10 @@ impl Dialect for PgStore {
 
     fn scan_gate(&self) -> Option<&tokio::sync::Mutex<()>> {
         Some(&self.scan_gate)
+    }
+
+    fn in_flight_spans(&self) -> Option<&Arc<std::sync::Mutex<super::dialect::InFlightSpans>>> {
+        Some(&self.in_flight)
     }
 
     async fn begin(&self) -> StoreResult<Self::Tx> {
@@ -866,22 +883,29 @@ impl Dialect for PgStore {
     async fn lane_heads(
         &self,
         tx: &mut Self::Tx,
-        (team, object_type): &(String, String),
+        lane: &(String, String),
         req: &ClaimRequest<'_>,
+        spans: Option<&super::dialect::ClaimSpans>,
     ) -> StoreResult<Vec<CandidateRow>> {
+        let (team, object_type) = lane;
         // Each source locks what it takes (SKIP LOCKED: another claimer's rows are left to it);
         // the three are merged in id order. A row a source locked past the merge's limit stays
-        // unclaimed, locked until this transaction ends.
-        let heads = sqlx::query(concat!(
+        // unclaimed, locked until this transaction ends. The first source passes over the span
+        // this process's other claims in flight have locked (`InFlightSpans`; empty: 0 to -1).
+        let (skip_from, skip_to) = spans.and_then(|s| s.others(lane)).unwrap_or((0, -1));
+        let rows = sqlx::query(concat!(
             "WITH fl AS ",
             lane_floor!("$3", "$4"),
             ",
              fresh AS (SELECT ",
             head_columns!("o.attempts"),
+            ", true AS fresh",
             source_fresh!("$3", "$4", "(SELECT floor_id FROM fl)"),
-            " ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED),
+            " AND NOT (o.id BETWEEN $5 AND $6)
+              ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED),
              late AS (SELECT ",
             head_columns!("o.attempts"),
+            ", false AS fresh",
             source_late!(
                 "$3",
                 "$4",
@@ -891,6 +915,7 @@ impl Dialect for PgStore {
             " ORDER BY o.txid LIMIT $1 FOR UPDATE OF o SKIP LOCKED),
              again AS (SELECT ",
             head_columns!("c.attempts"),
+            ", false AS fresh",
             source_again!("$3", "$4"),
             " ORDER BY c.id LIMIT $1 FOR UPDATE OF o, c SKIP LOCKED)
              SELECT * FROM fresh UNION ALL SELECT * FROM late UNION ALL SELECT * FROM again
@@ -900,9 +925,22 @@ impl Dialect for PgStore {
         .bind(max_patch(req))
         .bind(team)
         .bind(object_type)
+        .bind(skip_from)
+        .bind(skip_to)
         .fetch_all(&mut **tx)
         .await?;
-        Ok(heads.iter().map(candidate).collect::<Result<Vec<_>, _>>()?)
+        // The first source's rows stay locked until this claim ends, whatever the claim keeps
+        // of them: its span is held until then.
+        let fresh = rows
+            .iter()
+            .filter(|r| r.try_get::<bool, _>("fresh").unwrap_or(false))
+            .map(|r| r.try_get::<i64, _>("id"))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let (Some(spans), Some(&lo), Some(&hi)) = (spans, fresh.iter().min(), fresh.iter().max())
+        {
+            spans.hold(lane, lo, hi);
+        }
+        Ok(rows.iter().map(candidate).collect::<Result<Vec<_>, _>>()?)
     }
 
     async fn strays(
@@ -934,7 +972,7 @@ impl Dialect for PgStore {
                 max_records: req.max_records - strays.len(),
                 ..*req
             };
-            strays.extend(self.lane_heads(tx, &lane, &left).await?);
+            strays.extend(self.lane_heads(tx, &lane, &left, None).await?);
         }
         Ok(strays)
     }
@@ -1134,7 +1172,12 @@ impl Dialect for PgStore {
              proposal AS (
                  SELECT n.team_id, n.object_type, greatest(n.floor_next, n.floor_id) AS floor_id,
                         least(s.w, (SELECT min(o.txid) FROM prism_outbox o WHERE ",
-            late_rows!("n.team_id", "n.object_type", "greatest(n.floor_next, n.floor_id)", "n.late_txid"),
+            late_rows!(
+                "n.team_id",
+                "n.object_type",
+                "greatest(n.floor_next, n.floor_id)",
+                "n.late_txid"
+            ),
             "
                                       AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c
                                                       WHERE c.id = o.id))) AS late_txid

@@ -571,6 +571,8 @@ impl Dialect for SqliteStore {
         tx: &mut Self::Tx,
         (team, object_type): &(String, String),
         req: &ClaimRequest<'_>,
+        // One writer: a claim never meets another one's locked rows.
+        _spans: Option<&super::dialect::ClaimSpans>,
     ) -> StoreResult<Vec<CandidateRow>> {
         let (limit, max_patch) = (claim_limit(req), max_patch(req));
         let mut heads = fetch_candidates(
