@@ -23,6 +23,7 @@ pub(super) async fn claim<D: Dialect>(
     req: &ClaimRequest<'_>,
     linger: Duration,
 ) -> StoreResult<ClaimOutcome> {
+    db.park_held(req.lanes).await?;
     let mut tx = db.begin_claim().await?;
     // Dropped when this function returns: after the commit or the rollback.
     let spans = db.in_flight_spans().map(ClaimSpans::open);
@@ -146,7 +147,6 @@ async fn take_heads<D: Dialect>(
 ) -> StoreResult<Heads> {
     // Which of the lanes hold waiting rows at all: one index probe each, one statement.
     let busy = db.busy_lanes(tx, req.lanes).await?;
-    db.park_held(tx, &busy).await?;
     let (takes, mut lingering) = lane_takes(db, tx, &busy, req, linger).await?;
     let mut per_lane = Vec::with_capacity(busy.len() + 1);
     for (lane, t) in busy.iter().zip(takes) {

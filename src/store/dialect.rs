@@ -24,9 +24,12 @@ use crate::linger::{Backlog, RecentBatch};
 /// this process has locked there, and not yet committed, look unclaimed to it, so it would
 /// test each of them (the guard's probe and the rest) before `SKIP LOCKED` passes it over:
 /// with two claims in flight, every claim walked the other's rows too. A claim skips the span
-/// of the others' instead (one comparison a row). Rows in a span that its claim did not take
-/// are walked again by the first claim that starts after that claim has ended, whose floor
-/// is no further than the first of them: they are passed over, never lost.
+/// of the others' instead (one comparison a row; with more than two claims in flight, the one
+/// span from the lowest to the highest of theirs). Rows in a span that its claim did not take
+/// are walked again by the first claim that starts once no claim in flight covers them; the
+/// floor stays at or below them meanwhile: they are passed over, never lost. (A claim that
+/// took rows on both sides of one keeps covering it while it is in flight, and one that waits
+/// long for a follower's row lock holds its span as long.)
 #[derive(Debug, Default)]
 pub(crate) struct InFlightSpans {
     next: u64,
@@ -186,10 +189,9 @@ pub(super) trait Dialect: Sync {
     }
 
     /// Parks the rows at the floors of `lanes` that an older change of their record holds back
-    /// (see the Postgres implementation), so that they do not hold the floor; at the start of
-    /// a claim, where a lane's floor is near its first waiting row. Engines without floors do
-    /// nothing.
-    async fn park_held(&self, _tx: &mut Self::Tx, _lanes: &[(String, String)]) -> StoreResult<()> {
+    /// (see the Postgres implementation), so that they do not hold the floor: before a claim,
+    /// in a short transaction of its own. Engines without floors do nothing.
+    async fn park_held(&self, _lanes: &[Lane]) -> StoreResult<()> {
         Ok(())
     }
 

@@ -245,7 +245,9 @@ macro_rules! takable_unclaimed {
 /// off a walk of the lane index from the lane's first row, which it otherwise picks on a table
 /// whose statistics say it is small (every row the lane ever had, 5 ms a walk at 30,000 rows):
 /// `o.id + 0` so that the floor is no range of it, and the state test spelt so that it does not
-/// imply that partial index's predicate. (No claim-row test: each use adds its own.)
+/// imply that partial index's predicate. (No claim-row test: each use adds its own. The claim's
+/// own late source, `source_late!`, also carries the plain state test of `takable_unclaimed!`;
+/// its `ORDER BY o.txid`, with the claim's sorts off, keeps it on the txid index.)
 macro_rules! late_rows {
     ($t:literal, $y:literal, $floor:literal, $late:literal) => {
         concat!(
@@ -1047,23 +1049,27 @@ impl Dialect for PgStore {
         Ok(Some(waiting.into_iter().collect()))
     }
 
-    async fn park_held(&self, tx: &mut Self::Tx, lanes: &[(String, String)]) -> StoreResult<()> {
+    async fn park_held(&self, lanes: &[Lane]) -> StoreResult<()> {
         if lanes.is_empty() {
             return Ok(());
         }
-        let (teams, types): (Vec<&str>, Vec<&str>) =
-            lanes.iter().map(|(t, y)| (t.as_str(), y.as_str())).unzip();
+        let (teams, types): (Vec<&str>, Vec<&str>) = lanes
+            .iter()
+            .map(|l| (l.team.as_str(), l.object_type.as_str()))
+            .unzip();
         // The rows that would hold the floor back for as long as an older change of their
         // record is unfinished (retrying for hours, say): the rows from the floor up to the
         // first one a claim could take, that have no claim row and that the per-record guard
         // holds. They are parked: a claim row `pending`, found again by the claims' third
-        // source once their record's older change has ended. At the start of the claim, where
-        // the floor is near (the previous claim moved it): after this claim's own rows it
-        // would walk them all, twice. Each parked row is locked (`SKIP LOCKED`: a row another
-        // claim is taking is left to it), so that no claim takes a row this one parks before
-        // it commits, and so that two claims' claim-row inserts never wait for each other in
-        // opposite orders. (A claim that takes one later follows its claim row,
-        // `mark_in_flight`.) This claim's `advance_floors` then passes them.
+        // source once their record's older change has ended. Before the claim, where the floor
+        // is near (the previous claim moved it): after the claim's own rows it would walk them
+        // all, twice. In a transaction of its own, committed at once, so that the claim sees
+        // the parked rows (its `advance_floors` passes them) and no lock of the park is held
+        // while the claim waits for anything: each parked row is locked (`SKIP LOCKED`: a row
+        // a claim is taking is left to it) only until this commit, so no claim-row insert of
+        // a claim can wait for the park, and the park waits for nothing. (A claim that takes a
+        // parked row later follows its claim row, `mark_in_flight`.)
+        let mut tx = self.begin_claim().await?;
         sqlx::query(concat!(
             "WITH s AS (SELECT prism_outbox_watermark(pg_current_snapshot()) AS w,
                                pg_snapshot_xmax(pg_current_snapshot()) AS xmax),
@@ -1113,9 +1119,9 @@ impl Dialect for PgStore {
         ))
         .bind(&teams)
         .bind(&types)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        Ok(tx.commit().await?)
     }
 
     async fn advance_floors(
