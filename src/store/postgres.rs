@@ -310,6 +310,23 @@ macro_rules! source_again {
     };
 }
 
+/// The two CTEs that open the statements moving lanes on from their floors (`park_held`,
+/// `advance_floors`), over the lanes `$1`, `$2` (text arrays): `s`, the statement's watermark
+/// `w` and snapshot `xmax`; `cur`, each lane with its floor and late txid ((0, 0) before its
+/// first claim). Ends after `cur`, without a comma.
+macro_rules! floor_ctes {
+    () => {
+        "WITH s AS (SELECT prism_outbox_watermark(pg_current_snapshot()) AS w,
+                    pg_snapshot_xmax(pg_current_snapshot()) AS xmax),
+             cur AS (
+                 SELECT l.team_id, l.object_type, COALESCE(f.floor_id, 0) AS floor_id,
+                        COALESCE(f.late_txid, '0'::xid8) AS late_txid
+                 FROM unnest($1::text[], $2::text[]) AS l(team_id, object_type)
+                 LEFT JOIN prism_lane_floors f
+                        ON f.team_id = l.team_id AND f.object_type = l.object_type)"
+    };
+}
+
 /// `lanes(team_id, object_type)`: every lane that holds rows, by a skip scan of the lane index
 /// (a few index probes a lane, however many rows it holds), in a `WITH RECURSIVE`.
 macro_rules! lanes_cte {
@@ -1071,14 +1088,8 @@ impl Dialect for PgStore {
         // parked row later follows its claim row, `mark_in_flight`.)
         let mut tx = self.begin_claim().await?;
         sqlx::query(concat!(
-            "WITH s AS (SELECT prism_outbox_watermark(pg_current_snapshot()) AS w,
-                               pg_snapshot_xmax(pg_current_snapshot()) AS xmax),
-             cur AS (
-                 SELECT l.team_id, l.object_type, COALESCE(f.floor_id, 0) AS floor_id,
-                        COALESCE(f.late_txid, '0'::xid8) AS late_txid
-                 FROM unnest($1::text[], $2::text[]) AS l(team_id, object_type)
-                 LEFT JOIN prism_lane_floors f
-                        ON f.team_id = l.team_id AND f.object_type = l.object_type),
+            floor_ctes!(),
+            ",
              stop AS (
                  SELECT cur.*, (SELECT o.id FROM prism_outbox o
                                 WHERE o.team_id = cur.team_id AND o.object_type = cur.object_type
@@ -1152,16 +1163,10 @@ impl Dialect for PgStore {
         // rows (its claim rows are visible to it), so the next claim walks from after them; a
         // floor row another claim is moving right now is skipped (SKIP LOCKED), never waited
         // for. If the claim rolls back, so does the floor. The rows held at the floor were
-        // parked at the claim's start (`park_held`), so the proposal passes them.
+        // parked before the claim (`park_held`), so the proposal passes them.
         sqlx::query(concat!(
-            "WITH s AS (SELECT prism_outbox_watermark(pg_current_snapshot()) AS w,
-                               pg_snapshot_xmax(pg_current_snapshot()) AS xmax),
-             cur AS (
-                 SELECT l.team_id, l.object_type, COALESCE(f.floor_id, 0) AS floor_id,
-                        COALESCE(f.late_txid, '0'::xid8) AS late_txid
-                 FROM unnest($1::text[], $2::text[]) AS l(team_id, object_type)
-                 LEFT JOIN prism_lane_floors f
-                        ON f.team_id = l.team_id AND f.object_type = l.object_type),
+            floor_ctes!(),
+            ",
              next_floor AS (
                  SELECT cur.*, COALESCE(
                      (SELECT o.id FROM prism_outbox o
