@@ -23,7 +23,7 @@ pub(super) async fn claim<D: Dialect>(
     req: &ClaimRequest<'_>,
     linger: Duration,
 ) -> StoreResult<ClaimOutcome> {
-    db.park_held(req.lanes).await?;
+    db.settle_floors(req.lanes).await?;
     let mut tx = db.begin_claim().await?;
     // Dropped when this function returns: after the commit or the rollback.
     let spans = db.in_flight_spans().map(ClaimSpans::open);
@@ -65,9 +65,10 @@ pub(super) async fn claim<D: Dialect>(
     if !plan.dead.is_empty() {
         db.mark_dead(&mut tx, &plan.dead).await?;
     }
-    // Before the commit, so that the next claim walks from after these rows.
-    db.advance_floors(&mut tx, &lanes).await?;
     db.commit(tx).await?;
+    // The next claim's `settle_floors` moves these lanes' floors past what this one took (and
+    // past what the claims in flight beside it took, which this one could not see).
+    db.claimed_from(&lanes);
     Ok(ClaimOutcome {
         batches: plan.batches.into_iter().map(LeasedBatch::fresh).collect(),
         dead: plan.dead,

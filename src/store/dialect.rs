@@ -188,24 +188,20 @@ pub(super) trait Dialect: Sync {
         Ok(None)
     }
 
-    /// Parks the rows at the floors of `lanes` that an older change of their record holds back
-    /// (see the Postgres implementation), so that they do not hold the floor: before a claim,
-    /// in a short transaction of its own. Engines without floors do nothing.
-    async fn park_held(&self, _lanes: &[Lane]) -> StoreResult<()> {
+    /// Before a claim, in a short transaction of its own: moves the floors of the lanes this
+    /// process's claims have taken rows from since it last did on past those rows (see
+    /// [`Dialect::claimed_from`]), and parks the rows at the floors of `lanes` that an older
+    /// change of their record holds back, so that they do not hold the floor (see the Postgres
+    /// implementation). Engines without floors do nothing.
+    async fn settle_floors(&self, _lanes: &[Lane]) -> StoreResult<()> {
         Ok(())
     }
 
-    /// Moves the floors of `lanes` (team, object type, as stored) on past the rows claimed so
-    /// far, this claim's included, in the claim's transaction right before its commit. Only
-    /// the cost of later claims depends on it (a floor left behind is walked from); engines
-    /// without floors do nothing.
-    async fn advance_floors(
-        &self,
-        _tx: &mut Self::Tx,
-        _lanes: &[(Vec<u8>, Vec<u8>)],
-    ) -> StoreResult<()> {
-        Ok(())
-    }
+    /// A claim that took rows from `lanes` (team, object type, as stored) has committed: the
+    /// next [`Dialect::settle_floors`] of this process moves their floors on. Only the cost of
+    /// later claims depends on it (a floor left behind is walked from); engines without floors
+    /// do nothing.
+    fn claimed_from(&self, _lanes: &[(Vec<u8>, Vec<u8>)]) {}
 
     /// Stores `batches` (key, body, items) leased to `owner` for `lease`; `parent` for the
     /// children of a split.

@@ -358,6 +358,9 @@ pub struct PgStore {
     floor_audit: Arc<tokio::sync::Mutex<Option<std::time::Instant>>>,
     /// The rows this process's claims in flight have locked ([`Dialect::in_flight_spans`]).
     in_flight: Arc<std::sync::Mutex<super::dialect::InFlightSpans>>,
+    /// The lanes this process's committed claims took rows from whose floors have not been
+    /// moved on since ([`Dialect::claimed_from`], [`Dialect::settle_floors`]).
+    floors_behind: Arc<std::sync::Mutex<HashSet<(String, String)>>>,
 }
 
 impl PgStore {
@@ -384,6 +387,7 @@ impl PgStore {
             scan_gate: Arc::default(),
             floor_audit: Arc::default(),
             in_flight: Arc::default(),
+            floors_behind: Arc::default(),
         })
     }
 
@@ -1066,157 +1070,36 @@ impl Dialect for PgStore {
         Ok(Some(waiting.into_iter().collect()))
     }
 
-    async fn park_held(&self, lanes: &[Lane]) -> StoreResult<()> {
+    async fn settle_floors(&self, lanes: &[Lane]) -> StoreResult<()> {
         if lanes.is_empty() {
             return Ok(());
         }
-        let (teams, types): (Vec<&str>, Vec<&str>) = lanes
-            .iter()
-            .map(|l| (l.team.as_str(), l.object_type.as_str()))
-            .unzip();
-        // The rows that would hold the floor back for as long as an older change of their
-        // record is unfinished (retrying for hours, say): the rows from the floor up to the
-        // first one a claim could take, that have no claim row and that the per-record guard
-        // holds. They are parked: a claim row `pending`, found again by the claims' third
-        // source once their record's older change has ended. Before the claim, where the floor
-        // is near (the previous claim moved it): after the claim's own rows it would walk them
-        // all, twice. In a transaction of its own, committed at once, so that the claim sees
-        // the parked rows (its `advance_floors` passes them) and no lock of the park is held
-        // while the claim waits for anything: each parked row is locked (`SKIP LOCKED`: a row
-        // a claim is taking is left to it) only until this commit, so no claim-row insert of
-        // a claim can wait for the park, and the park waits for nothing. (A claim that takes a
-        // parked row later follows its claim row, `mark_in_flight`.)
-        let mut tx = self.begin_claim().await?;
-        sqlx::query(concat!(
-            floor_ctes!(),
-            ",
-             stop AS (
-                 SELECT cur.*, (SELECT o.id FROM prism_outbox o
-                                WHERE o.team_id = cur.team_id AND o.object_type = cur.object_type
-                                  AND o.state IN ('pending', 'retrying') AND o.id >= cur.floor_id
-                                  AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
-                                  AND (o.txid < s.w OR o.txid >= s.xmax) AND ",
-            record_guard!(),
-            "
-                                ORDER BY o.id LIMIT 1) AS first_free
-                 FROM cur, s)
-             INSERT INTO prism_outbox_claims (id, team_id, object_type, record_id, state, attempts,
-                                              next_attempt_at)
-             SELECT o.id, o.team_id, o.object_type, o.record_id, 'pending', o.attempts, o.next_attempt_at
-             FROM (SELECT o.* FROM stop, s, LATERAL (
-                       SELECT o.* FROM prism_outbox o
-                       WHERE o.team_id = stop.team_id AND o.object_type = stop.object_type
-                         AND o.state IN ('pending', 'retrying') AND o.id >= stop.floor_id
-                         AND o.id < COALESCE(stop.first_free, 9223372036854775807)
-                         AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
-                         AND (o.txid < s.w OR o.txid >= s.xmax) AND NOT ",
-            record_guard!(),
-            "
-                       ORDER BY o.id LIMIT 1000 FOR UPDATE OF o SKIP LOCKED) o
-                   UNION ALL
-                   -- Held late rows too (below the floor, never claimed): each would hold the
-                   -- lane's late txid back, and every claim would read the rows since.
-                   SELECT o.* FROM stop, s, LATERAL (
-                       SELECT o.* FROM prism_outbox o WHERE ",
-            late_rows!("stop.team_id", "stop.object_type", "stop.floor_id", "stop.late_txid"),
-            "
-                         AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
-                         AND (o.txid < s.w OR o.txid >= s.xmax) AND NOT ",
-            record_guard!(),
-            "
-                       ORDER BY o.txid LIMIT 1000 FOR UPDATE OF o SKIP LOCKED) o) o
-             ORDER BY o.id
-             ON CONFLICT (id) DO NOTHING"
-        ))
-        .bind(&teams)
-        .bind(&types)
-        .execute(&mut *tx)
-        .await?;
-        Ok(tx.commit().await?)
+        // First the floors of the lanes this process's claims took rows from (all committed
+        // by now, with the claims' that ran beside them), so that the park and the claim walk
+        // from after those rows: each claimed row is walked past once, here, and not by every
+        // statement of the next claims. Taken from the set now; put back if this fails.
+        let behind: Vec<(String, String)> = std::mem::take(
+            &mut *self
+                .floors_behind
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_iter()
+        .collect();
+        let settled = self.settle(lanes, &behind).await;
+        if settled.is_err() {
+            self.claimed_lanes(behind);
+        }
+        settled
     }
 
-    async fn advance_floors(
-        &self,
-        tx: &mut Self::Tx,
-        lanes: &[(Vec<u8>, Vec<u8>)],
-    ) -> StoreResult<()> {
-        if lanes.is_empty() {
-            return Ok(());
-        }
-        let (teams, types): (Vec<String>, Vec<String>) = lanes
-            .iter()
-            .map(|(t, y)| {
-                (
-                    String::from_utf8_lossy(t).into_owned(),
-                    String::from_utf8_lossy(y).into_owned(),
-                )
-            })
-            .unzip();
-        // The proposal (ARCHITECTURE.md, "The lane floor"), from this statement's snapshot S
-        // and watermark W: the new floor is the lane's first row from the old floor on that S
-        // shows, that has no claim row and that a claim could take as far as visibility goes
-        // (below W, or from another cluster), else the lane's last row + 1; the new late txid
-        // is the least of W and the txids of the rows below the new floor that still have no
-        // claim row (through the txid index, from the old late txid). A floor row only moves
-        // forward: (floor, late) as a pair, so a proposal behind another claimer's is dropped.
-        // In the claim's transaction, before its commit: the proposal passes this claim's own
-        // rows (its claim rows are visible to it), so the next claim walks from after them; a
-        // floor row another claim is moving right now is skipped (SKIP LOCKED), never waited
-        // for. If the claim rolls back, so does the floor. The rows held at the floor were
-        // parked before the claim (`park_held`), so the proposal passes them.
-        sqlx::query(concat!(
-            floor_ctes!(),
-            ",
-             next_floor AS (
-                 SELECT cur.*, COALESCE(
-                     (SELECT o.id FROM prism_outbox o
-                      WHERE o.team_id = cur.team_id AND o.object_type = cur.object_type
-                        AND o.state IN ('pending', 'retrying') AND o.id >= cur.floor_id
-                        AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
-                        AND (o.txid < s.w OR o.txid >= s.xmax)
-                      ORDER BY o.id LIMIT 1),
-                     (SELECT max(o.id) + 1 FROM prism_outbox o
-                      WHERE o.team_id = cur.team_id AND o.object_type = cur.object_type
-                        AND o.state IN ('pending', 'retrying')),
-                     cur.floor_id) AS floor_next
-                 FROM cur, s),
-             proposal AS (
-                 SELECT n.team_id, n.object_type, greatest(n.floor_next, n.floor_id) AS floor_id,
-                        least(s.w, (SELECT min(o.txid) FROM prism_outbox o WHERE ",
-            late_rows!(
-                "n.team_id",
-                "n.object_type",
-                "greatest(n.floor_next, n.floor_id)",
-                "n.late_txid"
-            ),
-            "
-                                      AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c
-                                                      WHERE c.id = o.id))) AS late_txid
-                 FROM next_floor n, s),
-             free AS (
-                 SELECT f.team_id, f.object_type FROM prism_lane_floors f
-                 JOIN proposal p ON p.team_id = f.team_id AND p.object_type = f.object_type
-                 ORDER BY f.team_id, f.object_type
-                 FOR UPDATE OF f SKIP LOCKED),
-             moved AS (
-                 UPDATE prism_lane_floors f SET floor_id = p.floor_id, late_txid = p.late_txid
-                 FROM proposal p, free
-                 WHERE f.team_id = free.team_id AND f.object_type = free.object_type
-                   AND p.team_id = f.team_id AND p.object_type = f.object_type
-                   AND (f.floor_id, f.late_txid) < (p.floor_id, p.late_txid)
-                 RETURNING f.team_id)
-             INSERT INTO prism_lane_floors (team_id, object_type, floor_id, late_txid)
-             SELECT p.team_id, p.object_type, p.floor_id, p.late_txid FROM proposal p
-             WHERE NOT EXISTS (SELECT 1 FROM prism_lane_floors f
-                               WHERE f.team_id = p.team_id AND f.object_type = p.object_type)
-             ORDER BY p.team_id, p.object_type
-             ON CONFLICT (team_id, object_type) DO NOTHING"
-        ))
-        .bind(&teams)
-        .bind(&types)
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
+    fn claimed_from(&self, lanes: &[(Vec<u8>, Vec<u8>)]) {
+        self.claimed_lanes(lanes.iter().map(|(t, y)| {
+            (
+                String::from_utf8_lossy(t).into_owned(),
+                String::from_utf8_lossy(y).into_owned(),
+            )
+        }));
     }
 
     async fn insert_batches(
@@ -1453,6 +1336,179 @@ impl Dialect for PgStore {
         tx.commit().await?;
         Ok(())
     }
+}
+
+impl PgStore {
+    fn claimed_lanes(&self, lanes: impl IntoIterator<Item = (String, String)>) {
+        self.floors_behind
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(lanes);
+    }
+
+    /// [`Dialect::settle_floors`]: the floors of `behind` moved on, the held rows at the
+    /// floors of `lanes` parked, and, when any were, those floors moved past them; one short
+    /// transaction, committed before the claim begins.
+    async fn settle(&self, lanes: &[Lane], behind: &[(String, String)]) -> StoreResult<()> {
+        let mut tx = self.begin_claim().await?;
+        advance_floors(
+            &mut tx,
+            behind.iter().map(|(t, y)| (t.as_str(), y.as_str())),
+        )
+        .await?;
+        let lanes = || {
+            lanes
+                .iter()
+                .map(|l| (l.team.as_str(), l.object_type.as_str()))
+        };
+        if park_held(&mut tx, lanes()).await? > 0 {
+            advance_floors(&mut tx, lanes()).await?;
+        }
+        Ok(tx.commit().await?)
+    }
+}
+
+/// Parks the rows at the floors of `lanes` that would hold the floor back for as long as an
+/// older change of their record is unfinished (retrying for hours, say): the rows from the
+/// floor up to the first one a claim could take, that have no claim row and that the
+/// per-record guard holds. They get a claim row `pending`, found again by the claims' third
+/// source once their record's older change has ended. Returns how many were parked.
+///
+/// In [`Dialect::settle_floors`]' short transaction, before the claim and after the floors
+/// moved past the rows claimed so far (so the walk is short), committed at once: the claim
+/// sees the parked rows, and no lock of the park is held while a claim waits for anything.
+/// Each parked row is locked (`SKIP LOCKED`: a row a claim is taking is left to it) only until
+/// that commit, so no claim-row insert of a claim can wait for the park, and the park waits
+/// for nothing. (A claim that takes a parked row later follows its claim row,
+/// `mark_in_flight`.) The claim-row test comes before the guard: the walk may pass rows other
+/// processes' claims took since the floor last moved, one probe each.
+async fn park_held<'a>(
+    tx: &mut Transaction<'static, Postgres>,
+    lanes: impl Iterator<Item = (&'a str, &'a str)>,
+) -> StoreResult<u64> {
+    let (teams, types): (Vec<&str>, Vec<&str>) = lanes.unzip();
+    if teams.is_empty() {
+        return Ok(0);
+    }
+    Ok(sqlx::query(concat!(
+            floor_ctes!(),
+            ",
+             stop AS (
+                 SELECT cur.*, (SELECT o.id FROM prism_outbox o
+                                WHERE o.team_id = cur.team_id AND o.object_type = cur.object_type
+                                  AND o.state IN ('pending', 'retrying') AND o.id >= cur.floor_id
+                                  AND (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id) IS NULL
+                                  AND (o.txid < s.w OR o.txid >= s.xmax) AND ",
+            record_guard!(),
+            "
+                                ORDER BY o.id LIMIT 1) AS first_free
+                 FROM cur, s)
+             INSERT INTO prism_outbox_claims (id, team_id, object_type, record_id, state, attempts,
+                                              next_attempt_at)
+             SELECT o.id, o.team_id, o.object_type, o.record_id, 'pending', o.attempts, o.next_attempt_at
+             FROM (SELECT o.* FROM stop, s, LATERAL (
+                       SELECT o.* FROM prism_outbox o
+                       WHERE o.team_id = stop.team_id AND o.object_type = stop.object_type
+                         AND o.state IN ('pending', 'retrying') AND o.id >= stop.floor_id
+                         AND o.id < COALESCE(stop.first_free, 9223372036854775807)
+                         AND (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id) IS NULL
+                         AND (o.txid < s.w OR o.txid >= s.xmax) AND NOT ",
+            record_guard!(),
+            "
+                       ORDER BY o.id LIMIT 1000 FOR UPDATE OF o SKIP LOCKED) o
+                   UNION ALL
+                   -- Held late rows too (below the floor, never claimed): each would hold the
+                   -- lane's late txid back, and every claim would read the rows since.
+                   SELECT o.* FROM stop, s, LATERAL (
+                       SELECT o.* FROM prism_outbox o WHERE ",
+            late_rows!("stop.team_id", "stop.object_type", "stop.floor_id", "stop.late_txid"),
+            "
+                         AND (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id) IS NULL
+                         AND (o.txid < s.w OR o.txid >= s.xmax) AND NOT ",
+            record_guard!(),
+            "
+                       ORDER BY o.txid LIMIT 1000 FOR UPDATE OF o SKIP LOCKED) o) o
+             ORDER BY o.id
+             ON CONFLICT (id) DO NOTHING"
+        ))
+        .bind(&teams)
+        .bind(&types)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected())
+}
+
+/// Moves the floors of `lanes` (team, object type) on past the rows claimed so far.
+///
+/// The proposal (ARCHITECTURE.md, "The lane floor"), from this statement's snapshot S and
+/// watermark W: the new floor is the lane's first row from the old floor on that S shows, that
+/// has no claim row and that a claim could take as far as visibility goes (below W, or from
+/// another cluster), else the lane's last row + 1; the new late txid is the least of W and the
+/// txids of the rows below the new floor that still have no claim row (through the txid index,
+/// from the old late txid). A floor row only moves forward: (floor, late) as a pair, so a
+/// proposal behind another claimer's is dropped; a floor row another transaction is moving
+/// right now is skipped (SKIP LOCKED), never waited for.
+async fn advance_floors<'a>(
+    tx: &mut Transaction<'static, Postgres>,
+    lanes: impl Iterator<Item = (&'a str, &'a str)>,
+) -> StoreResult<()> {
+    let (teams, types): (Vec<&str>, Vec<&str>) = lanes.unzip();
+    if teams.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(concat!(
+        floor_ctes!(),
+        ",
+             next_floor AS (
+                 SELECT cur.*, COALESCE(
+                     (SELECT o.id FROM prism_outbox o
+                      WHERE o.team_id = cur.team_id AND o.object_type = cur.object_type
+                        AND o.state IN ('pending', 'retrying') AND o.id >= cur.floor_id
+                        AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id)
+                        AND (o.txid < s.w OR o.txid >= s.xmax)
+                      ORDER BY o.id LIMIT 1),
+                     (SELECT max(o.id) + 1 FROM prism_outbox o
+                      WHERE o.team_id = cur.team_id AND o.object_type = cur.object_type
+                        AND o.state IN ('pending', 'retrying')),
+                     cur.floor_id) AS floor_next
+                 FROM cur, s),
+             proposal AS (
+                 SELECT n.team_id, n.object_type, greatest(n.floor_next, n.floor_id) AS floor_id,
+                        least(s.w, (SELECT min(o.txid) FROM prism_outbox o WHERE ",
+        late_rows!(
+            "n.team_id",
+            "n.object_type",
+            "greatest(n.floor_next, n.floor_id)",
+            "n.late_txid"
+        ),
+        "
+                                      AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c
+                                                      WHERE c.id = o.id))) AS late_txid
+                 FROM next_floor n, s),
+             free AS (
+                 SELECT f.team_id, f.object_type FROM prism_lane_floors f
+                 JOIN proposal p ON p.team_id = f.team_id AND p.object_type = f.object_type
+                 ORDER BY f.team_id, f.object_type
+                 FOR UPDATE OF f SKIP LOCKED),
+             moved AS (
+                 UPDATE prism_lane_floors f SET floor_id = p.floor_id, late_txid = p.late_txid
+                 FROM proposal p, free
+                 WHERE f.team_id = free.team_id AND f.object_type = free.object_type
+                   AND p.team_id = f.team_id AND p.object_type = f.object_type
+                   AND (f.floor_id, f.late_txid) < (p.floor_id, p.late_txid)
+                 RETURNING f.team_id)
+             INSERT INTO prism_lane_floors (team_id, object_type, floor_id, late_txid)
+             SELECT p.team_id, p.object_type, p.floor_id, p.late_txid FROM proposal p
+             WHERE NOT EXISTS (SELECT 1 FROM prism_lane_floors f
+                               WHERE f.team_id = p.team_id AND f.object_type = p.object_type)
+             ORDER BY p.team_id, p.object_type
+             ON CONFLICT (team_id, object_type) DO NOTHING"
+    ))
+    .bind(&teams)
+    .bind(&types)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// A number of seconds the database computed as a duration (negative: zero).
