@@ -127,7 +127,10 @@ pub(super) trait Dialect: Sync {
     /// A look at each of `lanes`' claimable rows before anything is locked (no row lock, no
     /// write): how many there are, counted up to `cap`, and how long the longest-due of them has
     /// been due. Claimable as in [`Dialect::lane_heads`] (due, below the watermark, no older row
-    /// of the record waiting or in flight). One entry per lane, in `lanes` order.
+    /// of the record waiting or in flight). One entry per lane, in `lanes` order. A lane may
+    /// be reported at `cap` (deep) on a cheaper count that over-counts (the Postgres one counts
+    /// rows above the watermark or held by their record too): a deep lane is claimed at once,
+    /// as without a linger, so an over-count only lets a tail go early, never holds rows back.
     async fn lane_backlog(
         &self,
         tx: &mut Self::Tx,

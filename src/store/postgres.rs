@@ -824,8 +824,55 @@ impl Dialect for PgStore {
         lanes: &[(String, String)],
         cap: usize,
     ) -> StoreResult<Vec<Backlog>> {
+        let cap_i64 = i64::try_from(cap).unwrap_or(i64::MAX);
+        let mut out = vec![
+            Backlog {
+                due: 0,
+                oldest_due: Duration::ZERO,
+            };
+            lanes.len()
+        ];
+        // First a cheap depth: the never-claimed due rows from each lane's floor, up to `cap`,
+        // without the watermark (a read of the lock table) and the per-record guard (a probe
+        // per row). Its count is at least the exact one's first source, so a lane it finds at
+        // `cap` is deep: in a deep backlog, where every claim of a flowing lane counted `cap`
+        // rows with the guard before taking them, this is all the look costs.
         let (teams, types): (Vec<&str>, Vec<&str>) =
             lanes.iter().map(|(t, o)| (t.as_str(), o.as_str())).unzip();
+        let depths: Vec<i64> = sqlx::query_scalar(concat!(
+            "SELECT (SELECT count(*) FROM (
+                         SELECT 1 FROM prism_outbox o
+                         WHERE o.team_id = l.team_id AND o.object_type = l.object_type
+                           AND o.id >= fl.floor_id AND o.state IN ('pending', 'retrying')
+                           AND (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id) IS NULL
+                           AND o.next_attempt_at <= now()
+                         ORDER BY o.id LIMIT $3) d)
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS l(team_id, object_type, n)
+             CROSS JOIN LATERAL ",
+            lane_floor!("l.team_id", "l.object_type"),
+            " fl
+             ORDER BY l.n"
+        ))
+        .bind(&teams)
+        .bind(&types)
+        .bind(cap_i64)
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut shallow = Vec::new();
+        for (i, depth) in depths.into_iter().enumerate() {
+            if depth >= cap_i64 {
+                out[i].due = cap;
+            } else {
+                shallow.push(i);
+            }
+        }
+        if shallow.is_empty() {
+            return Ok(out);
+        }
+        let (teams, types): (Vec<&str>, Vec<&str>) = shallow
+            .iter()
+            .map(|&i| (lanes[i].0.as_str(), lanes[i].1.as_str()))
+            .unzip();
         // lane_heads' conditions without its lock: a plain read that leaves no trace.
         let rows = sqlx::query(concat!(
             "SELECT l.n, d.due, d.oldest
@@ -851,21 +898,15 @@ impl Dialect for PgStore {
         ))
         .bind(&teams)
         .bind(&types)
-        .bind(i64::try_from(cap).unwrap_or(i64::MAX))
+        .bind(cap_i64)
         .fetch_all(&mut **tx)
         .await?;
-        let mut out = vec![
-            Backlog {
-                due: 0,
-                oldest_due: Duration::ZERO,
-            };
-            lanes.len()
-        ];
         for row in &rows {
             let n: i64 = row.try_get(0)?;
             let due: i64 = row.try_get(1)?;
             let oldest: f64 = row.try_get(2)?;
-            if let Some(lane) = usize::try_from(n - 1).ok().and_then(|i| out.get_mut(i)) {
+            let at = usize::try_from(n - 1).ok().and_then(|k| shallow.get(k));
+            if let Some(lane) = at.and_then(|&i| out.get_mut(i)) {
                 *lane = Backlog {
                     due: usize::try_from(due).unwrap_or(0),
                     oldest_due: seconds(oldest),
