@@ -132,22 +132,17 @@ pub(crate) const CLAIM_GATE: (i32, i32) = (0x7072_6367, 0);
 pub(crate) const CLAIM_GATE_WAIT: &str = "10s";
 
 /// The columns a claim reads of a candidate row `o`; `$attempts` is where its tries are counted
-/// (the outbox row's own until it is first claimed, its claim row's after).
+/// (the outbox row's own until it is first claimed, its claim row's after). Its patch as text
+/// once (`pt`, [`record_neighbour!`]), NULL past `$2` bytes; `has_later` from the neighbour
+/// probe `nb`.
 macro_rules! head_columns {
     ($attempts:literal) => {
         concat!(
             "o.id, o.record_id::text AS record_id,
-             CASE WHEN octet_length(o.patch::text) > $2 THEN NULL ELSE o.patch::text END AS patch,
+             CASE WHEN octet_length(pt.text) > $2 THEN NULL ELSE pt.text END AS patch,
              o.object_type, o.operation, o.team_id, ",
             $attempts,
-            " AS attempts,
-             (SELECT 1 FROM prism_outbox q LEFT JOIN prism_outbox_claims qc ON qc.id = q.id
-              WHERE q.record_id = o.record_id AND q.id > o.id
-                AND q.state IN ('pending', 'retrying', 'in_flight') AND (q.state || '') <> 'in_flight'
-                AND ",
-            waiting!("qc"),
-            "
-              LIMIT 1) IS NOT NULL AS has_later"
+            " AS attempts, nb.id IS NOT NULL AS has_later"
         )
     };
 }
@@ -228,14 +223,45 @@ macro_rules! lane_floor {
 /// an anti-join it ran after every other test).
 macro_rules! takable_unclaimed {
     () => {
+        concat!(takable_unclaimed!(unguarded), " AND ", record_guard!())
+    };
+    (unguarded) => {
         concat!(
             " AND o.state IN ('pending', 'retrying')
                AND (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id) IS NULL
                AND o.next_attempt_at <= now() AND ",
-            below_watermark!(),
-            " AND ",
-            record_guard!()
+            below_watermark!()
         )
+    };
+}
+
+/// A head's one probe of its record's other rows, in place of the per-record guard and a
+/// second probe for `has_later`, joined to the candidate `o` as `nb` (with `pt`, its patch as
+/// text, computed once: `OFFSET 0` keeps the planner from copying the cast into each use). The
+/// record's first row from `prism_unfinished_bound()` on, other than `o`, that is either older
+/// and unfinished (the guard's test: `o` is held) or later and waiting (`o` has a follower):
+/// one walk of the record index in id order that stops at the first, where the guard and the
+/// follower probe were a walk each. `o` may be taken when there is none or it is later
+/// ([`record_neighbour!`]`(test)`).
+macro_rules! record_neighbour {
+    () => {
+        " LEFT JOIN LATERAL (
+             SELECT p.id FROM prism_outbox p
+             LEFT JOIN prism_outbox_claims pc ON pc.id = p.id
+             LEFT JOIN prism_batches pb ON pb.id = pc.batch_id AND pc.state IS NULL
+             WHERE p.record_id = o.record_id AND p.id <> o.id
+               AND p.id >= (SELECT prism_unfinished_bound())
+               AND p.state IN ('pending', 'retrying', 'in_flight')
+               AND CASE WHEN p.id < o.id
+                        THEN pc.id IS NULL OR pc.state IN ('pending', 'retrying')
+                             OR (pc.state IS NULL AND pb.state IS DISTINCT FROM 'done')
+                        ELSE (p.state || '') <> 'in_flight'
+                             AND (pc.id IS NULL OR pc.state IN ('pending', 'retrying')) END
+             ORDER BY p.id LIMIT 1) nb ON true
+           CROSS JOIN LATERAL (SELECT o.patch::text AS text OFFSET 0) pt"
+    };
+    (test) => {
+        " AND (nb.id IS NULL OR nb.id > o.id)"
     };
 }
 
@@ -276,15 +302,23 @@ macro_rules! late_rows {
 macro_rules! source_fresh {
     ($t:literal, $y:literal, $floor:literal) => {
         concat!(
-            " FROM prism_outbox o
-             WHERE o.team_id = ",
-            $t,
-            " AND o.object_type = ",
-            $y,
-            " AND o.id >= ",
-            $floor,
+            " FROM prism_outbox o WHERE ",
+            source_fresh!(lane $t, $y, $floor),
             takable_unclaimed!()
         )
+    };
+    ($t:literal, $y:literal, $floor:literal, heads) => {
+        concat!(
+            " FROM prism_outbox o",
+            record_neighbour!(),
+            " WHERE ",
+            source_fresh!(lane $t, $y, $floor),
+            takable_unclaimed!(unguarded),
+            record_neighbour!(test)
+        )
+    };
+    (lane $t:literal, $y:literal, $floor:literal) => {
+        concat!("o.team_id = ", $t, " AND o.object_type = ", $y, " AND o.id >= ", $floor)
     };
 }
 macro_rules! source_late {
@@ -295,17 +329,42 @@ macro_rules! source_late {
             takable_unclaimed!()
         )
     };
+    ($t:literal, $y:literal, $floor:literal, $late:literal, heads) => {
+        concat!(
+            " FROM prism_outbox o",
+            record_neighbour!(),
+            " WHERE ",
+            late_rows!($t, $y, $floor, $late),
+            takable_unclaimed!(unguarded),
+            record_neighbour!(test)
+        )
+    };
 }
 macro_rules! source_again {
     ($t:literal, $y:literal) => {
         concat!(
-            " FROM prism_outbox_claims c JOIN prism_outbox o ON o.id = c.id
-             WHERE c.team_id = ",
+            " FROM prism_outbox_claims c JOIN prism_outbox o ON o.id = c.id WHERE ",
+            source_again!(lane $t, $y),
+            " AND ",
+            record_guard!()
+        )
+    };
+    ($t:literal, $y:literal, heads) => {
+        concat!(
+            " FROM prism_outbox_claims c JOIN prism_outbox o ON o.id = c.id",
+            record_neighbour!(),
+            " WHERE ",
+            source_again!(lane $t, $y),
+            record_neighbour!(test)
+        )
+    };
+    (lane $t:literal, $y:literal) => {
+        concat!(
+            "c.team_id = ",
             $t,
             " AND c.object_type = ",
             $y,
-            " AND c.state IN ('pending', 'retrying') AND c.next_attempt_at <= now() AND ",
-            record_guard!()
+            " AND c.state IN ('pending', 'retrying') AND c.next_attempt_at <= now()"
         )
     };
 }
@@ -964,7 +1023,7 @@ impl Dialect for PgStore {
              fresh AS (SELECT ",
             head_columns!("o.attempts"),
             ", true AS fresh",
-            source_fresh!("$3", "$4", "(SELECT floor_id FROM fl)"),
+            source_fresh!("$3", "$4", "(SELECT floor_id FROM fl)", heads),
             " AND NOT (o.id BETWEEN $5 AND $6)
               ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED),
              late AS (SELECT ",
@@ -974,13 +1033,14 @@ impl Dialect for PgStore {
                 "$3",
                 "$4",
                 "(SELECT floor_id FROM fl)",
-                "(SELECT late_txid FROM fl)"
+                "(SELECT late_txid FROM fl)",
+                heads
             ),
             " ORDER BY o.txid LIMIT $1 FOR UPDATE OF o SKIP LOCKED),
              again AS (SELECT ",
             head_columns!("c.attempts"),
             ", false AS fresh",
-            source_again!("$3", "$4"),
+            source_again!("$3", "$4", heads),
             " ORDER BY c.id LIMIT $1 FOR UPDATE OF o, c SKIP LOCKED)
              SELECT * FROM fresh UNION ALL SELECT * FROM late UNION ALL SELECT * FROM again
              ORDER BY id LIMIT $1"
