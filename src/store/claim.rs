@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use super::dialect::{ClaimSpans, Dialect};
+use super::dialect::{ClaimSpans, Dialect, StillWaiting};
 use super::{ClaimOutcome, ClaimRequest, LeasedBatch, StoreResult};
 use crate::batch::{self, CandidateRow};
 use crate::linger::{self, Decision};
@@ -39,7 +39,7 @@ pub(super) async fn claim<D: Dialect>(
     // The followers may wait for a row lock (a record's later row locked elsewhere): not under
     // the gate, which would hold up every other claim of this process behind it.
     drop(gate);
-    let heads = still_waiting(db, &mut tx, heads).await?;
+    let (heads, mut unclaimed) = still_waiting(db, &mut tx, heads).await?;
     if heads.is_empty() {
         db.rollback(tx).await?;
         return Ok(ClaimOutcome {
@@ -50,7 +50,10 @@ pub(super) async fn claim<D: Dialect>(
     }
     let followers = take_followers(db, &mut tx, &heads, req).await?;
     let still = waiting_ids(db, &mut tx, &followers).await?;
-    let followers = unbroken_followers(followers, still.as_ref());
+    if let (Some(unclaimed), Some(still)) = (unclaimed.as_mut(), still.as_ref()) {
+        unclaimed.extend(&still.unclaimed);
+    }
+    let followers = unbroken_followers(followers, still.as_ref().map(|s| &s.waiting));
     let mut lanes: Vec<(Vec<u8>, Vec<u8>)> = heads
         .iter()
         .map(|h| (h.team_id.clone(), h.object_type.clone()))
@@ -61,7 +64,8 @@ pub(super) async fn claim<D: Dialect>(
     let plan = batch::plan_batches(chains, req.limits, req.teams);
     db.insert_batches(&mut tx, &plan.batches, req.owner, req.lease, None)
         .await?;
-    db.mark_in_flight(&mut tx, &plan.batches).await?;
+    db.mark_in_flight(&mut tx, &plan.batches, unclaimed.as_ref())
+        .await?;
     if !plan.dead.is_empty() {
         db.mark_dead(&mut tx, &plan.dead).await?;
     }
@@ -83,7 +87,7 @@ async fn waiting_ids<D: Dialect>(
     db: &D,
     tx: &mut D::Tx,
     rows: &[CandidateRow],
-) -> StoreResult<Option<HashSet<i64>>> {
+) -> StoreResult<Option<StillWaiting>> {
     if rows.is_empty() {
         return Ok(None);
     }
@@ -91,18 +95,22 @@ async fn waiting_ids<D: Dialect>(
     db.still_waiting(tx, &ids).await
 }
 
-/// `heads` less those another claim took meanwhile.
+/// `heads` less those another claim took meanwhile, and which of them have no claim row yet
+/// (`None`: the engine does not say).
 async fn still_waiting<D: Dialect>(
     db: &D,
     tx: &mut D::Tx,
     heads: Vec<CandidateRow>,
-) -> StoreResult<Vec<CandidateRow>> {
+) -> StoreResult<(Vec<CandidateRow>, Option<HashSet<i64>>)> {
     Ok(match waiting_ids(db, tx, &heads).await? {
-        None => heads,
-        Some(waiting) => heads
-            .into_iter()
-            .filter(|r| waiting.contains(&r.id))
-            .collect(),
+        None => (heads, None),
+        Some(StillWaiting { waiting, unclaimed }) => (
+            heads
+                .into_iter()
+                .filter(|r| waiting.contains(&r.id))
+                .collect(),
+            Some(unclaimed),
+        ),
     })
 }
 

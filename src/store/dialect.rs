@@ -19,6 +19,16 @@ use super::{ClaimRequest, DueRequest, FinishBatch, Lane, LeasedBatch, StoreResul
 use crate::batch::{CandidateRow, DeadRow, NewBatch};
 use crate::linger::{Backlog, RecentBatch};
 
+/// What [`Dialect::still_waiting`] read afresh of rows a claim has locked.
+#[derive(Debug, Default)]
+pub(super) struct StillWaiting {
+    /// The rows that still wait as the claim read them.
+    pub waiting: HashSet<i64>,
+    /// Of those, the ones with no claim row (never claimed): [`Dialect::mark_in_flight`]
+    /// inserts theirs, and moves the others' (waiting again, or parked) to the new batch.
+    pub unclaimed: HashSet<i64>,
+}
+
 /// The never-claimed rows that a process's claims in flight have locked, as one id span per
 /// claim and lane (Postgres). A claim walks a lane from its floor; the rows another claim of
 /// this process has locked there, and not yet committed, look unclaimed to it, so it would
@@ -187,7 +197,7 @@ pub(super) trait Dialect: Sync {
         &self,
         _tx: &mut Self::Tx,
         _ids: &[i64],
-    ) -> StoreResult<Option<HashSet<i64>>> {
+    ) -> StoreResult<Option<StillWaiting>> {
         Ok(None)
     }
 
@@ -217,8 +227,15 @@ pub(super) trait Dialect: Sync {
         parent: Option<Uuid>,
     ) -> StoreResult<()>;
 
-    /// Puts the rows of `batches` in flight in them.
-    async fn mark_in_flight(&self, tx: &mut Self::Tx, batches: &[NewBatch]) -> StoreResult<()>;
+    /// Puts the rows of `batches` in flight in them. `unclaimed`, where the claim knows it
+    /// ([`StillWaiting::unclaimed`]): which of them have no claim row yet; `None`: any may have
+    /// one (a split's rows all have).
+    async fn mark_in_flight(
+        &self,
+        tx: &mut Self::Tx,
+        batches: &[NewBatch],
+        unclaimed: Option<&HashSet<i64>>,
+    ) -> StoreResult<()>;
 
     /// Ends malformed rows `dead` with their codes.
     async fn mark_dead(&self, tx: &mut Self::Tx, rows: &[DeadRow]) -> StoreResult<()>;

@@ -73,7 +73,7 @@ async fn write_round<D: Dialect>(
         for f in ours.iter().filter(|f| !f.children.is_empty()) {
             db.insert_batches(tx, &f.children, &f.owner, f.lease, Some(f.batch_id))
                 .await?;
-            db.mark_in_flight(tx, &f.children).await?;
+            db.mark_in_flight(tx, &f.children, None).await?;
         }
     }
     Ok(batches

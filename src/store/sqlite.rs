@@ -693,7 +693,12 @@ impl Dialect for SqliteStore {
         Ok(())
     }
 
-    async fn mark_in_flight(&self, tx: &mut Self::Tx, batches: &[NewBatch]) -> StoreResult<()> {
+    async fn mark_in_flight(
+        &self,
+        tx: &mut Self::Tx,
+        batches: &[NewBatch],
+        _unclaimed: Option<&HashSet<i64>>,
+    ) -> StoreResult<()> {
         let assignments: Vec<(i64, String)> = batches
             .iter()
             .flat_map(|b| b.row_assignments())
