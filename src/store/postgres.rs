@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
@@ -415,6 +415,12 @@ macro_rules! lanes_cte {
     };
 }
 
+/// How often a process parks held rows ([`PgStore::settle`]) while every floor it moves on
+/// moves: a held row stops the floor it sits at, and that floor's next move fails and parks
+/// it at once; this bounds how long a held row at a lane this process does not claim from (or
+/// when it is idle) holds its floor.
+const PARK_EVERY: Duration = Duration::from_secs(1);
+
 /// The advisory lock class of a lane's tail claim (`b"pris"`), see `try_lock_lane`.
 const LANE_TAIL_LOCK_CLASS: i32 = 0x7072_6973;
 
@@ -433,6 +439,8 @@ pub struct PgStore {
     /// The lanes this process's committed claims took rows from whose floors have not been
     /// moved on since ([`Dialect::claimed_from`], [`Dialect::settle_floors`]).
     floors_behind: Arc<std::sync::Mutex<HashSet<(String, String)>>>,
+    /// When this process last parked held rows ([`PgStore::settle`]).
+    last_park: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 impl PgStore {
@@ -460,6 +468,7 @@ impl PgStore {
             floor_audit: Arc::default(),
             in_flight: Arc::default(),
             floors_behind: Arc::default(),
+            last_park: Arc::default(),
         })
     }
 
@@ -1510,23 +1519,39 @@ impl PgStore {
             .extend(lanes);
     }
 
-    /// [`Dialect::settle_floors`]: the floors of `behind` moved on, the held rows at the
-    /// floors of `lanes` parked, and, when any were, those floors moved past them; one short
-    /// transaction, committed before the claim begins.
+    /// [`Dialect::settle_floors`]: the floors of `behind` moved on; then, when one of them
+    /// could not move (a held row may stop it) or the last park is [`PARK_EVERY`] ago, the
+    /// held rows at the floors of `lanes` parked, and, when any were, those floors moved past
+    /// them. One short transaction, committed before the claim begins; none at all when there
+    /// is nothing to do (an idle poll between parks).
     async fn settle(&self, lanes: &[Lane], behind: &[(String, String)]) -> StoreResult<()> {
+        let park_due = self
+            .last_park
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_none_or(|at| at.elapsed() >= PARK_EVERY);
+        if behind.is_empty() && !park_due {
+            return Ok(());
+        }
         let mut tx = self.begin_claim().await?;
-        advance_floors(
+        let moved = advance_floors(
             &mut tx,
             behind.iter().map(|(t, y)| (t.as_str(), y.as_str())),
         )
         .await?;
-        let lanes = || {
-            lanes
-                .iter()
-                .map(|l| (l.team.as_str(), l.object_type.as_str()))
-        };
-        if park_held(&mut tx, lanes()).await? > 0 {
-            advance_floors(&mut tx, lanes()).await?;
+        if park_due || behind.iter().any(|lane| !moved.contains(lane)) {
+            let lanes = || {
+                lanes
+                    .iter()
+                    .map(|l| (l.team.as_str(), l.object_type.as_str()))
+            };
+            if park_held(&mut tx, lanes()).await? > 0 {
+                advance_floors(&mut tx, lanes()).await?;
+            }
+            *self
+                .last_park
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
         }
         Ok(tx.commit().await?)
     }
@@ -1615,12 +1640,12 @@ async fn park_held<'a>(
 async fn advance_floors<'a>(
     tx: &mut Transaction<'static, Postgres>,
     lanes: impl Iterator<Item = (&'a str, &'a str)>,
-) -> StoreResult<()> {
+) -> StoreResult<HashSet<(String, String)>> {
     let (teams, types): (Vec<&str>, Vec<&str>) = lanes.unzip();
     if teams.is_empty() {
-        return Ok(());
+        return Ok(HashSet::new());
     }
-    sqlx::query(concat!(
+    Ok(sqlx::query_as(concat!(
         floor_ctes!(),
         ",
              next_floor AS (
@@ -1637,7 +1662,8 @@ async fn advance_floors<'a>(
                      cur.floor_id) AS floor_next
                  FROM cur, s),
              proposal AS (
-                 SELECT n.team_id, n.object_type, greatest(n.floor_next, n.floor_id) AS floor_id,
+                 SELECT n.team_id, n.object_type, n.floor_id AS old_floor,
+                        greatest(n.floor_next, n.floor_id) AS floor_id,
                         least(s.w, (SELECT min(o.txid) FROM prism_outbox o WHERE ",
         late_rows!(
             "n.team_id",
@@ -1660,19 +1686,25 @@ async fn advance_floors<'a>(
                  WHERE f.team_id = free.team_id AND f.object_type = free.object_type
                    AND p.team_id = f.team_id AND p.object_type = f.object_type
                    AND (f.floor_id, f.late_txid) < (p.floor_id, p.late_txid)
-                 RETURNING f.team_id)
-             INSERT INTO prism_lane_floors (team_id, object_type, floor_id, late_txid)
-             SELECT p.team_id, p.object_type, p.floor_id, p.late_txid FROM proposal p
-             WHERE NOT EXISTS (SELECT 1 FROM prism_lane_floors f
-                               WHERE f.team_id = p.team_id AND f.object_type = p.object_type)
-             ORDER BY p.team_id, p.object_type
-             ON CONFLICT (team_id, object_type) DO NOTHING"
+                 RETURNING f.team_id, f.object_type, p.floor_id > p.old_floor AS forward),
+             added AS (
+                 INSERT INTO prism_lane_floors (team_id, object_type, floor_id, late_txid)
+                 SELECT p.team_id, p.object_type, p.floor_id, p.late_txid FROM proposal p
+                 WHERE NOT EXISTS (SELECT 1 FROM prism_lane_floors f
+                                   WHERE f.team_id = p.team_id AND f.object_type = p.object_type)
+                 ORDER BY p.team_id, p.object_type
+                 ON CONFLICT (team_id, object_type) DO NOTHING
+                 RETURNING team_id, object_type, floor_id > 0 AS forward)
+             SELECT team_id, object_type FROM moved WHERE forward
+             UNION ALL
+             SELECT team_id, object_type FROM added WHERE forward"
     ))
     .bind(&teams)
     .bind(&types)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .collect())
 }
 
 /// A number of seconds the database computed as a duration (negative: zero).
