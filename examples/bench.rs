@@ -204,14 +204,17 @@ async fn unfinished(store: &Store) -> anyhow::Result<bool> {
         RawPool::Postgres(p) => {
             // Since migration 0015 a row's progress is on its claim row: a row never claimed
             // lies at or past its lane's floor (the bench's rows are all committed before the
-            // drain, so none is late below it), rows waiting again are claim rows.
+            // drain, so none is late below it), rows waiting again are claim rows. The open
+            // batches first: while the drain runs there nearly always is one, and `OR` stops
+            // there, before the walk from the floor (which passes the rows claimed since the
+            // floor last moved; about 3 % of the daemon's server CPU when it ran first).
             sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM prism_outbox o
+                "SELECT EXISTS (SELECT 1 FROM prism_batches WHERE state = 'open')
+                     OR EXISTS (SELECT 1 FROM prism_outbox_claims WHERE state IN ('pending', 'retrying'))
+                     OR EXISTS (SELECT 1 FROM prism_outbox o
                                 WHERE o.state IN ('pending', 'retrying')
                                   AND o.id >= COALESCE((SELECT min(floor_id) FROM prism_lane_floors), 0)
-                                  AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id))
-                     OR EXISTS (SELECT 1 FROM prism_outbox_claims WHERE state IN ('pending', 'retrying'))
-                     OR EXISTS (SELECT 1 FROM prism_batches WHERE state = 'open')",
+                                  AND NOT EXISTS (SELECT 1 FROM prism_outbox_claims c WHERE c.id = o.id))",
             )
             .fetch_one(p)
             .await?
