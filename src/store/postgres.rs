@@ -1210,13 +1210,26 @@ impl Dialect for PgStore {
         // every claim that took one of these rows before the lock was granted, and every
         // claim row a park of another process wrote for one (the rows' claim rows cannot
         // change after it: this claim holds the rows, and only their holder writes them).
+        // When no claim row lies in the span of `ids` at all (one probe of the claim rows'
+        // key; the common case, the claim's rows being past what was claimed before), every
+        // row still waits, unclaimed, and none is probed one by one.
+        let (lo, hi) = (
+            ids.iter().copied().min().unwrap_or(0),
+            ids.iter().copied().max().unwrap_or(-1),
+        );
         let rows: Vec<(i64, bool)> = sqlx::query_as(concat!(
-            "SELECT u.id, c.id IS NULL FROM unnest($1::bigint[]) AS u(id)
+            "WITH s AS (SELECT EXISTS (SELECT 1 FROM prism_outbox_claims
+                                       WHERE id BETWEEN $2 AND $3) AS claimed)
+             SELECT u.id, true FROM unnest($1::bigint[]) AS u(id) WHERE NOT (SELECT claimed FROM s)
+             UNION ALL
+             SELECT u.id, c.id IS NULL FROM unnest($1::bigint[]) AS u(id)
              LEFT JOIN prism_outbox_claims c ON c.id = u.id
-             WHERE ",
+             WHERE (SELECT claimed FROM s) AND ",
             waiting!("c")
         ))
         .bind(ids)
+        .bind(lo)
+        .bind(hi)
         .fetch_all(&mut **tx)
         .await?;
         let mut still = StillWaiting::default();
