@@ -390,15 +390,19 @@ macro_rules! source_again {
     };
 }
 
-/// The assignments that move an existing claim row `prism_outbox_claims` to the batch `$batch`,
-/// in flight there (`mark_in_flight`).
-macro_rules! claim_row_follows {
-    ($batch:literal) => {
+/// `mark_in_flight`'s insert of the claim rows of the outbox rows `$ids` in flight in the
+/// batches `$batches` (arrays, same order): the row's lane, record and tries from its outbox row.
+macro_rules! claim_rows_insert {
+    ($ids:literal, $batches:literal) => {
         concat!(
-            "batch_id = ",
-            $batch,
-            ", state = NULL,
-             first_attempt_at = COALESCE(prism_outbox_claims.first_attempt_at, now())"
+            "INSERT INTO prism_outbox_claims (id, team_id, object_type, record_id, batch_id,
+                                              attempts, first_attempt_at)
+             SELECT o.id, o.team_id, o.object_type, o.record_id, u.batch_id, o.attempts, now()
+             FROM unnest(",
+            $ids,
+            "::bigint[], ",
+            $batches,
+            "::uuid[]) AS u(id, batch_id) JOIN prism_outbox o ON o.id = u.id"
         )
     };
 }
@@ -1349,44 +1353,27 @@ impl Dialect for PgStore {
         if assigned.is_empty() {
             return Ok(());
         }
-        let Some(unclaimed) = unclaimed else {
-            // Which rows have a claim row is not known: each row's is inserted, or, where it
-            // exists (a split's rows moving to its children), follows the new batch.
-            let (rows, owners): (Vec<i64>, Vec<Uuid>) = assigned.into_iter().unzip();
-            sqlx::query(concat!(
-                "INSERT INTO prism_outbox_claims (id, team_id, object_type, record_id, batch_id,
-                                                  attempts, first_attempt_at)
-                 SELECT o.id, o.team_id, o.object_type, o.record_id, u.batch_id, o.attempts, now()
-                 FROM unnest($1::bigint[], $2::uuid[]) AS u(id, batch_id)
-                 JOIN prism_outbox o ON o.id = u.id
-                 ON CONFLICT (id) DO UPDATE SET ",
-                claim_row_follows!("EXCLUDED.batch_id")
-            ))
-            .bind(&rows)
-            .bind(&owners)
-            .execute(&mut **tx)
-            .await?;
-            return Ok(());
+        // A row's first claim inserts its claim row; one that has one (a row waiting again or
+        // parked, or a split's rows moving to its children) follows the new batch. Where the
+        // claim knows which rows have none (`StillWaiting`), theirs is a plain insert: an
+        // upsert's conflict check and speculative insertion cost about 1.3 µs and 50 bytes of
+        // WAL a row. Should one have a claim row after all, the insert fails and the claim
+        // rolls back (nothing is lost; the next claim reads it afresh).
+        let (new, old): (Vec<(i64, Uuid)>, Vec<(i64, Uuid)>) = match unclaimed {
+            Some(unclaimed) => assigned
+                .into_iter()
+                .partition(|(id, _)| unclaimed.contains(id)),
+            None => (Vec::new(), assigned),
         };
-        // A claim knows (`StillWaiting`): a row's first claim inserts its claim row, a plain
-        // insert (an upsert's conflict check and speculative insertion cost about 1.3 µs a
-        // row); a claim row that exists (a row waiting again, or parked) follows the batch.
-        let (new, old): (Vec<(i64, Uuid)>, Vec<(i64, Uuid)>) = assigned
-            .into_iter()
-            .partition(|(id, _)| unclaimed.contains(id));
         let (new_rows, new_batches): (Vec<i64>, Vec<Uuid>) = new.into_iter().unzip();
         let (old_rows, old_batches): (Vec<i64>, Vec<Uuid>) = old.into_iter().unzip();
         sqlx::query(concat!(
-            "WITH moved AS (
-                 UPDATE prism_outbox_claims SET ",
-            claim_row_follows!("u.batch_id"),
-            "
-                 FROM unnest($3::bigint[], $4::uuid[]) AS u(id, batch_id)
-                 WHERE prism_outbox_claims.id = u.id)
-             INSERT INTO prism_outbox_claims (id, team_id, object_type, record_id, batch_id, attempts,
-                                              first_attempt_at)
-             SELECT o.id, o.team_id, o.object_type, o.record_id, u.batch_id, o.attempts, now()
-             FROM unnest($1::bigint[], $2::uuid[]) AS u(id, batch_id) JOIN prism_outbox o ON o.id = u.id"
+            "WITH moved AS (",
+            claim_rows_insert!("$3", "$4"),
+            " ON CONFLICT (id) DO UPDATE SET batch_id = EXCLUDED.batch_id, state = NULL,
+                   first_attempt_at = COALESCE(prism_outbox_claims.first_attempt_at, now()))
+             ",
+            claim_rows_insert!("$1", "$2")
         ))
         .bind(&new_rows)
         .bind(&new_batches)
