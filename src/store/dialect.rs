@@ -139,7 +139,8 @@ pub(super) trait Dialect: Sync {
     /// been due. Claimable as in [`Dialect::lane_heads`] (due, below the watermark, no older row
     /// of the record waiting or in flight). One entry per lane, in `lanes` order. A lane may
     /// be reported at `cap` (deep) on a cheaper count that over-counts (the Postgres one counts
-    /// rows above the watermark or held by their record too): a deep lane is claimed at once,
+    /// rows above the watermark or held by their record too; both counts, as before, count the
+    /// rows this process's other claims in flight have locked): a deep lane is claimed at once,
     /// as without a linger, so an over-count only lets a tail go early, never holds rows back.
     async fn lane_backlog(
         &self,

@@ -232,10 +232,12 @@ macro_rules! takable_unclaimed {
         )
     };
     // A walk from `$from` on tests the claim row of each row only when a claim row exists at
-    // or past `$from` at all (one probe of the claim rows' key for the statement): a claim walks
-    // from its lane's floor, moved on past the rows claimed so far and past the span of the
-    // claim in flight before it, so in one process's steady drain there is none, and the test
-    // costs nothing a row. The same snapshot answers both ways, so the rows taken are the same.
+    // or past `$from` at all, in any lane (one probe of the claim rows' key for the statement):
+    // a claim walks from its lane's floor, moved on past the rows claimed so far and past the
+    // span of the claim in flight before it, so while one process drains one lane there is
+    // none, and the test costs nothing a row. Claims of other lanes or other replicas, or a
+    // retry's claim row, past `$from` bring the row-by-row test back. The same snapshot answers
+    // both ways, so the rows taken are the same.
     (unguarded from $from:literal) => {
         takable_unclaimed!(
             unguarded,
@@ -1253,20 +1255,23 @@ impl Dialect for PgStore {
         // First the floors of the lanes this process's claims took rows from (all committed
         // by now, with the claims' that ran beside them), so that the park and the claim walk
         // from after those rows: each claimed row is walked past once, here, and not by every
-        // statement of the next claims. Taken from the set now; put back if this fails.
-        let behind: Vec<(String, String)> = std::mem::take(
-            &mut *self
-                .floors_behind
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
-        .into_iter()
-        .collect();
-        let settled = self.settle(lanes, &behind).await;
-        if settled.is_err() {
-            self.claimed_lanes(behind);
-        }
-        settled
+        // statement of the next claims. Taken from the set now; put back unless the settle
+        // commits (an error, or the claim dropped mid-way at shutdown).
+        let mut behind = Behind {
+            store: self,
+            lanes: std::mem::take(
+                &mut *self
+                    .floors_behind
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            )
+            .into_iter()
+            .collect(),
+            settled: false,
+        };
+        self.settle(lanes, &behind.lanes).await?;
+        behind.settled = true;
+        Ok(())
     }
 
     fn claimed_from(&self, lanes: &[(Vec<u8>, Vec<u8>)]) {
@@ -1343,10 +1348,11 @@ impl Dialect for PgStore {
         batches: &[NewBatch],
         unclaimed: Option<&HashSet<i64>>,
     ) -> StoreResult<()> {
-        // In id order, as every writer of claim rows inserts them (parking too), so that two
-        // inserting at once wait for each other in one order and never deadlock. Sorted here:
-        // the statement's plan keeps the array's order (an ORDER BY would be planned as a walk
-        // of the whole outbox in id order, the transaction's sorts being off).
+        // In id order (each of the two inserts below), as the park inserts claim rows. Only
+        // the holder of a row's lock writes its claim row, so two claims never wait for each
+        // other here; sorted all the same, as every writer of claim rows does. Sorted here: the
+        // statement's plan keeps the array's order (an ORDER BY would be planned as a walk of
+        // the whole outbox in id order, the transaction's sorts being off).
         let mut assigned: Vec<(i64, Uuid)> =
             batches.iter().flat_map(|b| b.row_assignments()).collect();
         assigned.sort_unstable_by_key(|(id, _)| *id);
@@ -1359,7 +1365,7 @@ impl Dialect for PgStore {
         // upsert's conflict check and speculative insertion cost about 1.3 µs and 50 bytes of
         // WAL a row. Should one have a claim row after all, the insert fails and the claim
         // rolls back (nothing is lost; the next claim reads it afresh).
-        let (new, old): (Vec<(i64, Uuid)>, Vec<(i64, Uuid)>) = match unclaimed {
+        let (new, old): (Vec<_>, Vec<_>) = match unclaimed {
             Some(unclaimed) => assigned
                 .into_iter()
                 .partition(|(id, _)| unclaimed.contains(id)),
@@ -1560,21 +1566,45 @@ impl PgStore {
             behind.iter().map(|(t, y)| (t.as_str(), y.as_str())),
         )
         .await?;
-        if park_due || behind.iter().any(|lane| !moved.contains(lane)) {
-            let lanes = || {
-                lanes
-                    .iter()
-                    .map(|l| (l.team.as_str(), l.object_type.as_str()))
-            };
-            if park_held(&mut tx, lanes()).await? > 0 {
-                advance_floors(&mut tx, lanes()).await?;
+        let parks = park_due || behind.iter().any(|lane| !moved.contains(lane));
+        if parks {
+            // The claim's lanes and the ones behind (a lane of rows no configured team holds,
+            // whose rows the claims take as strays, has a floor too).
+            let mut park: Vec<(&str, &str)> = lanes
+                .iter()
+                .map(|l| (l.team.as_str(), l.object_type.as_str()))
+                .chain(behind.iter().map(|(t, y)| (t.as_str(), y.as_str())))
+                .collect();
+            park.sort_unstable();
+            park.dedup();
+            if park_held(&mut tx, park.iter().copied()).await? > 0 {
+                advance_floors(&mut tx, park.iter().copied()).await?;
             }
+        }
+        tx.commit().await?;
+        if parks {
             *self
                 .last_park
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
         }
-        Ok(tx.commit().await?)
+        Ok(())
+    }
+}
+
+/// The lanes a settle took from [`PgStore`]'s `floors_behind`: put back when it does not
+/// commit, so that a later settle moves their floors on.
+struct Behind<'a> {
+    store: &'a PgStore,
+    lanes: Vec<(String, String)>,
+    settled: bool,
+}
+
+impl Drop for Behind<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.store.claimed_lanes(std::mem::take(&mut self.lanes));
+        }
     }
 }
 
