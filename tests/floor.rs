@@ -386,7 +386,7 @@ async fn index_tuples_read(url: &str, index: &str) -> i64 {
 /// through the primary key from their floor, filtering for the lane: every finished row read
 /// once a lane, each claim (380 ms at 200,000 finished rows, `--mode claim-cost`). Counted,
 /// not timed: the tuples read through `prism_outbox_pkey` while a claim of every lane takes the
-/// waiting rows and their batch is recorded.
+/// waiting rows and their batch is recorded, and while the gauges are sampled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_does_not_read_the_finished_rows_of_other_lanes() {
     let Some(db) = TestDb::new(Backend::Postgres).await else {
@@ -433,6 +433,14 @@ async fn a_claim_does_not_read_the_finished_rows_of_other_lanes() {
         .flat_map(|b| b.items.iter().map(|i| i.rows.len()))
         .sum();
     assert_eq!(taken, waiting.len(), "the claim takes every waiting row");
+    // And a sample of the gauges (backlog, oldest waiting row), which walk every lane too.
+    let gauges = store.gauges().await.expect("gauges");
+    let in_flight = gauges
+        .rows_by_state
+        .iter()
+        .find(|(state, _)| state == "in_flight")
+        .map(|(_, n)| *n);
+    assert_eq!(in_flight, Some(waiting.len() as i64), "{gauges:?}");
     let RawPool::Postgres(pool) = store.raw_pool_for_tests() else {
         unreachable!()
     };

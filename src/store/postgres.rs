@@ -323,7 +323,7 @@ macro_rules! late_rows {
 /// most rows are of one lane, it rates the two walks alike and may take the primary key from
 /// `$from`, filtering for the lane: every row of every lane since `$from` is read when this
 /// lane has none there (each empty lane walked from 0, a quiet lane's floor behind a busy
-/// lane's rows: 380 ms a claim at 200,000 finished rows, `--mode claim-cost`). The array
+/// lane's rows: 380–676 ms a claim at 200,000 finished rows, `--mode claim-cost`). The array
 /// match is no such constant, so the order wanted is (team_id, id), which only the lane index
 /// gives; the btree still treats it as an equality, so every bound of the walk (the type, the
 /// ids) ends the scan where it fails, as with `=`. A range on the type (`BETWEEN`) would steer
