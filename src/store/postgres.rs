@@ -329,14 +329,23 @@ macro_rules! late_rows {
 /// ids) ends the scan where it fails, as with `=`. A range on the type (`BETWEEN`) would steer
 /// the planner too, but its id bounds would then only filter: an upper one would read the
 /// lane past it.
+///
+/// `key`: the lane and the id bound alone, for a walk that tests the state itself (the
+/// claim's first source, through [`takable_unclaimed!`]).
 macro_rules! lane_rows {
     ($t:literal, $y:literal, $from:literal) => {
+        concat!(
+            lane_rows!(key $t, $y, $from),
+            " AND o.state IN ('pending', 'retrying')"
+        )
+    };
+    (key $t:literal, $y:literal, $from:literal) => {
         concat!(
             "o.team_id = ANY(ARRAY[",
             $t,
             "]) AND o.object_type = ",
             $y,
-            " AND o.state IN ('pending', 'retrying') AND o.id >= ",
+            " AND o.id >= ",
             $from
         )
     };
@@ -365,7 +374,7 @@ macro_rules! source_fresh {
     ($t:literal, $y:literal, $floor:literal) => {
         concat!(
             " FROM prism_outbox o WHERE ",
-            source_fresh!(lane $t, $y, $floor),
+            lane_rows!(key $t, $y, $floor),
             takable_unclaimed!()
         )
     };
@@ -374,13 +383,10 @@ macro_rules! source_fresh {
             " FROM prism_outbox o",
             record_neighbour!(),
             " WHERE ",
-            source_fresh!(lane $t, $y, $floor),
+            lane_rows!(key $t, $y, $floor),
             takable_unclaimed!(unguarded from $floor),
             record_neighbour!(test)
         )
-    };
-    (lane $t:literal, $y:literal, $floor:literal) => {
-        lane_rows!($t, $y, $floor)
     };
 }
 macro_rules! source_late {
