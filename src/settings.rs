@@ -251,7 +251,7 @@ impl Default for BatchSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SyncSettings {
-    /// Batches on the wire at once.
+    /// Batches on the wire at once (per team); the claimer keeps up to twice as many ready.
     pub max_in_flight: usize,
     /// How long a batch stays ours without a heartbeat; must exceed `http.timeout`.
     #[serde(with = "humantime_serde")]

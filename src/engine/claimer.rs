@@ -1,8 +1,9 @@
 //! The claimer: leases due stored batches (retries, lapsed leases) and claims new rows, and
-//! keeps each team's buffer of up to `max_in_flight` ready batches, refilling it once it is
-//! half empty, so that claims are large and a worker never waits for one. A team whose key is
-//! refused, or whose buffer is full, is left out of claims and leases (a refused team gets one
-//! probe batch at a time), so it never holds the others back. Up to `sync.claims_in_flight`
+//! keeps each team's buffer of up to twice `max_in_flight` ready batches
+//! ([`super::team::BUFFER_PER_WORKER`]), refilling it once it is half empty, so that claims are
+//! large and a worker never waits for one. A team whose key is refused, or whose buffer is
+//! full, is left out of claims and leases (a refused team gets one probe batch at a time), so
+//! it never holds the others back. Up to `sync.claims_in_flight`
 //! claim rounds run at once while there is a backlog, each for its share of the free room
 //! (set aside in [`super::holdings::Holdings`] before it claims, so buffers never overfill).
 
@@ -174,9 +175,9 @@ fn share_of_room(shared: &Shared, slots: usize) -> Reserved {
         .collect();
     let teams = &shared.teams;
     shared.holdings.reserve(
-        |team| teams[team].max_in_flight,
+        |team| teams[team].buffer_size(),
         |team, room| {
-            if open[team] && room >= teams[team].max_in_flight.div_ceil(2) {
+            if open[team] && room >= teams[team].buffer_size().div_ceil(2) {
                 room.div_ceil(slots.max(1))
             } else {
                 0
@@ -334,7 +335,7 @@ async fn wait_for_database(
 
 /// Free places in the team's buffer (not taken by a buffered batch nor set aside by a round).
 fn room(shared: &Shared, team: &Team) -> usize {
-    shared.holdings.room(team.index, team.max_in_flight)
+    shared.holdings.room(team.index, team.buffer_size())
 }
 
 /// Whether the claimer may fetch for `team` at all: its key is accepted and the API has not
@@ -346,7 +347,7 @@ fn may_claim(team: &Team) -> bool {
 /// Whether the claimer should fetch more for `team`: it may claim, and at least half of its
 /// buffer is free.
 fn wants_work(shared: &Shared, team: &Team) -> bool {
-    may_claim(team) && room(shared, team) >= team.max_in_flight.div_ceil(2)
+    may_claim(team) && room(shared, team) >= team.buffer_size().div_ceil(2)
 }
 
 /// Hands a leased batch to its team's workers. A batch of a team this process does not know
@@ -397,7 +398,7 @@ async fn fill(
     }
     // Stored batches due again, team by team up to each team's free places: leased together
     // under one limit, a team with many due retries took the whole round's share and filled
-    // its buffer past `max_in_flight` while another team's waited for the next round.
+    // its buffer past its size while another team's waited for the next round.
     let mut left = 0;
     let mut lanes = Vec::new();
     for team in &open {

@@ -9,7 +9,7 @@
 //! is read from [`Holdings`], which only `Held` changes; so the counts cannot drift apart.
 //! Buffer room a claim round has set aside for the batches it is claiming is counted there too,
 //! as a [`Reserved`] (taken by the round before it claims, let go once its batches are
-//! buffered), so that claim rounds running at once never fill a buffer past `max_in_flight`.
+//! buffered), so that claim rounds running at once never fill a buffer past its size.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
