@@ -3,9 +3,9 @@
 //! ([`super::team::BUFFER_PER_WORKER`]), refilling it once it is half empty, so that claims are
 //! large and a worker never waits for one. A team whose key is refused, or whose buffer is
 //! full, is left out of claims and leases (a refused team gets one probe batch at a time), so
-//! it never holds the others back. Up to `sync.claims_in_flight`
-//! claim rounds run at once while there is a backlog, each for its share of the free room
-//! (set aside in [`super::holdings::Holdings`] before it claims, so buffers never overfill).
+//! it never holds the others back. Up to `sync.claims_in_flight` claim rounds run at once while
+//! there is a backlog, each for its share of the free room (set aside in
+//! [`super::holdings::Holdings`] before it claims, so buffers never overfill).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

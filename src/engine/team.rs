@@ -28,7 +28,8 @@ pub struct TeamClient {
 /// the workers still have as many to send: with one, claims were half as large and the workers
 /// emptied the buffer long before the next claim committed (Postgres, simulator at 0 ms, 100,000
 /// changes: 17,638–21,456 rows/s against 23,559–25,822 with two, and 42–61 µs of server CPU a
-/// change against 39–46; README, "Database cost"). Requests on the wire stay `max_in_flight`.
+/// change against 39–46; README, "Database cost (Postgres)"). Requests on the wire stay
+/// `max_in_flight`.
 pub(super) const BUFFER_PER_WORKER: usize = 2;
 
 /// The receiving end of a team's buffer, shared by the team's workers.
