@@ -177,7 +177,7 @@ fn share_of_room(shared: &Shared, slots: usize) -> Reserved {
     shared.holdings.reserve(
         |team| teams[team].buffer_size(),
         |team, room| {
-            if open[team] && room >= teams[team].buffer_size().div_ceil(2) {
+            if open[team] && teams[team].wants_refill(room) {
                 room.div_ceil(slots.max(1))
             } else {
                 0
@@ -347,7 +347,7 @@ fn may_claim(team: &Team) -> bool {
 /// Whether the claimer should fetch more for `team`: it may claim, and at least half of its
 /// buffer is free.
 fn wants_work(shared: &Shared, team: &Team) -> bool {
-    may_claim(team) && room(shared, team) >= team.buffer_size().div_ceil(2)
+    may_claim(team) && team.wants_refill(room(shared, team))
 }
 
 /// Hands a leased batch to its team's workers. A batch of a team this process does not know

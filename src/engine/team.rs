@@ -86,6 +86,12 @@ impl Team {
         BUFFER_PER_WORKER * self.max_in_flight
     }
 
+    /// Whether `room` free places make its buffer worth refilling: half of it or more, so
+    /// that claims are large.
+    pub(super) fn wants_refill(&self, room: usize) -> bool {
+        room >= self.buffer_size().div_ceil(2)
+    }
+
     fn register_metrics(&self) {
         let Some(label) = &self.label else { return };
         for outcome in ["succeeded", "retried", "dead"] {
