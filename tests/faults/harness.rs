@@ -1148,6 +1148,37 @@ impl Daemon {
         }
     }
 
+    /// Freezes the process (SIGSTOP): it holds what it holds, and neither finishes nor commits
+    /// anything until [`Daemon::resume`] or a kill.
+    pub fn pause(&mut self) -> Result<(), String> {
+        self.send_signal(libc::SIGSTOP, "SIGSTOP")
+    }
+
+    /// Lets a paused process go on (SIGCONT).
+    pub fn resume(&mut self) -> Result<(), String> {
+        self.send_signal(libc::SIGCONT, "SIGCONT")
+    }
+
+    fn send_signal(&mut self, signal: libc::c_int, name: &str) -> Result<(), String> {
+        if self.try_exit().is_some() {
+            return Err(format!(
+                "{} had already exited ({:?}) before {name}; log tail:\n{}",
+                self.label,
+                self.exited,
+                self.tail(15)
+            ));
+        }
+        // SAFETY: kill(2) on our own child's pid, which has not been reaped (it has not exited).
+        if unsafe { libc::kill(self.pid as libc::pid_t, signal) } != 0 {
+            return Err(format!(
+                "{name} to {} failed: {}",
+                self.label,
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    }
+
     pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         if let Some(status) = self.exited {
             return Some(status);

@@ -67,7 +67,7 @@ async fn replicas(backend: Backend, count: usize, round: u64) {
     if let Err(e) = reached {
         sc.fail(format!("{e}; {}", db.diagnose().await));
     }
-    let held = kill_while_holding(&mut sc, &db, &sim, &mut daemons, victim).await;
+    let held = kill_while_holding(&mut sc, &db, &mut daemons, victim).await;
     sc.note(format!(
         "killed replica-{victim} after {target}+ of {} rows succeeded, holding {held} open batch(es)",
         rows.len()
@@ -96,56 +96,52 @@ async fn replicas(backend: Backend, count: usize, round: u64) {
     sc.finish(&stats, verdict);
 }
 
-/// Kills `daemons[victim]` while it holds open batches, and returns how many it held. Whether it
-/// did is read after it died: the batches still leased to the dead pid (nobody takes them over
-/// before their lease lapses). If it finished them between the look and the kill, the kill
-/// proved nothing: a fresh replica takes the victim's place and the kill is tried again; after
-/// five such tries the scenario fails rather than pass without a takeover.
+/// Kills `daemons[victim]` while it holds open batches, and returns how many it held. The look
+/// and the kill cannot race: the victim is frozen (SIGSTOP) first, so it can neither finish nor
+/// commit anything between them; the look waits a moment after the freeze, so that a COMMIT it
+/// sent just before has been applied by the database. If it held nothing, it goes on (SIGCONT)
+/// and the look is tried again shortly. If it never held a batch within 20 s, the scenario fails
+/// rather than pass without a takeover.
 async fn kill_while_holding(
     sc: &mut Scenario,
     db: &Db,
-    sim: &Sim,
     daemons: &mut [Daemon],
     victim: usize,
 ) -> i64 {
-    const TRIES: u32 = 5;
-    for attempt in 1..=TRIES {
-        let pid = daemons[victim].pid;
-        let holds = until(
-            &format!("replica-{victim} (pid {pid}) to hold an open batch"),
-            Duration::from_secs(20),
-            || async { db.leased_by(pid).await > 0 },
-        )
-        .await;
-        if let Err(e) = holds {
-            sc.fail(format!(
-                "{e}; {}; log tail:\n{}",
-                db.diagnose().await,
-                daemons[victim].tail(15)
-            ));
+    let pid = daemons[victim].pid;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut looks = 0u32;
+    while tokio::time::Instant::now() < deadline {
+        if db.leased_by(pid).await == 0 {
+            tokio::time::sleep(Duration::from_millis(sc.rng.random_range(5..40))).await;
+            continue;
         }
-        if let Err(e) = daemons[victim].kill9().await {
+        looks += 1;
+        if let Err(e) = daemons[victim].pause() {
             sc.fail(e);
         }
-        sc.inject("kill:replica", 1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let held = db.leased_by(pid).await;
         if held > 0 {
+            if let Err(e) = daemons[victim].kill9().await {
+                sc.fail(e);
+            }
+            sc.inject("kill:replica", 1);
+            if looks > 1 {
+                sc.note(format!(
+                    "replica-{victim} was frozen {looks} times before it was frozen holding a batch"
+                ));
+            }
             return held;
         }
-        sc.note(format!(
-            "try {attempt}: replica-{victim} had finished its batches when it died; a fresh replica takes its place"
-        ));
-        daemons[victim] = Daemon::spawn(
-            sc,
-            &format!("replica-{victim}-try-{}", attempt + 1),
-            &bin(),
-            db,
-            sim,
-            &[("PRISM_SYNC__SYNC__MAX_IN_FLIGHT", "3")],
-        );
+        if let Err(e) = daemons[victim].resume() {
+            sc.fail(e);
+        }
     }
     sc.fail(format!(
-        "replica-{victim} held no open batch at any of {TRIES} kills: no takeover was tested"
+        "replica-{victim} (pid {pid}) held no open batch when frozen within 20 s ({looks} tries): no takeover was tested; {}; log tail:\n{}",
+        db.diagnose().await,
+        daemons[victim].tail(15)
     ))
 }
 
