@@ -725,6 +725,7 @@ async fn bookkeeping_limit(store: &Store, max_in_flight: usize) -> anyhow::Resul
                 limits,
                 lanes: &lanes,
                 teams: &teams,
+                max_bytes: None,
                 strays: false,
             })
             .await
@@ -1236,6 +1237,7 @@ async fn timed_claim(store: &Store) -> anyhow::Result<f64> {
             limits,
             lanes: &lanes,
             teams: &teams,
+            max_bytes: None,
             strays: false,
         })
         .await?;

@@ -90,6 +90,87 @@ pub struct RecordChain {
     pub followers: Vec<CandidateRow>,
 }
 
+/// The request bytes one claim may take per team ([`RecordChain::request_bytes`]): what is free
+/// of the team's buffer (`sync.max_buffer_bytes`), so that what a process holds ready is bounded
+/// in bytes as well as in batches. Teams are named by the `team_id` values stored for them; rows of a team not named
+/// here (an unknown team: they go dead) are not limited.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ByteBudget {
+    /// Per team: its stored `team_id` values and the bytes it may take.
+    teams: Vec<(Vec<String>, usize)>,
+}
+
+impl ByteBudget {
+    /// Lets the team stored as any of `keys` take `bytes` in this claim.
+    pub fn allow(&mut self, keys: &[String], bytes: usize) {
+        self.teams.push((keys.to_vec(), bytes));
+    }
+
+    fn team_of(&self, team_id: &[u8]) -> Option<usize> {
+        self.teams
+            .iter()
+            .position(|(keys, _)| keys.iter().any(|k| k.as_bytes() == team_id))
+    }
+}
+
+/// What an item adds to a request besides its patch: `{"id":"<uuid>",` and a separator.
+const ITEM_ENVELOPE_BYTES: usize = 48;
+
+impl RecordChain {
+    /// The most its item can take of a request body: its rows' patches (merged, never more
+    /// than their sum; a patch the store did not read, being over the limit, counts nothing:
+    /// it goes dead) and the item's id.
+    pub fn request_bytes(&self) -> usize {
+        std::iter::once(&self.head)
+            .chain(&self.followers)
+            .map(|r| r.patch.as_ref().map_or(0, Vec::len))
+            .sum::<usize>()
+            + ITEM_ENVELOPE_BYTES
+    }
+}
+
+/// The record chains, in claim order, that fit their team's share of `budget`, and how many
+/// were left waiting. A chain that would take its team past its bytes is left (unclaimed: its
+/// rows wait for a later claim, in order), and so is every later chain of that team; a team's
+/// first chain is always taken, so that one record whose changes alone exceed the budget still
+/// goes (the buffer then holds that much, and takes nothing more until it is sent). Rows of no
+/// team in the budget, or of an object type or operation no batch carries, go dead: they take
+/// no room and are never left.
+pub fn fit_budget(chains: Vec<RecordChain>, budget: &ByteBudget) -> (Vec<RecordChain>, usize) {
+    let mut spent = vec![0usize; budget.teams.len()];
+    let mut full = vec![false; budget.teams.len()];
+    let mut left = 0;
+    let mut kept = Vec::with_capacity(chains.len());
+    for chain in chains {
+        if let Some(team) = budget
+            .team_of(&chain.head.team_id)
+            .filter(|_| sendable_lane(&chain.head))
+        {
+            let bytes = chain.request_bytes();
+            let limit = budget.teams[team].1;
+            if full[team] || (spent[team] > 0 && spent[team].saturating_add(bytes) > limit) {
+                full[team] = true;
+                left += 1;
+                continue;
+            }
+            spent[team] = spent[team].saturating_add(bytes);
+        }
+        kept.push(chain);
+    }
+    (kept, left)
+}
+
+/// Whether the row's object type and operation are ones a batch can carry (else it goes dead
+/// at planning and takes no room in a buffer).
+fn sendable_lane(row: &CandidateRow) -> bool {
+    ObjectType::ALL
+        .iter()
+        .any(|t| t.as_str().as_bytes() == row.object_type)
+        && Operation::ALL
+            .iter()
+            .any(|o| o.as_str().as_bytes() == row.operation)
+}
+
 /// A row that can never be sent; it goes `dead` in the claim transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadRow {
@@ -575,6 +656,63 @@ mod tests {
 
     fn chain(head: CandidateRow, followers: Vec<CandidateRow>) -> RecordChain {
         RecordChain { head, followers }
+    }
+
+    fn teamed(id: i64, record: &str, team: &str, bytes: usize) -> RecordChain {
+        let mut head = row(id, record, &"x".repeat(bytes));
+        head.team_id = team.as_bytes().to_vec();
+        chain(head, Vec::new())
+    }
+
+    #[test]
+    fn a_claim_takes_chains_only_up_to_each_teams_bytes_and_always_one() {
+        let mut budget = ByteBudget::default();
+        // Each chain also counts its item's envelope (48 bytes).
+        budget.allow(&[String::new(), "main".into()], 300);
+        budget.allow(&["other".into()], 50);
+        let chains = vec![
+            teamed(1, "a", "", 100),
+            teamed(2, "b", "other", 400),
+            teamed(3, "c", "main", 100),
+            teamed(4, "d", "", 100),
+            // Would fit after 4 was left, but a team stops at its first chain left over.
+            teamed(5, "e", "", 10),
+            teamed(6, "f", "other", 10),
+            teamed(7, "g", "stray", 10_000),
+            // A known team's row of an unknown object type goes dead: it takes no room.
+            chain(
+                CandidateRow {
+                    object_type: b"planet".to_vec(),
+                    ..teamed(8, "h", "", 10_000).head
+                },
+                Vec::new(),
+            ),
+        ];
+        let (kept, left) = fit_budget(chains, &budget);
+        let ids: Vec<i64> = kept.iter().map(|c| c.head.id).collect();
+        // Team '' / main: 1 and 3 (296 bytes), then 4 would make 444. Team other: 2 alone is over
+        // its 50 but is its first (it always goes), then 6 is left. The stray is not limited.
+        assert_eq!(ids, vec![1, 2, 3, 7, 8]);
+        assert_eq!(left, 3);
+    }
+
+    #[test]
+    fn a_chain_counts_its_followers_bytes() {
+        let mut budget = ByteBudget::default();
+        budget.allow(&[String::new()], 150);
+        let long = chain(
+            row(1, "a", &"x".repeat(60)),
+            vec![row(2, "a", &"y".repeat(60))],
+        );
+        assert_eq!(long.request_bytes(), 120 + 48);
+        let (kept, left) = fit_budget(vec![long, teamed(3, "b", "", 60)], &budget);
+        assert_eq!((kept.len(), left), (1, 1));
+        let (kept, left) = fit_budget(vec![teamed(3, "b", "", 60)], &ByteBudget::default());
+        assert_eq!(
+            (kept.len(), left),
+            (1, 0),
+            "no budget named: nothing limited"
+        );
     }
 
     const A: &str = "182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e";

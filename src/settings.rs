@@ -253,6 +253,11 @@ impl Default for BatchSettings {
 pub struct SyncSettings {
     /// Batches on the wire at once (per team); the claimer keeps up to twice as many ready.
     pub max_in_flight: usize,
+    /// Per team, the request bytes its claimed, ready batches may take in all (the buffer behind
+    /// the `max_in_flight` on the wire): a claim takes rows only up to what is free of it, so
+    /// large patches make smaller claims instead of holding hundreds of megabytes. At least
+    /// `batch.max_patch_bytes`.
+    pub max_buffer_bytes: usize,
     /// How long a batch stays ours without a heartbeat; must exceed `http.timeout`.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
@@ -260,6 +265,9 @@ pub struct SyncSettings {
     /// writer: its claims take turns anyway). See [`SyncSettings::claims_in_flight_for`].
     pub claims_in_flight: Option<usize>,
 }
+
+/// `sync.max_buffer_bytes` when it is unset: 64 MiB per team.
+pub const DEFAULT_MAX_BUFFER_BYTES: usize = 64 * 1024 * 1024;
 
 /// The most claim rounds `sync.claims_in_flight` may ask for.
 pub const MAX_CLAIMS_IN_FLIGHT: usize = 4;
@@ -282,6 +290,7 @@ impl Default for SyncSettings {
     fn default() -> Self {
         Self {
             max_in_flight: 8,
+            max_buffer_bytes: DEFAULT_MAX_BUFFER_BYTES,
             lease: Duration::from_secs(45),
             claims_in_flight: None,
         }
@@ -624,6 +633,15 @@ impl Settings {
         if self.sync.max_in_flight == 0 {
             return invalid("sync.max_in_flight", "must be at least 1".into());
         }
+        if self.sync.max_buffer_bytes < self.batch.max_patch_bytes {
+            return invalid(
+                "sync.max_buffer_bytes",
+                format!(
+                    "{} is less than batch.max_patch_bytes ({}): the buffer of claimed batches must hold at least one change of the largest size",
+                    self.sync.max_buffer_bytes, self.batch.max_patch_bytes
+                ),
+            );
+        }
         if let Some(n) = self.sync.claims_in_flight
             && !(1..=MAX_CLAIMS_IN_FLIGHT).contains(&n)
         {
@@ -853,6 +871,28 @@ mod tests {
         let err =
             Settings::load_from(None, env(&[("PRISM_SYNC__BATCH__LINGER", "soon")])).unwrap_err();
         assert!(err.to_string().contains("linger"), "{err}");
+    }
+
+    #[test]
+    fn max_buffer_bytes_defaults_to_64_mib_and_must_hold_the_largest_patch() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.sync.max_buffer_bytes, 64 * 1024 * 1024);
+        let s = Settings::load_from(
+            None,
+            env(&[("PRISM_SYNC__SYNC__MAX_BUFFER_BYTES", "1048576")]),
+        )
+        .unwrap();
+        assert_eq!(s.sync.max_buffer_bytes, 1 << 20);
+        let err = Settings::load_from(
+            None,
+            env(&[("PRISM_SYNC__SYNC__MAX_BUFFER_BYTES", "100000")]),
+        )
+        .unwrap_err();
+        let shown = err.to_string();
+        assert!(
+            shown.contains("sync.max_buffer_bytes") && shown.contains("batch.max_patch_bytes"),
+            "{shown}"
+        );
     }
 
     #[test]

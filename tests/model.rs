@@ -717,6 +717,7 @@ impl<'s> Case<'s> {
                 limits: LIMITS,
                 lanes: &Lane::all_of([""]),
                 teams: &TeamSet::new([]),
+                max_bytes: None,
                 strays: false,
             })
             .await

@@ -114,6 +114,57 @@ both_backends! {
         assert_eq!(assert_applied_in_order_once(&sim), 1400);
     }
 
+    async fn a_buffer_holds_no_more_than_max_buffer_bytes_of_claimed_changes(db) {
+        // Changes of about 10 KB each, a buffer of 64 KiB behind two workers whose requests
+        // take 300 ms: a claim takes rows only up to the buffer's free bytes (about six), so
+        // the process holds a few dozen changes at most. By batches alone (two per worker, 100
+        // rows each) it would hold all 120 at once.
+        let sim = sim(FaultProfile { latency: Duration::from_millis(300), ..FaultProfile::default() }).await;
+        let store = db.store().await;
+        let note = "n".repeat(10_000);
+        let changes: Vec<(String, String)> = (0..120)
+            .map(|i| (uuid(), format!(r#"{{"default": {{"revision": {i}, "note": "{note}"}}}}"#)))
+            .collect();
+        insert_rows_together(&store, &changes).await;
+        wait_below_watermark(&store).await;
+        let mut s = overlapping(&db, &sim);
+        s.sync.max_in_flight = 2;
+        s.batch.max_patch_bytes = 16 * 1024;
+        s.sync.max_buffer_bytes = 64 * 1024;
+        s.validate().expect("a buffer of 64 KiB holds the largest patch");
+        let engine = start_engine(&s).await;
+        // Rows in flight = on the wire (two batches, each at most a round's share of the
+        // bytes) + buffered (64 KiB, plus the one change a round always takes) + answered ones
+        // waiting for their outcome write; the least over each 150 ms window leaves the last
+        // out. 6 rows fit 64 KiB; 7 per batch on the wire, 8 in the buffer: 22.
+        let mut windows = Vec::new();
+        let started = Instant::now();
+        while started.elapsed() < FINISH {
+            let mut least = usize::MAX;
+            let window = Instant::now();
+            let mut finished = false;
+            while window.elapsed() < Duration::from_millis(150) {
+                let now = rows(&store).await;
+                least = least.min(now.iter().filter(|r| r.state == "in_flight").count());
+                finished = now.iter().all(|r| r.state == "succeeded");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            windows.push(least);
+            if finished {
+                break;
+            }
+        }
+        engine.stop().await;
+        let most = windows.iter().copied().max().unwrap_or(0);
+        assert!(most <= 22, "held {most} changes of 10 KB for a whole window: more than two sending batches and 64 KiB buffered ({windows:?})");
+        assert!(most >= 8, "the buffer was used at all ({windows:?})");
+        let done = rows(&store).await;
+        assert!(done.iter().all(|r| r.state == "succeeded"), "every row succeeded");
+        assert_eq!(assert_applied_in_order_once(&sim), 120);
+        let largest = sim.requests().iter().map(|r| r.items).max().unwrap_or(0);
+        assert!(largest <= 7, "a request carried {largest} changes of 10 KB: more than a round's share of 64 KiB");
+    }
+
     async fn a_shutdown_with_claim_rounds_in_flight_loses_nothing(db) {
         let sim = sim(FaultProfile { latency: Duration::from_millis(5), ..FaultProfile::default() }).await;
         let store = db.store().await;

@@ -15,9 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::Shared;
-use super::holdings::Reserved;
+use super::holdings::{Reserved, Room};
 use super::team::Team;
 use crate::backoff::RetryPolicy;
+use crate::batch::ByteBudget;
 use crate::health::Health;
 use crate::model::codes;
 use crate::store::{ClaimRequest, DueRequest, Lane, LeasedBatch, StoreError};
@@ -178,9 +179,12 @@ fn share_of_room(shared: &Shared, slots: usize) -> Reserved {
         |team| teams[team].buffer_size(),
         |team, room| {
             if open[team] && teams[team].wants_refill(room) {
-                room.div_ceil(slots.max(1))
+                Room {
+                    places: room.places.div_ceil(slots.max(1)),
+                    bytes: room.bytes.div_ceil(slots.max(1)),
+                }
             } else {
-                0
+                Room::default()
             }
         },
     )
@@ -333,8 +337,8 @@ async fn wait_for_database(
     }
 }
 
-/// Free places in the team's buffer (not taken by a buffered batch nor set aside by a round).
-fn room(shared: &Shared, team: &Team) -> usize {
+/// Free room in the team's buffer (not taken by a buffered batch nor set aside by a round).
+fn room(shared: &Shared, team: &Team) -> Room {
     shared.holdings.room(team.index, team.buffer_size())
 }
 
@@ -345,7 +349,7 @@ fn may_claim(team: &Team) -> bool {
 }
 
 /// Whether the claimer should fetch more for `team`: it may claim, and at least half of its
-/// buffer is free.
+/// buffer (places and bytes) is free.
 fn wants_work(shared: &Shared, team: &Team) -> bool {
     may_claim(team) && team.wants_refill(room(shared, team))
 }
@@ -401,6 +405,7 @@ async fn fill(
     // its buffer past its size while another team's waited for the next round.
     let mut left = 0;
     let mut lanes = Vec::new();
+    let mut budget = ByteBudget::default();
     for team in &open {
         let places = round.share.places(team.index);
         let (team_lanes, skip_lanes) = lanes_of(shared, &[team]);
@@ -414,15 +419,30 @@ async fn fill(
                 skip_lanes: &skip_lanes,
             })
             .await?;
-        if due.len() < places {
+        // The due batches' bytes come out of the round's share of the buffer's bytes; the
+        // claim takes new rows only up to what is left.
+        let bytes = round
+            .share
+            .bytes(team.index)
+            .saturating_sub(due.iter().map(|b| b.body.len()).sum());
+        if due.len() < places && bytes > 0 {
             left += places - due.len();
             lanes.extend(team_lanes);
+            budget.allow(&team.keys, bytes);
         }
         batches.extend(due);
     }
     if left > 0 || strays {
         let max_records = left.max(1) * cfg.limits.batch_size;
-        let (claimed, filled) = claim(shared, &lanes, max_records, strays, cfg.linger).await?;
+        let (claimed, filled) = claim(
+            shared,
+            &lanes,
+            max_records,
+            Some(&budget),
+            strays,
+            cfg.linger,
+        )
+        .await?;
         batches.extend(claimed);
         return Ok(filled);
     }
@@ -454,7 +474,14 @@ async fn probe_refused(shared: &Shared, batches: &mut Vec<LeasedBatch>) -> Resul
             .await?;
         if probe.is_empty() && team.take_probe(cfg.auth_probe_interval) {
             // A probe goes at once: it asks whether the key is accepted again.
-            let probe = claim(shared, &lanes, cfg.limits.batch_size, false, Duration::ZERO);
+            let probe = claim(
+                shared,
+                &lanes,
+                cfg.limits.batch_size,
+                None,
+                false,
+                Duration::ZERO,
+            );
             batches.extend(probe.await?.0);
         }
         batches.extend(probe);
@@ -490,7 +517,7 @@ fn lanes_of(shared: &Shared, teams: &[&Arc<Team>]) -> (Vec<Lane>, Vec<Lane>) {
 }
 
 /// Claims new rows of `lanes` (and, with `strays`, rows of no lane, which go dead) into stored
-/// batches leased to us; also returns how many strays went dead (an unknown team or object
+/// batches leased to us, up to `max_records` heads and each team's bytes in `budget`; also returns how many strays went dead (an unknown team or object
 /// type: no lane holds such a row) and whether a lane held rows waiting. A flowing lane's
 /// partial tail may wait `linger` to fill (see [`crate::linger`]); when one does, the soonest
 /// is noted for [`next_look`].
@@ -498,6 +525,7 @@ async fn claim(
     shared: &Shared,
     lanes: &[Lane],
     max_records: usize,
+    budget: Option<&ByteBudget>,
     strays: bool,
     linger: Duration,
 ) -> Result<(Vec<LeasedBatch>, Filled), StoreError> {
@@ -513,6 +541,7 @@ async fn claim(
                 limits: cfg.limits,
                 lanes,
                 teams: &shared.team_set,
+                max_bytes: budget,
                 strays,
             },
             linger,

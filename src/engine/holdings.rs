@@ -9,7 +9,8 @@
 //! is read from [`Holdings`], which only `Held` changes; so the counts cannot drift apart.
 //! Buffer room a claim round has set aside for the batches it is claiming is counted there too,
 //! as a [`Reserved`] (taken by the round before it claims, let go once its batches are
-//! buffered), so that claim rounds running at once never fill a buffer past its size.
+//! buffered), so that claim rounds running at once never fill a buffer past its size. A buffer
+//! has a size in batches and one in bytes (its batches' request bodies), and both are counted.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -42,6 +43,14 @@ impl Stage {
     }
 }
 
+/// Room in a team's buffer, or a buffer's size: ready batches, and the bytes of their request
+/// bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) struct Room {
+    pub(super) places: usize,
+    pub(super) bytes: usize,
+}
+
 /// The batches this process holds, per team and stage.
 pub(super) struct Holdings {
     state: Mutex<State>,
@@ -58,8 +67,10 @@ struct State {
     entries: HashMap<u64, Entry>,
     /// Per team, how many entries are at each stage.
     counts: Vec<[usize; STAGES]>,
-    /// Per team, buffer places claim rounds in progress have set aside ([`Reserved`]).
-    reserved: Vec<usize>,
+    /// Per team, the request bytes of its buffered batches.
+    buffered_bytes: Vec<usize>,
+    /// Per team, buffer room claim rounds in progress have set aside ([`Reserved`]).
+    reserved: Vec<Room>,
     next_ticket: u64,
 }
 
@@ -68,6 +79,8 @@ struct Entry {
     batch_id: Uuid,
     team: usize,
     stage: Stage,
+    /// Its request body's length.
+    bytes: usize,
 }
 
 impl State {
@@ -75,7 +88,28 @@ impl State {
         if let Some(entry) = self.entries.get_mut(&ticket) {
             self.counts[entry.team][entry.stage.index()] -= 1;
             self.counts[entry.team][stage.index()] += 1;
+            if entry.stage == Stage::Buffered {
+                self.buffered_bytes[entry.team] -= entry.bytes;
+            }
+            if stage == Stage::Buffered {
+                self.buffered_bytes[entry.team] += entry.bytes;
+            }
             entry.stage = stage;
+        }
+    }
+
+    /// The free room in team `team`'s buffer of `capacity`.
+    fn room(&self, team: usize, capacity: Room) -> Room {
+        let reserved = self.reserved[team];
+        Room {
+            places: capacity
+                .places
+                .saturating_sub(self.counts[team][Stage::Buffered.index()])
+                .saturating_sub(reserved.places),
+            bytes: capacity
+                .bytes
+                .saturating_sub(self.buffered_bytes[team])
+                .saturating_sub(reserved.bytes),
         }
     }
 }
@@ -86,7 +120,8 @@ impl Holdings {
             state: Mutex::new(State {
                 entries: HashMap::new(),
                 counts: vec![[0; STAGES]; teams],
-                reserved: vec![0; teams],
+                buffered_bytes: vec![0; teams],
+                reserved: vec![Room::default(); teams],
                 next_ticket: 0,
             }),
             recording: Arc::new(Semaphore::new(recording_slots.max(1))),
@@ -118,9 +153,13 @@ impl Holdings {
                 batch_id: batch.id,
                 team,
                 stage,
+                bytes: batch.body.len(),
             };
             state.entries.insert(ticket, entry);
             state.counts[team][stage.index()] += 1;
+            if stage == Stage::Buffered {
+                state.buffered_bytes[team] += entry.bytes;
+            }
             ticket
         };
         Held {
@@ -138,34 +177,34 @@ impl Holdings {
         self.state().counts[team][Stage::Buffered.index()]
     }
 
-    /// Free places in team `team`'s buffer of `capacity`: neither taken by a buffered batch nor
+    /// Free room in team `team`'s buffer of `capacity`: neither taken by a buffered batch nor
     /// set aside by a claim round in progress.
-    pub(super) fn room(&self, team: usize, capacity: usize) -> usize {
-        let state = self.state();
-        capacity
-            .saturating_sub(state.counts[team][Stage::Buffered.index()])
-            .saturating_sub(state.reserved[team])
+    pub(super) fn room(&self, team: usize, capacity: Room) -> Room {
+        self.state().room(team, capacity)
     }
 
-    /// Sets aside places in the teams' buffers for one claim round: `places(team, room)` says
-    /// how many of team `team`'s free places (`room`, of `capacity(team)`) the round takes; the
+    /// Sets aside room in the teams' buffers for one claim round: `share(team, room)` says how
+    /// much of team `team`'s free room (`room`, of `capacity(team)`) the round takes; the
     /// reading of the room and the setting aside are one step, so two rounds never take the same
-    /// place. The places stay taken until the [`Reserved`] is dropped (after the round's batches
-    /// are buffered, which count in their own right).
+    /// place or byte. The room stays taken until the [`Reserved`] is dropped (after the round's
+    /// batches are buffered, which count in their own right).
     pub(super) fn reserve(
         self: &Arc<Self>,
-        capacity: impl Fn(usize) -> usize,
-        mut places: impl FnMut(usize, usize) -> usize,
+        capacity: impl Fn(usize) -> Room,
+        mut share: impl FnMut(usize, Room) -> Room,
     ) -> Reserved {
         let mut state = self.state();
         let teams = state.reserved.len();
-        let mut taken = vec![0; teams];
+        let mut taken = vec![Room::default(); teams];
         for (team, slot) in taken.iter_mut().enumerate() {
-            let room = capacity(team)
-                .saturating_sub(state.counts[team][Stage::Buffered.index()])
-                .saturating_sub(state.reserved[team]);
-            *slot = places(team, room).min(room);
-            state.reserved[team] += *slot;
+            let room = state.room(team, capacity(team));
+            let wanted = share(team, room);
+            *slot = Room {
+                places: wanted.places.min(room.places),
+                bytes: wanted.bytes.min(room.bytes),
+            };
+            state.reserved[team].places += slot.places;
+            state.reserved[team].bytes += slot.bytes;
         }
         Reserved {
             taken,
@@ -192,22 +231,27 @@ impl Holdings {
     }
 }
 
-/// Buffer places one claim round set aside, per team (see [`Holdings::reserve`]); dropping it
-/// gives them back.
+/// Buffer room one claim round set aside, per team (see [`Holdings::reserve`]); dropping it
+/// gives it back.
 pub(super) struct Reserved {
-    taken: Vec<usize>,
+    taken: Vec<Room>,
     holdings: Arc<Holdings>,
 }
 
 impl Reserved {
     /// The places set aside in team `team`'s buffer.
     pub(super) fn places(&self, team: usize) -> usize {
-        self.taken.get(team).copied().unwrap_or(0)
+        self.taken.get(team).map_or(0, |r| r.places)
+    }
+
+    /// The bytes set aside in team `team`'s buffer.
+    pub(super) fn bytes(&self, team: usize) -> usize {
+        self.taken.get(team).map_or(0, |r| r.bytes)
     }
 
     /// Whether no place was set aside at all.
     pub(super) fn is_empty(&self) -> bool {
-        self.taken.iter().all(|&n| n == 0)
+        self.taken.iter().all(|r| r.places == 0)
     }
 }
 
@@ -215,8 +259,9 @@ impl Drop for Reserved {
     fn drop(&mut self) {
         // No wake-up: the claimer itself drops a round's reservation, and looks again then.
         if let Ok(mut state) = self.holdings.state.lock() {
-            for (team, n) in self.taken.iter().enumerate() {
-                state.reserved[team] -= n;
+            for (team, room) in self.taken.iter().enumerate() {
+                state.reserved[team].places -= room.places;
+                state.reserved[team].bytes -= room.bytes;
             }
         }
     }
@@ -267,6 +312,9 @@ impl Drop for Held {
             && let Some(entry) = state.entries.remove(&self.ticket)
         {
             state.counts[entry.team][entry.stage.index()] -= 1;
+            if entry.stage == Stage::Buffered {
+                state.buffered_bytes[entry.team] -= entry.bytes;
+            }
         }
         self.holdings.wake.notify_one();
     }
@@ -305,23 +353,81 @@ mod tests {
         assert_eq!((holdings.len(), holdings.batch_ids().len()), (0, 0));
     }
 
+    /// A buffer of 8 places and 1,000 bytes.
+    const EIGHT: Room = Room {
+        places: 8,
+        bytes: 1000,
+    };
+
+    fn places(room: Room) -> usize {
+        room.places
+    }
+
     #[tokio::test]
     async fn reserved_places_are_not_free_until_let_go_and_never_exceed_the_room() {
         let holdings = Holdings::new(2, 1, Arc::new(Notify::new()));
         let _held = holdings.buffer(leased(), 0);
-        assert_eq!(holdings.room(0, 8), 7);
-        let first = holdings.reserve(|_| 8, |_, room| room.div_ceil(2));
+        assert_eq!(places(holdings.room(0, EIGHT)), 7);
+        let first = holdings.reserve(
+            |_| EIGHT,
+            |_, room| Room {
+                places: room.places.div_ceil(2),
+                ..room
+            },
+        );
         assert_eq!((first.places(0), first.places(1)), (4, 4));
-        assert_eq!((holdings.room(0, 8), holdings.room(1, 8)), (3, 4));
-        let second = holdings.reserve(|_| 8, |_, room| room + 5);
+        let room = |team| places(holdings.room(team, EIGHT));
+        assert_eq!((room(0), room(1)), (3, 4));
+        let second = holdings.reserve(
+            |_| EIGHT,
+            |_, room| Room {
+                places: room.places + 5,
+                ..room
+            },
+        );
         assert_eq!((second.places(0), second.places(1)), (3, 4));
-        assert_eq!(holdings.room(0, 8), 0);
-        let none = holdings.reserve(|_| 8, |_, room| room);
+        assert_eq!(room(0), 0);
+        let none = holdings.reserve(|_| EIGHT, |_, room| room);
         assert!(none.is_empty());
         drop(first);
-        assert_eq!((holdings.room(0, 8), holdings.room(1, 8)), (4, 4));
+        assert_eq!((room(0), room(1)), (4, 4));
         drop(second);
-        assert_eq!((holdings.room(0, 8), holdings.room(1, 8)), (7, 8));
+        assert_eq!((room(0), room(1)), (7, 8));
+    }
+
+    #[tokio::test]
+    async fn a_buffers_bytes_count_its_buffered_batches_and_reserved_bytes_until_let_go() {
+        let holdings = Holdings::new(1, 1, Arc::new(Notify::new()));
+        let mut big = leased();
+        big.body = bytes::Bytes::from(vec![b' '; 600]);
+        let held = holdings.buffer(big.clone(), 0);
+        let bytes = |h: &Holdings| h.room(0, EIGHT).bytes;
+        assert_eq!(bytes(&holdings), 400);
+        let reserved = holdings.reserve(
+            |_| EIGHT,
+            |_, room| Room {
+                places: 1,
+                bytes: room.bytes + 1,
+            },
+        );
+        assert_eq!(reserved.bytes(0), 400, "never more than the free bytes");
+        assert_eq!(bytes(&holdings), 0);
+        drop(reserved);
+        assert_eq!(bytes(&holdings), 400);
+        // A worker took it: it is no longer in the buffer, whatever it holds.
+        let held = held.take_up();
+        assert_eq!(bytes(&holdings), 1000);
+        drop(held);
+        let twice = holdings.buffer(big.clone(), 0);
+        let again = holdings.buffer(big, 0);
+        assert_eq!(
+            bytes(&holdings),
+            0,
+            "1,200 bytes buffered: no room, never below zero"
+        );
+        drop(twice);
+        drop(again);
+        assert_eq!(bytes(&holdings), 1000);
     }
 
     #[tokio::test]

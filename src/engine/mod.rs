@@ -57,6 +57,9 @@ pub struct EngineConfig {
     pub owner: String,
     pub lease: Duration,
     pub max_in_flight: usize,
+    /// `sync.max_buffer_bytes`: per team, the request bytes its buffer of claimed, ready batches
+    /// may hold.
+    pub max_buffer_bytes: usize,
     /// `sync.claims_in_flight`: claim rounds at once; `None` leaves it to the database (see
     /// [`crate::settings::SyncSettings::claims_in_flight_for`]).
     pub claims_in_flight: Option<usize>,
@@ -86,6 +89,7 @@ impl EngineConfig {
             owner: owner_name(),
             lease: s.sync.lease,
             max_in_flight: s.sync.max_in_flight,
+            max_buffer_bytes: s.sync.max_buffer_bytes,
             claims_in_flight: s.sync.claims_in_flight,
             limits: PlanLimits {
                 batch_size: s.batch.size,
@@ -241,7 +245,7 @@ impl Engine {
         let mut teams = Vec::new();
         let mut team_of = HashMap::new();
         for (index, tc) in clients.into_iter().enumerate() {
-            let (team, buffer) = Team::new(tc, index, labelled);
+            let (team, buffer) = Team::new(tc, index, labelled, cfg.max_buffer_bytes);
             let team = Arc::new(team);
             for key in &team.keys {
                 team_of.insert(key.clone(), team.clone());

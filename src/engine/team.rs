@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::holdings::Held;
+use super::holdings::{Held, Room};
 use crate::client::MicroClient;
 use crate::concurrency::AdaptiveLimit;
 use crate::health::Health;
@@ -44,6 +44,8 @@ pub(super) struct Team {
     pub(super) client: MicroClient,
     /// How many workers it has (its buffer keeps [`BUFFER_PER_WORKER`] ready batches for each).
     pub(super) max_in_flight: usize,
+    /// `sync.max_buffer_bytes`: the request bytes its buffer's batches may take.
+    buffer_bytes: usize,
     pub(super) concurrency: AdaptiveLimit,
     /// The API refuses this team's key: only probes are sent.
     refused: AtomicBool,
@@ -60,7 +62,12 @@ pub(super) struct Team {
 
 impl Team {
     /// The team and the receiving end of its buffer; registers its metrics at zero.
-    pub(super) fn new(tc: TeamClient, index: usize, labelled: bool) -> (Team, Buffer) {
+    pub(super) fn new(
+        tc: TeamClient,
+        index: usize,
+        labelled: bool,
+        buffer_bytes: usize,
+    ) -> (Team, Buffer) {
         let id = tc.client.team_id().to_owned();
         let (queue, receiver) = mpsc::unbounded_channel();
         let team = Team {
@@ -71,6 +78,7 @@ impl Team {
             concurrency: AdaptiveLimit::new(tc.max_in_flight)
                 .for_team(labelled.then(|| tc.client.team_id().to_owned())),
             max_in_flight: tc.max_in_flight.max(1),
+            buffer_bytes: buffer_bytes.max(1),
             client: tc.client,
             refused: AtomicBool::new(false),
             next_probe: Mutex::new(Instant::now()),
@@ -81,15 +89,21 @@ impl Team {
         (team, Arc::new(tokio::sync::Mutex::new(receiver)))
     }
 
-    /// How many batches its buffer keeps ready: [`BUFFER_PER_WORKER`] per worker.
-    pub(super) fn buffer_size(&self) -> usize {
-        BUFFER_PER_WORKER * self.max_in_flight
+    /// How much its buffer keeps ready: [`BUFFER_PER_WORKER`] batches per worker, of at most
+    /// `sync.max_buffer_bytes` in all.
+    pub(super) fn buffer_size(&self) -> Room {
+        Room {
+            places: BUFFER_PER_WORKER * self.max_in_flight,
+            bytes: self.buffer_bytes,
+        }
     }
 
-    /// Whether `room` free places make its buffer worth refilling: half of it or more, so
-    /// that claims are large.
-    pub(super) fn wants_refill(&self, room: usize) -> bool {
-        room >= self.buffer_size().div_ceil(2)
+    /// Whether `room` makes its buffer worth refilling: half of its places or more, so that
+    /// claims are large, and half of its bytes or more, so that a buffer of large batches is
+    /// refilled once a worker has taken them rather than by a trickle of small claims.
+    pub(super) fn wants_refill(&self, room: Room) -> bool {
+        let size = self.buffer_size();
+        room.places >= size.places.div_ceil(2) && room.bytes >= size.bytes.div_ceil(2)
     }
 
     fn register_metrics(&self) {

@@ -61,6 +61,11 @@ pub(super) async fn claim<D: Dialect>(
     lanes.sort_unstable();
     lanes.dedup();
     let chains = batch::record_chains(heads, followers);
+    // Chains past a team's free buffer bytes wait (unlocked at commit) for a later claim.
+    let (chains, over_budget) = match req.max_bytes {
+        Some(budget) => batch::fit_budget(chains, budget),
+        None => (chains, 0),
+    };
     let plan = batch::plan_batches(chains, req.limits, req.teams);
     db.insert_batches(&mut tx, &plan.batches, req.owner, req.lease, None)
         .await?;
@@ -77,7 +82,7 @@ pub(super) async fn claim<D: Dialect>(
         batches: plan.batches.into_iter().map(LeasedBatch::fresh).collect(),
         dead: plan.dead,
         lingering,
-        waiting,
+        waiting: waiting || over_budget > 0,
     })
 }
 

@@ -399,6 +399,7 @@ pub async fn claim_as(
             },
             lanes: &prism_sync::store::Lane::all_of([team]),
             teams: &prism_sync::batch::TeamSet::new([team.to_owned()]),
+            max_bytes: None,
             strays: false,
         })
         .await

@@ -142,6 +142,7 @@ async fn strand_batch_of_removed_team(db: &Db, rows: &[PlannedRow]) -> Result<Ve
             },
             lanes: &Lane::all_of(["gone"]),
             teams: &TeamSet::new(["gone".to_owned()]),
+            max_bytes: None,
             strays: false,
         })
         .await
