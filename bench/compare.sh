@@ -8,7 +8,8 @@
 #   (c) Graphile Worker with its batching options, peer_graphile/run.sh with BATCH=1.
 # Each run's rows/s and WAL bytes per row are printed, then per system the median and min–max,
 # and per prism binary the ratios prism ÷ naive and prism ÷ Graphile of each round (same round),
-# with their median and min–max. The load average is printed before every round.
+# with their median and min–max; and prism's server CPU per row (when the bench can read the
+# server's data directory, e.g. as root), with each build's ratio to the first one given. The load average is printed before every round.
 #
 # usage: bench/compare.sh [--prism LABEL=DIR]... [--rounds 3] [--rows 200000] [--refs DIR]
 #   DIR holds `prism-sync` and `examples/bench` (a cargo release folder, or a copy of one):
@@ -35,7 +36,7 @@ while [ $# -gt 0 ]; do
     --rounds) rounds=$2; shift 2 ;;
     --rows) rows=$2; shift 2 ;;
     --refs) refs=$2; shift 2 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -56,8 +57,8 @@ for p in "${prisms[@]}"; do
   done
 done
 
-results=$(mktemp)
-trap 'rm -f "$results"' EXIT
+results=$(mktemp) cpus=$(mktemp)
+trap 'rm -f "$results" "$cpus"' EXIT
 lsn() { psql -qAtX "$admin" -c 'SELECT pg_current_wal_lsn()'; }
 wal_since() { psql -qAtX "$admin" -c "SELECT round((pg_current_wal_lsn() - '$1'::pg_lsn) / $2::numeric)"; }
 record() { # round system rows/s wal/row
@@ -75,7 +76,12 @@ run_prism() { # round label dir
     || { echo "$out" >&2; echo "prism-sync bench ($2) failed" >&2; exit 1; }
   rate=$(echo "$out" | sed -n 's/^ *daemon: *\([0-9]*\) rows\/s.*/\1/p' | head -n1)
   wal=$(echo "$out" | sed -n 's/^ *daemon WAL: \([0-9]*\) bytes per row.*/\1/p' | head -n1)
+  cpu=$(echo "$out" | sed -n 's/^ *daemon server CPU: \([0-9]*\) µs per row.*/\1/p' | head -n1)
   record "$1" "prism:$2" "$rate" "${wal:-?}"
+  if [ -n "$cpu" ]; then
+    echo "$1 prism:$2 $cpu" >>"$cpus"
+    printf '  round %s  %-22s server CPU %s µs/row\n' "$1" "prism:$2" "$cpu"
+  fi
 }
 
 run_naive() { # round
@@ -117,7 +123,7 @@ for r in $(seq 1 "$rounds"); do
 done
 echo "after: load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
-python3 - "$results" <<'PY'
+python3 - "$results" "$cpus" <<'PY'
 import statistics, sys
 runs = [l.split() for l in open(sys.argv[1]) if l.strip()]
 by = {}
@@ -143,4 +149,21 @@ for system, rs in by.items():
         if ratios:
             each = ", ".join(f"{x:.2f}" for x in ratios)
             print(f"  {system} ÷ {ref:<8} {spread(ratios, lambda x: f'{x:.2f}')}   per round: {each}   (goal ≥ {goal})")
+# Server CPU per synced row (all of the server's processes, read by the bench where it can read
+# the server's data directory), and each prism build's ÷ the first one given, same round.
+cpu = {}
+for line in open(sys.argv[2]):
+    r, system, us = line.split()
+    cpu.setdefault(system, {})[int(r)] = float(us)
+if cpu:
+    print("server CPU per row (µs), and ÷ the first prism build given, same round")
+    first = next(iter(cpu))
+    for system, rs in cpu.items():
+        line = f"  {system:<22} {spread(list(rs.values()), n)}"
+        if system != first:
+            ratios = [rs[r] / cpu[first][r] for r in rs if r in cpu[first] and cpu[first][r] > 0]
+            if ratios:
+                each = ", ".join(f"{x:.2f}" for x in ratios)
+                line += f"   ÷ {first}: {spread(ratios, lambda x: f'{x:.2f}')}   per round: {each}"
+        print(line)
 PY

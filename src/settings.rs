@@ -251,7 +251,8 @@ impl Default for BatchSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SyncSettings {
-    /// Batches on the wire at once (per team); the claimer keeps up to twice as many ready.
+    /// Batches on the wire at once (per team); the claimer keeps up to four times as many ready
+    /// on Postgres, twice on SQLite.
     pub max_in_flight: usize,
     /// Per team, the request bytes its claimed, ready batches may take in all (the buffer behind
     /// the `max_in_flight` on the wire): a claim takes rows only up to what is free of it, so

@@ -1,8 +1,9 @@
 //! The claimer: leases due stored batches (retries, lapsed leases) and claims new rows, and
-//! keeps each team's buffer of up to twice `max_in_flight` ready batches
-//! ([`super::team::BUFFER_PER_WORKER`]), refilling it once it is half empty, so that claims are
-//! large and a worker never waits for one. A team whose key is refused, or whose buffer is
-//! full, is left out of claims and leases (a refused team gets one probe batch at a time), so
+//! keeps each team's buffer of ready batches (four per worker on Postgres, two on SQLite:
+//! [`super::team::buffer_per_worker`], and at most `sync.max_buffer_bytes` of them), refilling
+//! it once half of it is free, so that claims are large and a worker never waits for one. A
+//! claim takes rows only up to its round's share of the free bytes ([`ByteBudget`]). A team
+//! whose key is refused, or whose buffer is full, is left out of claims and leases (a refused team gets one probe batch at a time), so
 //! it never holds the others back. Up to `sync.claims_in_flight` claim rounds run at once while
 //! there is a backlog, each for its share of the free room (set aside in
 //! [`super::holdings::Holdings`] before it claims, so buffers never overfill).

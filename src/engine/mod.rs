@@ -48,7 +48,7 @@ use crate::store::{AttemptRecord, BatchEnd, FinishBatch, LeasedBatch, RowUpdate,
 
 use holdings::Holdings;
 pub use team::TeamClient;
-use team::{Buffer, Team};
+use team::{Buffer, BufferSize, Team};
 
 /// Everything the loop needs from the settings, resolved once.
 #[derive(Debug, Clone)]
@@ -244,8 +244,12 @@ impl Engine {
         let mut buffers = Vec::new();
         let mut teams = Vec::new();
         let mut team_of = HashMap::new();
+        let buffer_size = BufferSize {
+            per_worker: team::buffer_per_worker(matches!(store, Store::Postgres(_))),
+            bytes: cfg.max_buffer_bytes,
+        };
         for (index, tc) in clients.into_iter().enumerate() {
-            let (team, buffer) = Team::new(tc, index, labelled, cfg.max_buffer_bytes);
+            let (team, buffer) = Team::new(tc, index, labelled, buffer_size);
             let team = Arc::new(team);
             for key in &team.keys {
                 team_of.insert(key.clone(), team.clone());

@@ -23,14 +23,28 @@ pub struct TeamClient {
     pub default: bool,
 }
 
-/// Ready batches a team's buffer keeps per worker. The claimer refills a buffer once half of it
-/// is free, so with two per worker a claim round takes at least `max_in_flight` batches while
-/// the workers still have as many to send: with one, claims were half as large and the workers
-/// emptied the buffer long before the next claim committed (Postgres, simulator at 0 ms, 100,000
-/// changes: 17,638–21,456 rows/s against 23,559–25,822 with two, and 42–61 µs of server CPU a
-/// change against 39–46; README, "Database cost (Postgres)"). Requests on the wire stay
-/// `max_in_flight`.
-pub(super) const BUFFER_PER_WORKER: usize = 2;
+/// Ready batches a team's buffer keeps per worker: four on Postgres, two on SQLite. The claimer
+/// refills a buffer once half of it is free, so a claim round takes at least `max_in_flight`
+/// batches (two per worker on Postgres) while the workers still have as many to send. On
+/// Postgres a claim's latency (its statements' round trips, the floor's move) set the pace:
+/// with one per worker, claims were small and the workers emptied the buffer long before the
+/// next claim committed. Simulator at 0 ms, 200,000 changes, interleaved with the references
+/// (README, "Database cost (Postgres)"): one per worker 17,158 rows/s, two 23,380 (2026-12-07);
+/// on another day two 15,555, four 19,633, and 77 against 62 µs of server CPU a change. SQLite
+/// gained nothing from four (one writer: claims take turns anyway), and each claim holds its
+/// write lock, which an application's insert waits for, the longer the larger it is. Requests
+/// on the wire stay `max_in_flight`; `sync.max_buffer_bytes` bounds the buffer in bytes.
+pub(super) fn buffer_per_worker(postgres: bool) -> usize {
+    if postgres { 4 } else { 2 }
+}
+
+/// The size of every team's buffer: ready batches per worker ([`buffer_per_worker`]) and
+/// request bytes in all (`sync.max_buffer_bytes`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BufferSize {
+    pub(super) per_worker: usize,
+    pub(super) bytes: usize,
+}
 
 /// The receiving end of a team's buffer, shared by the team's workers.
 pub(super) type Buffer = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Held>>>;
@@ -42,10 +56,11 @@ pub(super) struct Team {
     /// The `team_id` values in the outbox that mean this team (`''` for the default team).
     pub(super) keys: Vec<String>,
     pub(super) client: MicroClient,
-    /// How many workers it has (its buffer keeps [`BUFFER_PER_WORKER`] ready batches for each).
+    /// How many workers it has.
     pub(super) max_in_flight: usize,
-    /// `sync.max_buffer_bytes`: the request bytes its buffer's batches may take.
-    buffer_bytes: usize,
+    /// How many ready batches its buffer keeps, and the request bytes they may take in all
+    /// (`sync.max_buffer_bytes`).
+    buffer: Room,
     pub(super) concurrency: AdaptiveLimit,
     /// The API refuses this team's key: only probes are sent.
     refused: AtomicBool,
@@ -66,7 +81,7 @@ impl Team {
         tc: TeamClient,
         index: usize,
         labelled: bool,
-        buffer_bytes: usize,
+        buffer: BufferSize,
     ) -> (Team, Buffer) {
         let id = tc.client.team_id().to_owned();
         let (queue, receiver) = mpsc::unbounded_channel();
@@ -78,7 +93,10 @@ impl Team {
             concurrency: AdaptiveLimit::new(tc.max_in_flight)
                 .for_team(labelled.then(|| tc.client.team_id().to_owned())),
             max_in_flight: tc.max_in_flight.max(1),
-            buffer_bytes: buffer_bytes.max(1),
+            buffer: Room {
+                places: buffer.per_worker.max(1) * tc.max_in_flight.max(1),
+                bytes: buffer.bytes.max(1),
+            },
             client: tc.client,
             refused: AtomicBool::new(false),
             next_probe: Mutex::new(Instant::now()),
@@ -89,13 +107,10 @@ impl Team {
         (team, Arc::new(tokio::sync::Mutex::new(receiver)))
     }
 
-    /// How much its buffer keeps ready: [`BUFFER_PER_WORKER`] batches per worker, of at most
+    /// How much its buffer keeps ready: [`buffer_per_worker`] batches per worker, of at most
     /// `sync.max_buffer_bytes` in all.
     pub(super) fn buffer_size(&self) -> Room {
-        Room {
-            places: BUFFER_PER_WORKER * self.max_in_flight,
-            bytes: self.buffer_bytes,
-        }
+        self.buffer
     }
 
     /// Whether `room` makes its buffer worth refilling: half of its places or more, so that
