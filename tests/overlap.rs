@@ -122,8 +122,8 @@ both_backends! {
     async fn a_buffer_holds_no_more_than_max_buffer_bytes_of_claimed_changes(db) {
         // Changes of about 10 KB each, a buffer of 64 KiB behind two workers whose requests
         // take 300 ms: a claim takes rows only up to the buffer's free bytes (about six), so
-        // the process holds a few dozen changes at most. By batches alone (two per worker, 100
-        // rows each) it would hold all 120 at once.
+        // the process holds a few dozen changes at most. By batches alone (two or four per
+        // worker, 100 rows each) it would hold all 120 at once.
         let sim = sim(FaultProfile { latency: Duration::from_millis(300), ..FaultProfile::default() }).await;
         let store = db.store().await;
         let note = "n".repeat(10_000);
