@@ -92,8 +92,8 @@ pub struct RecordChain {
 
 /// The request bytes one claim may take per team ([`RecordChain::request_bytes`]): what is free
 /// of the team's buffer (`sync.max_buffer_bytes`), so that what a process holds ready is bounded
-/// in bytes as well as in batches. Teams are named by the `team_id` values stored for them; rows of a team not named
-/// here (an unknown team: they go dead) are not limited.
+/// in bytes as well as in batches. Teams are named by the `team_id` values stored for them;
+/// rows of a team not named here (an unknown team: they go dead) are not limited.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ByteBudget {
     /// Per team: its stored `team_id` values and the bytes it may take.

@@ -1,8 +1,8 @@
 //! Overlapping claim rounds (`sync.claims_in_flight`): with two rounds at once every row is
 //! still synced exactly once and in per-record order, no team's buffer holds more than its size
 //! (in batches, and in bytes: `sync.max_buffer_bytes`), a claim held up in the database does not
-//! hold up the others, and a shutdown with rounds in flight loses nothing. Real SQLite files and a real Postgres, the
-//! simulator over HTTP.
+//! hold up the others, and a shutdown with rounds in flight loses nothing. Real SQLite files
+//! and a real Postgres, the simulator over HTTP.
 
 mod common;
 

@@ -3,10 +3,11 @@
 //! [`super::team::buffer_per_worker`], and at most `sync.max_buffer_bytes` of them), refilling
 //! it once half of it is free, so that claims are large and a worker never waits for one. A
 //! claim takes rows only up to its round's share of the free bytes ([`ByteBudget`]). A team
-//! whose key is refused, or whose buffer is full, is left out of claims and leases (a refused team gets one probe batch at a time), so
-//! it never holds the others back. Up to `sync.claims_in_flight` claim rounds run at once while
-//! there is a backlog, each for its share of the free room (set aside in
-//! [`super::holdings::Holdings`] before it claims, so buffers never overfill).
+//! whose key is refused, or whose buffer is full, is left out of claims and leases (a refused
+//! team gets one probe batch at a time), so it never holds the others back. Up to
+//! `sync.claims_in_flight` claim rounds run at once while there is a backlog, each for its
+//! share of the free room (set aside in [`super::holdings::Holdings`] before it claims, so
+//! buffers never overfill).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -518,8 +519,9 @@ fn lanes_of(shared: &Shared, teams: &[&Arc<Team>]) -> (Vec<Lane>, Vec<Lane>) {
 }
 
 /// Claims new rows of `lanes` (and, with `strays`, rows of no lane, which go dead) into stored
-/// batches leased to us, up to `max_records` heads and each team's bytes in `budget`; also returns how many strays went dead (an unknown team or object
-/// type: no lane holds such a row) and whether a lane held rows waiting. A flowing lane's
+/// batches leased to us, up to `max_records` heads and each team's bytes in `budget`; also
+/// returns how many strays went dead (an unknown team or object type: no lane holds such a
+/// row) and whether a lane held rows waiting. A flowing lane's
 /// partial tail may wait `linger` to fill (see [`crate::linger`]); when one does, the soonest
 /// is noted for [`next_look`].
 async fn claim(

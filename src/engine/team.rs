@@ -24,8 +24,8 @@ pub struct TeamClient {
 }
 
 /// Ready batches a team's buffer keeps per worker: four on Postgres, two on SQLite. The claimer
-/// refills a buffer once half of it is free, so a claim round takes at least `max_in_flight`
-/// batches (two per worker on Postgres) while the workers still have as many to send. On
+/// refills a buffer once half of it is free, so a claim round takes at least half of it (twice
+/// `max_in_flight` batches on Postgres) while the workers still have as many to send. On
 /// Postgres a claim's latency (its statements' round trips, the floor's move) set the pace:
 /// with one per worker, claims were small and the workers emptied the buffer long before the
 /// next claim committed. Simulator at 0 ms, 200,000 changes, interleaved with the references

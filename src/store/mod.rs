@@ -122,7 +122,7 @@ pub struct ClaimRequest<'a> {
     pub lanes: &'a [Lane],
     /// The `team_id` values that can be sent at all.
     pub teams: &'a TeamSet,
-    /// The patch bytes the claim may take per team ([`crate::batch::fit_budget`]); `None`:
+    /// The request bytes the claim may take per team ([`crate::batch::fit_budget`]); `None`:
     /// only `max_records` limits it.
     pub max_bytes: Option<&'a crate::batch::ByteBudget>,
     /// Also take rows outside every known lane (an unknown team or object type), so that they
