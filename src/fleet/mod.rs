@@ -52,6 +52,70 @@ struct Slots {
     times: VecDeque<Instant>,
     /// Reservations failed in a row (database unreachable).
     failures: u32,
+    /// Where the database's clock lies on this process's.
+    clock: Option<ClockAnchor>,
+}
+
+/// How long a clock anchor is trusted before a slower reading may replace it (clocks drift
+/// apart by parts per million: microseconds in this time).
+const ANCHOR_MAX_AGE: Duration = Duration::from_secs(10);
+
+/// One reading of the database's clock against this process's: the database read `db` (seconds
+/// since the Unix epoch) at about `local`, the middle of a round trip of `rtt` (so within
+/// `rtt / 2` of it). The reading with the shortest round trip lately is kept, so that slots are
+/// placed by the database's clock within about half a quiet round trip, however late a
+/// particular answer arrives. Placed by the answer's arrival instead, a slow answer (a busy
+/// server or host) put a replica's slots late, on top of the next replica's: 25 and 26 requests
+/// in one second under a ceiling of 20 (`tests/fleet.rs`).
+#[derive(Debug, Clone, Copy)]
+struct ClockAnchor {
+    local: Instant,
+    db: f64,
+    rtt: Duration,
+}
+
+impl ClockAnchor {
+    /// Takes a reading (the round trip from `sent` to `received`, during which the database's
+    /// clock read `db`) and returns when, on this process's clock, the database's read `db`.
+    fn place(
+        anchor: &mut Option<ClockAnchor>,
+        sent: Instant,
+        received: Instant,
+        db: f64,
+    ) -> Instant {
+        let rtt = received.saturating_duration_since(sent);
+        let reading = ClockAnchor {
+            local: sent + rtt / 2,
+            db,
+            rtt,
+        };
+        let kept = match *anchor {
+            Some(a) if a.rtt < rtt && a.local.elapsed() < ANCHOR_MAX_AGE => a,
+            _ => reading,
+        };
+        let at = kept.at(db);
+        // The database read `db` during the round trip: a placement outside it (beyond the
+        // anchor's own uncertainty) means a clock moved; start again from this reading.
+        let slack = kept.rtt;
+        if at + slack < sent || at > received + slack {
+            *anchor = Some(reading);
+            return reading.local;
+        }
+        *anchor = Some(kept);
+        at
+    }
+
+    /// When, on this process's clock, the database's clock reads `db`.
+    fn at(&self, db: f64) -> Instant {
+        let offset = db - self.db;
+        if offset >= 0.0 {
+            self.local + Duration::from_secs_f64(offset)
+        } else {
+            self.local
+                .checked_sub(Duration::from_secs_f64(-offset))
+                .unwrap_or(self.local)
+        }
+    }
 }
 
 /// What a sender must do before its request.
@@ -153,20 +217,28 @@ impl TeamGate {
     /// Reserves the next chunk of slots into `slots`; `Err(wait)` when the team is paused or
     /// the database could not be asked.
     async fn reserve(&self, interval: Duration, slots: &mut Slots) -> Result<(), Duration> {
+        let sent = Instant::now();
         match self
             .store
             .reserve_send_slots(&self.team, self.chunk, interval)
             .await
         {
-            Ok(SlotGrant::Granted { count, first_in }) => {
+            Ok(SlotGrant::Granted {
+                count,
+                first_in,
+                db_now,
+            }) => {
                 if slots.failures > 0 {
                     info!(team = %self.team, "request slots can be reserved again: sending");
                 }
                 slots.failures = 0;
                 metrics::counter!("prism_sync_fleet_slot_reservations_total").increment(1);
-                // The database measured from its now, which was at the latest now here: so the
-                // slots fall no earlier than the database meant (later by the answer's trip).
-                let first = Instant::now() + Duration::from_secs_f64(first_in);
+                // The slots lie on the database's clock: placed by it, not by when the answer
+                // came, so that a slow answer does not push them onto other replicas' slots.
+                // Slots already past when it came are dropped by `take_turn` (more than an
+                // interval late) or used at once.
+                let db_at = ClockAnchor::place(&mut slots.clock, sent, Instant::now(), db_now);
+                let first = db_at + Duration::from_secs_f64(first_in);
                 slots.times.extend((0..count).map(|k| first + interval * k));
                 Ok(())
             }
@@ -348,5 +420,43 @@ mod tests {
         assert_eq!(chunk_for(0.5), 1);
         assert_eq!(chunk_for(1000.0), 100);
         assert_eq!(chunk_for(0.0), 1);
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn slots_are_placed_by_the_databases_clock_not_by_a_slow_answer() {
+        let t0 = Instant::now();
+        let mut anchor = None;
+        // A quick answer (2 ms): the database's 1000.000 is placed mid-trip.
+        let at = ClockAnchor::place(&mut anchor, t0, t0 + ms(2), 1000.0);
+        assert_eq!(at, t0 + ms(1));
+        // A second later the database reads 1001.000 at 1 ms into a trip whose answer takes
+        // 300 ms: placed by the quick reading, not 150 ms (mid-trip) or 300 ms (the answer) late.
+        let sent = t0 + ms(1000);
+        let at = ClockAnchor::place(&mut anchor, sent, sent + ms(300), 1001.0);
+        assert_eq!(at, t0 + ms(1001));
+        // The slow reading did not replace the quick one.
+        assert_eq!(anchor.map(|a| a.rtt), Some(ms(2)));
+        // A quicker one does.
+        let sent = t0 + ms(2000);
+        let at = ClockAnchor::place(&mut anchor, sent, sent + ms(1), 1002.0005);
+        assert_eq!(at, sent + Duration::from_micros(500));
+        assert_eq!(anchor.map(|a| a.rtt), Some(ms(1)));
+    }
+
+    #[test]
+    fn a_clock_that_moved_starts_the_anchor_again() {
+        let t0 = Instant::now();
+        let mut anchor = None;
+        ClockAnchor::place(&mut anchor, t0, t0 + ms(2), 1000.0);
+        // The database's clock stepped back 5 s: the anchor would place its reading long before
+        // the trip began, so this reading becomes the anchor.
+        let sent = t0 + ms(1000);
+        let at = ClockAnchor::place(&mut anchor, sent, sent + ms(40), 996.0);
+        assert_eq!(at, sent + ms(20));
+        assert_eq!(anchor.map(|a| a.db), Some(996.0));
     }
 }

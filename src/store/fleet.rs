@@ -66,8 +66,14 @@ impl ReplicaView {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum SlotGrant {
     /// `count` slots, the first `first_in` seconds from the database's now (0 or more), the
-    /// others one interval apart.
-    Granted { count: u32, first_in: f64 },
+    /// others one interval apart. `db_now` is that now, in seconds since the Unix epoch by the
+    /// database's clock, so that a replica can place the slots by the database's clock rather
+    /// than by when the answer reached it ([`crate::fleet::TeamGate`]).
+    Granted {
+        count: u32,
+        first_in: f64,
+        db_now: f64,
+    },
     /// The team is paused (a 429 told some replica to wait) for this many more seconds:
     /// nothing was reserved.
     Paused { remaining: f64 },
@@ -87,8 +93,13 @@ pub(crate) fn span_seconds(count: u32, interval: Duration) -> f64 {
 }
 
 /// What [`Store::reserve_send_slots`] reads back: when the team's reserved span ends, and how
-/// long it stays paused (0 or less: not paused).
-pub(crate) fn grant(count: u32, interval: Duration, ends_in: f64, paused_for: f64) -> SlotGrant {
+/// long it stays paused (0 or less: not paused), both in seconds from the database's now,
+/// `db_now` (seconds since the Unix epoch).
+pub(crate) fn grant(
+    count: u32,
+    interval: Duration,
+    (ends_in, paused_for, db_now): (f64, f64, f64),
+) -> SlotGrant {
     if paused_for > 0.0 {
         SlotGrant::Paused {
             remaining: paused_for,
@@ -97,6 +108,7 @@ pub(crate) fn grant(count: u32, interval: Duration, ends_in: f64, paused_for: f6
         SlotGrant::Granted {
             count,
             first_in: (ends_in - span_seconds(count, interval)).max(0.0),
+            db_now,
         }
     }
 }
@@ -142,11 +154,11 @@ impl Store {
         interval: Duration,
     ) -> StoreResult<SlotGrant> {
         let span = span_seconds(count, interval);
-        let (ends_in, paused_for) = match self {
+        let read = match self {
             Store::Sqlite(s) => s.reserve_send_slots(team, span).await?,
             Store::Postgres(s) => s.reserve_send_slots(team, span).await?,
         };
-        Ok(grant(count, interval, ends_in, paused_for))
+        Ok(grant(count, interval, read))
     }
 
     /// Pauses every replica's sends for `team` for `delay` from the database's now (or longer,
@@ -181,22 +193,24 @@ mod tests {
     fn a_grant_starts_one_span_before_the_reserved_span_ends() {
         let step = Duration::from_millis(50);
         assert_eq!(
-            grant(2, step, 0.3, 0.0),
+            grant(2, step, (0.3, 0.0, 1e9)),
             SlotGrant::Granted {
                 count: 2,
-                first_in: 0.3 - 0.1
+                first_in: 0.3 - 0.1,
+                db_now: 1e9
             }
         );
         // The span just reserved from an idle bucket starts now.
         assert_eq!(
-            grant(2, step, 0.1, -5.0),
+            grant(2, step, (0.1, -5.0, 1e9)),
             SlotGrant::Granted {
                 count: 2,
-                first_in: 0.0
+                first_in: 0.0,
+                db_now: 1e9
             }
         );
         assert_eq!(
-            grant(2, step, 0.0, 1.5),
+            grant(2, step, (0.0, 1.5, 1e9)),
             SlotGrant::Paused { remaining: 1.5 }
         );
     }

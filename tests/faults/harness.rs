@@ -1129,14 +1129,7 @@ impl Daemon {
 
     /// `kill -9`, then waits for the process to be gone; an error if it is not within 10 s.
     pub async fn kill9(&mut self) -> Result<(), String> {
-        if self.try_exit().is_some() {
-            return Err(format!(
-                "{} had already exited ({:?}) before kill -9; log tail:\n{}",
-                self.label,
-                self.exited,
-                self.tail(15)
-            ));
-        }
+        self.still_running("kill -9")?;
         self.killed = true;
         let _ = self.child.start_kill();
         match self.wait_exit(Duration::from_secs(10)).await {
@@ -1146,6 +1139,19 @@ impl Daemon {
                 self.label
             )),
         }
+    }
+
+    /// An error, with the log's tail, when the process has already exited before `what`.
+    fn still_running(&mut self, what: &str) -> Result<(), String> {
+        if self.try_exit().is_some() {
+            return Err(format!(
+                "{} had already exited ({:?}) before {what}; log tail:\n{}",
+                self.label,
+                self.exited,
+                self.tail(15)
+            ));
+        }
+        Ok(())
     }
 
     /// Freezes the process (SIGSTOP): it holds what it holds, and neither finishes nor commits
@@ -1160,14 +1166,7 @@ impl Daemon {
     }
 
     fn send_signal(&mut self, signal: libc::c_int, name: &str) -> Result<(), String> {
-        if self.try_exit().is_some() {
-            return Err(format!(
-                "{} had already exited ({:?}) before {name}; log tail:\n{}",
-                self.label,
-                self.exited,
-                self.tail(15)
-            ));
-        }
+        self.still_running(name)?;
         // SAFETY: kill(2) on our own child's pid, which has not been reaped (it has not exited).
         if unsafe { libc::kill(self.pid as libc::pid_t, signal) } != 0 {
             return Err(format!(

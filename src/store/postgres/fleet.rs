@@ -87,7 +87,7 @@ impl PgStore {
         &self,
         team: &str,
         span: f64,
-    ) -> StoreResult<(f64, f64)> {
+    ) -> StoreResult<(f64, f64, f64)> {
         let row = sqlx::query(
             "INSERT INTO prism_team_gates AS g (team_id, next_send_at)
              VALUES ($1, now() + make_interval(secs => $2))
@@ -95,13 +95,14 @@ impl PgStore {
                WHEN g.paused_until > now() THEN g.next_send_at
                ELSE greatest(g.next_send_at, now()) + make_interval(secs => $2) END
              RETURNING extract(epoch FROM next_send_at - now())::float8,
-                       COALESCE(extract(epoch FROM paused_until - now()), 0)::float8",
+                       COALESCE(extract(epoch FROM paused_until - now()), 0)::float8,
+                       extract(epoch FROM now())::float8",
         )
         .bind(team)
         .bind(span)
         .fetch_one(&self.pool)
         .await?;
-        Ok((row.try_get(0)?, row.try_get(1)?))
+        Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
     }
 
     pub(crate) async fn share_throttle(&self, team: &str, delay: f64) -> StoreResult<()> {

@@ -107,12 +107,12 @@ impl SqliteStore {
 
     /// Moves the team's next free slot `span` seconds on (from now if it lies in the past),
     /// unless the team is paused; returns (seconds until the reserved span ends, seconds the
-    /// pause still runs).
+    /// pause still runs, the database's now in seconds since the Unix epoch).
     pub(crate) async fn reserve_send_slots(
         &self,
         team: &str,
         span: f64,
-    ) -> StoreResult<(f64, f64)> {
+    ) -> StoreResult<(f64, f64, f64)> {
         let row = self
             .write_returning(
                 sqlx::query(concat!(
@@ -129,13 +129,13 @@ impl SqliteStore {
                     seconds_until!("next_send_at"),
                     ", COALESCE(",
                     seconds_until!("paused_until"),
-                    ", 0.0)"
+                    ", 0.0), (julianday('now') - 2440587.5) * 86400.0"
                 ))
                 .bind(team)
                 .bind(span),
             )
             .await?;
-        Ok((row.try_get(0)?, row.try_get(1)?))
+        Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
     }
 
     pub(crate) async fn share_throttle(&self, team: &str, delay: f64) -> StoreResult<()> {
