@@ -163,12 +163,14 @@ pub fn fit_budget(chains: Vec<RecordChain>, budget: &ByteBudget) -> (Vec<RecordC
 /// Whether the row's object type and operation are ones a batch can carry (else it goes dead
 /// at planning and takes no room in a buffer).
 fn sendable_lane(row: &CandidateRow) -> bool {
-    ObjectType::ALL
-        .iter()
-        .any(|t| t.as_str().as_bytes() == row.object_type)
-        && Operation::ALL
-            .iter()
-            .any(|o| o.as_str().as_bytes() == row.operation)
+    // The same parses as `validate`'s.
+    let object_type = std::str::from_utf8(&row.object_type)
+        .ok()
+        .and_then(|s| s.parse::<ObjectType>().ok());
+    let operation = std::str::from_utf8(&row.operation)
+        .ok()
+        .and_then(|s| s.parse::<Operation>().ok());
+    object_type.is_some() && operation.is_some()
 }
 
 /// A row that can never be sent; it goes `dead` in the claim transaction.
