@@ -452,3 +452,59 @@ async fn a_claim_does_not_read_the_finished_rows_of_other_lanes() {
         "one claim read {read} tuples through the primary key, with {FINISHED} finished rows"
     );
 }
+
+/// A never-claimed row's claim row is written from what the claim read of the row (its lane,
+/// its record, its tries), not read again from the outbox: it must say what the outbox row
+/// says. Rows of two teams and two object types, three changes a record (coalesced into one
+/// item, whose own tries are the highest of its rows'), each row with tries of its own (as a
+/// row retried by a version before the claim rows, migration 0015, keeps them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_row_records_its_outbox_rows_lane_record_and_tries() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let store = db.store().await;
+    exec(
+        &store,
+        "INSERT INTO prism_outbox (record_id, patch, team_id, object_type, attempts)
+         SELECT r.id, jsonb_build_object('default', jsonb_build_object('n', g)),
+                CASE WHEN r.n % 2 = 0 THEN '' ELSE 'acme' END,
+                CASE WHEN r.n % 4 < 2 THEN 'contact' ELSE 'deal' END, g % 3
+         FROM (SELECT gen_random_uuid() AS id, n FROM generate_series(1, 40) n) r,
+              generate_series(1, 3) g
+         ORDER BY r.n, g",
+    )
+    .await;
+    let mut carried = BTreeMap::new();
+    let mut coalesced = 0;
+    for team in ["", "acme"] {
+        let claimed = claim_as(&store, "test", Duration::from_secs(60), team, 100, 100).await;
+        for batch in &claimed.batches {
+            for item in &batch.items {
+                coalesced += usize::from(item.rows.len() == 3);
+                for row in &item.rows {
+                    assert!(carried.insert(*row, batch.id).is_none(), "row {row} twice");
+                }
+            }
+        }
+    }
+    assert_eq!(carried.len(), 120, "every row claimed");
+    assert_eq!(coalesced, 40, "each record's three changes in one item");
+    let RawPool::Postgres(pool) = store.raw_pool_for_tests() else {
+        panic!("Postgres only");
+    };
+    let claims: Vec<(i64, Option<uuid::Uuid>, bool)> = sqlx::query_as(
+        "SELECT o.id, c.batch_id,
+                (c.team_id, c.object_type, c.record_id, c.attempts)
+                  IS NOT DISTINCT FROM (o.team_id, o.object_type, o.record_id, o.attempts)
+         FROM prism_outbox o LEFT JOIN prism_outbox_claims c ON c.id = o.id ORDER BY o.id",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("claim rows");
+    assert_eq!(claims.len(), 120);
+    for (id, batch, same) in claims {
+        assert_eq!(batch, carried.get(&id).copied(), "row {id}'s batch");
+        assert!(same, "row {id}'s claim row differs from its outbox row");
+    }
+}

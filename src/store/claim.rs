@@ -54,6 +54,16 @@ pub(super) async fn claim<D: Dialect>(
         unclaimed.extend(&still.unclaimed);
     }
     let followers = unbroken_followers(followers, still.as_ref().map(|s| &s.waiting));
+    // The never-claimed rows with their tries, for their new claim rows: the claim has them
+    // already, so `mark_in_flight` need not read each outbox row again.
+    let unclaimed: Option<HashMap<i64, i32>> = unclaimed.map(|unclaimed| {
+        heads
+            .iter()
+            .chain(&followers)
+            .filter(|r| unclaimed.contains(&r.id))
+            .map(|r| (r.id, r.attempts))
+            .collect()
+    });
     let mut lanes: Vec<(Vec<u8>, Vec<u8>)> = heads
         .iter()
         .map(|h| (h.team_id.clone(), h.object_type.clone()))

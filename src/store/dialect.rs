@@ -9,7 +9,7 @@
 //!
 //! Adding a database means implementing this trait, not touching the algorithms.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -229,13 +229,14 @@ pub(super) trait Dialect: Sync {
     ) -> StoreResult<()>;
 
     /// Puts the rows of `batches` in flight in them. `unclaimed`, where the claim knows it
-    /// ([`StillWaiting::unclaimed`]): which of them have no claim row yet; `None`: any may have
-    /// one (a split's rows all have).
+    /// ([`StillWaiting::unclaimed`]): which of them have no claim row yet, each with the tries
+    /// its outbox row counts (as the claim read it, under its lock); `None`: any may have one
+    /// (a split's rows all have).
     async fn mark_in_flight(
         &self,
         tx: &mut Self::Tx,
         batches: &[NewBatch],
-        unclaimed: Option<&HashSet<i64>>,
+        unclaimed: Option<&HashMap<i64, i32>>,
     ) -> StoreResult<()>;
 
     /// Ends malformed rows `dead` with their codes.

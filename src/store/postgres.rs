@@ -2,7 +2,7 @@
 //! `FOR UPDATE SKIP LOCKED` below the visibility watermark; batch rows carry a lease that the
 //! owner extends and another replica takes over when it lapses.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -439,6 +439,8 @@ macro_rules! source_again {
 
 /// `mark_in_flight`'s insert of the claim rows of the outbox rows `$ids` in flight in the
 /// batches `$batches` (arrays, same order): the row's lane, record and tries from its outbox row.
+/// For rows that may have a claim row already (the caller moves those: `ON CONFLICT`); the
+/// never-claimed rows of a claim are inserted from what the claim read.
 macro_rules! claim_rows_insert {
     ($ids:literal, $batches:literal) => {
         concat!(
@@ -1392,45 +1394,69 @@ impl Dialect for PgStore {
         &self,
         tx: &mut Self::Tx,
         batches: &[NewBatch],
-        unclaimed: Option<&HashSet<i64>>,
+        unclaimed: Option<&HashMap<i64, i32>>,
     ) -> StoreResult<()> {
         // In id order (each of the two inserts below), as the park inserts claim rows. Only
         // the holder of a row's lock writes its claim row, so two claims never wait for each
         // other here; sorted all the same, as every writer of claim rows does. Sorted here: the
         // statement's plan keeps the array's order (an ORDER BY would be planned as a walk of
         // the whole outbox in id order, the transaction's sorts being off).
-        let mut assigned: Vec<(i64, Uuid)> =
-            batches.iter().flat_map(|b| b.row_assignments()).collect();
-        assigned.sort_unstable_by_key(|(id, _)| *id);
+        let mut assigned: Vec<Assigned<'_>> = batches
+            .iter()
+            .flat_map(|b| {
+                b.items.iter().flat_map(move |i| {
+                    i.rows.iter().map(move |&id| Assigned {
+                        id,
+                        batch: b.id,
+                        team: &b.team,
+                        object_type: b.object_type.as_str(),
+                        record: i.record_id,
+                    })
+                })
+            })
+            .collect();
+        assigned.sort_unstable_by_key(|a| a.id);
         if assigned.is_empty() {
             return Ok(());
         }
         // A row's first claim inserts its claim row; one that has one (a row waiting again or
         // parked, or a split's rows moving to its children) follows the new batch. Where the
-        // claim knows which rows have none (`StillWaiting`), theirs is a plain insert: an
-        // upsert's conflict check and speculative insertion cost about 1.3 µs and 50 bytes of
-        // WAL a row. Should one have a claim row after all, the insert fails and the claim
-        // rolls back (nothing is lost; the next claim reads it afresh).
-        let (new, old): (Vec<_>, Vec<_>) = match unclaimed {
-            Some(unclaimed) => assigned
-                .into_iter()
-                .partition(|(id, _)| unclaimed.contains(id)),
-            None => (Vec::new(), assigned),
-        };
-        let (new_rows, new_batches): (Vec<i64>, Vec<Uuid>) = new.into_iter().unzip();
-        let (old_rows, old_batches): (Vec<i64>, Vec<Uuid>) = old.into_iter().unzip();
+        // claim knows which rows have none (`StillWaiting`), theirs is a plain insert of what
+        // the claim read (a batch's rows are of its team and type, an item's of its record):
+        // an upsert's conflict check and speculative insertion cost about 1.3 µs and 50 bytes
+        // of WAL a row, and reading each row's lane, record and tries from its outbox row
+        // another 1.4 µs. Should one have a claim row after all, the insert fails and the
+        // claim rolls back (nothing is lost; the next claim reads it afresh).
+        let mut new = NewClaimRows::default();
+        let (mut old_rows, mut old_batches) = (Vec::new(), Vec::new());
+        for a in assigned {
+            match unclaimed.and_then(|u| u.get(&a.id)) {
+                Some(&attempts) => new.push(a, attempts),
+                None => {
+                    old_rows.push(a.id);
+                    old_batches.push(a.batch);
+                }
+            }
+        }
         sqlx::query(concat!(
             "WITH moved AS (",
-            claim_rows_insert!("$3", "$4"),
+            claim_rows_insert!("$1", "$2"),
             " ON CONFLICT (id) DO UPDATE SET batch_id = EXCLUDED.batch_id, state = NULL,
                    first_attempt_at = COALESCE(prism_outbox_claims.first_attempt_at, now()))
-             ",
-            claim_rows_insert!("$1", "$2")
+             INSERT INTO prism_outbox_claims (id, team_id, object_type, record_id, batch_id,
+                                              attempts, first_attempt_at)
+             SELECT u.id, u.team_id, u.object_type, u.record_id, u.batch_id, u.attempts, now()
+             FROM unnest($3::bigint[], $4::uuid[], $5::text[], $6::text[], $7::uuid[], $8::int[])
+                  AS u(id, batch_id, team_id, object_type, record_id, attempts)"
         ))
-        .bind(&new_rows)
-        .bind(&new_batches)
         .bind(&old_rows)
         .bind(&old_batches)
+        .bind(&new.ids)
+        .bind(&new.batches)
+        .bind(&new.teams)
+        .bind(&new.object_types)
+        .bind(&new.records)
+        .bind(&new.attempts)
         .execute(&mut **tx)
         .await?;
         Ok(())
@@ -1801,6 +1827,37 @@ async fn advance_floors<'a>(
     .await?
     .into_iter()
     .collect())
+}
+
+/// A row a new batch carries, with what its claim row records ([`PgStore::mark_in_flight`]).
+struct Assigned<'a> {
+    id: i64,
+    batch: Uuid,
+    team: &'a str,
+    object_type: &'a str,
+    record: Uuid,
+}
+
+/// The claim rows `mark_in_flight` inserts, as the statement's arrays.
+#[derive(Default)]
+struct NewClaimRows<'a> {
+    ids: Vec<i64>,
+    batches: Vec<Uuid>,
+    teams: Vec<&'a str>,
+    object_types: Vec<&'a str>,
+    records: Vec<Uuid>,
+    attempts: Vec<i32>,
+}
+
+impl<'a> NewClaimRows<'a> {
+    fn push(&mut self, a: Assigned<'a>, attempts: i32) {
+        self.ids.push(a.id);
+        self.batches.push(a.batch);
+        self.teams.push(a.team);
+        self.object_types.push(a.object_type);
+        self.records.push(a.record);
+        self.attempts.push(attempts);
+    }
 }
 
 /// A number of seconds the database computed as a duration (negative: zero).

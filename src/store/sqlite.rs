@@ -2,7 +2,7 @@
 //! every write transaction `BEGIN IMMEDIATE` so two processes on one file serialise their claims
 //! instead of failing on a lock upgrade.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -697,7 +697,7 @@ impl Dialect for SqliteStore {
         &self,
         tx: &mut Self::Tx,
         batches: &[NewBatch],
-        _unclaimed: Option<&HashSet<i64>>,
+        _unclaimed: Option<&HashMap<i64, i32>>,
     ) -> StoreResult<()> {
         let assignments: Vec<(i64, String)> = batches
             .iter()
