@@ -713,6 +713,7 @@ async fn bookkeeping_limit(store: &Store, max_in_flight: usize) -> anyhow::Resul
         coalesce: true,
         max_coalesce: 100,
         max_patch_bytes: 256 * 1024,
+        max_request_bytes: 4 << 20,
     };
     let lanes = Lane::all_of([""]);
     let teams = TeamSet::new([]);
@@ -1225,6 +1226,7 @@ async fn timed_claim(store: &Store) -> anyhow::Result<f64> {
         coalesce: true,
         max_coalesce: 100,
         max_patch_bytes: 256 * 1024,
+        max_request_bytes: 4 << 20,
     };
     let lanes = Lane::all_of([""]);
     let teams = TeamSet::new([]);

@@ -237,6 +237,12 @@ pub struct PlanLimits {
     pub coalesce: bool,
     pub max_coalesce: usize,
     pub max_patch_bytes: usize,
+    /// A batch takes items only while its patches fit in this many bytes (a lone item of any
+    /// size still goes). The API answers each item with its record, at least as large as the
+    /// patch, and an answer over `http.max_response_bytes` cannot be read: its rows would go
+    /// `dead` as `unreadable_response` however often they were sent. The engine sets half of
+    /// `http.max_response_bytes`.
+    pub max_request_bytes: usize,
 }
 
 /// The `team_id` values a claim may send: `''` (the configured default team), the default team's
@@ -444,12 +450,15 @@ struct PlannedItem {
     lane: (String, ObjectType, Operation),
     item: BatchItem,
     patch: Map<String, Value>,
+    /// The item's bytes in a request, at most: its rows' patches as stored, and the envelope.
+    bytes: usize,
 }
 
 /// Turns claimed record chains into dead rows and batches of at most `batch_size` items of one
-/// team, object type and operation. Heads that are malformed go dead and their followers wait
-/// for the next claim; a follower joins its head only while both are `default`-only updates of
-/// the same team and type (a delete is never merged with anything).
+/// team, object type and operation, within `max_request_bytes` ([`PlanLimits`]). Heads that
+/// are malformed go dead and their followers wait for the next claim; a follower joins its
+/// head only while both are `default`-only updates of the same team and type (a delete is
+/// never merged with anything).
 pub fn plan_batches(chains: Vec<RecordChain>, limits: PlanLimits, teams: &TeamSet) -> Plan {
     let mut plan = Plan::default();
     let mut items: Vec<PlannedItem> = Vec::with_capacity(chains.len());
@@ -464,6 +473,12 @@ pub fn plan_batches(chains: Vec<RecordChain>, limits: PlanLimits, teams: &TeamSe
         let mut rows = vec![chain.head.id];
         let mut attempts = chain.head.attempts;
         let mut patch = head.patch;
+        let stored_bytes = |row: &CandidateRow| row.patch.as_ref().map_or(0, Vec::len);
+        let mut bytes = ITEM_ENVELOPE_BYTES
+            + match head.operation {
+                Operation::Update => stored_bytes(&chain.head),
+                Operation::Delete => 0,
+            };
         if limits.coalesce && head.operation == Operation::Update && default_only(&patch).is_some()
         {
             for follower in &chain.followers {
@@ -490,6 +505,7 @@ pub fn plan_batches(chains: Vec<RecordChain>, limits: PlanLimits, teams: &TeamSe
                 }
                 rows.push(follower.id);
                 attempts = attempts.max(follower.attempts);
+                bytes += stored_bytes(follower);
             }
         }
         items.push(PlannedItem {
@@ -500,6 +516,7 @@ pub fn plan_batches(chains: Vec<RecordChain>, limits: PlanLimits, teams: &TeamSe
                 attempts,
             },
             patch,
+            bytes,
         });
     }
     // Lanes in order of their first item, items within a lane in claim order.
@@ -512,12 +529,36 @@ pub fn plan_batches(chains: Vec<RecordChain>, limits: PlanLimits, teams: &TeamSe
         }
     }
     for ((team, object_type, operation), of_lane) in lanes {
-        for chunk in of_lane.chunks(limits.batch_size.max(1)) {
+        for chunk in request_chunks(&of_lane, limits) {
             plan.batches
                 .push(build_batch(team, *object_type, *operation, chunk));
         }
     }
     plan
+}
+
+/// A lane's items, in order, as batches of at most `batch_size` items whose bytes stay within
+/// `max_request_bytes` (an item larger than that goes alone).
+fn request_chunks<'p, 'i>(
+    items: &'p [&'i PlannedItem],
+    limits: PlanLimits,
+) -> Vec<&'p [&'i PlannedItem]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, item) in items.iter().enumerate() {
+        let count = i - start;
+        if count > 0
+            && (count >= limits.batch_size.max(1) || bytes + item.bytes > limits.max_request_bytes)
+        {
+            chunks.push(&items[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += item.bytes;
+    }
+    if start < items.len() {
+        chunks.push(&items[start..]);
+    }
+    chunks
 }
 
 fn build_batch(
@@ -637,6 +678,7 @@ mod tests {
         coalesce: true,
         max_coalesce: 100,
         max_patch_bytes: 1024,
+        max_request_bytes: usize::MAX,
     };
 
     fn row(id: i64, record: &str, patch: &str) -> CandidateRow {
@@ -808,6 +850,41 @@ mod tests {
                 plan.dead[0].message
             );
         }
+    }
+
+    /// A batch stops taking items before their patches pass `max_request_bytes` (the API
+    /// answers each item with its record, and an answer too large to read would end every row
+    /// of the batch `dead`); an item larger than that still goes, alone; the order holds.
+    #[test]
+    fn a_batch_takes_items_only_while_their_bytes_fit_a_request() {
+        let limits = PlanLimits {
+            max_patch_bytes: 100_000,
+            max_request_bytes: 4_000,
+            ..LIMITS
+        };
+        let patch = |n: usize| format!("{{\"default\":{{\"note\":\"{}\"}}}}", "x".repeat(n));
+        let record = || Uuid::new_v4().to_string();
+        let mut chains: Vec<RecordChain> = (1..=7)
+            .map(|id| chain(row(id, &record(), &patch(1_000)), vec![]))
+            .collect();
+        chains.insert(3, chain(row(100, &record(), &patch(9_000)), vec![]));
+        let plan = plan(chains, limits);
+        assert!(plan.dead.is_empty(), "{:?}", plan.dead);
+        let sizes: Vec<usize> = plan.batches.iter().map(|b| b.items.len()).collect();
+        assert_eq!(sizes, [3, 1, 3, 1]);
+        for b in &plan.batches {
+            assert!(
+                b.items.len() == 1 || b.body.len() <= 4_000,
+                "{} bytes",
+                b.body.len()
+            );
+        }
+        let rows: Vec<i64> = plan
+            .batches
+            .iter()
+            .flat_map(|b| b.items.iter().flat_map(|i| i.rows.clone()))
+            .collect();
+        assert_eq!(rows, [1, 2, 3, 100, 4, 5, 6, 7]);
     }
 
     #[test]

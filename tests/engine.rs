@@ -91,6 +91,30 @@ both_backends! {
         assert_eq!(assert_applied_in_order_once(&sim), 250);
     }
 
+    async fn large_patches_go_in_requests_whose_answers_can_be_read(db) {
+        // The API answers each item with its record, at least as large as its patch. 60 changes
+        // of 3 KB in one request would be answered with about 190 KB, over this 64 KiB cap on
+        // answers: the answer could never be read, and every row would end `dead` as
+        // `unreadable_response`. A request's patches stay within half of the cap.
+        let sim = sim(FaultProfile::default()).await;
+        let store = db.store().await;
+        let note = "n".repeat(3_000);
+        let rows: Vec<(String, String)> = (0..60)
+            .map(|i| (uuid(), format!(r#"{{"default": {{"revision": {i}, "note": "{note}"}}}}"#)))
+            .collect();
+        insert_rows(&store, &rows).await;
+        wait_below_watermark(&store).await;
+        let mut s = settings(&db, &sim);
+        s.http.max_response_bytes = 64 * 1024;
+        let engine = start_engine(&s).await;
+        let done = wait_until_finished(&store, FINISH).await;
+        engine.stop().await;
+        assert!(done.iter().all(|r| r.state == "succeeded" && r.attempts == 1), "{done:?}");
+        assert_eq!(assert_applied_in_order_once(&sim), 60);
+        let sizes: Vec<u64> = sim.requests().iter().map(|r| r.items as u64).collect();
+        assert!(sizes.iter().all(|&n| (1..=10).contains(&n)), "items per request: {sizes:?}");
+    }
+
     async fn changes_to_one_record_are_applied_in_order_and_merged_only_when_safe(db) {
         let sim = sim(FaultProfile::default()).await;
         let store = db.store().await;

@@ -69,6 +69,7 @@ const LIMITS: PlanLimits = PlanLimits {
     coalesce: true,
     max_coalesce: 3,
     max_patch_bytes: 1 << 16,
+    max_request_bytes: usize::MAX,
 };
 /// Drain rounds within which every row must have ended: a key answered before (its cached
 /// answer may hold retries) takes one round, the rows it retried a second, a batch out of

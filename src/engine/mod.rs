@@ -96,6 +96,7 @@ impl EngineConfig {
                 coalesce: s.batch.coalesce,
                 max_coalesce: s.batch.max_coalesce,
                 max_patch_bytes: s.batch.max_patch_bytes,
+                max_request_bytes: s.http.max_response_bytes / 2,
             },
             poll_interval: s.poll.interval,
             poll_idle_interval: s.poll.longest(),

@@ -396,6 +396,7 @@ pub async fn claim_as(
                 coalesce: true,
                 max_coalesce: 100,
                 max_patch_bytes: 1 << 20,
+                max_request_bytes: usize::MAX,
             },
             lanes: &prism_sync::store::Lane::all_of([team]),
             teams: &prism_sync::batch::TeamSet::new([team.to_owned()]),

@@ -139,6 +139,7 @@ async fn strand_batch_of_removed_team(db: &Db, rows: &[PlannedRow]) -> Result<Ve
                 coalesce: true,
                 max_coalesce: 100,
                 max_patch_bytes: 1 << 20,
+                max_request_bytes: usize::MAX,
             },
             lanes: &Lane::all_of(["gone"]),
             teams: &TeamSet::new(["gone".to_owned()]),
