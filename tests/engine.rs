@@ -98,11 +98,7 @@ both_backends! {
         // `unreadable_response`. A request's patches stay within half of the cap.
         let sim = sim(FaultProfile::default()).await;
         let store = db.store().await;
-        let note = "n".repeat(3_000);
-        let rows: Vec<(String, String)> = (0..60)
-            .map(|i| (uuid(), format!(r#"{{"default": {{"revision": {i}, "note": "{note}"}}}}"#)))
-            .collect();
-        insert_rows(&store, &rows).await;
+        insert_rows(&store, &large_changes(60, 3_000)).await;
         wait_below_watermark(&store).await;
         let mut s = settings(&db, &sim);
         s.http.max_response_bytes = 64 * 1024;

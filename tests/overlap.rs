@@ -126,11 +126,7 @@ both_backends! {
         // worker, 100 rows each) it would hold all 120 at once.
         let sim = sim(FaultProfile { latency: Duration::from_millis(300), ..FaultProfile::default() }).await;
         let store = db.store().await;
-        let note = "n".repeat(10_000);
-        let changes: Vec<(String, String)> = (0..120)
-            .map(|i| (uuid(), format!(r#"{{"default": {{"revision": {i}, "note": "{note}"}}}}"#)))
-            .collect();
-        insert_rows_together(&store, &changes).await;
+        insert_rows_together(&store, &large_changes(120, 10_000)).await;
         wait_below_watermark(&store).await;
         let mut s = overlapping(&db, &sim);
         s.sync.max_in_flight = 2;

@@ -376,6 +376,20 @@ pub fn distinct_records(n: usize) -> Vec<(String, String)> {
     (0..n).map(|i| (uuid(), patch(i))).collect()
 }
 
+/// `n` changes, each of its own record, each patch carrying a note of `note_bytes` bytes beside
+/// its revision.
+pub fn large_changes(n: usize, note_bytes: usize) -> Vec<(String, String)> {
+    let note = "n".repeat(note_bytes);
+    (0..n)
+        .map(|i| {
+            (
+                uuid(),
+                format!(r#"{{"default": {{"revision": {i}, "note": "{note}"}}}}"#),
+            )
+        })
+        .collect()
+}
+
 /// Claims the waiting rows of `team` (as stored: `''` is the default team) as process `owner`
 /// would (coalescing on, 1 MiB patches), storing their batches leased to it.
 pub async fn claim_as(
