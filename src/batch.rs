@@ -33,6 +33,12 @@ pub struct CandidateRow {
 }
 
 impl CandidateRow {
+    /// Its patch's bytes as stored (none when the store did not read it, being over the limit:
+    /// it goes dead).
+    pub fn patch_bytes(&self) -> usize {
+        self.patch.as_ref().map_or(0, Vec::len)
+    }
+
     /// A cheap superset test for "the patch may be `default`-only", so that the stores look up a
     /// head's followers only when they could merge.
     pub fn may_coalesce(&self) -> bool {
@@ -123,7 +129,7 @@ impl RecordChain {
     pub fn request_bytes(&self) -> usize {
         std::iter::once(&self.head)
             .chain(&self.followers)
-            .map(|r| r.patch.as_ref().map_or(0, Vec::len))
+            .map(CandidateRow::patch_bytes)
             .sum::<usize>()
             + ITEM_ENVELOPE_BYTES
     }
@@ -163,14 +169,13 @@ pub fn fit_budget(chains: Vec<RecordChain>, budget: &ByteBudget) -> (Vec<RecordC
 /// Whether the row's object type and operation are ones a batch can carry (else it goes dead
 /// at planning and takes no room in a buffer).
 fn sendable_lane(row: &CandidateRow) -> bool {
-    // The same parses as `validate`'s.
-    let object_type = std::str::from_utf8(&row.object_type)
-        .ok()
-        .and_then(|s| s.parse::<ObjectType>().ok());
-    let operation = std::str::from_utf8(&row.operation)
-        .ok()
-        .and_then(|s| s.parse::<Operation>().ok());
-    object_type.is_some() && operation.is_some()
+    parse_stored::<ObjectType>(&row.object_type).is_some()
+        && parse_stored::<Operation>(&row.operation).is_some()
+}
+
+/// A stored column as the model's value (`validate`'s parse, and [`sendable_lane`]'s).
+fn parse_stored<T: std::str::FromStr>(stored: &[u8]) -> Option<T> {
+    std::str::from_utf8(stored).ok()?.parse().ok()
 }
 
 /// A row that can never be sent; it goes `dead` in the claim transaction.
@@ -292,18 +297,15 @@ fn validate(
         code,
         message,
     };
-    let operation = std::str::from_utf8(&row.operation)
-        .ok()
-        .and_then(|s| s.parse::<Operation>().ok())
-        .ok_or_else(|| {
-            dead(
-                codes::INVALID_OPERATION,
-                format!(
-                    "operation {:?} is not update or delete",
-                    truncate(&String::from_utf8_lossy(&row.operation), 64)
-                ),
-            )
-        })?;
+    let operation = parse_stored::<Operation>(&row.operation).ok_or_else(|| {
+        dead(
+            codes::INVALID_OPERATION,
+            format!(
+                "operation {:?} is not update or delete",
+                truncate(&String::from_utf8_lossy(&row.operation), 64)
+            ),
+        )
+    })?;
     let team = std::str::from_utf8(&row.team_id)
         .ok()
         .filter(|t| teams.contains(t))
@@ -317,10 +319,7 @@ fn validate(
                 ),
             )
         })?;
-    let object_type = std::str::from_utf8(&row.object_type)
-        .ok()
-        .and_then(|s| s.parse::<ObjectType>().ok())
-        .ok_or_else(|| {
+    let object_type = parse_stored::<ObjectType>(&row.object_type).ok_or_else(|| {
             dead(
                 codes::INVALID_OBJECT_TYPE,
                 format!(
@@ -473,10 +472,9 @@ pub fn plan_batches(chains: Vec<RecordChain>, limits: PlanLimits, teams: &TeamSe
         let mut rows = vec![chain.head.id];
         let mut attempts = chain.head.attempts;
         let mut patch = head.patch;
-        let stored_bytes = |row: &CandidateRow| row.patch.as_ref().map_or(0, Vec::len);
         let mut bytes = ITEM_ENVELOPE_BYTES
             + match head.operation {
-                Operation::Update => stored_bytes(&chain.head),
+                Operation::Update => chain.head.patch_bytes(),
                 Operation::Delete => 0,
             };
         if limits.coalesce && head.operation == Operation::Update && default_only(&patch).is_some()
@@ -505,7 +503,7 @@ pub fn plan_batches(chains: Vec<RecordChain>, limits: PlanLimits, teams: &TeamSe
                 }
                 rows.push(follower.id);
                 attempts = attempts.max(follower.attempts);
-                bytes += stored_bytes(follower);
+                bytes += follower.patch_bytes();
             }
         }
         items.push(PlannedItem {
